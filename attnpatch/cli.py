@@ -1,0 +1,67 @@
+"""`attnpatch` command line: methods | demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from attnpatch.registry import list_methods
+
+
+def _parse_options(pairs: list[str]) -> dict:
+    """`key=value` pairs; values parsed as JSON when possible (ints, floats, bools), else strings."""
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise SystemExit(f"option {pair!r} must look like key=value")
+        key, value = pair.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def cmd_methods(_args) -> None:
+    rows = list_methods()
+    print(f"{'name':<11} {'phase':<15} {'options (defaults)':<44} description")
+    for m in rows:
+        opts = ", ".join(f"{k}={v}" for k, v in m["options"].items()) or "-"
+        print(f"{m['name']:<11} {m['phase']:<15} {opts:<44} {m['description']}")
+
+
+def cmd_demo(args) -> None:
+    from attnpatch.demo import demo
+
+    demo(args.model, args.method, args.length, args.depth, args.seed, args.max_new_tokens, **_parse_options(args.option))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="attnpatch", description="Sparse attention for Hugging Face LLMs.")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("methods", help="list the methods and their options").set_defaults(func=cmd_methods)
+    d = sub.add_parser("demo", help="passkey retrieval on the embedded checkpoint: dense vs a sparse method")
+    d.add_argument("--model", default="smollm2", help="'smollm2' (embedded), a local HF directory or a hub id")
+    d.add_argument("--method", default="a_shape", help="prefill method to compare with dense")
+    d.add_argument("--length", type=int, default=4096, help="prompt length in tokens (about)")
+    d.add_argument("--depth", type=float, default=0.5, help="needle depth in [0, 1]")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--max-new-tokens", type=int, default=8)
+    d.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE", help="method option")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"attnpatch: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,132 @@
+"""Exact block-sparse attention in PyTorch: the reference every fast kernel is tested against.
+
+Memory is O(L · kept): query blocks are processed in chunks, and each chunk gathers only the key
+blocks its selection names. No L×L tensor is built (a 4D boolean mask passed in by transformers
+for padded batches is read block by block, never expanded).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from attnpatch.selection import BlockSelection, num_blocks
+
+_CHUNK_BYTES = 256 * 2**20
+
+
+def _pad_to(x: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    missing = length - x.shape[dim]
+    if missing == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x, x.new_zeros(shape)], dim=dim)
+
+
+def block_sparse_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    selection: BlockSelection,
+    scale: float | None = None,
+    mask: torch.Tensor | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention of each query block over its selected key blocks.
+
+    query `[B, Hq, Lq, D]`, key/value `[B, Hkv, Lk, D]` (GQA: `Hq` a multiple of `Hkv`, never
+    repeated in memory beyond the gathered blocks). `mask`: optional boolean `[B, 1|Hq, Lq, Lk]`
+    (True = may attend), combined with the causal rule. Returns `[B, Hq, Lq, D]` in the query's
+    dtype and, on request, the natural-log log-sum-exp `[B, Hq, Lq]` in float32 (`-inf` for rows
+    that see no key; their output is 0).
+    """
+    b, hq, lq, d = query.shape
+    hkv, lk = key.shape[1], key.shape[2]
+    if hq % hkv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
+    if (selection.q_len, selection.kv_len) != (lq, lk):
+        raise ValueError(f"selection built for q_len={selection.q_len}, kv_len={selection.kv_len}; got {lq}, {lk}")
+    sb, sh = selection.counts.shape[:2]
+    if sb != b or sh != hq:
+        raise ValueError(f"selection has batch×heads {sb}×{sh}, query has {b}×{hq}")
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    bq, bk = selection.block_q, selection.block_k
+    n_qb, n_kb = num_blocks(lq, bq), num_blocks(lk, bk)
+    group = hq // hkv
+    dv = value.shape[-1]
+    device = query.device
+    compute = torch.float32
+
+    # A selection shared by all heads (stride 0 over heads) is gathered once per KV head and the
+    # G query heads of the group are stacked as extra rows: G times less gathering.
+    shared = selection.indices.stride(1) == 0 and selection.counts.stride(1) == 0
+    heads, rows = (hkv, group * bq) if shared else (hq, bq)
+    q = _pad_to(query, n_qb * bq, 2).view(b, hq, n_qb, bq, d)
+    if shared:
+        q = q.view(b, hkv, group, n_qb, bq, d).transpose(2, 3).reshape(b, hkv, n_qb, rows, d)
+        sel_idx, sel_cnt = selection.indices[:, :1], selection.counts[:, :1]
+        hi = torch.arange(hkv, device=device).view(1, hkv, 1, 1)
+    else:
+        sel_idx, sel_cnt = selection.indices, selection.counts
+        hi = (torch.arange(hq, device=device) // group).view(1, hq, 1, 1)
+    kblocks = _pad_to(key, n_kb * bk, 2).view(b, hkv, n_kb, bk, d)
+    vblocks = _pad_to(value, n_kb * bk, 2).view(b, hkv, n_kb, bk, dv)
+    kmax = sel_idx.shape[-1]
+    bi = torch.arange(b, device=device).view(b, 1, 1, 1)
+    k_in_block = torch.arange(bk, device=device)
+    row_pos = torch.arange(bq, device=device).repeat(rows // bq)  # query offset inside the block, per row
+    pad_mask = _pad_to(mask, n_qb * bq, 2) if mask is not None else None
+
+    out = torch.zeros(b, heads, n_qb, rows, dv, device=device, dtype=query.dtype)
+    lse = torch.full((b, heads, n_qb, rows), float("-inf"), device=device, dtype=compute) if return_lse else None
+    per_qblock = b * heads * rows * kmax * bk * 4 * 3
+    chunk = max(1, min(n_qb, _CHUNK_BYTES // max(per_qblock, 1)))
+    for r0 in range(0, n_qb, chunk):
+        r1 = min(n_qb, r0 + chunk)
+        n = r1 - r0
+        idx = sel_idx[:, :, r0:r1, :].long().clamp(0, n_kb - 1).expand(b, heads, n, kmax)
+        kept = torch.arange(kmax, device=device) < sel_cnt[:, :, r0:r1].unsqueeze(-1)
+        kg = kblocks[bi, hi, idx].reshape(b, heads, n, kmax * bk, d).to(compute)
+        vg = vblocks[bi, hi, idx].reshape(b, heads, n, kmax * bk, dv).to(compute)
+        scores = torch.matmul(q[:, :, r0:r1].to(compute), kg.transpose(-1, -2)).mul_(scale)
+
+        kpos = (idx.unsqueeze(-1) * bk + k_in_block).reshape(b, heads, n, 1, kmax * bk)
+        kvalid = (kept.unsqueeze(-1) & (idx.unsqueeze(-1) * bk + k_in_block < lk)).reshape(b, heads, n, 1, kmax * bk)
+        qpos = (torch.arange(r0, r1, device=device).view(n, 1) * bq + row_pos).view(1, 1, n, rows, 1)
+        # Invalid slots get a position no query reaches, so one comparison applies causal + validity.
+        kpos_eff = torch.where(kvalid, kpos, lk + lq)
+        blocked = kpos_eff > qpos + (lk - lq)
+        if pad_mask is not None:
+            mrows = pad_mask[:, :, r0 * bq : r1 * bq].reshape(b, pad_mask.shape[1], n, bq, lk)
+            if shared and pad_mask.shape[1] > 1:
+                raise ValueError("a per-head mask needs a per-head selection")
+            mrows = mrows.repeat(1, 1, 1, rows // bq, 1).expand(b, heads, n, rows, lk)
+            cols = kpos.clamp(max=lk - 1).expand(b, heads, n, rows, kmax * bk)
+            blocked |= ~torch.gather(mrows, -1, cols)
+        scores.masked_fill_(blocked, float("-inf"))
+        if return_lse:
+            lse[:, :, r0:r1] = torch.logsumexp(scores, dim=-1)
+        probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)  # rows that see no key -> 0
+        out[:, :, r0:r1] = torch.matmul(probs, vg).to(out.dtype)
+
+    if shared:
+        out = out.view(b, hkv, n_qb, group, bq, dv).transpose(2, 3)
+        lse = lse.view(b, hkv, n_qb, group, bq).transpose(2, 3) if return_lse else None
+    out = out.reshape(b, hq, n_qb * bq, dv)[:, :, :lq]
+    if not return_lse:
+        return out
+    return out, lse.reshape(b, hq, n_qb * bq)[:, :, :lq]
+
+
+def merge_partials(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge two normalised partial attentions over disjoint key sets by their log-sum-exps."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    wa = torch.exp(lse_a - safe).unsqueeze(-1)
+    wb = torch.exp(lse_b - safe).unsqueeze(-1)
+    out = wa * out_a.float() + wb * out_b.float()
+    return out.to(out_a.dtype), lse

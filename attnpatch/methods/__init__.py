@@ -1,0 +1,3 @@
+"""Built-in methods; importing this package registers them."""
+
+from attnpatch.methods import a_shape, dense, streaming  # noqa: F401

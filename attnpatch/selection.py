@@ -1,0 +1,96 @@
+"""Sparsity as data: which key blocks each query block attends to."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def num_blocks(length: int, block: int) -> int:
+    """Number of blocks of size `block` needed to cover `length` positions."""
+    return (length + block - 1) // block
+
+
+def causal_block_limit(q_len: int, kv_len: int, block_q: int, block_k: int, device=None) -> torch.Tensor:
+    """For every query block, the number of key blocks it may see under the causal mask.
+
+    Query `i` sits at absolute position `kv_len - q_len + i` (chunked prefill aligns queries to the
+    end of the keys), so query block `r` sees key blocks `0 .. limit[r] - 1`.
+    """
+    offset = kv_len - q_len
+    last_q = torch.clamp((torch.arange(num_blocks(q_len, block_q), device=device) + 1) * block_q, max=q_len) - 1
+    return (offset + last_q) // block_k + 1
+
+
+@dataclass(frozen=True)
+class BlockSelection:
+    """Per (batch, query head, query block) the key blocks to compute, in ascending order.
+
+    `indices[b, h, r, :counts[b, h, r]]` are the key blocks of query block `r`; entries past the
+    count are ignored. Queries are aligned to the end of the keys (causal offset `kv_len - q_len`);
+    the causal mask inside the diagonal block is the executor's job, not the selection's.
+    """
+
+    indices: torch.Tensor  # int32 [B, H, R, K]
+    counts: torch.Tensor  # int32 [B, H, R]
+    block_q: int
+    block_k: int
+    q_len: int
+    kv_len: int
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.counts.shape)  # type: ignore[return-value]
+
+    @classmethod
+    def from_block_mask(cls, mask: torch.Tensor, block_q: int, block_k: int, q_len: int, kv_len: int) -> BlockSelection:
+        """Build from a boolean `[B, H, R, C]` block mask (small: R×C blocks, never tokens)."""
+        if mask.dim() != 4:
+            raise ValueError(f"block mask must be 4D [B, H, R, C], got shape {tuple(mask.shape)}")
+        c = mask.shape[-1]
+        counts = mask.sum(-1, dtype=torch.int32)
+        k = max(int(counts.max().item()) if counts.numel() else 0, 1)
+        # Sort kept columns first (stable keeps them ascending), then take the first k.
+        key = torch.where(mask, torch.arange(c, device=mask.device), c + torch.arange(c, device=mask.device))
+        order = key.argsort(dim=-1)[..., :k].to(torch.int32)
+        return cls(order, counts, block_q, block_k, q_len, kv_len)
+
+    def to_block_mask(self) -> torch.Tensor:
+        """Boolean `[B, H, R, C]` block mask (for tests and plots; R×C blocks)."""
+        c = num_blocks(self.kv_len, self.block_k)
+        b, h, r, k = self.indices.shape
+        valid = torch.arange(k, device=self.indices.device) < self.counts.unsqueeze(-1)
+        mask = torch.zeros(b, h, r, c + 1, dtype=torch.bool, device=self.indices.device)
+        idx = torch.where(valid, self.indices.long(), c)
+        mask.scatter_(-1, idx, True)
+        return mask[..., :c]
+
+    def causal_pairs(self) -> torch.Tensor:
+        """Number of causally valid (query block, key block) pairs per query block `[R]`."""
+        return causal_block_limit(self.q_len, self.kv_len, self.block_q, self.block_k, self.counts.device)
+
+    def density_per_head(self) -> torch.Tensor:
+        """Computed / causally valid block pairs, averaged over the batch: `[H]` float."""
+        kept = self.counts.sum(dim=(0, 2)).float()
+        total = self.causal_pairs().sum().float() * self.counts.shape[0]
+        return kept / total
+
+    def validate(self) -> None:
+        """Raise ValueError if indices are out of range, unsorted, duplicated or beyond the causal limit."""
+        b, h, r, k = self.indices.shape
+        if tuple(self.counts.shape) != (b, h, r):
+            raise ValueError(f"counts shape {tuple(self.counts.shape)} does not match indices {(b, h, r)}")
+        if r != num_blocks(self.q_len, self.block_q):
+            raise ValueError(f"{r} query blocks given, q_len={self.q_len} with block {self.block_q} needs {num_blocks(self.q_len, self.block_q)}")
+        if bool((self.counts < 0).any()) or bool((self.counts > k).any()):
+            raise ValueError(f"counts must lie in [0, {k}]")
+        valid = torch.arange(k, device=self.indices.device) < self.counts.unsqueeze(-1)
+        limit = self.causal_pairs().view(1, 1, r, 1)
+        idx = self.indices.long()
+        if bool((valid & ((idx < 0) | (idx >= limit))).any()):
+            raise ValueError("a selected key block is negative or beyond the causal limit of its query block")
+        if k > 1:
+            step = idx[..., 1:] - idx[..., :-1]
+            if bool((valid[..., 1:] & (step <= 0)).any()):
+                raise ValueError("key blocks of a query block must be strictly ascending (no duplicates)")

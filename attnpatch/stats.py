@@ -1,0 +1,89 @@
+"""Per-layer counters of what a patch computed: density, kept blocks, dense fallbacks and why."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from attnpatch.selection import BlockSelection, causal_block_limit
+
+
+@dataclass
+class LayerStats:
+    """Counters for one layer. Block counts include dense calls (as fully kept blocks)."""
+
+    layer: int
+    prefill_method: str
+    decode_method: str
+    sliding_window: int | None = None
+    prefill_calls: int = 0
+    decode_calls: int = 0
+    dense_fallbacks: Counter = field(default_factory=Counter)
+    notes: list[str] = field(default_factory=list)
+    max_decode_keys: int = 0
+    _kept: torch.Tensor | None = None  # [H] kept block pairs (summed over batch and calls)
+    _total: torch.Tensor | None = None  # [H] causally valid block pairs
+
+    def add_selection(self, sel: BlockSelection) -> None:
+        kept = sel.counts.sum(dim=(0, 2)).to(torch.float64)
+        total = sel.causal_pairs().sum().to(torch.float64) * sel.counts.shape[0]
+        self._accumulate(kept, total.expand_as(kept))
+
+    def add_dense(self, batch: int, heads: int, q_len: int, kv_len: int, block: int, reason: str | None) -> None:
+        total = float(causal_block_limit(q_len, kv_len, block, block).sum()) * batch
+        t = torch.full((heads,), total, dtype=torch.float64)
+        self._accumulate(t, t)
+        if reason is not None:
+            self.dense_fallbacks[reason] += 1
+
+    def _accumulate(self, kept: torch.Tensor, total: torch.Tensor) -> None:
+        if self._kept is None or self._kept.shape != kept.shape:
+            self._kept, self._total = kept.clone(), total.clone().to(kept.device)
+        else:
+            self._kept += kept.to(self._kept.device)
+            self._total += total.to(self._total.device)
+
+    def as_dict(self) -> dict[str, Any]:
+        per_head = None if self._kept is None else (self._kept / self._total).tolist()
+        return {
+            "layer": self.layer,
+            "prefill_method": self.prefill_method,
+            "decode_method": self.decode_method,
+            "sliding_window": self.sliding_window,
+            "prefill_calls": self.prefill_calls,
+            "decode_calls": self.decode_calls,
+            "density": None if per_head is None else float(self._kept.sum() / self._total.sum()),
+            "density_per_head": per_head,
+            "kept_blocks": None if self._kept is None else int(self._kept.sum()),
+            "total_blocks": None if self._total is None else int(self._total.sum()),
+            "dense_fallbacks": dict(self.dense_fallbacks),
+            "max_decode_keys": self.max_decode_keys,
+            "notes": list(self.notes),
+        }
+
+
+@dataclass
+class PatchStats:
+    """What `Patch.stats()` returns: one entry per layer plus model-wide totals."""
+
+    layers: list[dict[str, Any]]
+
+    @property
+    def density(self) -> float | None:
+        """Prefill density over all layers: computed / causally valid block pairs (dense calls count as 1)."""
+        kept = sum(d["kept_blocks"] or 0 for d in self.layers)
+        total = sum(d["total_blocks"] or 0 for d in self.layers)
+        return kept / total if total else None
+
+    @property
+    def dense_fallbacks(self) -> dict[str, int]:
+        out: Counter = Counter()
+        for d in self.layers:
+            out.update(d["dense_fallbacks"])
+        return dict(out)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"density": self.density, "dense_fallbacks": self.dense_fallbacks, "layers": self.layers}

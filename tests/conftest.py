@@ -1,0 +1,38 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from attnpatch.models import tiny_model  # noqa: E402
+
+# (family, sliding_window): the four families, plus Qwen2 and Mistral with a small window so SWA is exercised.
+TINY_CASES = [("llama", None), ("qwen2", None), ("qwen3", None), ("mistral", None), ("qwen2", 8), ("mistral", 8)]
+TINY_IDS = [f"{f}-swa{w}" if w else f for f, w in TINY_CASES]
+
+
+@pytest.fixture(params=TINY_CASES, ids=TINY_IDS)
+def tiny(request):
+    family, window = request.param
+    return tiny_model(family, sliding_window=window)
+
+
+@pytest.fixture
+def llama():
+    return tiny_model("llama")
+
+
+def random_ids(batch: int, length: int, seed: int = 0, vocab: int = 256) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (batch, length), generator=g)
+
+
+def left_padded(batch: int, length: int, pads: list[int], seed: int = 0):
+    ids = random_ids(batch, length, seed)
+    mask = torch.ones_like(ids)
+    for row, p in enumerate(pads):
+        mask[row, :p] = 0
+        ids[row, :p] = 0
+    return ids, mask

@@ -1,0 +1,138 @@
+"""The public API: method table, option validation, unpatch/replace, profiles, errors that say what is allowed."""
+
+import pytest
+import torch
+from conftest import random_ids
+from transformers import GPT2Config, GPT2LMHeadModel
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+import attnpatch
+from attnpatch import Profile
+from attnpatch.adapters import UnsupportedModelError, get_adapter
+from attnpatch.models import tiny_model
+from attnpatch.profile import config_fingerprint
+
+
+def test_list_methods_describes_every_method():
+    methods = {m["name"]: m for m in attnpatch.list_methods()}
+    assert {"dense", "a_shape", "streaming"} <= set(methods)
+    assert methods["a_shape"]["phase"] == "prefill" and methods["streaming"]["phase"] == "decode"
+    assert methods["dense"]["phase"] == "prefill+decode"
+    assert methods["a_shape"]["options"] == {"block_size": 64, "sink_blocks": 1, "local_blocks": 8}
+    assert methods["streaming"]["options"] == {"n_sink": 4, "window": 512}
+    assert all(m["description"] for m in methods.values())
+
+
+@pytest.mark.parametrize(
+    "kwargs,pattern",
+    [
+        (dict(method="nope"), r"unknown prefill method 'nope'; available prefill methods: .*a_shape.*dense"),
+        (dict(method="streaming"), r"decode='streaming'"),
+        (dict(decode="a_shape"), r"method='a_shape'"),
+        (dict(decode="nope"), r"available decode methods: dense, streaming"),
+        (dict(method="a_shape", blocksize=64), r"unknown option 'blocksize'.*block_size, local_blocks, sink_blocks"),
+        (dict(method="dense", window=4), r"unknown option 'window'.*allowed options: none"),
+        (dict(method="a_shape", block_size="64"), r"block_size.*one of 16, 32, 64, 128.*'64' \(str\)"),
+        (dict(method="a_shape", block_size=48), r"block_size.*one of 16, 32, 64, 128"),
+        (dict(method="a_shape", block_size=True), r"block_size"),
+        (dict(method="a_shape", local_blocks=0), r"local_blocks.*int >= 1"),
+        (dict(method="a_shape", sink_blocks=1.5), r"sink_blocks.*int >= 0"),
+        (dict(decode="streaming", window=-1), r"window.*int >= 1"),
+        (dict(method=None), r"method must be a method name"),
+    ],
+)
+def test_bad_input_names_what_is_allowed(llama, kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        attnpatch.patch_model(llama, **kwargs)
+    assert llama.config._attn_implementation == "sdpa"  # a refused patch leaves the model untouched
+
+
+def test_unsupported_architecture_names_the_families():
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=32))
+    with pytest.raises(UnsupportedModelError, match="supported families: llama, mistral, qwen2, qwen3"):
+        attnpatch.patch_model(gpt2)
+    with pytest.raises(TypeError, match="PreTrainedModel"):
+        attnpatch.patch_model(torch.nn.Linear(2, 2))
+
+
+@torch.no_grad()
+def test_unpatch_restores_the_original_exactly(llama):
+    ids = random_ids(1, 80)
+    ref = llama(ids).logits
+    patch = attnpatch.patch_model(llama, method="a_shape", block_size=16, local_blocks=2)
+    name = patch.name
+    assert llama.config._attn_implementation == name and name in ALL_ATTENTION_FUNCTIONS._global_mapping
+    assert not torch.equal(llama(ids).logits, ref)
+    patch.unpatch()
+    assert llama.config._attn_implementation == "sdpa"
+    assert name not in ALL_ATTENTION_FUNCTIONS._global_mapping and name not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping
+    assert torch.equal(llama(ids).logits, ref)
+    patch.unpatch()  # idempotent
+
+
+@torch.no_grad()
+def test_unpatch_restores_eager_too():
+    model = tiny_model("qwen2")
+    model.set_attn_implementation("eager")
+    ref = model(random_ids(1, 20)).logits
+    with attnpatch.patch_model(model, decode="streaming"):
+        pass
+    assert model.config._attn_implementation == "eager"
+    assert torch.equal(model(random_ids(1, 20)).logits, ref)
+
+
+@torch.no_grad()
+def test_patching_again_replaces_the_old_patch(llama):
+    first = attnpatch.patch_model(llama, method="a_shape", block_size=16, local_blocks=2)
+    second = attnpatch.patch_model(llama, decode="streaming", n_sink=2, window=8)
+    assert not first.active and second.active
+    assert first.name not in ALL_ATTENTION_FUNCTIONS._global_mapping
+    assert llama.config._attn_implementation == second.name
+    assert len(llama.base_model._forward_pre_hooks) == 1
+    llama(random_ids(1, 40))
+    assert first.stats().layers[0]["prefill_calls"] == 0 and second.stats().layers[0]["prefill_calls"] == 1
+    attnpatch.unpatch_model(llama)
+    assert llama.config._attn_implementation == "sdpa" and not llama.base_model._forward_pre_hooks
+
+
+def test_adapter_reads_sliding_window_layers():
+    assert get_adapter(tiny_model("llama").config).sliding_windows(tiny_model("llama").config) == [None, None]
+    q = tiny_model("qwen2", sliding_window=8).config
+    assert get_adapter(q).sliding_windows(q) == [None, 8]
+    m = tiny_model("mistral", sliding_window=8).config
+    assert get_adapter(m).sliding_windows(m) == [8, 8]
+    assert get_adapter(q).heads(q) == (4, 2, 16)
+
+
+@torch.no_grad()
+def test_profile_overrides_per_layer_and_roundtrips(llama, tmp_path):
+    profile = Profile("test", config_fingerprint(llama.config), {1: {"method": "dense"}, 0: {"local_blocks": 3}})
+    profile.save(tmp_path / "p.json")
+    loaded = Profile.load(tmp_path / "p.json")
+    assert loaded == profile
+    with attnpatch.patch_model(llama, method="a_shape", profile=loaded, block_size=16, local_blocks=2) as patch:
+        llama(random_ids(1, 128))
+        layers = patch.stats().layers
+        assert patch.state.plans[0].prefill.local_blocks == 3
+    assert layers[0]["prefill_method"] == "a_shape" and layers[0]["density"] < 1
+    assert layers[1]["prefill_method"] == "dense" and layers[1]["density"] == 1.0
+
+
+def test_profile_errors(llama):
+    with pytest.raises(ValueError, match="made for architecture"):
+        attnpatch.patch_model(llama, profile=Profile("x", "0" * 16))
+    with pytest.raises(ValueError, match=r"names layers \[5\]; the model has layers 0..1"):
+        attnpatch.patch_model(llama, profile=Profile("x", None, {5: {}}))
+    with pytest.raises(ValueError, match="unknown option 'bogus'"):
+        attnpatch.patch_model(llama, method="a_shape", profile=Profile("x", None, {0: {"bogus": 1}}))
+
+
+def test_cli_methods_prints_the_table(capsys):
+    from attnpatch.cli import main
+
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for name in ("dense", "a_shape", "streaming"):
+        assert name in out
+    assert "local_blocks=8" in out
