@@ -94,3 +94,39 @@ class BlockSelection:
             step = idx[..., 1:] - idx[..., :-1]
             if bool((valid[..., 1:] & (step <= 0)).any()):
                 raise ValueError("key blocks of a query block must be strictly ascending (no duplicates)")
+
+
+@dataclass(frozen=True)
+class TokenSelection:
+    """Per (batch, query head, query block) an ascending list of key *positions* (token granularity).
+
+    For stripe / permutation methods (AnchorAttention, S2O style). `indices[b, h, r, :counts[b, h, r]]`
+    are key positions in `[0, kv_len)`; queries are aligned to the end of the keys and the executor
+    applies the causal rule per token.
+    """
+
+    indices: torch.Tensor  # int32 [B, H, R, K]
+    counts: torch.Tensor  # int32 [B, H, R]
+    block_q: int
+    q_len: int
+    kv_len: int
+
+
+@dataclass(frozen=True)
+class PageSelection:
+    """Decode: per (batch, KV head) an ascending list of KV pages of `page_size` tokens.
+
+    All query heads of a KV head's group read the same pages (what bounds decode memory traffic).
+    `indices[b, g, :counts[b, g]]` are page numbers; positions `>= kv_len` are masked.
+    """
+
+    indices: torch.Tensor  # int32 [B, Hkv, P]
+    counts: torch.Tensor  # int32 [B, Hkv]
+    page_size: int
+    kv_len: int
+
+    @classmethod
+    def all_pages(cls, batch: int, kv_heads: int, kv_len: int, page_size: int, device=None) -> PageSelection:
+        n = num_blocks(kv_len, page_size)
+        idx = torch.arange(n, dtype=torch.int32, device=device).expand(batch, kv_heads, n)
+        return cls(idx, torch.full((batch, kv_heads), n, dtype=torch.int32, device=device), page_size, kv_len)

@@ -123,3 +123,46 @@ def test_selection_roundtrip_and_validation():
                             64, 64, 64, 128)
     with pytest.raises(ValueError, match="causal limit"):
         beyond.validate()
+
+
+def test_token_gather_matches_masked_dense():
+    from attnpatch.kernels.reference import token_gather_attention
+    from attnpatch.selection import TokenSelection
+
+    lq, lk, bq = 40, 70, 16
+    q, k, v = torch.randn(1, 4, lq, 8), torch.randn(1, 2, lk, 8), torch.randn(1, 2, lk, 8)
+    g = torch.Generator().manual_seed(0)
+    r = num_blocks(lq, bq)
+    keep = torch.rand(1, 4, r, lk, generator=g) < 0.3
+    keep[..., 0] = True
+    counts = keep.sum(-1, dtype=torch.int32)
+    order = torch.where(keep, torch.arange(lk), lk + torch.arange(lk)).argsort(-1)[..., : int(counts.max())]
+    sel = TokenSelection(order.to(torch.int32), counts, bq, lq, lk)
+    out, lse = token_gather_attention(q, k, v, sel, return_lse=True)
+    tok = keep[:, :, torch.arange(lq) // bq]  # [1,4,lq,lk]
+    tok &= torch.arange(lk)[None, :] <= torch.arange(lq)[:, None] + (lk - lq)
+    ref, ref_lse = dense_masked(q, k, v, tok)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+
+
+def test_paged_decode_matches_masked_dense():
+    from attnpatch.kernels.reference import paged_decode_attention
+    from attnpatch.selection import PageSelection
+
+    lk, ps = 75, 16
+    q, k, v = torch.randn(2, 4, 1, 8), torch.randn(2, 2, lk, 8), torch.randn(2, 2, lk, 8)
+    pages = torch.tensor([[[0, 2, 4], [1, 4, 0]], [[3, 0, 0], [0, 1, 2]]], dtype=torch.int32)
+    counts = torch.tensor([[3, 2], [1, 3]], dtype=torch.int32)
+    out, lse = paged_decode_attention(q, k, v, PageSelection(pages, counts, ps, lk), return_lse=True)
+    tok = torch.zeros(2, 2, lk, dtype=torch.bool)
+    for b in range(2):
+        for h in range(2):
+            for p in pages[b, h, : counts[b, h]].tolist():
+                tok[b, h, p * ps : min((p + 1) * ps, lk)] = True
+    ref, ref_lse = dense_masked(q, k, v, tok.repeat_interleave(2, 1)[:, :, None, :])
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+    full = PageSelection.all_pages(2, 2, lk, ps)
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    torch.testing.assert_close(paged_decode_attention(q, k, v, full), dense, atol=1e-5, rtol=1e-5)

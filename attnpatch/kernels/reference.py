@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from attnpatch.selection import BlockSelection, num_blocks
+from attnpatch.selection import BlockSelection, PageSelection, TokenSelection, num_blocks
 
 _CHUNK_BYTES = 256 * 2**20
 
@@ -130,3 +130,76 @@ def merge_partials(
     wb = torch.exp(lse_b - safe).unsqueeze(-1)
     out = wa * out_a.float() + wb * out_b.float()
     return out.to(out_a.dtype), lse
+
+
+def token_gather_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    selection: TokenSelection,
+    scale: float | None = None,
+    return_lse: bool = False,
+):
+    """Exact attention of each query block over its selected key positions (causal per token).
+
+    Shapes as `block_sparse_attention`; memory O(Lq · K) for K selected keys per query block.
+    """
+    b, hq, lq, d = query.shape
+    hkv, lk = key.shape[1], key.shape[2]
+    if (selection.q_len, selection.kv_len) != (lq, lk):
+        raise ValueError(f"selection built for q_len={selection.q_len}, kv_len={selection.kv_len}; got {lq}, {lk}")
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    bq, group = selection.block_q, hq // hkv
+    n_qb, kmax = num_blocks(lq, bq), selection.indices.shape[-1]
+    device = query.device
+    bi = torch.arange(b, device=device).view(b, 1, 1, 1)
+    hi = (torch.arange(hq, device=device) // group).view(1, hq, 1, 1)
+    pos = selection.indices.long().clamp(0, lk - 1)  # [B,H,R,K]
+    kept = torch.arange(kmax, device=device) < selection.counts.unsqueeze(-1)
+    kg = key[bi, hi, pos].float()  # [B,H,R,K,D]
+    vg = value[bi, hi, pos].float()
+    q = _pad_to(query, n_qb * bq, 2).view(b, hq, n_qb, bq, d).float()
+    scores = torch.matmul(q, kg.transpose(-1, -2)) * scale  # [B,H,R,bq,K]
+    qpos = (torch.arange(n_qb, device=device).view(n_qb, 1) * bq + torch.arange(bq, device=device)) + (lk - lq)
+    ok = kept.unsqueeze(-2) & (pos.unsqueeze(-2) <= qpos.view(1, 1, n_qb, bq, 1))
+    scores = scores.masked_fill(~ok, float("-inf"))
+    lse = torch.logsumexp(scores, -1)
+    out = torch.matmul(torch.softmax(scores, -1).nan_to_num(0.0), vg)
+    out = out.reshape(b, hq, n_qb * bq, -1)[:, :, :lq].to(query.dtype)
+    return (out, lse.reshape(b, hq, n_qb * bq)[:, :, :lq]) if return_lse else out
+
+
+def paged_decode_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    selection: PageSelection,
+    scale: float | None = None,
+    return_lse: bool = False,
+):
+    """Exact single-token attention over the selected pages of each KV head.
+
+    query `[B, Hq, 1, D]`, key/value `[B, Hkv, L, D]` (the cache); the G query heads of a KV head
+    share its pages. Returns `[B, Hq, 1, D]` (and the LSE `[B, Hq, 1]`).
+    """
+    b, hq, one, d = query.shape
+    if one != 1:
+        raise ValueError(f"decode attention takes one query token, got {one}")
+    hkv, lk = key.shape[1], key.shape[2]
+    if selection.kv_len != lk:
+        raise ValueError(f"selection built for kv_len={selection.kv_len}; got {lk}")
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    group, ps, pmax = hq // hkv, selection.page_size, selection.indices.shape[-1]
+    device = query.device
+    pos = (selection.indices.long().unsqueeze(-1) * ps + torch.arange(ps, device=device)).reshape(b, hkv, pmax * ps)
+    kept = (torch.arange(pmax, device=device) < selection.counts.unsqueeze(-1)).repeat_interleave(ps, -1) & (pos < lk)
+    bi = torch.arange(b, device=device).view(b, 1, 1)
+    hi = torch.arange(hkv, device=device).view(1, hkv, 1)
+    kg = key[bi, hi, pos.clamp(max=lk - 1)].float()  # [B,Hkv,P*ps,D]
+    vg = value[bi, hi, pos.clamp(max=lk - 1)].float()
+    q = query.view(b, hkv, group, d).float()
+    scores = torch.matmul(q, kg.transpose(-1, -2)) * scale  # [B,Hkv,G,P*ps]
+    scores = scores.masked_fill(~kept.unsqueeze(-2), float("-inf"))
+    lse = torch.logsumexp(scores, -1)
+    out = torch.matmul(torch.softmax(scores, -1).nan_to_num(0.0), vg).view(b, hq, 1, -1).to(query.dtype)
+    return (out, lse.view(b, hq, 1)) if return_lse else out
