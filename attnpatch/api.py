@@ -14,6 +14,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from attnpatch.adapters import get_adapter
 from attnpatch.cache import install_layers
 from attnpatch.dispatch import LayerPlan, PatchState, make_attention_function
+from attnpatch.kernels import get_executors
 from attnpatch.profile import Profile
 from attnpatch.registry import get_method
 from attnpatch.stats import LayerStats, PatchStats
@@ -44,7 +45,8 @@ def _route_options(prefill_info, decode_info, options: dict[str, Any]) -> tuple[
 class Patch:
     """A model patched with one prefill and one decode method. Use as a context manager or call `unpatch()`."""
 
-    def __init__(self, model, method: str = "dense", decode: str | None = None, profile: Profile | None = None, **options):
+    def __init__(self, model, method: str = "dense", decode: str | None = None, profile: Profile | None = None,
+                 backend: str = "auto", **options):
         if not hasattr(model, "config") or not hasattr(model, "set_attn_implementation"):
             raise TypeError(f"patch_model expects a transformers PreTrainedModel, got {type(model).__name__}")
         if not isinstance(method, str):
@@ -53,6 +55,7 @@ class Patch:
             raise ValueError(f"decode must be a method name (str) or None, got {decode!r}")
         if profile is not None and not isinstance(profile, Profile):
             raise ValueError(f"profile must be an attnpatch.Profile or None, got {type(profile).__name__}")
+        executors = get_executors(backend)
         self.adapter = get_adapter(model.config)
         self.model = model
         self.method, self.decode = method, decode or "dense"
@@ -67,7 +70,7 @@ class Patch:
         previous = getattr(model, _ATTR, None)
         if previous is not None:
             previous.unpatch()
-        self.state = PatchState(plans)
+        self.state = PatchState(plans, executors)
         self.name = f"attnpatch_{next(_COUNTER)}"
         self._original = model.config._attn_implementation
         AttentionInterface.register(self.name, make_attention_function(self.state))
@@ -156,13 +159,15 @@ class Patch:
         return f"Patch(method={self.method!r}, decode={self.decode!r}, {state})"
 
 
-def patch_model(model, method: str = "dense", decode: str | None = None, profile: Profile | None = None, **options) -> Patch:
+def patch_model(model, method: str = "dense", decode: str | None = None, profile: Profile | None = None,
+                backend: str = "auto", **options) -> Patch:
     """Patch `model` in place so its attention runs `method` in prefill and `decode` in decoding.
 
-    Options go to whichever of the two methods declares them. Patching a patched model replaces
-    the old patch. Returns a `Patch` (context manager; `.unpatch()`, `.stats()`).
+    Options go to whichever of the two methods declares them. `backend` picks the executors
+    ("auto": the fastest available for the device; "reference": exact PyTorch). Patching a patched
+    model replaces the old patch. Returns a `Patch` (context manager; `.unpatch()`, `.stats()`).
     """
-    return Patch(model, method=method, decode=decode, profile=profile, **options)
+    return Patch(model, method=method, decode=decode, profile=profile, backend=backend, **options)
 
 
 def unpatch_model(model) -> None:

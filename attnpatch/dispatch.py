@@ -9,11 +9,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from attnpatch.kernels.reference import block_sparse_attention
-from attnpatch.methods.base import DecodeMethod, DenseFallback, PrefillContext, PrefillMethod
+from attnpatch.kernels import Executors, get_executors
+from attnpatch.methods.base import DecodeContext, DecodeMethod, DenseFallback, PrefillContext, PrefillMethod
 from attnpatch.stats import LayerStats
-
-Executor = Callable[..., torch.Tensor]
 
 
 @dataclass
@@ -31,7 +29,7 @@ class PatchState:
     """Everything the registered attention function needs; owned by one `Patch`."""
 
     plans: list[LayerPlan]
-    executor: Executor = block_sparse_attention
+    executors: Executors = field(default_factory=get_executors)
     positions: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def publish_positions(self, layer_idx: int, positions: torch.Tensor) -> None:
@@ -62,10 +60,19 @@ def make_attention_function(state: PatchState) -> Callable:
         def dense():
             return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
+        scale = scaling if scaling is not None else 1.0 / math.sqrt(d)
         if lq == 1:
             stats.decode_calls += 1
             stats.max_decode_keys = max(stats.max_decode_keys, lk)
-            return dense()
+            if plan.decode.is_dense:
+                return dense()
+            pages = plan.decode.select(query, key, DecodeContext(layer, scale))
+            if pages is None:
+                return dense()
+            key_mask = None if attention_mask is None else attention_mask[:, 0, -1, :]
+            out = state.executors.decode(query, key, value, pages, scale=scale, key_mask=key_mask,
+                                         tile_counts=stats.tile_counter("decode", query.device))
+            return out.transpose(1, 2).contiguous(), None
         stats.prefill_calls += 1
         method = plan.prefill
         block = getattr(method, "block_size", 64)
@@ -75,13 +82,13 @@ def make_attention_function(state: PatchState) -> Callable:
         if dropout > 0.0:
             stats.add_dense(b, hq, lq, lk, block, "attention dropout (training)")
             return dense()
-        scale = scaling if scaling is not None else 1.0 / math.sqrt(d)
         ctx = PrefillContext(layer, scale, _key_start(attention_mask), plan.sliding_window)
         selection = method.select(query, key, ctx)
         if isinstance(selection, DenseFallback):
             stats.add_dense(b, hq, lq, lk, block, selection.reason)
             return dense()
-        out = state.executor(query, key, value, selection, scale=scale, mask=attention_mask)
+        counter = stats.tile_counter("prefill", query.device) if selection.skip is not None else None
+        out = state.executors.prefill(query, key, value, selection, scale=scale, mask=attention_mask, tile_counts=counter)
         stats.add_selection(selection)
         return out.transpose(1, 2).contiguous(), None
 

@@ -24,6 +24,19 @@ def causal_block_limit(q_len: int, kv_len: int, block_q: int, block_k: int, devi
 
 
 @dataclass(frozen=True)
+class SkipRule:
+    """BLASST's early skip: a visited tile is skipped (no exp, no P·V) when, for every row of the tile,
+    `tile_row_max - running_row_max < log_threshold`, both in *scaled* scores (σ·q·k).
+
+    `log_threshold` is ln λ for the scaled convention, or σ·ln λ to reproduce the raw-score
+    convention (differences of unscaled q·k compared with ln λ). A float, or a `[H]` tensor (per
+    query head). Tiles are visited in ascending key order, so the sink tile sets the running max.
+    """
+
+    log_threshold: float | torch.Tensor
+
+
+@dataclass(frozen=True)
 class BlockSelection:
     """Per (batch, query head, query block) the key blocks to compute, in ascending order.
 
@@ -38,10 +51,20 @@ class BlockSelection:
     block_k: int
     q_len: int
     kv_len: int
+    skip: SkipRule | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.counts.shape)  # type: ignore[return-value]
+
+    @classmethod
+    def causal(cls, batch: int, heads: int, q_len: int, kv_len: int, block_q: int, block_k: int,
+               device=None, skip: SkipRule | None = None) -> BlockSelection:
+        """Every causally valid block, without memory: stride-0 views of one `arange`."""
+        r, c = num_blocks(q_len, block_q), num_blocks(kv_len, block_k)
+        idx = torch.arange(c, dtype=torch.int32, device=device).expand(batch, heads, r, c)
+        counts = causal_block_limit(q_len, kv_len, block_q, block_k, device).to(torch.int32).expand(batch, heads, r)
+        return cls(idx, counts, block_q, block_k, q_len, kv_len, skip)
 
     @classmethod
     def from_block_mask(cls, mask: torch.Tensor, block_q: int, block_k: int, q_len: int, kv_len: int) -> BlockSelection:
@@ -124,9 +147,12 @@ class PageSelection:
     counts: torch.Tensor  # int32 [B, Hkv]
     page_size: int
     kv_len: int
+    skip: SkipRule | None = None  # tiles are pages; the G query heads of a KV head skip jointly
 
     @classmethod
-    def all_pages(cls, batch: int, kv_heads: int, kv_len: int, page_size: int, device=None) -> PageSelection:
+    def all_pages(cls, batch: int, kv_heads: int, kv_len: int, page_size: int, device=None,
+                  skip: SkipRule | None = None) -> PageSelection:
         n = num_blocks(kv_len, page_size)
         idx = torch.arange(n, dtype=torch.int32, device=device).expand(batch, kv_heads, n)
-        return cls(idx, torch.full((batch, kv_heads), n, dtype=torch.int32, device=device), page_size, kv_len)
+        counts = torch.full((batch, kv_heads), n, dtype=torch.int32, device=device)
+        return cls(idx, counts, page_size, kv_len, skip)

@@ -24,6 +24,8 @@ class LayerStats:
     dense_fallbacks: Counter = field(default_factory=Counter)
     notes: list[str] = field(default_factory=list)
     max_decode_keys: int = 0
+    prefill_tiles: torch.Tensor = field(default_factory=lambda: torch.zeros(2, dtype=torch.int64))  # visited, skipped
+    decode_tiles: torch.Tensor = field(default_factory=lambda: torch.zeros(2, dtype=torch.int64))
     _kept: torch.Tensor | None = None  # [H] kept block pairs (summed over batch and calls)
     _total: torch.Tensor | None = None  # [H] causally valid block pairs
 
@@ -46,8 +48,19 @@ class LayerStats:
             self._kept += kept.to(self._kept.device)
             self._total += total.to(self._total.device)
 
+    def tile_counter(self, phase: str, device: torch.device) -> torch.Tensor:
+        """The (visited, skipped) counter an executor adds into, moved to the executor's device."""
+        name = f"{phase}_tiles"
+        counter = getattr(self, name)
+        if counter.device != device:
+            counter = counter.to(device)
+            setattr(self, name, counter)
+        return counter
+
     def as_dict(self) -> dict[str, Any]:
         per_head = None if self._kept is None else (self._kept / self._total).tolist()
+        pv, ps = (int(x) for x in self.prefill_tiles.tolist())
+        dv, ds = (int(x) for x in self.decode_tiles.tolist())
         return {
             "layer": self.layer,
             "prefill_method": self.prefill_method,
@@ -61,6 +74,10 @@ class LayerStats:
             "total_blocks": None if self._total is None else int(self._total.sum()),
             "dense_fallbacks": dict(self.dense_fallbacks),
             "max_decode_keys": self.max_decode_keys,
+            "skipped_tiles": ps,
+            "visited_tiles": pv,
+            "skipped_fraction": ps / pv if pv else None,
+            "decode_skipped_fraction": ds / dv if dv else None,
             "notes": list(self.notes),
         }
 
@@ -79,6 +96,12 @@ class PatchStats:
         return kept / total if total else None
 
     @property
+    def skipped_fraction(self) -> float | None:
+        """Share of visited prefill tiles that a skip rule (BLASST) dropped, over all layers."""
+        visited = sum(d["visited_tiles"] for d in self.layers)
+        return sum(d["skipped_tiles"] for d in self.layers) / visited if visited else None
+
+    @property
     def dense_fallbacks(self) -> dict[str, int]:
         out: Counter = Counter()
         for d in self.layers:
@@ -86,4 +109,5 @@ class PatchStats:
         return dict(out)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"density": self.density, "dense_fallbacks": self.dense_fallbacks, "layers": self.layers}
+        return {"density": self.density, "skipped_fraction": self.skipped_fraction,
+                "dense_fallbacks": self.dense_fallbacks, "layers": self.layers}

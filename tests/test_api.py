@@ -16,7 +16,8 @@ from attnpatch.profile import config_fingerprint
 
 def test_list_methods_describes_every_method():
     methods = {m["name"]: m for m in attnpatch.list_methods()}
-    assert {"dense", "a_shape", "streaming"} <= set(methods)
+    assert {"dense", "a_shape", "streaming", "blasst"} <= set(methods)
+    assert methods["blasst"]["phase"] == "prefill+decode"
     assert methods["a_shape"]["phase"] == "prefill" and methods["streaming"]["phase"] == "decode"
     assert methods["dense"]["phase"] == "prefill+decode"
     assert methods["a_shape"]["options"] == {"block_size": 64, "sink_blocks": 1, "local_blocks": 8}
@@ -30,7 +31,7 @@ def test_list_methods_describes_every_method():
         (dict(method="nope"), r"unknown prefill method 'nope'; available prefill methods: .*a_shape.*dense"),
         (dict(method="streaming"), r"decode='streaming'"),
         (dict(decode="a_shape"), r"method='a_shape'"),
-        (dict(decode="nope"), r"available decode methods: dense, streaming"),
+        (dict(decode="nope"), r"available decode methods: blasst, dense, streaming"),
         (dict(method="a_shape", blocksize=64), r"unknown option 'blocksize'.*block_size, local_blocks, sink_blocks"),
         (dict(method="dense", window=4), r"unknown option 'window'.*allowed options: none"),
         (dict(method="a_shape", block_size="64"), r"block_size.*one of 16, 32, 64, 128.*'64' \(str\)"),

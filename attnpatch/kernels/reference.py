@@ -33,6 +33,7 @@ def block_sparse_attention(
     scale: float | None = None,
     mask: torch.Tensor | None = None,
     return_lse: bool = False,
+    tile_counts: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Causal attention of each query block over its selected key blocks.
 
@@ -41,6 +42,12 @@ def block_sparse_attention(
     (True = may attend), combined with the causal rule. Returns `[B, Hq, Lq, D]` in the query's
     dtype and, on request, the natural-log log-sum-exp `[B, Hq, Lq]` in float32 (`-inf` for rows
     that see no key; their output is 0).
+
+    With `selection.skip` (BLASST), tiles are visited in slot order and a tile is dropped when every
+    row of the (query head, query block) finds it negligible against its running max; since a
+    dropped tile can never raise the running max, the running max before slot k is the exclusive
+    cumulative max of the tile maxima, which this reference computes in closed form.
+    `tile_counts` (int64 `[2]`), if given, is incremented by (visited tiles, skipped tiles).
     """
     b, hq, lq, d = query.shape
     hkv, lk = key.shape[1], key.shape[2]
@@ -97,7 +104,7 @@ def block_sparse_attention(
         qpos = (torch.arange(r0, r1, device=device).view(n, 1) * bq + row_pos).view(1, 1, n, rows, 1)
         # Invalid slots get a position no query reaches, so one comparison applies causal + validity.
         kpos_eff = torch.where(kvalid, kpos, lk + lq)
-        blocked = kpos_eff > qpos + (lk - lq)
+        blocked = (kpos_eff > qpos + (lk - lq)) | (qpos >= lq)  # padding rows of the last block see nothing
         if pad_mask is not None:
             mrows = pad_mask[:, :, r0 * bq : r1 * bq].reshape(b, pad_mask.shape[1], n, bq, lk)
             if shared and pad_mask.shape[1] > 1:
@@ -106,6 +113,15 @@ def block_sparse_attention(
             cols = kpos.clamp(max=lk - 1).expand(b, heads, n, rows, kmax * bk)
             blocked |= ~torch.gather(mrows, -1, cols)
         scores.masked_fill_(blocked, float("-inf"))
+        if selection.skip is not None:
+            skipped = _skip_tiles(scores, kept, selection.skip.log_threshold, shared, group, bq, kmax, bk)
+            scores.masked_fill_(skipped.repeat_interleave(bq if shared else rows, -2).unsqueeze(-1)
+                                .expand(-1, -1, -1, -1, -1, bk).reshape(scores.shape), float("-inf"))
+            if tile_counts is not None:
+                visited = kept.sum() * (hq if shared else 1)
+                tile_counts += torch.stack([visited, skipped.sum()]).to(tile_counts)
+        elif tile_counts is not None:
+            tile_counts[0] += kept.sum() * (hq if shared else 1)
         if return_lse:
             lse[:, :, r0:r1] = torch.logsumexp(scores, dim=-1)
         probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)  # rows that see no key -> 0
@@ -118,6 +134,32 @@ def block_sparse_attention(
     if not return_lse:
         return out
     return out, lse.reshape(b, hq, n_qb * bq)[:, :, :lq]
+
+
+def _exclusive_cummax(x: torch.Tensor) -> torch.Tensor:
+    prev = torch.cummax(x, dim=-1).values
+    return torch.cat([torch.full_like(prev[..., :1], float("-inf")), prev[..., :-1]], dim=-1)
+
+
+def _negligible_rows(tile_max: torch.Tensor, threshold: torch.Tensor | float) -> torch.Tensor:
+    """Per row and tile: the tile cannot matter (all masked, or its max is below running max + threshold)."""
+    running = _exclusive_cummax(tile_max)
+    return (tile_max == float("-inf")) | (tile_max - running < threshold)
+
+
+def _skip_tiles(scores, kept, log_threshold, shared, group, bq, kmax, bk) -> torch.Tensor:
+    """Skip decision per (batch, query head, query block, slot): `[B, Hq or Hkv·G…, n, rows/bq, K]`."""
+    b, heads, n, rows, _ = scores.shape
+    tile_max = scores.view(b, heads, n, rows, kmax, bk).amax(-1)  # [B, heads, n, rows, K]
+    thr = log_threshold
+    if isinstance(thr, torch.Tensor):
+        thr = thr.to(scores.device, scores.dtype)
+        thr = thr.view(heads, group).repeat_interleave(bq, -1).view(1, heads, 1, rows, 1) if shared else \
+            thr.view(1, heads, 1, 1, 1)
+    groups = (b, heads, n, rows // bq if shared else 1, bq if shared else rows, kmax)
+    per_head = _negligible_rows(tile_max, thr).view(groups).all(-2)
+    live = (tile_max > float("-inf")).view(groups).any(-2)  # fully masked tiles are not counted as skips
+    return per_head & live & kept.unsqueeze(-2)  # [B, heads, n, G or 1, K]
 
 
 def merge_partials(
@@ -176,11 +218,15 @@ def paged_decode_attention(
     selection: PageSelection,
     scale: float | None = None,
     return_lse: bool = False,
+    tile_counts: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
 ):
     """Exact single-token attention over the selected pages of each KV head.
 
     query `[B, Hq, 1, D]`, key/value `[B, Hkv, L, D]` (the cache); the G query heads of a KV head
-    share its pages. Returns `[B, Hq, 1, D]` (and the LSE `[B, Hq, 1]`).
+    share its pages. `key_mask` `[B, L]` (True = may attend) carries padding / sliding windows.
+    Returns `[B, Hq, 1, D]` (and the LSE `[B, Hq, 1]`). With `selection.skip`, pages are tiles
+    visited in list order and `tile_counts` counts (visited, skipped) pages per KV head.
     """
     b, hq, one, d = query.shape
     if one != 1:
@@ -195,11 +241,27 @@ def paged_decode_attention(
     kept = (torch.arange(pmax, device=device) < selection.counts.unsqueeze(-1)).repeat_interleave(ps, -1) & (pos < lk)
     bi = torch.arange(b, device=device).view(b, 1, 1)
     hi = torch.arange(hkv, device=device).view(1, hkv, 1)
+    if key_mask is not None:
+        kept = kept & torch.gather(key_mask.bool().unsqueeze(1).expand(b, hkv, lk), -1, pos.clamp(max=lk - 1))
     kg = key[bi, hi, pos.clamp(max=lk - 1)].float()  # [B,Hkv,P*ps,D]
     vg = value[bi, hi, pos.clamp(max=lk - 1)].float()
     q = query.view(b, hkv, group, d).float()
     scores = torch.matmul(q, kg.transpose(-1, -2)) * scale  # [B,Hkv,G,P*ps]
     scores = scores.masked_fill(~kept.unsqueeze(-2), float("-inf"))
+    page_kept = torch.arange(pmax, device=device) < selection.counts.unsqueeze(-1)  # [B,Hkv,P]
+    if selection.skip is not None:
+        # Pages in list order, no split: the G heads of a KV head skip a page jointly (one V load).
+        thr = selection.skip.log_threshold
+        if isinstance(thr, torch.Tensor):
+            thr = thr.to(device, scores.dtype).view(1, hkv, group, 1)
+        tile_max = scores.view(b, hkv, group, pmax, ps).amax(-1)
+        live = (tile_max > float("-inf")).any(-2)
+        skipped = _negligible_rows(tile_max, thr).all(-2) & live & page_kept  # [B,Hkv,P]
+        scores = scores.masked_fill(skipped.repeat_interleave(ps, -1).unsqueeze(-2), float("-inf"))
+        if tile_counts is not None:
+            tile_counts += torch.stack([page_kept.sum(), skipped.sum()]).to(tile_counts)
+    elif tile_counts is not None:
+        tile_counts[0] += page_kept.sum()
     lse = torch.logsumexp(scores, -1)
     out = torch.matmul(torch.softmax(scores, -1).nan_to_num(0.0), vg).view(b, hq, 1, -1).to(query.dtype)
     return (out, lse.view(b, hq, 1)) if return_lse else out

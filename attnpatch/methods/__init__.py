@@ -1,3 +1,3 @@
 """Built-in methods; importing this package registers them."""
 
-from attnpatch.methods import a_shape, dense, streaming  # noqa: F401
+from attnpatch.methods import a_shape, blasst, dense, streaming  # noqa: F401

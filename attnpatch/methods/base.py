@@ -7,7 +7,7 @@ from typing import Any, ClassVar, NamedTuple
 
 import torch
 
-from attnpatch.selection import BlockSelection
+from attnpatch.selection import BlockSelection, PageSelection
 
 
 class DenseFallback(NamedTuple):
@@ -24,6 +24,14 @@ class PrefillContext:
     scale: float
     key_start: torch.Tensor | None  # [B] first non-padding key of each row (None: no padding)
     sliding_window: int | None  # the layer's window, if it is a sliding-window layer
+
+
+@dataclass(frozen=True)
+class DecodeContext:
+    """What a decode method may look at besides the query and the cached keys."""
+
+    layer_idx: int
+    scale: float
 
 
 @dataclass
@@ -43,9 +51,19 @@ class PrefillMethod:
 
 @dataclass
 class DecodeMethod:
-    """Base of decode methods: decide what the KV cache keeps (and, later, which of it each step reads)."""
+    """Base of decode methods: what the KV cache keeps (`cache_layer`) and what each step reads (`select`).
+
+    A method overrides one of the two.
+    """
 
     name: ClassVar[str] = ""
+
+    def select(self, query: torch.Tensor, key: torch.Tensor, ctx: DecodeContext) -> PageSelection | None:
+        """Which cached pages one decode step reads (None: all of them, through SDPA).
+
+        query `[B, Hq, 1, D]`, key `[B, Hkv, L, D]` as stored by the cache.
+        """
+        return None
 
     def cache_layer(self, layer_idx: int, config: Any, on_update=None):
         """The override point: a transformers cache layer for a full-attention layer, or None for the default.

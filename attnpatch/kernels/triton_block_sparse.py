@@ -1,0 +1,573 @@
+# ruff: noqa: SIM108  (constexpr if/else blocks in @triton.jit code are kept explicit)
+"""Block-sparse FlashAttention forward (prefill) in Triton: executes a given `BlockSelection`.
+
+The kernel is policy-free: it visits, for every (batch, query head, query block), exactly the key
+blocks listed in the selection, in ascending order, with an exp2-based online softmax and fp32
+accumulation. Queries are aligned to the end of the keys (causal offset `Lk - Lq`, chunked
+prefill). Only key blocks that straddle the causal diagonal or run past `Lk` get masked.
+
+Grid: one program per (batch · query head, query block); heavy (late) query blocks are launched
+first. GQA is native: a program reads the K/V of its query head's KV head in place (no repeat).
+
+Resumable state `(m, l, acc)`, per query row (float32):
+
+* ``m``   running maximum of the *scaled natural-log* scores ``scale · q·k`` seen so far
+  (``-inf`` for a row that has seen no key yet);
+* ``l``   running ``Σ exp(scale · q·k − m)``;
+* ``acc`` un-normalised ``Σ exp(scale · q·k − m) · v``, shape ``[B, Hq, Lq, Dv]``.
+
+So ``lse = m + log(l)`` and ``out = acc / l``. Internally the kernel works in base 2
+(``m₂ = m · log2(e)``) and converts at load/store time.
+
+Skip-threshold mode (BLASST, arXiv 2512.12087): a visited tile (one query block × one selected
+key block) is skipped — no exp, no P·V, no update of ``m``/``l``/``acc`` — when for every query
+row of the tile ``tile_row_max − running_row_max < ln λ``. With ``skip_convention="raw"`` the
+difference is taken on raw dot products ``q·k``; with ``"scaled"`` on ``scale · q·k``. Rows that
+cannot vote: rows past ``Lq`` (padding) and rows that have no visible key inside the tile
+(causal / ``Lk`` masking). A row whose running max is ``-inf`` always vetoes (difference
+``+inf``), so the first tile a row block visits is never skipped unless resumed from a state.
+`block_sparse_attention_tiled_reference` is the PyTorch oracle with the same rule and tile order.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from attnpatch.kernels.triton_utils import (
+    is_interpreted,
+    tensor_device_ok,
+    triton_available,
+    with_contiguous_last_dim,
+)
+from attnpatch.selection import BlockSelection, num_blocks
+
+__all__ = [
+    "ALLOWED_BLOCK_SIZES",
+    "ALLOWED_HEAD_DIMS",
+    "block_sparse_attention_tiled_reference",
+    "block_sparse_attention_triton",
+    "launch_config",
+    "unsupported_reason",
+]
+
+ALLOWED_HEAD_DIMS = (16, 32, 64, 128)
+ALLOWED_BLOCK_SIZES = (16, 32, 64, 128)  # 64 and 128 are the production sizes; 16/32 for small tests
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_LOG2E = 1.4426950408889634
+_SKIP_CONVENTIONS = ("raw", "scaled")
+
+State = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+# (num_warps, num_stages) keyed by head_dim, then by (block_q, block_k) = the kernel's tile.
+# Shared memory per CTA ≈ Q tile + stages × (K tile + V tile); the 128×128 tiles at D=128 use two
+# stages to stay below the 227 KiB of an H100/H200 SM. To be re-tuned on the GPU.
+_LAUNCH_CONFIGS: dict[int, dict[tuple[int, int], tuple[int, int]]] = {
+    128: {(64, 64): (4, 3), (64, 128): (8, 2), (128, 64): (8, 3), (128, 128): (8, 2)},
+    64: {(64, 64): (4, 3), (64, 128): (4, 3), (128, 64): (4, 3), (128, 128): (8, 3)},
+    32: {(64, 64): (4, 3), (64, 128): (4, 3), (128, 64): (4, 3), (128, 128): (8, 3)},
+    16: {(64, 64): (4, 3), (64, 128): (4, 3), (128, 64): (4, 3), (128, 128): (8, 3)},
+}
+
+
+def launch_config(head_dim: int, block_q: int, block_k: int, dtype: torch.dtype = torch.float16) -> tuple[int, int]:
+    """`(num_warps, num_stages)` for a head dim, tile and input dtype (no autotuning)."""
+    warps, stages = _LAUNCH_CONFIGS.get(head_dim, {}).get((block_q, block_k), (4, 2))
+    if dtype == torch.float32:  # fp32 tiles are twice the size: no software pipelining
+        stages = 1
+    return warps, stages
+
+
+def unsupported_reason(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, selection: BlockSelection
+) -> str | None:
+    """Why the Triton kernel cannot run these inputs (None when it can): the caller falls back."""
+    if not triton_available():
+        return "triton is not installed"
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+        return "query/key/value must be 4D [B, H, L, D]"
+    b, hq, lq, d = query.shape
+    bk_, hkv, lk, dk = key.shape
+    if (bk_, hkv, lk) != tuple(value.shape[:3]) or bk_ != b:
+        return f"key {tuple(key.shape)} / value {tuple(value.shape)} / query {tuple(query.shape)} disagree"
+    if dk != d:
+        return f"key head dim {dk} != query head dim {d}"
+    if d not in ALLOWED_HEAD_DIMS or value.shape[-1] not in ALLOWED_HEAD_DIMS:
+        return f"head dim {d} (value {value.shape[-1]}) not supported; allowed: {ALLOWED_HEAD_DIMS}"
+    if hkv == 0 or hq % hkv:
+        return f"query heads ({hq}) must be a multiple of key/value heads ({hkv})"
+    if query.dtype not in _DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
+        return f"dtypes {query.dtype}/{key.dtype}/{value.dtype}: need one of {_DTYPES}, all equal"
+    if not (query.device == key.device == value.device == selection.indices.device):
+        return "query, key, value and selection must be on one device"
+    if not tensor_device_ok(query, _KERNEL_INTERPRETED):
+        return f"device {query.device} (need CUDA, or CPU with TRITON_INTERPRET=1 set before import)"
+    if selection.block_q not in ALLOWED_BLOCK_SIZES or selection.block_k not in ALLOWED_BLOCK_SIZES:
+        return f"blocks {selection.block_q}×{selection.block_k} not supported; allowed: {ALLOWED_BLOCK_SIZES}"
+    if (selection.q_len, selection.kv_len) != (lq, lk):
+        return f"selection built for q_len={selection.q_len}, kv_len={selection.kv_len}; got {lq}, {lk}"
+    r = num_blocks(lq, selection.block_q)
+    if tuple(selection.counts.shape) != (b, hq, r) or tuple(selection.indices.shape[:3]) != (b, hq, r):
+        return f"selection shape {tuple(selection.indices.shape)} does not match [B={b}, Hq={hq}, R={r}, K]"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Host-side preparation shared by the kernel wrapper and the PyTorch tiled reference
+# ----------------------------------------------------------------------------------------------
+
+
+def _skip_threshold_nat(
+    skip_threshold: float | torch.Tensor, skip_convention: str, scale: float, hq: int, device: torch.device
+) -> torch.Tensor:
+    """Per-head threshold `[Hq]` float32 on differences of scaled natural-log scores."""
+    if skip_convention not in _SKIP_CONVENTIONS:
+        raise ValueError(f"skip_convention must be one of {_SKIP_CONVENTIONS}, got {skip_convention!r}")
+    if scale <= 0:
+        raise ValueError(f"skip mode needs a positive scale, got {scale}")
+    factor = scale if skip_convention == "raw" else 1.0
+    if isinstance(skip_threshold, torch.Tensor):
+        lam = skip_threshold.detach().to(device=device, dtype=torch.float32).reshape(-1)
+        if lam.numel() == 1:
+            lam = lam.expand(hq)
+        elif lam.numel() != hq:
+            raise ValueError(f"skip_threshold tensor must hold 1 or Hq={hq} values, got {lam.numel()}")
+        return (torch.log(lam.clamp(min=0.0)) * factor).contiguous()
+    lam = float(skip_threshold)
+    thr = math.log(lam) * factor if lam > 0 else float("-inf")
+    return torch.full((hq,), thr, dtype=torch.float32, device=device)
+
+
+def _check_state(init_state: Sequence[torch.Tensor], b: int, hq: int, lq: int, dv: int) -> State:
+    if len(init_state) != 3:
+        raise ValueError("init_state must be a tuple (m, l, acc)")
+    m, denom, acc = init_state
+    if tuple(m.shape) != (b, hq, lq) or tuple(denom.shape) != (b, hq, lq) or tuple(acc.shape) != (b, hq, lq, dv):
+        raise ValueError(
+            f"init_state shapes {tuple(m.shape)}, {tuple(denom.shape)}, {tuple(acc.shape)}; "
+            f"expected {(b, hq, lq)}, {(b, hq, lq)}, {(b, hq, lq, dv)}"
+        )
+    return m, denom, acc
+
+
+def _pack_results(
+    primary: torch.Tensor | State,
+    lse: torch.Tensor | None,
+    tiles: tuple[torch.Tensor, torch.Tensor] | None,
+):
+    extras: list = []
+    if lse is not None:
+        extras.append(lse)
+    if tiles is not None:
+        extras.append(tiles)
+    return (primary, *extras) if extras else primary
+
+
+def _finalize(m: torch.Tensor, denom: torch.Tensor, acc: torch.Tensor, dtype: torch.dtype):
+    seen = denom > 0
+    safe = torch.where(seen, denom, torch.ones_like(denom))
+    out = (acc / safe.unsqueeze(-1)).to(dtype)
+    lse = torch.where(seen, m + torch.log(safe), torch.full_like(m, float("-inf")))
+    return out, lse
+
+
+# ----------------------------------------------------------------------------------------------
+# PyTorch oracle of the tiled semantics (skip rule, resumable state, tile counters)
+# ----------------------------------------------------------------------------------------------
+
+
+def _pad_rows(x: torch.Tensor, length: int) -> torch.Tensor:
+    missing = length - x.shape[2]
+    if missing == 0:
+        return x
+    shape = list(x.shape)
+    shape[2] = missing
+    return torch.cat([x, x.new_zeros(shape)], dim=2)
+
+
+def block_sparse_attention_tiled_reference(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    selection: BlockSelection,
+    scale: float | None = None,
+    return_lse: bool = False,
+    skip_threshold: float | torch.Tensor | None = None,
+    skip_convention: str = "raw",
+    init_state: Sequence[torch.Tensor] | None = None,
+    return_state: bool = False,
+    count_tiles: bool = False,
+):
+    """PyTorch version of `block_sparse_attention_triton` with identical semantics, in float32.
+
+    Walks the selected key blocks in the same ascending order as the kernel (vectorised over
+    batch, heads and query blocks; one step per list slot) and applies the same skip rule, so it
+    is the oracle for skip mode, resumable state and tile counters. Same arguments and returns.
+    Memory is `O(B·Hq·Lq·block_k)` per step: meant for tests and small inputs.
+    """
+    b, hq, lq, d = query.shape
+    hkv, lk = key.shape[1], key.shape[2]
+    dv = value.shape[-1]
+    if hq % hkv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    bq, bk = selection.block_q, selection.block_k
+    n_qb, n_kb = num_blocks(lq, bq), num_blocks(lk, bk)
+    group = hq // hkv
+    offset = lk - lq
+    device = query.device
+    kmax = selection.indices.shape[-1]
+
+    q = _pad_rows(query.float(), n_qb * bq).view(b, hq, n_qb, bq, d)
+    kblocks = _pad_rows(key.float(), n_kb * bk).view(b, hkv, n_kb, bk, d)
+    vblocks = _pad_rows(value.float(), n_kb * bk).view(b, hkv, n_kb, bk, dv)
+    if init_state is None:
+        m = torch.full((b, hq, n_qb * bq), float("-inf"), device=device)
+        denom = torch.zeros(b, hq, n_qb * bq, device=device)
+        acc = torch.zeros(b, hq, n_qb * bq, dv, device=device)
+    else:
+        m0, l0, a0 = _check_state(init_state, b, hq, lq, dv)
+        m = _pad_rows(m0.float().unsqueeze(-1), n_qb * bq).squeeze(-1)
+        m[:, :, lq:] = float("-inf")
+        denom = _pad_rows(l0.float().unsqueeze(-1), n_qb * bq).squeeze(-1)
+        acc = _pad_rows(a0.float(), n_qb * bq)
+    m = m.view(b, hq, n_qb, bq).clone()
+    denom = denom.view(b, hq, n_qb, bq).clone()
+    acc = acc.view(b, hq, n_qb, bq, dv).clone()
+
+    thr = None
+    if skip_threshold is not None:
+        thr = _skip_threshold_nat(skip_threshold, skip_convention, scale, hq, device).view(1, hq, 1, 1)
+    rows = torch.arange(n_qb * bq, device=device).view(n_qb, bq)
+    qpos = rows + offset
+    row_ok = rows < lq
+    bi = torch.arange(b, device=device).view(b, 1, 1)
+    hi = (torch.arange(hq, device=device) // group).view(1, hq, 1)
+    counts = selection.counts.to(device)
+    skipped = torch.zeros((), dtype=torch.int64, device=device)
+    neg_inf = float("-inf")
+
+    for j in range(kmax):
+        active = j < counts  # [B, Hq, R]
+        kb = selection.indices[..., j].long().clamp(0, max(n_kb - 1, 0))
+        kt, vt = kblocks[bi, hi, kb], vblocks[bi, hi, kb]  # [B, Hq, R, bk, D]
+        s = torch.einsum("bhrqd,bhrkd->bhrqk", q, kt) * scale
+        kpos = kb.unsqueeze(-1) * bk + torch.arange(bk, device=device)  # [B, Hq, R, bk]
+        allowed = (kpos.unsqueeze(-2) <= qpos.unsqueeze(-1)) & (kpos < lk).unsqueeze(-2)
+        s = s.masked_fill(~allowed, neg_inf)
+        tmax = s.amax(-1)  # [B, Hq, R, bq]
+        update = active
+        if thr is not None:
+            veto = (tmax - m >= thr) & (tmax > neg_inf) & row_ok
+            skip = active & ~veto.any(-1)
+            skipped += skip.sum()
+            update = active & ~skip
+        m_new = torch.where(update.unsqueeze(-1), torch.maximum(m, tmax), m)
+        m_safe = torch.where(m_new == neg_inf, torch.zeros_like(m_new), m_new)
+        alpha = torch.exp(m - m_safe)
+        p = torch.exp(s - m_safe.unsqueeze(-1))
+        u = update.unsqueeze(-1)
+        denom = torch.where(u, denom * alpha + p.sum(-1), denom)
+        pv = torch.einsum("bhrqk,bhrkd->bhrqd", p, vt)
+        acc = torch.where(u.unsqueeze(-1), acc * alpha.unsqueeze(-1) + pv, acc)
+        m = m_new
+
+    m = m.view(b, hq, -1)[:, :, :lq]
+    denom = denom.view(b, hq, -1)[:, :, :lq]
+    acc = acc.view(b, hq, -1, dv)[:, :, :lq]
+    out, lse = _finalize(m, denom, acc, query.dtype)
+    tiles = None
+    if count_tiles:
+        tiles = (counts.sum(dtype=torch.int64), skipped)
+    primary = (m.contiguous(), denom.contiguous(), acc.contiguous()) if return_state else out
+    return _pack_results(primary, lse if return_lse else None, tiles)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernel
+# ----------------------------------------------------------------------------------------------
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _max_combine_fallback(a, b):
+        return tl.maximum(a, b)
+
+    @triton.jit
+    def _sum_combine_fallback(a, b):
+        return a + b
+
+    # Row reductions go through `tl.reduce` with the combine functions `tl.max` / `tl.sum` use:
+    # identical code on the GPU, and the Triton interpreter recognises them (numpy fast path) and
+    # patches `tl.reduce` at call time, so the kernel also interprets when triton itself was
+    # imported before TRITON_INTERPRET was set (its @jit library functions are then compiled-only).
+    _MAX_COMBINE = getattr(tl.standard, "_elementwise_max", _max_combine_fallback)
+    _SUM_COMBINE = getattr(tl.standard, "_sum_combine", _sum_combine_fallback)
+
+    @triton.jit
+    def _online_update(
+        acc, l_i, m_i, s, m_tile, v_ptrs, k_ok, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr
+    ):
+        # s, m_*: base-2 scaled scores. Masked tiles may hold rows with no visible key so far.
+        # V is loaded here so that skip mode only reads the V tiles it uses (the software
+        # pipeliner prefetches it the same way in the unconditional path).
+        if MASKED:
+            v = tl.load(v_ptrs, mask=k_ok[:, None], other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+        m_new = tl.maximum(m_i, m_tile)
+        if MASKED:
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_ref = m_new
+        alpha = tl.exp2(m_i - m_ref)
+        p = tl.exp2(s - m_ref[:, None])
+        l_i = l_i * alpha + tl.reduce(p, 1, _SUM_COMBINE)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        return acc, l_i, m_new
+
+    @triton.jit
+    def _visit_tile(
+        acc, l_i, m_i, n_skip, q, k_base, v_base, kb, stride_kn, stride_vn,
+        q_pos, row_ok, kv_len, qk_scale, thr,
+        BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
+        MASKED: tl.constexpr, SKIP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        offs_n = tl.arange(0, BLOCK_N)
+        k_pos = kb * BLOCK_N + offs_n
+        k_rows = k_pos.to(tl.int64)
+        k_ptrs = k_base + k_rows[:, None] * stride_kn + tl.arange(0, HEAD_D)[None, :]
+        v_ptrs = v_base + k_rows[:, None] * stride_vn + tl.arange(0, HEAD_DV)[None, :]
+        k_ok = k_pos < kv_len
+        if MASKED:
+            k = tl.load(k_ptrs, mask=k_ok[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if MASKED:
+            visible = (k_pos[None, :] <= q_pos[:, None]) & k_ok[None, :]
+            s = tl.where(visible, s, float("-inf"))
+        m_tile = tl.reduce(s, 1, _MAX_COMBINE)
+        if SKIP:
+            # A row vetoes the skip when its tile max is within ln(λ) of its running max (or it
+            # has no running max yet). Rows past Lq and rows with no visible key do not vote.
+            veto = (m_tile - m_i >= thr) & (m_tile > float("-inf")) & row_ok
+            n_veto = tl.reduce(veto.to(tl.int32), 0, _SUM_COMBINE)
+            n_skip += (n_veto == 0).to(tl.int32)
+            if n_veto > 0:
+                acc, l_i, m_i = _online_update(acc, l_i, m_i, s, m_tile, v_ptrs, k_ok, MASKED, DOT_PRECISION)
+        else:
+            acc, l_i, m_i = _online_update(acc, l_i, m_i, s, m_tile, v_ptrs, k_ok, MASKED, DOT_PRECISION)
+        return acc, l_i, m_i, n_skip
+
+    @triton.jit
+    def _block_sparse_fwd_kernel(
+        Q, K, V, Out, Lse, M_in, L_in, Acc_in, M_out, L_out, Acc_out,
+        Idx, Cnt, NFull, Thr, Tiles,
+        stride_qb, stride_qh, stride_qm,
+        stride_kb, stride_kh, stride_kn,
+        stride_vb, stride_vh, stride_vn,
+        stride_ob, stride_oh, stride_om,
+        n_q_heads, group, q_len, kv_len, n_qblocks, max_kblocks, qk_scale,
+        HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        HAS_INIT: tl.constexpr, RETURN_STATE: tl.constexpr, WRITE_LSE: tl.constexpr,
+        SKIP: tl.constexpr, COUNT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        pid_bh = tl.program_id(0)
+        r = n_qblocks - 1 - tl.program_id(1)  # late query blocks see the most keys: start them first
+        b = (pid_bh // n_q_heads).to(tl.int64)
+        h = pid_bh % n_q_heads
+        hk = (h // group).to(tl.int64)
+
+        offs_m = r * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < q_len
+        q_pos = offs_m + (kv_len - q_len)
+        offs_d = tl.arange(0, HEAD_D)
+        offs_dv = tl.arange(0, HEAD_DV)
+
+        q_ptrs = Q + b * stride_qb + h.to(tl.int64) * stride_qh + offs_m.to(tl.int64)[:, None] * stride_qm
+        q = tl.load(q_ptrs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        k_base = K + b * stride_kb + hk * stride_kh
+        v_base = V + b * stride_vb + hk * stride_vh
+
+        lut = pid_bh.to(tl.int64) * n_qblocks + r
+        n_sel = tl.load(Cnt + lut)
+        n_full = tl.load(NFull + lut)
+        idx_row = Idx + lut * max_kblocks
+
+        state_rows = pid_bh.to(tl.int64) * q_len + offs_m
+        if HAS_INIT:
+            m_i = tl.load(M_in + state_rows, mask=row_ok, other=float("-inf")) * 1.4426950408889634
+            l_i = tl.load(L_in + state_rows, mask=row_ok, other=0.0)
+            acc = tl.load(
+                Acc_in + state_rows[:, None] * HEAD_DV + offs_dv[None, :], mask=row_ok[:, None], other=0.0
+            )
+        else:
+            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l_i = tl.full([BLOCK_M], 0.0, tl.float32)
+            acc = tl.full([BLOCK_M, HEAD_DV], 0.0, tl.float32)
+        if SKIP:
+            thr = tl.load(Thr + h)
+        else:
+            thr = 0.0
+        n_skip = tl.full([], 0, tl.int32)
+
+        # Key blocks entirely below the diagonal and inside Lk: no masks.
+        for j in range(0, n_full):
+            kb = tl.load(idx_row + j)
+            acc, l_i, m_i, n_skip = _visit_tile(
+                acc, l_i, m_i, n_skip, q, k_base, v_base, kb, stride_kn, stride_vn,
+                q_pos, row_ok, kv_len, qk_scale, thr,
+                BLOCK_N, HEAD_D, HEAD_DV, False, SKIP, DOT_PRECISION,
+            )  # fmt: skip
+        # Blocks straddling the diagonal or running past Lk (ascending lists put them last).
+        for j in range(n_full, n_sel):
+            kb = tl.load(idx_row + j)
+            acc, l_i, m_i, n_skip = _visit_tile(
+                acc, l_i, m_i, n_skip, q, k_base, v_base, kb, stride_kn, stride_vn,
+                q_pos, row_ok, kv_len, qk_scale, thr,
+                BLOCK_N, HEAD_D, HEAD_DV, True, SKIP, DOT_PRECISION,
+            )  # fmt: skip
+
+        if RETURN_STATE:
+            tl.store(M_out + state_rows, m_i * 0.6931471805599453, mask=row_ok)
+            tl.store(L_out + state_rows, l_i, mask=row_ok)
+            tl.store(Acc_out + state_rows[:, None] * HEAD_DV + offs_dv[None, :], acc, mask=row_ok[:, None])
+        else:
+            l_div = tl.where(l_i > 0.0, l_i, 1.0)
+            out = acc / l_div[:, None]
+            o_ptrs = Out + b * stride_ob + h.to(tl.int64) * stride_oh + offs_m.to(tl.int64)[:, None] * stride_om
+            tl.store(o_ptrs + offs_dv[None, :], out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+        if WRITE_LSE:
+            l_log = tl.where(l_i > 0.0, l_i, 1.0)
+            lse = tl.where(l_i > 0.0, m_i * 0.6931471805599453 + tl.log(l_log), float("-inf"))
+            tl.store(Lse + state_rows, lse, mask=row_ok)
+        if COUNT:
+            tl.store(Tiles + lut * 2, n_sel)
+            tl.store(Tiles + lut * 2 + 1, n_skip)
+
+    _KERNEL_INTERPRETED = is_interpreted(_block_sparse_fwd_kernel)
+else:
+    _KERNEL_INTERPRETED = False
+
+
+def _full_block_counts(selection: BlockSelection, counts: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Per (b, h, r): how many leading list entries need no mask (below the diagonal, inside Lk)."""
+    bq, bk = selection.block_q, selection.block_k
+    lq, lk = selection.q_len, selection.kv_len
+    n_qb = counts.shape[-1]
+    first_row_pos = torch.arange(n_qb, device=counts.device) * bq + (lk - lq)
+    # key block kb is mask-free iff its last key (kb+1)·bk−1 ≤ first query position and < Lk
+    limit = torch.div((first_row_pos + 1).clamp(max=lk), bk, rounding_mode="floor")
+    kmax = indices.shape[-1]
+    valid = torch.arange(kmax, device=counts.device) < counts.unsqueeze(-1)
+    full = valid & (indices < limit.view(1, 1, n_qb, 1))
+    # a leading run only: anything after the first masked entry takes the masked path
+    return full.to(torch.int32).cumprod(-1).sum(-1, dtype=torch.int32)
+
+
+def block_sparse_attention_triton(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    selection: BlockSelection,
+    scale: float | None = None,
+    return_lse: bool = False,
+    skip_threshold: float | torch.Tensor | None = None,
+    skip_convention: str = "raw",
+    init_state: Sequence[torch.Tensor] | None = None,
+    return_state: bool = False,
+    count_tiles: bool = False,
+    *,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+):
+    """Block-sparse causal attention forward over `selection`, in Triton.
+
+    query `[B, Hq, Lq, D]`, key/value `[B, Hkv, Lk, D]` (any B/H/L strides; GQA with `Hq` a
+    multiple of `Hkv`); D ∈ `ALLOWED_HEAD_DIMS`; blocks ∈ `ALLOWED_BLOCK_SIZES`; fp16, bf16 or
+    fp32 (CUDA, or CPU under `TRITON_INTERPRET=1`). Unsupported inputs raise ValueError (see
+    `unsupported_reason`), so callers can fall back to `reference.block_sparse_attention`.
+
+    * ``scale``: softmax scale σ (default ``1/sqrt(D)``).
+    * ``skip_threshold``: λ (float, or tensor of 1 or ``Hq`` per-head values) enables BLASST tile
+      skipping, with ``skip_convention`` ``"raw"`` (on ``q·k``) or ``"scaled"`` (on ``σ·q·k``).
+    * ``init_state=(m, l, acc)``: resume from a previous partial pass (see module docstring for
+      the domain: ``m`` on natural-log scaled scores; float32 ``[B,Hq,Lq]``, ``[B,Hq,Lq]``,
+      ``[B,Hq,Lq,Dv]``).
+
+    Returns ``out`` ``[B, Hq, Lq, Dv]`` in the input dtype — or, with ``return_state``, the
+    un-normalised ``(m, l, acc)`` in its place — followed, when requested, by the natural-log
+    ``lse`` ``[B, Hq, Lq]`` float32 (``return_lse``) and ``(visited_tiles, skipped_tiles)`` as 0-dim
+    int64 tensors (``count_tiles``). With no extra requested the bare primary result is returned.
+    Rows that see no key give 0 output and ``lse = -inf``.
+    """
+    reason = unsupported_reason(query, key, value, selection)
+    if reason is not None:
+        raise ValueError(f"block_sparse_attention_triton: {reason}")
+    b, hq, lq, d = query.shape
+    hkv, lk, dv = key.shape[1], key.shape[2], value.shape[-1]
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    bq, bk = selection.block_q, selection.block_k
+    n_qb = num_blocks(lq, bq)
+    device = query.device
+    state_in = None if init_state is None else _check_state(init_state, b, hq, lq, dv)
+    thr = None
+    if skip_threshold is not None:
+        thr = (_skip_threshold_nat(skip_threshold, skip_convention, scale, hq, device) * _LOG2E).contiguous()
+
+    out = None if return_state else torch.empty(b, hq, lq, dv, dtype=query.dtype, device=device)
+    lse = torch.empty(b, hq, lq, dtype=torch.float32, device=device) if return_lse else None
+    state_out = None
+    if return_state:
+        state_out = (
+            torch.empty(b, hq, lq, dtype=torch.float32, device=device),
+            torch.empty(b, hq, lq, dtype=torch.float32, device=device),
+            torch.empty(b, hq, lq, dv, dtype=torch.float32, device=device),
+        )
+    tiles = torch.zeros(b, hq, n_qb, 2, dtype=torch.int32, device=device) if count_tiles else None
+
+    if b * hq * n_qb > 0:
+        query = with_contiguous_last_dim(query)
+        key = with_contiguous_last_dim(key)
+        value = with_contiguous_last_dim(value)
+        indices = selection.indices.to(device=device, dtype=torch.int32).contiguous()
+        counts = selection.counts.to(device=device, dtype=torch.int32).contiguous()
+        n_full = _full_block_counts(selection, counts, indices).contiguous()
+        if state_in is not None:
+            state_in = tuple(t.to(device=device, dtype=torch.float32).contiguous() for t in state_in)
+        warps, stages = launch_config(d, bq, bk, query.dtype)
+        warps = num_warps or warps
+        stages = num_stages or stages
+        dummy = torch.empty(1, dtype=torch.float32, device=device)
+        o = out if out is not None else torch.empty(1, 1, 1, 1, dtype=query.dtype, device=device)
+        m_in, l_in, a_in = state_in if state_in is not None else (dummy, dummy, dummy)
+        m_out, l_out, a_out = state_out if state_out is not None else (dummy, dummy, dummy)
+        _block_sparse_fwd_kernel[(b * hq, n_qb)](
+            query, key, value, o, lse if lse is not None else dummy,
+            m_in, l_in, a_in, m_out, l_out, a_out,
+            indices, counts, n_full, thr if thr is not None else dummy,
+            tiles if tiles is not None else counts,
+            query.stride(0), query.stride(1), query.stride(2),
+            key.stride(0), key.stride(1), key.stride(2),
+            value.stride(0), value.stride(1), value.stride(2),
+            o.stride(0), o.stride(1), o.stride(2),
+            hq, hq // hkv, lq, lk, n_qb, indices.shape[-1], scale * _LOG2E,
+            HEAD_D=d, HEAD_DV=dv, BLOCK_M=bq, BLOCK_N=bk,
+            HAS_INIT=state_in is not None, RETURN_STATE=return_state, WRITE_LSE=return_lse,
+            SKIP=thr is not None, COUNT=count_tiles,
+            DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+            num_warps=warps, num_stages=stages,
+        )  # fmt: skip
+
+    tile_counts = None
+    if tiles is not None:
+        totals = tiles.sum(dim=(0, 1, 2), dtype=torch.int64)
+        tile_counts = (totals[0], totals[1])
+    primary = state_out if return_state else out
+    return _pack_results(primary, lse, tile_counts)

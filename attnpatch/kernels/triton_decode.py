@@ -1,0 +1,686 @@
+"""Split-KV (flash-decoding style) sparse decode attention in Triton: executes a `PageSelection`.
+
+One decode step: query ``[B, Hq, 1, D]`` against the selected pages of a Hugging Face
+`DynamicCache` layer, key/value ``[B, Hkv, L, D]`` (unit stride along D; any B/H/L strides, so a
+slice of a larger cache works in place).
+
+Layout of the work
+------------------
+
+* **GQA packing.** One program serves *all* ``G = Hq / Hkv`` query heads of a KV head: the G query
+  rows are stacked (zero-padded to ``BLOCK_G = max(16, next_pow2(G))`` for ``tl.dot``), so every
+  selected K/V tile is read once per KV head, not once per query head.
+* **Tiles.** A tile is ``TILE`` consecutive entries of the selected *token* list: ``TILE //
+  page_size`` consecutive entries of the (ascending) page list, gathered page by page (each page is
+  ``page_size`` contiguous cache rows). Default ``TILE = max(page_size, 64)`` so that every load is
+  at least 64 rows × D. Positions ``>= kv_len`` and list entries ``>= counts`` are masked.
+* **Split-KV.** Grid ``(B·Hkv, num_splits)``. A head with ``n`` tiles gives split ``s`` the tiles
+  ``[s·c, min((s+1)·c, n))`` with ``c = ceil(n / num_splits)`` (per-head balanced; trailing splits
+  of short lists are empty). Each split writes its partial ``(m, l, acc)`` (fp32) to a workspace and
+  a small merge kernel combines the splits by log-sum-exp. With one split the main kernel writes
+  the output directly and no merge runs. ``num_splits=None`` picks a count from the SM count and
+  the (host-known, padded) page-list width, so no device→host sync happens (see
+  `choose_num_splits`).
+
+Partial state, per query row, in base 2 (``s₂ = σ·q·k·log2 e``): ``m`` running max of ``s₂``,
+``l = Σ 2^(s₂ − m)``, ``acc = Σ 2^(s₂ − m)·v``; ``lse = (m + log2 l)·ln 2`` and ``out = acc / l``.
+
+Skip-threshold mode (BLASST, arXiv 2512.12087)
+----------------------------------------------
+
+With ``skip_threshold=λ`` (float, or a tensor of 1 or ``Hq`` per-head values) a tile is *skipped*
+— its V tile is not loaded, no exponentials, no P·V, no state update — when, for every one of the
+G query rows, ``tile_row_max − running_row_max < ln λ``. ``skip_convention="raw"`` takes the
+difference on raw ``q·k``, ``"scaled"`` on ``σ·q·k``. Rows that do not vote: padding rows (``g >=
+G``) and rows whose tile max is ``-inf`` (tile entirely masked; such a tile changes nothing). A row
+whose running max is ``-inf`` always vetoes (difference ``+inf``). The very first tile of a head's
+list (tile 0, usually the attention-sink page 0) is always visited, whatever λ.
+
+*Split-KV weakens skipping.* A sequential pass carries one running max over the whole list; a
+split only knows the max of its own prefix. Without seeding every split's first tile is always
+computed (running max ``-inf``) and later tiles of a split are compared with a smaller max, so
+fewer tiles are skipped the more splits there are. Mitigation (``seed_max=True``, the default in
+skip mode): a cheap up-front pass computes, per KV head, the row max of tile 0 (page 0 / sink
+pages — in LLMs usually where the row max lives) and every split starts its running max from it
+(``l = 0``, ``acc = 0``). Tile 0 is visited by split 0, so the seed never exceeds the final max
+and the arithmetic on the kept tiles stays exact (the seed only serves as the exponent reference,
+like any running max); seeding changes *which* tiles are skipped, nothing else. A seeded split's
+running max is still never larger than the sequential one at the same tile, so it skips at most
+what a sequential pass visiting the same tiles would. The seed pass loads one K tile per KV head;
+it is not included in the tile counters.
+
+``count_tiles=True`` appends ``(visited, skipped)`` as 0-dim int64 tensors: ``visited`` counts the
+tiles whose K was read (the selected list, in tiles; skipped tiles included), ``skipped`` those of
+them that skipped V/exp/P·V.
+
+`sparse_decode_attention_reference` is the PyTorch oracle of exactly these semantics (same tiles,
+split boundaries, seeding, skip rule); with ``skip_threshold=None`` the kernel equals
+`attnpatch.kernels.reference.paged_decode_attention`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from attnpatch.kernels.triton_utils import (
+    is_interpreted,
+    tensor_device_ok,
+    triton_available,
+    with_contiguous_last_dim,
+)
+from attnpatch.selection import PageSelection, num_blocks
+
+__all__ = [
+    "ALLOWED_HEAD_DIMS",
+    "ALLOWED_PAGE_SIZES",
+    "ALLOWED_TILE_SIZES",
+    "choose_num_splits",
+    "default_tile_size",
+    "resolve_num_splits",
+    "sparse_decode_attention",
+    "sparse_decode_attention_reference",
+    "unsupported_reason",
+]
+
+ALLOWED_HEAD_DIMS = (16, 32, 64, 128)  # 64 and 128 are the production sizes; 16/32 for small tests
+ALLOWED_PAGE_SIZES = (16, 32, 64, 128)
+ALLOWED_TILE_SIZES = (16, 32, 64, 128)  # tokens per tile; a multiple of the page size
+MIN_DEFAULT_TILE = 64  # default tile = max(page_size, 64): loads of >= 64 rows × D
+MAX_SPLITS = 64
+MIN_TILES_PER_SPLIT = 2
+CPU_NOMINAL_SMS = 4  # "SM count" used off-GPU (interpreter), where torch.cuda is not consulted
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_SKIP_CONVENTIONS = ("raw", "scaled")
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+
+# ----------------------------------------------------------------------------------------------
+# Host-side helpers shared by the kernel wrapper and the PyTorch reference
+# ----------------------------------------------------------------------------------------------
+
+
+def default_tile_size(page_size: int) -> int:
+    """Tokens per tile when none is given: ``max(page_size, 64)``."""
+    return max(int(page_size), MIN_DEFAULT_TILE)
+
+
+@functools.lru_cache(maxsize=16)
+def _cuda_sm_count(index: int) -> int:
+    return int(torch.cuda.get_device_properties(index).multi_processor_count)
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return CPU_NOMINAL_SMS
+
+
+def choose_num_splits(programs: int, max_tiles: int, sm_count: int) -> int:
+    """Splits per KV head so that ``programs · splits`` fills about two waves of ``sm_count`` SMs.
+
+    ``programs`` = B·Hkv, ``max_tiles`` = tiles of the longest possible page list. Each split keeps
+    at least `MIN_TILES_PER_SPLIT` tiles (fewer splits also weaken skipping less), at most
+    `MAX_SPLITS`. E.g. H200 (132 SMs), B=1, Hkv=8, 128 tiles (128K keys, 1/16 of the pages, tiles of
+    64) → 33 splits of ≤ 4 tiles; B·Hkv ≥ 264 → 1 split (no merge).
+    """
+    if programs <= 0 or max_tiles <= 1:
+        return 1
+    want = -(-2 * max(int(sm_count), 1) // programs)
+    cap = max(1, max_tiles // MIN_TILES_PER_SPLIT)
+    return max(1, min(want, cap, MAX_SPLITS))
+
+
+def resolve_num_splits(
+    selection: PageSelection, device: torch.device | str, num_splits: int | None = None, tile_size: int | None = None
+) -> int:
+    """The split count `sparse_decode_attention` uses for these arguments (no device sync)."""
+    if num_splits is not None:
+        if int(num_splits) < 1:
+            raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+        return int(num_splits)
+    tile = default_tile_size(selection.page_size) if tile_size is None else int(tile_size)
+    b, hkv, p = selection.indices.shape
+    max_tiles = num_blocks(p, max(tile // selection.page_size, 1))
+    return choose_num_splits(b * hkv, max_tiles, _sm_count(torch.device(device)))
+
+
+def unsupported_reason(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    selection: PageSelection,
+    tile_size: int | None = None,
+    need_kernel: bool = True,
+) -> str | None:
+    """Why these inputs cannot run (None when they can), so a caller may fall back to the reference."""
+    if need_kernel and not triton_available():
+        return "triton is not installed"
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+        return "query/key/value must be 4D [B, H, L, D]"
+    b, hq, one, d = query.shape
+    if one != 1:
+        return f"decode attention takes one query token, got {one}"
+    bk_, hkv, lk, dk = key.shape
+    if bk_ != b or tuple(value.shape[:3]) != (bk_, hkv, lk):
+        return f"key {tuple(key.shape)} / value {tuple(value.shape)} / query {tuple(query.shape)} disagree"
+    if dk != d:
+        return f"key head dim {dk} != query head dim {d}"
+    if d not in ALLOWED_HEAD_DIMS or value.shape[-1] not in ALLOWED_HEAD_DIMS:
+        return f"head dim {d} (value {value.shape[-1]}) not supported; allowed head dims: {ALLOWED_HEAD_DIMS}"
+    if hkv == 0 or hq % hkv:
+        return f"query heads ({hq}) must be a multiple of key/value heads ({hkv})"
+    if query.dtype not in _DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
+        return f"dtypes {query.dtype}/{key.dtype}/{value.dtype}: need one of {_DTYPES}, all equal"
+    if not (query.device == key.device == value.device == selection.indices.device == selection.counts.device):
+        return "query, key, value and selection must be on one device"
+    if need_kernel and not tensor_device_ok(query, _KERNEL_INTERPRETED):
+        return f"device {query.device} (need CUDA, or CPU with TRITON_INTERPRET=1 set before import)"
+    ps = selection.page_size
+    if ps not in ALLOWED_PAGE_SIZES:
+        return f"page size {ps} not supported; allowed page sizes: {ALLOWED_PAGE_SIZES}"
+    tile = default_tile_size(ps) if tile_size is None else tile_size
+    if tile not in ALLOWED_TILE_SIZES or tile % ps:
+        return f"tile size {tile} must be one of {ALLOWED_TILE_SIZES} and a multiple of the page size {ps}"
+    if selection.kv_len != lk:
+        return f"selection built for kv_len={selection.kv_len}; got {lk}"
+    if selection.indices.dim() != 3 or tuple(selection.indices.shape[:2]) != (b, hkv):
+        return f"selection indices {tuple(selection.indices.shape)} do not match [B={b}, Hkv={hkv}, P]"
+    if tuple(selection.counts.shape) != (b, hkv):
+        return f"selection counts {tuple(selection.counts.shape)} do not match [B={b}, Hkv={hkv}]"
+    return None
+
+
+def _check(query, key, value, selection, scale, skip_convention, tile_size, num_splits, need_kernel, name):
+    reason = unsupported_reason(query, key, value, selection, tile_size, need_kernel)
+    if reason is not None:
+        raise ValueError(f"{name}: {reason}")
+    if skip_convention not in _SKIP_CONVENTIONS:
+        raise ValueError(f"{name}: skip_convention must be one of {_SKIP_CONVENTIONS}, got {skip_convention!r}")
+    d = query.shape[-1]
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    tile = default_tile_size(selection.page_size) if tile_size is None else int(tile_size)
+    splits = resolve_num_splits(selection, query.device, num_splits, tile)
+    return scale, tile, splits
+
+
+def _skip_threshold_log2(
+    skip_threshold: float | torch.Tensor, skip_convention: str, scale: float, hq: int, device: torch.device
+) -> torch.Tensor:
+    """Per-query-head threshold ``[Hq]`` float32 on differences of base-2 scaled scores ``σ·q·k·log2 e``.
+
+    ``raw``: ``Δ(q·k) < ln λ`` ⇔ ``Δs₂ < ln λ · σ · log2 e``; ``scaled``: ``Δ(σ·q·k) < ln λ`` ⇔
+    ``Δs₂ < log2 λ``. ``λ <= 0`` gives ``-inf`` (never skip).
+    """
+    if scale <= 0:
+        raise ValueError(f"skip mode needs a positive scale, got {scale}")
+    factor = (scale if skip_convention == "raw" else 1.0) * _LOG2E
+    if isinstance(skip_threshold, torch.Tensor):
+        lam = skip_threshold.detach().to(device=device, dtype=torch.float32).reshape(-1)
+        if lam.numel() == 1:
+            lam = lam.expand(hq)
+        elif lam.numel() != hq:
+            raise ValueError(f"skip_threshold tensor must hold 1 or Hq={hq} values, got {lam.numel()}")
+        return (torch.log(lam.clamp(min=0.0)) * factor).contiguous()
+    lam = float(skip_threshold)
+    thr = math.log(lam) * factor if lam > 0 else float("-inf")
+    return torch.full((hq,), thr, dtype=torch.float32, device=device)
+
+
+def _pack(out, lse, tiles):
+    extras = []
+    if lse is not None:
+        extras.append(lse)
+    if tiles is not None:
+        extras.append(tiles)
+    return (out, *extras) if extras else out
+
+
+def _empty_result(query, value, return_lse, count_tiles):
+    b, hq, _, _ = query.shape
+    out = torch.zeros(b, hq, 1, value.shape[-1], dtype=query.dtype, device=query.device)
+    lse = torch.full((b, hq, 1), float("-inf"), dtype=torch.float32, device=query.device) if return_lse else None
+    zero = torch.zeros((), dtype=torch.int64, device=query.device)
+    return _pack(out, lse, (zero, zero.clone()) if count_tiles else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# PyTorch oracle of the tiled / split / skip semantics
+# ----------------------------------------------------------------------------------------------
+
+
+def sparse_decode_attention_reference(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    selection: PageSelection,
+    scale: float | None = None,
+    return_lse: bool = False,
+    skip_threshold: float | torch.Tensor | None = None,
+    skip_convention: str = "raw",
+    num_splits: int | None = None,
+    count_tiles: bool = False,
+    seed_max: bool = True,
+    tile_size: int | None = None,
+):
+    """PyTorch twin of `sparse_decode_attention`: same tiles, split boundaries, seeding and skip rule.
+
+    Vectorised over (B·Hkv, splits, G); loops over the tile position inside a split. fp32 math,
+    memory O(selected keys). Same arguments and results as the kernel wrapper (also on CPU
+    without triton).
+    """
+    scale, tile, splits = _check(
+        query, key, value, selection, scale, skip_convention, tile_size, num_splits, False,
+        "sparse_decode_attention_reference",
+    )  # fmt: skip
+    b, hq, _, d = query.shape
+    hkv, lk, dv = key.shape[1], key.shape[2], value.shape[-1]
+    p = selection.indices.shape[-1]
+    if b * hq == 0 or lk == 0 or p == 0:
+        return _empty_result(query, value, return_lse, count_tiles)
+    device = query.device
+    group, ps = hq // hkv, selection.page_size
+    ppt = tile // ps
+    bh = b * hkv
+    n_t = num_blocks(p, ppt)  # tile slots of the widest list
+    skip = skip_threshold is not None
+    thr = _skip_threshold_log2(skip_threshold, skip_convention, scale, hq, device).view(hkv, group) if skip else None
+    seeded = skip and seed_max
+
+    cnt = selection.counts.to(device=device, dtype=torch.int64).reshape(bh)
+    idx = selection.indices.to(device=device, dtype=torch.int64).reshape(bh, p)
+    idx = torch.cat([idx, idx.new_zeros(bh, n_t * ppt - p)], dim=1)
+    entry_ok = torch.arange(n_t * ppt, device=device) < cnt[:, None]  # [BH, T·ppt]
+    pos = torch.where(entry_ok, idx, 0)[..., None] * ps + torch.arange(ps, device=device)
+    ok = (entry_ok[..., None] & (pos < lk)).reshape(bh, n_t, tile)
+    pos = pos.clamp(max=lk - 1).reshape(bh, n_t, tile)
+    bi = torch.arange(b, device=device).repeat_interleave(hkv).view(bh, 1, 1)
+    hi = torch.arange(hkv, device=device).repeat(b).view(bh, 1, 1)
+    kg = key[bi, hi, pos].float()  # [BH, T, tile, D]
+    vg = value[bi, hi, pos].float()  # [BH, T, tile, Dv]
+    q = query.reshape(b, hq, d).reshape(bh, group, d).float()
+    s2 = torch.einsum("bgd,btnd->btgn", q, kg) * (scale * _LOG2E)  # base-2 scaled scores
+    s2 = s2.masked_fill(~ok[:, :, None, :], float("-inf"))  # [BH, T, G, tile]
+    m_tile = s2.amax(-1)  # [BH, T, G]
+
+    n_tiles = torch.div(cnt + ppt - 1, ppt, rounding_mode="floor")  # [BH]
+    per_split = torch.div(n_tiles + splits - 1, splits, rounding_mode="floor")
+    if seeded:
+        m = m_tile[:, 0, :].clone()[:, None, :].expand(bh, splits, group).clone()
+    else:
+        m = torch.full((bh, splits, group), float("-inf"), device=device)
+    denom = torch.zeros(bh, splits, group, device=device)
+    acc = torch.zeros(bh, splits, group, dv, device=device)
+    visited = torch.zeros((), dtype=torch.int64, device=device)
+    skipped = torch.zeros((), dtype=torch.int64, device=device)
+    ar = torch.arange(bh, device=device)[:, None]
+    thr_rows = thr.repeat(b, 1)[:, None, :] if skip else None  # [BH, 1, G]
+    split_ids = torch.arange(splits, device=device)[None, :]
+    for j in range(int(per_split.max().item()) if bh else 0):
+        t = split_ids * per_split[:, None] + j  # [BH, S] global tile index
+        active = (j < per_split[:, None]) & (t < n_tiles[:, None])
+        tc = t.clamp(max=n_t - 1)
+        st = s2[ar, tc]  # [BH, S, G, tile]
+        mt = m_tile[ar, tc]  # [BH, S, G]
+        do = active
+        if skip:
+            row_skip = ((mt - m) < thr_rows) | (mt == float("-inf"))
+            tile_skip = row_skip.all(-1) & (t != 0)
+            do = active & ~tile_skip
+            skipped += (active & tile_skip).sum()
+        visited += active.sum()
+        m_new = torch.maximum(m, mt)
+        m_ref = torch.where(m_new == float("-inf"), torch.zeros_like(m_new), m_new)
+        alpha = torch.exp2(m - m_ref)
+        pr = torch.exp2(st - m_ref[..., None])
+        l_new = denom * alpha + pr.sum(-1)
+        acc_new = acc * alpha[..., None] + torch.matmul(pr, vg[ar, tc])
+        sel = do[..., None]
+        m = torch.where(sel, m_new, m)
+        denom = torch.where(sel, l_new, denom)
+        acc = torch.where(sel[..., None], acc_new, acc)
+
+    # merge the splits by log-sum-exp (base 2)
+    mm = m.amax(1, keepdim=True)
+    mm_ref = torch.where(mm == float("-inf"), torch.zeros_like(mm), mm)
+    w = torch.exp2(m - mm_ref)
+    tot = (denom * w).sum(1)  # [BH, G]
+    num = (acc * w[..., None]).sum(1)
+    seen = tot > 0
+    safe = torch.where(seen, tot, torch.ones_like(tot))
+    out = (num / safe[..., None]).reshape(b, hq, 1, dv).to(query.dtype)
+    lse = None
+    if return_lse:
+        lse = torch.where(seen, (mm_ref[:, 0] + torch.log2(safe)) * _LN2, torch.full_like(tot, float("-inf")))
+        lse = lse.reshape(b, hq, 1)
+    return _pack(out, lse, (visited, skipped) if count_tiles else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    # Row reductions go through `tl.reduce` with these combine functions instead of `tl.max` /
+    # `tl.sum` (same code on the GPU): when triton was imported before TRITON_INTERPRET was set,
+    # the @jit library helpers of triton.language (`tl.max`, `tl.sum`, `tl.zeros`, ...) are
+    # compiled-only and cannot run under the interpreter, whereas builtins and `tl.reduce` are
+    # patched by it at call time. For the same reason `tl.full` is used instead of `tl.zeros`.
+    # The interpreter takes a NumPy fast path when the combine functions are the library's own.
+    @triton.jit
+    def _max_combine_fallback(a, b):
+        return tl.maximum(a, b)
+
+    @triton.jit
+    def _sum_combine_fallback(a, b):
+        return a + b
+
+    _max_combine = getattr(tl.standard, "_elementwise_max", _max_combine_fallback)
+    _sum_combine = getattr(tl.standard, "_sum_combine", _sum_combine_fallback)
+
+    @triton.jit
+    def _load_query_rows(Q, b, hk, stride_qb, stride_qh, group, BLOCK_G: tl.constexpr, HEAD_D: tl.constexpr):
+        offs_g = tl.arange(0, BLOCK_G)
+        heads = (hk * group + offs_g).to(tl.int64)
+        ptrs = Q + b * stride_qb + heads[:, None] * stride_qh + tl.arange(0, HEAD_D)[None, :]
+        return tl.load(ptrs, mask=(offs_g < group)[:, None], other=0.0)
+
+    @triton.jit
+    def _tile_scores(
+        q, k_base, idx_row, n_sel, t, stride_kn, kv_len, qk_scale,
+        PAGE: tl.constexpr, TILE: tl.constexpr, HEAD_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        # Cache positions of tile t (TILE // PAGE consecutive list entries), validity, and the
+        # base-2 scaled scores [BLOCK_G, TILE] (-inf where masked).
+        offs_n = tl.arange(0, TILE)
+        if TILE == PAGE:
+            page = tl.load(idx_row + t)
+            pos = page.to(tl.int64) * PAGE + offs_n
+            ok = pos < kv_len
+        else:
+            entry = t * (TILE // PAGE) + offs_n // PAGE
+            entry_ok = entry < n_sel
+            page = tl.load(idx_row + entry, mask=entry_ok, other=0)
+            pos = page.to(tl.int64) * PAGE + (offs_n % PAGE)
+            ok = entry_ok & (pos < kv_len)
+        k = tl.load(k_base + pos[:, None] * stride_kn + tl.arange(0, HEAD_D)[None, :], mask=ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        s = tl.where(ok[None, :], s, float("-inf"))
+        return s, pos, ok
+
+    @triton.jit
+    def _accumulate(acc, l_i, m_i, s, m_tile, v_base, pos, ok, stride_vn, HEAD_DV: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        # V is loaded here, so skipped tiles never read it.
+        v = tl.load(v_base + pos[:, None] * stride_vn + tl.arange(0, HEAD_DV)[None, :], mask=ok[:, None], other=0.0)
+        m_new = tl.maximum(m_i, m_tile)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+        alpha = tl.exp2(m_i - m_ref)
+        p = tl.exp2(s - m_ref[:, None])
+        l_i = l_i * alpha + tl.reduce(p, 1, _sum_combine)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        return acc, l_i, m_new
+
+    @triton.jit
+    def _decode_seed_kernel(
+        Q, K, Idx, Cnt, Seed,
+        stride_qb, stride_qh, stride_kb, stride_kh, stride_kn,
+        stride_ib, stride_ih, stride_cb, stride_ch,
+        n_kv_heads, group, kv_len, qk_scale,
+        PAGE: tl.constexpr, TILE: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_D: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        # Row max of tile 0 of each KV head's list: the running-max seed of every split.
+        pid_bh = tl.program_id(0)
+        b = (pid_bh // n_kv_heads).to(tl.int64)
+        hk = (pid_bh % n_kv_heads).to(tl.int64)
+        q = _load_query_rows(Q, b, hk, stride_qb, stride_qh, group, BLOCK_G, HEAD_D)
+        n_sel = tl.load(Cnt + b * stride_cb + hk * stride_ch)
+        idx_row = Idx + b * stride_ib + hk * stride_ih
+        k_base = K + b * stride_kb + hk * stride_kh
+        offs_g = tl.arange(0, BLOCK_G)
+        m0 = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        if n_sel > 0:
+            s, pos, ok = _tile_scores(
+                q, k_base, idx_row, n_sel, 0, stride_kn, kv_len, qk_scale, PAGE, TILE, HEAD_D, DOT_PRECISION
+            )
+            m0 = tl.reduce(s, 1, _max_combine)
+        tl.store(Seed + pid_bh * BLOCK_G + offs_g, m0)
+
+    @triton.jit
+    def _decode_split_kernel(
+        Q, K, V, Idx, Cnt, Seed, Thr, Mws, Lws, Accws, Out, Lse, Tiles,
+        stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+        stride_ib, stride_ih, stride_cb, stride_ch, stride_ob, stride_oh,
+        n_kv_heads, group, kv_len, num_splits, qk_scale,
+        PAGE: tl.constexpr, TILE: tl.constexpr, BLOCK_G: tl.constexpr,
+        HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
+        SKIP: tl.constexpr, SEEDED: tl.constexpr, DIRECT: tl.constexpr,
+        WRITE_LSE: tl.constexpr, COUNT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        pid_bh = tl.program_id(0)
+        split = tl.program_id(1)
+        b = (pid_bh // n_kv_heads).to(tl.int64)
+        hk = (pid_bh % n_kv_heads).to(tl.int64)
+        offs_g = tl.arange(0, BLOCK_G)
+        g_ok = offs_g < group
+        offs_dv = tl.arange(0, HEAD_DV)
+
+        q = _load_query_rows(Q, b, hk, stride_qb, stride_qh, group, BLOCK_G, HEAD_D)
+        k_base = K + b * stride_kb + hk * stride_kh
+        v_base = V + b * stride_vb + hk * stride_vh
+        idx_row = Idx + b * stride_ib + hk * stride_ih
+        n_sel = tl.load(Cnt + b * stride_cb + hk * stride_ch)
+        n_tiles = (n_sel + (TILE // PAGE) - 1) // (TILE // PAGE)
+        per_split = (n_tiles + num_splits - 1) // num_splits
+        t_begin = split * per_split
+        t_end = tl.minimum(t_begin + per_split, n_tiles)
+
+        if SEEDED:
+            m_i = tl.load(Seed + pid_bh * BLOCK_G + offs_g)
+        else:
+            m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_i = tl.full([BLOCK_G], 0.0, tl.float32)
+        acc = tl.full([BLOCK_G, HEAD_DV], 0.0, tl.float32)
+        if SKIP:
+            thr = tl.load(Thr + hk * group + offs_g, mask=g_ok, other=0.0)
+        n_skip = tl.full([], 0, tl.int32)
+
+        for t in range(t_begin, t_end):
+            s, pos, ok = _tile_scores(
+                q, k_base, idx_row, n_sel, t, stride_kn, kv_len, qk_scale, PAGE, TILE, HEAD_D, DOT_PRECISION
+            )
+            m_tile = tl.reduce(s, 1, _max_combine)
+            if SKIP:
+                row_skip = ((m_tile - m_i) < thr) | (m_tile == float("-inf")) | (offs_g >= group)
+                n_keep = tl.reduce((row_skip == 0).to(tl.int32), 0, _sum_combine)
+                visit = (n_keep > 0) | (t == 0)
+                n_skip += (visit == 0).to(tl.int32)
+                if visit:
+                    acc, l_i, m_i = _accumulate(
+                        acc, l_i, m_i, s, m_tile, v_base, pos, ok, stride_vn, HEAD_DV, DOT_PRECISION
+                    )
+            else:
+                acc, l_i, m_i = _accumulate(acc, l_i, m_i, s, m_tile, v_base, pos, ok, stride_vn, HEAD_DV, DOT_PRECISION)
+
+        rows = pid_bh.to(tl.int64) * group + offs_g  # = b·Hq + query head
+        if DIRECT:
+            seen = l_i > 0.0
+            l_safe = tl.where(seen, l_i, 1.0)
+            out = acc / l_safe[:, None]
+            heads = (hk * group + offs_g).to(tl.int64)
+            o_ptrs = Out + b * stride_ob + heads[:, None] * stride_oh + offs_dv[None, :]
+            tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=g_ok[:, None])
+            if WRITE_LSE:
+                lse = tl.where(seen, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+                tl.store(Lse + rows, lse, mask=g_ok)
+        else:
+            ws = rows * num_splits + split
+            tl.store(Mws + ws, m_i, mask=g_ok)
+            tl.store(Lws + ws, l_i, mask=g_ok)
+            tl.store(Accws + ws[:, None] * HEAD_DV + offs_dv[None, :], acc, mask=g_ok[:, None])
+        if COUNT:
+            slot = (pid_bh * num_splits + split).to(tl.int64) * 2
+            tl.store(Tiles + slot, tl.maximum(t_end - t_begin, 0))
+            tl.store(Tiles + slot + 1, n_skip)
+
+    @triton.jit
+    def _decode_merge_kernel(
+        Mws, Lws, Accws, Out, Lse, n_q_heads, num_splits, stride_ob, stride_oh,
+        BLOCK_S: tl.constexpr, HEAD_DV: tl.constexpr, WRITE_LSE: tl.constexpr,
+    ):  # fmt: skip
+        row = tl.program_id(0).to(tl.int64)  # b·Hq + query head
+        b = row // n_q_heads
+        h = row % n_q_heads
+        offs_s = tl.arange(0, BLOCK_S)
+        s_ok = offs_s < num_splits
+        offs_dv = tl.arange(0, HEAD_DV)
+        ws = row * num_splits + offs_s
+        m = tl.load(Mws + ws, mask=s_ok, other=float("-inf"))
+        den = tl.load(Lws + ws, mask=s_ok, other=0.0)
+        acc = tl.load(Accws + ws[:, None] * HEAD_DV + offs_dv[None, :], mask=s_ok[:, None], other=0.0)
+        m_max = tl.reduce(m, 0, _max_combine)
+        m_ref = tl.where(m_max == float("-inf"), 0.0, m_max)
+        w = tl.exp2(m - m_ref)  # -inf partials (empty splits) weigh 0
+        total = tl.reduce(den * w, 0, _sum_combine)
+        seen = total > 0.0
+        t_safe = tl.where(seen, total, 1.0)
+        out = tl.reduce(acc * w[:, None], 0, _sum_combine) / t_safe
+        tl.store(Out + b * stride_ob + h * stride_oh + offs_dv, out.to(Out.dtype.element_ty))
+        if WRITE_LSE:
+            tl.store(Lse + row, tl.where(seen, (m_ref + tl.log2(t_safe)) * 0.6931471805599453, float("-inf")))
+
+    _KERNEL_INTERPRETED = is_interpreted(_decode_split_kernel)
+else:
+    _KERNEL_INTERPRETED = False
+
+
+def _launch_config(tile: int, dv: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(num_warps, num_stages) of the split kernel; to be tuned on the GPU."""
+    stage_bytes = 2 * tile * dv * (4 if dtype == torch.float32 else 2)  # one K + one V tile
+    stages = 3 if stage_bytes <= 32 * 1024 else 2
+    return 4, stages
+
+
+def _selection_tensor(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # int32 with unit stride along the page list; expanded (stride-0) batch/head dims stay views.
+    t = t.to(device=device, dtype=torch.int32)
+    if t.dim() == 3 and t.shape[-1] > 1 and t.stride(-1) != 1:
+        t = t.contiguous()
+    return t
+
+
+def sparse_decode_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    selection: PageSelection,
+    scale: float | None = None,
+    return_lse: bool = False,
+    skip_threshold: float | torch.Tensor | None = None,
+    skip_convention: str = "raw",
+    num_splits: int | None = None,
+    count_tiles: bool = False,
+    seed_max: bool = True,
+    tile_size: int | None = None,
+):
+    """Single-token attention over the selected pages of each KV head (split-KV, GQA-packed).
+
+    query ``[B, Hq, 1, D]``; key/value ``[B, Hkv, L, D]`` (unit stride along D, any other strides);
+    ``Hq`` a multiple of ``Hkv``; D ∈ `ALLOWED_HEAD_DIMS`; ``selection.page_size`` ∈
+    `ALLOWED_PAGE_SIZES`; fp16, bf16 or fp32 (CUDA, or CPU under ``TRITON_INTERPRET=1``).
+    Unsupported inputs raise ValueError naming what is allowed (see `unsupported_reason`).
+
+    * ``scale``: softmax scale σ (default ``1/sqrt(D)``).
+    * ``skip_threshold``: λ (float, or tensor of 1 or ``Hq`` values) enables BLASST tile skipping,
+      ``skip_convention`` ``"raw"`` (on ``q·k``) or ``"scaled"`` (on ``σ·q·k``); ``seed_max``
+      seeds each split's running max with the row max of tile 0 (module docstring).
+    * ``num_splits``: splits per KV head (None: `resolve_num_splits`); ``tile_size``: tokens per
+      tile, a multiple of the page size in `ALLOWED_TILE_SIZES` (None: ``max(page_size, 64)``).
+
+    Returns ``out`` ``[B, Hq, 1, Dv]`` in the input dtype, then when requested the natural-log
+    ``lse`` ``[B, Hq, 1]`` float32 and ``(visited_tiles, skipped_tiles)`` 0-dim int64 tensors.
+    A head with no selected key gives 0 output and ``lse = -inf``.
+    """
+    scale, tile, splits = _check(
+        query, key, value, selection, scale, skip_convention, tile_size, num_splits, True, "sparse_decode_attention"
+    )
+    b, hq, _, d = query.shape
+    hkv, lk, dv = key.shape[1], key.shape[2], value.shape[-1]
+    if b * hq == 0 or lk == 0 or selection.indices.shape[-1] == 0:
+        return _empty_result(query, value, return_lse, count_tiles)
+    device = query.device
+    group = hq // hkv
+    block_g = max(16, triton.next_power_of_2(group))
+    skip = skip_threshold is not None
+    seeded = skip and seed_max
+    direct = splits == 1
+
+    query = with_contiguous_last_dim(query)
+    key = with_contiguous_last_dim(key)
+    value = with_contiguous_last_dim(value)
+    indices = _selection_tensor(selection.indices, device)
+    counts = _selection_tensor(selection.counts, device)
+    thr = _skip_threshold_log2(skip_threshold, skip_convention, scale, hq, device) if skip else None
+
+    out = torch.empty(b, hq, 1, dv, dtype=query.dtype, device=device)
+    lse = torch.empty(b, hq, 1, dtype=torch.float32, device=device) if return_lse else None
+    dummy = torch.empty(1, dtype=torch.float32, device=device)
+    if direct:
+        m_ws = l_ws = acc_ws = dummy
+    else:
+        m_ws = torch.empty(b * hq * splits, dtype=torch.float32, device=device)
+        l_ws = torch.empty_like(m_ws)
+        acc_ws = torch.empty(b * hq * splits * dv, dtype=torch.float32, device=device)
+    tiles = torch.empty(b * hkv * splits * 2, dtype=torch.int32, device=device) if count_tiles else None
+    precision = "ieee" if query.dtype == torch.float32 else "tf32"
+    qk_scale = scale * _LOG2E
+    idx_strides = (indices.stride(0), indices.stride(1))
+    cnt_strides = (counts.stride(0), counts.stride(1))
+
+    seed = None
+    if seeded:
+        seed = torch.empty(b * hkv * block_g, dtype=torch.float32, device=device)
+        _decode_seed_kernel[(b * hkv,)](
+            query, key, indices, counts, seed,
+            query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
+            *idx_strides, *cnt_strides,
+            hkv, group, lk, qk_scale,
+            PAGE=selection.page_size, TILE=tile, BLOCK_G=block_g, HEAD_D=d, DOT_PRECISION=precision,
+            num_warps=4, num_stages=1,
+        )  # fmt: skip
+
+    warps, stages = _launch_config(tile, dv, query.dtype)
+    _decode_split_kernel[(b * hkv, splits)](
+        query, key, value, indices, counts,
+        seed if seed is not None else dummy, thr if thr is not None else dummy,
+        m_ws, l_ws, acc_ws, out, lse if lse is not None else dummy,
+        tiles if tiles is not None else counts,
+        query.stride(0), query.stride(1),
+        key.stride(0), key.stride(1), key.stride(2),
+        value.stride(0), value.stride(1), value.stride(2),
+        *idx_strides, *cnt_strides, out.stride(0), out.stride(1),
+        hkv, group, lk, splits, qk_scale,
+        PAGE=selection.page_size, TILE=tile, BLOCK_G=block_g, HEAD_D=d, HEAD_DV=dv,
+        SKIP=skip, SEEDED=seeded, DIRECT=direct, WRITE_LSE=return_lse, COUNT=count_tiles,
+        DOT_PRECISION=precision, num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    if not direct:
+        _decode_merge_kernel[(b * hq,)](
+            m_ws, l_ws, acc_ws, out, lse if lse is not None else dummy,
+            hq, splits, out.stride(0), out.stride(1),
+            BLOCK_S=max(2, triton.next_power_of_2(splits)), HEAD_DV=dv, WRITE_LSE=return_lse,
+            num_warps=4 if dv >= 128 else 2,
+        )  # fmt: skip
+
+    tile_counts = None
+    if tiles is not None:
+        totals = tiles.view(-1, 2).sum(0, dtype=torch.int64)
+        tile_counts = (totals[0], totals[1])
+    return _pack(out, lse, tile_counts)

@@ -1,0 +1,43 @@
+"""Small helpers shared by the Triton kernels: availability checks that never import-fail."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
+    """True when `triton` (and `triton.language`) can be imported."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # ImportError, or a broken install failing at import time
+        return False
+    return True
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton's CPU interpreter is requested (`TRITON_INTERPRET=1`).
+
+    Triton reads the variable when a kernel is decorated, so it must be set before the kernel
+    module is imported for kernels to actually run on CPU tensors.
+    """
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def is_interpreted(kernel) -> bool:
+    """Whether a `@triton.jit` object was decorated under the interpreter (runs on CPU tensors)."""
+    return type(kernel).__name__ == "InterpretedFunction"
+
+
+def tensor_device_ok(t: torch.Tensor, interpreted: bool) -> bool:
+    """Whether a Triton kernel can read `t`: a CUDA tensor, or a CPU tensor for an interpreted kernel."""
+    return t.is_cuda or (t.device.type == "cpu" and interpreted)
+
+
+def with_contiguous_last_dim(t: torch.Tensor) -> torch.Tensor:
+    """`t` itself when its last dimension has unit stride, else a contiguous copy."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
