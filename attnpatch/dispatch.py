@@ -70,8 +70,10 @@ def make_attention_function(state: PatchState) -> Callable:
             if pages is None:
                 return dense()
             key_mask = None if attention_mask is None else attention_mask[:, 0, -1, :]
-            out = state.executors.decode(query, key, value, pages, scale=scale, key_mask=key_mask,
-                                         tile_counts=stats.tile_counter("decode", query.device))
+            out, why = state.executors.decode(query, key, value, pages, scale=scale, key_mask=key_mask,
+                                              tile_counts=stats.tile_counter("decode", query.device))
+            if why is not None:
+                stats.executor_fallbacks[f"decode: {why}"] += 1
             return out.transpose(1, 2).contiguous(), None
         stats.prefill_calls += 1
         method = plan.prefill
@@ -88,7 +90,10 @@ def make_attention_function(state: PatchState) -> Callable:
             stats.add_dense(b, hq, lq, lk, block, selection.reason)
             return dense()
         counter = stats.tile_counter("prefill", query.device) if selection.skip is not None else None
-        out = state.executors.prefill(query, key, value, selection, scale=scale, mask=attention_mask, tile_counts=counter)
+        out, why = state.executors.prefill(query, key, value, selection, scale=scale, mask=attention_mask,
+                                           tile_counts=counter)
+        if why is not None:
+            stats.executor_fallbacks[f"prefill: {why}"] += 1
         stats.add_selection(selection)
         return out.transpose(1, 2).contiguous(), None
 

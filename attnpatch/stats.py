@@ -22,6 +22,7 @@ class LayerStats:
     prefill_calls: int = 0
     decode_calls: int = 0
     dense_fallbacks: Counter = field(default_factory=Counter)
+    executor_fallbacks: Counter = field(default_factory=Counter)  # fast backend declined → reference, and why
     notes: list[str] = field(default_factory=list)
     max_decode_keys: int = 0
     prefill_tiles: torch.Tensor = field(default_factory=lambda: torch.zeros(2, dtype=torch.int64))  # visited, skipped
@@ -73,6 +74,7 @@ class LayerStats:
             "kept_blocks": None if self._kept is None else int(self._kept.sum()),
             "total_blocks": None if self._total is None else int(self._total.sum()),
             "dense_fallbacks": dict(self.dense_fallbacks),
+            "executor_fallbacks": dict(self.executor_fallbacks),
             "max_decode_keys": self.max_decode_keys,
             "skipped_tiles": ps,
             "visited_tiles": pv,

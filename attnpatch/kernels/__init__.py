@@ -1,26 +1,117 @@
-"""Executors: compute attention over a selection. They know nothing of methods."""
+"""Executors: compute attention over a selection. They know nothing of methods.
+
+Backends: "reference" (exact PyTorch, any device), "triton" (GPU kernels), "flex" (FlexAttention
+on the same block selection, prefill only), "auto" (triton on CUDA when it supports the inputs,
+else reference). A backend that cannot take an input falls back to the reference and says why.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from attnpatch.kernels.reference import block_sparse_attention, paged_decode_attention
+import torch
 
-BACKENDS = ("auto", "reference")
+from attnpatch.kernels.reference import block_sparse_attention, paged_decode_attention
+from attnpatch.selection import BlockSelection, PageSelection
+
+BACKENDS = ("auto", "reference", "triton", "flex")
+
+
+def _skip_lambda(selection) -> float | torch.Tensor | None:
+    """The kernels take λ (scaled convention); the selection carries ln λ."""
+    if selection.skip is None:
+        return None
+    thr = selection.skip.log_threshold
+    return thr.exp() if isinstance(thr, torch.Tensor) else math.exp(thr)
+
+
+def _triton_prefill(query, key, value, selection: BlockSelection, scale, mask, tile_counts):
+    from attnpatch.kernels.triton_block_sparse import block_sparse_attention_triton, unsupported_reason
+
+    if mask is not None:
+        return None, "triton prefill kernel takes no attention mask (padded batch)"
+    reason = unsupported_reason(query, key, value, selection)
+    if reason is not None:
+        return None, reason
+    lam = _skip_lambda(selection)
+    if lam is None:
+        out = block_sparse_attention_triton(query, key, value, selection, scale=scale, count_tiles=tile_counts is not None)
+    else:
+        out = block_sparse_attention_triton(query, key, value, selection, scale=scale, skip_threshold=lam,
+                                            skip_convention="scaled", count_tiles=tile_counts is not None)
+    if tile_counts is not None:
+        out, (visited, skipped) = out
+        tile_counts += torch.stack([visited, skipped]).to(tile_counts)
+    return out, None
+
+
+def _flex_prefill(query, key, value, selection: BlockSelection, scale, mask, tile_counts):
+    from attnpatch.kernels.flex import flex_block_sparse_attention
+
+    if selection.skip is not None:
+        return None, "FlexAttention has no skip-threshold mode"
+    try:
+        out = flex_block_sparse_attention(query, key, value, selection, scale=scale, mask=mask,
+                                          compile=query.is_cuda)
+    except ValueError as e:
+        return None, str(e)
+    if tile_counts is not None:
+        tile_counts[0] += selection.counts.sum()
+    return out, None
+
+
+def _triton_decode(query, key, value, selection: PageSelection, scale, key_mask, tile_counts):
+    from attnpatch.kernels.triton_decode import sparse_decode_attention, unsupported_reason
+
+    if key_mask is not None:
+        return None, "triton decode kernel takes no key mask (padded batch or sliding window)"
+    reason = unsupported_reason(query, key, value, selection)
+    if reason is not None:
+        return None, reason
+    lam = _skip_lambda(selection)
+    kw = {} if lam is None else {"skip_threshold": lam, "skip_convention": "scaled"}
+    out = sparse_decode_attention(query, key, value, selection, scale=scale, count_tiles=tile_counts is not None, **kw)
+    if tile_counts is not None:
+        out, (visited, skipped) = out
+        tile_counts += torch.stack([visited, skipped]).to(tile_counts)
+    return out, None
 
 
 @dataclass(frozen=True)
 class Executors:
-    """The executor pair a patch uses: block-sparse prefill and paged decode."""
+    """The executor pair a patch uses. Each call returns `(output, fallback reason or None)`."""
 
     name: str
-    prefill: Callable
-    decode: Callable
+
+    def prefill(self, query, key, value, selection: BlockSelection, scale: float, mask=None, tile_counts=None):
+        fast: Callable | None = None
+        if self.name == "flex":
+            fast = _flex_prefill
+        elif self.name == "triton" or (self.name == "auto" and query.is_cuda):
+            fast = _triton_prefill
+        reason = None
+        if fast is not None:
+            out, reason = fast(query, key, value, selection, scale, mask, tile_counts)
+            if out is not None:
+                return out, None
+        out = block_sparse_attention(query, key, value, selection, scale=scale, mask=mask, tile_counts=tile_counts)
+        return out, reason
+
+    def decode(self, query, key, value, selection: PageSelection, scale: float, key_mask=None, tile_counts=None):
+        reason = None
+        if self.name == "triton" or (self.name in ("auto", "flex") and query.is_cuda):
+            out, reason = _triton_decode(query, key, value, selection, scale, key_mask, tile_counts)
+            if out is not None:
+                return out, None
+        out = paged_decode_attention(query, key, value, selection, scale=scale, key_mask=key_mask,
+                                     tile_counts=tile_counts)
+        return out, reason
 
 
 def get_executors(backend: str = "auto") -> Executors:
     """Resolve a backend name; ValueError names the allowed ones."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; allowed: {', '.join(BACKENDS)}")
-    return Executors("reference", block_sparse_attention, paged_decode_attention)
+    return Executors(backend)

@@ -45,10 +45,13 @@ causally visible positions (streamed in row chunks, no Lq×Lk temporary); any ot
 a mask whose fully padded rows were "unmasked" for SDPA, raises ValueError so the caller can fall
 back to the reference executor.
 
-Log-sum-exp: the public `flex_attention` returns the natural-log LSE in every torch version that has
-`return_lse` (the kernels work in base 2 and flex multiplies by ln 2 before returning; the eager path
-divides its natural-log LSE by ln 2 first so the conversion is uniform). The tests check it against
-the reference numerically. Rows that see no key get output 0 and LSE `-inf` from flex itself (eager:
+Log-sum-exp: the public `flex_attention` returns the natural-log LSE, so no conversion is done here
+(torch 2.13 source: the Triton kernel stores base-2 LSE and the public function multiplies by ln 2
+unless the FLASH backend, which is natural-log already, ran; the eager path divides its natural-log
+LSE by ln 2 first so that conversion is uniform). The LSE is requested through
+`return_aux=AuxRequest(lse=True)` where available (`return_lse` is deprecated), else `return_lse`.
+The tests check it against the reference numerically (eager); on the torch 2.11 GPU build a
+numerical check against the reference is still needed. Rows that see no key get output 0 and LSE `-inf` from flex itself (eager:
 safe softmax; Triton: `l_i` of masked rows set to 1 over an all-zero accumulator), as in the reference.
 
 Eager (`compile=False`) flex evaluates `mask_mod` densely over all Lq×Lk positions and ignores the
@@ -276,8 +279,9 @@ def flex_block_sparse_attention(
 
     `compile=True` runs `torch.compile(flex_attention, dynamic=False)` (cached per process; one
     compilation per shape signature). `compile=False` runs eager flex, which materialises the
-    Lq×Lk scores: tests and tiny inputs only. On CPU, compiled flex supports neither `return_lse`
-    nor autograd (torch limitation); use `compile=False` there.
+    Lq×Lk scores: tests and tiny inputs only. On CPU flex has no backward at all and compiled
+    flex no `return_lse` (torch limitations); use `compile=False` there for the LSE. When gradients
+    are requested (GPU) the BlockMask also carries the Q-side lists the backward reads.
     """
     b, hq, lq, d = query.shape
     hkv, lk = key.shape[1], key.shape[2]
@@ -290,6 +294,8 @@ def flex_block_sparse_attention(
     sb, sh = selection.counts.shape[:2]
     if sb != b or sh != hq:
         raise ValueError(f"selection has batch×heads {sb}×{sh}, query has {b}×{hq}")
+    if getattr(selection, "skip", None) is not None:
+        raise ValueError("FlexAttention has no skip-threshold (BLASST) mode; use the reference executor")
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     key_valid = padding_key_validity(mask, lq, lk, check=check_mask) if mask is not None else None
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
