@@ -166,6 +166,17 @@ def test_matches_reference(b, hq, hkv, lq, lk, d, bq, bk, dtype):
     _close_lse(lse, ref_lse)
 
 
+@pytest.mark.parametrize(("sub_m", "sub_n"), [(64, 64), (64, 128), (128, 64), (32, 32)])
+def test_sub_tiles_match_reference(sub_m, sub_n):
+    """A 128×128 selection block run as smaller kernel tiles computes the same attention."""
+    q, k, v = _qkv(1, 4, 2, 200, 300, 64, torch.float16, seed=11)
+    sel = _selection(1, 4, 200, 300, 128, 128, density=[0.9, 0.5, 0.25, 0.0], seed=5)
+    out, lse = block_sparse_attention_triton(q, k, v, sel, return_lse=True, sub_m=sub_m, sub_n=sub_n)
+    ref_out, ref_lse = block_sparse_attention(q, k, v, sel, return_lse=True)
+    _close(out, ref_out, ATOL[torch.float16])
+    _close_lse(lse, ref_lse)
+
+
 def test_strided_inputs_and_custom_scale():
     q, k, v = _qkv(1, 4, 2, 130, 190, 64, torch.float16, seed=3, layout="blhd")
     assert not q.is_contiguous() and not k.is_contiguous()

@@ -31,10 +31,13 @@ def _qkv(b, hq, hkv, lq, lk, d, dtype, seed=0):
     return q, k, v
 
 
-def cases():
+DTYPES = (torch.bfloat16, torch.float16)
+
+
+def block_sparse_cases():
     from attnpatch.kernels.triton_block_sparse import block_sparse_attention_triton
 
-    for dtype in (torch.bfloat16, torch.float16):
+    for dtype in DTYPES:
         for d, block, (lq, lk) in ((128, 128, (3000, 3000)), (64, 64, (1500, 2100)), (128, 64, (777, 777))):
             q, k, v = _qkv(2, 8, 2, lq, lk, d, dtype)
             for density in (1.0, 0.3):
@@ -49,6 +52,12 @@ def cases():
                 ref = reference.block_sparse_attention(q.float(), k.float(), v.float(), sel)
                 out = block_sparse_attention_triton(q, k, v, sel)
                 yield f"block-sparse {dtype} D={d} blk={block} {lq}x{lk} dens={density}", rel(out, ref), TOL[dtype]
+
+
+def skip_cases():
+    from attnpatch.kernels.triton_block_sparse import block_sparse_attention_triton
+
+    for dtype in DTYPES:
         # skip mode: the kernel's own tiled oracle decides the same tiles on the same inputs
         from attnpatch.kernels.triton_block_sparse import block_sparse_attention_tiled_reference
 
@@ -66,9 +75,13 @@ def cases():
         ref = reference.block_sparse_attention(q.float(), k.float(), v.float(), rsel)
         out = block_sparse_attention_triton(q, k, v, sel, skip_threshold=1e-2, skip_convention="scaled")
         yield f"skip {dtype} kernel vs reference executor", rel(out, ref), 5 * TOL[dtype]
-        try:
-            from attnpatch.kernels.triton_gather import token_gather_attention_triton
 
+
+def gather_cases():
+    from attnpatch.kernels.triton_gather import token_gather_attention_triton
+
+    for dtype in DTYPES:
+        if True:
             q, k, v = _qkv(1, 8, 2, 1000, 3000, 128, dtype, seed=4)
             r = num_blocks(1000, 64)
             pos = torch.randperm(3000, device="cuda")[:640].sort().values.to(torch.int32)
@@ -76,28 +89,30 @@ def cases():
                                  64, 1000, 3000)
             ref = reference.token_gather_attention(q.float(), k.float(), v.float(), sel)
             yield f"token-gather {dtype}", rel(token_gather_attention_triton(q, k, v, sel), ref), TOL[dtype]
-        except ImportError:
-            pass
-        try:
-            from attnpatch.kernels.triton_decode import sparse_decode_attention
 
+
+def decode_cases():
+    from attnpatch.kernels.triton_decode import sparse_decode_attention
+
+    for dtype in DTYPES:
+        if True:
             for d in (64, 128):
                 q, k, v = _qkv(3, 32, 8, 1, 50_000, d, dtype, seed=5)
                 for frac in (1.0, 1 / 16):
                     sel = random_page_selection(3, 8, 50_000, 64, frac, device="cuda")
                     ref = reference.paged_decode_attention(q.float(), k.float(), v.float(), sel)
                     yield f"decode {dtype} D={d} frac={frac:.3f}", rel(sparse_decode_attention(q, k, v, sel), ref), TOL[dtype]
-        except ImportError:
-            pass
-        try:
-            from attnpatch.kernels.flex import flex_block_sparse_attention
 
+
+def flex_cases():
+    from attnpatch.kernels.flex import flex_block_sparse_attention
+
+    for dtype in DTYPES:
+        if True:
             q, k, v = _qkv(1, 8, 2, 4096, 4096, 128, dtype, seed=6)
             sel = random_block_selection(1, 8, 4096, 128, 0.2, device="cuda")
             ref = reference.block_sparse_attention(q.float(), k.float(), v.float(), sel)
             yield f"flex {dtype}", rel(flex_block_sparse_attention(q, k, v, sel), ref), TOL[dtype]
-        except ImportError:
-            pass
 
 
 def model_case():
@@ -122,10 +137,15 @@ def main() -> int:
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
     bad = 0
-    for name, err, tol in (*cases(), *model_case()):
-        ok = err <= tol
-        bad += not ok
-        print(f"{'ok ' if ok else 'BAD'} {err:.2e} (tol {tol:.0e})  {name}", flush=True)
+    for group in (block_sparse_cases, skip_cases, gather_cases, decode_cases, flex_cases, model_case):
+        try:
+            for name, err, tol in group():
+                ok = err <= tol
+                bad += not ok
+                print(f"{'ok ' if ok else 'BAD'} {err:.2e} (tol {tol:.0e})  {name}", flush=True)
+        except Exception as e:  # noqa: BLE001  (report and go on with the other kernels)
+            bad += 1
+            print(f"ERR {group.__name__}: {type(e).__name__}: {str(e)[:400]}", flush=True)
     print(f"{bad} failing case(s)")
     return 1 if bad else 0
 

@@ -72,12 +72,23 @@ _LAUNCH_CONFIGS: dict[int, dict[tuple[int, int], tuple[int, int]]] = {
 }
 
 
+# Sub-tiles (rows per program, keys per inner step) for a selection's (block_q, block_k), keyed by
+# head dim. A 128×128 selection block runs as SUB_M×SUB_N kernel tiles. Skip mode and tile counting
+# always use whole blocks (the BLASST tile is the selection block).
+_SUB_TILES: dict[int, dict[tuple[int, int], tuple[int, int]]] = {}
+
+
 def launch_config(head_dim: int, block_q: int, block_k: int, dtype: torch.dtype = torch.float16) -> tuple[int, int]:
     """`(num_warps, num_stages)` for a head dim, tile and input dtype (no autotuning)."""
     warps, stages = _LAUNCH_CONFIGS.get(head_dim, {}).get((block_q, block_k), (4, 2))
     if dtype == torch.float32:  # fp32 tiles are twice the size: no software pipelining
         stages = 1
     return warps, stages
+
+
+def sub_tiles(head_dim: int, block_q: int, block_k: int) -> tuple[int, int]:
+    """`(SUB_M, SUB_N)` kernel tile for a selection block (whole block unless tuned otherwise)."""
+    return _SUB_TILES.get(head_dim, {}).get((block_q, block_k), (block_q, block_k))
 
 
 def unsupported_reason(
@@ -377,14 +388,20 @@ if triton_available():
         HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         HAS_INIT: tl.constexpr, RETURN_STATE: tl.constexpr, WRITE_LSE: tl.constexpr,
         SKIP: tl.constexpr, COUNT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        SUB_M: tl.constexpr, SUB_N: tl.constexpr,
     ):  # fmt: skip
+        # A program covers SUB_M rows of a BLOCK_M query block (its selection row is shared) and
+        # walks each selected BLOCK_N key block in SUB_N-key steps: smaller tiles, same selection.
         pid_bh = tl.program_id(0)
-        r = n_qblocks - 1 - tl.program_id(1)  # late query blocks see the most keys: start them first
+        n_msub: tl.constexpr = BLOCK_M // SUB_M
+        n_nsub: tl.constexpr = BLOCK_N // SUB_N
+        pid_m = n_qblocks * n_msub - 1 - tl.program_id(1)  # late query rows see the most keys: start first
+        r = pid_m // n_msub
         b = (pid_bh // n_q_heads).to(tl.int64)
         h = pid_bh % n_q_heads
         hk = (h // group).to(tl.int64)
 
-        offs_m = r * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_m = pid_m * SUB_M + tl.arange(0, SUB_M)
         row_ok = offs_m < q_len
         q_pos = offs_m + (kv_len - q_len)
         offs_d = tl.arange(0, HEAD_D)
@@ -408,9 +425,9 @@ if triton_available():
                 Acc_in + state_rows[:, None] * HEAD_DV + offs_dv[None, :], mask=row_ok[:, None], other=0.0
             )
         else:
-            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-            l_i = tl.full([BLOCK_M], 0.0, tl.float32)
-            acc = tl.full([BLOCK_M, HEAD_DV], 0.0, tl.float32)
+            m_i = tl.full([SUB_M], float("-inf"), tl.float32)
+            l_i = tl.full([SUB_M], 0.0, tl.float32)
+            acc = tl.full([SUB_M, HEAD_DV], 0.0, tl.float32)
         if SKIP:
             thr = tl.load(Thr + h)
         else:
@@ -420,19 +437,21 @@ if triton_available():
         # Key blocks entirely below the diagonal and inside Lk: no masks.
         for j in range(0, n_full):
             kb = tl.load(idx_row + j)
-            acc, l_i, m_i, n_skip = _visit_tile(
-                acc, l_i, m_i, n_skip, q, k_base, v_base, kb, stride_kn, stride_vn,
-                q_pos, row_ok, kv_len, qk_scale, thr,
-                BLOCK_N, HEAD_D, HEAD_DV, False, SKIP, DOT_PRECISION,
-            )  # fmt: skip
+            for sub in tl.static_range(n_nsub):
+                acc, l_i, m_i, n_skip = _visit_tile(
+                    acc, l_i, m_i, n_skip, q, k_base, v_base, kb * n_nsub + sub, stride_kn, stride_vn,
+                    q_pos, row_ok, kv_len, qk_scale, thr,
+                    SUB_N, HEAD_D, HEAD_DV, False, SKIP, DOT_PRECISION,
+                )  # fmt: skip
         # Blocks straddling the diagonal or running past Lk (ascending lists put them last).
         for j in range(n_full, n_sel):
             kb = tl.load(idx_row + j)
-            acc, l_i, m_i, n_skip = _visit_tile(
-                acc, l_i, m_i, n_skip, q, k_base, v_base, kb, stride_kn, stride_vn,
-                q_pos, row_ok, kv_len, qk_scale, thr,
-                BLOCK_N, HEAD_D, HEAD_DV, True, SKIP, DOT_PRECISION,
-            )  # fmt: skip
+            for sub in tl.static_range(n_nsub):
+                acc, l_i, m_i, n_skip = _visit_tile(
+                    acc, l_i, m_i, n_skip, q, k_base, v_base, kb * n_nsub + sub, stride_kn, stride_vn,
+                    q_pos, row_ok, kv_len, qk_scale, thr,
+                    SUB_N, HEAD_D, HEAD_DV, True, SKIP, DOT_PRECISION,
+                )  # fmt: skip
 
         if RETURN_STATE:
             tl.store(M_out + state_rows, m_i * 0.6931471805599453, mask=row_ok)
@@ -486,6 +505,8 @@ def block_sparse_attention_triton(
     *,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    sub_m: int | None = None,
+    sub_n: int | None = None,
 ):
     """Block-sparse causal attention forward over `selection`, in Triton.
 
@@ -544,11 +565,17 @@ def block_sparse_attention_triton(
         warps, stages = launch_config(d, bq, bk, query.dtype)
         warps = num_warps or warps
         stages = num_stages or stages
+        sm, sn = sub_tiles(d, bq, bk)
+        sm, sn = sub_m or sm, sub_n or sn
+        if thr is not None or count_tiles or query.dtype == torch.float32:
+            sm, sn = bq, bk  # BLASST's tile is the selection block; counters are per block
+        if bq % sm or bk % sn or sm < 16 or sn < 16:
+            raise ValueError(f"sub-tiles {sm}×{sn} must divide the blocks {bq}×{bk} and be >= 16")
         dummy = torch.empty(1, dtype=torch.float32, device=device)
         o = out if out is not None else torch.empty(1, 1, 1, 1, dtype=query.dtype, device=device)
         m_in, l_in, a_in = state_in if state_in is not None else (dummy, dummy, dummy)
         m_out, l_out, a_out = state_out if state_out is not None else (dummy, dummy, dummy)
-        _block_sparse_fwd_kernel[(b * hq, n_qb)](
+        _block_sparse_fwd_kernel[(b * hq, n_qb * (bq // sm))](
             query, key, value, o, lse if lse is not None else dummy,
             m_in, l_in, a_in, m_out, l_out, a_out,
             indices, counts, n_full, thr if thr is not None else dummy,
@@ -562,7 +589,7 @@ def block_sparse_attention_triton(
             HAS_INIT=state_in is not None, RETURN_STATE=return_state, WRITE_LSE=return_lse,
             SKIP=thr is not None, COUNT=count_tiles,
             DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-            num_warps=warps, num_stages=stages,
+            SUB_M=sm, SUB_N=sn, num_warps=warps, num_stages=stages,
         )  # fmt: skip
 
     tile_counts = None

@@ -135,7 +135,10 @@ def choose_num_splits(programs: int, max_tiles: int, sm_count: int) -> int:
 
 
 def resolve_num_splits(
-    selection: PageSelection, device: torch.device | str, num_splits: int | None = None, tile_size: int | None = None
+    selection: PageSelection,
+    device: torch.device | str,
+    num_splits: int | None = None,
+    tile_size: int | None = None,
 ) -> int:
     """The split count `sparse_decode_attention` uses for these arguments (no device sync)."""
     if num_splits is not None:
@@ -175,7 +178,9 @@ def unsupported_reason(
         return f"query heads ({hq}) must be a multiple of key/value heads ({hkv})"
     if query.dtype not in _DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
         return f"dtypes {query.dtype}/{key.dtype}/{value.dtype}: need one of {_DTYPES}, all equal"
-    if not (query.device == key.device == value.device == selection.indices.device == selection.counts.device):
+    if not (
+        query.device == key.device == value.device == selection.indices.device == selection.counts.device
+    ):
         return "query, key, value and selection must be on one device"
     if need_kernel and not tensor_device_ok(query, _KERNEL_INTERPRETED):
         return f"device {query.device} (need CUDA, or CPU with TRITON_INTERPRET=1 set before import)"
@@ -199,12 +204,22 @@ def _check(query, key, value, selection, scale, skip_convention, tile_size, num_
     if reason is not None:
         raise ValueError(f"{name}: {reason}")
     if skip_convention not in _SKIP_CONVENTIONS:
-        raise ValueError(f"{name}: skip_convention must be one of {_SKIP_CONVENTIONS}, got {skip_convention!r}")
+        raise ValueError(
+            f"{name}: skip_convention must be one of {_SKIP_CONVENTIONS}, got {skip_convention!r}"
+        )
     d = query.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     tile = default_tile_size(selection.page_size) if tile_size is None else int(tile_size)
     splits = resolve_num_splits(selection, query.device, num_splits, tile)
     return scale, tile, splits
+
+
+def _skip_threshold_log2_scalar(lam: float, skip_convention: str, scale: float) -> float:
+    """`_skip_threshold_log2` for one float λ, as a Python float."""
+    if scale <= 0:
+        raise ValueError(f"skip mode needs a positive scale, got {scale}")
+    factor = (scale if skip_convention == "raw" else 1.0) * _LOG2E
+    return math.log(lam) * factor if lam > 0 else float("-inf")
 
 
 def _skip_threshold_log2(
@@ -225,8 +240,7 @@ def _skip_threshold_log2(
         elif lam.numel() != hq:
             raise ValueError(f"skip_threshold tensor must hold 1 or Hq={hq} values, got {lam.numel()}")
         return (torch.log(lam.clamp(min=0.0)) * factor).contiguous()
-    lam = float(skip_threshold)
-    thr = math.log(lam) * factor if lam > 0 else float("-inf")
+    thr = _skip_threshold_log2_scalar(float(skip_threshold), skip_convention, scale)
     return torch.full((hq,), thr, dtype=torch.float32, device=device)
 
 
@@ -242,7 +256,11 @@ def _pack(out, lse, tiles):
 def _empty_result(query, value, return_lse, count_tiles):
     b, hq, _, _ = query.shape
     out = torch.zeros(b, hq, 1, value.shape[-1], dtype=query.dtype, device=query.device)
-    lse = torch.full((b, hq, 1), float("-inf"), dtype=torch.float32, device=query.device) if return_lse else None
+    lse = (
+        torch.full((b, hq, 1), float("-inf"), dtype=torch.float32, device=query.device)
+        if return_lse
+        else None
+    )
     zero = torch.zeros((), dtype=torch.int64, device=query.device)
     return _pack(out, lse, (zero, zero.clone()) if count_tiles else None)
 
@@ -287,16 +305,20 @@ def sparse_decode_attention_reference(
     bh = b * hkv
     n_t = num_blocks(p, ppt)  # tile slots of the widest list
     skip = skip_threshold is not None
-    thr = _skip_threshold_log2(skip_threshold, skip_convention, scale, hq, device).view(hkv, group) if skip else None
+    thr = (
+        _skip_threshold_log2(skip_threshold, skip_convention, scale, hq, device).view(hkv, group)
+        if skip
+        else None
+    )
     seeded = skip and seed_max
 
-    cnt = selection.counts.to(device=device, dtype=torch.int64).reshape(bh)
+    cnt = selection.counts.to(device=device, dtype=torch.int64).reshape(bh).clamp(0, p)
     idx = selection.indices.to(device=device, dtype=torch.int64).reshape(bh, p)
     idx = torch.cat([idx, idx.new_zeros(bh, n_t * ppt - p)], dim=1)
     entry_ok = torch.arange(n_t * ppt, device=device) < cnt[:, None]  # [BH, T·ppt]
     pos = torch.where(entry_ok, idx, 0)[..., None] * ps + torch.arange(ps, device=device)
-    ok = (entry_ok[..., None] & (pos < lk)).reshape(bh, n_t, tile)
-    pos = pos.clamp(max=lk - 1).reshape(bh, n_t, tile)
+    ok = (entry_ok[..., None] & (pos >= 0) & (pos < lk)).reshape(bh, n_t, tile)
+    pos = pos.clamp(0, lk - 1).reshape(bh, n_t, tile)
     bi = torch.arange(b, device=device).repeat_interleave(hkv).view(bh, 1, 1)
     hi = torch.arange(hkv, device=device).repeat(b).view(bh, 1, 1)
     kg = key[bi, hi, pos].float()  # [BH, T, tile, D]
@@ -402,22 +424,28 @@ if triton_available():
         if TILE == PAGE:
             page = tl.load(idx_row + t)
             pos = page.to(tl.int64) * PAGE + offs_n
-            ok = pos < kv_len
+            ok = (pos >= 0) & (pos < kv_len)  # bad page numbers are masked, never read
         else:
             entry = t * (TILE // PAGE) + offs_n // PAGE
             entry_ok = entry < n_sel
             page = tl.load(idx_row + entry, mask=entry_ok, other=0)
             pos = page.to(tl.int64) * PAGE + (offs_n % PAGE)
-            ok = entry_ok & (pos < kv_len)
-        k = tl.load(k_base + pos[:, None] * stride_kn + tl.arange(0, HEAD_D)[None, :], mask=ok[:, None], other=0.0)
+            ok = entry_ok & (pos >= 0) & (pos < kv_len)
+        k = tl.load(
+            k_base + pos[:, None] * stride_kn + tl.arange(0, HEAD_D)[None, :], mask=ok[:, None], other=0.0
+        )
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         s = tl.where(ok[None, :], s, float("-inf"))
         return s, pos, ok
 
     @triton.jit
-    def _accumulate(acc, l_i, m_i, s, m_tile, v_base, pos, ok, stride_vn, HEAD_DV: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    def _accumulate(
+        acc, l_i, m_i, s, m_tile, v_base, pos, ok, stride_vn, HEAD_DV: tl.constexpr, DOT_PRECISION: tl.constexpr
+    ):  # fmt: skip
         # V is loaded here, so skipped tiles never read it.
-        v = tl.load(v_base + pos[:, None] * stride_vn + tl.arange(0, HEAD_DV)[None, :], mask=ok[:, None], other=0.0)
+        v = tl.load(
+            v_base + pos[:, None] * stride_vn + tl.arange(0, HEAD_DV)[None, :], mask=ok[:, None], other=0.0
+        )
         m_new = tl.maximum(m_i, m_tile)
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
         alpha = tl.exp2(m_i - m_ref)
@@ -432,7 +460,7 @@ if triton_available():
         Q, K, Idx, Cnt, Seed,
         stride_qb, stride_qh, stride_kb, stride_kh, stride_kn,
         stride_ib, stride_ih, stride_cb, stride_ch,
-        n_kv_heads, group, kv_len, qk_scale,
+        n_kv_heads, group, kv_len, max_pages, qk_scale,
         PAGE: tl.constexpr, TILE: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_D: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
     ):  # fmt: skip
@@ -441,7 +469,7 @@ if triton_available():
         b = (pid_bh // n_kv_heads).to(tl.int64)
         hk = (pid_bh % n_kv_heads).to(tl.int64)
         q = _load_query_rows(Q, b, hk, stride_qb, stride_qh, group, BLOCK_G, HEAD_D)
-        n_sel = tl.load(Cnt + b * stride_cb + hk * stride_ch)
+        n_sel = tl.minimum(tl.load(Cnt + b * stride_cb + hk * stride_ch), max_pages)
         idx_row = Idx + b * stride_ib + hk * stride_ih
         k_base = K + b * stride_kb + hk * stride_kh
         offs_g = tl.arange(0, BLOCK_G)
@@ -455,13 +483,13 @@ if triton_available():
 
     @triton.jit
     def _decode_split_kernel(
-        Q, K, V, Idx, Cnt, Seed, Thr, Mws, Lws, Accws, Out, Lse, Tiles,
+        Q, K, V, Idx, Cnt, Seed, Thr, Ws, Out, Lse, Tiles,
         stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
         stride_ib, stride_ih, stride_cb, stride_ch, stride_ob, stride_oh,
-        n_kv_heads, group, kv_len, num_splits, qk_scale,
+        n_kv_heads, group, kv_len, max_pages, num_splits, ws_rows, qk_scale, thr_all,
         PAGE: tl.constexpr, TILE: tl.constexpr, BLOCK_G: tl.constexpr,
         HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
-        SKIP: tl.constexpr, SEEDED: tl.constexpr, DIRECT: tl.constexpr,
+        SKIP: tl.constexpr, PER_HEAD_THR: tl.constexpr, SEEDED: tl.constexpr, DIRECT: tl.constexpr,
         WRITE_LSE: tl.constexpr, COUNT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):  # fmt: skip
         pid_bh = tl.program_id(0)
@@ -476,7 +504,7 @@ if triton_available():
         k_base = K + b * stride_kb + hk * stride_kh
         v_base = V + b * stride_vb + hk * stride_vh
         idx_row = Idx + b * stride_ib + hk * stride_ih
-        n_sel = tl.load(Cnt + b * stride_cb + hk * stride_ch)
+        n_sel = tl.minimum(tl.load(Cnt + b * stride_cb + hk * stride_ch), max_pages)  # counts > P: clamp
         n_tiles = (n_sel + (TILE // PAGE) - 1) // (TILE // PAGE)
         per_split = (n_tiles + num_splits - 1) // num_splits
         t_begin = split * per_split
@@ -489,7 +517,10 @@ if triton_available():
         l_i = tl.full([BLOCK_G], 0.0, tl.float32)
         acc = tl.full([BLOCK_G, HEAD_DV], 0.0, tl.float32)
         if SKIP:
-            thr = tl.load(Thr + hk * group + offs_g, mask=g_ok, other=0.0)
+            if PER_HEAD_THR:  # noqa: SIM108  (constexpr branch kept explicit)
+                thr = tl.load(Thr + hk * group + offs_g, mask=g_ok, other=0.0)
+            else:
+                thr = thr_all
         n_skip = tl.full([], 0, tl.int32)
 
         for t in range(t_begin, t_end):
@@ -507,7 +538,9 @@ if triton_available():
                         acc, l_i, m_i, s, m_tile, v_base, pos, ok, stride_vn, HEAD_DV, DOT_PRECISION
                     )
             else:
-                acc, l_i, m_i = _accumulate(acc, l_i, m_i, s, m_tile, v_base, pos, ok, stride_vn, HEAD_DV, DOT_PRECISION)
+                acc, l_i, m_i = _accumulate(
+                    acc, l_i, m_i, s, m_tile, v_base, pos, ok, stride_vn, HEAD_DV, DOT_PRECISION
+                )
 
         rows = pid_bh.to(tl.int64) * group + offs_g  # = b·Hq + query head
         if DIRECT:
@@ -521,10 +554,11 @@ if triton_available():
                 lse = tl.where(seen, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
                 tl.store(Lse + rows, lse, mask=g_ok)
         else:
+            # one fp32 workspace: m [ws_rows], then l [ws_rows], then acc [ws_rows, Dv]
             ws = rows * num_splits + split
-            tl.store(Mws + ws, m_i, mask=g_ok)
-            tl.store(Lws + ws, l_i, mask=g_ok)
-            tl.store(Accws + ws[:, None] * HEAD_DV + offs_dv[None, :], acc, mask=g_ok[:, None])
+            tl.store(Ws + ws, m_i, mask=g_ok)
+            tl.store(Ws + ws_rows + ws, l_i, mask=g_ok)
+            tl.store(Ws + 2 * ws_rows + ws[:, None] * HEAD_DV + offs_dv[None, :], acc, mask=g_ok[:, None])
         if COUNT:
             slot = (pid_bh * num_splits + split).to(tl.int64) * 2
             tl.store(Tiles + slot, tl.maximum(t_end - t_begin, 0))
@@ -532,7 +566,7 @@ if triton_available():
 
     @triton.jit
     def _decode_merge_kernel(
-        Mws, Lws, Accws, Out, Lse, n_q_heads, num_splits, stride_ob, stride_oh,
+        Ws, Out, Lse, n_q_heads, num_splits, ws_rows, stride_ob, stride_oh,
         BLOCK_S: tl.constexpr, HEAD_DV: tl.constexpr, WRITE_LSE: tl.constexpr,
     ):  # fmt: skip
         row = tl.program_id(0).to(tl.int64)  # b·Hq + query head
@@ -542,9 +576,11 @@ if triton_available():
         s_ok = offs_s < num_splits
         offs_dv = tl.arange(0, HEAD_DV)
         ws = row * num_splits + offs_s
-        m = tl.load(Mws + ws, mask=s_ok, other=float("-inf"))
-        den = tl.load(Lws + ws, mask=s_ok, other=0.0)
-        acc = tl.load(Accws + ws[:, None] * HEAD_DV + offs_dv[None, :], mask=s_ok[:, None], other=0.0)
+        m = tl.load(Ws + ws, mask=s_ok, other=float("-inf"))
+        den = tl.load(Ws + ws_rows + ws, mask=s_ok, other=0.0)
+        acc = tl.load(
+            Ws + 2 * ws_rows + ws[:, None] * HEAD_DV + offs_dv[None, :], mask=s_ok[:, None], other=0.0
+        )
         m_max = tl.reduce(m, 0, _max_combine)
         m_ref = tl.where(m_max == float("-inf"), 0.0, m_max)
         w = tl.exp2(m - m_ref)  # -inf partials (empty splits) weigh 0
@@ -568,9 +604,14 @@ def _launch_config(tile: int, dv: int, dtype: torch.dtype) -> tuple[int, int]:
     return 4, stages
 
 
+def _next_pow2(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
 def _selection_tensor(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     # int32 with unit stride along the page list; expanded (stride-0) batch/head dims stay views.
-    t = t.to(device=device, dtype=torch.int32)
+    if t.dtype != torch.int32 or t.device != device:
+        t = t.to(device=device, dtype=torch.int32)
     if t.dim() == 3 and t.shape[-1] > 1 and t.stride(-1) != 1:
         t = t.contiguous()
     return t
@@ -609,7 +650,16 @@ def sparse_decode_attention(
     A head with no selected key gives 0 output and ``lse = -inf``.
     """
     scale, tile, splits = _check(
-        query, key, value, selection, scale, skip_convention, tile_size, num_splits, True, "sparse_decode_attention"
+        query,
+        key,
+        value,
+        selection,
+        scale,
+        skip_convention,
+        tile_size,
+        num_splits,
+        True,
+        "sparse_decode_attention",
     )
     b, hq, _, d = query.shape
     hkv, lk, dv = key.shape[1], key.shape[2], value.shape[-1]
@@ -617,7 +667,7 @@ def sparse_decode_attention(
         return _empty_result(query, value, return_lse, count_tiles)
     device = query.device
     group = hq // hkv
-    block_g = max(16, triton.next_power_of_2(group))
+    block_g = max(16, _next_pow2(group))
     skip = skip_threshold is not None
     seeded = skip and seed_max
     direct = splits == 1
@@ -627,17 +677,17 @@ def sparse_decode_attention(
     value = with_contiguous_last_dim(value)
     indices = _selection_tensor(selection.indices, device)
     counts = _selection_tensor(selection.counts, device)
-    thr = _skip_threshold_log2(skip_threshold, skip_convention, scale, hq, device) if skip else None
+    # A float λ travels as a kernel scalar (no per-call tensor); a tensor λ as [Hq] thresholds.
+    thr, thr_all = None, 0.0
+    if skip and isinstance(skip_threshold, torch.Tensor):
+        thr = _skip_threshold_log2(skip_threshold, skip_convention, scale, hq, device)
+    elif skip:
+        thr_all = _skip_threshold_log2_scalar(float(skip_threshold), skip_convention, scale)
 
     out = torch.empty(b, hq, 1, dv, dtype=query.dtype, device=device)
     lse = torch.empty(b, hq, 1, dtype=torch.float32, device=device) if return_lse else None
-    dummy = torch.empty(1, dtype=torch.float32, device=device)
-    if direct:
-        m_ws = l_ws = acc_ws = dummy
-    else:
-        m_ws = torch.empty(b * hq * splits, dtype=torch.float32, device=device)
-        l_ws = torch.empty_like(m_ws)
-        acc_ws = torch.empty(b * hq * splits * dv, dtype=torch.float32, device=device)
+    ws_rows = b * hq * splits
+    ws = None if direct else torch.empty(ws_rows * (dv + 2), dtype=torch.float32, device=device)
     tiles = torch.empty(b * hkv * splits * 2, dtype=torch.int32, device=device) if count_tiles else None
     precision = "ieee" if query.dtype == torch.float32 else "tf32"
     qk_scale = scale * _LOG2E
@@ -646,12 +696,12 @@ def sparse_decode_attention(
 
     seed = None
     if seeded:
-        seed = torch.empty(b * hkv * block_g, dtype=torch.float32, device=device)
+        seed = torch.empty(b * hkv * block_g, dtype=torch.float32, device=device)  # the seed pass fills it
         _decode_seed_kernel[(b * hkv,)](
             query, key, indices, counts, seed,
             query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
             *idx_strides, *cnt_strides,
-            hkv, group, lk, qk_scale,
+            hkv, group, lk, indices.shape[-1], qk_scale,
             PAGE=selection.page_size, TILE=tile, BLOCK_G=block_g, HEAD_D=d, DOT_PRECISION=precision,
             num_warps=4, num_stages=1,
         )  # fmt: skip
@@ -659,23 +709,23 @@ def sparse_decode_attention(
     warps, stages = _launch_config(tile, dv, query.dtype)
     _decode_split_kernel[(b * hkv, splits)](
         query, key, value, indices, counts,
-        seed if seed is not None else dummy, thr if thr is not None else dummy,
-        m_ws, l_ws, acc_ws, out, lse if lse is not None else dummy,
-        tiles if tiles is not None else counts,
+        seed if seed is not None else out, thr if thr is not None else out,  # unused pointers: any tensor
+        ws if ws is not None else out, out, lse if lse is not None else out,
+        tiles if tiles is not None else out,
         query.stride(0), query.stride(1),
         key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2),
         *idx_strides, *cnt_strides, out.stride(0), out.stride(1),
-        hkv, group, lk, splits, qk_scale,
+        hkv, group, lk, indices.shape[-1], splits, ws_rows, qk_scale, thr_all,
         PAGE=selection.page_size, TILE=tile, BLOCK_G=block_g, HEAD_D=d, HEAD_DV=dv,
-        SKIP=skip, SEEDED=seeded, DIRECT=direct, WRITE_LSE=return_lse, COUNT=count_tiles,
+        SKIP=skip, PER_HEAD_THR=thr is not None, SEEDED=seeded, DIRECT=direct, WRITE_LSE=return_lse, COUNT=count_tiles,
         DOT_PRECISION=precision, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     if not direct:
         _decode_merge_kernel[(b * hq,)](
-            m_ws, l_ws, acc_ws, out, lse if lse is not None else dummy,
-            hq, splits, out.stride(0), out.stride(1),
-            BLOCK_S=max(2, triton.next_power_of_2(splits)), HEAD_DV=dv, WRITE_LSE=return_lse,
+            ws, out, lse if lse is not None else out,
+            hq, splits, ws_rows, out.stride(0), out.stride(1),
+            BLOCK_S=max(2, _next_pow2(splits)), HEAD_DV=dv, WRITE_LSE=return_lse,
             num_warps=4 if dv >= 128 else 2,
         )  # fmt: skip
 

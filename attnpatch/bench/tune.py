@@ -1,0 +1,64 @@
+"""Tune the block-sparse kernel's launch settings on the GPU: sub-tiles × warps × stages, per head dim.
+
+`python -m attnpatch.bench.tune --out DIR` times every setting at 32K keys for density 1 and 0.1
+and writes tune.json plus the best setting per (head dim, density), with cuDNN in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from pathlib import Path
+
+import torch
+
+from attnpatch.bench.kernels import SHAPES, _bench, _dense_runner
+from attnpatch.bench.selections import random_block_selection
+from attnpatch.kernels.triton_block_sparse import block_sparse_attention_triton
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default="bench/results")
+    p.add_argument("--length", type=int, default=32768)
+    p.add_argument("--shapes", default="llama3-8b,smollm2")
+    args = p.parse_args()
+    results = []
+    for shape in args.shapes.split(","):
+        hq, hkv, d = SHAPES[shape]
+        q = torch.randn(1, hq, args.length, d, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(1, hkv, args.length, d, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(1, hkv, args.length, d, device="cuda", dtype=torch.bfloat16)
+        cudnn = _bench(_dense_runner("cudnn", q, k, v)[0])
+        print(f"{shape} cudnn {cudnn:.3f} ms", flush=True)
+        for density in (1.0, 0.1):
+            sel = random_block_selection(1, hq, args.length, 128, density, device="cuda")
+            for (sm, sn), warps, stages in itertools.product(((128, 128), (128, 64), (64, 128), (64, 64)), (4, 8), (2, 3, 4)):
+                try:
+                    ms = _bench(lambda q=q, k=k, v=v, sel=sel, sm=sm, sn=sn, w=warps, st=stages: block_sparse_attention_triton(
+                        q, k, v, sel, sub_m=sm, sub_n=sn, num_warps=w, num_stages=st), rep_ms=100)
+                except Exception as e:  # noqa: BLE001  (out of shared memory etc.)
+                    ms = float("nan")
+                    print(f"  {sm}x{sn} w{warps} s{stages}: {type(e).__name__}", flush=True)
+                results.append({"shape": shape, "d": d, "density": density, "sub_m": sm, "sub_n": sn, "warps": warps,
+                                "stages": stages, "ms": ms, "cudnn_ms": cudnn})
+                print(f"  {shape} dens={density} {sm}x{sn} w{warps} s{stages}: {ms:.3f} ms "
+                      f"({density * cudnn / ms:.2f} of cuDNN per kept block)", flush=True)
+    best = {}
+    for r in results:
+        key = f"{r['shape']} d={r['density']}"
+        if r["ms"] == r["ms"] and (key not in best or r["ms"] < best[key]["ms"]):
+            best[key] = r
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tune.json").write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "results": results, "best": best},
+                                              indent=1))
+    for key, r in best.items():
+        print(f"BEST {key}: {r['sub_m']}x{r['sub_n']} w{r['warps']} s{r['stages']} {r['ms']:.3f} ms "
+              f"(cuDNN {r['cudnn_ms']:.3f})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
