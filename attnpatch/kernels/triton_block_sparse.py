@@ -76,6 +76,8 @@ _LAUNCH_CONFIGS: dict[int, dict[tuple[int, int], tuple[int, int]]] = {
 # head dim. A 128×128 selection block runs as SUB_M×SUB_N kernel tiles. Skip mode and tile counting
 # always use whole blocks (the BLASST tile is the selection block).
 _SUB_TILES: dict[int, dict[tuple[int, int], tuple[int, int]]] = {}
+# Fold the softmax scale into Q (rounded to the input dtype) instead of scaling every score tile.
+_PRESCALE_Q = False
 
 
 def launch_config(head_dim: int, block_q: int, block_k: int, dtype: torch.dtype = torch.float16) -> tuple[int, int]:
@@ -320,16 +322,18 @@ if triton_available():
     _SUM_COMBINE = getattr(tl.standard, "_sum_combine", _sum_combine_fallback)
 
     @triton.jit
-    def _online_update(
-        acc, l_i, m_i, s, m_tile, v_ptrs, k_ok, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr
-    ):
-        # s, m_*: base-2 scaled scores. Masked tiles may hold rows with no visible key so far.
-        # V is loaded here so that skip mode only reads the V tiles it uses (the software
-        # pipeliner prefetches it the same way in the unconditional path).
+    def _load_v(v_ptrs, k_ok, MASKED: tl.constexpr):
         if MASKED:
             v = tl.load(v_ptrs, mask=k_ok[:, None], other=0.0)
         else:
             v = tl.load(v_ptrs)
+        return v
+
+    @triton.jit
+    def _online_update(
+        acc, l_i, m_i, s, m_tile, v, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr
+    ):
+        # s, m_*: base-2 scaled scores. Masked tiles may hold rows with no visible key so far.
         m_new = tl.maximum(m_i, m_tile)
         if MASKED:
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -347,7 +351,7 @@ if triton_available():
         acc, l_i, m_i, n_skip, q, k_base, v_base, kb, stride_kn, stride_vn,
         q_pos, row_ok, kv_len, qk_scale, thr,
         BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
-        MASKED: tl.constexpr, SKIP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        MASKED: tl.constexpr, SKIP: tl.constexpr, DOT_PRECISION: tl.constexpr, PRESCALED: tl.constexpr,
     ):  # fmt: skip
         offs_n = tl.arange(0, BLOCK_N)
         k_pos = kb * BLOCK_N + offs_n
@@ -359,11 +363,17 @@ if triton_available():
             k = tl.load(k_ptrs, mask=k_ok[:, None], other=0.0)
         else:
             k = tl.load(k_ptrs)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if PRESCALED:  # q already carries σ·log2(e)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        else:
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if MASKED:
             visible = (k_pos[None, :] <= q_pos[:, None]) & k_ok[None, :]
             s = tl.where(visible, s, float("-inf"))
         m_tile = tl.reduce(s, 1, _MAX_COMBINE)
+        # V is loaded before the skip test (as NVIDIA's prefill kernels do) so the software
+        # pipeliner prefetches it: prefill is compute-bound, the saving is the exp and P·V.
+        v = _load_v(v_ptrs, k_ok, MASKED)
         if SKIP:
             # A row vetoes the skip when its tile max is within ln(λ) of its running max (or it
             # has no running max yet). Rows past Lq and rows with no visible key do not vote.
@@ -371,9 +381,9 @@ if triton_available():
             n_veto = tl.reduce(veto.to(tl.int32), 0, _SUM_COMBINE)
             n_skip += (n_veto == 0).to(tl.int32)
             if n_veto > 0:
-                acc, l_i, m_i = _online_update(acc, l_i, m_i, s, m_tile, v_ptrs, k_ok, MASKED, DOT_PRECISION)
+                acc, l_i, m_i = _online_update(acc, l_i, m_i, s, m_tile, v, MASKED, DOT_PRECISION)
         else:
-            acc, l_i, m_i = _online_update(acc, l_i, m_i, s, m_tile, v_ptrs, k_ok, MASKED, DOT_PRECISION)
+            acc, l_i, m_i = _online_update(acc, l_i, m_i, s, m_tile, v, MASKED, DOT_PRECISION)
         return acc, l_i, m_i, n_skip
 
     @triton.jit
@@ -388,7 +398,7 @@ if triton_available():
         HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         HAS_INIT: tl.constexpr, RETURN_STATE: tl.constexpr, WRITE_LSE: tl.constexpr,
         SKIP: tl.constexpr, COUNT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        SUB_M: tl.constexpr, SUB_N: tl.constexpr,
+        SUB_M: tl.constexpr, SUB_N: tl.constexpr, PRESCALE_Q: tl.constexpr,
     ):  # fmt: skip
         # A program covers SUB_M rows of a BLOCK_M query block (its selection row is shared) and
         # walks each selected BLOCK_N key block in SUB_N-key steps: smaller tiles, same selection.
@@ -409,6 +419,8 @@ if triton_available():
 
         q_ptrs = Q + b * stride_qb + h.to(tl.int64) * stride_qh + offs_m.to(tl.int64)[:, None] * stride_qm
         q = tl.load(q_ptrs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        if PRESCALE_Q:  # fold σ·log2(e) into Q once instead of scaling every score tile
+            q = (q.to(tl.float32) * qk_scale).to(q.dtype)
         k_base = K + b * stride_kb + hk * stride_kh
         v_base = V + b * stride_vb + hk * stride_vh
 
@@ -441,7 +453,7 @@ if triton_available():
                 acc, l_i, m_i, n_skip = _visit_tile(
                     acc, l_i, m_i, n_skip, q, k_base, v_base, kb * n_nsub + sub, stride_kn, stride_vn,
                     q_pos, row_ok, kv_len, qk_scale, thr,
-                    SUB_N, HEAD_D, HEAD_DV, False, SKIP, DOT_PRECISION,
+                    SUB_N, HEAD_D, HEAD_DV, False, SKIP, DOT_PRECISION, PRESCALE_Q,
                 )  # fmt: skip
         # Blocks straddling the diagonal or running past Lk (ascending lists put them last).
         for j in range(n_full, n_sel):
@@ -450,7 +462,7 @@ if triton_available():
                 acc, l_i, m_i, n_skip = _visit_tile(
                     acc, l_i, m_i, n_skip, q, k_base, v_base, kb * n_nsub + sub, stride_kn, stride_vn,
                     q_pos, row_ok, kv_len, qk_scale, thr,
-                    SUB_N, HEAD_D, HEAD_DV, True, SKIP, DOT_PRECISION,
+                    SUB_N, HEAD_D, HEAD_DV, True, SKIP, DOT_PRECISION, PRESCALE_Q,
                 )  # fmt: skip
 
         if RETURN_STATE:
@@ -507,6 +519,7 @@ def block_sparse_attention_triton(
     num_stages: int | None = None,
     sub_m: int | None = None,
     sub_n: int | None = None,
+    prescale_q: bool | None = None,
 ):
     """Block-sparse causal attention forward over `selection`, in Triton.
 
@@ -589,7 +602,8 @@ def block_sparse_attention_triton(
             HAS_INIT=state_in is not None, RETURN_STATE=return_state, WRITE_LSE=return_lse,
             SKIP=thr is not None, COUNT=count_tiles,
             DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-            SUB_M=sm, SUB_N=sn, num_warps=warps, num_stages=stages,
+            SUB_M=sm, SUB_N=sn, PRESCALE_Q=_PRESCALE_Q if prescale_q is None else prescale_q,
+            num_warps=warps, num_stages=stages,
         )  # fmt: skip
 
     tile_counts = None

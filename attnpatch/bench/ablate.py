@@ -1,0 +1,75 @@
+"""One-off GPU ablations behind the kernel defaults: Q pre-scaling, skip-mode overhead, decode tiles/splits.
+
+`python -m attnpatch.bench.ablate --out DIR` → ablate.json (every timing, cuDNN / SDPA in the same run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from attnpatch.bench.kernels import SHAPES, _bench, _bench_graph, _dense_runner, skip_qkv
+from attnpatch.bench.selections import random_block_selection, random_page_selection
+from attnpatch.kernels.triton_block_sparse import block_sparse_attention_triton
+from attnpatch.kernels.triton_decode import sparse_decode_attention
+from attnpatch.selection import BlockSelection
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default="bench/results")
+    args = p.parse_args()
+    res = {"gpu": torch.cuda.get_device_name(), "prefill": [], "skip": [], "decode": []}
+    hq, hkv, d = SHAPES["llama3-8b"]
+    L = 32768
+    q, k, v = (torch.randn(1, h, L, d, device="cuda", dtype=torch.bfloat16) for h in (hq, hkv, hkv))
+    cudnn = _bench(_dense_runner("cudnn", q, k, v)[0])
+    for density in (1.0, 0.1):
+        sel = random_block_selection(1, hq, L, 128, density, device="cuda")
+        for pre in (False, True):
+            ms = _bench(lambda sel=sel, pre=pre: block_sparse_attention_triton(q, k, v, sel, prescale_q=pre))
+            res["prefill"].append({"density": density, "prescale_q": pre, "ms": ms, "cudnn_ms": cudnn})
+            print(f"prefill d={density} prescale={pre}: {ms:.3f} ms (cuDNN {cudnn:.3f})", flush=True)
+    q, k, v = skip_qkv(1, hq, hkv, L, d, sink=24.0)
+    sel = BlockSelection.causal(1, hq, L, L, 128, 128, "cuda")
+    for pre in (False, True):
+        plain = _bench(lambda pre=pre: block_sparse_attention_triton(q, k, v, sel, prescale_q=pre))
+        for lam in (0.0, 0.1, 0.4):
+            _, (vis, skp) = block_sparse_attention_triton(q, k, v, sel, skip_threshold=lam, skip_convention="scaled",
+                                                          count_tiles=True)
+            ms = _bench(lambda lam=lam, pre=pre: block_sparse_attention_triton(
+                q, k, v, sel, skip_threshold=lam, skip_convention="scaled", prescale_q=pre))
+            frac = float(skp) / float(vis)
+            res["skip"].append({"prescale_q": pre, "lambda": lam, "skipped": frac, "ms": ms, "plain_ms": plain})
+            print(f"skip prescale={pre} λ={lam}: skipped {frac:.3f} {ms:.3f} ms vs plain {plain:.3f} "
+                  f"({plain / ms:.2f}x)", flush=True)
+    for B in (1, 4):
+        L = 131072
+        q = torch.randn(B, hq, 1, d, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(B, hkv, L, d, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(B, hkv, L, d, device="cuda", dtype=torch.bfloat16)
+        dense = _bench_graph(lambda q=q, k=k, v=v: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+        for page in (64, 128):
+            sel = random_page_selection(B, hkv, L, page, 1 / 16, device="cuda")
+            for tile in (page, 2 * page) if page == 64 else (page,):
+                for splits in (None, 4, 8, 16, 32, 64):
+                    try:
+                        ms = _bench_graph(lambda q=q, k=k, v=v, sel=sel, t=tile, s=splits: sparse_decode_attention(
+                            q, k, v, sel, tile_size=t, num_splits=s))
+                    except Exception as e:  # noqa: BLE001
+                        ms = float("nan")
+                        print(type(e).__name__, str(e)[:100])
+                    res["decode"].append({"B": B, "page": page, "tile": tile, "splits": splits, "ms": ms, "sdpa_ms": dense})
+                    print(f"decode B={B} page={page} tile={tile} splits={splits}: {ms:.4f} ms graph "
+                          f"(sdpa {dense:.4f}, {dense / ms:.2f}x)", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ablate.json").write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
