@@ -65,12 +65,12 @@ def _bench_graph(fn: Callable[[], object]) -> float:
 
 
 def _peak_gib(fn: Callable[[], object]) -> float:
+    """Peak GPU memory of one call, inputs (and the selection) included."""
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
     fn()
     torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**30
+    return torch.cuda.max_memory_allocated() / 2**30
 
 
 def _sdpa(backend_name: str, q, k, v, repeat: bool):
@@ -126,8 +126,9 @@ def causal_flops(batch: int, heads: int, length: int, d: int, block: int, kept_b
 
 
 def bench_prefill(shapes=("llama3-8b", "qwen2.5-7b", "smollm2"), lengths=LENGTHS, densities=DENSITIES,
-                  batches=(1, 4), block: int = 128, max_batch_tokens: int = 131072, log=print) -> list[Row]:
-    rows: list[Row] = []
+                  batches=(1, 4), block: int = 128, max_batch_tokens: int = 131072, log=print,
+                  rows: list[Row] | None = None, checkpoint: Callable[[], None] | None = None) -> list[Row]:
+    rows = [] if rows is None else rows
     dev = "cuda"
     for shape in shapes:
         hq, hkv, d = SHAPES[shape]
@@ -169,6 +170,8 @@ def bench_prefill(shapes=("llama3-8b", "qwen2.5-7b", "smollm2"), lengths=LENGTHS
                     del sel
                 del q, k, v
                 torch.cuda.empty_cache()
+                if checkpoint is not None:
+                    checkpoint()
     return rows
 
 
@@ -361,15 +364,20 @@ def main(argv: list[str] | None = None) -> int:
     command = "attnpatch bench kernels " + " ".join(argv if argv is not None else sys.argv[1:])
     parts = args.parts.split(",")
     rows: list[Row] = []
+    env = environment(command)
+
+    def checkpoint():  # results so far survive a time limit
+        write_results(rows, env, Path(args.out))
+
     if "prefill" in parts:
-        rows += bench_prefill(args.shapes.split(","), [int(x) for x in args.lengths.split(",")],
-                              [float(x) for x in args.densities.split(",")], [int(x) for x in args.batches.split(",")],
-                              max_batch_tokens=args.max_batch_tokens)
+        bench_prefill(args.shapes.split(","), [int(x) for x in args.lengths.split(",")],
+                      [float(x) for x in args.densities.split(",")], [int(x) for x in args.batches.split(",")],
+                      max_batch_tokens=args.max_batch_tokens, rows=rows, checkpoint=checkpoint)
     if "skip" in parts:
         rows += bench_skip()
     if "decode" in parts:
         rows += bench_decode()
-    write_results(rows, environment(command), Path(args.out))
+    write_results(rows, env, Path(args.out))
     print((Path(args.out) / "kernels.md").read_text())
     return 0
 

@@ -77,6 +77,7 @@ _LAUNCH_CONFIGS: dict[int, dict[tuple[int, int], tuple[int, int]]] = {
 # always use whole blocks (the BLASST tile is the selection block).
 _SUB_TILES: dict[int, dict[tuple[int, int], tuple[int, int]]] = {}
 # Fold the softmax scale into Q (rounded to the input dtype) instead of scaling every score tile.
+# Off: no measurable gain on the H200 (23.22 vs 23.19 ms at 32K, bench/results/ablate.json).
 _PRESCALE_Q = False
 
 
@@ -371,18 +372,19 @@ if triton_available():
             visible = (k_pos[None, :] <= q_pos[:, None]) & k_ok[None, :]
             s = tl.where(visible, s, float("-inf"))
         m_tile = tl.reduce(s, 1, _MAX_COMBINE)
-        # V is loaded before the skip test (as NVIDIA's prefill kernels do) so the software
-        # pipeliner prefetches it: prefill is compute-bound, the saving is the exp and P·V.
-        v = _load_v(v_ptrs, k_ok, MASKED)
         if SKIP:
             # A row vetoes the skip when its tile max is within ln(λ) of its running max (or it
             # has no running max yet). Rows past Lq and rows with no visible key do not vote.
+            # V is loaded only for kept tiles: measured on the H200 (bench/results/ablate.json),
+            # loading it before the test to let it pipeline was slower at every skip fraction.
             veto = (m_tile - m_i >= thr) & (m_tile > float("-inf")) & row_ok
             n_veto = tl.reduce(veto.to(tl.int32), 0, _SUM_COMBINE)
             n_skip += (n_veto == 0).to(tl.int32)
             if n_veto > 0:
+                v = _load_v(v_ptrs, k_ok, MASKED)
                 acc, l_i, m_i = _online_update(acc, l_i, m_i, s, m_tile, v, MASKED, DOT_PRECISION)
         else:
+            v = _load_v(v_ptrs, k_ok, MASKED)
             acc, l_i, m_i = _online_update(acc, l_i, m_i, s, m_tile, v, MASKED, DOT_PRECISION)
         return acc, l_i, m_i, n_skip
 
