@@ -18,10 +18,41 @@ from attnpatch.kernels.triton_decode import sparse_decode_attention
 from attnpatch.selection import BlockSelection
 
 
+def variants(out: Path) -> None:
+    """Loop variants of the block-sparse kernel at 32K (llama3-8b layer), density 1 and 0.1."""
+    hq, hkv, d = SHAPES["llama3-8b"]
+    L = 32768
+    q, k, v = (torch.randn(1, h, L, d, device="cuda", dtype=torch.bfloat16) for h in (hq, hkv, hkv))
+    cudnn = _bench(_dense_runner("cudnn", q, k, v)[0])
+    rows = []
+    for density in (1.0, 0.1):
+        sel = random_block_selection(1, hq, L, 128, density, device="cuda")
+        for variant in (0, 1, 2, 3):
+            if variant == 3 and density < 1:
+                continue
+            for warps, stages in ((8, 3), (8, 2), (4, 3)):
+                try:
+                    ms = _bench(lambda sel=sel, var=variant, w=warps, st=stages: block_sparse_attention_triton(
+                        q, k, v, sel, variant=var, num_warps=w, num_stages=st))
+                except Exception as e:  # noqa: BLE001
+                    ms = float("nan")
+                    print(f"variant {variant}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                rows.append({"density": density, "variant": variant, "warps": warps, "stages": stages, "ms": ms,
+                             "cudnn_ms": cudnn})
+                print(f"d={density} variant={variant} w{warps} s{stages}: {ms:.3f} ms "
+                      f"({density * cudnn / ms:.2f} of cuDNN per kept block)", flush=True)
+    (out / "variants.json").write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "rows": rows}, indent=1))
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="bench/results")
+    p.add_argument("--variants", action="store_true", help="only the kernel loop variants")
     args = p.parse_args()
+    if args.variants:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        variants(Path(args.out))
+        return 0
     res = {"gpu": torch.cuda.get_device_name(), "prefill": [], "skip": [], "decode": []}
     hq, hkv, d = SHAPES["llama3-8b"]
     L = 32768

@@ -400,7 +400,7 @@ if triton_available():
         HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         HAS_INIT: tl.constexpr, RETURN_STATE: tl.constexpr, WRITE_LSE: tl.constexpr,
         SKIP: tl.constexpr, COUNT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        SUB_M: tl.constexpr, SUB_N: tl.constexpr, PRESCALE_Q: tl.constexpr,
+        SUB_M: tl.constexpr, SUB_N: tl.constexpr, PRESCALE_Q: tl.constexpr, VARIANT: tl.constexpr,
     ):  # fmt: skip
         # A program covers SUB_M rows of a BLOCK_M query block (its selection row is shared) and
         # walks each selected BLOCK_N key block in SUB_N-key steps: smaller tiles, same selection.
@@ -448,9 +448,18 @@ if triton_available():
             thr = 0.0
         n_skip = tl.full([], 0, tl.int32)
 
-        # Key blocks entirely below the diagonal and inside Lk: no masks.
-        for j in range(0, n_full):
-            kb = tl.load(idx_row + j)
+        # Key blocks entirely below the diagonal and inside Lk: no masks. VARIANT (tuning only):
+        # 0 plain; 1 the next block index is loaded one iteration ahead; 2 warp-specialised loop;
+        # 3 contiguous blocks without the list (measures the cost of indirection).
+        kb_next = tl.load(idx_row, mask=n_full > 0, other=0)
+        for j in tl.range(0, n_full, warp_specialize=VARIANT == 2):
+            if VARIANT == 1:
+                kb = kb_next
+                kb_next = tl.load(idx_row + j + 1, mask=j + 1 < n_sel, other=0)
+            elif VARIANT == 3:  # ignores the list: valid only for the full causal selection
+                kb = j
+            else:
+                kb = tl.load(idx_row + j)
             for sub in tl.static_range(n_nsub):
                 acc, l_i, m_i, n_skip = _visit_tile(
                     acc, l_i, m_i, n_skip, q, k_base, v_base, kb * n_nsub + sub, stride_kn, stride_vn,
@@ -522,6 +531,7 @@ def block_sparse_attention_triton(
     sub_m: int | None = None,
     sub_n: int | None = None,
     prescale_q: bool | None = None,
+    variant: int = 0,
 ):
     """Block-sparse causal attention forward over `selection`, in Triton.
 
@@ -604,7 +614,7 @@ def block_sparse_attention_triton(
             HAS_INIT=state_in is not None, RETURN_STATE=return_state, WRITE_LSE=return_lse,
             SKIP=thr is not None, COUNT=count_tiles,
             DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-            SUB_M=sm, SUB_N=sn, PRESCALE_Q=_PRESCALE_Q if prescale_q is None else prescale_q,
+            SUB_M=sm, SUB_N=sn, PRESCALE_Q=_PRESCALE_Q if prescale_q is None else prescale_q, VARIANT=variant,
             num_warps=warps, num_stages=stages,
         )  # fmt: skip
 
