@@ -136,6 +136,7 @@ def bench_prefill(shapes=("llama3-8b", "qwen2.5-7b", "smollm2"), lengths=LENGTHS
             for batch in batches:
                 if batch * length > max_batch_tokens:
                     continue
+                torch._dynamo.reset()  # flex recompiles per shape: start each configuration with a fresh cache
                 g = torch.Generator(device=dev).manual_seed(length + batch)
                 q = torch.randn(batch, hq, length, d, device=dev, dtype=torch.bfloat16, generator=g)
                 k = torch.randn(batch, hkv, length, d, device=dev, dtype=torch.bfloat16, generator=g)
@@ -270,6 +271,7 @@ def environment(command: str) -> dict:
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "dtype": "bfloat16",
         "block": 128,
+        "block_sparse_variant": __import__("attnpatch.kernels.triton_block_sparse", fromlist=["_VARIANT"])._VARIANT,
     }
 
 

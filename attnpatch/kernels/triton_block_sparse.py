@@ -32,6 +32,7 @@ cannot vote: rows past ``Lq`` (padding) and rows that have no visible key inside
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 
 import torch
@@ -79,6 +80,10 @@ _SUB_TILES: dict[int, dict[tuple[int, int], tuple[int, int]]] = {}
 # Fold the softmax scale into Q (rounded to the input dtype) instead of scaling every score tile.
 # Off: no measurable gain on the H200 (23.22 vs 23.19 ms at 32K, bench/results/ablate.json).
 _PRESCALE_Q = False
+# Main-loop variant: 1 = load the next key-block index one iteration ahead. On the H200 (32K,
+# llama3-8b layer, bf16) it took the dense-selection kernel from 0.67 to 0.75 of cuDNN and 10%
+# density from 0.58 to 0.63 (bench/results/variants.json); ATTNPATCH_BS_VARIANT overrides (tuning).
+_VARIANT = int(os.environ.get("ATTNPATCH_BS_VARIANT", "1"))
 
 
 def launch_config(head_dim: int, block_q: int, block_k: int, dtype: torch.dtype = torch.float16) -> tuple[int, int]:
@@ -450,12 +455,17 @@ if triton_available():
 
         # Key blocks entirely below the diagonal and inside Lk: no masks. VARIANT (tuning only):
         # 0 plain; 1 the next block index is loaded one iteration ahead; 2 warp-specialised loop;
-        # 3 contiguous blocks without the list (measures the cost of indirection).
+        # 3 contiguous blocks without the list (measures the cost of indirection); 4 index two ahead.
         kb_next = tl.load(idx_row, mask=n_full > 0, other=0)
+        kb_after = tl.load(idx_row + 1, mask=n_full > 1, other=0)
         for j in tl.range(0, n_full, warp_specialize=VARIANT == 2):
             if VARIANT == 1:
                 kb = kb_next
                 kb_next = tl.load(idx_row + j + 1, mask=j + 1 < n_sel, other=0)
+            elif VARIANT == 4:  # two iterations ahead, to match a 3-stage K/V pipeline
+                kb = kb_next
+                kb_next = kb_after
+                kb_after = tl.load(idx_row + j + 2, mask=j + 2 < n_sel, other=0)
             elif VARIANT == 3:  # ignores the list: valid only for the full causal selection
                 kb = j
             else:
@@ -531,7 +541,7 @@ def block_sparse_attention_triton(
     sub_m: int | None = None,
     sub_n: int | None = None,
     prescale_q: bool | None = None,
-    variant: int = 0,
+    variant: int | None = None,
 ):
     """Block-sparse causal attention forward over `selection`, in Triton.
 
@@ -614,7 +624,8 @@ def block_sparse_attention_triton(
             HAS_INIT=state_in is not None, RETURN_STATE=return_state, WRITE_LSE=return_lse,
             SKIP=thr is not None, COUNT=count_tiles,
             DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-            SUB_M=sm, SUB_N=sn, PRESCALE_Q=_PRESCALE_Q if prescale_q is None else prescale_q, VARIANT=variant,
+            SUB_M=sm, SUB_N=sn, PRESCALE_Q=_PRESCALE_Q if prescale_q is None else prescale_q,
+            VARIANT=_VARIANT if variant is None else variant,
             num_warps=warps, num_stages=stages,
         )  # fmt: skip
 
