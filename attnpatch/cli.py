@@ -1,4 +1,4 @@
-"""`attnpatch` command line: methods | demo."""
+"""`attnpatch` command line: methods | demo | bench kernels."""
 
 from __future__ import annotations
 
@@ -37,6 +37,13 @@ def cmd_demo(args) -> None:
     demo(args.model, args.method, args.length, args.depth, args.seed, args.max_new_tokens, **_parse_options(args.option))
 
 
+def cmd_bench(args) -> None:
+    if args.what == "kernels":
+        from attnpatch.bench.kernels import main as kernels_main
+
+        raise SystemExit(kernels_main(args.rest))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="attnpatch", description="Sparse attention for Hugging Face LLMs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -50,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-new-tokens", type=int, default=8)
     d.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE", help="method option")
     d.set_defaults(func=cmd_demo)
+    b = sub.add_parser("bench", help="benchmarks (GPU): `attnpatch bench kernels --help`")
+    b.add_argument("what", choices=("kernels",), help="kernels: executors vs SDPA cuDNN/flash and FlexAttention")
+    b.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the benchmark")
+    b.set_defaults(func=cmd_bench)
     return p
 
 

@@ -137,3 +137,32 @@ def test_cli_methods_prints_the_table(capsys):
     for name in ("dense", "a_shape", "streaming"):
         assert name in out
     assert "local_blocks=8" in out
+
+
+def test_cli_bench_needs_a_gpu(capsys):
+    from attnpatch.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "kernels", "--parts", "decode"])
+    assert exit_info.value.code == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+@torch.no_grad()
+def test_backends_fall_back_to_the_reference_and_say_why(llama):
+    ids = random_ids(1, 128)
+    outs = {}
+    for backend in ("reference", "auto", "triton", "flex"):
+        with attnpatch.patch_model(llama, method="a_shape", backend=backend, block_size=16, local_blocks=2) as patch:
+            outs[backend] = llama(ids).logits
+            fallbacks = {k for d in patch.stats().layers for k in d["executor_fallbacks"]}
+        if backend in ("reference", "auto"):
+            assert not fallbacks  # auto on CPU is the reference, not a fallback
+        elif backend == "triton":
+            assert fallbacks and all(k.startswith("prefill: ") for k in fallbacks)
+    for backend in ("auto", "triton", "flex"):
+        torch.testing.assert_close(outs[backend], outs["reference"], atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="unknown backend 'cuda'; allowed: auto, reference, triton, flex"):
+        attnpatch.patch_model(llama, method="a_shape", backend="cuda")

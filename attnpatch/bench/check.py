@@ -81,38 +81,35 @@ def gather_cases():
     from attnpatch.kernels.triton_gather import token_gather_attention_triton
 
     for dtype in DTYPES:
-        if True:
-            q, k, v = _qkv(1, 8, 2, 1000, 3000, 128, dtype, seed=4)
-            r = num_blocks(1000, 64)
-            pos = torch.randperm(3000, device="cuda")[:640].sort().values.to(torch.int32)
-            sel = TokenSelection(pos.expand(1, 8, r, 640), torch.full((1, 8, r), 640, dtype=torch.int32, device="cuda"),
-                                 64, 1000, 3000)
-            ref = reference.token_gather_attention(q.float(), k.float(), v.float(), sel)
-            yield f"token-gather {dtype}", rel(token_gather_attention_triton(q, k, v, sel), ref), TOL[dtype]
+        q, k, v = _qkv(1, 8, 2, 1000, 3000, 128, dtype, seed=4)
+        r = num_blocks(1000, 64)
+        pos = torch.randperm(3000, device="cuda")[:640].sort().values.to(torch.int32)
+        sel = TokenSelection(pos.expand(1, 8, r, 640), torch.full((1, 8, r), 640, dtype=torch.int32, device="cuda"),
+                             64, 1000, 3000)
+        ref = reference.token_gather_attention(q.float(), k.float(), v.float(), sel)
+        yield f"token-gather {dtype}", rel(token_gather_attention_triton(q, k, v, sel), ref), TOL[dtype]
 
 
 def decode_cases():
     from attnpatch.kernels.triton_decode import sparse_decode_attention
 
     for dtype in DTYPES:
-        if True:
-            for d in (64, 128):
-                q, k, v = _qkv(3, 32, 8, 1, 50_000, d, dtype, seed=5)
-                for frac in (1.0, 1 / 16):
-                    sel = random_page_selection(3, 8, 50_000, 64, frac, device="cuda")
-                    ref = reference.paged_decode_attention(q.float(), k.float(), v.float(), sel)
-                    yield f"decode {dtype} D={d} frac={frac:.3f}", rel(sparse_decode_attention(q, k, v, sel), ref), TOL[dtype]
+        for d in (64, 128):
+            q, k, v = _qkv(3, 32, 8, 1, 50_000, d, dtype, seed=5)
+            for frac in (1.0, 1 / 16):
+                sel = random_page_selection(3, 8, 50_000, 64, frac, device="cuda")
+                ref = reference.paged_decode_attention(q.float(), k.float(), v.float(), sel)
+                yield f"decode {dtype} D={d} frac={frac:.3f}", rel(sparse_decode_attention(q, k, v, sel), ref), TOL[dtype]
 
 
 def flex_cases():
     from attnpatch.kernels.flex import flex_block_sparse_attention
 
     for dtype in DTYPES:
-        if True:
-            q, k, v = _qkv(1, 8, 2, 4096, 4096, 128, dtype, seed=6)
-            sel = random_block_selection(1, 8, 4096, 128, 0.2, device="cuda")
-            ref = reference.block_sparse_attention(q.float(), k.float(), v.float(), sel)
-            yield f"flex {dtype}", rel(flex_block_sparse_attention(q, k, v, sel), ref), TOL[dtype]
+        q, k, v = _qkv(1, 8, 2, 4096, 4096, 128, dtype, seed=6)
+        sel = random_block_selection(1, 8, 4096, 128, 0.2, device="cuda")
+        ref = reference.block_sparse_attention(q.float(), k.float(), v.float(), sel)
+        yield f"flex {dtype}", rel(flex_block_sparse_attention(q, k, v, sel), ref), TOL[dtype]
 
 
 def model_case():
