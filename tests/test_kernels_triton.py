@@ -371,3 +371,18 @@ def test_unsupported_inputs_raise():
     odd = BlockSelection(sel.indices, sel.counts, 48, 64, 64, 64)
     with pytest.raises(ValueError, match="blocks"):
         block_sparse_attention_triton(q, k, v, odd)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+def test_left_padding_key_start(dtype):
+    """Left padding as a per-row first key: equals the reference with transformers' 4D mask."""
+    b, lq, lk = 3, 150, 150
+    q, k, v = _qkv(b, 4, 2, lq, lk, 64, dtype, seed=21)
+    sel = _selection(b, 4, lq, lk, 64, 64, density=[0.9, 0.5, 0.25, 0.6], seed=3)
+    key_start = torch.tensor([0, 37, 130])
+    valid = torch.arange(lk)[None, :] >= key_start[:, None]
+    mask = (torch.ones(lq, lk, dtype=torch.bool).tril()[None] & valid[:, None, :])[:, None]
+    out = block_sparse_attention_triton(q, k, v, sel, key_start=key_start)
+    ref = block_sparse_attention(q, k, v, sel, mask=mask)
+    _close(out, ref, ATOL[dtype])
+    assert torch.all(out[2, :, :130] == 0)  # padded query rows see no key

@@ -27,20 +27,35 @@ def _skip_lambda(selection) -> float | torch.Tensor | None:
     return thr.exp() if isinstance(thr, torch.Tensor) else math.exp(thr)
 
 
+def _left_padding(mask: torch.Tensor, q_len: int, kv_len: int) -> tuple[torch.Tensor | None, str | None]:
+    """First real key per row when `mask` is causal AND left padding; else a reason to fall back."""
+    from attnpatch.kernels.flex import padding_key_validity
+
+    try:
+        valid = padding_key_validity(mask, q_len, kv_len)
+    except ValueError as e:
+        return None, f"mask is not causal + padding ({e})"
+    start = valid.to(torch.int8).argmax(dim=-1)
+    if not torch.equal(valid, torch.arange(kv_len, device=valid.device) >= start.unsqueeze(-1)):
+        return None, "padding is not left padding (the triton kernel takes a first real key per row)"
+    return start, None
+
+
 def _triton_prefill(query, key, value, selection: BlockSelection, scale, mask, tile_counts):
     from attnpatch.kernels.triton_block_sparse import block_sparse_attention_triton, unsupported_reason
 
-    if mask is not None:
-        return None, "triton prefill kernel takes no attention mask (padded batch)"
     reason = unsupported_reason(query, key, value, selection)
     if reason is not None:
         return None, reason
+    key_start = None
+    if mask is not None:
+        key_start, reason = _left_padding(mask, query.shape[2], key.shape[2])
+        if reason is not None:
+            return None, reason
     lam = _skip_lambda(selection)
-    if lam is None:
-        out = block_sparse_attention_triton(query, key, value, selection, scale=scale, count_tiles=tile_counts is not None)
-    else:
-        out = block_sparse_attention_triton(query, key, value, selection, scale=scale, skip_threshold=lam,
-                                            skip_convention="scaled", count_tiles=tile_counts is not None)
+    kw = {} if lam is None else {"skip_threshold": lam, "skip_convention": "scaled"}
+    out = block_sparse_attention_triton(query, key, value, selection, scale=scale, key_start=key_start,
+                                        count_tiles=tile_counts is not None, **kw)
     if tile_counts is not None:
         out, (visited, skipped) = out
         tile_counts += torch.stack([visited, skipped]).to(tile_counts)

@@ -355,7 +355,7 @@ if triton_available():
     @triton.jit
     def _visit_tile(
         acc, l_i, m_i, n_skip, q, k_base, v_base, kb, stride_kn, stride_vn,
-        q_pos, row_ok, kv_len, qk_scale, thr,
+        q_pos, row_ok, kv_len, k_lo, qk_scale, thr,
         BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
         MASKED: tl.constexpr, SKIP: tl.constexpr, DOT_PRECISION: tl.constexpr, PRESCALED: tl.constexpr,
     ):  # fmt: skip
@@ -374,7 +374,7 @@ if triton_available():
         else:
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if MASKED:
-            visible = (k_pos[None, :] <= q_pos[:, None]) & k_ok[None, :]
+            visible = (k_pos[None, :] <= q_pos[:, None]) & k_ok[None, :] & (k_pos[None, :] >= k_lo)
             s = tl.where(visible, s, float("-inf"))
         m_tile = tl.reduce(s, 1, _MAX_COMBINE)
         if SKIP:
@@ -396,7 +396,7 @@ if triton_available():
     @triton.jit
     def _block_sparse_fwd_kernel(
         Q, K, V, Out, Lse, M_in, L_in, Acc_in, M_out, L_out, Acc_out,
-        Idx, Cnt, NFull, Thr, Tiles,
+        Idx, Cnt, NFull, Thr, Tiles, KeyStart,
         stride_qb, stride_qh, stride_qm,
         stride_kb, stride_kh, stride_kn,
         stride_vb, stride_vh, stride_vn,
@@ -406,6 +406,7 @@ if triton_available():
         HAS_INIT: tl.constexpr, RETURN_STATE: tl.constexpr, WRITE_LSE: tl.constexpr,
         SKIP: tl.constexpr, COUNT: tl.constexpr, DOT_PRECISION: tl.constexpr,
         SUB_M: tl.constexpr, SUB_N: tl.constexpr, PRESCALE_Q: tl.constexpr, VARIANT: tl.constexpr,
+        HAS_KEY_START: tl.constexpr,
     ):  # fmt: skip
         # A program covers SUB_M rows of a BLOCK_M query block (its selection row is shared) and
         # walks each selected BLOCK_N key block in SUB_N-key steps: smaller tiles, same selection.
@@ -431,6 +432,10 @@ if triton_available():
         k_base = K + b * stride_kb + hk * stride_kh
         v_base = V + b * stride_vb + hk * stride_vh
 
+        if HAS_KEY_START:  # left padding: keys before the row's first real token are masked
+            k_lo = tl.load(KeyStart + b)
+        else:
+            k_lo = 0
         lut = pid_bh.to(tl.int64) * n_qblocks + r
         n_sel = tl.load(Cnt + lut)
         n_full = tl.load(NFull + lut)
@@ -473,7 +478,7 @@ if triton_available():
             for sub in tl.static_range(n_nsub):
                 acc, l_i, m_i, n_skip = _visit_tile(
                     acc, l_i, m_i, n_skip, q, k_base, v_base, kb * n_nsub + sub, stride_kn, stride_vn,
-                    q_pos, row_ok, kv_len, qk_scale, thr,
+                    q_pos, row_ok, kv_len, k_lo, qk_scale, thr,
                     SUB_N, HEAD_D, HEAD_DV, False, SKIP, DOT_PRECISION, PRESCALE_Q,
                 )  # fmt: skip
         # Blocks straddling the diagonal or running past Lk (ascending lists put them last).
@@ -482,7 +487,7 @@ if triton_available():
             for sub in tl.static_range(n_nsub):
                 acc, l_i, m_i, n_skip = _visit_tile(
                     acc, l_i, m_i, n_skip, q, k_base, v_base, kb * n_nsub + sub, stride_kn, stride_vn,
-                    q_pos, row_ok, kv_len, qk_scale, thr,
+                    q_pos, row_ok, kv_len, k_lo, qk_scale, thr,
                     SUB_N, HEAD_D, HEAD_DV, True, SKIP, DOT_PRECISION, PRESCALE_Q,
                 )  # fmt: skip
 
@@ -508,8 +513,11 @@ else:
     _KERNEL_INTERPRETED = False
 
 
-def _full_block_counts(selection: BlockSelection, counts: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """Per (b, h, r): how many leading list entries need no mask (below the diagonal, inside Lk)."""
+def _full_block_counts(
+    selection: BlockSelection, counts: torch.Tensor, indices: torch.Tensor, key_start: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per (b, h, r): how many leading list entries need no mask (below the diagonal, inside Lk,
+    and, with left padding, at or after the row's first real key)."""
     bq, bk = selection.block_q, selection.block_k
     lq, lk = selection.q_len, selection.kv_len
     n_qb = counts.shape[-1]
@@ -519,6 +527,8 @@ def _full_block_counts(selection: BlockSelection, counts: torch.Tensor, indices:
     kmax = indices.shape[-1]
     valid = torch.arange(kmax, device=counts.device) < counts.unsqueeze(-1)
     full = valid & (indices < limit.view(1, 1, n_qb, 1))
+    if key_start is not None:
+        full &= indices * bk >= key_start.view(-1, 1, 1, 1)
     # a leading run only: anything after the first masked entry takes the masked path
     return full.to(torch.int32).cumprod(-1).sum(-1, dtype=torch.int32)
 
@@ -542,6 +552,7 @@ def block_sparse_attention_triton(
     sub_n: int | None = None,
     prescale_q: bool | None = None,
     variant: int | None = None,
+    key_start: torch.Tensor | None = None,
 ):
     """Block-sparse causal attention forward over `selection`, in Triton.
 
@@ -553,6 +564,7 @@ def block_sparse_attention_triton(
     * ``scale``: softmax scale σ (default ``1/sqrt(D)``).
     * ``skip_threshold``: λ (float, or tensor of 1 or ``Hq`` per-head values) enables BLASST tile
       skipping, with ``skip_convention`` ``"raw"`` (on ``q·k``) or ``"scaled"`` (on ``σ·q·k``).
+    * ``key_start``: int ``[B]``, left padding — keys before ``key_start[b]`` are masked.
     * ``init_state=(m, l, acc)``: resume from a previous partial pass (see module docstring for
       the domain: ``m`` on natural-log scaled scores; float32 ``[B,Hq,Lq]``, ``[B,Hq,Lq]``,
       ``[B,Hq,Lq,Dv]``).
@@ -594,7 +606,11 @@ def block_sparse_attention_triton(
         value = with_contiguous_last_dim(value)
         indices = selection.indices.to(device=device, dtype=torch.int32).contiguous()
         counts = selection.counts.to(device=device, dtype=torch.int32).contiguous()
-        n_full = _full_block_counts(selection, counts, indices).contiguous()
+        if key_start is not None:
+            key_start = key_start.to(device=device, dtype=torch.int32).contiguous()
+            if tuple(key_start.shape) != (b,):
+                raise ValueError(f"key_start must be [B={b}], got {tuple(key_start.shape)}")
+        n_full = _full_block_counts(selection, counts, indices, key_start).contiguous()
         if state_in is not None:
             state_in = tuple(t.to(device=device, dtype=torch.float32).contiguous() for t in state_in)
         warps, stages = launch_config(d, bq, bk, query.dtype)
@@ -614,7 +630,7 @@ def block_sparse_attention_triton(
             query, key, value, o, lse if lse is not None else dummy,
             m_in, l_in, a_in, m_out, l_out, a_out,
             indices, counts, n_full, thr if thr is not None else dummy,
-            tiles if tiles is not None else counts,
+            tiles if tiles is not None else counts, key_start if key_start is not None else counts,
             query.stride(0), query.stride(1), query.stride(2),
             key.stride(0), key.stride(1), key.stride(2),
             value.stride(0), value.stride(1), value.stride(2),
@@ -625,7 +641,7 @@ def block_sparse_attention_triton(
             SKIP=thr is not None, COUNT=count_tiles,
             DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
             SUB_M=sm, SUB_N=sn, PRESCALE_Q=_PRESCALE_Q if prescale_q is None else prescale_q,
-            VARIANT=_VARIANT if variant is None else variant,
+            VARIANT=_VARIANT if variant is None else variant, HAS_KEY_START=key_start is not None,
             num_warps=warps, num_stages=stages,
         )  # fmt: skip
 
