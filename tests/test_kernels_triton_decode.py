@@ -389,3 +389,16 @@ def test_import_without_triton():
     env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_left_padding_key_start(num_splits):
+    """Left-padded rows: cache positions before the row's first real token are masked."""
+    lk = 300
+    q, k, v = _qkv(3, 4, 2, lk, 64, torch.float16, seed=9)
+    sel = _selection(3, 2, lk, 16, [19, 7, 12], seed=4)
+    key_start = torch.tensor([0, 45, 290])
+    valid = torch.arange(lk)[None, :] >= key_start[:, None]
+    out, lse = sparse_decode_attention(q, k, v, sel, key_start=key_start, num_splits=num_splits, return_lse=True)
+    ref, ref_lse = paged_decode_attention(q, k, v, sel, key_mask=valid, return_lse=True)
+    _check(out, ref, torch.float16, lse, ref_lse)

@@ -80,14 +80,18 @@ def _flex_prefill(query, key, value, selection: BlockSelection, scale, mask, til
 def _triton_decode(query, key, value, selection: PageSelection, scale, key_mask, tile_counts):
     from attnpatch.kernels.triton_decode import sparse_decode_attention, unsupported_reason
 
-    if key_mask is not None:
-        return None, "triton decode kernel takes no key mask (padded batch or sliding window)"
     reason = unsupported_reason(query, key, value, selection)
     if reason is not None:
         return None, reason
+    key_start = None
+    if key_mask is not None:
+        key_start = key_mask.to(torch.int8).argmax(dim=-1)
+        if not torch.equal(key_mask, torch.arange(key_mask.shape[-1], device=key_mask.device) >= key_start[:, None]):
+            return None, "key mask is not left padding (sliding window?): the triton decode kernel takes a first key"
     lam = _skip_lambda(selection)
     kw = {} if lam is None else {"skip_threshold": lam, "skip_convention": "scaled"}
-    out = sparse_decode_attention(query, key, value, selection, scale=scale, count_tiles=tile_counts is not None, **kw)
+    out = sparse_decode_attention(query, key, value, selection, scale=scale, key_start=key_start,
+                                  count_tiles=tile_counts is not None, **kw)
     if tile_counts is not None:
         out, (visited, skipped) = out
         tile_counts += torch.stack([visited, skipped]).to(tile_counts)

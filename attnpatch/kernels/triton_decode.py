@@ -415,7 +415,7 @@ if triton_available():
 
     @triton.jit
     def _tile_scores(
-        q, k_base, idx_row, n_sel, t, stride_kn, kv_len, qk_scale,
+        q, k_base, idx_row, n_sel, t, stride_kn, kv_len, k_lo, qk_scale,
         PAGE: tl.constexpr, TILE: tl.constexpr, HEAD_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):  # fmt: skip
         # Cache positions of tile t (TILE // PAGE consecutive list entries), validity, and the
@@ -424,13 +424,13 @@ if triton_available():
         if TILE == PAGE:
             page = tl.load(idx_row + t)
             pos = page.to(tl.int64) * PAGE + offs_n
-            ok = (pos >= 0) & (pos < kv_len)  # bad page numbers are masked, never read
+            ok = (pos >= k_lo) & (pos < kv_len)  # bad page numbers are masked, never read
         else:
             entry = t * (TILE // PAGE) + offs_n // PAGE
             entry_ok = entry < n_sel
             page = tl.load(idx_row + entry, mask=entry_ok, other=0)
             pos = page.to(tl.int64) * PAGE + (offs_n % PAGE)
-            ok = entry_ok & (pos >= 0) & (pos < kv_len)
+            ok = entry_ok & (pos >= k_lo) & (pos < kv_len)
         k = tl.load(
             k_base + pos[:, None] * stride_kn + tl.arange(0, HEAD_D)[None, :], mask=ok[:, None], other=0.0
         )
@@ -457,18 +457,22 @@ if triton_available():
 
     @triton.jit
     def _decode_seed_kernel(
-        Q, K, Idx, Cnt, Seed,
+        Q, K, Idx, Cnt, Seed, KeyStart,
         stride_qb, stride_qh, stride_kb, stride_kh, stride_kn,
         stride_ib, stride_ih, stride_cb, stride_ch,
         n_kv_heads, group, kv_len, max_pages, qk_scale,
         PAGE: tl.constexpr, TILE: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_D: tl.constexpr,
-        DOT_PRECISION: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, HAS_KEY_START: tl.constexpr,
     ):  # fmt: skip
         # Row max of tile 0 of each KV head's list: the running-max seed of every split.
         pid_bh = tl.program_id(0)
         b = (pid_bh // n_kv_heads).to(tl.int64)
         hk = (pid_bh % n_kv_heads).to(tl.int64)
         q = _load_query_rows(Q, b, hk, stride_qb, stride_qh, group, BLOCK_G, HEAD_D)
+        if HAS_KEY_START:  # noqa: SIM108  (constexpr branch kept explicit)
+            k_lo = tl.load(KeyStart + b)
+        else:
+            k_lo = 0
         n_sel = tl.minimum(tl.load(Cnt + b * stride_cb + hk * stride_ch), max_pages)
         idx_row = Idx + b * stride_ib + hk * stride_ih
         k_base = K + b * stride_kb + hk * stride_kh
@@ -476,21 +480,21 @@ if triton_available():
         m0 = tl.full([BLOCK_G], float("-inf"), tl.float32)
         if n_sel > 0:
             s, pos, ok = _tile_scores(
-                q, k_base, idx_row, n_sel, 0, stride_kn, kv_len, qk_scale, PAGE, TILE, HEAD_D, DOT_PRECISION
+                q, k_base, idx_row, n_sel, 0, stride_kn, kv_len, k_lo, qk_scale, PAGE, TILE, HEAD_D, DOT_PRECISION
             )
             m0 = tl.reduce(s, 1, _max_combine)
         tl.store(Seed + pid_bh * BLOCK_G + offs_g, m0)
 
     @triton.jit
     def _decode_split_kernel(
-        Q, K, V, Idx, Cnt, Seed, Thr, Ws, Out, Lse, Tiles,
+        Q, K, V, Idx, Cnt, Seed, Thr, Ws, Out, Lse, Tiles, KeyStart,
         stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
         stride_ib, stride_ih, stride_cb, stride_ch, stride_ob, stride_oh,
         n_kv_heads, group, kv_len, max_pages, num_splits, ws_rows, qk_scale, thr_all,
         PAGE: tl.constexpr, TILE: tl.constexpr, BLOCK_G: tl.constexpr,
         HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
         SKIP: tl.constexpr, PER_HEAD_THR: tl.constexpr, SEEDED: tl.constexpr, DIRECT: tl.constexpr,
-        WRITE_LSE: tl.constexpr, COUNT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        WRITE_LSE: tl.constexpr, COUNT: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_KEY_START: tl.constexpr,
     ):  # fmt: skip
         pid_bh = tl.program_id(0)
         split = tl.program_id(1)
@@ -504,6 +508,10 @@ if triton_available():
         k_base = K + b * stride_kb + hk * stride_kh
         v_base = V + b * stride_vb + hk * stride_vh
         idx_row = Idx + b * stride_ib + hk * stride_ih
+        if HAS_KEY_START:  # noqa: SIM108  (constexpr branch) left padding: first real key
+            k_lo = tl.load(KeyStart + b)
+        else:
+            k_lo = 0
         n_sel = tl.minimum(tl.load(Cnt + b * stride_cb + hk * stride_ch), max_pages)  # counts > P: clamp
         n_tiles = (n_sel + (TILE // PAGE) - 1) // (TILE // PAGE)
         per_split = (n_tiles + num_splits - 1) // num_splits
@@ -525,7 +533,7 @@ if triton_available():
 
         for t in range(t_begin, t_end):
             s, pos, ok = _tile_scores(
-                q, k_base, idx_row, n_sel, t, stride_kn, kv_len, qk_scale, PAGE, TILE, HEAD_D, DOT_PRECISION
+                q, k_base, idx_row, n_sel, t, stride_kn, kv_len, k_lo, qk_scale, PAGE, TILE, HEAD_D, DOT_PRECISION
             )
             m_tile = tl.reduce(s, 1, _max_combine)
             if SKIP:
@@ -630,6 +638,7 @@ def sparse_decode_attention(
     count_tiles: bool = False,
     seed_max: bool = True,
     tile_size: int | None = None,
+    key_start: torch.Tensor | None = None,
 ):
     """Single-token attention over the selected pages of each KV head (split-KV, GQA-packed).
 
@@ -642,6 +651,7 @@ def sparse_decode_attention(
     * ``skip_threshold``: λ (float, or tensor of 1 or ``Hq`` values) enables BLASST tile skipping,
       ``skip_convention`` ``"raw"`` (on ``q·k``) or ``"scaled"`` (on ``σ·q·k``); ``seed_max``
       seeds each split's running max with the row max of tile 0 (module docstring).
+    * ``key_start``: int ``[B]``, left padding — cache positions before ``key_start[b]`` are masked.
     * ``num_splits``: splits per KV head (None: `resolve_num_splits`); ``tile_size``: tokens per
       tile, a multiple of the page size in `ALLOWED_TILE_SIZES` (None: ``max(page_size, 64)``).
 
@@ -677,6 +687,10 @@ def sparse_decode_attention(
     value = with_contiguous_last_dim(value)
     indices = _selection_tensor(selection.indices, device)
     counts = _selection_tensor(selection.counts, device)
+    if key_start is not None:
+        key_start = key_start.to(device=device, dtype=torch.int64).contiguous()
+        if tuple(key_start.shape) != (b,):
+            raise ValueError(f"key_start must be [B={b}], got {tuple(key_start.shape)}")
     # A float λ travels as a kernel scalar (no per-call tensor); a tensor λ as [Hq] thresholds.
     thr, thr_all = None, 0.0
     if skip and isinstance(skip_threshold, torch.Tensor):
@@ -698,12 +712,12 @@ def sparse_decode_attention(
     if seeded:
         seed = torch.empty(b * hkv * block_g, dtype=torch.float32, device=device)  # the seed pass fills it
         _decode_seed_kernel[(b * hkv,)](
-            query, key, indices, counts, seed,
+            query, key, indices, counts, seed, key_start if key_start is not None else counts,
             query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
             *idx_strides, *cnt_strides,
             hkv, group, lk, indices.shape[-1], qk_scale,
             PAGE=selection.page_size, TILE=tile, BLOCK_G=block_g, HEAD_D=d, DOT_PRECISION=precision,
-            num_warps=4, num_stages=1,
+            HAS_KEY_START=key_start is not None, num_warps=4, num_stages=1,
         )  # fmt: skip
 
     warps, stages = _launch_config(tile, dv, query.dtype)
@@ -711,7 +725,7 @@ def sparse_decode_attention(
         query, key, value, indices, counts,
         seed if seed is not None else out, thr if thr is not None else out,  # unused pointers: any tensor
         ws if ws is not None else out, out, lse if lse is not None else out,
-        tiles if tiles is not None else out,
+        tiles if tiles is not None else out, key_start if key_start is not None else counts,
         query.stride(0), query.stride(1),
         key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2),
@@ -719,7 +733,7 @@ def sparse_decode_attention(
         hkv, group, lk, indices.shape[-1], splits, ws_rows, qk_scale, thr_all,
         PAGE=selection.page_size, TILE=tile, BLOCK_G=block_g, HEAD_D=d, HEAD_DV=dv,
         SKIP=skip, PER_HEAD_THR=thr is not None, SEEDED=seeded, DIRECT=direct, WRITE_LSE=return_lse, COUNT=count_tiles,
-        DOT_PRECISION=precision, num_warps=warps, num_stages=stages,
+        DOT_PRECISION=precision, HAS_KEY_START=key_start is not None, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     if not direct:
         _decode_merge_kernel[(b * hq,)](
