@@ -6,80 +6,18 @@ the GPU) first, and those tests never get interpreted kernels from this module. 
 is restored after import and set again only while these tests run.
 """
 
-import os
+import math
 
-_PREVIOUS_INTERPRET = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"  # must precede importing triton and decorating any kernel
+import pytest
+import torch
+from triton_interpreted import interpret_env, load_interpreted
 
+from attnpatch.kernels.reference import block_sparse_attention, merge_partials
+from attnpatch.selection import BlockSelection, causal_block_limit, num_blocks
 
-def _restore_interpret_env() -> None:
-    if _PREVIOUS_INTERPRET is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _PREVIOUS_INTERPRET
-
-
-import importlib.util  # noqa: E402
-import math  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import attnpatch.kernels  # noqa: E402
-from attnpatch.kernels.reference import block_sparse_attention, merge_partials  # noqa: E402
-from attnpatch.selection import BlockSelection, causal_block_limit, num_blocks  # noqa: E402
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:
-    _restore_interpret_env()
-    pytest.skip("triton is not installed", allow_module_level=True)
-
-
-@triton.jit
-def _loop_bound_probe(x_ptr, y_ptr):
-    total = 0.0
-    for _ in range(0, tl.load(x_ptr)):
-        total += 1.0
-    tl.store(y_ptr, total)
-
-
-def _interpreter_takes_tensor_loop_bounds() -> bool:
-    """Triton <= 3.6's interpreter turns scalars into 1-element arrays, which NumPy >= 2.4 refuses
-    to use as a `range` bound; the kernel's loops need that."""
-    y = torch.zeros(1)
-    try:
-        _loop_bound_probe[(1,)](torch.tensor([3], dtype=torch.int32), y)
-    except Exception:
-        return False
-    return float(y[0]) == 3.0
-
-
-if not _interpreter_takes_tensor_loop_bounds():
-    _restore_interpret_env()
-    pytest.skip(
-        f"the Triton {triton.__version__} interpreter cannot use loaded scalars as loop bounds with this "
-        "NumPy (use NumPy < 2.4 or a newer Triton to run these CPU tests)",
-        allow_module_level=True,
-    )
-
-
-def _load_interpreted_kernel_module():
-    name = "_attnpatch_triton_block_sparse_interpreted"
-    path = Path(attnpatch.kernels.__file__).with_name("triton_block_sparse.py")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-_kernels = _load_interpreted_kernel_module()
-_restore_interpret_env()
-assert _kernels._KERNEL_INTERPRETED
+_kernels, _why = load_interpreted("triton_block_sparse.py")
+if _kernels is None:
+    pytest.skip(_why, allow_module_level=True)
 block_sparse_attention_tiled_reference = _kernels.block_sparse_attention_tiled_reference
 block_sparse_attention_triton = _kernels.block_sparse_attention_triton
 unsupported_reason = _kernels.unsupported_reason
@@ -87,9 +25,8 @@ unsupported_reason = _kernels.unsupported_reason
 
 @pytest.fixture(autouse=True, scope="module")
 def _interpret_while_testing():
-    os.environ["TRITON_INTERPRET"] = "1"
-    yield
-    _restore_interpret_env()
+    with interpret_env():
+        yield
 
 
 ATOL = {torch.float16: 2e-3, torch.float32: 1e-4}

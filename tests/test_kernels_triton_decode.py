@@ -5,89 +5,30 @@ the interpreter (independent of whether another test imported the GPU-compiled m
 TRITON_INTERPRET is restored after import and set again only while these tests run.
 """
 
+import math
 import os
+import subprocess
+import sys
 
-_PREVIOUS_INTERPRET = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"  # must precede importing triton and decorating any kernel
+import pytest
+import torch
+import torch.nn.functional as F
+from triton_interpreted import interpret_env, load_interpreted
 
+from attnpatch.kernels.reference import paged_decode_attention
+from attnpatch.selection import PageSelection, num_blocks
 
-def _restore_interpret_env() -> None:
-    if _PREVIOUS_INTERPRET is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _PREVIOUS_INTERPRET
-
-
-import importlib.util  # noqa: E402
-import math  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import attnpatch.kernels  # noqa: E402
-from attnpatch.kernels.reference import paged_decode_attention  # noqa: E402
-from attnpatch.selection import PageSelection, num_blocks  # noqa: E402
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:
-    _restore_interpret_env()
-    pytest.skip("triton is not installed", allow_module_level=True)
-
-
-@triton.jit
-def _loop_bound_probe(x_ptr, y_ptr):
-    total = 0.0
-    for _ in range(0, tl.load(x_ptr)):
-        total += 1.0
-    tl.store(y_ptr, total)
-
-
-def _interpreter_takes_tensor_loop_bounds() -> bool:
-    """Old Triton interpreters with NumPy >= 2.4 cannot use loaded scalars as loop bounds."""
-    y = torch.zeros(1)
-    try:
-        _loop_bound_probe[(1,)](torch.tensor([3], dtype=torch.int32), y)
-    except Exception:
-        return False
-    return float(y[0]) == 3.0
-
-
-if not _interpreter_takes_tensor_loop_bounds():
-    _restore_interpret_env()
-    pytest.skip(
-        f"the Triton {triton.__version__} interpreter cannot use loaded scalars as loop bounds here",
-        allow_module_level=True,
-    )
-
-
-def _load_interpreted_module():
-    name = "_attnpatch_triton_decode_interpreted"
-    path = Path(attnpatch.kernels.__file__).with_name("triton_decode.py")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-_mod = _load_interpreted_module()
-_restore_interpret_env()
-assert _mod._KERNEL_INTERPRETED
+_mod, _why = load_interpreted("triton_decode.py")
+if _mod is None:
+    pytest.skip(_why, allow_module_level=True)
 sparse_decode_attention = _mod.sparse_decode_attention
 decode_reference = _mod.sparse_decode_attention_reference
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _interpret_while_testing():
-    os.environ["TRITON_INTERPRET"] = "1"
-    yield
-    _restore_interpret_env()
+    with interpret_env():
+        yield
 
 
 ATOL = {torch.float16: 2e-3, torch.float32: 1e-4}

@@ -8,33 +8,21 @@ the import and set again only while these tests run.
 """
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
-_PREVIOUS_INTERPRET = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"  # must precede importing triton and decorating any kernel
+import pytest
+import torch
+from triton_interpreted import interpret_env, load_interpreted
 
-
-def _restore_interpret_env() -> None:
-    if _PREVIOUS_INTERPRET is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _PREVIOUS_INTERPRET
-
-
-import importlib.util  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import attnpatch  # noqa: E402
-from attnpatch.kernels.reference import (  # noqa: E402
+import attnpatch
+from attnpatch.kernels.reference import (
     block_sparse_attention,
     merge_partials,
     token_gather_attention,
 )
-from attnpatch.selection import BlockSelection, TokenSelection, num_blocks  # noqa: E402
+from attnpatch.selection import BlockSelection, TokenSelection, num_blocks
 
 _PACKAGE_DIR = Path(attnpatch.__file__).parent
 
@@ -70,54 +58,7 @@ else:
     assert proc.returncode == 0, proc.stderr
 
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
-
-_SKIP_REASON = None
-_tg = None
-if triton is None:
-    _restore_interpret_env()
-    _SKIP_REASON = "triton is not installed"
-else:
-
-    @triton.jit
-    def _loop_bound_probe(x_ptr, y_ptr):
-        total = 0.0
-        for _ in range(0, tl.load(x_ptr)):
-            total += 1.0
-        tl.store(y_ptr, total)
-
-    def _interpreter_takes_tensor_loop_bounds() -> bool:
-        """Triton <= 3.6's interpreter turns loaded scalars into 1-element arrays, which NumPy >= 2.4
-        refuses as a `range` bound; the kernel's loops need that."""
-        y = torch.zeros(1)
-        try:
-            _loop_bound_probe[(1,)](torch.tensor([3], dtype=torch.int32), y)
-        except Exception:
-            return False
-        return float(y[0]) == 3.0
-
-    def _load_interpreted_kernel_module():
-        name = "_attnpatch_triton_gather_interpreted"
-        spec = importlib.util.spec_from_file_location(name, _PACKAGE_DIR / "kernels" / "triton_gather.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-        return module
-
-    if not _interpreter_takes_tensor_loop_bounds():
-        _restore_interpret_env()
-        _SKIP_REASON = (
-            f"the Triton {triton.__version__} interpreter cannot use loaded scalars as loop bounds "
-            "with this NumPy (use NumPy < 2.4 or a newer Triton to run these CPU tests)"
-        )
-    else:
-        _tg = _load_interpreted_kernel_module()
-        _restore_interpret_env()
-        assert _tg._KERNEL_INTERPRETED
+_tg, _SKIP_REASON = load_interpreted("triton_gather.py")
 
 
 # Every kernel test carries this mark; the import test above runs with or without triton.
@@ -126,9 +67,8 @@ needs_kernel = pytest.mark.skipif(_SKIP_REASON is not None, reason=_SKIP_REASON 
 
 @pytest.fixture(autouse=True, scope="module")
 def _interpret_while_testing():
-    os.environ["TRITON_INTERPRET"] = "1"
-    yield
-    _restore_interpret_env()
+    with interpret_env():
+        yield
 
 
 def _gather(*args, **kwargs):

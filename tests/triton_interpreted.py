@@ -1,0 +1,71 @@
+"""Load an attnpatch kernel module as a private copy decorated under the Triton CPU interpreter.
+
+The copy does not depend on whether another test imported the GPU-compiled module first, and no
+other test gets interpreted kernels from it. TRITON_INTERPRET is set only while loading (and, via
+`interpret_env`, while the calling module's tests run).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+KERNELS_DIR = Path(__file__).resolve().parents[1] / "attnpatch" / "kernels"
+
+
+@contextlib.contextmanager
+def interpret_env():
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+
+
+def _interpreter_takes_tensor_loop_bounds(triton, tl) -> bool:
+    """Triton <= 3.6's interpreter turns loaded scalars into 1-element arrays, which NumPy >= 2.4
+    refuses as a `range` bound; the kernels' loops need that."""
+
+    @triton.jit
+    def probe(x_ptr, y_ptr):
+        total = 0.0
+        for _ in range(0, tl.load(x_ptr)):
+            total += 1.0
+        tl.store(y_ptr, total)
+
+    y = torch.zeros(1)
+    try:
+        probe[(1,)](torch.tensor([3], dtype=torch.int32), y)
+    except Exception:
+        return False
+    return float(y[0]) == 3.0
+
+
+def load_interpreted(filename: str) -> tuple[ModuleType | None, str | None]:
+    """`(module, None)`, or `(None, why the kernel tests cannot run here)`."""
+    with interpret_env():
+        try:
+            import triton
+            import triton.language as tl
+        except ImportError:
+            return None, "triton is not installed"
+        if not _interpreter_takes_tensor_loop_bounds(triton, tl):
+            return None, (f"the Triton {triton.__version__} interpreter cannot use loaded scalars as loop bounds "
+                          "with this NumPy (use NumPy < 2.4 or a newer Triton to run these CPU tests)")
+        name = f"_attnpatch_{Path(filename).stem}_interpreted"
+        spec = importlib.util.spec_from_file_location(name, KERNELS_DIR / filename)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    assert module._KERNEL_INTERPRETED
+    return module, None
