@@ -101,6 +101,16 @@ def _dense_runner(name: str, q, k, v):
     return None, f"{name} unavailable"
 
 
+def _flash_attn_runner(q, k, v):
+    """flash-attn's own kernel (causal, native GQA), when the package is installed."""
+    try:
+        from flash_attn import flash_attn_func
+    except ImportError:
+        return None
+    qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))  # [B, L, H, D], outside the timing
+    return lambda: flash_attn_func(qt, kt, vt, causal=True)
+
+
 def _sparse_runners(q, k, v, sel: BlockSelection) -> dict[str, Callable[[], object]]:
     runners = {}
     try:
@@ -152,6 +162,11 @@ def bench_prefill(shapes=("llama3-8b", "qwen2.5-7b", "smollm2"), lengths=LENGTHS
                     rows.append(Row("prefill", shape, batch, length, f"sdpa-{name}", 1.0, ms,
                                     dense_flops / ms / 1e9, peak, note))
                     log(f"{shape} B={batch} L={length} sdpa-{name}: {ms:.3f} ms")
+                fa = _flash_attn_runner(q, k, v)
+                if fa is not None:
+                    ms = _bench(fa)
+                    rows.append(Row("prefill", shape, batch, length, "flash-attn", 1.0, ms, dense_flops / ms / 1e9))
+                    log(f"{shape} B={batch} L={length} flash-attn: {ms:.3f} ms")
                 for density in densities:
                     sel = random_block_selection(batch, hq, length, block, density, seed=7, device=dev)
                     kept = float(sel.counts.sum())
