@@ -28,7 +28,8 @@ def run(args) -> dict:
     text = austen("prideprejudice")
     lengths = [int(x) for x in args.lengths.split(",")]
     depths = [float(x) for x in args.depths.split(",")]
-    configs = [("dense", 0.0, 0.0)] + [("blasst", float(a), float(args.decode_a)) for a in args.a.split(",")]
+    configs = [("dense", 0.0, 0.0)] + [("blasst", float(a), float(da))
+                                       for a in args.a.split(",") for da in args.decode_a.split(",")]
     rows = []
     bar = tqdm(total=len(configs) * len(lengths) * (len(depths) + 1), desc="blasst sweep")
     for method, a, decode_a in configs:
@@ -94,7 +95,7 @@ def main() -> int:
     p.add_argument("--lengths", default="4096,8192")
     p.add_argument("--depths", default="0.2,0.5,0.8")
     p.add_argument("--a", default="4,32,256,2048")
-    p.add_argument("--decode-a", default="0")
+    p.add_argument("--decode-a", default="0", help="comma list; every (a, decode_a) pair is run")
     p.add_argument("--convention", default="scaled", choices=("scaled", "raw"))
     p.add_argument("--out", default="bench/results/blasst_smollm2")
     args = p.parse_args()
