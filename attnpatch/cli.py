@@ -1,4 +1,4 @@
-"""`attnpatch` command line: methods | demo | bench kernels."""
+"""`attnpatch` command line: methods | demo | bench kernels | lm-eval."""
 
 from __future__ import annotations
 
@@ -44,6 +44,14 @@ def cmd_bench(args) -> None:
         raise SystemExit(kernels_main(args.rest))
 
 
+def cmd_lm_eval(args) -> None:
+    try:
+        from attnpatch.eval.lm_eval_plugin import main as lm_eval_main
+    except ImportError as e:
+        raise SystemExit(f"attnpatch lm-eval needs the eval extra (pip install 'attnpatch[eval]'): {e}") from e
+    raise SystemExit(lm_eval_main(args.rest))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="attnpatch", description="Sparse attention for Hugging Face LLMs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -61,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("what", choices=("kernels",), help="kernels: executors vs SDPA cuDNN/flash and FlexAttention")
     b.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the benchmark")
     b.set_defaults(func=cmd_bench)
+    e = sub.add_parser("lm-eval", help="lm-eval's CLI with model `attnpatch` registered (arguments go to lm-eval)",
+                       add_help=False)
+    e.add_argument("rest", nargs=argparse.REMAINDER)
+    e.set_defaults(func=cmd_lm_eval)
     return p
 
 
