@@ -1,4 +1,4 @@
-"""`attnpatch` command line: methods | demo | bench kernels | lm-eval."""
+"""`attnpatch` command line: methods | demo | inspect | bench kernels | lm-eval."""
 
 from __future__ import annotations
 
@@ -37,6 +37,39 @@ def cmd_demo(args) -> None:
     demo(args.model, args.method, args.length, args.depth, args.seed, args.max_new_tokens, **_parse_options(args.option))
 
 
+def cmd_inspect(args) -> None:
+    from pathlib import Path
+
+    from attnpatch.eval.fidelity import measure, plot_layers
+    from attnpatch.models import load
+
+    model, tok = load(args.model)
+    if args.prompt is not None:
+        text = args.prompt
+    elif args.task == "passkey":
+        from attnpatch.eval.passkey import passkey_sample
+
+        text = passkey_sample(tok, target_tokens=args.length).prompt
+    else:
+        from attnpatch.eval.texts import austen
+
+        text = austen()
+    ids = tok(text, return_tensors="pt").input_ids[:, : args.length]
+    layers = [int(x) for x in args.layers.split(",")] if args.layers else []
+    heads = [int(x) for x in args.heads.split(",")]
+    report, records = measure(model, ids, args.method, keep_layers=layers, model_name=args.model,
+                              **_parse_options(args.option))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "fidelity.json").write_text(json.dumps(report.to_dict(), indent=1))
+    if records:
+        plot_layers(records, heads, out / "fidelity.png")
+    s = report.summary()
+    print(f"{args.method} on {args.model}, {report.tokens} tokens: density {s['density']:.3f}, "
+          f"attention recall {s['recall']:.3f}, output relative error {s['rel_error']:.4f}; "
+          f"dense layers {report.dense_layers or 'none'}; wrote {out / 'fidelity.json'}")
+
+
 def cmd_bench(args) -> None:
     if args.what == "kernels":
         from attnpatch.bench.kernels import main as kernels_main
@@ -65,6 +98,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-new-tokens", type=int, default=8)
     d.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE", help="method option")
     d.set_defaults(func=cmd_demo)
+    i = sub.add_parser("inspect", help="fidelity per layer/head (recall, output error, density) + heat maps")
+    i.add_argument("--model", default="smollm2")
+    i.add_argument("--method", default="a_shape")
+    i.add_argument("--task", default="passkey", choices=("passkey", "austen"), help="where the prompt comes from")
+    i.add_argument("--prompt", default=None, help="a prompt of your own instead of --task")
+    i.add_argument("--length", type=int, default=2048, help="tokens (prompt truncated to it)")
+    i.add_argument("--layers", default="0", help="layers to plot, comma separated")
+    i.add_argument("--heads", default="0", help="heads to plot, comma separated")
+    i.add_argument("--out", default="inspect-out")
+    i.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE", help="method option")
+    i.set_defaults(func=cmd_inspect)
     b = sub.add_parser("bench", help="benchmarks (GPU): `attnpatch bench kernels --help`")
     b.add_argument("what", choices=("kernels",), help="kernels: executors vs SDPA cuDNN/flash and FlexAttention")
     b.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the benchmark")

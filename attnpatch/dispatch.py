@@ -31,6 +31,9 @@ class PatchState:
     plans: list[LayerPlan]
     executors: Executors = field(default_factory=get_executors)
     positions: dict[int, torch.Tensor] = field(default_factory=dict)
+    # Called on every sparse prefill call with (layer, query, key, value, selection, mask, scale):
+    # fidelity tools record real Q/K/V through it. None on the normal path.
+    observer: Callable | None = None
 
     def publish_positions(self, layer_idx: int, positions: torch.Tensor) -> None:
         """Called by cache layers whose returned keys are not positions 0..L-1."""
@@ -94,6 +97,8 @@ def make_attention_function(state: PatchState) -> Callable:
                                            tile_counts=counter)
         if why is not None:
             stats.executor_fallbacks[f"prefill: {why}"] += 1
+        if state.observer is not None:
+            state.observer(layer, query, key, value, selection, attention_mask, scale)
         stats.add_selection(selection)
         return out.transpose(1, 2).contiguous(), None
 

@@ -34,6 +34,7 @@ def block_sparse_attention(
     mask: torch.Tensor | None = None,
     return_lse: bool = False,
     tile_counts: torch.Tensor | None = None,
+    skipped_out: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Causal attention of each query block over its selected key blocks.
 
@@ -47,7 +48,8 @@ def block_sparse_attention(
     row of the (query head, query block) finds it negligible against its running max; since a
     dropped tile can never raise the running max, the running max before slot k is the exclusive
     cumulative max of the tile maxima, which this reference computes in closed form.
-    `tile_counts` (int64 `[2]`), if given, is incremented by (visited tiles, skipped tiles).
+    `tile_counts` (int64 `[2]`), if given, is incremented by (visited tiles, skipped tiles);
+    `skipped_out` (bool `[B, Hq, R, K]`), if given, receives which selection slots were skipped.
     """
     b, hq, lq, d = query.shape
     hkv, lk = key.shape[1], key.shape[2]
@@ -120,6 +122,9 @@ def block_sparse_attention(
             if tile_counts is not None:
                 visited = kept.sum() * (hq if shared else 1)
                 tile_counts += torch.stack([visited, skipped.sum()]).to(tile_counts)
+            if skipped_out is not None:  # [B, heads, n, G or 1, K] -> [B, Hq, n, K]
+                per_head = skipped.permute(0, 1, 3, 2, 4).reshape(b, hq, n, kmax)
+                skipped_out[:, :, r0:r1] = per_head
         elif tile_counts is not None:
             tile_counts[0] += kept.sum() * (hq if shared else 1)
         if return_lse:
