@@ -1,4 +1,4 @@
-"""`attnpatch` command line: methods | demo | inspect | bench kernels | lm-eval."""
+"""`attnpatch` command line: methods | demo | eval | report | inspect | bench kernels | lm-eval."""
 
 from __future__ import annotations
 
@@ -35,6 +35,27 @@ def cmd_demo(args) -> None:
     from attnpatch.demo import demo
 
     demo(args.model, args.method, args.length, args.depth, args.seed, args.max_new_tokens, **_parse_options(args.option))
+
+
+def cmd_eval(args) -> None:
+    from attnpatch.eval.suite import run_grid
+
+    per_method: dict[str, dict] = {}
+    for key, value in _parse_options(args.option).items():
+        method, _, name = key.partition(".")
+        if not name:
+            raise ValueError(f"eval options are METHOD.OPTION=VALUE (e.g. a_shape.local_blocks=4), got {key!r}")
+        per_method.setdefault(method, {})[name] = value
+    files = run_grid(args.model, args.methods.split(","), args.tasks.split(","),
+                     [int(x) for x in args.lengths.split(",")], args.limit, args.out, per_method)
+    print(f"wrote {len(files)} result files to {args.out}")
+
+
+def cmd_report(args) -> None:
+    from attnpatch.eval.report import write_report
+
+    path = write_report(args.results, args.out, args.bench)
+    print(f"wrote {path} and {path.with_suffix('.png')}")
 
 
 def cmd_inspect(args) -> None:
@@ -98,6 +119,20 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-new-tokens", type=int, default=8)
     d.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE", help="method option")
     d.set_defaults(func=cmd_demo)
+    ev = sub.add_parser("eval", help="offline long-context suite: methods × lengths × tasks, one JSON per run")
+    ev.add_argument("--model", default="smollm2")
+    ev.add_argument("--methods", default="dense,a_shape,blasst")
+    ev.add_argument("--tasks", default="passkey,perplexity,niah_single_1")
+    ev.add_argument("--lengths", default="2048,4096,8192")
+    ev.add_argument("--limit", type=int, default=4, help="samples per task")
+    ev.add_argument("--out", default="eval-results")
+    ev.add_argument("-o", "--option", action="append", default=[], metavar="METHOD.KEY=VALUE")
+    ev.set_defaults(func=cmd_eval)
+    rp = sub.add_parser("report", help="markdown + PNG from eval results (and a kernel benchmark JSON)")
+    rp.add_argument("--results", default="eval-results")
+    rp.add_argument("--bench", default=None, help="kernels.json from attnpatch bench kernels")
+    rp.add_argument("--out", default="eval-results/report.md")
+    rp.set_defaults(func=cmd_report)
     i = sub.add_parser("inspect", help="fidelity per layer/head (recall, output error, density) + heat maps")
     i.add_argument("--model", default="smollm2")
     i.add_argument("--method", default="a_shape")

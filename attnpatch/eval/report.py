@@ -1,0 +1,147 @@
+"""Turn result JSON into a markdown page with tables and PNG plots.
+
+Inputs: the suite's run JSON files (`attnpatch eval`) and, optionally, the kernel benchmark JSON
+(`attnpatch bench kernels`). Plots: accuracy vs density per task (each method a marker, the
+Pareto front a line), speedup over cuDNN vs context length per density, density per layer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+
+def load_runs(folder: str | Path) -> list[dict]:
+    runs = []
+    for path in sorted(Path(folder).glob("*.json")):
+        data = json.loads(path.read_text())
+        if "scores" in data and "method" in data:
+            runs.append(data)
+    if not runs:
+        raise ValueError(f"no suite results (JSON with 'scores' and 'method') in {folder}")
+    return runs
+
+
+def _label(run: dict) -> str:
+    opts = ",".join(f"{k}={v}" for k, v in sorted(run["options"].items()))
+    return run["method"] + (f"({opts})" if opts else "")
+
+
+def runs_table(runs: list[dict]) -> str:
+    tasks = sorted({t for r in runs for t in r["scores"]})
+    lines = ["| L | method | density | skipped | " + " | ".join(tasks) + " |",
+             "|---|---|---|---|" + "---|" * len(tasks)]
+    for r in sorted(runs, key=lambda r: (r["length"], r["method"] != "dense", _label(r))):
+        skip = "-" if r.get("skipped_fraction") is None else f"{r['skipped_fraction']:.3f}"
+        dens = "-" if r.get("density") is None else f"{r['density']:.3f}"
+        cells = [f"{r['scores'][t]:.3f}" if t in r["scores"] else "-" for t in tasks]
+        lines.append(f"| {r['length']} | {_label(r)} | {dens} | {skip} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def pareto(points: list[tuple[float, float]], higher_is_better: bool = True) -> list[tuple[float, float]]:
+    """Points not dominated by any other (lower density and better score), sorted by density."""
+    sign = 1 if higher_is_better else -1
+    front = []
+    for d, s in sorted(points, key=lambda p: (p[0], -sign * p[1])):
+        if not front or sign * s > sign * front[-1][1]:
+            front.append((d, s))
+    return front
+
+
+NOMINAL_DENSITIES = (1.0, 0.5, 0.2, 0.1, 0.05, 0.02)
+
+
+def nominal(density: float) -> float:
+    """The benchmark's nominal density a measured one belongs to (closest on a log scale)."""
+    return min(NOMINAL_DENSITIES, key=lambda d: abs(math.log(d) - math.log(max(density, 1e-6))))
+
+
+def speedup_table(bench: dict) -> str:
+    """Triton kernel speedup over cuDNN by length and density (batch 1, first shape)."""
+    rows = [r for r in bench["rows"] if r["kind"] == "prefill" and r["batch"] == 1]
+    shape = rows[0]["shape"] if rows else ""
+    lengths = sorted({r["length"] for r in rows if r["shape"] == shape})
+    dens = sorted({nominal(r["density"]) for r in rows if r["backend"] == "attnpatch-triton" and r["shape"] == shape},
+                  reverse=True)
+    lines = [f"Speedup of attnpatch-triton over SDPA cuDNN, {shape}, B=1", "",
+             "| L | " + " | ".join(f"d={d}" for d in dens) + " |", "|---|" + "---|" * len(dens)]
+    for n in lengths:
+        cudnn = next(r["ms"] for r in rows if r["shape"] == shape and r["length"] == n and r["backend"] == "sdpa-cudnn")
+        cells = []
+        for d in dens:
+            t = [r["ms"] for r in rows if r["shape"] == shape and r["length"] == n and r["backend"] == "attnpatch-triton"
+                 and nominal(r["density"]) == d]
+            cells.append(f"{cudnn / t[0]:.2f}x" if t else "-")
+        lines.append(f"| {n // 1024}K | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(runs: list[dict], bench: dict | None, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({t for r in runs for t in r["scores"]})
+    panels = len(tasks) + 1 + (bench is not None)
+    cols = min(3, panels)
+    fig, axes = plt.subplots(math.ceil(panels / cols), cols, figsize=(4.4 * cols, 3.4 * math.ceil(panels / cols)),
+                             squeeze=False)
+    axes = list(axes.flat)
+    for ax, task in zip(axes, tasks, strict=False):
+        better_high = task != "perplexity"
+        for label in sorted({_label(r) for r in runs}):
+            pts = [(r["density"] or 1.0, r["scores"][task]) for r in runs if _label(r) == label and task in r["scores"]]
+            ax.scatter(*zip(*pts, strict=True), label=label, s=22)
+        front = pareto([(r["density"] or 1.0, r["scores"][task]) for r in runs if task in r["scores"]], better_high)
+        ax.plot(*zip(*front, strict=True), color="gray", lw=0.8, ls="--")
+        ax.set(title=task, xlabel="prefill density", ylabel="score" if better_high else "perplexity (lower is better)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    ax = axes[len(tasks)]
+    for r in runs:
+        if r.get("density_per_layer") and r["method"] != "dense":
+            ax.plot(r["density_per_layer"], label=f"{_label(r)} L={r['length']}", lw=1)
+    ax.set(title="density per layer", xlabel="layer", ylabel="density")
+    ax.grid(alpha=0.3)
+    if bench is not None:
+        ax = axes[len(tasks) + 1]
+        rows = [r for r in bench["rows"] if r["kind"] == "prefill" and r["batch"] == 1]
+        shape = rows[0]["shape"]
+        for d in sorted({nominal(r["density"]) for r in rows if r["backend"] == "attnpatch-triton"}, reverse=True):
+            pts = []
+            for n in sorted({r["length"] for r in rows}):
+                c = [r["ms"] for r in rows if r["shape"] == shape and r["length"] == n and r["backend"] == "sdpa-cudnn"]
+                t = [r["ms"] for r in rows if r["shape"] == shape and r["length"] == n
+                     and r["backend"] == "attnpatch-triton" and nominal(r["density"]) == d]
+                if c and t:
+                    pts.append((n, c[0] / t[0]))
+            if pts:
+                ax.plot(*zip(*pts, strict=True), "o-", label=f"density {d}")
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set(title=f"speedup over cuDNN ({shape})", xlabel="context length", ylabel="x", xscale="log", yscale="log")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    for ax in axes[panels:]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def write_report(results: str | Path, out: str | Path, bench: str | Path | None = None) -> Path:
+    runs = load_runs(results)
+    bench_data = json.loads(Path(bench).read_text()) if bench else None
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    png = out.with_suffix(".png")
+    plot(runs, bench_data, png)
+    lines = [f"# attnpatch report — {runs[0]['model']}", "",
+             f"{len(runs)} runs from `{results}`; {runs[0]['device']}, {runs[0]['dtype']}, "
+             f"limit {runs[0]['limit']} samples per task.", "", runs_table(runs), "", f"![plots]({png.name})", ""]
+    if bench_data is not None:
+        lines += [speedup_table(bench_data), "", f"Kernel benchmark: `{bench_data['environment']['command']}` on "
+                  f"{bench_data['environment']['gpu']}.", ""]
+    out.write_text("\n".join(lines))
+    return out
