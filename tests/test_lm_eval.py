@@ -51,3 +51,16 @@ def test_local_task_runs_on_the_patched_model(tmp_path):
         results[method] = out["results"]["tiny_ppl"]["word_perplexity,none"]
     assert 1.0 < results["dense"] < 100.0
     assert results["a_shape"] != results["dense"]  # the patch is really in the loop
+
+
+def test_essay_haystack_is_served_offline():
+    from lm_eval.tasks.ruler import prepare_niah
+
+    from attnpatch.eval.haystack import offline_essays, split_sentences
+
+    original = prepare_niah.datasets.load_dataset
+    with offline_essays():
+        words = prepare_niah.get_haystack(type_haystack="essay")
+        assert prepare_niah.sent_tokenize("One. Two? Three") == ["One.", "Two?", "Three"]
+    assert len(words) > 100_000 and prepare_niah.datasets.load_dataset is original
+    assert split_sentences("a. b") == ["a.", "b"]

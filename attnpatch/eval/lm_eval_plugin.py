@@ -59,6 +59,9 @@ def main(argv: list[str]) -> int:
     """Run lm-eval's CLI with the `attnpatch` model registered."""
     from lm_eval.__main__ import cli_evaluate
 
+    from attnpatch.eval.haystack import offline_essays
+
     sys.argv = ["lm-eval", *resolve_model_args(argv)]
-    cli_evaluate()
+    with offline_essays():  # essay-haystack RULER tasks run without the hub
+        cli_evaluate()
     return 0

@@ -2,7 +2,8 @@
 
 Tasks: `passkey` (attnpatch's generator, greedy answer), `perplexity` (Pride and Prejudice, one
 window of the run's length), and lm-eval's RULER tasks that run offline as shipped
-(`niah_single_1`, `niah_multikey_2`, `niah_multikey_3`, `ruler_vt`, `ruler_cwe`, `ruler_fwe`).
+(`niah_single_1`, `niah_multikey_2`, `niah_multikey_3`, `ruler_vt`, `ruler_cwe`, `ruler_fwe`), and the
+essay-haystack ones through a local essay copy (`attnpatch.eval.haystack`).
 Every run records the patch's prefill density and skipped fraction next to its scores.
 """
 
@@ -22,8 +23,9 @@ from attnpatch.eval.perplexity import window_perplexity
 from attnpatch.models import load, resolve
 
 RULER_OFFLINE = ("niah_single_1", "niah_multikey_2", "niah_multikey_3", "ruler_vt", "ruler_cwe", "ruler_fwe")
+RULER_ESSAY = ("niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multiquery", "niah_multivalue")
 OWN_TASKS = ("passkey", "perplexity")
-TASKS = OWN_TASKS + RULER_OFFLINE
+TASKS = OWN_TASKS + RULER_OFFLINE + RULER_ESSAY
 
 
 @dataclass(frozen=True)
@@ -53,9 +55,12 @@ def _ruler(model, tok, task: str, length: int, limit: int, model_path: str) -> f
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
+    from attnpatch.eval.haystack import offline_essays
+
     lm = HFLM(pretrained=model, tokenizer=tok, max_length=length + 256, batch_size=1)
-    out = simple_evaluate(model=lm, tasks=[task], limit=limit,
-                          metadata={"max_seq_lengths": [length], "pretrained": model_path, "tokenizer": model_path})
+    with offline_essays():
+        out = simple_evaluate(model=lm, tasks=[task], limit=limit,
+                              metadata={"max_seq_lengths": [length], "pretrained": model_path, "tokenizer": model_path})
     scores = out["results"][task]
     key = next(k for k in scores if k.startswith(f"{length},"))
     return float(scores[key])
