@@ -80,9 +80,11 @@ _SUB_TILES: dict[int, dict[tuple[int, int], tuple[int, int]]] = {}
 # Fold the softmax scale into Q (rounded to the input dtype) instead of scaling every score tile.
 # Off: no measurable gain on the H200 (23.22 vs 23.19 ms at 32K, bench/results/ablate.json).
 _PRESCALE_Q = False
-# Main-loop variant: 1 = load the next key-block index one iteration ahead. On the H200 (32K,
-# llama3-8b layer, bf16) it took the dense-selection kernel from 0.67 to 0.75 of cuDNN and 10%
-# density from 0.58 to 0.63 (bench/results/variants.json); ATTNPATCH_BS_VARIANT overrides (tuning).
+# Main-loop variant: 1 = load the next key-block index one iteration ahead; 0 = load it in place.
+# On the H200 (32K, llama3-8b layer, bf16) 1 took the dense-selection kernel from 0.67 to 0.75 of
+# cuDNN and 10% density from 0.58 to 0.63 (bench/results/variants.json, where two-ahead prefetch,
+# warp specialisation and a list-free contiguous walk were measured too, at commit 6d363ca).
+# ATTNPATCH_BS_VARIANT overrides it (tuning).
 _VARIANT = int(os.environ.get("ATTNPATCH_BS_VARIANT", "1"))
 
 
@@ -458,21 +460,13 @@ if triton_available():
             thr = 0.0
         n_skip = tl.full([], 0, tl.int32)
 
-        # Key blocks entirely below the diagonal and inside Lk: no masks. VARIANT (tuning only):
-        # 0 plain; 1 the next block index is loaded one iteration ahead; 2 warp-specialised loop;
-        # 3 contiguous blocks without the list (measures the cost of indirection); 4 index two ahead.
+        # Key blocks entirely below the diagonal and inside Lk: no masks. VARIANT 1 loads the next
+        # block index one iteration ahead, so the K/V address does not wait on a load (measured).
         kb_next = tl.load(idx_row, mask=n_full > 0, other=0)
-        kb_after = tl.load(idx_row + 1, mask=n_full > 1, other=0)
-        for j in tl.range(0, n_full, warp_specialize=VARIANT == 2):
+        for j in range(0, n_full):
             if VARIANT == 1:
                 kb = kb_next
                 kb_next = tl.load(idx_row + j + 1, mask=j + 1 < n_sel, other=0)
-            elif VARIANT == 4:  # two iterations ahead, to match a 3-stage K/V pipeline
-                kb = kb_next
-                kb_next = kb_after
-                kb_after = tl.load(idx_row + j + 2, mask=j + 2 < n_sel, other=0)
-            elif VARIANT == 3:  # ignores the list: valid only for the full causal selection
-                kb = j
             else:
                 kb = tl.load(idx_row + j)
             for sub in tl.static_range(n_nsub):
