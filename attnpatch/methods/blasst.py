@@ -27,11 +27,13 @@ class Blasst(PrefillMethod, DecodeMethod):
 
     Default `a = 128` (scaled): on SmolLM2-135M it skips 25 % of the prefill tiles at 4K and 30 %
     at 8K for +0.13 % perplexity on Pride and Prejudice and unchanged passkey accuracy; a = 1024
-    skips 43–45 % for +0.6 % (bench/results/blasst_smollm2.md).
+    skips 43–45 % for +0.6 % (bench/results/blasst_smollm2.md). Default `decode_a = 1` skips 31 % of
+    the decode pages at 4K with unchanged passkey answers; 16 skips 62 %, 256 skips 78 %, also
+    unchanged on those 3 prompts (bench/results/blasst_smollm2_decode.md) — kept conservative.
     """
 
     a: float = option(128.0, "prefill: λ = a / L (L = KV length); 0 disables skipping", min=0.0)
-    decode_a: float = option(0.4, "decode: λ = decode_a / L; 0 disables skipping", min=0.0)
+    decode_a: float = option(1.0, "decode: λ = decode_a / L; 0 disables skipping", min=0.0)
     convention: str = option("scaled", "threshold on scaled (σ·q·k) or raw (q·k) scores", choices=("scaled", "raw"))
     block_size: int = option(128, "prefill query/key tile size", choices=(16, 32, 64, 128))
     page_size: int = option(128, "decode key tile size", choices=(16, 32, 64, 128))
