@@ -28,3 +28,23 @@ def test_other_masks_are_refused_with_a_reason():
     window = torch.ones(1, 20, dtype=torch.bool)
     _, reason = _left_padding(_mask(window, 20, window=4), 20, 20)
     assert "not causal + padding" in reason
+
+
+def test_kernel_glue_passes_the_skip_rule_and_adds_counters():
+    import math
+
+    from attnpatch.kernels import _run_kernel
+    from attnpatch.selection import PageSelection, SkipRule
+
+    seen = {}
+
+    def kernel(q, k, v, sel, **kw):
+        seen.update(kw)
+        return q * 2, (torch.tensor(7), torch.tensor(3))
+
+    counts = torch.zeros(2, dtype=torch.int64)
+    sel = PageSelection.all_pages(1, 1, 10, 16, skip=SkipRule(math.log(0.25)))
+    out = _run_kernel(kernel, torch.ones(2), None, None, sel, 0.5, torch.tensor([4]), counts)
+    assert torch.equal(out, torch.full((2,), 2.0)) and counts.tolist() == [7, 3]
+    assert abs(seen["skip_threshold"] - 0.25) < 1e-12 and seen["skip_convention"] == "scaled"
+    assert seen["key_start"].tolist() == [4] and seen["count_tiles"] and seen["scale"] == 0.5

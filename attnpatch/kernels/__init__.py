@@ -27,6 +27,13 @@ def _skip_lambda(selection) -> float | torch.Tensor | None:
     return thr.exp() if isinstance(thr, torch.Tensor) else math.exp(thr)
 
 
+def _first_real_key(valid: torch.Tensor) -> torch.Tensor | None:
+    """`[B]` first valid key per row when `valid` `[B, L]` is left padding, else None."""
+    start = valid.to(torch.int8).argmax(dim=-1)
+    left = torch.equal(valid, torch.arange(valid.shape[-1], device=valid.device) >= start.unsqueeze(-1))
+    return start if left else None
+
+
 def _left_padding(mask: torch.Tensor, q_len: int, kv_len: int) -> tuple[torch.Tensor | None, str | None]:
     """First real key per row when `mask` is causal AND left padding; else a reason to fall back."""
     from attnpatch.kernels.flex import padding_key_validity
@@ -35,10 +42,20 @@ def _left_padding(mask: torch.Tensor, q_len: int, kv_len: int) -> tuple[torch.Te
         valid = padding_key_validity(mask, q_len, kv_len)
     except ValueError as e:
         return None, f"mask is not causal + padding ({e})"
-    start = valid.to(torch.int8).argmax(dim=-1)
-    if not torch.equal(valid, torch.arange(kv_len, device=valid.device) >= start.unsqueeze(-1)):
-        return None, "padding is not left padding (the triton kernel takes a first real key per row)"
-    return start, None
+    start = _first_real_key(valid)
+    return (start, None) if start is not None else (None, "padding is not left padding (the kernel takes a first key)")
+
+
+def _run_kernel(kernel, query, key, value, selection, scale, key_start, tile_counts):
+    """Call a Triton kernel with the selection's skip rule (scaled λ) and add its tile counters."""
+    lam = _skip_lambda(selection)
+    kw = {} if lam is None else {"skip_threshold": lam, "skip_convention": "scaled"}
+    out = kernel(query, key, value, selection, scale=scale, key_start=key_start,
+                 count_tiles=tile_counts is not None, **kw)
+    if tile_counts is not None:
+        out, (visited, skipped) = out
+        tile_counts += torch.stack([visited, skipped]).to(tile_counts)
+    return out
 
 
 def _triton_prefill(query, key, value, selection: BlockSelection, scale, mask, tile_counts):
@@ -52,14 +69,7 @@ def _triton_prefill(query, key, value, selection: BlockSelection, scale, mask, t
         key_start, reason = _left_padding(mask, query.shape[2], key.shape[2])
         if reason is not None:
             return None, reason
-    lam = _skip_lambda(selection)
-    kw = {} if lam is None else {"skip_threshold": lam, "skip_convention": "scaled"}
-    out = block_sparse_attention_triton(query, key, value, selection, scale=scale, key_start=key_start,
-                                        count_tiles=tile_counts is not None, **kw)
-    if tile_counts is not None:
-        out, (visited, skipped) = out
-        tile_counts += torch.stack([visited, skipped]).to(tile_counts)
-    return out, None
+    return _run_kernel(block_sparse_attention_triton, query, key, value, selection, scale, key_start, tile_counts), None
 
 
 def _flex_prefill(query, key, value, selection: BlockSelection, scale, mask, tile_counts):
@@ -85,17 +95,10 @@ def _triton_decode(query, key, value, selection: PageSelection, scale, key_mask,
         return None, reason
     key_start = None
     if key_mask is not None:
-        key_start = key_mask.to(torch.int8).argmax(dim=-1)
-        if not torch.equal(key_mask, torch.arange(key_mask.shape[-1], device=key_mask.device) >= key_start[:, None]):
-            return None, "key mask is not left padding (sliding window?): the triton decode kernel takes a first key"
-    lam = _skip_lambda(selection)
-    kw = {} if lam is None else {"skip_threshold": lam, "skip_convention": "scaled"}
-    out = sparse_decode_attention(query, key, value, selection, scale=scale, key_start=key_start,
-                                  count_tiles=tile_counts is not None, **kw)
-    if tile_counts is not None:
-        out, (visited, skipped) = out
-        tile_counts += torch.stack([visited, skipped]).to(tile_counts)
-    return out, None
+        key_start = _first_real_key(key_mask)
+        if key_start is None:
+            return None, "key mask is not left padding (sliding window?): the decode kernel takes a first key"
+    return _run_kernel(sparse_decode_attention, query, key, value, selection, scale, key_start, tile_counts), None
 
 
 @dataclass(frozen=True)
