@@ -15,6 +15,7 @@ def test_pareto_by_hand():
 
 
 def test_report_from_result_files(tmp_path):
+    pytest.importorskip("matplotlib")
     for method, dens, score in (("dense", 1.0, 1.0), ("a_shape", 0.4, 0.5)):
         run = {"model": "m", "method": method, "options": {}, "length": 1024, "limit": 2,
                "scores": {"passkey": score, "perplexity": 20 / score}, "density": dens, "skipped_fraction": None,
