@@ -24,7 +24,7 @@ def test_report_from_result_files(tmp_path):
     runs = load_runs(tmp_path)
     table = runs_table(runs)
     assert table.splitlines()[2].startswith("| 1024 | dense | 1.000 |")
-    assert "| 1024 | a_shape | 0.400 | - | 0.500 | 40.000 |" in table
+    assert "| 1024 | a_shape | 0.400 | - | - | 0.500 | 40.000 |" in table
     out = write_report(tmp_path, tmp_path / "report.md")
     assert out.read_text().count("| 1024 |") == 2 and (tmp_path / "report.png").stat().st_size > 10_000
     with pytest.raises(ValueError, match="no suite results"):
@@ -43,5 +43,6 @@ def test_suite_runs_offline_on_the_embedded_checkpoint(tmp_path):
     assert 0 <= result["scores"]["passkey"] <= 1 and 0 <= result["scores"]["niah_single_1"] <= 1
     assert 5 < result["scores"]["perplexity"] < 100
     assert 0.3 < result["density"] < 0.8 and len(result["density_per_layer"]) == 30
+    assert 0 < result["fidelity"]["recall"] < 1 and result["fidelity"]["rel_error"] > 0
     with pytest.raises(ValueError, match="offline tasks: passkey, perplexity, niah_single_1"):
         run_grid("smollm2", ["dense"], ["ruler_qa_squad"], [1024], 1, tmp_path)

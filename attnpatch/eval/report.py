@@ -30,13 +30,14 @@ def _label(run: dict) -> str:
 
 def runs_table(runs: list[dict]) -> str:
     tasks = sorted({t for r in runs for t in r["scores"]})
-    lines = ["| L | method | density | skipped | " + " | ".join(tasks) + " |",
-             "|---|---|---|---|" + "---|" * len(tasks)]
+    lines = ["| L | method | density | skipped | recall | " + " | ".join(tasks) + " |",
+             "|---|---|---|---|---|" + "---|" * len(tasks)]
     for r in sorted(runs, key=lambda r: (r["length"], r["method"] != "dense", _label(r))):
         skip = "-" if r.get("skipped_fraction") is None else f"{r['skipped_fraction']:.3f}"
         dens = "-" if r.get("density") is None else f"{r['density']:.3f}"
         cells = [f"{r['scores'][t]:.3f}" if t in r["scores"] else "-" for t in tasks]
-        lines.append(f"| {r['length']} | {_label(r)} | {dens} | {skip} | " + " | ".join(cells) + " |")
+        recall = f"{r['fidelity']['recall']:.3f}" if r.get("fidelity") else "-"
+        lines.append(f"| {r['length']} | {_label(r)} | {dens} | {skip} | {recall} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

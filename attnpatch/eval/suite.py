@@ -66,8 +66,19 @@ def _ruler(model, tok, task: str, length: int, limit: int, model_path: str) -> f
     return float(scores[key])
 
 
-def run_one(model, tok, spec: RunSpec, tasks, limit: int, model_name: str, model_path: str) -> dict:
-    """One (method, options, length) run over `tasks`; the patch is active for all of them."""
+def _fidelity(model, tok, spec: RunSpec) -> dict:
+    """Attention recall, output error and density on one passkey prompt of the run's length."""
+    from attnpatch.eval.fidelity import measure
+
+    ids = tok(passkey_sample(tok, target_tokens=spec.length - 16, seed=7).prompt, return_tensors="pt").input_ids
+    report, _ = measure(model, ids, spec.method, **spec.options)
+    return report.summary() if report.heads else {"density": 1.0, "recall": 1.0, "rel_error": 0.0}
+
+
+def run_one(model, tok, spec: RunSpec, tasks, limit: int, model_name: str, model_path: str,
+            measure_fidelity: bool = True) -> dict:
+    """One (method, options, length) run over `tasks` (the patch is active for all of them), plus the
+    fidelity of the same method on one prompt (attention recall, output error, density)."""
     scores: dict[str, float] = {}
     start = time.time()
     with patch_model(model, method=spec.method, **spec.options) as patch:
@@ -81,10 +92,11 @@ def run_one(model, tok, spec: RunSpec, tasks, limit: int, model_name: str, model
             else:
                 scores[task] = _ruler(model, tok, task, spec.length, limit, model_path)
         stats = patch.stats()
+    fidelity = _fidelity(model, tok, spec) if measure_fidelity else None
     return {"model": model_name, "method": spec.method, "options": spec.options, "length": spec.length,
             "limit": limit, "scores": scores, "density": stats.density, "skipped_fraction": stats.skipped_fraction,
             "dense_fallbacks": stats.dense_fallbacks,
-            "density_per_layer": [d["density"] for d in stats.layers], "seconds": round(time.time() - start, 1),
+            "density_per_layer": [d["density"] for d in stats.layers], "fidelity": fidelity, "seconds": round(time.time() - start, 1),
             "device": str(model.device), "dtype": str(model.dtype), "torch": torch.__version__}
 
 
