@@ -23,6 +23,12 @@ def load_runs(folder: str | Path) -> list[dict]:
     return runs
 
 
+def computed_density(run: dict) -> float:
+    """Prefill density after skip rules: selected blocks × (1 − skipped share); 1 for dense runs."""
+    density = 1.0 if run.get("density") is None else run["density"]
+    return density * (1.0 - (run.get("skipped_fraction") or 0.0))
+
+
 def _label(run: dict) -> str:
     opts = ",".join(f"{k}={v}" for k, v in sorted(run["options"].items()))
     return run["method"] + (f"({opts})" if opts else "")
@@ -30,11 +36,11 @@ def _label(run: dict) -> str:
 
 def runs_table(runs: list[dict]) -> str:
     tasks = sorted({t for r in runs for t in r["scores"]})
-    lines = ["| L | method | density | skipped | recall | " + " | ".join(tasks) + " |",
+    lines = ["| L | method | computed density | skipped | recall | " + " | ".join(tasks) + " |",
              "|---|---|---|---|---|" + "---|" * len(tasks)]
     for r in sorted(runs, key=lambda r: (r["length"], r["method"] != "dense", _label(r))):
         skip = "-" if r.get("skipped_fraction") is None else f"{r['skipped_fraction']:.3f}"
-        dens = "-" if r.get("density") is None else f"{r['density']:.3f}"
+        dens = f"{computed_density(r):.3f}"
         cells = [f"{r['scores'][t]:.3f}" if t in r["scores"] else "-" for t in tasks]
         recall = f"{r['fidelity']['recall']:.3f}" if r.get("fidelity") else "-"
         lines.append(f"| {r['length']} | {_label(r)} | {dens} | {skip} | {recall} | " + " | ".join(cells) + " |")
@@ -94,9 +100,9 @@ def plot(runs: list[dict], bench: dict | None, path: Path) -> None:
     for ax, task in zip(axes, tasks, strict=False):
         better_high = task != "perplexity"
         for label in sorted({_label(r) for r in runs}):
-            pts = [(r["density"] or 1.0, r["scores"][task]) for r in runs if _label(r) == label and task in r["scores"]]
+            pts = [(computed_density(r), r["scores"][task]) for r in runs if _label(r) == label and task in r["scores"]]
             ax.scatter(*zip(*pts, strict=True), label=label, s=22)
-        front = pareto([(r["density"] or 1.0, r["scores"][task]) for r in runs if task in r["scores"]], better_high)
+        front = pareto([(computed_density(r), r["scores"][task]) for r in runs if task in r["scores"]], better_high)
         ax.plot(*zip(*front, strict=True), color="gray", lw=0.8, ls="--")
         ax.set(title=task, xlabel="prefill density", ylabel="score" if better_high else "perplexity (lower is better)")
         ax.grid(alpha=0.3)
