@@ -77,7 +77,7 @@ class Patch:
         AttentionMaskInterface.register(self.name, sdpa_mask)
         model.set_attn_implementation(self.name)
         self._hook = None
-        if any(p.decode.cache_layer(0, model.config) is not None for p in plans):
+        if any(p.decode.keeps_own_cache for p in plans):
             self._hook = self._install_cache_hook()
         setattr(model, _ATTR, self)
         self.active = True

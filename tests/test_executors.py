@@ -48,3 +48,13 @@ def test_kernel_glue_passes_the_skip_rule_and_adds_counters():
     assert torch.equal(out, torch.full((2,), 2.0)) and counts.tolist() == [7, 3]
     assert abs(seen["skip_threshold"] - 0.25) < 1e-12 and seen["skip_convention"] == "scaled"
     assert seen["key_start"].tolist() == [4] and seen["count_tiles"] and seen["scale"] == 0.5
+
+
+def test_left_padding_is_checked_once_per_mask():
+    valid = torch.arange(20)[None, :] >= torch.tensor([[0], [7]])
+    mask = _mask(valid, 20)
+    first, _ = _left_padding(mask, 20, 20)
+    again, _ = _left_padding(mask, 20, 20)
+    assert again is first  # the same mask (shared by every layer of a forward) is not re-read
+    other, _ = _left_padding(_mask(valid, 20), 20, 20)
+    assert other is not first and other.tolist() == [0, 7]

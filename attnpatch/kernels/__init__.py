@@ -34,16 +34,25 @@ def _first_real_key(valid: torch.Tensor) -> torch.Tensor | None:
     return start if left else None
 
 
+# transformers builds one mask per forward and hands the same tensor to every layer: the check
+# below (a pass over the mask plus a host sync) runs once per mask, not once per layer.
+_LAST_MASK: list = [None, None]
+
+
 def _left_padding(mask: torch.Tensor, q_len: int, kv_len: int) -> tuple[torch.Tensor | None, str | None]:
     """First real key per row when `mask` is causal AND left padding; else a reason to fall back."""
+    if _LAST_MASK[0] is mask:
+        return _LAST_MASK[1]
     from attnpatch.kernels.flex import padding_key_validity
 
     try:
         valid = padding_key_validity(mask, q_len, kv_len)
+        start = _first_real_key(valid)
+        result = (start, None) if start is not None else (None, "padding is not left padding (the kernel takes a first key)")
     except ValueError as e:
-        return None, f"mask is not causal + padding ({e})"
-    start = _first_real_key(valid)
-    return (start, None) if start is not None else (None, "padding is not left padding (the kernel takes a first key)")
+        result = (None, f"mask is not causal + padding ({e})")
+    _LAST_MASK[:] = [mask, result]
+    return result
 
 
 def _run_kernel(kernel, query, key, value, selection, scale, key_start, tile_counts):

@@ -76,3 +76,8 @@ class DecodeMethod:
     @property
     def is_dense(self) -> bool:
         return False
+
+    @property
+    def keeps_own_cache(self) -> bool:
+        """Whether the method overrides `cache_layer` (so a patch must install its cache layers)."""
+        return type(self).cache_layer is not DecodeMethod.cache_layer
