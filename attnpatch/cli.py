@@ -156,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["lm-eval"]:  # everything after it belongs to lm-eval (argparse's REMAINDER
+        # drops a leading `--option`), so it bypasses attnpatch's parser
+        cmd_lm_eval(argparse.Namespace(rest=argv[1:]))
+        return 0
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

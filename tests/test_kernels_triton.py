@@ -323,3 +323,75 @@ def test_left_padding_key_start(dtype):
     ref = block_sparse_attention(q, k, v, sel, mask=mask)
     _close(out, ref, ATOL[dtype])
     assert torch.all(out[2, :, :130] == 0)  # padded query rows see no key
+
+
+TMA_CASES = [
+    pytest.param(1, 4, 2, 150, 150, 64, 64, 64, "bhld", id="gqa-64"),
+    pytest.param(2, 4, 2, 100, 230, 64, 64, 64, "blhd", id="chunked-strided"),
+    pytest.param(1, 2, 1, 200, 300, 128, 128, 128, "bhld", id="d128-b128"),
+]
+
+
+@pytest.mark.parametrize(("b", "hq", "hkv", "lq", "lk", "d", "bq", "bk", "layout"), TMA_CASES)
+def test_tma_variant_matches_reference(b, hq, hkv, lq, lk, d, bq, bk, layout):
+    """Variant 2 (K/V through TMA descriptors; rows past Lk come back zero-filled) computes the same
+    attention as the reference, also with left padding and in skip mode (same skip decisions as the
+    pointer-load variant)."""
+    q, k, v = _qkv(b, hq, hkv, lq, lk, d, torch.float16, seed=lq, layout=layout)
+    sel = _selection(b, hq, lq, lk, bq, bk, density=[0.9, 0.5, 0.25, 0.0][:hq], seed=bk)
+    out, lse = block_sparse_attention_triton(q, k, v, sel, return_lse=True, variant=2)
+    ref_out, ref_lse = block_sparse_attention(q, k, v, sel, return_lse=True)
+    _close(out, ref_out, ATOL[torch.float16])
+    _close_lse(lse, ref_lse)
+    key_start = torch.tensor([min(lk - 1, 37)] * b)
+    _close(block_sparse_attention_triton(q, k, v, sel, key_start=key_start, variant=2),
+           block_sparse_attention_triton(q, k, v, sel, key_start=key_start, variant=1), 0.0)
+    tma = block_sparse_attention_triton(q, k, v, sel, skip_threshold=0.05, count_tiles=True, variant=2)
+    plain = block_sparse_attention_triton(q, k, v, sel, skip_threshold=0.05, count_tiles=True, variant=1)
+    _close(tma[0], plain[0], 0.0)
+    assert [int(x) for x in tma[1]] == [int(x) for x in plain[1]]
+
+
+def test_stride0_causal_selection_is_not_materialised():
+    """`BlockSelection.causal` (stride-0 index list) runs as is and equals its contiguous copy."""
+    q, k, v = _qkv(1, 4, 2, 150, 230, 64, torch.float16, seed=8)
+    sel = BlockSelection.causal(1, 4, 150, 230, 64, 64)
+    assert sel.indices.stride(1) == 0 and sel.indices.stride(2) == 0
+    dense_copy = BlockSelection(sel.indices.contiguous(), sel.counts.contiguous(), 64, 64, 150, 230)
+    _close(block_sparse_attention_triton(q, k, v, sel), block_sparse_attention_triton(q, k, v, dense_copy), 0.0)
+    _close(block_sparse_attention_triton(q, k, v, sel), block_sparse_attention(q, k, v, sel), ATOL[torch.float16])
+
+
+def _leading_full_run(selection, key_start=None):
+    """Oracle: length of the leading run of list entries that need no mask, entry by entry."""
+    b, h, r = selection.counts.shape
+    first = torch.arange(r) * selection.block_q + selection.kv_len - selection.q_len
+    out = torch.zeros(b, h, r, dtype=torch.int32)
+    for bi, hi, ri in ((x, y, z) for x in range(b) for y in range(h) for z in range(r)):
+        n = 0
+        for j in range(int(selection.counts[bi, hi, ri])):
+            kb = int(selection.indices[bi, hi, ri, j])
+            last_key = (kb + 1) * selection.block_k - 1
+            ok = last_key <= first[ri] and last_key < selection.kv_len
+            if key_start is not None:
+                ok = ok and kb * selection.block_k >= int(key_start[bi])
+            if not ok:
+                break
+            n += 1
+        out[bi, hi, ri] = n
+    return out
+
+
+@pytest.mark.parametrize("chunk", [1 << 24, 7])
+def test_full_block_counts_match_oracle(monkeypatch, chunk):
+    """The mask-free prefix per list (computed in head slices) matches an entry-by-entry oracle,
+    with padding slots past the count holding arbitrary values, and with left padding."""
+    monkeypatch.setattr(_kernels, "_FULL_COUNT_CHUNK", chunk)
+    sel = _selection(2, 3, 170, 300, 32, 32, density=[0.8, 0.3, 0.0], seed=2)
+    junk = sel.indices.clone()
+    slot = torch.arange(junk.shape[-1])
+    junk[slot >= sel.counts.unsqueeze(-1)] = 0  # padding slots must not count
+    sel = BlockSelection(junk, sel.counts, 32, 32, 170, 300)
+    for key_start in (None, torch.tensor([0, 70])):
+        got = _kernels._full_block_counts(sel, sel.counts.to(torch.int32), sel.indices, key_start)
+        assert torch.equal(got, _leading_full_run(sel, key_start))

@@ -64,3 +64,17 @@ def test_essay_haystack_is_served_offline():
         assert prepare_niah.sent_tokenize("One. Two? Three") == ["One.", "Two?", "Three"]
     assert len(words) > 100_000 and prepare_niah.datasets.load_dataset is original
     assert split_sentences("a. b") == ["a.", "b"]
+
+
+def test_cli_hands_every_argument_to_lm_eval(monkeypatch):
+    """`attnpatch lm-eval --model ...`: arguments that start with `--` reach lm-eval unchanged
+    (argparse's REMAINDER would reject a leading option)."""
+    import attnpatch.eval.lm_eval_plugin as plugin
+    from attnpatch.cli import main
+
+    seen = []
+    monkeypatch.setattr(plugin, "main", lambda argv: seen.append(argv) or 0)
+    argv = ["--model", "attnpatch", "--model_args", "method=a_shape", "--tasks", "niah_single_1", "--limit", "2"]
+    with pytest.raises(SystemExit) as done:
+        main(["lm-eval", *argv])
+    assert done.value.code == 0 and seen == [argv]

@@ -18,32 +18,37 @@ from attnpatch.kernels.triton_decode import sparse_decode_attention
 from attnpatch.selection import BlockSelection
 
 
-def variants(out: Path) -> None:
-    """Loop variants of the block-sparse kernel at 32K (llama3-8b layer), density 1 and 0.1."""
-    hq, hkv, d = SHAPES["llama3-8b"]
-    L = 32768
-    q, k, v = (torch.randn(1, h, L, d, device="cuda", dtype=torch.bfloat16) for h in (hq, hkv, hkv))
-    cudnn = _bench(_dense_runner("cudnn", q, k, v)[0])
+def variants(out: Path, shapes: tuple[str, ...] = ("llama3-8b", "smollm2"), length: int = 32768) -> None:
+    """Loop variants of the block-sparse kernel (0: index loaded in place, 1: index prefetched one
+    ahead, 2: 1 + TMA loads of K/V, 3: TMA + warp specialisation) at density 1 and 0.1."""
     rows = []
-    for density in (1.0, 0.1):
-        sel = random_block_selection(1, hq, L, 128, density, device="cuda")
-        for variant in (0, 1):
-            for warps, stages in ((8, 3),):
-                try:
-                    ms = _bench(lambda sel=sel, var=variant, w=warps, st=stages: block_sparse_attention_triton(
-                        q, k, v, sel, variant=var, num_warps=w, num_stages=st))
-                except Exception as e:  # noqa: BLE001
-                    ms = float("nan")
-                    print(f"variant {variant}: {type(e).__name__}: {str(e)[:200]}", flush=True)
-                rows.append({"density": density, "variant": variant, "warps": warps, "stages": stages, "ms": ms,
-                             "cudnn_ms": cudnn})
-                print(f"d={density} variant={variant} w{warps} s{stages}: {ms:.3f} ms "
-                      f"({density * cudnn / ms:.2f} of cuDNN per kept block)", flush=True)
-    prev = json.loads((out / "variants.json").read_text())["rows"] if (out / "variants.json").exists() else []
-    (out / "variants.json").write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "rows": prev + rows}, indent=1))
-    best = min((r for r in rows if r["ms"] == r["ms"]), key=lambda r: (r["density"] != 1.0, r["ms"]))
-    (out / "best_variant").write_text(str(best["variant"]))
-    print(f"best variant at density 1: {best['variant']}")
+    configs = {0: ((8, 3),), 1: ((8, 3),), 2: ((8, 2), (8, 3), (8, 4), (4, 3)), 3: ((8, 2), (8, 3))}
+    for shape in shapes:
+        hq, hkv, d = SHAPES[shape]
+        q, k, v = (torch.randn(1, h, length, d, device="cuda", dtype=torch.bfloat16) for h in (hq, hkv, hkv))
+        cudnn = _bench(_dense_runner("cudnn", q, k, v)[0])
+        for density in (1.0, 0.1):
+            sel = random_block_selection(1, hq, length, 128, density, device="cuda")
+            for variant, settings in configs.items():
+                for warps, stages in settings:
+                    try:
+                        ms = _bench(lambda q=q, k=k, v=v, sel=sel, var=variant, w=warps, st=stages: block_sparse_attention_triton(
+                            q, k, v, sel, variant=var, num_warps=w, num_stages=st))
+                    except Exception as e:  # noqa: BLE001
+                        ms = float("nan")
+                        print(f"variant {variant}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                    rows.append({"shape": shape, "length": length, "density": density, "variant": variant,
+                                 "warps": warps, "stages": stages, "ms": ms, "cudnn_ms": cudnn})
+                    print(f"{shape} d={density} variant={variant} w{warps} s{stages}: {ms:.3f} ms "
+                          f"({density * cudnn / ms:.2f} of cuDNN per kept block)", flush=True)
+    (out / "variants.json").write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "triton": _triton_version(),
+                                                   "rows": rows}, indent=1))
+
+
+def _triton_version() -> str:
+    import triton
+
+    return triton.__version__
 
 
 def main() -> int:

@@ -168,7 +168,10 @@ def bench_prefill(shapes=("llama3-8b", "qwen2.5-7b", "smollm2"), lengths=LENGTHS
                     rows.append(Row("prefill", shape, batch, length, "flash-attn", 1.0, ms, dense_flops / ms / 1e9))
                     log(f"{shape} B={batch} L={length} flash-attn: {ms:.3f} ms")
                 for density in densities:
-                    sel = random_block_selection(batch, hq, length, block, density, seed=7, device=dev)
+                    if density >= 1.0:  # every causal block: a stride-0 list, as a method hands it over
+                        sel = BlockSelection.causal(batch, hq, length, length, block, block, dev)
+                    else:
+                        sel = random_block_selection(batch, hq, length, block, density, seed=7, device=dev)
                     kept = float(sel.counts.sum())
                     actual = kept / (float(causal_block_limit(length, length, block, block).sum()) * batch * hq)
                     flops = causal_flops(batch, hq, length, d, block, kept)
@@ -286,8 +289,15 @@ def environment(command: str) -> dict:
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "dtype": "bfloat16",
         "block": 128,
-        "block_sparse_variant": __import__("attnpatch.kernels.triton_block_sparse", fromlist=["_VARIANT"])._VARIANT,
+        "block_sparse_variant": {d: _bs_variant(d) for d in (64, 128)},
     }
+
+
+def _bs_variant(head_dim: int) -> int | None:
+    """The block-sparse kernel's main-loop variant on this GPU for a head dim."""
+    from attnpatch.kernels.triton_block_sparse import default_variant
+
+    return default_variant(torch.device("cuda"), head_dim) if torch.cuda.is_available() else None
 
 
 def prefill_table(rows: list[dict]) -> str:

@@ -18,11 +18,19 @@ from attnpatch.bench.selections import random_block_selection
 from attnpatch.kernels.triton_block_sparse import block_sparse_attention_triton
 
 
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="bench/results")
     p.add_argument("--length", type=int, default=32768)
     p.add_argument("--shapes", default="llama3-8b,smollm2")
+    p.add_argument("--variant", type=int, default=None, help="kernel loop variant (default: the kernel's choice)")
+    p.add_argument("--subtiles", default="128x128,128x64,64x128,64x64")
+    p.add_argument("--warps", default="4,8")
+    p.add_argument("--stages", default="2,3,4")
     args = p.parse_args()
     results = []
     for shape in args.shapes.split(","):
@@ -34,14 +42,16 @@ def main() -> int:
         print(f"{shape} cudnn {cudnn:.3f} ms", flush=True)
         for density in (1.0, 0.1):
             sel = random_block_selection(1, hq, args.length, 128, density, device="cuda")
-            for (sm, sn), warps, stages in itertools.product(((128, 128), (128, 64), (64, 128), (64, 64)), (4, 8), (2, 3, 4)):
+            subtiles = [tuple(int(x) for x in t.split("x")) for t in args.subtiles.split(",")]
+            grid = itertools.product(subtiles, _ints(args.warps), _ints(args.stages))
+            for (sm, sn), warps, stages in grid:
                 try:
                     ms = _bench(lambda q=q, k=k, v=v, sel=sel, sm=sm, sn=sn, w=warps, st=stages: block_sparse_attention_triton(
-                        q, k, v, sel, sub_m=sm, sub_n=sn, num_warps=w, num_stages=st), rep_ms=100)
+                        q, k, v, sel, sub_m=sm, sub_n=sn, num_warps=w, num_stages=st, variant=args.variant), rep_ms=100)
                 except Exception as e:  # noqa: BLE001  (out of shared memory etc.)
                     ms = float("nan")
                     print(f"  {sm}x{sn} w{warps} s{stages}: {type(e).__name__}", flush=True)
-                results.append({"shape": shape, "d": d, "density": density, "sub_m": sm, "sub_n": sn, "warps": warps,
+                results.append({"shape": shape, "d": d, "variant": args.variant, "density": density, "sub_m": sm, "sub_n": sn, "warps": warps,
                                 "stages": stages, "ms": ms, "cudnn_ms": cudnn})
                 print(f"  {shape} dens={density} {sm}x{sn} w{warps} s{stages}: {ms:.3f} ms "
                       f"({density * cudnn / ms:.2f} of cuDNN per kept block)", flush=True)
@@ -52,7 +62,8 @@ def main() -> int:
             best[key] = r
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "tune.json").write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "results": results, "best": best},
+    name = "tune.json" if args.variant is None else f"tune_variant{args.variant}.json"
+    (out / name).write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "results": results, "best": best},
                                               indent=1))
     for key, r in best.items():
         print(f"BEST {key}: {r['sub_m']}x{r['sub_n']} w{r['warps']} s{r['stages']} {r['ms']:.3f} ms "

@@ -36,6 +36,10 @@ class AttnpatchLM(HFLM):
         super().__init__(pretrained=pretrained, **kwargs)
         self.patch = patch_model(self.model, method=method, decode=decode, backend=attn_backend,
                                  profile=Profile.load(profile) if profile else None, **options)
+        device_map = getattr(self.model, "hf_device_map", None)
+        if device_map and len(set(device_map.values())) > 1:  # parallelize=True spread the layers
+            placed = sorted({str(v) for v in device_map.values()})
+            print(f"attnpatch: {method} patch over a model spread on {', '.join(placed)}", file=sys.stderr)
 
 
 def resolve_model_args(argv: list[str]) -> list[str]:

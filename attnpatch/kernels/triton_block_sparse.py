@@ -39,6 +39,7 @@ import torch
 
 from attnpatch.kernels.triton_utils import (
     is_interpreted,
+    on_input_device,
     tensor_device_ok,
     triton_available,
     with_contiguous_last_dim,
@@ -80,12 +81,27 @@ _SUB_TILES: dict[int, dict[tuple[int, int], tuple[int, int]]] = {}
 # Fold the softmax scale into Q (rounded to the input dtype) instead of scaling every score tile.
 # Off: no measurable gain on the H200 (23.22 vs 23.19 ms at 32K, bench/results/ablate.json).
 _PRESCALE_Q = False
-# Main-loop variant: 1 = load the next key-block index one iteration ahead; 0 = load it in place.
-# On the H200 (32K, llama3-8b layer, bf16) 1 took the dense-selection kernel from 0.67 to 0.75 of
-# cuDNN and 10% density from 0.58 to 0.63 (bench/results/variants.json, where two-ahead prefetch,
-# warp specialisation and a list-free contiguous walk were measured too, at commit 6d363ca).
+# Main-loop variant: 0 = load the key-block index in place; 1 = load it one iteration ahead;
+# 2 = 1 + K/V tiles through Hopper's tensor-memory accelerator (TMA descriptors: the tile address is
+# a coordinate, so the indirect block index no longer stalls the load pipeline); 3 = TMA + Triton's
+# warp specialisation. Measured on the H200 (32K, bf16, bench/results/variants.json): llama3-8b
+# layer at density 1, 0.66 / 0.74 / 0.83 / 0.73 of cuDNN per kept block for variants 0-3.
+# Default: 2 on CUDA devices of compute capability >= 9 for head dims 64/128, else 1.
 # ATTNPATCH_BS_VARIANT overrides it (tuning).
-_VARIANT = int(os.environ.get("ATTNPATCH_BS_VARIANT", "1"))
+_VARIANT_ENV = os.environ.get("ATTNPATCH_BS_VARIANT")
+_TMA_HEAD_DIMS = (64, 128)
+# TMA variants' (num_warps, num_stages) and sub-tiles, from bench/results/tune_variant2*.json.
+_TMA_LAUNCH_CONFIGS: dict[int, tuple[int, int]] = {128: (8, 3), 64: (4, 3)}
+_TMA_SUB_TILES: dict[int, dict[tuple[int, int], tuple[int, int]]] = {64: {(128, 128): (128, 64)}}
+
+
+def default_variant(device: torch.device, head_dim: int) -> int:
+    """The main-loop variant used when the caller names none (see `_VARIANT_ENV`)."""
+    if _VARIANT_ENV is not None:
+        return int(_VARIANT_ENV)
+    if device.type == "cuda" and head_dim in _TMA_HEAD_DIMS and torch.cuda.get_device_capability(device)[0] >= 9:
+        return 2
+    return 1
 
 
 def launch_config(head_dim: int, block_q: int, block_k: int, dtype: torch.dtype = torch.float16) -> tuple[int, int]:
@@ -330,8 +346,11 @@ if triton_available():
     _SUM_COMBINE = getattr(tl.standard, "_sum_combine", _sum_combine_fallback)
 
     @triton.jit
-    def _load_v(v_ptrs, k_ok, MASKED: tl.constexpr):
-        if MASKED:
+    def _load_v(v_ptrs, k_ok, v_desc, b, hk, row0, MASKED: tl.constexpr, TMA: tl.constexpr,
+                BLOCK_N: tl.constexpr, HEAD_DV: tl.constexpr):  # fmt: skip
+        if TMA:  # the copy engine zero-fills rows past Lk
+            v = v_desc.load([b, hk, row0, 0]).reshape(BLOCK_N, HEAD_DV)
+        elif MASKED:
             v = tl.load(v_ptrs, mask=k_ok[:, None], other=0.0)
         else:
             v = tl.load(v_ptrs)
@@ -357,9 +376,10 @@ if triton_available():
     @triton.jit
     def _visit_tile(
         acc, l_i, m_i, n_skip, q, k_base, v_base, kb, stride_kn, stride_vn,
-        q_pos, row_ok, kv_len, k_lo, qk_scale, thr,
+        q_pos, row_ok, kv_len, k_lo, qk_scale, thr, k_desc, v_desc, b32, hk32,
         BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
         MASKED: tl.constexpr, SKIP: tl.constexpr, DOT_PRECISION: tl.constexpr, PRESCALED: tl.constexpr,
+        TMA: tl.constexpr,
     ):  # fmt: skip
         offs_n = tl.arange(0, BLOCK_N)
         k_pos = kb * BLOCK_N + offs_n
@@ -367,7 +387,9 @@ if triton_available():
         k_ptrs = k_base + k_rows[:, None] * stride_kn + tl.arange(0, HEAD_D)[None, :]
         v_ptrs = v_base + k_rows[:, None] * stride_vn + tl.arange(0, HEAD_DV)[None, :]
         k_ok = k_pos < kv_len
-        if MASKED:
+        if TMA:  # Hopper's copy engine: the address is a coordinate, rows past Lk come back as 0
+            k = k_desc.load([b32, hk32, kb * BLOCK_N, 0]).reshape(BLOCK_N, HEAD_D)
+        elif MASKED:
             k = tl.load(k_ptrs, mask=k_ok[:, None], other=0.0)
         else:
             k = tl.load(k_ptrs)
@@ -388,22 +410,22 @@ if triton_available():
             n_veto = tl.reduce(veto.to(tl.int32), 0, _SUM_COMBINE)
             n_skip += (n_veto == 0).to(tl.int32)
             if n_veto > 0:
-                v = _load_v(v_ptrs, k_ok, MASKED)
+                v = _load_v(v_ptrs, k_ok, v_desc, b32, hk32, kb * BLOCK_N, MASKED, TMA, BLOCK_N, HEAD_DV)
                 acc, l_i, m_i = _online_update(acc, l_i, m_i, s, m_tile, v, MASKED, DOT_PRECISION)
         else:
-            v = _load_v(v_ptrs, k_ok, MASKED)
+            v = _load_v(v_ptrs, k_ok, v_desc, b32, hk32, kb * BLOCK_N, MASKED, TMA, BLOCK_N, HEAD_DV)
             acc, l_i, m_i = _online_update(acc, l_i, m_i, s, m_tile, v, MASKED, DOT_PRECISION)
         return acc, l_i, m_i, n_skip
 
     @triton.jit
     def _block_sparse_fwd_kernel(
         Q, K, V, Out, Lse, M_in, L_in, Acc_in, M_out, L_out, Acc_out,
-        Idx, Cnt, NFull, Thr, Tiles, KeyStart,
-        stride_qb, stride_qh, stride_qm,
+        Idx, Cnt, NFull, Thr, Tiles, KeyStart, KDesc, VDesc,
+        stride_ib, stride_ih, stride_ir, stride_qb, stride_qh, stride_qm,
         stride_kb, stride_kh, stride_kn,
         stride_vb, stride_vh, stride_vn,
         stride_ob, stride_oh, stride_om,
-        n_q_heads, group, q_len, kv_len, n_qblocks, max_kblocks, qk_scale,
+        n_q_heads, group, q_len, kv_len, n_qblocks, qk_scale,
         HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         HAS_INIT: tl.constexpr, RETURN_STATE: tl.constexpr, WRITE_LSE: tl.constexpr,
         SKIP: tl.constexpr, COUNT: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -420,6 +442,8 @@ if triton_available():
         b = (pid_bh // n_q_heads).to(tl.int64)
         h = pid_bh % n_q_heads
         hk = (h // group).to(tl.int64)
+        b32 = (pid_bh // n_q_heads).to(tl.int32)
+        hk32 = (h // group).to(tl.int32)
 
         offs_m = pid_m * SUB_M + tl.arange(0, SUB_M)
         row_ok = offs_m < q_len
@@ -441,7 +465,8 @@ if triton_available():
         lut = pid_bh.to(tl.int64) * n_qblocks + r
         n_sel = tl.load(Cnt + lut)
         n_full = tl.load(NFull + lut)
-        idx_row = Idx + lut * max_kblocks
+        # the index list may be a stride-0 view (e.g. `BlockSelection.causal`): never materialised
+        idx_row = Idx + b * stride_ib + h.to(tl.int64) * stride_ih + r.to(tl.int64) * stride_ir
 
         state_rows = pid_bh.to(tl.int64) * q_len + offs_m
         if HAS_INIT:
@@ -463,26 +488,36 @@ if triton_available():
         # Key blocks entirely below the diagonal and inside Lk: no masks. VARIANT 1 loads the next
         # block index one iteration ahead, so the K/V address does not wait on a load (measured).
         kb_next = tl.load(idx_row, mask=n_full > 0, other=0)
-        for j in range(0, n_full):
-            if VARIANT == 1:
-                kb = kb_next
-                kb_next = tl.load(idx_row + j + 1, mask=j + 1 < n_sel, other=0)
-            else:
+        if VARIANT == 3:  # TMA loads + Triton's warp specialisation (producer/consumer warps)
+            for j in tl.range(0, n_full, warp_specialize=True):
                 kb = tl.load(idx_row + j)
-            for sub in tl.static_range(n_nsub):
-                acc, l_i, m_i, n_skip = _visit_tile(
-                    acc, l_i, m_i, n_skip, q, k_base, v_base, kb * n_nsub + sub, stride_kn, stride_vn,
-                    q_pos, row_ok, kv_len, k_lo, qk_scale, thr,
-                    SUB_N, HEAD_D, HEAD_DV, False, SKIP, DOT_PRECISION, PRESCALE_Q,
-                )  # fmt: skip
+                for sub in tl.static_range(n_nsub):
+                    acc, l_i, m_i, n_skip = _visit_tile(
+                        acc, l_i, m_i, n_skip, q, k_base, v_base, kb * n_nsub + sub, stride_kn, stride_vn,
+                        q_pos, row_ok, kv_len, k_lo, qk_scale, thr, KDesc, VDesc, b32, hk32,
+                        SUB_N, HEAD_D, HEAD_DV, False, SKIP, DOT_PRECISION, PRESCALE_Q, True,
+                    )  # fmt: skip
+        else:
+            for j in range(0, n_full):
+                if VARIANT >= 1:
+                    kb = kb_next
+                    kb_next = tl.load(idx_row + j + 1, mask=j + 1 < n_sel, other=0)
+                else:
+                    kb = tl.load(idx_row + j)
+                for sub in tl.static_range(n_nsub):
+                    acc, l_i, m_i, n_skip = _visit_tile(
+                        acc, l_i, m_i, n_skip, q, k_base, v_base, kb * n_nsub + sub, stride_kn, stride_vn,
+                        q_pos, row_ok, kv_len, k_lo, qk_scale, thr, KDesc, VDesc, b32, hk32,
+                        SUB_N, HEAD_D, HEAD_DV, False, SKIP, DOT_PRECISION, PRESCALE_Q, VARIANT == 2,
+                    )  # fmt: skip
         # Blocks straddling the diagonal or running past Lk (ascending lists put them last).
         for j in range(n_full, n_sel):
             kb = tl.load(idx_row + j)
             for sub in tl.static_range(n_nsub):
                 acc, l_i, m_i, n_skip = _visit_tile(
                     acc, l_i, m_i, n_skip, q, k_base, v_base, kb * n_nsub + sub, stride_kn, stride_vn,
-                    q_pos, row_ok, kv_len, k_lo, qk_scale, thr,
-                    SUB_N, HEAD_D, HEAD_DV, True, SKIP, DOT_PRECISION, PRESCALE_Q,
+                    q_pos, row_ok, kv_len, k_lo, qk_scale, thr, KDesc, VDesc, b32, hk32,
+                    SUB_N, HEAD_D, HEAD_DV, True, SKIP, DOT_PRECISION, PRESCALE_Q, VARIANT >= 2,
                 )  # fmt: skip
 
         if RETURN_STATE:
@@ -507,26 +542,52 @@ else:
     _KERNEL_INTERPRETED = False
 
 
+def _tensor_descriptor(t: torch.Tensor, rows: int):
+    """A TMA descriptor over a `[B, H, L, D]` tensor with `[1, 1, rows, D]` boxes, or None where the
+    copy engine cannot address it (16-byte aligned base and strides, unit last stride)."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:
+        return None
+    size = t.element_size()
+    if t.stride(-1) != 1 or t.data_ptr() % 16 or any((s * size) % 16 for s in t.stride()[:-1]):
+        return None
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, t.shape[-1]])
+
+
+_FULL_COUNT_CHUNK = 1 << 24  # list entries per slice of heads in `_full_block_counts`
+
+
 def _full_block_counts(
     selection: BlockSelection, counts: torch.Tensor, indices: torch.Tensor, key_start: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Per (b, h, r): how many leading list entries need no mask (below the diagonal, inside Lk,
-    and, with left padding, at or after the row's first real key)."""
+    and, with left padding, at or after the row's first real key). Computed in slices of heads so
+    the boolean temporaries stay small next to the attention inputs (≤ 2**24 entries each)."""
     bq, bk = selection.block_q, selection.block_k
     lq, lk = selection.q_len, selection.kv_len
-    n_qb = counts.shape[-1]
+    b, h, n_qb = counts.shape
+    kmax = indices.shape[-1]
     first_row_pos = torch.arange(n_qb, device=counts.device) * bq + (lk - lq)
     # key block kb is mask-free iff its last key (kb+1)·bk−1 ≤ first query position and < Lk
-    limit = torch.div((first_row_pos + 1).clamp(max=lk), bk, rounding_mode="floor")
-    kmax = indices.shape[-1]
-    valid = torch.arange(kmax, device=counts.device) < counts.unsqueeze(-1)
-    full = valid & (indices < limit.view(1, 1, n_qb, 1))
-    if key_start is not None:
-        full &= indices * bk >= key_start.view(-1, 1, 1, 1)
-    # a leading run only: anything after the first masked entry takes the masked path
-    return full.to(torch.int32).cumprod(-1).sum(-1, dtype=torch.int32)
+    limit = torch.div((first_row_pos + 1).clamp(max=lk), bk, rounding_mode="floor").view(1, 1, n_qb, 1)
+    slots = torch.arange(kmax, device=counts.device)
+    out = torch.zeros(b, h, n_qb, dtype=torch.int32, device=counts.device)
+    if kmax == 0 or out.numel() == 0:
+        return out
+    step = max(1, _FULL_COUNT_CHUNK // max(1, b * n_qb * kmax))
+    for h0 in range(0, h, step):
+        idx = indices[:, h0:h0 + step]
+        cut = (slots < counts[:, h0:h0 + step, :, None]) & (idx < limit)
+        if key_start is not None:
+            cut &= idx * bk >= key_start.view(-1, 1, 1, 1)
+        cut = ~cut  # first entry that needs a mask ends the leading run
+        run = cut.to(torch.uint8).argmax(-1)
+        out[:, h0:h0 + step] = torch.where(cut.any(-1), run, kmax).to(torch.int32)
+    return out
 
 
+@on_input_device
 def block_sparse_attention_triton(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -598,7 +659,9 @@ def block_sparse_attention_triton(
         query = with_contiguous_last_dim(query)
         key = with_contiguous_last_dim(key)
         value = with_contiguous_last_dim(value)
-        indices = selection.indices.to(device=device, dtype=torch.int32).contiguous()
+        indices = selection.indices.to(device=device, dtype=torch.int32)
+        if indices.shape[-1] > 1 and indices.stride(-1) != 1:
+            indices = indices.contiguous()
         counts = selection.counts.to(device=device, dtype=torch.int32).contiguous()
         if key_start is not None:
             key_start = key_start.to(device=device, dtype=torch.int32).contiguous()
@@ -607,15 +670,24 @@ def block_sparse_attention_triton(
         n_full = _full_block_counts(selection, counts, indices, key_start).contiguous()
         if state_in is not None:
             state_in = tuple(t.to(device=device, dtype=torch.float32).contiguous() for t in state_in)
+        variant = default_variant(device, d) if variant is None else variant
         warps, stages = launch_config(d, bq, bk, query.dtype)
+        sm, sn = sub_tiles(d, bq, bk)
+        if variant >= 2 and query.dtype != torch.float32:
+            warps, stages = _TMA_LAUNCH_CONFIGS.get(d, (warps, stages))
+            sm, sn = _TMA_SUB_TILES.get(d, {}).get((bq, bk), (bq, bk))
         warps = num_warps or warps
         stages = num_stages or stages
-        sm, sn = sub_tiles(d, bq, bk)
         sm, sn = sub_m or sm, sub_n or sn
         if thr is not None or count_tiles or query.dtype == torch.float32:
             sm, sn = bq, bk  # BLASST's tile is the selection block; counters are per block
         if bq % sm or bk % sn or sm < 16 or sn < 16:
             raise ValueError(f"sub-tiles {sm}×{sn} must divide the blocks {bq}×{bk} and be >= 16")
+        k_desc = v_desc = None
+        if variant >= 2:
+            k_desc, v_desc = _tensor_descriptor(key, sn), _tensor_descriptor(value, sn)
+            if k_desc is None or v_desc is None:
+                variant, k_desc, v_desc = 1, None, None
         dummy = torch.empty(1, dtype=torch.float32, device=device)
         o = out if out is not None else torch.empty(1, 1, 1, 1, dtype=query.dtype, device=device)
         m_in, l_in, a_in = state_in if state_in is not None else (dummy, dummy, dummy)
@@ -625,17 +697,18 @@ def block_sparse_attention_triton(
             m_in, l_in, a_in, m_out, l_out, a_out,
             indices, counts, n_full, thr if thr is not None else dummy,
             tiles if tiles is not None else counts, key_start if key_start is not None else counts,
+            k_desc, v_desc, indices.stride(0), indices.stride(1), indices.stride(2),
             query.stride(0), query.stride(1), query.stride(2),
             key.stride(0), key.stride(1), key.stride(2),
             value.stride(0), value.stride(1), value.stride(2),
             o.stride(0), o.stride(1), o.stride(2),
-            hq, hq // hkv, lq, lk, n_qb, indices.shape[-1], scale * _LOG2E,
+            hq, hq // hkv, lq, lk, n_qb, scale * _LOG2E,
             HEAD_D=d, HEAD_DV=dv, BLOCK_M=bq, BLOCK_N=bk,
             HAS_INIT=state_in is not None, RETURN_STATE=return_state, WRITE_LSE=return_lse,
             SKIP=thr is not None, COUNT=count_tiles,
             DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
             SUB_M=sm, SUB_N=sn, PRESCALE_Q=_PRESCALE_Q if prescale_q is None else prescale_q,
-            VARIANT=_VARIANT if variant is None else variant, HAS_KEY_START=key_start is not None,
+            VARIANT=variant, HAS_KEY_START=key_start is not None,
             num_warps=warps, num_stages=stages,
         )  # fmt: skip
 

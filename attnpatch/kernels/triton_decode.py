@@ -67,6 +67,7 @@ import torch
 
 from attnpatch.kernels.triton_utils import (
     is_interpreted,
+    on_input_device,
     tensor_device_ok,
     triton_available,
     with_contiguous_last_dim,
@@ -625,6 +626,7 @@ def _selection_tensor(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t
 
 
+@on_input_device
 def sparse_decode_attention(
     query: torch.Tensor,
     key: torch.Tensor,

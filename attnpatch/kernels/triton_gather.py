@@ -38,6 +38,7 @@ import torch
 
 from attnpatch.kernels.triton_utils import (
     is_interpreted,
+    on_input_device,
     tensor_device_ok,
     triton_available,
     with_contiguous_last_dim,
@@ -353,6 +354,7 @@ def _full_counts(
     return torch.minimum(run, counts).to(torch.int32).contiguous()
 
 
+@on_input_device
 def token_gather_attention_triton(
     query: torch.Tensor,
     key: torch.Tensor,

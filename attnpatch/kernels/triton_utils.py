@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
@@ -41,3 +43,24 @@ def tensor_device_ok(t: torch.Tensor, interpreted: bool) -> bool:
 def with_contiguous_last_dim(t: torch.Tensor) -> torch.Tensor:
     """`t` itself when its last dimension has unit stride, else a contiguous copy."""
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+F = TypeVar("F", bound=Callable)
+
+
+def on_input_device(fn: F) -> F:
+    """Run a kernel wrapper with its first tensor's GPU as the current device.
+
+    Triton launches on the *current* CUDA device, not on the tensors' one: a model spread over GPUs
+    (accelerate's `device_map`) calls layers on `cuda:1` while `cuda:0` is current, and the kernel
+    would then run on the wrong GPU, reading the other GPU's memory without stream ordering.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(first, *args, **kwargs):
+        if isinstance(first, torch.Tensor) and first.is_cuda and first.device.index != torch.cuda.current_device():
+            with torch.cuda.device(first.device):
+                return fn(first, *args, **kwargs)
+        return fn(first, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
