@@ -45,6 +45,25 @@ def variants(out: Path, shapes: tuple[str, ...] = ("llama3-8b", "smollm2"), leng
                                                    "rows": rows}, indent=1))
 
 
+def skip_placement(out: Path, length: int = 32768) -> None:
+    """Skip mode's V load before / after the vote, for the pointer (1) and TMA (2) loops, at 0 % and
+    ≈ 79 % skipped tiles (llama3-8b layer), next to the plain kernel of the same loop."""
+    hq, hkv, d = SHAPES["llama3-8b"]
+    q, k, v = skip_qkv(1, hq, hkv, length, d, sink=24.0)
+    sel = BlockSelection.causal(1, hq, length, length, 128, 128, "cuda")
+    rows = []
+    for variant in (1, 2):
+        plain = _bench(lambda var=variant: block_sparse_attention_triton(q, k, v, sel, variant=var))
+        for lam in (0.0, 0.4):
+            for early in (False, True):
+                ms = _bench(lambda var=variant, lam=lam, early=early: block_sparse_attention_triton(
+                    q, k, v, sel, skip_threshold=lam, skip_convention="scaled", variant=var, skip_v_early=early))
+                rows.append({"variant": variant, "lambda": lam, "v_early": early, "ms": ms, "plain_ms": plain})
+                print(f"variant {variant} λ={lam} v_early={early}: {ms:.3f} ms, plain {plain:.3f} "
+                      f"({plain / ms:.2f}x)", flush=True)
+    (out / "skip_placement.json").write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "rows": rows}, indent=1))
+
+
 def _triton_version() -> str:
     import triton
 
@@ -55,10 +74,11 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="bench/results")
     p.add_argument("--variants", action="store_true", help="only the kernel loop variants")
+    p.add_argument("--skip-placement", action="store_true", help="only skip mode's V-load placement")
     args = p.parse_args()
-    if args.variants:
+    if args.variants or args.skip_placement:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        variants(Path(args.out))
+        (variants if args.variants else skip_placement)(Path(args.out))
         return 0
     res = {"gpu": torch.cuda.get_device_name(), "prefill": [], "skip": [], "decode": []}
     hq, hkv, d = SHAPES["llama3-8b"]
