@@ -64,6 +64,27 @@ def skip_placement(out: Path, length: int = 32768) -> None:
     (out / "skip_placement.json").write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "rows": rows}, indent=1))
 
 
+def decode_fused(out: Path, length: int = 131072) -> None:
+    """Sparse decode over 1/16 of the pages: split + merge kernels vs the fused merge (CUDA graph)."""
+    hq, hkv, d = SHAPES["llama3-8b"]
+    rows = []
+    for batch in (1, 4):
+        q = torch.randn(batch, hq, 1, d, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(batch, hkv, length, d, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(batch, hkv, length, d, device="cuda", dtype=torch.bfloat16)
+        dense = _bench_graph(lambda q=q, k=k, v=v: torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, enable_gqa=True))
+        sel = random_page_selection(batch, hkv, length, 128, 1 / 16, device="cuda")
+        for splits in (None, 8, 16, 32):
+            for fused in (False, True):
+                ms = _bench_graph(lambda q=q, k=k, v=v, sel=sel, s=splits, f=fused: sparse_decode_attention(
+                    q, k, v, sel, num_splits=s, fused_merge=f))
+                rows.append({"B": batch, "splits": splits, "fused": fused, "ms": ms, "sdpa_ms": dense})
+                print(f"decode B={batch} splits={splits} fused={fused}: {ms * 1000:.1f} us "
+                      f"(sdpa {dense * 1000:.1f} us, {dense / ms:.2f}x)", flush=True)
+    (out / "decode_fused.json").write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "rows": rows}, indent=1))
+
+
 def _triton_version() -> str:
     import triton
 
@@ -75,10 +96,14 @@ def main() -> int:
     p.add_argument("--out", default="bench/results")
     p.add_argument("--variants", action="store_true", help="only the kernel loop variants")
     p.add_argument("--skip-placement", action="store_true", help="only skip mode's V-load placement")
+    p.add_argument("--decode-fused", action="store_true", help="only decode: split + merge vs fused merge")
     args = p.parse_args()
-    if args.variants or args.skip_placement:
+    only = [f for flag, f in ((args.variants, variants), (args.skip_placement, skip_placement),
+                              (args.decode_fused, decode_fused)) if flag]
+    if only:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        (variants if args.variants else skip_placement)(Path(args.out))
+        for part in only:
+            part(Path(args.out))
         return 0
     res = {"gpu": torch.cuda.get_device_name(), "prefill": [], "skip": [], "decode": []}
     hq, hkv, d = SHAPES["llama3-8b"]
