@@ -399,3 +399,14 @@ def test_full_block_counts_match_oracle(monkeypatch, chunk):
     for key_start in (None, torch.tensor([0, 70])):
         got = _kernels._full_block_counts(sel, sel.counts.to(torch.int32), sel.indices, key_start)
         assert torch.equal(got, _leading_full_run(sel, key_start))
+
+
+@pytest.mark.parametrize(("b", "hq", "hkv", "lq", "lk", "d", "bq", "bk"), CASES)
+def test_mask_free_prefix_in_kernel(b, hq, hkv, lq, lk, d, bq, bk):
+    """The kernel's own walk back over the masked list tail gives the same attention as the
+    host-computed prefix, for chunked prefill, ragged lengths and bq != bk; also on `causal()`."""
+    q, k, v = _qkv(b, hq, hkv, lq, lk, d, torch.float16, seed=lq + lk)
+    for sel in (_selection(b, hq, lq, lk, bq, bk, density=[0.9, 0.5, 0.25, 0.0][:hq], seed=bq * bk),
+                BlockSelection.causal(b, hq, lq, lk, bq, bk)):
+        host = block_sparse_attention_triton(q, k, v, sel, full_in_kernel=False)
+        _close(block_sparse_attention_triton(q, k, v, sel, full_in_kernel=True), host, 0.0)

@@ -85,6 +85,25 @@ def decode_fused(out: Path, length: int = 131072) -> None:
     (out / "decode_fused.json").write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "rows": rows}, indent=1))
 
 
+def host_overhead(out: Path) -> None:
+    """Mask-free prefix per list on the host (torch ops) vs inside the kernel, llama3-8b layer."""
+    hq, hkv, d = SHAPES["llama3-8b"]
+    rows = []
+    for length in (8192, 32768):
+        q, k, v = (torch.randn(1, h, length, d, device="cuda", dtype=torch.bfloat16) for h in (hq, hkv, hkv))
+        cudnn = _bench(_dense_runner("cudnn", q, k, v)[0])
+        for density in (1.0, 0.1, 0.02):
+            sel = (BlockSelection.causal(1, hq, length, length, 128, 128, "cuda") if density >= 1 else
+                   random_block_selection(1, hq, length, 128, density, device="cuda"))
+            for in_kernel in (False, True):
+                ms = _bench(lambda q=q, k=k, v=v, sel=sel, f=in_kernel: block_sparse_attention_triton(
+                    q, k, v, sel, full_in_kernel=f))
+                rows.append({"length": length, "density": density, "in_kernel": in_kernel, "ms": ms, "cudnn_ms": cudnn})
+                print(f"L={length} d={density} prefix in kernel={in_kernel}: {ms:.3f} ms "
+                      f"({density * cudnn / ms:.2f} of cuDNN per kept block)", flush=True)
+    (out / "host_overhead.json").write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "rows": rows}, indent=1))
+
+
 def _triton_version() -> str:
     import triton
 
@@ -97,9 +116,10 @@ def main() -> int:
     p.add_argument("--variants", action="store_true", help="only the kernel loop variants")
     p.add_argument("--skip-placement", action="store_true", help="only skip mode's V-load placement")
     p.add_argument("--decode-fused", action="store_true", help="only decode: split + merge vs fused merge")
+    p.add_argument("--host-overhead", action="store_true", help="only the mask-free prefix: host vs kernel")
     args = p.parse_args()
     only = [f for flag, f in ((args.variants, variants), (args.skip_placement, skip_placement),
-                              (args.decode_fused, decode_fused)) if flag]
+                              (args.decode_fused, decode_fused), (args.host_overhead, host_overhead)) if flag]
     if only:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         for part in only:

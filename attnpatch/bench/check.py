@@ -52,6 +52,10 @@ def block_sparse_cases():
                 ref = reference.block_sparse_attention(q.float(), k.float(), v.float(), sel)
                 out = block_sparse_attention_triton(q, k, v, sel)
                 yield f"block-sparse {dtype} D={d} blk={block} {lq}x{lk} dens={density}", rel(out, ref), TOL[dtype]
+                for variant in (1, 2):  # the non-default paths: pointer loads, in-kernel mask-free prefix
+                    out = block_sparse_attention_triton(q, k, v, sel, variant=variant, full_in_kernel=True)
+                    yield (f"block-sparse {dtype} D={d} blk={block} {lq}x{lk} dens={density} variant={variant} "
+                           "prefix in kernel", rel(out, ref), TOL[dtype])
 
 
 def skip_cases():

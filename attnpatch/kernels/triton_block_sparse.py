@@ -84,6 +84,9 @@ _PRESCALE_Q = False
 # Skip mode loads a tile's V only once the tile is kept (faster with pointer loads, ablate.json);
 # `skip_v_early=True` loads it before the vote instead (to be measured with TMA loads).
 _SKIP_V_EARLY = False
+# Mask-free prefix per list computed in the kernel instead of by torch ops on the host: fewer
+# launches per call (matters at short lengths / low densities). Off until measured on the GPU.
+_FULL_IN_KERNEL = False
 # Main-loop variant: 0 = load the key-block index in place; 1 = load it one iteration ahead;
 # 2 = 1 + K/V tiles through Hopper's tensor-memory accelerator (TMA descriptors: the tile address is
 # a coordinate, so the indirect block index no longer stalls the load pipeline); 3 = TMA + Triton's
@@ -436,7 +439,7 @@ if triton_available():
         HAS_INIT: tl.constexpr, RETURN_STATE: tl.constexpr, WRITE_LSE: tl.constexpr,
         SKIP: tl.constexpr, COUNT: tl.constexpr, DOT_PRECISION: tl.constexpr,
         SUB_M: tl.constexpr, SUB_N: tl.constexpr, PRESCALE_Q: tl.constexpr, VARIANT: tl.constexpr,
-        HAS_KEY_START: tl.constexpr, SKIP_V_EARLY: tl.constexpr,
+        HAS_KEY_START: tl.constexpr, SKIP_V_EARLY: tl.constexpr, FULL_IN_KERNEL: tl.constexpr,
     ):  # fmt: skip
         # A program covers SUB_M rows of a BLOCK_M query block (its selection row is shared) and
         # walks each selected BLOCK_N key block in SUB_N-key steps: smaller tiles, same selection.
@@ -470,9 +473,20 @@ if triton_available():
             k_lo = 0
         lut = pid_bh.to(tl.int64) * n_qblocks + r
         n_sel = tl.load(Cnt + lut)
-        n_full = tl.load(NFull + lut)
         # the index list may be a stride-0 view (e.g. `BlockSelection.causal`): never materialised
         idx_row = Idx + b * stride_ib + h.to(tl.int64) * stride_ih + r.to(tl.int64) * stride_ir
+        if FULL_IN_KERNEL:
+            # Ascending list: the blocks that need a mask (straddling the diagonal or past Lk) are
+            # its last entries; walk back over them (at most BLOCK_M / BLOCK_N + 1 steps).
+            first_q = r * BLOCK_M + (kv_len - q_len)
+            lim = tl.minimum(first_q + 1, kv_len) // BLOCK_N  # key blocks below lim need no mask
+            n_full = n_sel
+            last = tl.load(idx_row + n_full - 1, mask=n_full > 0, other=-1)
+            while (n_full > 0) & (last >= lim):
+                n_full -= 1
+                last = tl.load(idx_row + n_full - 1, mask=n_full > 0, other=-1)
+        else:
+            n_full = tl.load(NFull + lut)
 
         state_rows = pid_bh.to(tl.int64) * q_len + offs_m
         if HAS_INIT:
@@ -615,6 +629,7 @@ def block_sparse_attention_triton(
     variant: int | None = None,
     key_start: torch.Tensor | None = None,
     skip_v_early: bool | None = None,
+    full_in_kernel: bool | None = None,
 ):
     """Block-sparse causal attention forward over `selection`, in Triton.
 
@@ -628,6 +643,9 @@ def block_sparse_attention_triton(
       skipping, with ``skip_convention`` ``"raw"`` (on ``q·k``) or ``"scaled"`` (on ``σ·q·k``).
     * ``key_start``: int ``[B]``, left padding — keys before ``key_start[b]`` are masked.
     * ``skip_v_early``: in skip mode, load V before the skip vote (tuning; same results).
+    * ``full_in_kernel``: find each list's mask-free prefix inside the kernel (a short walk back
+      from its end; relies on ascending lists) instead of with ~15 small host-launched torch ops;
+      not with ``key_start``. Default `_FULL_IN_KERNEL`.
     * ``init_state=(m, l, acc)``: resume from a previous partial pass (see module docstring for
       the domain: ``m`` on natural-log scaled scores; float32 ``[B,Hq,Lq]``, ``[B,Hq,Lq]``,
       ``[B,Hq,Lq,Dv]``).
@@ -675,7 +693,8 @@ def block_sparse_attention_triton(
             key_start = key_start.to(device=device, dtype=torch.int32).contiguous()
             if tuple(key_start.shape) != (b,):
                 raise ValueError(f"key_start must be [B={b}], got {tuple(key_start.shape)}")
-        n_full = _full_block_counts(selection, counts, indices, key_start).contiguous()
+        in_kernel = (_FULL_IN_KERNEL if full_in_kernel is None else full_in_kernel) and key_start is None
+        n_full = counts if in_kernel else _full_block_counts(selection, counts, indices, key_start)
         if state_in is not None:
             state_in = tuple(t.to(device=device, dtype=torch.float32).contiguous() for t in state_in)
         variant = default_variant(device, d) if variant is None else variant
@@ -717,7 +736,7 @@ def block_sparse_attention_triton(
             DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
             SUB_M=sm, SUB_N=sn, PRESCALE_Q=_PRESCALE_Q if prescale_q is None else prescale_q,
             VARIANT=variant, HAS_KEY_START=key_start is not None,
-            SKIP_V_EARLY=_SKIP_V_EARLY if skip_v_early is None else skip_v_early,
+            SKIP_V_EARLY=_SKIP_V_EARLY if skip_v_early is None else skip_v_early, FULL_IN_KERNEL=in_kernel,
             num_warps=warps, num_stages=stages,
         )  # fmt: skip
 
