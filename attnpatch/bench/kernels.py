@@ -41,6 +41,7 @@ class Row:
     tflops: float | None = None
     peak_gib: float | None = None
     note: str = ""
+    graph_ms: float | None = None  # CUDA-graph replay: GPU time without Python launch overhead
 
 
 def _bench(fn: Callable[[], object], rep_ms: int = 200) -> float:
@@ -62,6 +63,18 @@ def _bench_graph(fn: Callable[[], object]) -> float:
     with torch.cuda.graph(graph):
         fn()
     return _bench(graph.replay)
+
+
+def _graph_ms(fn: Callable[[], object], length: int, up_to: int = 32768) -> float | None:
+    """`_bench_graph` for short runs, where eager timings can be bound by the host's launch
+    overhead; None for long runs (GPU-bound anyway) or when `fn` cannot be captured."""
+    if length > up_to:
+        return None
+    try:
+        return _bench_graph(fn)
+    except Exception:  # noqa: BLE001  (a backend that syncs with the host cannot be captured)
+        torch.cuda.synchronize()
+        return None
 
 
 def _peak_gib(fn: Callable[[], object]) -> float:
@@ -160,7 +173,7 @@ def bench_prefill(shapes=("llama3-8b", "qwen2.5-7b", "smollm2"), lengths=LENGTHS
                     ms = _bench(run)
                     peak = _peak_gib(run) if length >= 65536 else None
                     rows.append(Row("prefill", shape, batch, length, f"sdpa-{name}", 1.0, ms,
-                                    dense_flops / ms / 1e9, peak, note))
+                                    dense_flops / ms / 1e9, peak, note, _graph_ms(run, length)))
                     log(f"{shape} B={batch} L={length} sdpa-{name}: {ms:.3f} ms")
                 fa = _flash_attn_runner(q, k, v)
                 if fa is not None:
@@ -180,7 +193,8 @@ def bench_prefill(shapes=("llama3-8b", "qwen2.5-7b", "smollm2"), lengths=LENGTHS
                             run()
                             ms = _bench(run)
                             peak = _peak_gib(run) if length >= 65536 else None
-                            rows.append(Row("prefill", shape, batch, length, name, actual, ms, flops / ms / 1e9, peak))
+                            rows.append(Row("prefill", shape, batch, length, name, actual, ms, flops / ms / 1e9, peak,
+                                            graph_ms=_graph_ms(run, length) if name == "attnpatch-triton" else None))
                             log(f"{shape} B={batch} L={length} {name} d={actual:.3f}: {ms:.3f} ms")
                         except Exception as e:  # noqa: BLE001  (a failing backend is a result, not a crash)
                             rows.append(Row("prefill", shape, batch, length, name, actual, float("nan"),
@@ -301,22 +315,32 @@ def _bs_variant(head_dim: int) -> int | None:
 
 
 def prefill_table(rows: list[dict]) -> str:
-    """Markdown: per (shape, batch, length), each backend's ms at each density, with the cuDNN target."""
-    lines = ["| shape | B | L | density | cuDNN ms | target ms | attnpatch-triton ms | flex ms | triton / cuDNN | met |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    """Markdown: per (shape, batch, length), each backend's ms at each density, with the cuDNN target;
+    `graph` columns: CUDA-graph replay (GPU time only; measured up to 32K, where eager calls can be
+    bound by Python launch overhead)."""
+    lines = ["| shape | B | L | density | cuDNN ms | target ms | attnpatch-triton ms | flex ms | triton / cuDNN | met "
+             "| cuDNN graph | triton graph |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     keys = sorted({(r["shape"], r["batch"], r["length"]) for r in rows if r["kind"] == "prefill"},
                   key=lambda x: (x[0], x[1], x[2]))
+
+    def fmt(x: float | None) -> str:
+        return "–" if x is None else f"{x:.3f}"
+
     for shape, batch, length in keys:
         sub = [r for r in rows if r["kind"] == "prefill" and (r["shape"], r["batch"], r["length"]) == (shape, batch, length)]
-        cudnn = next((r["ms"] for r in sub if r["backend"] == "sdpa-cudnn"), math.nan)
+        dense = next((r for r in sub if r["backend"] == "sdpa-cudnn"), None)
+        cudnn = dense["ms"] if dense else math.nan
         dens = sorted({r["density"] for r in sub if r["backend"] in ("attnpatch-triton", "flex")}, reverse=True)
         for dn in dens:
-            tri = next((r["ms"] for r in sub if r["backend"] == "attnpatch-triton" and r["density"] == dn), math.nan)
+            tri_row = next((r for r in sub if r["backend"] == "attnpatch-triton" and r["density"] == dn), None)
+            tri = tri_row["ms"] if tri_row else math.nan
             flex = next((r["ms"] for r in sub if r["backend"] == "flex" and r["density"] == dn), math.nan)
             target = dn * cudnn / 0.8 * (1.0 if dn >= 0.999 else 1.05)
             met = "yes" if tri <= target else "no"
             lines.append(f"| {shape} | {batch} | {length // 1024}K | {dn:.3f} | {cudnn:.3f} | {target:.3f} | "
-                         f"{tri:.3f} | {flex:.3f} | {tri / cudnn:.3f} | {met} |")
+                         f"{tri:.3f} | {flex:.3f} | {tri / cudnn:.3f} | {met} | "
+                         f"{fmt(dense and dense.get('graph_ms'))} | {fmt(tri_row and tri_row.get('graph_ms'))} |")
     return "\n".join(lines)
 
 
