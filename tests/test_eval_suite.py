@@ -29,6 +29,10 @@ def test_report_from_result_files(tmp_path):
     assert out.read_text().count("| 1024 |") == 2 and (tmp_path / "report.png").stat().st_size > 10_000
     with pytest.raises(ValueError, match="no suite results"):
         load_runs(tmp_path / "nothing-here")
+    runs[1] = {**runs[1], "device": "cuda:0", "dtype": "torch.bfloat16", "limit": 20}  # runs from two settings
+    mixed = runs_table(runs)
+    assert mixed.splitlines()[0].endswith("run on |") and "| cuda:0 bfloat16 ×20 |" in mixed
+    assert "| cpu float32 ×2 |" in mixed
 
 
 @pytest.mark.slow

@@ -34,16 +34,24 @@ def _label(run: dict) -> str:
     return run["method"] + (f"({opts})" if opts else "")
 
 
+def _setting(run: dict) -> str:
+    """Where a run ran: device, dtype and samples per task."""
+    return f"{run['device']} {str(run['dtype']).removeprefix('torch.')} ×{run['limit']}"
+
+
 def runs_table(runs: list[dict]) -> str:
+    """One row per run; a `run on` column appears when the runs differ in device, dtype or samples."""
     tasks = sorted({t for r in runs for t in r["scores"]})
-    lines = ["| L | method | computed density | skipped | recall | " + " | ".join(tasks) + " |",
-             "|---|---|---|---|---|" + "---|" * len(tasks)]
+    mixed = len({_setting(r) for r in runs}) > 1
+    head = "| L | method | computed density | skipped | recall | " + " | ".join(tasks) + " |"
+    lines = [head + (" run on |" if mixed else ""), "|---|---|---|---|---|" + "---|" * (len(tasks) + mixed)]
     for r in sorted(runs, key=lambda r: (r["length"], r["method"] != "dense", _label(r))):
         skip = "-" if r.get("skipped_fraction") is None else f"{r['skipped_fraction']:.3f}"
         dens = f"{computed_density(r):.3f}"
         cells = [f"{r['scores'][t]:.3f}" if t in r["scores"] else "-" for t in tasks]
         recall = f"{r['fidelity']['recall']:.3f}" if r.get("fidelity") else "-"
-        lines.append(f"| {r['length']} | {_label(r)} | {dens} | {skip} | {recall} | " + " | ".join(cells) + " |")
+        row = f"| {r['length']} | {_label(r)} | {dens} | {skip} | {recall} | " + " | ".join(cells) + " |"
+        lines.append(row + (f" {_setting(r)} |" if mixed else ""))
     return "\n".join(lines)
 
 
@@ -145,8 +153,8 @@ def write_report(results: str | Path, out: str | Path, bench: str | Path | None 
     png = out.with_suffix(".png")
     plot(runs, bench_data, png)
     lines = [f"# attnpatch report — {runs[0]['model']}", "",
-             f"{len(runs)} runs from `{results}`; {runs[0]['device']}, {runs[0]['dtype']}, "
-             f"limit {runs[0]['limit']} samples per task.", "", runs_table(runs), "", f"![plots]({png.name})", ""]
+             f"{len(runs)} runs from `{results}`; device, dtype × samples per task: "
+             f"{'; '.join(sorted({_setting(r) for r in runs}))}.", "", runs_table(runs), "", f"![plots]({png.name})", ""]
     if bench_data is not None:
         lines += [speedup_table(bench_data), "", f"Kernel benchmark: `{bench_data['environment']['command']}` on "
                   f"{bench_data['environment']['gpu']}.", ""]
