@@ -410,3 +410,16 @@ def test_mask_free_prefix_in_kernel(b, hq, hkv, lq, lk, d, bq, bk):
                 BlockSelection.causal(b, hq, lq, lk, bq, bk)):
         host = block_sparse_attention_triton(q, k, v, sel, full_in_kernel=False)
         _close(block_sparse_attention_triton(q, k, v, sel, full_in_kernel=True), host, 0.0)
+
+
+def test_tma_falls_back_to_pointer_loads_when_unaligned():
+    """A K/V view whose base or strides are not 16-byte aligned cannot be a TMA descriptor: the
+    wrapper then runs variant 1, with the same result."""
+    q, k, v = _qkv(1, 4, 2, 100, 100, 64, torch.float16, seed=5)
+    buf_k = torch.randn(1, 2, 100 * 64 + 1).to(torch.float16)
+    k_odd = buf_k[..., 1:].view(1, 2, 100, 64)  # base 2 bytes past an aligned address
+    k_odd.copy_(k)
+    assert _kernels._tensor_descriptor(k_odd, 64) is None and _kernels._tensor_descriptor(k, 64) is not None
+    sel = _selection(1, 4, 100, 100, 32, 32, density=0.6, seed=1)
+    _close(block_sparse_attention_triton(q, k_odd, v, sel, variant=2), block_sparse_attention_triton(q, k, v, sel),
+           0.0)
