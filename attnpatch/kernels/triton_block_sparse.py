@@ -564,13 +564,16 @@ else:
 
 def _tensor_descriptor(t: torch.Tensor, rows: int):
     """A TMA descriptor over a `[B, H, L, D]` tensor with `[1, 1, rows, D]` boxes, or None where the
-    copy engine cannot address it (16-byte aligned base and strides, unit last stride)."""
+    copy engine cannot address it (16-byte aligned base and strides, unit last stride, no
+    stride-0 broadcast dimension)."""
     try:
         from triton.tools.tensor_descriptor import TensorDescriptor
     except ImportError:
         return None
     size = t.element_size()
     if t.stride(-1) != 1 or t.data_ptr() % 16 or any((s * size) % 16 for s in t.stride()[:-1]):
+        return None
+    if any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape, strict=True)):  # broadcast views
         return None
     return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, t.shape[-1]])
 
