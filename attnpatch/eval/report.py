@@ -29,6 +29,16 @@ def computed_density(run: dict) -> float:
     return density * (1.0 - (run.get("skipped_fraction") or 0.0))
 
 
+def layer_density(run: dict) -> list[float]:
+    """Per-layer density after skip rules when the run recorded skipped tiles per layer, else the
+    selected density (older runs; their skipped share is only known for the whole model)."""
+    selected = run["density_per_layer"]
+    skipped = run.get("skipped_per_layer")
+    if not skipped:
+        return selected
+    return [d * (1.0 - s) for d, s in zip(selected, skipped, strict=True)]
+
+
 def _label(run: dict) -> str:
     opts = ",".join(f"{k}={v}" for k, v in sorted(run["options"].items()))
     return run["method"] + (f"({opts})" if opts else "")
@@ -105,21 +115,35 @@ def plot(runs: list[dict], bench: dict | None, path: Path) -> None:
     fig, axes = plt.subplots(math.ceil(panels / cols), cols, figsize=(4.4 * cols, 3.4 * math.ceil(panels / cols)),
                              squeeze=False)
     axes = list(axes.flat)
+    lengths = sorted({r["length"] for r in runs})
+    markers, styles = "os^Dv", ("--", ":", "-.", "-")
+    labels = sorted({_label(r) for r in runs})
+    colors = {label: f"C{i}" for i, label in enumerate(labels)}
     for ax, task in zip(axes, tasks, strict=False):
         better_high = task != "perplexity"
-        for label in sorted({_label(r) for r in runs}):
-            pts = [(computed_density(r), r["scores"][task]) for r in runs if _label(r) == label and task in r["scores"]]
-            ax.scatter(*zip(*pts, strict=True), label=label, s=22)
-        front = pareto([(computed_density(r), r["scores"][task]) for r in runs if task in r["scores"]], better_high)
-        ax.plot(*zip(*front, strict=True), color="gray", lw=0.8, ls="--")
-        ax.set(title=task, xlabel="prefill density", ylabel="score" if better_high else "perplexity (lower is better)")
+        for li, n in enumerate(lengths):  # one marker and one Pareto front per context length
+            at_n = [r for r in runs if r["length"] == n and task in r["scores"]]
+            for label in labels:
+                pts = [(computed_density(r), r["scores"][task]) for r in at_n if _label(r) == label]
+                if pts:
+                    ax.scatter(*zip(*pts, strict=True), color=colors[label], marker=markers[li % len(markers)], s=26,
+                               label=f"{label} L={n}")
+            if at_n:
+                front = pareto([(computed_density(r), r["scores"][task]) for r in at_n], better_high)
+                ax.plot(*zip(*front, strict=True), color="gray", lw=0.8, ls=styles[li % len(styles)])
+        ax.set(title=task, xlabel="prefill density (computed)",
+               ylabel="score" if better_high else "perplexity (lower is better)")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    axes[0].legend(fontsize=6)
     ax = axes[len(tasks)]
     for r in runs:
         if r.get("density_per_layer") and r["method"] != "dense":
-            ax.plot(r["density_per_layer"], label=f"{_label(r)} L={r['length']}", lw=1)
-    ax.set(title="density per layer", xlabel="layer", ylabel="density")
+            unknown = r.get("skipped_fraction") and not r.get("skipped_per_layer")  # older runs
+            ax.plot(layer_density(r), label=f"{_label(r)} L={r['length']}" + (" (before skips)" if unknown else ""),
+                    lw=1, color=colors[_label(r)],
+                    ls=styles[lengths.index(r["length"]) % len(styles)])
+    ax.set(title="computed density per layer", xlabel="layer", ylabel="density")
+    ax.legend(fontsize=6)
     ax.grid(alpha=0.3)
     if bench is not None:
         ax = axes[len(tasks) + 1]

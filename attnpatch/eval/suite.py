@@ -96,7 +96,10 @@ def run_one(model, tok, spec: RunSpec, tasks, limit: int, model_name: str, model
     return {"model": model_name, "method": spec.method, "options": spec.options, "length": spec.length,
             "limit": limit, "scores": scores, "density": stats.density, "skipped_fraction": stats.skipped_fraction,
             "dense_fallbacks": stats.dense_fallbacks,
-            "density_per_layer": [d["density"] for d in stats.layers], "fidelity": fidelity, "seconds": round(time.time() - start, 1),
+            "density_per_layer": [d["density"] for d in stats.layers],
+            "skipped_per_layer": [d["skipped_tiles"] / d["visited_tiles"] if d["visited_tiles"] else 0.0
+                                  for d in stats.layers],
+            "fidelity": fidelity, "seconds": round(time.time() - start, 1),
             "device": str(model.device), "dtype": str(model.dtype), "torch": torch.__version__}
 
 
