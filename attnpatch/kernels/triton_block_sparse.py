@@ -92,7 +92,7 @@ _FULL_IN_KERNEL = False
 # a coordinate, so the indirect block index no longer stalls the load pipeline); 3 = TMA + Triton's
 # warp specialisation. Measured on the H200 (32K, bf16, bench/results/variants.json): llama3-8b
 # layer at density 1, 0.66 / 0.74 / 0.83 / 0.73 of cuDNN per kept block for variants 0-3.
-# Default: 2 on CUDA devices of compute capability >= 9 for head dims 64/128, else 1.
+# Default: 2 on CUDA devices of compute capability >= 9 for head dims 64/128 in fp16/bf16, else 1.
 # ATTNPATCH_BS_VARIANT overrides it (tuning).
 _VARIANT_ENV = os.environ.get("ATTNPATCH_BS_VARIANT")
 _TMA_HEAD_DIMS = (64, 128)
@@ -101,11 +101,13 @@ _TMA_LAUNCH_CONFIGS: dict[int, tuple[int, int]] = {128: (8, 3), 64: (4, 3)}
 _TMA_SUB_TILES: dict[int, dict[tuple[int, int], tuple[int, int]]] = {64: {(128, 128): (128, 64)}}
 
 
-def default_variant(device: torch.device, head_dim: int) -> int:
-    """The main-loop variant used when the caller names none (see `_VARIANT_ENV`)."""
+def default_variant(device: torch.device, head_dim: int, dtype: torch.dtype = torch.bfloat16) -> int:
+    """The main-loop variant used when the caller names none (see `_VARIANT_ENV`): the TMA loop for
+    16-bit inputs on Hopper or newer (float32 keeps the measured pointer-load loop)."""
     if _VARIANT_ENV is not None:
         return int(_VARIANT_ENV)
-    if device.type == "cuda" and head_dim in _TMA_HEAD_DIMS and torch.cuda.get_device_capability(device)[0] >= 9:
+    if (device.type == "cuda" and head_dim in _TMA_HEAD_DIMS and dtype != torch.float32
+            and torch.cuda.get_device_capability(device)[0] >= 9):
         return 2
     return 1
 
@@ -700,7 +702,7 @@ def block_sparse_attention_triton(
         n_full = counts if in_kernel else _full_block_counts(selection, counts, indices, key_start)
         if state_in is not None:
             state_in = tuple(t.to(device=device, dtype=torch.float32).contiguous() for t in state_in)
-        variant = default_variant(device, d) if variant is None else variant
+        variant = default_variant(device, d, query.dtype) if variant is None else variant
         warps, stages = launch_config(d, bq, bk, query.dtype)
         sm, sn = sub_tiles(d, bq, bk)
         if variant >= 2 and query.dtype != torch.float32:
