@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import NoReturn
 
 from attnpatch.registry import list_methods
 
@@ -98,12 +99,13 @@ def cmd_bench(args) -> None:
         raise SystemExit(kernels_main(args.rest))
 
 
-def cmd_lm_eval(args) -> None:
+def cmd_lm_eval(argv: list[str]) -> NoReturn:
+    """Hand `argv` to lm-eval's CLI with model `attnpatch` registered."""
     try:
         from attnpatch.eval.lm_eval_plugin import main as lm_eval_main
     except ImportError as e:
         raise SystemExit(f"attnpatch lm-eval needs the eval extra (pip install 'attnpatch[eval]'): {e}") from e
-    raise SystemExit(lm_eval_main(args.rest))
+    raise SystemExit(lm_eval_main(argv))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,10 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("what", choices=("kernels",), help="kernels: executors vs SDPA cuDNN/flash and FlexAttention")
     b.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the benchmark")
     b.set_defaults(func=cmd_bench)
-    e = sub.add_parser("lm-eval", help="lm-eval's CLI with model `attnpatch` registered (arguments go to lm-eval)",
-                       add_help=False)
-    e.add_argument("rest", nargs=argparse.REMAINDER)
-    e.set_defaults(func=cmd_lm_eval)
+    # listed for --help only: `main` hands everything after `lm-eval` to lm-eval before parsing
+    sub.add_parser("lm-eval", help="lm-eval's CLI with model `attnpatch` registered (arguments go to lm-eval)",
+                   add_help=False)
     return p
 
 
@@ -159,8 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["lm-eval"]:  # everything after it belongs to lm-eval (argparse's REMAINDER
         # drops a leading `--option`), so it bypasses attnpatch's parser
-        cmd_lm_eval(argparse.Namespace(rest=argv[1:]))
-        return 0
+        cmd_lm_eval(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

@@ -423,3 +423,10 @@ def test_tma_falls_back_to_pointer_loads_when_unaligned():
     sel = _selection(1, 4, 100, 100, 32, 32, density=0.6, seed=1)
     _close(block_sparse_attention_triton(q, k_odd, v, sel, variant=2), block_sparse_attention_triton(q, k, v, sel),
            0.0)
+
+
+def test_unknown_variant_is_refused():
+    q, k, v = _qkv(1, 2, 1, 64, 64, 32, torch.float16)
+    sel = _selection(1, 2, 64, 64, 32, 32, density=1.0)
+    with pytest.raises(ValueError, match=r"variant must be one of \(0, 1, 2\)"):
+        block_sparse_attention_triton(q, k, v, sel, variant=3)

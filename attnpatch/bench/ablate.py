@@ -20,12 +20,12 @@ from attnpatch.selection import BlockSelection
 
 def variants(out: Path, shapes: tuple[str, ...] = ("llama3-8b", "smollm2"), length: int = 32768) -> None:
     """Loop variants of the block-sparse kernel (0: index loaded in place, 1: index prefetched one
-    ahead, 2: 1 + TMA loads of K/V, 3: TMA + warp specialisation) at density 1 and 0.1."""
+    ahead, 2: 1 + TMA loads of K/V) at density 1 and 0.1."""
     rows = []
-    configs = {0: ((8, 3),), 1: ((8, 3),), 2: ((8, 2), (8, 3), (8, 4), (4, 3)), 3: ((8, 2), (8, 3))}
+    configs = {0: ((8, 3),), 1: ((8, 3),), 2: ((8, 2), (8, 3), (8, 4), (4, 3))}
     for shape in shapes:
-        hq, hkv, d = SHAPES[shape]
-        q, k, v = (torch.randn(1, h, length, d, device="cuda", dtype=torch.bfloat16) for h in (hq, hkv, hkv))
+        q, k, v = _layer_qkv(shape, length)
+        hq = q.shape[1]
         cudnn = _bench(_dense_runner("cudnn", q, k, v)[0])
         for density in (1.0, 0.1):
             sel = random_block_selection(1, hq, length, 128, density, device="cuda")
@@ -41,8 +41,7 @@ def variants(out: Path, shapes: tuple[str, ...] = ("llama3-8b", "smollm2"), leng
                                  "warps": warps, "stages": stages, "ms": ms, "cudnn_ms": cudnn})
                     print(f"{shape} d={density} variant={variant} w{warps} s{stages}: {ms:.3f} ms "
                           f"({density * cudnn / ms:.2f} of cuDNN per kept block)", flush=True)
-    (out / "variants.json").write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "triton": _triton_version(),
-                                                   "rows": rows}, indent=1))
+    _write(out, "variants.json", rows)
 
 
 def skip_placement(out: Path, length: int = 32768) -> None:
@@ -61,7 +60,7 @@ def skip_placement(out: Path, length: int = 32768) -> None:
                 rows.append({"variant": variant, "lambda": lam, "v_early": early, "ms": ms, "plain_ms": plain})
                 print(f"variant {variant} λ={lam} v_early={early}: {ms:.3f} ms, plain {plain:.3f} "
                       f"({plain / ms:.2f}x)", flush=True)
-    (out / "skip_placement.json").write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "rows": rows}, indent=1))
+    _write(out, "skip_placement.json", rows)
 
 
 def decode_fused(out: Path, length: int = 131072) -> None:
@@ -82,15 +81,15 @@ def decode_fused(out: Path, length: int = 131072) -> None:
                 rows.append({"B": batch, "splits": splits, "fused": fused, "ms": ms, "sdpa_ms": dense})
                 print(f"decode B={batch} splits={splits} fused={fused}: {ms * 1000:.1f} us "
                       f"(sdpa {dense * 1000:.1f} us, {dense / ms:.2f}x)", flush=True)
-    (out / "decode_fused.json").write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "rows": rows}, indent=1))
+    _write(out, "decode_fused.json", rows)
 
 
 def host_overhead(out: Path) -> None:
     """Mask-free prefix per list on the host (torch ops) vs inside the kernel, llama3-8b layer."""
-    hq, hkv, d = SHAPES["llama3-8b"]
+    hq = SHAPES["llama3-8b"][0]
     rows = []
     for length in (8192, 32768):
-        q, k, v = (torch.randn(1, h, length, d, device="cuda", dtype=torch.bfloat16) for h in (hq, hkv, hkv))
+        q, k, v = _layer_qkv("llama3-8b", length)
         cudnn = _bench(_dense_runner("cudnn", q, k, v)[0])
         for density in (1.0, 0.1, 0.02):
             sel = (BlockSelection.causal(1, hq, length, length, 128, 128, "cuda") if density >= 1 else
@@ -101,13 +100,20 @@ def host_overhead(out: Path) -> None:
                 rows.append({"length": length, "density": density, "in_kernel": in_kernel, "ms": ms, "cudnn_ms": cudnn})
                 print(f"L={length} d={density} prefix in kernel={in_kernel}: {ms:.3f} ms "
                       f"({density * cudnn / ms:.2f} of cuDNN per kept block)", flush=True)
-    (out / "host_overhead.json").write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "rows": rows}, indent=1))
+    _write(out, "host_overhead.json", rows)
 
 
-def _triton_version() -> str:
+def _layer_qkv(shape: str, length: int):
+    """Random bf16 Q/K/V `[1, H, L, D]` of one of the benchmark's layer shapes."""
+    hq, hkv, d = SHAPES[shape]
+    return tuple(torch.randn(1, h, length, d, device="cuda", dtype=torch.bfloat16) for h in (hq, hkv, hkv))
+
+
+def _write(out: Path, name: str, rows: list[dict]) -> None:
     import triton
 
-    return triton.__version__
+    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
+    (out / name).write_text(json.dumps({**meta, "rows": rows}, indent=1))
 
 
 def main() -> int:

@@ -89,12 +89,14 @@ _SKIP_V_EARLY = False
 _FULL_IN_KERNEL = False
 # Main-loop variant: 0 = load the key-block index in place; 1 = load it one iteration ahead;
 # 2 = 1 + K/V tiles through Hopper's tensor-memory accelerator (TMA descriptors: the tile address is
-# a coordinate, so the indirect block index no longer stalls the load pipeline); 3 = TMA + Triton's
-# warp specialisation. Measured on the H200 (32K, bf16, bench/results/variants.json): llama3-8b
-# layer at density 1, 0.66 / 0.74 / 0.83 / 0.73 of cuDNN per kept block for variants 0-3.
+# a coordinate, so the indirect block index no longer stalls the load pipeline). Measured on the
+# H200 (32K, bf16, bench/results/variants.json): llama3-8b layer at density 1, 0.66 / 0.74 / 0.83 of
+# cuDNN per kept block for variants 0-2; TMA + Triton's warp specialisation (variant 3 in that file,
+# since removed) reached 0.73.
 # Default: 2 on CUDA devices of compute capability >= 9 for head dims 64/128 in fp16/bf16, else 1.
 # ATTNPATCH_BS_VARIANT overrides it (tuning).
 _VARIANT_ENV = os.environ.get("ATTNPATCH_BS_VARIANT")
+VARIANTS = (0, 1, 2)
 _TMA_HEAD_DIMS = (64, 128)
 # TMA variants' (num_warps, num_stages) and sub-tiles, from bench/results/tune_variant2*.json.
 _TMA_LAUNCH_CONFIGS: dict[int, tuple[int, int]] = {128: (8, 3), 64: (4, 3)}
@@ -453,8 +455,8 @@ if triton_available():
         b = (pid_bh // n_q_heads).to(tl.int64)
         h = pid_bh % n_q_heads
         hk = (h // group).to(tl.int64)
-        b32 = (pid_bh // n_q_heads).to(tl.int32)
-        hk32 = (h // group).to(tl.int32)
+        b32 = b.to(tl.int32)  # TMA coordinates are 32-bit
+        hk32 = hk.to(tl.int32)
 
         offs_m = pid_m * SUB_M + tl.arange(0, SUB_M)
         row_ok = offs_m < q_len
@@ -510,28 +512,18 @@ if triton_available():
         # Key blocks entirely below the diagonal and inside Lk: no masks. VARIANT 1 loads the next
         # block index one iteration ahead, so the K/V address does not wait on a load (measured).
         kb_next = tl.load(idx_row, mask=n_full > 0, other=0)
-        if VARIANT == 3:  # TMA loads + Triton's warp specialisation (producer/consumer warps)
-            for j in tl.range(0, n_full, warp_specialize=True):
+        for j in range(0, n_full):
+            if VARIANT >= 1:
+                kb = kb_next
+                kb_next = tl.load(idx_row + j + 1, mask=j + 1 < n_sel, other=0)
+            else:
                 kb = tl.load(idx_row + j)
-                for sub in tl.static_range(n_nsub):
-                    acc, l_i, m_i, n_skip = _visit_tile(
-                        acc, l_i, m_i, n_skip, q, k_base, v_base, kb * n_nsub + sub, stride_kn, stride_vn,
-                        q_pos, row_ok, kv_len, k_lo, qk_scale, thr, KDesc, VDesc, b32, hk32,
-                        SUB_N, HEAD_D, HEAD_DV, False, SKIP, DOT_PRECISION, PRESCALE_Q, True, SKIP_V_EARLY,
-                    )  # fmt: skip
-        else:
-            for j in range(0, n_full):
-                if VARIANT >= 1:
-                    kb = kb_next
-                    kb_next = tl.load(idx_row + j + 1, mask=j + 1 < n_sel, other=0)
-                else:
-                    kb = tl.load(idx_row + j)
-                for sub in tl.static_range(n_nsub):
-                    acc, l_i, m_i, n_skip = _visit_tile(
-                        acc, l_i, m_i, n_skip, q, k_base, v_base, kb * n_nsub + sub, stride_kn, stride_vn,
-                        q_pos, row_ok, kv_len, k_lo, qk_scale, thr, KDesc, VDesc, b32, hk32,
-                        SUB_N, HEAD_D, HEAD_DV, False, SKIP, DOT_PRECISION, PRESCALE_Q, VARIANT == 2, SKIP_V_EARLY,
-                    )  # fmt: skip
+            for sub in tl.static_range(n_nsub):
+                acc, l_i, m_i, n_skip = _visit_tile(
+                    acc, l_i, m_i, n_skip, q, k_base, v_base, kb * n_nsub + sub, stride_kn, stride_vn,
+                    q_pos, row_ok, kv_len, k_lo, qk_scale, thr, KDesc, VDesc, b32, hk32,
+                    SUB_N, HEAD_D, HEAD_DV, False, SKIP, DOT_PRECISION, PRESCALE_Q, VARIANT == 2, SKIP_V_EARLY,
+                )  # fmt: skip
         # Blocks straddling the diagonal or running past Lk (ascending lists put them last).
         for j in range(n_full, n_sel):
             kb = tl.load(idx_row + j)
@@ -539,7 +531,7 @@ if triton_available():
                 acc, l_i, m_i, n_skip = _visit_tile(
                     acc, l_i, m_i, n_skip, q, k_base, v_base, kb * n_nsub + sub, stride_kn, stride_vn,
                     q_pos, row_ok, kv_len, k_lo, qk_scale, thr, KDesc, VDesc, b32, hk32,
-                    SUB_N, HEAD_D, HEAD_DV, True, SKIP, DOT_PRECISION, PRESCALE_Q, VARIANT >= 2, SKIP_V_EARLY,
+                    SUB_N, HEAD_D, HEAD_DV, True, SKIP, DOT_PRECISION, PRESCALE_Q, VARIANT == 2, SKIP_V_EARLY,
                 )  # fmt: skip
 
         if RETURN_STATE:
@@ -703,9 +695,12 @@ def block_sparse_attention_triton(
         if state_in is not None:
             state_in = tuple(t.to(device=device, dtype=torch.float32).contiguous() for t in state_in)
         variant = default_variant(device, d, query.dtype) if variant is None else variant
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS} (0: index loaded in place, 1: prefetched one "
+                             f"ahead, 2: 1 + TMA loads), got {variant!r}")
         warps, stages = launch_config(d, bq, bk, query.dtype)
         sm, sn = sub_tiles(d, bq, bk)
-        if variant >= 2 and query.dtype != torch.float32:
+        if variant == 2 and query.dtype != torch.float32:
             warps, stages = _TMA_LAUNCH_CONFIGS.get(d, (warps, stages))
             sm, sn = _TMA_SUB_TILES.get(d, {}).get((bq, bk), (bq, bk))
         warps = num_warps or warps
@@ -716,7 +711,7 @@ def block_sparse_attention_triton(
         if bq % sm or bk % sn or sm < 16 or sn < 16:
             raise ValueError(f"sub-tiles {sm}×{sn} must divide the blocks {bq}×{bk} and be >= 16")
         k_desc = v_desc = None
-        if variant >= 2:
+        if variant == 2:
             k_desc, v_desc = _tensor_descriptor(key, sn), _tensor_descriptor(value, sn)
             if k_desc is None or v_desc is None:
                 variant, k_desc, v_desc = 1, None, None

@@ -576,7 +576,7 @@ if triton_available():
                 if ticket == num_splits - 1:
                     for g in range(0, group):
                         _merge_row(Ws, Out, Lse, pid_bh.to(tl.int64) * group + g, n_kv_heads * group, num_splits,
-                                   ws_rows, stride_ob, stride_oh, BLOCK_S, HEAD_DV, WRITE_LSE, True)
+                                   ws_rows, stride_ob, stride_oh, BLOCK_S, HEAD_DV, WRITE_LSE, ".cg")
                     tl.atomic_xchg(Sem + pid_bh, 0, sem="relaxed", scope="gpu")  # ready for the next call
         if COUNT:
             slot = (pid_bh * num_splits + split).to(tl.int64) * 2
@@ -589,31 +589,24 @@ if triton_available():
         BLOCK_S: tl.constexpr, HEAD_DV: tl.constexpr, WRITE_LSE: tl.constexpr,
     ):  # fmt: skip
         _merge_row(Ws, Out, Lse, tl.program_id(0).to(tl.int64), n_q_heads, num_splits, ws_rows, stride_ob,
-                   stride_oh, BLOCK_S, HEAD_DV, WRITE_LSE, False)
+                   stride_oh, BLOCK_S, HEAD_DV, WRITE_LSE, "")
 
     @triton.jit
     def _merge_row(
         Ws, Out, Lse, row, n_q_heads, num_splits, ws_rows, stride_ob, stride_oh,
-        BLOCK_S: tl.constexpr, HEAD_DV: tl.constexpr, WRITE_LSE: tl.constexpr, UNCACHED: tl.constexpr,
+        BLOCK_S: tl.constexpr, HEAD_DV: tl.constexpr, WRITE_LSE: tl.constexpr, CACHE: tl.constexpr,
     ):  # fmt: skip
-        # row = b·Hq + query head; UNCACHED reads the other programs' partials from L2, not L1
+        # row = b·Hq + query head; CACHE=".cg" reads other programs' partials from L2, bypassing L1
         b = row // n_q_heads
         h = row % n_q_heads
         offs_s = tl.arange(0, BLOCK_S)
         s_ok = offs_s < num_splits
         offs_dv = tl.arange(0, HEAD_DV)
         ws = row * num_splits + offs_s
-        if UNCACHED:
-            m = tl.load(Ws + ws, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
-            den = tl.load(Ws + ws_rows + ws, mask=s_ok, other=0.0, cache_modifier=".cg")
-            acc = tl.load(Ws + 2 * ws_rows + ws[:, None] * HEAD_DV + offs_dv[None, :], mask=s_ok[:, None],
-                          other=0.0, cache_modifier=".cg")
-        else:
-            m = tl.load(Ws + ws, mask=s_ok, other=float("-inf"))
-            den = tl.load(Ws + ws_rows + ws, mask=s_ok, other=0.0)
-            acc = tl.load(
-                Ws + 2 * ws_rows + ws[:, None] * HEAD_DV + offs_dv[None, :], mask=s_ok[:, None], other=0.0
-            )
+        m = tl.load(Ws + ws, mask=s_ok, other=float("-inf"), cache_modifier=CACHE)
+        den = tl.load(Ws + ws_rows + ws, mask=s_ok, other=0.0, cache_modifier=CACHE)
+        acc = tl.load(Ws + 2 * ws_rows + ws[:, None] * HEAD_DV + offs_dv[None, :], mask=s_ok[:, None], other=0.0,
+                      cache_modifier=CACHE)
         m_max = tl.reduce(m, 0, _max_combine)
         m_ref = tl.where(m_max == float("-inf"), 0.0, m_max)
         w = tl.exp2(m - m_ref)  # -inf partials (empty splits) weigh 0
