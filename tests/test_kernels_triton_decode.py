@@ -343,25 +343,3 @@ def test_left_padding_key_start(num_splits):
     out, lse = sparse_decode_attention(q, k, v, sel, key_start=key_start, num_splits=num_splits, return_lse=True)
     ref, ref_lse = paged_decode_attention(q, k, v, sel, key_mask=valid, return_lse=True)
     _check(out, ref, torch.float16, lse, ref_lse)
-
-
-@pytest.mark.parametrize("num_splits", [2, 5, 40])
-def test_fused_merge_equals_split_then_merge(num_splits):
-    """The last split of each KV head merges in the same launch: same output and LSE as the separate
-    merge kernel, over repeated calls (each merging program resets its ticket counter), with
-    skipping and with empty splits (40 splits over ≤ 11 tiles)."""
-    lk = 700
-    q, k, v = _qkv(2, 6, 2, lk, 64, torch.float16, seed=4)
-    sel = _selection(2, 2, lk, 16, counts=[29, 44, 3, 17], seed=2)
-    ref, ref_lse = sparse_decode_attention(q, k, v, sel, return_lse=True, num_splits=num_splits)
-    for _ in range(3):
-        out, lse = sparse_decode_attention(q, k, v, sel, return_lse=True, num_splits=num_splits, fused_merge=True)
-        torch.testing.assert_close(out, ref, atol=0, rtol=0)
-        torch.testing.assert_close(lse, ref_lse, atol=0, rtol=0)
-    tickets = _mod._TICKETS
-    assert all(int(buf.abs().sum()) == 0 for buf in tickets.values())  # every counter was reset
-    skip_ref = sparse_decode_attention(q, k, v, sel, skip_threshold=0.05, num_splits=num_splits, count_tiles=True)
-    skip = sparse_decode_attention(q, k, v, sel, skip_threshold=0.05, num_splits=num_splits, count_tiles=True,
-                                   fused_merge=True)
-    torch.testing.assert_close(skip[0], skip_ref[0], atol=0, rtol=0)
-    assert [int(x) for x in skip[1]] == [int(x) for x in skip_ref[1]]

@@ -44,44 +44,42 @@ def variants(out: Path, shapes: tuple[str, ...] = ("llama3-8b", "smollm2"), leng
     _write(out, "variants.json", rows)
 
 
-def skip_placement(out: Path, length: int = 32768) -> None:
-    """Skip mode's V load before / after the vote, for the pointer (1) and TMA (2) loops, at 0 % and
-    ≈ 79 % skipped tiles (llama3-8b layer), next to the plain kernel of the same loop."""
-    hq, hkv, d = SHAPES["llama3-8b"]
-    q, k, v = skip_qkv(1, hq, hkv, length, d, sink=24.0)
-    sel = BlockSelection.causal(1, hq, length, length, 128, 128, "cuda")
-    rows = []
-    for variant in (1, 2):
-        plain = _bench(lambda var=variant: block_sparse_attention_triton(q, k, v, sel, variant=var))
-        for lam in (0.0, 0.4):
-            for early in (False, True):
-                ms = _bench(lambda var=variant, lam=lam, early=early: block_sparse_attention_triton(
-                    q, k, v, sel, skip_threshold=lam, skip_convention="scaled", variant=var, skip_v_early=early))
-                rows.append({"variant": variant, "lambda": lam, "v_early": early, "ms": ms, "plain_ms": plain})
-                print(f"variant {variant} λ={lam} v_early={early}: {ms:.3f} ms, plain {plain:.3f} "
-                      f"({plain / ms:.2f}x)", flush=True)
-    _write(out, "skip_placement.json", rows)
-
-
-def decode_fused(out: Path, length: int = 131072) -> None:
-    """Sparse decode over 1/16 of the pages: split + merge kernels vs the fused merge (CUDA graph)."""
+def decode_step(out: Path, length: int = 131072, layers: int = 8) -> None:
+    """Sparse decode over 1/16 of the pages as it runs in a served model: `layers` calls on distinct
+    KV caches captured in one CUDA graph (a decode step), time per layer, next to dense SDPA the
+    same way and to one call per graph (which adds the graph launch to every call)."""
     hq, hkv, d = SHAPES["llama3-8b"]
     rows = []
+    tiny = torch.zeros(1, device="cuda")
+    floor = _bench_graph(lambda: tiny.add_(1))
+    print(f"one-kernel graph (harness floor): {floor * 1000:.1f} us", flush=True)
     for batch in (1, 4):
         q = torch.randn(batch, hq, 1, d, device="cuda", dtype=torch.bfloat16)
-        k = torch.randn(batch, hkv, length, d, device="cuda", dtype=torch.bfloat16)
-        v = torch.randn(batch, hkv, length, d, device="cuda", dtype=torch.bfloat16)
-        dense = _bench_graph(lambda q=q, k=k, v=v: torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, enable_gqa=True))
-        sel = random_page_selection(batch, hkv, length, 128, 1 / 16, device="cuda")
-        for splits in (None, 8, 16, 32):
-            for fused in (False, True):
-                ms = _bench_graph(lambda q=q, k=k, v=v, sel=sel, s=splits, f=fused: sparse_decode_attention(
-                    q, k, v, sel, num_splits=s, fused_merge=f))
-                rows.append({"B": batch, "splits": splits, "fused": fused, "ms": ms, "sdpa_ms": dense})
-                print(f"decode B={batch} splits={splits} fused={fused}: {ms * 1000:.1f} us "
-                      f"(sdpa {dense * 1000:.1f} us, {dense / ms:.2f}x)", flush=True)
-    _write(out, "decode_fused.json", rows)
+        caches = [tuple(torch.randn(batch, hkv, length, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+                  for _ in range(layers)]
+        sels = [random_page_selection(batch, hkv, length, 128, 1 / 16, device="cuda") for _ in range(layers)]
+
+        def dense_step(q=q, caches=caches):
+            for k, v in caches:
+                torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+        def sparse_step(q=q, caches=caches, sels=sels):
+            for (k, v), sel in zip(caches, sels, strict=True):
+                sparse_decode_attention(q, k, v, sel)
+
+        k0, v0 = caches[0]
+        row = {"B": batch, "L": length, "layers": layers, "floor_ms": floor,
+               "sdpa_step_ms": _bench_graph(dense_step) / layers,
+               "sparse_step_ms": _bench_graph(sparse_step) / layers,
+               "sdpa_call_ms": _bench_graph(lambda q=q, k=k0, v=v0: torch.nn.functional.scaled_dot_product_attention(
+                   q, k, v, enable_gqa=True)),
+               "sparse_call_ms": _bench_graph(lambda q=q, k=k0, v=v0, s=sels[0]: sparse_decode_attention(q, k, v, s))}
+        rows.append(row)
+        print(f"decode B={batch} per layer in a {layers}-layer graph: sparse {row['sparse_step_ms'] * 1000:.1f} us, "
+              f"sdpa {row['sdpa_step_ms'] * 1000:.1f} us ({row['sdpa_step_ms'] / row['sparse_step_ms']:.2f}x); "
+              f"one call per graph: {row['sparse_call_ms'] * 1000:.1f} vs {row['sdpa_call_ms'] * 1000:.1f} us "
+              f"({row['sdpa_call_ms'] / row['sparse_call_ms']:.2f}x)", flush=True)
+    _write(out, "decode_step.json", rows)
 
 
 def host_overhead(out: Path) -> None:
@@ -120,12 +118,10 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="bench/results")
     p.add_argument("--variants", action="store_true", help="only the kernel loop variants")
-    p.add_argument("--skip-placement", action="store_true", help="only skip mode's V-load placement")
-    p.add_argument("--decode-fused", action="store_true", help="only decode: split + merge vs fused merge")
+    p.add_argument("--decode-step", action="store_true", help="only decode: per layer inside a graphed step")
     p.add_argument("--host-overhead", action="store_true", help="only the mask-free prefix: host vs kernel")
     args = p.parse_args()
-    only = [f for flag, f in ((args.variants, variants), (args.skip_placement, skip_placement),
-                              (args.decode_fused, decode_fused), (args.host_overhead, host_overhead)) if flag]
+    only = [f for flag, f in ((args.variants, variants), (args.decode_step, decode_step), (args.host_overhead, host_overhead)) if flag]
     if only:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         for part in only:

@@ -52,10 +52,10 @@ def block_sparse_cases():
                 ref = reference.block_sparse_attention(q.float(), k.float(), v.float(), sel)
                 out = block_sparse_attention_triton(q, k, v, sel)
                 yield f"block-sparse {dtype} D={d} blk={block} {lq}x{lk} dens={density}", rel(out, ref), TOL[dtype]
-                for variant in (1, 2):  # the non-default paths: pointer loads, in-kernel mask-free prefix
-                    out = block_sparse_attention_triton(q, k, v, sel, variant=variant, full_in_kernel=True)
+                for variant in (1, 2):  # both loops, with the host-computed mask-free prefix
+                    out = block_sparse_attention_triton(q, k, v, sel, variant=variant, full_in_kernel=False)
                     yield (f"block-sparse {dtype} D={d} blk={block} {lq}x{lk} dens={density} variant={variant} "
-                           "prefix in kernel", rel(out, ref), TOL[dtype])
+                           "prefix on host", rel(out, ref), TOL[dtype])
 
 
 def skip_cases():
@@ -104,9 +104,6 @@ def decode_cases():
                 sel = random_page_selection(3, 8, 50_000, 64, frac, device="cuda")
                 ref = reference.paged_decode_attention(q.float(), k.float(), v.float(), sel)
                 yield f"decode {dtype} D={d} frac={frac:.3f}", rel(sparse_decode_attention(q, k, v, sel), ref), TOL[dtype]
-                for _ in range(2):  # twice: the ticket counters must have been reset by the first call
-                    fused = sparse_decode_attention(q, k, v, sel, num_splits=8, fused_merge=True)
-                yield f"decode fused merge {dtype} D={d} frac={frac:.3f}", rel(fused, ref), TOL[dtype]
 
 
 def flex_cases():

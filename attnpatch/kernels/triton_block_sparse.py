@@ -81,12 +81,10 @@ _SUB_TILES: dict[int, dict[tuple[int, int], tuple[int, int]]] = {}
 # Fold the softmax scale into Q (rounded to the input dtype) instead of scaling every score tile.
 # Off: no measurable gain on the H200 (23.22 vs 23.19 ms at 32K, bench/results/ablate.json).
 _PRESCALE_Q = False
-# Skip mode loads a tile's V only once the tile is kept (faster with pointer loads, ablate.json);
-# `skip_v_early=True` loads it before the vote instead (to be measured with TMA loads).
-_SKIP_V_EARLY = False
-# Mask-free prefix per list computed in the kernel instead of by torch ops on the host: fewer
-# launches per call (matters at short lengths / low densities). Off until measured on the GPU.
-_FULL_IN_KERNEL = False
+# Mask-free prefix per list computed in the kernel instead of by ~15 torch ops on the host. On:
+# 8K llama layer d=0.1 0.362 → 0.214 ms, d=0.02 0.417 → 0.166 ms, 32K d=1 17.96 → 17.65 ms, never
+# slower (H200, bench/results/host_overhead.json). With `key_start` the host path is used.
+_FULL_IN_KERNEL = True
 # Main-loop variant: 0 = load the key-block index in place; 1 = load it one iteration ahead;
 # 2 = 1 + K/V tiles through Hopper's tensor-memory accelerator (TMA descriptors: the tile address is
 # a coordinate, so the indirect block index no longer stalls the load pipeline). Measured on the
@@ -389,7 +387,7 @@ if triton_available():
         q_pos, row_ok, kv_len, k_lo, qk_scale, thr, k_desc, v_desc, b32, hk32,
         BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
         MASKED: tl.constexpr, SKIP: tl.constexpr, DOT_PRECISION: tl.constexpr, PRESCALED: tl.constexpr,
-        TMA: tl.constexpr, V_EARLY: tl.constexpr,
+        TMA: tl.constexpr,
     ):  # fmt: skip
         offs_n = tl.arange(0, BLOCK_N)
         k_pos = kb * BLOCK_N + offs_n
@@ -414,16 +412,13 @@ if triton_available():
         if SKIP:
             # A row vetoes the skip when its tile max is within ln(λ) of its running max (or it
             # has no running max yet). Rows past Lq and rows with no visible key do not vote.
-            # V is loaded only for kept tiles: measured on the H200 (bench/results/ablate.json),
-            # loading it before the test to let it pipeline was slower at every skip fraction.
-            if V_EARLY:  # issue the V load before the vote so it can overlap (wasted on skipped tiles)
-                v = _load_v(v_ptrs, k_ok, v_desc, b32, hk32, kb * BLOCK_N, MASKED, TMA, BLOCK_N, HEAD_DV)
+            # V is loaded only for kept tiles: loading it before the vote (so it could pipeline) was
+            # slower at 0 % and 79 % skipped, pointer and TMA loops (bench/results/skip_placement.json).
             veto = (m_tile - m_i >= thr) & (m_tile > float("-inf")) & row_ok
             n_veto = tl.reduce(veto.to(tl.int32), 0, _SUM_COMBINE)
             n_skip += (n_veto == 0).to(tl.int32)
             if n_veto > 0:
-                if not V_EARLY:
-                    v = _load_v(v_ptrs, k_ok, v_desc, b32, hk32, kb * BLOCK_N, MASKED, TMA, BLOCK_N, HEAD_DV)
+                v = _load_v(v_ptrs, k_ok, v_desc, b32, hk32, kb * BLOCK_N, MASKED, TMA, BLOCK_N, HEAD_DV)
                 acc, l_i, m_i = _online_update(acc, l_i, m_i, s, m_tile, v, MASKED, DOT_PRECISION)
         else:
             v = _load_v(v_ptrs, k_ok, v_desc, b32, hk32, kb * BLOCK_N, MASKED, TMA, BLOCK_N, HEAD_DV)
@@ -443,7 +438,7 @@ if triton_available():
         HAS_INIT: tl.constexpr, RETURN_STATE: tl.constexpr, WRITE_LSE: tl.constexpr,
         SKIP: tl.constexpr, COUNT: tl.constexpr, DOT_PRECISION: tl.constexpr,
         SUB_M: tl.constexpr, SUB_N: tl.constexpr, PRESCALE_Q: tl.constexpr, VARIANT: tl.constexpr,
-        HAS_KEY_START: tl.constexpr, SKIP_V_EARLY: tl.constexpr, FULL_IN_KERNEL: tl.constexpr,
+        HAS_KEY_START: tl.constexpr, FULL_IN_KERNEL: tl.constexpr,
     ):  # fmt: skip
         # A program covers SUB_M rows of a BLOCK_M query block (its selection row is shared) and
         # walks each selected BLOCK_N key block in SUB_N-key steps: smaller tiles, same selection.
@@ -522,7 +517,7 @@ if triton_available():
                 acc, l_i, m_i, n_skip = _visit_tile(
                     acc, l_i, m_i, n_skip, q, k_base, v_base, kb * n_nsub + sub, stride_kn, stride_vn,
                     q_pos, row_ok, kv_len, k_lo, qk_scale, thr, KDesc, VDesc, b32, hk32,
-                    SUB_N, HEAD_D, HEAD_DV, False, SKIP, DOT_PRECISION, PRESCALE_Q, VARIANT == 2, SKIP_V_EARLY,
+                    SUB_N, HEAD_D, HEAD_DV, False, SKIP, DOT_PRECISION, PRESCALE_Q, VARIANT == 2,
                 )  # fmt: skip
         # Blocks straddling the diagonal or running past Lk (ascending lists put them last).
         for j in range(n_full, n_sel):
@@ -531,7 +526,7 @@ if triton_available():
                 acc, l_i, m_i, n_skip = _visit_tile(
                     acc, l_i, m_i, n_skip, q, k_base, v_base, kb * n_nsub + sub, stride_kn, stride_vn,
                     q_pos, row_ok, kv_len, k_lo, qk_scale, thr, KDesc, VDesc, b32, hk32,
-                    SUB_N, HEAD_D, HEAD_DV, True, SKIP, DOT_PRECISION, PRESCALE_Q, VARIANT == 2, SKIP_V_EARLY,
+                    SUB_N, HEAD_D, HEAD_DV, True, SKIP, DOT_PRECISION, PRESCALE_Q, VARIANT == 2,
                 )  # fmt: skip
 
         if RETURN_STATE:
@@ -625,7 +620,6 @@ def block_sparse_attention_triton(
     prescale_q: bool | None = None,
     variant: int | None = None,
     key_start: torch.Tensor | None = None,
-    skip_v_early: bool | None = None,
     full_in_kernel: bool | None = None,
 ):
     """Block-sparse causal attention forward over `selection`, in Triton.
@@ -639,7 +633,6 @@ def block_sparse_attention_triton(
     * ``skip_threshold``: λ (float, or tensor of 1 or ``Hq`` per-head values) enables BLASST tile
       skipping, with ``skip_convention`` ``"raw"`` (on ``q·k``) or ``"scaled"`` (on ``σ·q·k``).
     * ``key_start``: int ``[B]``, left padding — keys before ``key_start[b]`` are masked.
-    * ``skip_v_early``: in skip mode, load V before the skip vote (tuning; same results).
     * ``full_in_kernel``: find each list's mask-free prefix inside the kernel (a short walk back
       from its end; relies on ascending lists) instead of with ~15 small host-launched torch ops;
       not with ``key_start``. Default `_FULL_IN_KERNEL`.
@@ -736,7 +729,7 @@ def block_sparse_attention_triton(
             DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
             SUB_M=sm, SUB_N=sn, PRESCALE_Q=_PRESCALE_Q if prescale_q is None else prescale_q,
             VARIANT=variant, HAS_KEY_START=key_start is not None,
-            SKIP_V_EARLY=_SKIP_V_EARLY if skip_v_early is None else skip_v_early, FULL_IN_KERNEL=in_kernel,
+            FULL_IN_KERNEL=in_kernel,
             num_warps=warps, num_stages=stages,
         )  # fmt: skip
 

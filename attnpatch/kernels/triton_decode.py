@@ -488,7 +488,7 @@ if triton_available():
 
     @triton.jit
     def _decode_split_kernel(
-        Q, K, V, Idx, Cnt, Seed, Thr, Ws, Out, Lse, Tiles, KeyStart, Sem,
+        Q, K, V, Idx, Cnt, Seed, Thr, Ws, Out, Lse, Tiles, KeyStart,
         stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
         stride_ib, stride_ih, stride_cb, stride_ch, stride_ob, stride_oh,
         n_kv_heads, group, kv_len, max_pages, num_splits, ws_rows, qk_scale, thr_all,
@@ -496,7 +496,6 @@ if triton_available():
         HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
         SKIP: tl.constexpr, PER_HEAD_THR: tl.constexpr, SEEDED: tl.constexpr, DIRECT: tl.constexpr,
         WRITE_LSE: tl.constexpr, COUNT: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_KEY_START: tl.constexpr,
-        FUSED: tl.constexpr, BLOCK_S: tl.constexpr,
     ):  # fmt: skip
         pid_bh = tl.program_id(0)
         split = tl.program_id(1)
@@ -569,15 +568,6 @@ if triton_available():
             tl.store(Ws + ws, m_i, mask=g_ok)
             tl.store(Ws + ws_rows + ws, l_i, mask=g_ok)
             tl.store(Ws + 2 * ws_rows + ws[:, None] * HEAD_DV + offs_dv[None, :], acc, mask=g_ok[:, None])
-            if FUSED:  # the last split of this KV head to finish merges (one launch instead of two)
-                tl.debug_barrier()  # every thread's partial is stored before the ticket is taken
-                ticket = tl.atomic_add(Sem + pid_bh, 1, sem="acq_rel", scope="gpu")
-                tl.debug_barrier()
-                if ticket == num_splits - 1:
-                    for g in range(0, group):
-                        _merge_row(Ws, Out, Lse, pid_bh.to(tl.int64) * group + g, n_kv_heads * group, num_splits,
-                                   ws_rows, stride_ob, stride_oh, BLOCK_S, HEAD_DV, WRITE_LSE, ".cg")
-                    tl.atomic_xchg(Sem + pid_bh, 0, sem="relaxed", scope="gpu")  # ready for the next call
         if COUNT:
             slot = (pid_bh * num_splits + split).to(tl.int64) * 2
             tl.store(Tiles + slot, tl.maximum(t_end - t_begin, 0))
@@ -588,25 +578,16 @@ if triton_available():
         Ws, Out, Lse, n_q_heads, num_splits, ws_rows, stride_ob, stride_oh,
         BLOCK_S: tl.constexpr, HEAD_DV: tl.constexpr, WRITE_LSE: tl.constexpr,
     ):  # fmt: skip
-        _merge_row(Ws, Out, Lse, tl.program_id(0).to(tl.int64), n_q_heads, num_splits, ws_rows, stride_ob,
-                   stride_oh, BLOCK_S, HEAD_DV, WRITE_LSE, "")
-
-    @triton.jit
-    def _merge_row(
-        Ws, Out, Lse, row, n_q_heads, num_splits, ws_rows, stride_ob, stride_oh,
-        BLOCK_S: tl.constexpr, HEAD_DV: tl.constexpr, WRITE_LSE: tl.constexpr, CACHE: tl.constexpr,
-    ):  # fmt: skip
-        # row = b·Hq + query head; CACHE=".cg" reads other programs' partials from L2, bypassing L1
+        row = tl.program_id(0).to(tl.int64)  # = b·Hq + query head
         b = row // n_q_heads
         h = row % n_q_heads
         offs_s = tl.arange(0, BLOCK_S)
         s_ok = offs_s < num_splits
         offs_dv = tl.arange(0, HEAD_DV)
         ws = row * num_splits + offs_s
-        m = tl.load(Ws + ws, mask=s_ok, other=float("-inf"), cache_modifier=CACHE)
-        den = tl.load(Ws + ws_rows + ws, mask=s_ok, other=0.0, cache_modifier=CACHE)
-        acc = tl.load(Ws + 2 * ws_rows + ws[:, None] * HEAD_DV + offs_dv[None, :], mask=s_ok[:, None], other=0.0,
-                      cache_modifier=CACHE)
+        m = tl.load(Ws + ws, mask=s_ok, other=float("-inf"))
+        den = tl.load(Ws + ws_rows + ws, mask=s_ok, other=0.0)
+        acc = tl.load(Ws + 2 * ws_rows + ws[:, None] * HEAD_DV + offs_dv[None, :], mask=s_ok[:, None], other=0.0)
         m_max = tl.reduce(m, 0, _max_combine)
         m_ref = tl.where(m_max == float("-inf"), 0.0, m_max)
         w = tl.exp2(m - m_ref)  # -inf partials (empty splits) weigh 0
@@ -628,23 +609,6 @@ def _launch_config(tile: int, dv: int, dtype: torch.dtype) -> tuple[int, int]:
     stage_bytes = 2 * tile * dv * (4 if dtype == torch.float32 else 2)  # one K + one V tile
     stages = 3 if stage_bytes <= 32 * 1024 else 2
     return 4, stages
-
-
-# Fused merge (see `sparse_decode_attention`): off until measured against split + merge on the GPU.
-_FUSED_MERGE = False
-_TICKETS: dict[tuple[str, int], torch.Tensor] = {}
-
-
-def _tickets(device: torch.device, n: int) -> torch.Tensor:
-    """Zeroed int32 ticket counters for the fused merge, one per (batch, KV head), kept per device
-    and stream (each merging program resets its counter, so no memset launch per call)."""
-    stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
-    key = (str(device), stream)
-    buf = _TICKETS.get(key)
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 256), dtype=torch.int32, device=device)
-        _TICKETS[key] = buf
-    return buf
 
 
 def _next_pow2(n: int) -> int:
@@ -675,7 +639,6 @@ def sparse_decode_attention(
     seed_max: bool = True,
     tile_size: int | None = None,
     key_start: torch.Tensor | None = None,
-    fused_merge: bool | None = None,
 ):
     """Single-token attention over the selected pages of each KV head (split-KV, GQA-packed).
 
@@ -691,9 +654,6 @@ def sparse_decode_attention(
     * ``key_start``: int ``[B]``, left padding — cache positions before ``key_start[b]`` are masked.
     * ``num_splits``: splits per KV head (None: `resolve_num_splits`); ``tile_size``: tokens per
       tile, a multiple of the page size in `ALLOWED_TILE_SIZES` (None: ``max(page_size, 64)``).
-    * ``fused_merge``: the last split of each KV head to finish merges the partials (a per-head
-      ticket counter, reset by that split), so one kernel launch replaces split + merge. Default off
-      (`_FUSED_MERGE`) until measured on the GPU; calls sharing a device and stream must not overlap.
 
     Returns ``out`` ``[B, Hq, 1, Dv]`` in the input dtype, then when requested the natural-log
     ``lse`` ``[B, Hq, 1]`` float32 and ``(visited_tiles, skipped_tiles)`` 0-dim int64 tensors.
@@ -761,14 +721,12 @@ def sparse_decode_attention(
         )  # fmt: skip
 
     warps, stages = _launch_config(tile, dv, query.dtype)
-    fused = (_FUSED_MERGE if fused_merge is None else fused_merge) and not direct
-    sem = _tickets(device, b * hkv) if fused else counts
     block_s = max(2, _next_pow2(splits))
     _decode_split_kernel[(b * hkv, splits)](
         query, key, value, indices, counts,
         seed if seed is not None else out, thr if thr is not None else out,  # unused pointers: any tensor
         ws if ws is not None else out, out, lse if lse is not None else out,
-        tiles if tiles is not None else out, key_start if key_start is not None else counts, sem,
+        tiles if tiles is not None else out, key_start if key_start is not None else counts,
         query.stride(0), query.stride(1),
         key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2),
@@ -776,10 +734,10 @@ def sparse_decode_attention(
         hkv, group, lk, indices.shape[-1], splits, ws_rows, qk_scale, thr_all,
         PAGE=selection.page_size, TILE=tile, BLOCK_G=block_g, HEAD_D=d, HEAD_DV=dv,
         SKIP=skip, PER_HEAD_THR=thr is not None, SEEDED=seeded, DIRECT=direct, WRITE_LSE=return_lse, COUNT=count_tiles,
-        DOT_PRECISION=precision, HAS_KEY_START=key_start is not None, FUSED=fused, BLOCK_S=block_s,
+        DOT_PRECISION=precision, HAS_KEY_START=key_start is not None,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
-    if not direct and not fused:
+    if not direct:
         _decode_merge_kernel[(b * hq,)](
             ws, out, lse if lse is not None else out,
             hq, splits, ws_rows, out.stride(0), out.stride(1),
