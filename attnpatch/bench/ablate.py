@@ -82,6 +82,41 @@ def decode_step(out: Path, length: int = 131072, layers: int = 8) -> None:
     _write(out, "decode_step.json", rows)
 
 
+def decode_tune(out: Path, length: int = 131072, layers: int = 8) -> None:
+    """Warps × pipeline stages × splits of the decode split kernel, timed per layer inside an
+    `layers`-layer CUDA graph (as `decode_step`), 1/16 of 128-token pages, llama3-8b layer."""
+    import attnpatch.kernels.triton_decode as td
+
+    hq, hkv, d = SHAPES["llama3-8b"]
+    default = td._launch_config
+    rows = []
+    try:
+        for batch in (1, 4):
+            q = torch.randn(batch, hq, 1, d, device="cuda", dtype=torch.bfloat16)
+            caches = [tuple(torch.randn(batch, hkv, length, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+                      for _ in range(layers)]
+            sels = [random_page_selection(batch, hkv, length, 128, 1 / 16, device="cuda") for _ in range(layers)]
+            for warps in (2, 4, 8):
+                for stages in (1, 2, 3, 4):
+                    td._launch_config = lambda *_, w=warps, s=stages: (w, s)
+                    for splits in (None, 16, 64):
+                        def step(q=q, caches=caches, sels=sels, n=splits):
+                            for (k, v), sel in zip(caches, sels, strict=True):
+                                td.sparse_decode_attention(q, k, v, sel, num_splits=n)
+
+                        try:
+                            ms = _bench_graph(step) / layers
+                        except Exception as e:  # noqa: BLE001  (e.g. out of shared memory)
+                            ms = float("nan")
+                            print(f"w{warps} s{stages}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+                        rows.append({"B": batch, "warps": warps, "stages": stages, "splits": splits, "ms": ms})
+                        print(f"decode tune B={batch} w{warps} s{stages} splits={splits}: {ms * 1000:.1f} us",
+                              flush=True)
+    finally:
+        td._launch_config = default
+    _write(out, "decode_tune.json", rows)
+
+
 def host_overhead(out: Path) -> None:
     """Mask-free prefix per list on the host (torch ops) vs inside the kernel, llama3-8b layer."""
     hq = SHAPES["llama3-8b"][0]
@@ -119,9 +154,10 @@ def main() -> int:
     p.add_argument("--out", default="bench/results")
     p.add_argument("--variants", action="store_true", help="only the kernel loop variants")
     p.add_argument("--decode-step", action="store_true", help="only decode: per layer inside a graphed step")
+    p.add_argument("--decode-tune", action="store_true", help="only decode: warps × stages × splits, graphed step")
     p.add_argument("--host-overhead", action="store_true", help="only the mask-free prefix: host vs kernel")
     args = p.parse_args()
-    only = [f for flag, f in ((args.variants, variants), (args.decode_step, decode_step), (args.host_overhead, host_overhead)) if flag]
+    only = [f for flag, f in ((args.variants, variants), (args.decode_step, decode_step), (args.decode_tune, decode_tune), (args.host_overhead, host_overhead)) if flag]
     if only:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         for part in only:

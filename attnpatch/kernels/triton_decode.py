@@ -605,7 +605,9 @@ else:
 
 
 def _launch_config(tile: int, dv: int, dtype: torch.dtype) -> tuple[int, int]:
-    """(num_warps, num_stages) of the split kernel; to be tuned on the GPU."""
+    """(num_warps, num_stages) of the split kernel. On the H200, for 128-token tiles of head dim 128,
+    this default is within 0.3 µs of the best of warps 2/4/8 × stages 1–4 × splits
+    (bench/results/decode_tune.json); other tile shapes are not tuned."""
     stage_bytes = 2 * tile * dv * (4 if dtype == torch.float32 else 2)  # one K + one V tile
     stages = 3 if stage_bytes <= 32 * 1024 else 2
     return 4, stages
