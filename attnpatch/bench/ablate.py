@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from pathlib import Path
 
@@ -44,33 +45,46 @@ def variants(out: Path, shapes: tuple[str, ...] = ("llama3-8b", "smollm2"), leng
     _write(out, "variants.json", rows)
 
 
+def _decode_layers(batch: int, length: int, layers: int):
+    """A bf16 query and `layers` distinct KV caches with their own random selections of 1/16 of the
+    128-token pages (llama3-8b layer): the inputs of one graphed decode step."""
+    hq, hkv, d = SHAPES["llama3-8b"]
+    q = torch.randn(batch, hq, 1, d, device="cuda", dtype=torch.bfloat16)
+    caches = [tuple(torch.randn(batch, hkv, length, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+              for _ in range(layers)]
+    sels = [random_page_selection(batch, hkv, length, 128, 1 / 16, device="cuda") for _ in range(layers)]
+    return q, caches, sels
+
+
+def _sparse_step_ms(q, caches, sels, **kwargs) -> float:
+    """Milliseconds per layer of `sparse_decode_attention` over every cache, captured in one graph."""
+
+    def step():
+        for (k, v), sel in zip(caches, sels, strict=True):
+            sparse_decode_attention(q, k, v, sel, **kwargs)
+
+    return _bench_graph(step) / len(caches)
+
+
 def decode_step(out: Path, length: int = 131072, layers: int = 8) -> None:
     """Sparse decode over 1/16 of the pages as it runs in a served model: `layers` calls on distinct
     KV caches captured in one CUDA graph (a decode step), time per layer, next to dense SDPA the
     same way and to one call per graph (which adds the graph launch to every call)."""
-    hq, hkv, d = SHAPES["llama3-8b"]
     rows = []
     tiny = torch.zeros(1, device="cuda")
     floor = _bench_graph(lambda: tiny.add_(1))
     print(f"one-kernel graph (harness floor): {floor * 1000:.1f} us", flush=True)
     for batch in (1, 4):
-        q = torch.randn(batch, hq, 1, d, device="cuda", dtype=torch.bfloat16)
-        caches = [tuple(torch.randn(batch, hkv, length, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-                  for _ in range(layers)]
-        sels = [random_page_selection(batch, hkv, length, 128, 1 / 16, device="cuda") for _ in range(layers)]
+        q, caches, sels = _decode_layers(batch, length, layers)
 
         def dense_step(q=q, caches=caches):
             for k, v in caches:
                 torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
 
-        def sparse_step(q=q, caches=caches, sels=sels):
-            for (k, v), sel in zip(caches, sels, strict=True):
-                sparse_decode_attention(q, k, v, sel)
-
         k0, v0 = caches[0]
         row = {"B": batch, "L": length, "layers": layers, "floor_ms": floor,
                "sdpa_step_ms": _bench_graph(dense_step) / layers,
-               "sparse_step_ms": _bench_graph(sparse_step) / layers,
+               "sparse_step_ms": _sparse_step_ms(q, caches, sels),
                "sdpa_call_ms": _bench_graph(lambda q=q, k=k0, v=v0: torch.nn.functional.scaled_dot_product_attention(
                    q, k, v, enable_gqa=True)),
                "sparse_call_ms": _bench_graph(lambda q=q, k=k0, v=v0, s=sels[0]: sparse_decode_attention(q, k, v, s))}
@@ -87,31 +101,20 @@ def decode_tune(out: Path, length: int = 131072, layers: int = 8) -> None:
     `layers`-layer CUDA graph (as `decode_step`), 1/16 of 128-token pages, llama3-8b layer."""
     import attnpatch.kernels.triton_decode as td
 
-    hq, hkv, d = SHAPES["llama3-8b"]
     default = td._launch_config
     rows = []
     try:
         for batch in (1, 4):
-            q = torch.randn(batch, hq, 1, d, device="cuda", dtype=torch.bfloat16)
-            caches = [tuple(torch.randn(batch, hkv, length, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-                      for _ in range(layers)]
-            sels = [random_page_selection(batch, hkv, length, 128, 1 / 16, device="cuda") for _ in range(layers)]
-            for warps in (2, 4, 8):
-                for stages in (1, 2, 3, 4):
-                    td._launch_config = lambda *_, w=warps, s=stages: (w, s)
-                    for splits in (None, 16, 64):
-                        def step(q=q, caches=caches, sels=sels, n=splits):
-                            for (k, v), sel in zip(caches, sels, strict=True):
-                                td.sparse_decode_attention(q, k, v, sel, num_splits=n)
-
-                        try:
-                            ms = _bench_graph(step) / layers
-                        except Exception as e:  # noqa: BLE001  (e.g. out of shared memory)
-                            ms = float("nan")
-                            print(f"w{warps} s{stages}: {type(e).__name__}: {str(e)[:120]}", flush=True)
-                        rows.append({"B": batch, "warps": warps, "stages": stages, "splits": splits, "ms": ms})
-                        print(f"decode tune B={batch} w{warps} s{stages} splits={splits}: {ms * 1000:.1f} us",
-                              flush=True)
+            q, caches, sels = _decode_layers(batch, length, layers)
+            for warps, stages, splits in itertools.product((2, 4, 8), (1, 2, 3, 4), (None, 16, 64)):
+                td._launch_config = lambda *_, w=warps, s=stages: (w, s)
+                try:
+                    ms = _sparse_step_ms(q, caches, sels, num_splits=splits)
+                except Exception as e:  # noqa: BLE001  (e.g. out of shared memory)
+                    ms = float("nan")
+                    print(f"w{warps} s{stages}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+                rows.append({"B": batch, "warps": warps, "stages": stages, "splits": splits, "ms": ms})
+                print(f"decode tune B={batch} w{warps} s{stages} splits={splits}: {ms * 1000:.1f} us", flush=True)
     finally:
         td._launch_config = default
     _write(out, "decode_tune.json", rows)

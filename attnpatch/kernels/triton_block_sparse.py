@@ -37,6 +37,8 @@ from collections.abc import Sequence
 
 import torch
 
+from attnpatch.kernels.partial_state import check_state, finalize_state, pack_results
+from attnpatch.kernels.skip_threshold import skip_bounds_per_head
 from attnpatch.kernels.triton_utils import (
     is_interpreted,
     on_input_device,
@@ -59,9 +61,6 @@ ALLOWED_HEAD_DIMS = (16, 32, 64, 128)
 ALLOWED_BLOCK_SIZES = (16, 32, 64, 128)  # 64 and 128 are the production sizes; 16/32 for small tests
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
-_SKIP_CONVENTIONS = ("raw", "scaled")
-
-State = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 # (num_warps, num_stages) keyed by head_dim, then by (block_q, block_k) = the kernel's tile.
 # Shared memory per CTA ≈ Q tile + stages × (K tile + V tile); the 128×128 tiles at D=128 use two
@@ -160,65 +159,6 @@ def unsupported_reason(
 
 
 # ----------------------------------------------------------------------------------------------
-# Host-side preparation shared by the kernel wrapper and the PyTorch tiled reference
-# ----------------------------------------------------------------------------------------------
-
-
-def _skip_threshold_nat(
-    skip_threshold: float | torch.Tensor, skip_convention: str, scale: float, hq: int, device: torch.device
-) -> torch.Tensor:
-    """Per-head threshold `[Hq]` float32 on differences of scaled natural-log scores."""
-    if skip_convention not in _SKIP_CONVENTIONS:
-        raise ValueError(f"skip_convention must be one of {_SKIP_CONVENTIONS}, got {skip_convention!r}")
-    if scale <= 0:
-        raise ValueError(f"skip mode needs a positive scale, got {scale}")
-    factor = scale if skip_convention == "raw" else 1.0
-    if isinstance(skip_threshold, torch.Tensor):
-        lam = skip_threshold.detach().to(device=device, dtype=torch.float32).reshape(-1)
-        if lam.numel() == 1:
-            lam = lam.expand(hq)
-        elif lam.numel() != hq:
-            raise ValueError(f"skip_threshold tensor must hold 1 or Hq={hq} values, got {lam.numel()}")
-        return (torch.log(lam.clamp(min=0.0)) * factor).contiguous()
-    lam = float(skip_threshold)
-    thr = math.log(lam) * factor if lam > 0 else float("-inf")
-    return torch.full((hq,), thr, dtype=torch.float32, device=device)
-
-
-def _check_state(init_state: Sequence[torch.Tensor], b: int, hq: int, lq: int, dv: int) -> State:
-    if len(init_state) != 3:
-        raise ValueError("init_state must be a tuple (m, l, acc)")
-    m, denom, acc = init_state
-    if tuple(m.shape) != (b, hq, lq) or tuple(denom.shape) != (b, hq, lq) or tuple(acc.shape) != (b, hq, lq, dv):
-        raise ValueError(
-            f"init_state shapes {tuple(m.shape)}, {tuple(denom.shape)}, {tuple(acc.shape)}; "
-            f"expected {(b, hq, lq)}, {(b, hq, lq)}, {(b, hq, lq, dv)}"
-        )
-    return m, denom, acc
-
-
-def _pack_results(
-    primary: torch.Tensor | State,
-    lse: torch.Tensor | None,
-    tiles: tuple[torch.Tensor, torch.Tensor] | None,
-):
-    extras: list = []
-    if lse is not None:
-        extras.append(lse)
-    if tiles is not None:
-        extras.append(tiles)
-    return (primary, *extras) if extras else primary
-
-
-def _finalize(m: torch.Tensor, denom: torch.Tensor, acc: torch.Tensor, dtype: torch.dtype):
-    seen = denom > 0
-    safe = torch.where(seen, denom, torch.ones_like(denom))
-    out = (acc / safe.unsqueeze(-1)).to(dtype)
-    lse = torch.where(seen, m + torch.log(safe), torch.full_like(m, float("-inf")))
-    return out, lse
-
-
-# ----------------------------------------------------------------------------------------------
 # PyTorch oracle of the tiled semantics (skip rule, resumable state, tile counters)
 # ----------------------------------------------------------------------------------------------
 
@@ -273,7 +213,7 @@ def block_sparse_attention_tiled_reference(
         denom = torch.zeros(b, hq, n_qb * bq, device=device)
         acc = torch.zeros(b, hq, n_qb * bq, dv, device=device)
     else:
-        m0, l0, a0 = _check_state(init_state, b, hq, lq, dv)
+        m0, l0, a0 = check_state(init_state, b, hq, lq, dv)
         m = _pad_rows(m0.float().unsqueeze(-1), n_qb * bq).squeeze(-1)
         m[:, :, lq:] = float("-inf")
         denom = _pad_rows(l0.float().unsqueeze(-1), n_qb * bq).squeeze(-1)
@@ -284,7 +224,7 @@ def block_sparse_attention_tiled_reference(
 
     thr = None
     if skip_threshold is not None:
-        thr = _skip_threshold_nat(skip_threshold, skip_convention, scale, hq, device).view(1, hq, 1, 1)
+        thr = skip_bounds_per_head(skip_threshold, skip_convention, scale, hq, device).view(1, hq, 1, 1)
     rows = torch.arange(n_qb * bq, device=device).view(n_qb, bq)
     qpos = rows + offset
     row_ok = rows < lq
@@ -322,12 +262,12 @@ def block_sparse_attention_tiled_reference(
     m = m.view(b, hq, -1)[:, :, :lq]
     denom = denom.view(b, hq, -1)[:, :, :lq]
     acc = acc.view(b, hq, -1, dv)[:, :, :lq]
-    out, lse = _finalize(m, denom, acc, query.dtype)
+    out, lse = finalize_state((m, denom, acc), query.dtype)
     tiles = None
     if count_tiles:
         tiles = (counts.sum(dtype=torch.int64), skipped)
     primary = (m.contiguous(), denom.contiguous(), acc.contiguous()) if return_state else out
-    return _pack_results(primary, lse if return_lse else None, tiles)
+    return pack_results(primary, lse if return_lse else None, tiles)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -655,10 +595,10 @@ def block_sparse_attention_triton(
     bq, bk = selection.block_q, selection.block_k
     n_qb = num_blocks(lq, bq)
     device = query.device
-    state_in = None if init_state is None else _check_state(init_state, b, hq, lq, dv)
+    state_in = None if init_state is None else check_state(init_state, b, hq, lq, dv)
     thr = None
     if skip_threshold is not None:
-        thr = (_skip_threshold_nat(skip_threshold, skip_convention, scale, hq, device) * _LOG2E).contiguous()
+        thr = (skip_bounds_per_head(skip_threshold, skip_convention, scale, hq, device) * _LOG2E).contiguous()
 
     out = None if return_state else torch.empty(b, hq, lq, dv, dtype=query.dtype, device=device)
     lse = torch.empty(b, hq, lq, dtype=torch.float32, device=device) if return_lse else None
@@ -738,4 +678,4 @@ def block_sparse_attention_triton(
         totals = tiles.sum(dim=(0, 1, 2), dtype=torch.int64)
         tile_counts = (totals[0], totals[1])
     primary = state_out if return_state else out
-    return _pack_results(primary, lse, tile_counts)
+    return pack_results(primary, lse, tile_counts)

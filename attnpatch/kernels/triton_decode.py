@@ -65,6 +65,8 @@ import math
 
 import torch
 
+from attnpatch.kernels.partial_state import pack_results
+from attnpatch.kernels.skip_threshold import check_convention, skip_bound, skip_bounds_per_head
 from attnpatch.kernels.triton_utils import (
     is_interpreted,
     on_input_device,
@@ -94,7 +96,6 @@ MAX_SPLITS = 64
 MIN_TILES_PER_SPLIT = 2
 CPU_NOMINAL_SMS = 4  # "SM count" used off-GPU (interpreter), where torch.cuda is not consulted
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_SKIP_CONVENTIONS = ("raw", "scaled")
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 
@@ -204,54 +205,12 @@ def _check(query, key, value, selection, scale, skip_convention, tile_size, num_
     reason = unsupported_reason(query, key, value, selection, tile_size, need_kernel)
     if reason is not None:
         raise ValueError(f"{name}: {reason}")
-    if skip_convention not in _SKIP_CONVENTIONS:
-        raise ValueError(
-            f"{name}: skip_convention must be one of {_SKIP_CONVENTIONS}, got {skip_convention!r}"
-        )
+    check_convention(skip_convention, f"{name}: skip_convention")
     d = query.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     tile = default_tile_size(selection.page_size) if tile_size is None else int(tile_size)
     splits = resolve_num_splits(selection, query.device, num_splits, tile)
     return scale, tile, splits
-
-
-def _skip_threshold_log2_scalar(lam: float, skip_convention: str, scale: float) -> float:
-    """`_skip_threshold_log2` for one float λ, as a Python float."""
-    if scale <= 0:
-        raise ValueError(f"skip mode needs a positive scale, got {scale}")
-    factor = (scale if skip_convention == "raw" else 1.0) * _LOG2E
-    return math.log(lam) * factor if lam > 0 else float("-inf")
-
-
-def _skip_threshold_log2(
-    skip_threshold: float | torch.Tensor, skip_convention: str, scale: float, hq: int, device: torch.device
-) -> torch.Tensor:
-    """Per-query-head threshold ``[Hq]`` float32 on differences of base-2 scaled scores ``σ·q·k·log2 e``.
-
-    ``raw``: ``Δ(q·k) < ln λ`` ⇔ ``Δs₂ < ln λ · σ · log2 e``; ``scaled``: ``Δ(σ·q·k) < ln λ`` ⇔
-    ``Δs₂ < log2 λ``. ``λ <= 0`` gives ``-inf`` (never skip).
-    """
-    if scale <= 0:
-        raise ValueError(f"skip mode needs a positive scale, got {scale}")
-    factor = (scale if skip_convention == "raw" else 1.0) * _LOG2E
-    if isinstance(skip_threshold, torch.Tensor):
-        lam = skip_threshold.detach().to(device=device, dtype=torch.float32).reshape(-1)
-        if lam.numel() == 1:
-            lam = lam.expand(hq)
-        elif lam.numel() != hq:
-            raise ValueError(f"skip_threshold tensor must hold 1 or Hq={hq} values, got {lam.numel()}")
-        return (torch.log(lam.clamp(min=0.0)) * factor).contiguous()
-    thr = _skip_threshold_log2_scalar(float(skip_threshold), skip_convention, scale)
-    return torch.full((hq,), thr, dtype=torch.float32, device=device)
-
-
-def _pack(out, lse, tiles):
-    extras = []
-    if lse is not None:
-        extras.append(lse)
-    if tiles is not None:
-        extras.append(tiles)
-    return (out, *extras) if extras else out
 
 
 def _empty_result(query, value, return_lse, count_tiles):
@@ -263,7 +222,7 @@ def _empty_result(query, value, return_lse, count_tiles):
         else None
     )
     zero = torch.zeros((), dtype=torch.int64, device=query.device)
-    return _pack(out, lse, (zero, zero.clone()) if count_tiles else None)
+    return pack_results(out, lse, (zero, zero.clone()) if count_tiles else None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -307,7 +266,7 @@ def sparse_decode_attention_reference(
     n_t = num_blocks(p, ppt)  # tile slots of the widest list
     skip = skip_threshold is not None
     thr = (
-        _skip_threshold_log2(skip_threshold, skip_convention, scale, hq, device).view(hkv, group)
+        skip_bounds_per_head(skip_threshold, skip_convention, scale, hq, device, base2=True).view(hkv, group)
         if skip
         else None
     )
@@ -379,7 +338,7 @@ def sparse_decode_attention_reference(
     if return_lse:
         lse = torch.where(seen, (mm_ref[:, 0] + torch.log2(safe)) * _LN2, torch.full_like(tot, float("-inf")))
         lse = lse.reshape(b, hq, 1)
-    return _pack(out, lse, (visited, skipped) if count_tiles else None)
+    return pack_results(out, lse, (visited, skipped) if count_tiles else None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -696,9 +655,9 @@ def sparse_decode_attention(
     # A float λ travels as a kernel scalar (no per-call tensor); a tensor λ as [Hq] thresholds.
     thr, thr_all = None, 0.0
     if skip and isinstance(skip_threshold, torch.Tensor):
-        thr = _skip_threshold_log2(skip_threshold, skip_convention, scale, hq, device)
+        thr = skip_bounds_per_head(skip_threshold, skip_convention, scale, hq, device, base2=True)
     elif skip:
-        thr_all = _skip_threshold_log2_scalar(float(skip_threshold), skip_convention, scale)
+        thr_all = skip_bound(float(skip_threshold), skip_convention, scale, base2=True)
 
     out = torch.empty(b, hq, 1, dv, dtype=query.dtype, device=device)
     lse = torch.empty(b, hq, 1, dtype=torch.float32, device=device) if return_lse else None
@@ -751,4 +710,4 @@ def sparse_decode_attention(
     if tiles is not None:
         totals = tiles.view(-1, 2).sum(0, dtype=torch.int64)
         tile_counts = (totals[0], totals[1])
-    return _pack(out, lse, tile_counts)
+    return pack_results(out, lse, tile_counts)

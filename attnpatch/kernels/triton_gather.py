@@ -36,6 +36,7 @@ from collections.abc import Sequence
 
 import torch
 
+from attnpatch.kernels.partial_state import check_state, finalize_state, state_from_output
 from attnpatch.kernels.triton_utils import (
     is_interpreted,
     on_input_device,
@@ -61,8 +62,6 @@ ALLOWED_BLOCK_Q = (16, 32, 64, 128)  # 64 and 128 in production; 16/32 for small
 ALLOWED_CHUNKS = (16, 32, 64, 128)  # 64 and 128 in production; 16/32 for small tests
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
-
-State = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 # (num_warps, num_stages) keyed by head_dim, then (block_q, chunk). Shared memory per CTA ≈ Q tile
 # + stages × (K rows + V rows of one chunk). Not tuned yet: to be measured on the GPU.
@@ -129,52 +128,6 @@ def unsupported_reason(
     ):
         return f"selection indices/counts must be int32 (or int64), got {selection.indices.dtype}/{selection.counts.dtype}"
     return None
-
-
-def _check_state(init_state: Sequence[torch.Tensor], b: int, hq: int, lq: int, dv: int) -> State:
-    if len(init_state) != 3:
-        raise ValueError("init_state must be a tuple (m, l, acc)")
-    m, denom, acc = init_state
-    if (
-        tuple(m.shape) != (b, hq, lq)
-        or tuple(denom.shape) != (b, hq, lq)
-        or tuple(acc.shape) != (b, hq, lq, dv)
-    ):
-        raise ValueError(
-            f"init_state shapes {tuple(m.shape)}, {tuple(denom.shape)}, {tuple(acc.shape)}; "
-            f"expected {(b, hq, lq)}, {(b, hq, lq)}, {(b, hq, lq, dv)}"
-        )
-    return m, denom, acc
-
-
-def finalize_state(state: Sequence[torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(out, lse)` from an un-normalised state `(m, l, acc)`: ``acc / l`` and ``m + log l``.
-
-    Rows with ``l = 0`` (no key seen) give output 0 and ``lse = -inf``.
-    """
-    m, denom, acc = state
-    seen = denom > 0
-    safe = torch.where(seen, denom, torch.ones_like(denom))
-    out = (acc / safe.unsqueeze(-1)).to(dtype)
-    lse = torch.where(seen, m + torch.log(safe), torch.full_like(m, float("-inf")))
-    return out, lse
-
-
-def state_from_output(out: torch.Tensor, lse: torch.Tensor) -> State:
-    """A resumable state `(m, l, acc)` equivalent to a normalised partial result `(out, lse)`.
-
-    ``m = lse``, ``l = 1``, ``acc = out`` (float32); rows with ``lse = -inf`` become
-    ``(-inf, 0, 0)``. Lets a pass that only returns ``(out, lse)`` (e.g. the PyTorch reference)
-    be continued by `token_gather_attention_triton` over a disjoint key set.
-    """
-    lse = lse.float()
-    seen = torch.isfinite(lse)
-    m = torch.where(seen, lse, torch.full_like(lse, float("-inf")))
-    denom = seen.float()
-    acc = torch.where(
-        seen.unsqueeze(-1), out.float(), torch.zeros((), dtype=torch.float32, device=out.device)
-    )
-    return m.contiguous(), denom.contiguous(), acc.contiguous()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -400,7 +353,7 @@ def token_gather_attention_triton(
     bq = selection.block_q
     n_qb = num_blocks(lq, bq)
     device = query.device
-    state_in = None if init_state is None else _check_state(init_state, b, hq, lq, dv)
+    state_in = None if init_state is None else check_state(init_state, b, hq, lq, dv)
 
     out = None if return_state else torch.empty(b, hq, lq, dv, dtype=query.dtype, device=device)
     lse = torch.empty(b, hq, lq, dtype=torch.float32, device=device) if return_lse else None
