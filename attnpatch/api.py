@@ -14,7 +14,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from attnpatch.adapters import get_adapter
 from attnpatch.cache import install_layers
 from attnpatch.dispatch import LayerPlan, PatchState, make_attention_function
-from attnpatch.kernels import get_executors
+from attnpatch.backends import get_executors
 from attnpatch.profile import Profile
 from attnpatch.registry import get_method
 from attnpatch.stats import LayerStats, PatchStats

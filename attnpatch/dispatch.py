@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from attnpatch.kernels import Executors, get_executors
+from attnpatch.backends import Executors, get_executors
 from attnpatch.methods.base import DecodeContext, DecodeMethod, DenseFallback, PrefillContext, PrefillMethod
 from attnpatch.stats import LayerStats
 

@@ -134,7 +134,7 @@ def get_method(name: str, phase: str) -> MethodInfo:
     """Look a method up for a phase; ValueError lists the methods allowed there."""
     _ensure_loaded()
     info = _METHODS.get(name)
-    allowed = [n for n, m in _METHODS.items() if phase in m.phases]
+    allowed = sorted(n for n, m in _METHODS.items() if phase in m.phases)
     if info is None:
         raise ValueError(f"unknown {phase} method {name!r}; available {phase} methods: {', '.join(allowed)}")
     if phase not in info.phases:

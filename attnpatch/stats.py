@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from attnpatch.selection import BlockSelection, causal_block_limit
+from attnpatch.sparsity import BlockSelection, causal_block_limit
 
 
 @dataclass

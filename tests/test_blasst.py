@@ -7,8 +7,8 @@ import torch
 from conftest import left_padded, random_ids
 
 import attnpatch
-from attnpatch.kernels.reference import block_sparse_attention, paged_decode_attention
-from attnpatch.selection import BlockSelection, PageSelection, SkipRule, num_blocks
+from attnpatch.backends.reference import block_sparse_attention, paged_decode_attention
+from attnpatch.sparsity import BlockSelection, PageSelection, SkipRule, num_blocks
 
 
 def sequential_skip_attention(q, k, v, bq, bk, log_thr, scale):
@@ -156,7 +156,7 @@ def test_blasst_fallbacks_and_conventions(llama):
 @pytest.mark.parametrize("lq,lk", [(96, 96), (40, 100)])
 def test_reference_executor_agrees_with_the_kernels_tiled_oracle(lq, lk):
     """The patch's reference path and the Triton kernel's PyTorch twin apply the same skip rule."""
-    from attnpatch.kernels.triton_block_sparse import block_sparse_attention_tiled_reference
+    from attnpatch.backends.triton.block_sparse import block_sparse_attention_tiled_reference
 
     q, k, v = sink_heavy_qkv(1, 4, 2, lq, lk, 16, seed=7)
     sel = BlockSelection.causal(1, 4, lq, lk, 16, 16)

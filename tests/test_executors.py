@@ -2,7 +2,7 @@
 
 import torch
 
-from attnpatch.kernels import _left_padding
+from attnpatch.backends import _left_padding
 
 
 def _mask(valid: torch.Tensor, lq: int, window: int | None = None) -> torch.Tensor:
@@ -33,8 +33,8 @@ def test_other_masks_are_refused_with_a_reason():
 def test_kernel_glue_passes_the_skip_rule_and_adds_counters():
     import math
 
-    from attnpatch.kernels import _run_kernel
-    from attnpatch.selection import PageSelection, SkipRule
+    from attnpatch.backends import _run_kernel
+    from attnpatch.sparsity import PageSelection, SkipRule
 
     seen = {}
 

@@ -4,7 +4,7 @@ import torch
 
 from attnpatch.eval.fidelity import layer_fidelity, measure, true_block_mass
 from attnpatch.models import tiny_model
-from attnpatch.selection import BlockSelection
+from attnpatch.sparsity import BlockSelection
 
 
 def _uniform_qkv(length=4, d=8):

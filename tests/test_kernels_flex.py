@@ -22,10 +22,10 @@ import warnings
 import pytest
 import torch
 
-from attnpatch.kernels import flex
-from attnpatch.kernels.flex import flex_block_sparse_attention, padding_key_validity, selection_to_block_mask
-from attnpatch.kernels.reference import block_sparse_attention
-from attnpatch.selection import BlockSelection, causal_block_limit, num_blocks
+from attnpatch.backends import flex
+from attnpatch.backends.flex import flex_block_sparse_attention, padding_key_validity, selection_to_block_mask
+from attnpatch.backends.reference import block_sparse_attention
+from attnpatch.sparsity import BlockSelection, causal_block_limit, num_blocks
 
 ATOL = RTOL = 1e-5
 
@@ -202,7 +202,7 @@ def test_rejects_mismatched_inputs():
     with pytest.raises(ValueError):
         flex_block_sparse_attention(q, k, v, sel, compile=False)
     if "skip" in {f.name for f in dataclasses.fields(BlockSelection)}:  # BLASST tiles cannot be skipped
-        from attnpatch.selection import SkipRule
+        from attnpatch.sparsity import SkipRule
 
         sel = dataclasses.replace(make_selection(1, 4, 32, 32, 16, 16), skip=SkipRule(-5.0))
         with pytest.raises(ValueError):

@@ -1,7 +1,7 @@
 """Triton block-sparse attention kernel vs the PyTorch references, under the Triton CPU interpreter.
 
 The kernel module is loaded as a private copy decorated under the interpreter, so the result does
-not depend on whether other tests imported `attnpatch.kernels.triton_block_sparse` (compiled for
+not depend on whether other tests imported `attnpatch.backends.triton.block_sparse` (compiled for
 the GPU) first, and those tests never get interpreted kernels from this module. TRITON_INTERPRET
 is restored after import and set again only while these tests run.
 """
@@ -12,10 +12,10 @@ import pytest
 import torch
 from triton_interpreted import interpret_env, load_interpreted
 
-from attnpatch.kernels.reference import block_sparse_attention, merge_partials
-from attnpatch.selection import BlockSelection, causal_block_limit, num_blocks
+from attnpatch.backends.reference import block_sparse_attention, merge_partials
+from attnpatch.sparsity import BlockSelection, causal_block_limit, num_blocks
 
-_kernels, _why = load_interpreted("triton_block_sparse.py")
+_kernels, _why = load_interpreted("block_sparse.py")
 if _kernels is None:
     pytest.skip(_why, allow_module_level=True)
 block_sparse_attention_tiled_reference = _kernels.block_sparse_attention_tiled_reference

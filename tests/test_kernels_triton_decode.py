@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from triton_interpreted import interpret_env, load_interpreted
 
-from attnpatch.kernels.reference import paged_decode_attention
-from attnpatch.selection import PageSelection, num_blocks
+from attnpatch.backends.reference import paged_decode_attention
+from attnpatch.sparsity import PageSelection, num_blocks
 
-_mod, _why = load_interpreted("triton_decode.py")
+_mod, _why = load_interpreted("decode.py")
 if _mod is None:
     pytest.skip(_why, allow_module_level=True)
 sparse_decode_attention = _mod.sparse_decode_attention
@@ -314,8 +314,8 @@ def test_import_without_triton():
     code = (
         "import sys; sys.modules['triton'] = None; sys.modules['triton.language'] = None\n"
         "import torch\n"
-        "from attnpatch.kernels import triton_decode as m\n"
-        "from attnpatch.selection import PageSelection\n"
+        "from attnpatch.backends.triton import decode as m\n"
+        "from attnpatch.sparsity import PageSelection\n"
         "assert not m._KERNEL_INTERPRETED\n"
         "q = torch.randn(1, 2, 1, 16); k = torch.randn(1, 1, 40, 16)\n"
         "sel = PageSelection.all_pages(1, 1, 40, 16)\n"

@@ -2,7 +2,7 @@
 interpreter.
 
 The kernel module is loaded as a private copy decorated under the interpreter, so the result does
-not depend on whether another test imported `attnpatch.kernels.triton_gather` (compiled for the
+not depend on whether another test imported `attnpatch.backends.triton.gather` (compiled for the
 GPU) first, and no other test gets interpreted kernels from it. TRITON_INTERPRET is restored after
 the import and set again only while these tests run.
 """
@@ -17,12 +17,12 @@ import torch
 from triton_interpreted import interpret_env, load_interpreted
 
 import attnpatch
-from attnpatch.kernels.reference import (
+from attnpatch.backends.reference import (
     block_sparse_attention,
     merge_partials,
     token_gather_attention,
 )
-from attnpatch.selection import BlockSelection, TokenSelection, num_blocks
+from attnpatch.sparsity import BlockSelection, TokenSelection, num_blocks
 
 _PACKAGE_DIR = Path(attnpatch.__file__).parent
 
@@ -41,8 +41,8 @@ pkg = types.ModuleType("attnpatch")
 pkg.__path__ = [{str(_PACKAGE_DIR)!r}]
 sys.modules["attnpatch"] = pkg
 import torch
-from attnpatch.kernels import triton_gather as tg
-from attnpatch.selection import TokenSelection
+from attnpatch.backends.triton import gather as tg
+from attnpatch.sparsity import TokenSelection
 x = torch.zeros(1, 1, 4, 64)
 sel = TokenSelection(torch.zeros(1, 1, 1, 1, dtype=torch.int32), torch.ones(1, 1, 1, dtype=torch.int32), 16, 4, 4)
 assert tg.unsupported_reason(x, x, x, sel) == "triton is not installed"
@@ -58,7 +58,7 @@ else:
     assert proc.returncode == 0, proc.stderr
 
 
-_tg, _SKIP_REASON = load_interpreted("triton_gather.py")
+_tg, _SKIP_REASON = load_interpreted("gather.py")
 
 
 # Every kernel test carries this mark; the import test above runs with or without triton.

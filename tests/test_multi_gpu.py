@@ -5,15 +5,15 @@ import pytest
 import torch
 
 from attnpatch.api import patch_model
-from attnpatch.kernels.reference import block_sparse_attention
+from attnpatch.backends.reference import block_sparse_attention
 from attnpatch.models import tiny_model
-from attnpatch.selection import BlockSelection
+from attnpatch.sparsity import BlockSelection
 
 pytestmark = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 
 
 def test_block_sparse_kernel_runs_on_the_inputs_gpu():
-    from attnpatch.kernels.triton_block_sparse import block_sparse_attention_triton
+    from attnpatch.backends.triton.block_sparse import block_sparse_attention_triton
 
     torch.cuda.set_device(0)
     g = torch.Generator(device="cuda:1").manual_seed(0)

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from attnpatch.kernels.reference import block_sparse_attention, merge_partials
-from attnpatch.selection import BlockSelection, causal_block_limit, num_blocks
+from attnpatch.backends.reference import block_sparse_attention, merge_partials
+from attnpatch.sparsity import BlockSelection, causal_block_limit, num_blocks
 
 
 def dense_masked(q, k, v, token_mask, scale=None):
@@ -126,8 +126,8 @@ def test_selection_roundtrip_and_validation():
 
 
 def test_token_gather_matches_masked_dense():
-    from attnpatch.kernels.reference import token_gather_attention
-    from attnpatch.selection import TokenSelection
+    from attnpatch.backends.reference import token_gather_attention
+    from attnpatch.sparsity import TokenSelection
 
     lq, lk, bq = 40, 70, 16
     q, k, v = torch.randn(1, 4, lq, 8), torch.randn(1, 2, lk, 8), torch.randn(1, 2, lk, 8)
@@ -147,8 +147,8 @@ def test_token_gather_matches_masked_dense():
 
 
 def test_paged_decode_matches_masked_dense():
-    from attnpatch.kernels.reference import paged_decode_attention
-    from attnpatch.selection import PageSelection
+    from attnpatch.backends.reference import paged_decode_attention
+    from attnpatch.sparsity import PageSelection
 
     lk, ps = 75, 16
     q, k, v = torch.randn(2, 4, 1, 8), torch.randn(2, 2, lk, 8), torch.randn(2, 2, lk, 8)

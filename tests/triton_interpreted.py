@@ -16,7 +16,7 @@ from types import ModuleType
 
 import torch
 
-KERNELS_DIR = Path(__file__).resolve().parents[1] / "attnpatch" / "kernels"
+KERNELS_DIR = Path(__file__).resolve().parents[1] / "attnpatch" / "backends" / "triton"
 
 
 @contextlib.contextmanager

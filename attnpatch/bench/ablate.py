@@ -14,9 +14,9 @@ import torch
 
 from attnpatch.bench.kernels import SHAPES, _bench, _bench_graph, _dense_runner, skip_qkv
 from attnpatch.bench.selections import random_block_selection, random_page_selection
-from attnpatch.kernels.triton_block_sparse import block_sparse_attention_triton
-from attnpatch.kernels.triton_decode import sparse_decode_attention
-from attnpatch.selection import BlockSelection
+from attnpatch.backends.triton.block_sparse import block_sparse_attention_triton
+from attnpatch.backends.triton.decode import sparse_decode_attention
+from attnpatch.sparsity import BlockSelection
 
 
 def variants(out: Path, shapes: tuple[str, ...] = ("llama3-8b", "smollm2"), length: int = 32768) -> None:
@@ -99,7 +99,7 @@ def decode_step(out: Path, length: int = 131072, layers: int = 8) -> None:
 def decode_tune(out: Path, length: int = 131072, layers: int = 8) -> None:
     """Warps × pipeline stages × splits of the decode split kernel, timed per layer inside an
     `layers`-layer CUDA graph (as `decode_step`), 1/16 of 128-token pages, llama3-8b layer."""
-    import attnpatch.kernels.triton_decode as td
+    import attnpatch.backends.triton.decode as td
 
     default = td._launch_config
     rows = []

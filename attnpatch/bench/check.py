@@ -11,8 +11,8 @@ import sys
 import torch
 
 from attnpatch.bench.selections import random_block_selection, random_page_selection
-from attnpatch.kernels import reference
-from attnpatch.selection import BlockSelection, SkipRule, TokenSelection, num_blocks
+from attnpatch.backends import reference
+from attnpatch.sparsity import BlockSelection, SkipRule, TokenSelection, num_blocks
 
 TOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
@@ -35,7 +35,7 @@ DTYPES = (torch.bfloat16, torch.float16)
 
 
 def block_sparse_cases():
-    from attnpatch.kernels.triton_block_sparse import block_sparse_attention_triton
+    from attnpatch.backends.triton.block_sparse import block_sparse_attention_triton
 
     for dtype in DTYPES:
         for d, block, (lq, lk) in ((128, 128, (3000, 3000)), (64, 64, (1500, 2100)), (128, 64, (777, 777))):
@@ -43,7 +43,7 @@ def block_sparse_cases():
             for density in (1.0, 0.3):
                 sel = random_block_selection(2, 8, lk, block, density, device="cuda")
                 if lq != lk:  # chunked prefill: keep the last lq rows' selection shape right
-                    from attnpatch.selection import causal_block_limit
+                    from attnpatch.sparsity import causal_block_limit
 
                     r, c = num_blocks(lq, block), num_blocks(lk, block)
                     lim = causal_block_limit(lq, lk, block, block, "cuda")
@@ -59,11 +59,11 @@ def block_sparse_cases():
 
 
 def skip_cases():
-    from attnpatch.kernels.triton_block_sparse import block_sparse_attention_triton
+    from attnpatch.backends.triton.block_sparse import block_sparse_attention_triton
 
     for dtype in DTYPES:
         # skip mode: the kernel's own tiled oracle decides the same tiles on the same inputs
-        from attnpatch.kernels.triton_block_sparse import block_sparse_attention_tiled_reference
+        from attnpatch.backends.triton.block_sparse import block_sparse_attention_tiled_reference
 
         q, k, v = _qkv(1, 8, 2, 2048, 2048, 128, dtype, seed=3)
         k[:, :, 0] = q.float().mean((1, 2)).to(dtype) * 8
@@ -82,7 +82,7 @@ def skip_cases():
 
 
 def gather_cases():
-    from attnpatch.kernels.triton_gather import token_gather_attention_triton
+    from attnpatch.backends.triton.gather import token_gather_attention_triton
 
     for dtype in DTYPES:
         q, k, v = _qkv(1, 8, 2, 1000, 3000, 128, dtype, seed=4)
@@ -95,7 +95,7 @@ def gather_cases():
 
 
 def decode_cases():
-    from attnpatch.kernels.triton_decode import sparse_decode_attention
+    from attnpatch.backends.triton.decode import sparse_decode_attention
 
     for dtype in DTYPES:
         for d in (64, 128):
@@ -107,7 +107,7 @@ def decode_cases():
 
 
 def flex_cases():
-    from attnpatch.kernels.flex import flex_block_sparse_attention
+    from attnpatch.backends.flex import flex_block_sparse_attention
 
     for dtype in DTYPES:
         q, k, v = _qkv(1, 8, 2, 4096, 4096, 128, dtype, seed=6)

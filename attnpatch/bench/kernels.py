@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from attnpatch.bench.selections import random_block_selection, random_page_selection
-from attnpatch.selection import BlockSelection, causal_block_limit
+from attnpatch.sparsity import BlockSelection, causal_block_limit
 
 SHAPES = {"llama3-8b": (32, 8, 128), "qwen2.5-7b": (28, 4, 128), "smollm2": (9, 3, 64)}
 LENGTHS = (8192, 32768, 65536, 131072)
@@ -127,13 +127,13 @@ def _flash_attn_runner(q, k, v):
 def _sparse_runners(q, k, v, sel: BlockSelection) -> dict[str, Callable[[], object]]:
     runners = {}
     try:
-        from attnpatch.kernels.triton_block_sparse import block_sparse_attention_triton
+        from attnpatch.backends.triton.block_sparse import block_sparse_attention_triton
 
         runners["attnpatch-triton"] = lambda: block_sparse_attention_triton(q, k, v, sel)
     except ImportError:
         pass
     try:
-        from attnpatch.kernels.flex import flex_block_sparse_attention
+        from attnpatch.backends.flex import flex_block_sparse_attention
 
         runners["flex"] = lambda: flex_block_sparse_attention(q, k, v, sel)
     except ImportError:
@@ -224,7 +224,7 @@ def skip_qkv(batch: int, hq: int, hkv: int, length: int, d: int, sink: float, bl
 
 def bench_skip(shape: str = "llama3-8b", length: int = 32768, block: int = 128, log=print) -> list[Row]:
     """Skip mode: overhead at zero skipped tiles, and speedup at increasing skipped fractions."""
-    from attnpatch.kernels.triton_block_sparse import block_sparse_attention_triton
+    from attnpatch.backends.triton.block_sparse import block_sparse_attention_triton
 
     hq, hkv, d = SHAPES[shape]
     rows = []
@@ -249,7 +249,7 @@ def bench_decode(shape: str = "llama3-8b", lengths=(32768, 131072), batches=(1, 
                  fractions=(1.0, 1 / 16), log=print) -> list[Row]:
     """Decode: sparse split-KV kernel over a page selection vs dense SDPA decode."""
     try:
-        from attnpatch.kernels.triton_decode import sparse_decode_attention
+        from attnpatch.backends.triton.decode import sparse_decode_attention
     except ImportError:
         return []
     hq, hkv, d = SHAPES[shape]
@@ -309,7 +309,7 @@ def environment(command: str) -> dict:
 
 def _bs_variant(head_dim: int) -> int | None:
     """The block-sparse kernel's main-loop variant on this GPU for a head dim."""
-    from attnpatch.kernels.triton_block_sparse import default_variant
+    from attnpatch.backends.triton.block_sparse import default_variant
 
     return default_variant(torch.device("cuda"), head_dim) if torch.cuda.is_available() else None
 

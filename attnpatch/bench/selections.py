@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from attnpatch.selection import BlockSelection, PageSelection, causal_block_limit, num_blocks
+from attnpatch.sparsity import BlockSelection, PageSelection, causal_block_limit, num_blocks
 
 
 def random_block_selection(batch: int, heads: int, length: int, block: int, density: float,

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from attnpatch.api import patch_model
-from attnpatch.kernels.reference import block_sparse_attention
-from attnpatch.selection import BlockSelection, num_blocks
+from attnpatch.backends.reference import block_sparse_attention
+from attnpatch.sparsity import BlockSelection, num_blocks
 
 _ROW_CHUNK = 1024
 

@@ -1,3 +1,4 @@
 """Built-in methods; importing this package registers them."""
 
-from attnpatch.methods import a_shape, blasst, dense, streaming  # noqa: F401
+from attnpatch.methods.decode import streaming  # noqa: F401
+from attnpatch.methods.prefill import a_shape, blasst, dense  # noqa: F401

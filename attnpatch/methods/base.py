@@ -7,7 +7,7 @@ from typing import Any, ClassVar, NamedTuple
 
 import torch
 
-from attnpatch.selection import BlockSelection, PageSelection
+from attnpatch.sparsity import BlockSelection, PageSelection
 
 
 class DenseFallback(NamedTuple):

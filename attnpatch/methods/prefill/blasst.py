@@ -9,7 +9,7 @@ import torch
 
 from attnpatch.methods.base import DecodeContext, DecodeMethod, DenseFallback, PrefillContext, PrefillMethod
 from attnpatch.registry import option, register_method
-from attnpatch.selection import BlockSelection, PageSelection, SkipRule, causal_block_limit, num_blocks
+from attnpatch.sparsity import BlockSelection, PageSelection, SkipRule, causal_block_limit, num_blocks
 
 
 @register_method("blasst", ("prefill", "decode"))

@@ -15,7 +15,7 @@ before the block's first query position) is processed without any mask; only the
 (the part of the list that reaches the diagonal, and the ragged tail) are masked.
 
 Resumable state ``(m, l, acc)``, per query row, float32 — the same convention as
-`attnpatch.kernels.triton_block_sparse`, so a block-sparse pass and a gather pass over disjoint
+`attnpatch.backends.triton.block_sparse`, so a block-sparse pass and a gather pass over disjoint
 key sets can be chained:
 
 * ``m``   ``[B, Hq, Lq]`` running maximum of the *natural-log scaled scores* ``scale · q·k``
@@ -36,15 +36,15 @@ from collections.abc import Sequence
 
 import torch
 
-from attnpatch.kernels.partial_state import check_state, finalize_state, state_from_output
-from attnpatch.kernels.triton_utils import (
+from attnpatch.backends.triton.partial_state import check_state, finalize_state, state_from_output
+from attnpatch.backends.triton.utils import (
     is_interpreted,
     on_input_device,
     tensor_device_ok,
     triton_available,
     with_contiguous_last_dim,
 )
-from attnpatch.selection import TokenSelection, num_blocks
+from attnpatch.sparsity import TokenSelection, num_blocks
 
 __all__ = [
     "ALLOWED_BLOCK_Q",

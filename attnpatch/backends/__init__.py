@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from attnpatch.kernels.reference import block_sparse_attention, paged_decode_attention
-from attnpatch.selection import BlockSelection, PageSelection
+from attnpatch.backends.reference import block_sparse_attention, paged_decode_attention
+from attnpatch.sparsity import BlockSelection, PageSelection
 
 BACKENDS = ("auto", "reference", "triton", "flex")
 
@@ -43,7 +43,7 @@ def _left_padding(mask: torch.Tensor, q_len: int, kv_len: int) -> tuple[torch.Te
     """First real key per row when `mask` is causal AND left padding; else a reason to fall back."""
     if _LAST_MASK[0] is mask:
         return _LAST_MASK[1]
-    from attnpatch.kernels.flex import padding_key_validity
+    from attnpatch.backends.flex import padding_key_validity
 
     try:
         valid = padding_key_validity(mask, q_len, kv_len)
@@ -68,7 +68,7 @@ def _run_kernel(kernel, query, key, value, selection, scale, key_start, tile_cou
 
 
 def _triton_prefill(query, key, value, selection: BlockSelection, scale, mask, tile_counts):
-    from attnpatch.kernels.triton_block_sparse import block_sparse_attention_triton, unsupported_reason
+    from attnpatch.backends.triton.block_sparse import block_sparse_attention_triton, unsupported_reason
 
     reason = unsupported_reason(query, key, value, selection)
     if reason is not None:
@@ -82,7 +82,7 @@ def _triton_prefill(query, key, value, selection: BlockSelection, scale, mask, t
 
 
 def _flex_prefill(query, key, value, selection: BlockSelection, scale, mask, tile_counts):
-    from attnpatch.kernels.flex import flex_block_sparse_attention
+    from attnpatch.backends.flex import flex_block_sparse_attention
 
     if selection.skip is not None:
         return None, "FlexAttention has no skip-threshold mode"
@@ -97,7 +97,7 @@ def _flex_prefill(query, key, value, selection: BlockSelection, scale, mask, til
 
 
 def _triton_decode(query, key, value, selection: PageSelection, scale, key_mask, tile_counts):
-    from attnpatch.kernels.triton_decode import sparse_decode_attention, unsupported_reason
+    from attnpatch.backends.triton.decode import sparse_decode_attention, unsupported_reason
 
     reason = unsupported_reason(query, key, value, selection)
     if reason is not None:

@@ -8,7 +8,7 @@ import torch
 
 from attnpatch.methods.base import DenseFallback, PrefillContext, PrefillMethod
 from attnpatch.registry import option, register_method
-from attnpatch.selection import BlockSelection, num_blocks
+from attnpatch.sparsity import BlockSelection, num_blocks
 
 
 @register_method("a_shape", "prefill")

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from attnpatch.selection import BlockSelection, PageSelection, TokenSelection, num_blocks
+from attnpatch.sparsity import BlockSelection, PageSelection, TokenSelection, num_blocks
 
 _CHUNK_BYTES = 256 * 2**20
 

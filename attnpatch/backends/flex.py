@@ -1,7 +1,7 @@
 """FlexAttention backend that executes a `BlockSelection` exactly like the reference executor.
 
 `flex_block_sparse_attention` takes the same arguments as
-`attnpatch.kernels.reference.block_sparse_attention` and computes the same thing: every query block
+`attnpatch.backends.reference.block_sparse_attention` and computes the same thing: every query block
 attends, under the causal rule with queries aligned to the end of the keys (offset `Lk - Lq`), to
 exactly the key blocks its selection lists. Benchmarks that swap one for the other therefore compare
 like for like.
@@ -69,7 +69,7 @@ import math
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from attnpatch.selection import BlockSelection, num_blocks
+from attnpatch.sparsity import BlockSelection, num_blocks
 
 __all__ = [
     "flex_block_sparse_attention",

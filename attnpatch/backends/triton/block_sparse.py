@@ -37,16 +37,16 @@ from collections.abc import Sequence
 
 import torch
 
-from attnpatch.kernels.partial_state import check_state, finalize_state, pack_results
-from attnpatch.kernels.skip_threshold import skip_bounds_per_head
-from attnpatch.kernels.triton_utils import (
+from attnpatch.backends.triton.partial_state import check_state, finalize_state, pack_results
+from attnpatch.backends.triton.skip_threshold import skip_bounds_per_head
+from attnpatch.backends.triton.utils import (
     is_interpreted,
     on_input_device,
     tensor_device_ok,
     triton_available,
     with_contiguous_last_dim,
 )
-from attnpatch.selection import BlockSelection, num_blocks
+from attnpatch.sparsity import BlockSelection, num_blocks
 
 __all__ = [
     "ALLOWED_BLOCK_SIZES",

@@ -55,7 +55,7 @@ them that skipped V/exp/P·V.
 
 `sparse_decode_attention_reference` is the PyTorch oracle of exactly these semantics (same tiles,
 split boundaries, seeding, skip rule); with ``skip_threshold=None`` the kernel equals
-`attnpatch.kernels.reference.paged_decode_attention`.
+`attnpatch.backends.reference.paged_decode_attention`.
 """
 
 from __future__ import annotations
@@ -65,16 +65,16 @@ import math
 
 import torch
 
-from attnpatch.kernels.partial_state import pack_results
-from attnpatch.kernels.skip_threshold import check_convention, skip_bound, skip_bounds_per_head
-from attnpatch.kernels.triton_utils import (
+from attnpatch.backends.triton.partial_state import pack_results
+from attnpatch.backends.triton.skip_threshold import check_convention, skip_bound, skip_bounds_per_head
+from attnpatch.backends.triton.utils import (
     is_interpreted,
     on_input_device,
     tensor_device_ok,
     triton_available,
     with_contiguous_last_dim,
 )
-from attnpatch.selection import PageSelection, num_blocks
+from attnpatch.sparsity import PageSelection, num_blocks
 
 __all__ = [
     "ALLOWED_HEAD_DIMS",
