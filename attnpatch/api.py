@@ -12,9 +12,9 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from attnpatch.adapters import get_adapter
+from attnpatch.backends import get_executors
 from attnpatch.cache import install_layers
 from attnpatch.dispatch import LayerPlan, PatchState, make_attention_function
-from attnpatch.backends import get_executors
 from attnpatch.profile import Profile
 from attnpatch.registry import get_method
 from attnpatch.stats import LayerStats, PatchStats

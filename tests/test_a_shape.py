@@ -8,8 +8,8 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import attnpatch
 from attnpatch.adapters import get_adapter
-from attnpatch.methods.prefill.a_shape import AShape
 from attnpatch.methods.base import DenseFallback, PrefillContext
+from attnpatch.methods.prefill.a_shape import AShape
 
 BS, SINK, LOCAL = 16, 1, 2
 

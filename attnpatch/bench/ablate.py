@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from attnpatch.bench.kernels import SHAPES, _bench, _bench_graph, _dense_runner, skip_qkv
-from attnpatch.bench.selections import random_block_selection, random_page_selection
 from attnpatch.backends.triton.block_sparse import block_sparse_attention_triton
 from attnpatch.backends.triton.decode import sparse_decode_attention
+from attnpatch.bench.kernels import SHAPES, _bench, _bench_graph, _dense_runner, skip_qkv
+from attnpatch.bench.selections import random_block_selection, random_page_selection
 from attnpatch.sparsity import BlockSelection
 
 

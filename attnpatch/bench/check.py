@@ -10,8 +10,8 @@ import sys
 
 import torch
 
-from attnpatch.bench.selections import random_block_selection, random_page_selection
 from attnpatch.backends import reference
+from attnpatch.bench.selections import random_block_selection, random_page_selection
 from attnpatch.sparsity import BlockSelection, SkipRule, TokenSelection, num_blocks
 
 TOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3}

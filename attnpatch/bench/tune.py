@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
+from attnpatch.backends.triton.block_sparse import block_sparse_attention_triton
 from attnpatch.bench.kernels import SHAPES, _bench, _dense_runner
 from attnpatch.bench.selections import random_block_selection
-from attnpatch.backends.triton.block_sparse import block_sparse_attention_triton
 
 
 def _ints(text: str) -> list[int]:
