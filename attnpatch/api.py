@@ -1,147 +1,200 @@
-"""`patch_model`: switch a loaded model's attention to an attnpatch method, and back."""
+"""`patch_model`: switch a loaded model's attention to attnpatch methods, and back.
+
+One attention function and one mask function are registered with transformers under the name
+`attnpatch`; they are stateless and read the patch's state from the attention module they are
+called for. So a deep copy of a patched model is an independently patched model (its own state and
+stats), and several models can be patched at once.
+
+Patches on one model form a stack: patching a patched model suspends the active patch and runs the
+new one; unpatching the top one restores the one below (a nested `with patch_model(...)` hands the
+model back to the outer patch on exit). `unpatch_model(model)` removes them all.
+"""
 
 from __future__ import annotations
 
 import inspect
-import itertools
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.masking_utils import AttentionMaskInterface
 
+import attnpatch.methods  # noqa: F401  (registers the built-in methods)
 from attnpatch.adapters import get_adapter
-from attnpatch.backends import get_executors
+from attnpatch.backends import resolve_backend
 from attnpatch.cache import install_layers
-from attnpatch.dispatch import LayerPlan, PatchState, make_attention_function
+from attnpatch.dispatch import LayerPlan, PatchState
+from attnpatch.masking import attnpatch_mask
+from attnpatch.probe import Observer, ObserverHandle
 from attnpatch.profile import Profile
 from attnpatch.registry import get_method
+from attnpatch.spec import PatchSpec, route_options
 from attnpatch.stats import LayerStats, PatchStats
 
-_COUNTER = itertools.count()
-_ATTR = "_attnpatch_patch"
+IMPLEMENTATION = "attnpatch"
+_STATE_ATTR = "_attnpatch_state"  # on every attention module of a patched model
+_STACK_ATTR = "_attnpatch_stack"  # on the model: its patches, the active one last
 
 
-def _route_options(prefill_info, decode_info, options: dict[str, Any]) -> tuple[dict, dict]:
-    """Send each option to the method(s) that declare it; unknown options name what is allowed."""
-    pre_names = {o.name for o in prefill_info.options}
-    dec_names = {o.name for o in decode_info.options}
-    pre, dec = {}, {}
-    for key, value in options.items():
-        if key not in pre_names and key not in dec_names:
-            allowed = sorted(pre_names | dec_names)
-            raise ValueError(
-                f"unknown option {key!r} for method={prefill_info.name!r}, decode={decode_info.name!r}; "
-                f"allowed options: {', '.join(allowed) if allowed else 'none'}"
-            )
-        if key in pre_names:
-            pre[key] = value
-        if key in dec_names:
-            dec[key] = value
-    return pre, dec
+def _attention(module, *args, **kwargs):
+    state = getattr(module, _STATE_ATTR, None)
+    if state is None:
+        raise RuntimeError(
+            f"{type(module).__name__} runs attn_implementation={IMPLEMENTATION!r} but carries no attnpatch "
+            "state: patch the model with attnpatch.patch_model instead of setting the implementation by hand"
+        )
+    return state.attention(module, *args, **kwargs)
+
+
+AttentionInterface.register(IMPLEMENTATION, _attention)
+AttentionMaskInterface.register(IMPLEMENTATION, attnpatch_mask)
+
+
+def _attention_modules(model) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "num_key_value_groups")]
 
 
 class Patch:
     """A model patched with one prefill and one decode method. Use as a context manager or call `unpatch()`."""
 
-    def __init__(self, model, method: str = "dense", decode: str | None = None, profile: Profile | None = None,
-                 backend: str = "auto", **options):
+    def __init__(self, model, spec: PatchSpec):
         if not hasattr(model, "config") or not hasattr(model, "set_attn_implementation"):
             raise TypeError(f"patch_model expects a transformers PreTrainedModel, got {type(model).__name__}")
-        if not isinstance(method, str):
-            raise ValueError(f"method must be a method name (str), got {method!r}; see attnpatch.list_methods()")
-        if decode is not None and not isinstance(decode, str):
-            raise ValueError(f"decode must be a method name (str) or None, got {decode!r}")
-        if profile is not None and not isinstance(profile, Profile):
-            raise ValueError(f"profile must be an attnpatch.Profile or None, got {type(profile).__name__}")
-        executors = get_executors(backend)
         self.adapter = get_adapter(model.config)
-        self.model = model
-        self.method, self.decode = method, decode or "dense"
-        self.options = dict(options)
-        self.profile = profile
+        self.model, self.spec = model, spec
+        self.method, self.decode = spec.method, spec.decode
         num_layers = self.adapter.num_layers(model.config)
+        if spec.profile is not None:
+            spec.profile.check(model, num_layers, spec.allow_other_weights)
         windows = self.adapter.sliding_windows(model.config)
-        if profile is not None:
-            profile.check(model.config, num_layers)
-        plans = [self._plan(i, windows[i]) for i in range(num_layers)]
+        heads = self.adapter.heads(model.config)[0]
+        plans = [self._plan(i, windows[i], heads) for i in range(num_layers)]
+        self.state = PatchState(plans, resolve_backend(spec.backend))
+        self.active = False
+        stack = getattr(model, _STACK_ATTR, None)
+        if stack is None:
+            stack = []
+            setattr(model, _STACK_ATTR, stack)
+            self._original = model.config._attn_implementation
+        else:
+            self._original = stack[0]._original if stack else model.config._attn_implementation
+            if stack:
+                stack[-1]._deactivate()
+        stack.append(self)
+        self._activate()
 
-        previous = getattr(model, _ATTR, None)
-        if previous is not None:
-            previous.unpatch()
-        self.state = PatchState(plans, executors)
-        self.name = f"attnpatch_{next(_COUNTER)}"
-        self._original = model.config._attn_implementation
-        AttentionInterface.register(self.name, make_attention_function(self.state))
-        AttentionMaskInterface.register(self.name, sdpa_mask)
-        model.set_attn_implementation(self.name)
-        self._hook = None
-        if any(p.decode.keeps_own_cache for p in plans):
-            self._hook = self._install_cache_hook()
-        setattr(model, _ATTR, self)
+    # -- plans ---------------------------------------------------------------------------------
+    def _plan(self, layer: int, window: int | None, heads: int) -> LayerPlan:
+        spec = self.spec
+        pre_info, dec_info = get_method(spec.method, "prefill"), get_method(spec.decode, "decode")
+        pre_opts, dec_opts = dict(spec.prefill_options), dict(spec.decode_options)
+        override = spec.profile.for_layer(layer) if spec.profile is not None else {}
+        where = ""
+        if override:
+            where = f" (layer {layer} of profile {spec.profile.name!r})"
+            # A layer may switch method: the spec's options stay only where the layer's method declares them.
+            pre_info = get_method(override.pop("method", spec.method), "prefill")
+            dec_info = get_method(override.pop("decode", spec.decode), "decode")
+            pre_o = dict(override.pop("prefill_options", {}) or {})
+            dec_o = dict(override.pop("decode_options", {}) or {})
+            try:
+                flat_pre, flat_dec = route_options(pre_info, dec_info, override)
+            except ValueError as e:
+                raise ValueError(f"{e}{where}") from None
+            pre_opts = {k: v for k, v in pre_opts.items() if k in pre_info.option_names} | flat_pre | pre_o
+            dec_opts = {k: v for k, v in dec_opts.items() if k in dec_info.option_names} | flat_dec | dec_o
+        stats = LayerStats(layer, pre_info.name, dec_info.name, sliding_window=window)
+        return LayerPlan(pre_info.build(pre_opts, heads, where), dec_info.build(dec_opts, heads, where), window, stats)
+
+    # -- activation ------------------------------------------------------------------------------
+    def _activate(self) -> None:
+        for module in _attention_modules(self.model):
+            setattr(module, _STATE_ATTR, self.state)
+        self.model.set_attn_implementation(IMPLEMENTATION)
+        # No handle is kept: a handle's weak reference would survive a deep copy of the model and
+        # point the copy at the original's hooks. The hook is found again by identity on removal.
+        self.model.base_model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
         self.active = True
 
-    def _plan(self, layer: int, window: int | None) -> LayerPlan:
-        pre_info, dec_info = get_method(self.method, "prefill"), get_method(self.decode, "decode")
-        pre_opts, dec_opts = _route_options(pre_info, dec_info, self.options)
-        override = self.profile.for_layer(layer) if self.profile is not None else {}
-        if override:
-            # A layer may switch method: global options go on only where the layer's method declares them;
-            # the layer's own options are checked strictly.
-            pre_info = get_method(override.pop("method", self.method), "prefill")
-            dec_info = get_method(override.pop("decode", self.decode), "decode")
-            pre_names, dec_names = {o.name for o in pre_info.options}, {o.name for o in dec_info.options}
-            pre_o, dec_o = _route_options(pre_info, dec_info, override)
-            pre_opts = {k: v for k, v in pre_opts.items() if k in pre_names} | pre_o
-            dec_opts = {k: v for k, v in dec_opts.items() if k in dec_names} | dec_o
-        stats = LayerStats(layer, pre_info.name, dec_info.name, sliding_window=window)
-        return LayerPlan(pre_info.build(**pre_opts), dec_info.build(**dec_opts), window, stats)
-
-    def _install_cache_hook(self):
+    def _deactivate(self) -> None:
         base = self.model.base_model
-        params = inspect.signature(base.forward).parameters
+        for key, fn in list(base._forward_pre_hooks.items()):
+            if getattr(fn, "__self__", None) is self:
+                del base._forward_pre_hooks[key]
+                base._forward_pre_hooks_with_kwargs.pop(key, None)
+        for module in _attention_modules(self.model):
+            if getattr(module, _STATE_ATTR, None) is self.state:
+                delattr(module, _STATE_ATTR)
+        self.state.set_cache(None)
+        self.active = False
+
+    def _pre_forward(self, module, args, kwargs):
+        """Before every forward: give the decode method its cache layers (on a new, empty cache),
+        tell cache layers where each row's real tokens start, and record the cache for the dispatch."""
+        params = inspect.signature(module.forward).parameters
         cache_kw = "cache" if "cache" in params else "past_key_values"
-        num_layers = len(self.state.plans)
-
-        def make_layer(i: int, _default):
-            plan = self.state.plans[i]
-            if plan.sliding_window is not None:
-                return None
-            return plan.decode.cache_layer(i, self.model.config, self.state.publish_positions)
-
-        def hook(module, args, kwargs):
-            cache = kwargs.get(cache_kw, kwargs.get("past_key_values"))
-            use_cache = kwargs.get("use_cache")
-            use_cache = module.config.use_cache if use_cache is None else use_cache
-            if cache is None and use_cache:
-                cache = DynamicCache(config=module.config)
-                kwargs[cache_kw] = cache
-            if isinstance(cache, Cache) and not getattr(cache, "_attnpatch_installed", False):
-                notes = install_layers(cache, make_layer, num_layers)
-                for plan, note in zip(self.state.plans, notes, strict=True):
+        cache = kwargs.get(cache_kw, kwargs.get("past_key_values"))
+        use_cache = kwargs.get("use_cache")
+        use_cache = module.config.use_cache if use_cache is None else use_cache
+        plans = self.state.plans
+        if cache is None and use_cache and any(p.decode.keeps_own_cache for p in plans):
+            cache = DynamicCache(config=module.config)
+            kwargs[cache_kw] = cache
+        if isinstance(cache, Cache):
+            if any(p.decode.keeps_own_cache for p in plans) and not getattr(cache, "_attnpatch_installed", False):
+                notes = install_layers(cache, self._make_cache_layer, len(plans))
+                for plan, note in zip(plans, notes, strict=True):
                     if note != "installed" and note not in plan.stats.notes:
                         plan.stats.notes.append(note)
                 cache._attnpatch_installed = True
-            return args, kwargs
+            mask = kwargs.get("attention_mask")
+            start = None
+            if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+                start = mask.to(torch.int8).argmax(-1)
+            for layer in cache.layers:
+                if hasattr(layer, "set_first_real"):
+                    layer.set_first_real(start)
+        self.state.set_cache(cache if isinstance(cache, Cache) else None)
+        return args, kwargs
 
-        return base.register_forward_pre_hook(hook, with_kwargs=True)
+    def _make_cache_layer(self, i: int):
+        plan = self.state.plans[i]
+        if plan.sliding_window is not None:
+            return None
+        return plan.decode.cache_layer(i, self.model.config)
 
+    # -- public --------------------------------------------------------------------------------
     def unpatch(self) -> None:
-        """Restore the model's original attention implementation and remove every hook."""
-        if not self.active:
+        """Remove this patch: the patch below it on the model (if any) becomes active again, else the
+        model's original attention implementation is restored exactly."""
+        stack = getattr(self.model, _STACK_ATTR, [])
+        if self not in stack:
             return
-        self.model.set_attn_implementation(self._original)
-        if self._hook is not None:
-            self._hook.remove()
-        ALL_ATTENTION_FUNCTIONS._global_mapping.pop(self.name, None)
-        ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.pop(self.name, None)
-        if getattr(self.model, _ATTR, None) is self:
-            delattr(self.model, _ATTR)
-        self.active = False
+        was_top = stack[-1] is self
+        stack.remove(self)
+        if self.active:
+            self._deactivate()
+        if was_top:
+            if stack:
+                stack[-1]._activate()
+            else:
+                self.model.set_attn_implementation(self._original)
+        if not stack and getattr(self.model, _STACK_ATTR, None) is stack:
+            delattr(self.model, _STACK_ATTR)
+
+    def observe(self, observer: Observer) -> ObserverHandle:
+        """Call `observer(AttentionCall)` on every attention call of this patch, dense ones included."""
+        if not callable(observer):
+            raise ValueError(f"an observer must be callable, got {type(observer).__name__}")
+        self.state.observers.append(observer)
+        return ObserverHandle(self.state.observers, observer)
 
     def stats(self) -> PatchStats:
-        """Per-layer (and per-head) density, kept blocks, dense fallbacks with reasons, decode cache sizes."""
+        """Per-layer (and per-head) density, kept blocks, dense fallbacks with reasons, backends that
+        ran and why faster ones declined, decode cache sizes."""
         return PatchStats([p.stats.as_dict() for p in self.state.plans])
 
     def reset_stats(self) -> None:
@@ -155,23 +208,36 @@ class Patch:
         self.unpatch()
 
     def __repr__(self) -> str:
-        state = "active" if self.active else "removed"
-        return f"Patch(method={self.method!r}, decode={self.decode!r}, {state})"
+        state = "active" if self.active else ("suspended" if self in getattr(self.model, _STACK_ATTR, []) else "removed")
+        return f"Patch({self.spec}, {state})"
 
 
-def patch_model(model, method: str = "dense", decode: str | None = None, profile: Profile | None = None,
-                backend: str = "auto", **options) -> Patch:
+def patch_model(model, method: str | PatchSpec = "dense", decode: str | None = None,
+                profile: Profile | str | Path | None = None, backend: str | Mapping[str, str] = "auto", *,
+                prefill_options: Mapping[str, Any] | None = None, decode_options: Mapping[str, Any] | None = None,
+                allow_other_weights: bool = False, **options: Any) -> Patch:
     """Patch `model` in place so its attention runs `method` in prefill and `decode` in decoding.
 
-    Options go to whichever of the two methods declares them. `backend` picks the executors
-    ("auto": the fastest available for the device; "reference": exact PyTorch). Patching a patched
-    model replaces the old patch. Returns a `Patch` (context manager; `.unpatch()`, `.stats()`).
+    `method` / `decode` are method names (`attnpatch.list_methods()`), optionally with options as
+    `"name:key=value,..."`, or `method` is a whole `PatchSpec`. A flat option goes to the one method
+    that declares it; one both declare goes in `prefill_options=` / `decode_options=`. `profile`: a
+    `Profile` or its JSON path (per-layer / per-head parameters of this checkpoint). `backend`:
+    "auto" (the fastest measured that takes the input), "reference", "triton", "flex", "flash", or
+    `{"prefill": ..., "decode": ...}`. Returns a `Patch` (context manager; `.unpatch()`, `.stats()`,
+    `.observe(fn)`).
     """
-    return Patch(model, method=method, decode=decode, profile=profile, backend=backend, **options)
+    if isinstance(method, PatchSpec):
+        given = (decode, profile, prefill_options, decode_options, options, backend != "auto", allow_other_weights)
+        if any(given):
+            raise ValueError("pass either a PatchSpec or method/decode/options, not both")
+        spec = method
+    else:
+        spec = PatchSpec.build(method, decode, prefill_options=prefill_options, decode_options=decode_options,
+                               profile=profile, backend=backend, allow_other_weights=allow_other_weights, **options)
+    return Patch(model, spec)
 
 
 def unpatch_model(model) -> None:
-    """Remove attnpatch's patch from `model`, if any."""
-    patch = getattr(model, _ATTR, None)
-    if patch is not None:
+    """Remove every attnpatch patch from `model`, restoring its original attention implementation."""
+    for patch in reversed(list(getattr(model, _STACK_ATTR, []))):
         patch.unpatch()

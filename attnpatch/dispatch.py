@@ -1,16 +1,20 @@
-"""The attention function registered with transformers: phase split, per-layer method, dense fallback."""
+"""The attention function registered with transformers: phase split, per-layer methods, backends,
+dense fallbacks, stats and probe events."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import weakref
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from attnpatch.backends import Executors, get_executors
+from attnpatch.backends import BackendPlan, resolve_backend
+from attnpatch.masking import AttnMask, key_bounds
 from attnpatch.methods.base import DecodeContext, DecodeMethod, DenseFallback, PrefillContext, PrefillMethod
+from attnpatch.probe import AttentionCall, Observer
 from attnpatch.stats import LayerStats
 
 
@@ -26,80 +30,107 @@ class LayerPlan:
 
 @dataclass
 class PatchState:
-    """Everything the registered attention function needs; owned by one `Patch`."""
+    """Everything the registered attention function needs; owned by one `Patch` and reached from
+    the attention modules (so a deep copy of the model copies it)."""
 
     plans: list[LayerPlan]
-    executors: Executors = field(default_factory=get_executors)
-    positions: dict[int, torch.Tensor] = field(default_factory=dict)
-    # Called on every sparse prefill call with (layer, query, key, value, selection, mask, scale):
-    # fidelity tools record real Q/K/V through it. None on the normal path.
-    observer: Callable | None = None
+    backends: BackendPlan = field(default_factory=resolve_backend)
+    observers: list[Observer] = field(default_factory=list)
+    _cache: Any = None  # weak reference to the Cache of the forward in progress (set by the pre-hook)
 
-    def publish_positions(self, layer_idx: int, positions: torch.Tensor) -> None:
-        """Called by cache layers whose returned keys are not positions 0..L-1."""
-        self.positions[layer_idx] = positions
+    def set_cache(self, cache) -> None:
+        self._cache = None if cache is None else weakref.ref(cache)
+
+    def cache_layer(self, layer_idx: int):
+        cache = self._cache() if self._cache is not None else None
+        layers = getattr(cache, "layers", None)
+        return layers[layer_idx] if layers is not None and layer_idx < len(layers) else None
+
+    def attention(self, module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        """What transformers calls as `attention_interface(module, q, k, v, mask, ...)`."""
+        return _attend(self, module, query, key, value, attention_mask, dropout, scaling, **kwargs)
 
 
-def _key_start(mask: torch.Tensor | None) -> torch.Tensor | None:
-    """First key each row may attend to, read off the last query row of a boolean mask."""
-    if mask is None or mask.dtype != torch.bool:
-        return None
-    return mask[:, 0, -1, :].to(torch.int8).argmax(dim=-1)
+def _dense_mask(attention_mask, positions: torch.Tensor | None, kv_len: int):
+    """The mask transformers' SDPA path takes, restricted to the keys a cache returned."""
+    mask = attention_mask.dense() if isinstance(attention_mask, AttnMask) else attention_mask
+    if mask is None or positions is None or mask.shape[-1] == kv_len:
+        return mask
+    if positions.dim() == 1:
+        return mask.index_select(-1, positions.to(mask.device))
+    b, _, lq, _ = mask.shape
+    index = positions.to(mask.device).view(b, 1, 1, -1).expand(b, mask.shape[1], lq, positions.shape[-1])
+    return torch.gather(mask.expand(b, mask.shape[1], lq, mask.shape[-1]), -1, index)
 
 
-def make_attention_function(state: PatchState) -> Callable:
-    """Build the function transformers calls as `attention_interface(module, q, k, v, mask, ...)`."""
+def _attend(state: PatchState, module, query, key, value, attention_mask, dropout, scaling, **kwargs):
+    """One attention call: phase split, the layer's method, a backend (or SDPA), stats, observers."""
+    layer = module.layer_idx
+    plan = state.plans[layer]
+    stats = plan.stats
+    b, hq, lq, d = query.shape
+    lk = key.shape[2]
+    cache_layer = state.cache_layer(layer)
+    positions = getattr(cache_layer, "returned_positions", None)
+    if positions is not None and positions.shape[-1] != lk:
+        positions = None
+    bounds = key_bounds(attention_mask, lq, lk, plan.sliding_window, positions)
+    scale = scaling if scaling is not None else 1.0 / math.sqrt(d)
+    phase = "decode" if lq == 1 else "prefill"
+    declined: list[str] = []
 
-    def attnpatch_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-        layer = module.layer_idx
-        plan = state.plans[layer]
-        positions = state.positions.pop(layer, None)
-        if positions is not None and attention_mask is not None and attention_mask.shape[-1] != key.shape[-2]:
-            attention_mask = attention_mask.index_select(-1, positions.to(attention_mask.device))
-        b, hq, lq, d = query.shape
-        lk = key.shape[2]
-        stats = plan.stats
+    def finish(out_bhld: torch.Tensor, selection, method: str, backend: str):
+        stats.backends[f"{phase}: {backend}"] += 1
+        for why in declined:
+            stats.backend_declined[why] += 1
+        if state.observers:
+            call = AttentionCall(layer, phase, query, key, value, out_bhld, scale, bounds, selection, method, backend)
+            for observer in list(state.observers):
+                observer(call)
 
-        def dense():
-            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-
-        scale = scaling if scaling is not None else 1.0 / math.sqrt(d)
-        if lq == 1:
-            stats.decode_calls += 1
-            stats.max_decode_keys = max(stats.max_decode_keys, lk)
-            if plan.decode.is_dense:
-                return dense()
-            pages = plan.decode.select(query, key, DecodeContext(layer, scale))
-            if pages is None:
-                return dense()
-            key_mask = None if attention_mask is None else attention_mask[:, 0, -1, :]
-            out, why = state.executors.decode(query, key, value, pages, scale=scale, key_mask=key_mask,
-                                              tile_counts=stats.tile_counter("decode", query.device))
-            if why is not None:
-                stats.executor_fallbacks[f"decode: {why}"] += 1
+    def dense(method: str):
+        out, backend = None, None
+        if phase == "prefill" and dropout == 0.0:
+            out, backend = state.backends.dense(query, key, value, scale=scale, bounds=bounds, declined=declined)
+        if out is not None:
+            finish(out, None, method, backend)
             return out.transpose(1, 2).contiguous(), None
-        stats.prefill_calls += 1
-        method = plan.prefill
-        block = getattr(method, "block_size", 64)
+        mask = _dense_mask(attention_mask, positions, lk)
+        result = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+        finish(result[0].transpose(1, 2), None, method, "sdpa")
+        return result
+
+    if phase == "decode":
+        stats.decode_calls += 1
+        stats.max_decode_keys = max(stats.max_decode_keys, lk)
+        method = plan.decode
         if method.is_dense:
-            stats.add_dense(b, hq, lq, lk, block, None)
-            return dense()
-        if dropout > 0.0:
-            stats.add_dense(b, hq, lq, lk, block, "attention dropout (training)")
-            return dense()
-        ctx = PrefillContext(layer, scale, _key_start(attention_mask), plan.sliding_window)
-        selection = method.select(query, key, ctx)
-        if isinstance(selection, DenseFallback):
-            stats.add_dense(b, hq, lq, lk, block, selection.reason)
-            return dense()
-        counter = stats.tile_counter("prefill", query.device) if selection.skip is not None else None
-        out, why = state.executors.prefill(query, key, value, selection, scale=scale, mask=attention_mask,
-                                           tile_counts=counter)
-        if why is not None:
-            stats.executor_fallbacks[f"prefill: {why}"] += 1
-        if state.observer is not None:
-            state.observer(layer, query, key, value, selection, attention_mask, scale)
-        stats.add_selection(selection)
+            return dense(method.name)
+        pages = method.select(query, key, DecodeContext(layer, scale, bounds, plan.sliding_window, cache_layer))
+        if pages is None:
+            return dense(method.name)
+        out, backend = state.backends.decode(query, key, value, pages, scale=scale, bounds=bounds,
+                                             tile_counts=stats.tile_counter("decode", query.device),
+                                             declined=declined)
+        finish(out, pages, method.name, backend)
         return out.transpose(1, 2).contiguous(), None
 
-    return attnpatch_attention
+    stats.prefill_calls += 1
+    method = plan.prefill
+    block = getattr(method, "block_size", 64)
+    if method.is_dense:
+        stats.add_dense(b, hq, lq, lk, block, None)
+        return dense(method.name)
+    if dropout > 0.0:
+        stats.add_dense(b, hq, lq, lk, block, "attention dropout (training)")
+        return dense(method.name)
+    selection = method.select(query, key, PrefillContext(layer, scale, bounds, plan.sliding_window))
+    if isinstance(selection, DenseFallback):
+        stats.add_dense(b, hq, lq, lk, block, selection.reason)
+        return dense(method.name)
+    counter = stats.tile_counter("prefill", query.device) if getattr(selection, "skip", None) is not None else None
+    out, backend = state.backends.prefill(query, key, value, selection, scale=scale, bounds=bounds,
+                                          tile_counts=counter, declined=declined)
+    stats.add_selection(selection)
+    finish(out, selection, method.name, backend)
+    return out.transpose(1, 2).contiguous(), None

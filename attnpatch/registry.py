@@ -1,157 +1,103 @@
-"""One method table for the API, the CLI, the tests and the eval; option validation with helpful errors."""
+"""The method tables, one per phase: what the API, the CLI, the spec parser, the tests and the eval
+read. Tables only: method modules register themselves here (`register_prefill` / `register_decode`)
+and this module imports none of them (`attnpatch/__init__` loads the built-in ones)."""
 
 from __future__ import annotations
 
 import dataclasses
-import typing
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from attnpatch.options import OptionSpec, option_specs
 
 PHASES = ("prefill", "decode")
 
 
 @dataclass(frozen=True)
-class OptionSpec:
-    """One option of a method: name, type, default, allowed range or choices, help text."""
-
-    name: str
-    type: type
-    default: Any
-    help: str = ""
-    min: float | None = None
-    max: float | None = None
-    choices: tuple | None = None
-
-    def describe_allowed(self) -> str:
-        if self.choices is not None:
-            return "one of " + ", ".join(repr(c) for c in self.choices)
-        parts = [self.type.__name__]
-        if self.min is not None:
-            parts.append(f">= {self.min}")
-        if self.max is not None:
-            parts.append(f"<= {self.max}")
-        return " ".join(parts)
-
-    def check(self, method: str, value: Any) -> Any:
-        """Return `value` converted to the option's type, or raise ValueError naming what is allowed."""
-        ok_type = (
-            isinstance(value, bool)
-            if self.type is bool
-            else isinstance(value, self.type) and not isinstance(value, bool)
-            or (self.type is float and isinstance(value, int) and not isinstance(value, bool))
-        )
-        if not ok_type:
-            raise ValueError(
-                f"option {self.name!r} of method {method!r} must be {self.describe_allowed()}, "
-                f"got {value!r} ({type(value).__name__})"
-            )
-        if self.choices is not None and value not in self.choices:
-            raise ValueError(f"option {self.name!r} of method {method!r} must be {self.describe_allowed()}, got {value!r}")
-        if (self.min is not None and value < self.min) or (self.max is not None and value > self.max):
-            raise ValueError(f"option {self.name!r} of method {method!r} must be {self.describe_allowed()}, got {value!r}")
-        return float(value) if self.type is float else value
-
-
-def option(default: Any, help: str = "", *, min: float | None = None, max: float | None = None, choices=None):
-    """Declare a method option as a dataclass field with validation metadata."""
-    return dataclasses.field(default=default, metadata={"help": help, "min": min, "max": max, "choices": choices})
-
-
-@dataclass(frozen=True)
 class MethodInfo:
+    """A registered method: name, phase, one-line description, class, options."""
+
     name: str
-    phases: tuple[str, ...]
+    phase: str
     description: str
     cls: type
     options: tuple[OptionSpec, ...]
 
-    def build(self, **options: Any):
+    @property
+    def option_names(self) -> tuple[str, ...]:
+        return tuple(o.name for o in self.options)
+
+    def spec(self, name: str) -> OptionSpec:
+        for o in self.options:
+            if o.name == name:
+                return o
+        allowed = ", ".join(self.option_names) or "none"
+        raise ValueError(f"unknown option {name!r} for {self.phase} method {self.name!r}; its options are: {allowed}")
+
+    def check(self, options: Mapping[str, Any], heads: int | None = None, where: str = "") -> dict[str, Any]:
+        """Validated, typed options (unknown names, wrong types, out-of-range or NaN values raise)."""
+        where = f"{self.phase} method {self.name!r}{where}"
+        return {k: self.spec(k).check(where, v, heads) for k, v in options.items()}
+
+    def build(self, options: Mapping[str, Any] | None = None, heads: int | None = None, where: str = ""):
         """Instantiate the method with validated options."""
-        specs = {o.name: o for o in self.options}
-        for key in options:
-            if key not in specs:
-                allowed = ", ".join(specs) or "none"
-                raise ValueError(f"unknown option {key!r} for method {self.name!r}; its options are: {allowed}")
-        values = {k: specs[k].check(self.name, v) for k, v in options.items()}
-        return self.cls(**values)
+        return self.cls(**self.check(options or {}, heads, where))
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "phase": "+".join(self.phases),
-            "description": self.description,
-            "options": {o.name: o.default for o in self.options},
-        }
+        return {"name": self.name, "phase": self.phase, "description": self.description,
+                "options": {o.name: o.default for o in self.options}}
 
 
-_METHODS: dict[str, MethodInfo] = {}
+_TABLES: dict[str, dict[str, MethodInfo]] = {p: {} for p in PHASES}
 
 
-def _option_specs(cls: type) -> tuple[OptionSpec, ...]:
-    hints = typing.get_type_hints(cls)
-    specs = []
-    for f in dataclasses.fields(cls):
-        if not f.init:
-            continue
-        meta = f.metadata
-        specs.append(
-            OptionSpec(
-                name=f.name,
-                type=hints[f.name],
-                default=f.default,
-                help=meta.get("help", ""),
-                min=meta.get("min"),
-                max=meta.get("max"),
-                choices=tuple(meta["choices"]) if meta.get("choices") else None,
-            )
-        )
-    return tuple(specs)
-
-
-def register_method(name: str, phases: tuple[str, ...] | str):
-    """Class decorator: add a method dataclass to the table under `name` for the given phase(s)."""
-    phases = (phases,) if isinstance(phases, str) else tuple(phases)
-    for p in phases:
-        if p not in PHASES:
-            raise ValueError(f"phase must be one of {PHASES}, got {p!r}")
-
+def _register(phase: str, name: str):
     def wrap(cls: type) -> type:
         if not dataclasses.is_dataclass(cls):
-            raise TypeError(f"method {name!r} must be a dataclass")
+            raise TypeError(f"{phase} method {name!r} must be a dataclass")
         doc = (cls.__doc__ or "").strip().splitlines()
-        _METHODS[name] = MethodInfo(name, phases, doc[0] if doc else "", cls, _option_specs(cls))
+        _TABLES[phase][name] = MethodInfo(name, phase, doc[0] if doc else "", cls, option_specs(cls))
         cls.name = name
         return cls
 
     return wrap
 
 
-def _ensure_loaded() -> None:
-    import attnpatch.methods  # noqa: F401  (registers the built-in methods)
+def register_prefill(name: str):
+    """Class decorator: add a prefill method dataclass to the prefill table under `name`."""
+    return _register("prefill", name)
+
+
+def register_decode(name: str):
+    """Class decorator: add a decode method dataclass to the decode table under `name`."""
+    return _register("decode", name)
 
 
 def get_method(name: str, phase: str) -> MethodInfo:
-    """Look a method up for a phase; ValueError lists the methods allowed there."""
-    _ensure_loaded()
-    info = _METHODS.get(name)
-    allowed = sorted(n for n, m in _METHODS.items() if phase in m.phases)
-    if info is None:
-        raise ValueError(f"unknown {phase} method {name!r}; available {phase} methods: {', '.join(allowed)}")
-    if phase not in info.phases:
-        other = "decode=" if "decode" in info.phases else "method="
-        raise ValueError(
-            f"{name!r} is a {'/'.join(info.phases)} method, not a {phase} method (pass it as {other}{name!r}); "
-            f"available {phase} methods: {', '.join(allowed)}"
-        )
-    return info
+    """Look a method up in a phase's table; ValueError lists the methods allowed there."""
+    if phase not in PHASES:
+        raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+    if not isinstance(name, str):
+        raise ValueError(f"a {phase} method is named by a string, got {name!r}; see attnpatch.list_methods()")
+    table = _TABLES[phase]
+    if name in table:
+        return table[name]
+    allowed = ", ".join(sorted(table))
+    other = "decode" if phase == "prefill" else "prefill"
+    if name in _TABLES[other]:
+        arg = "decode=" if other == "decode" else "method="
+        raise ValueError(f"{name!r} is a {other} method, not a {phase} method (pass it as {arg}{name!r}); "
+                         f"available {phase} methods: {allowed}")
+    raise ValueError(f"unknown {phase} method {name!r}; available {phase} methods: {allowed}")
 
 
-def list_methods() -> list[dict[str, Any]]:
+def method_infos(phase: str | None = None) -> list[MethodInfo]:
+    """Every registered method of a phase (both phases when None), prefill first."""
+    phases = PHASES if phase is None else (phase,)
+    return [info for p in phases for info in _TABLES[p].values()]
+
+
+def list_methods(phase: str | None = None) -> list[dict[str, Any]]:
     """Every registered method: name, phase, one-line description, options with defaults."""
-    _ensure_loaded()
-    return [m.as_dict() for m in _METHODS.values()]
-
-
-def method_infos() -> list[MethodInfo]:
-    _ensure_loaded()
-    return list(_METHODS.values())
+    return [m.as_dict() for m in method_infos(phase)]

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from attnpatch.sparsity import BlockSelection, causal_block_limit
+from attnpatch.sparsity import BlockSelection, TokenSelection, causal_block_limit
 
 
 @dataclass
@@ -22,7 +22,8 @@ class LayerStats:
     prefill_calls: int = 0
     decode_calls: int = 0
     dense_fallbacks: Counter = field(default_factory=Counter)
-    executor_fallbacks: Counter = field(default_factory=Counter)  # fast backend declined → reference, and why
+    backends: Counter = field(default_factory=Counter)  # "phase: backend" that ran each call
+    backend_declined: Counter = field(default_factory=Counter)  # "phase: backend: why it declined"
     notes: list[str] = field(default_factory=list)
     max_decode_keys: int = 0
     prefill_tiles: torch.Tensor = field(default_factory=lambda: torch.zeros(2, dtype=torch.int64))  # visited, skipped
@@ -30,10 +31,8 @@ class LayerStats:
     _kept: torch.Tensor | None = None  # [H] kept block pairs (summed over batch and calls)
     _total: torch.Tensor | None = None  # [H] causally valid block pairs
 
-    def add_selection(self, sel: BlockSelection) -> None:
-        kept = sel.counts.sum(dim=(0, 2)).to(torch.float64)
-        total = sel.causal_pairs().sum().to(torch.float64) * sel.counts.shape[0]
-        self._accumulate(kept, total.expand_as(kept))
+    def add_selection(self, sel: BlockSelection | TokenSelection) -> None:
+        self._accumulate(*sel.kept_and_total())
 
     def add_dense(self, batch: int, heads: int, q_len: int, kv_len: int, block: int, reason: str | None) -> None:
         total = float(causal_block_limit(q_len, kv_len, block, block).sum()) * batch
@@ -74,7 +73,8 @@ class LayerStats:
             "kept_blocks": None if self._kept is None else int(self._kept.sum()),
             "total_blocks": None if self._total is None else int(self._total.sum()),
             "dense_fallbacks": dict(self.dense_fallbacks),
-            "executor_fallbacks": dict(self.executor_fallbacks),
+            "backends": dict(self.backends),
+            "backend_declined": dict(self.backend_declined),
             "max_decode_keys": self.max_decode_keys,
             "skipped_tiles": ps,
             "visited_tiles": pv,
@@ -110,6 +110,23 @@ class PatchStats:
             out.update(d["dense_fallbacks"])
         return dict(out)
 
+    @property
+    def backends(self) -> dict[str, int]:
+        """Calls per "phase: backend" over all layers ("sdpa" is transformers' own dense path)."""
+        out: Counter = Counter()
+        for d in self.layers:
+            out.update(d["backends"])
+        return dict(out)
+
+    @property
+    def backend_declined(self) -> dict[str, int]:
+        """Why a faster backend declined, with the number of calls, over all layers."""
+        out: Counter = Counter()
+        for d in self.layers:
+            out.update(d["backend_declined"])
+        return dict(out)
+
     def to_dict(self) -> dict[str, Any]:
         return {"density": self.density, "skipped_fraction": self.skipped_fraction,
-                "dense_fallbacks": self.dense_fallbacks, "layers": self.layers}
+                "dense_fallbacks": self.dense_fallbacks, "backends": self.backends,
+                "backend_declined": self.backend_declined, "layers": self.layers}

@@ -6,7 +6,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from attnpatch.models import tiny_model  # noqa: E402
+from attnpatch.testing import tiny_model  # noqa: E402
 
 # (family, sliding_window): the four families, plus Qwen2 and Mistral with a small window so SWA is exercised.
 TINY_CASES = [("llama", None), ("qwen2", None), ("qwen3", None), ("mistral", None), ("qwen2", 8), ("mistral", 8)]

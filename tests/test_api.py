@@ -4,25 +4,24 @@ import pytest
 import torch
 from conftest import random_ids
 from transformers import GPT2Config, GPT2LMHeadModel
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import attnpatch
 from attnpatch import Profile
 from attnpatch.adapters import UnsupportedModelError, get_adapter
-from attnpatch.models import tiny_model
-from attnpatch.profile import config_fingerprint
+from attnpatch.profile import model_fingerprint
+from attnpatch.testing import tiny_model
 
 
 def test_list_methods_describes_every_method():
-    methods = {m["name"]: m for m in attnpatch.list_methods()}
-    assert {"dense", "a_shape", "streaming", "blasst"} <= set(methods)
-    assert methods["blasst"]["phase"] == "prefill+decode"
-    assert methods["a_shape"]["phase"] == "prefill" and methods["streaming"]["phase"] == "decode"
-    assert methods["dense"]["phase"] == "prefill+decode"
-    assert methods["a_shape"]["options"] == {"block_size": 64, "sink_blocks": 1, "local_blocks": 8}
-    assert methods["streaming"]["options"] == {"n_sink": 4, "window": 512}
+    methods = {(m["phase"], m["name"]): m for m in attnpatch.list_methods()}
+    assert {("prefill", "dense"), ("decode", "dense"), ("prefill", "blasst"), ("decode", "blasst"),
+            ("prefill", "a_shape"), ("decode", "streaming")} <= set(methods)
+    assert methods["prefill", "a_shape"]["options"] == {"block_size": 64, "sink_blocks": 1, "local_blocks": 8}
+    assert methods["decode", "streaming"]["options"] == {"n_sink": 4, "window": 512}
+    assert methods["prefill", "blasst"]["options"] == {"a": 128.0, "convention": "scaled", "block_size": 128}
+    assert methods["decode", "blasst"]["options"] == {"a": 1.0, "convention": "scaled", "page_size": 128}
     assert all(m["description"] for m in methods.values())
+    assert {m["name"] for m in attnpatch.list_methods("decode")} >= {"dense", "streaming", "blasst"}
 
 
 @pytest.mark.parametrize(
@@ -34,13 +33,19 @@ def test_list_methods_describes_every_method():
         (dict(decode="nope"), r"available decode methods: blasst, dense, streaming"),
         (dict(method="a_shape", blocksize=64), r"unknown option 'blocksize'.*block_size, local_blocks, sink_blocks"),
         (dict(method="dense", window=4), r"unknown option 'window'.*allowed options: none"),
-        (dict(method="a_shape", block_size="64"), r"block_size.*one of 16, 32, 64, 128.*'64' \(str\)"),
+        (dict(method="a_shape", block_size="48"), r"block_size.*one of 16, 32, 64, 128, got 48"),
+        (dict(method="a_shape", block_size=64.0), r"block_size.*one of 16, 32, 64, 128.*\(float\)"),
         (dict(method="a_shape", block_size=48), r"block_size.*one of 16, 32, 64, 128"),
         (dict(method="a_shape", block_size=True), r"block_size"),
         (dict(method="a_shape", local_blocks=0), r"local_blocks.*int >= 1"),
         (dict(method="a_shape", sink_blocks=1.5), r"sink_blocks.*int >= 0"),
         (dict(decode="streaming", window=-1), r"window.*int >= 1"),
-        (dict(method=None), r"method must be a method name"),
+        (dict(method=3), r"prefill method must be a name"),
+        (dict(method="blasst", a=float("nan")), r"option 'a'.*NaN"),
+        (dict(method="blasst", decode="blasst", a=2.0), r"declared by both.*prefill_options=.*decode_options="),
+        (dict(method="a_shape:local_blocks"), r"must look like key=value"),
+        (dict(method="a_shape:local_blocks=x"), r"local_blocks.*int >= 1, got 'x'"),
+        (dict(backend="cuda"), r"unknown backend 'cuda'; allowed: auto, reference, triton, flex, flash"),
     ],
 )
 def test_bad_input_names_what_is_allowed(llama, kwargs, pattern):
@@ -62,12 +67,11 @@ def test_unpatch_restores_the_original_exactly(llama):
     ids = random_ids(1, 80)
     ref = llama(ids).logits
     patch = attnpatch.patch_model(llama, method="a_shape", block_size=16, local_blocks=2)
-    name = patch.name
-    assert llama.config._attn_implementation == name and name in ALL_ATTENTION_FUNCTIONS._global_mapping
+    assert llama.config._attn_implementation == "attnpatch"
     assert not torch.equal(llama(ids).logits, ref)
     patch.unpatch()
-    assert llama.config._attn_implementation == "sdpa"
-    assert name not in ALL_ATTENTION_FUNCTIONS._global_mapping and name not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping
+    assert llama.config._attn_implementation == "sdpa" and not llama.base_model._forward_pre_hooks
+    assert not any(hasattr(m, "_attnpatch_state") for m in llama.modules())
     assert torch.equal(llama(ids).logits, ref)
     patch.unpatch()  # idempotent
 
@@ -84,15 +88,17 @@ def test_unpatch_restores_eager_too():
 
 
 @torch.no_grad()
-def test_patching_again_replaces_the_old_patch(llama):
+def test_patching_again_suspends_the_old_patch_until_the_new_one_is_removed(llama):
     first = attnpatch.patch_model(llama, method="a_shape", block_size=16, local_blocks=2)
     second = attnpatch.patch_model(llama, decode="streaming", n_sink=2, window=8)
     assert not first.active and second.active
-    assert first.name not in ALL_ATTENTION_FUNCTIONS._global_mapping
-    assert llama.config._attn_implementation == second.name
     assert len(llama.base_model._forward_pre_hooks) == 1
     llama(random_ids(1, 40))
     assert first.stats().layers[0]["prefill_calls"] == 0 and second.stats().layers[0]["prefill_calls"] == 1
+    second.unpatch()
+    assert first.active
+    llama(random_ids(1, 40))
+    assert first.stats().layers[0]["prefill_calls"] == 1
     attnpatch.unpatch_model(llama)
     assert llama.config._attn_implementation == "sdpa" and not llama.base_model._forward_pre_hooks
 
@@ -108,7 +114,7 @@ def test_adapter_reads_sliding_window_layers():
 
 @torch.no_grad()
 def test_profile_overrides_per_layer_and_roundtrips(llama, tmp_path):
-    profile = Profile("test", config_fingerprint(llama.config), {1: {"method": "dense"}, 0: {"local_blocks": 3}})
+    profile = Profile("test", model_fingerprint(llama), {1: {"method": "dense"}, 0: {"local_blocks": 3}})
     profile.save(tmp_path / "p.json")
     loaded = Profile.load(tmp_path / "p.json")
     assert loaded == profile
@@ -121,8 +127,9 @@ def test_profile_overrides_per_layer_and_roundtrips(llama, tmp_path):
 
 
 def test_profile_errors(llama):
-    with pytest.raises(ValueError, match="made for architecture"):
-        attnpatch.patch_model(llama, profile=Profile("x", "0" * 16))
+    other = tiny_model("qwen2")
+    with pytest.raises(ValueError, match=r"made for a qwen2 \(2 layers.*this model is a llama"):
+        attnpatch.patch_model(llama, profile=Profile.for_model(other, name="x"))
     with pytest.raises(ValueError, match=r"names layers \[5\]; the model has layers 0..1"):
         attnpatch.patch_model(llama, profile=Profile("x", None, {5: {}}))
     with pytest.raises(ValueError, match="unknown option 'bogus'"):
@@ -157,12 +164,17 @@ def test_backends_fall_back_to_the_reference_and_say_why(llama):
     for backend in ("reference", "auto", "triton", "flex"):
         with attnpatch.patch_model(llama, method="a_shape", backend=backend, block_size=16, local_blocks=2) as patch:
             outs[backend] = llama(ids).logits
-            fallbacks = {k for d in patch.stats().layers for k in d["executor_fallbacks"]}
-        if backend in ("reference", "auto"):
-            assert not fallbacks  # auto on CPU is the reference, not a fallback
+            stats = patch.stats()
+        ran, declined = stats.backends, stats.backend_declined
+        if backend == "reference":
+            assert set(ran) == {"prefill: reference"} and not declined
+        elif backend == "auto":  # on CPU: flash and triton say why not, the reference runs
+            assert set(ran) == {"prefill: reference"}
+            assert any(k.startswith("prefill: flash: ") for k in declined)
+            assert any(k.startswith("prefill: triton: needs a CUDA device") for k in declined)
         elif backend == "triton":
-            assert fallbacks and all(k.startswith("prefill: ") for k in fallbacks)
+            assert set(ran) == {"prefill: reference"} and all(k.startswith("prefill: triton: ") for k in declined)
+        else:
+            assert set(ran) == {"prefill: flex"} and not declined
     for backend in ("auto", "triton", "flex"):
         torch.testing.assert_close(outs[backend], outs["reference"], atol=1e-4, rtol=1e-4)
-    with pytest.raises(ValueError, match="unknown backend 'cuda'; allowed: auto, reference, triton, flex"):
-        attnpatch.patch_model(llama, method="a_shape", backend="cuda")

@@ -122,8 +122,8 @@ def test_blasst_through_patch_model(tiny):
         exactish = tiny(ids, attention_mask=mask).logits
         assert patch.stats().skipped_fraction == 0.0
     torch.testing.assert_close(exactish[valid], dense[valid], atol=1e-5, rtol=1e-4)
-    with attnpatch.patch_model(tiny, method="blasst", decode="blasst", a=1e4, decode_a=1e4, block_size=16,
-                               page_size=16) as patch:
+    with attnpatch.patch_model(tiny, method="blasst", decode="blasst", prefill_options={"a": 1e4},
+                               decode_options={"a": 1e4}, block_size=16, page_size=16) as patch:
         tiny(ids, attention_mask=mask)
         stats = patch.stats()
         assert stats.skipped_fraction > 0
@@ -156,14 +156,14 @@ def test_blasst_fallbacks_and_conventions(llama):
 @pytest.mark.parametrize("lq,lk", [(96, 96), (40, 100)])
 def test_reference_executor_agrees_with_the_kernels_tiled_oracle(lq, lk):
     """The patch's reference path and the Triton kernel's PyTorch twin apply the same skip rule."""
-    from attnpatch.backends.triton.block_sparse import block_sparse_attention_tiled_reference
+    from attnpatch.backends.reference import block_sparse_attention_tiled_reference
 
     q, k, v = sink_heavy_qkv(1, 4, 2, lq, lk, 16, seed=7)
     sel = BlockSelection.causal(1, 4, lq, lk, 16, 16)
     counts = torch.zeros(2, dtype=torch.int64)
     ours = block_sparse_attention(q, k, v, BlockSelection.causal(1, 4, lq, lk, 16, 16, skip=SkipRule(math.log(0.05))),
                                   scale=0.25, tile_counts=counts)
-    twin, (visited, skipped) = block_sparse_attention_tiled_reference(q, k, v, sel, scale=0.25, skip_threshold=0.05,
-                                                                      skip_convention="scaled", count_tiles=True)
+    twin, (visited, skipped) = block_sparse_attention_tiled_reference(q, k, v, sel, scale=0.25,
+                                                                      skip_bound=math.log(0.05), count_tiles=True)
     torch.testing.assert_close(ours, twin, atol=1e-5, rtol=1e-5)
     assert counts.tolist() == [int(visited), int(skipped)] and int(skipped) > 0

@@ -3,8 +3,8 @@
 import torch
 
 from attnpatch.eval.fidelity import layer_fidelity, measure, true_block_mass
-from attnpatch.models import tiny_model
 from attnpatch.sparsity import BlockSelection
+from attnpatch.testing import tiny_model
 
 
 def _uniform_qkv(length=4, d=8):

@@ -12,13 +12,17 @@ import pytest
 import torch
 from triton_interpreted import interpret_env, load_interpreted
 
-from attnpatch.backends.reference import block_sparse_attention, merge_partials
+from attnpatch.backends.reference import (
+    block_sparse_attention,
+    block_sparse_attention_tiled_reference,
+    merge_partials,
+)
+from attnpatch.methods.prefill.blasst import lambda_bound
 from attnpatch.sparsity import BlockSelection, causal_block_limit, num_blocks
 
 _kernels, _why = load_interpreted("block_sparse.py")
 if _kernels is None:
     pytest.skip(_why, allow_module_level=True)
-block_sparse_attention_tiled_reference = _kernels.block_sparse_attention_tiled_reference
 block_sparse_attention_triton = _kernels.block_sparse_attention_triton
 unsupported_reason = _kernels.unsupported_reason
 
@@ -30,6 +34,14 @@ def _interpret_while_testing():
 
 
 ATOL = {torch.float16: 2e-3, torch.float32: 1e-4}
+
+
+def _bound(lam, d, convention="raw"):
+    """λ as the kernels' skip bound (one value, or a tensor of per-head values)."""
+    scale = 1.0 / math.sqrt(d)
+    if isinstance(lam, torch.Tensor):
+        return torch.tensor([lambda_bound(float(x), scale, convention) for x in lam])
+    return lambda_bound(lam, scale, convention)
 LSE_ATOL = 1e-4
 
 
@@ -211,7 +223,7 @@ def test_skip_extremes(dtype):
 
     # λ = 0: ln λ = -inf, nothing is skipped.
     out, lse, (vis, skipped) = block_sparse_attention_triton(
-        q, k, v, sel, return_lse=True, skip_threshold=0.0, count_tiles=True
+        q, k, v, sel, return_lse=True, skip_bound=float("-inf"), count_tiles=True
     )
     assert (int(vis), int(skipped)) == (visited, 0)
     assert vis.dtype == skipped.dtype == torch.int64
@@ -221,7 +233,7 @@ def test_skip_extremes(dtype):
     # Huge λ: every tile after the first of each row block is skipped (block 0 is always kept and
     # with bq = bk it gives every row a running max).
     out, lse, (vis, skipped) = block_sparse_attention_triton(
-        q, k, v, sel, return_lse=True, skip_threshold=1e30, count_tiles=True
+        q, k, v, sel, return_lse=True, skip_bound=_bound(1e30, d), count_tiles=True
     )
     nonempty = int((sel.counts > 0).sum())
     assert (int(vis), int(skipped)) == (visited, visited - nonempty)
@@ -250,7 +262,7 @@ def test_skip_matches_tiled_reference(convention, lam, bq, bk, dtype):
     if lam == "per-head":
         lam = torch.tensor([0.0, 0.01, 0.3, 10.0]) if convention == "scaled" else torch.tensor([0.0, 0.1, 1.0, 100.0])
     sel = _selection(b, hq, lq, lk, bq, bk, density=[1.0, 0.7, 0.5, 0.3], seed=14)
-    kw = dict(return_lse=True, skip_threshold=lam, skip_convention=convention, count_tiles=True)
+    kw = dict(return_lse=True, skip_bound=_bound(lam, d, convention), count_tiles=True)
     out, lse, (vis, skipped) = block_sparse_attention_triton(q, k, v, sel, **kw)
     ref_out, ref_lse, (ref_vis, ref_skipped) = block_sparse_attention_tiled_reference(q, k, v, sel, **kw)
     assert int(vis) == int(ref_vis) == int(sel.counts.sum())
@@ -272,7 +284,7 @@ def test_skip_with_resumed_state():
     mask = union.to_block_mask()
     cols = torch.arange(mask.shape[-1])
     part_a, part_b = _sel_from_mask(mask & (cols == 0), union), _sel_from_mask(mask & (cols > 0), union)
-    kw = dict(skip_threshold=0.2, count_tiles=True)
+    kw = dict(skip_bound=_bound(0.2, d), count_tiles=True)
     state, (_, skipped_a) = block_sparse_attention_triton(q, k, v, part_a, return_state=True, **kw)
     assert int(skipped_a) == 0
     ref_state, _ = block_sparse_attention_tiled_reference(q, k, v, part_a, return_state=True, **kw)
@@ -303,8 +315,8 @@ def test_unsupported_inputs_raise():
     with pytest.raises(ValueError, match=r"allowed: \(16, 32, 64, 128\)"):
         block_sparse_attention_triton(q, k, v, sel)
     q, k, v = _qkv(1, 2, 1, 64, 64, 64, torch.float16)
-    with pytest.raises(ValueError, match="skip_convention"):
-        block_sparse_attention_triton(q, k, v, sel, skip_threshold=0.1, skip_convention="log2")
+    with pytest.raises(ValueError, match="NaN"):
+        block_sparse_attention_triton(q, k, v, sel, skip_bound=float("nan"))
     odd = BlockSelection(sel.indices, sel.counts, 48, 64, 64, 64)
     with pytest.raises(ValueError, match="blocks"):
         block_sparse_attention_triton(q, k, v, odd)
@@ -346,8 +358,8 @@ def test_tma_variant_matches_reference(b, hq, hkv, lq, lk, d, bq, bk, layout):
     key_start = torch.tensor([min(lk - 1, 37)] * b)
     _close(block_sparse_attention_triton(q, k, v, sel, key_start=key_start, variant=2),
            block_sparse_attention_triton(q, k, v, sel, key_start=key_start, variant=1), 0.0)
-    tma = block_sparse_attention_triton(q, k, v, sel, skip_threshold=0.05, count_tiles=True, variant=2)
-    plain = block_sparse_attention_triton(q, k, v, sel, skip_threshold=0.05, count_tiles=True, variant=1)
+    tma = block_sparse_attention_triton(q, k, v, sel, skip_bound=_bound(0.05, d), count_tiles=True, variant=2)
+    plain = block_sparse_attention_triton(q, k, v, sel, skip_bound=_bound(0.05, d), count_tiles=True, variant=1)
     _close(tma[0], plain[0], 0.0)
     assert [int(x) for x in tma[1]] == [int(x) for x in plain[1]]
 
@@ -360,41 +372,6 @@ def test_stride0_causal_selection_is_not_materialised():
     dense_copy = BlockSelection(sel.indices.contiguous(), sel.counts.contiguous(), 64, 64, 150, 230)
     _close(block_sparse_attention_triton(q, k, v, sel), block_sparse_attention_triton(q, k, v, dense_copy), 0.0)
     _close(block_sparse_attention_triton(q, k, v, sel), block_sparse_attention(q, k, v, sel), ATOL[torch.float16])
-
-
-def _leading_full_run(selection, key_start=None):
-    """Oracle: length of the leading run of list entries that need no mask, entry by entry."""
-    b, h, r = selection.counts.shape
-    first = torch.arange(r) * selection.block_q + selection.kv_len - selection.q_len
-    out = torch.zeros(b, h, r, dtype=torch.int32)
-    for bi, hi, ri in ((x, y, z) for x in range(b) for y in range(h) for z in range(r)):
-        n = 0
-        for j in range(int(selection.counts[bi, hi, ri])):
-            kb = int(selection.indices[bi, hi, ri, j])
-            last_key = (kb + 1) * selection.block_k - 1
-            ok = last_key <= first[ri] and last_key < selection.kv_len
-            if key_start is not None:
-                ok = ok and kb * selection.block_k >= int(key_start[bi])
-            if not ok:
-                break
-            n += 1
-        out[bi, hi, ri] = n
-    return out
-
-
-@pytest.mark.parametrize("chunk", [1 << 24, 7])
-def test_full_block_counts_match_oracle(monkeypatch, chunk):
-    """The mask-free prefix per list (computed in head slices) matches an entry-by-entry oracle,
-    with padding slots past the count holding arbitrary values, and with left padding."""
-    monkeypatch.setattr(_kernels, "_FULL_COUNT_CHUNK", chunk)
-    sel = _selection(2, 3, 170, 300, 32, 32, density=[0.8, 0.3, 0.0], seed=2)
-    junk = sel.indices.clone()
-    slot = torch.arange(junk.shape[-1])
-    junk[slot >= sel.counts.unsqueeze(-1)] = 0  # padding slots must not count
-    sel = BlockSelection(junk, sel.counts, 32, 32, 170, 300)
-    for key_start in (None, torch.tensor([0, 70])):
-        got = _kernels._full_block_counts(sel, sel.counts.to(torch.int32), sel.indices, key_start)
-        assert torch.equal(got, _leading_full_run(sel, key_start))
 
 
 @pytest.mark.parametrize(("b", "hq", "hkv", "lq", "lk", "d", "bq", "bk"), CASES)

@@ -15,14 +15,16 @@ import torch
 import torch.nn.functional as F
 from triton_interpreted import interpret_env, load_interpreted
 
-from attnpatch.backends.reference import paged_decode_attention
+from attnpatch.backends import decode_plan
+from attnpatch.backends.reference import paged_decode_attention, sparse_decode_attention_reference
+from attnpatch.methods.prefill.blasst import lambda_bound
 from attnpatch.sparsity import PageSelection, num_blocks
 
 _mod, _why = load_interpreted("decode.py")
 if _mod is None:
     pytest.skip(_why, allow_module_level=True)
 sparse_decode_attention = _mod.sparse_decode_attention
-decode_reference = _mod.sparse_decode_attention_reference
+decode_reference = sparse_decode_attention_reference
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -32,6 +34,14 @@ def _interpret_while_testing():
 
 
 ATOL = {torch.float16: 2e-3, torch.float32: 1e-4}
+
+
+def _bound(lam, d, convention="raw"):
+    """λ as the kernels' skip bound (one value, or a tensor of per-head values)."""
+    scale = 1.0 / math.sqrt(d)
+    if isinstance(lam, torch.Tensor):
+        return torch.tensor([lambda_bound(float(x), scale, convention) for x in lam])
+    return lambda_bound(lam, scale, convention)
 LSE_ATOL = 1e-4
 
 
@@ -144,7 +154,7 @@ def test_odd_and_large_groups(heads):
     ref, ref_lse = paged_decode_attention(q, k, v, sel, return_lse=True)
     out, lse = sparse_decode_attention(q, k, v, sel, return_lse=True, num_splits=2)
     _check(out, ref, torch.float32, lse, ref_lse)
-    kw = dict(return_lse=True, num_splits=2, count_tiles=True, skip_threshold=0.1, skip_convention="scaled")
+    kw = dict(return_lse=True, num_splits=2, count_tiles=True, skip_bound=_bound(0.1, 32, "scaled"))
     out, lse, tiles = sparse_decode_attention(q, k, v, sel, **kw)
     out_r, lse_r, tiles_r = decode_reference(q, k, v, sel, **kw)
     _check(out, out_r, torch.float32, lse, lse_r)
@@ -182,7 +192,7 @@ def test_head_dim_128_and_empty_head():
     out, lse = sparse_decode_attention(q, k, v, sel, return_lse=True, num_splits=2)
     _check(out, ref, torch.float16, lse, ref_lse)
     assert torch.all(out[:, 0] == 0) and torch.all(lse[:, 0] == float("-inf"))
-    kw = dict(return_lse=True, num_splits=2, count_tiles=True, skip_threshold=1e-3)
+    kw = dict(return_lse=True, num_splits=2, count_tiles=True, skip_bound=_bound(1e-3, 128))
     out, lse, (visited, skipped) = sparse_decode_attention(q, k, v, sel, **kw)
     out_r, lse_r, (visited_r, skipped_r) = decode_reference(q, k, v, sel, **kw)
     _check(out, out_r, torch.float16, lse, lse_r)
@@ -224,7 +234,7 @@ def test_skip_matches_reference(dtype, convention, lam, seed_max):
     sel = _selection(b, hkv, lk, 16, counts=[40, 61, 24, 50], seed=3)
     if lam == "per_head":
         lam = torch.tensor([0.3, 0.01, 0.1, 1e-6])
-    kw = dict(return_lse=True, skip_threshold=lam, skip_convention=convention, num_splits=3, count_tiles=True)
+    kw = dict(return_lse=True, skip_bound=_bound(lam, 64, convention), num_splits=3, count_tiles=True)
     out, lse, (vis, skp) = sparse_decode_attention(q, k, v, sel, seed_max=seed_max, **kw)
     out_r, lse_r, (vis_r, skp_r) = decode_reference(q, k, v, sel, seed_max=seed_max, **kw)
     assert (int(vis), int(skp)) == (int(vis_r), int(skp_r))
@@ -237,10 +247,10 @@ def test_seeding_skips_more_and_first_split_tiles_unseeded():
     b, hq, hkv, lk = 1, 8, 1, 2000
     q, k, v = _skewed_qkv(b, hq, hkv, lk, 64, torch.float32, seed=8)
     sel = _selection(b, hkv, lk, 16, counts=[120], seed=5)  # 30 tiles
-    kw = dict(skip_threshold=0.05, num_splits=6, count_tiles=True)
+    kw = dict(skip_bound=_bound(0.05, 64), num_splits=6, count_tiles=True)
     out_s, (vis_s, skp_s) = sparse_decode_attention(q, k, v, sel, seed_max=True, **kw)
     out_u, (vis_u, skp_u) = sparse_decode_attention(q, k, v, sel, seed_max=False, **kw)
-    _, (_, skp_seq) = decode_reference(q, k, v, sel, skip_threshold=0.05, num_splits=1, count_tiles=True)
+    _, (_, skp_seq) = decode_reference(q, k, v, sel, skip_bound=_bound(0.05, 64), num_splits=1, count_tiles=True)
     assert int(vis_s) == int(vis_u) == 30
     assert int(skp_u) <= 30 - 6  # unseeded: the first tile of each of the 6 splits is always computed
     assert int(skp_s) > int(skp_u)  # seeding recovers skips lost to splitting ...
@@ -256,7 +266,7 @@ def test_tiny_threshold_equals_no_skip(lam, seed_max):
     sel = _selection(2, 2, lk, 16, counts=[30, 12, 7, 21], seed=6)
     out0, lse0 = sparse_decode_attention(q, k, v, sel, return_lse=True, num_splits=3)
     out, lse, (vis, skp) = sparse_decode_attention(
-        q, k, v, sel, return_lse=True, num_splits=3, skip_threshold=lam, count_tiles=True, seed_max=seed_max
+        q, k, v, sel, return_lse=True, num_splits=3, skip_bound=_bound(lam, 64), count_tiles=True, seed_max=seed_max
     )
     assert int(skp) == 0 and int(vis) == sum(num_blocks(c, 4) for c in (30, 12, 7, 21))
     if seed_max:  # same tiles, only another exponent reference: equal up to rounding
@@ -282,14 +292,14 @@ def test_reference_without_skip_is_exact():
 
 def test_choose_num_splits():
     # H200: 132 SMs. 128K keys, 1/16 of the pages in tiles of 64 tokens -> 128 tiles per head.
-    assert _mod.choose_num_splits(8, 128, 132) == 33
-    assert _mod.choose_num_splits(8 * 64, 128, 132) == 1  # big batch: no split, no merge
-    assert _mod.choose_num_splits(1, 1000, 132) == _mod.MAX_SPLITS
-    assert _mod.choose_num_splits(8, 3, 132) == 1  # at least MIN_TILES_PER_SPLIT tiles per split
-    assert _mod.choose_num_splits(8, 1, 132) == 1
+    assert decode_plan.choose_num_splits(8, 128, 132) == 33
+    assert decode_plan.choose_num_splits(8 * 64, 128, 132) == 1  # big batch: no split, no merge
+    assert decode_plan.choose_num_splits(1, 1000, 132) == decode_plan.MAX_SPLITS
+    assert decode_plan.choose_num_splits(8, 3, 132) == 1  # at least MIN_TILES_PER_SPLIT tiles per split
+    assert decode_plan.choose_num_splits(8, 1, 132) == 1
     sel = _selection(1, 2, 640, 16, counts=[40, 40])
-    assert _mod.resolve_num_splits(sel, "cpu") == _mod.choose_num_splits(2, 10, _mod.CPU_NOMINAL_SMS)
-    assert _mod.resolve_num_splits(sel, "cpu", num_splits=7) == 7
+    assert decode_plan.resolve_num_splits(sel, "cpu") == decode_plan.choose_num_splits(2, 10, decode_plan.CPU_NOMINAL_SMS)
+    assert decode_plan.resolve_num_splits(sel, "cpu", num_splits=7) == 7
 
 
 def test_rejects_unsupported_inputs():
@@ -304,8 +314,8 @@ def test_rejects_unsupported_inputs():
         sparse_decode_attention(q.expand(1, 4, 2, 64), k, v, sel)
     with pytest.raises(ValueError, match="kv_len"):
         sparse_decode_attention(q, k, v, PageSelection.all_pages(1, 2, 100, 16))
-    with pytest.raises(ValueError, match="skip_convention"):
-        sparse_decode_attention(q, k, v, sel, skip_threshold=0.1, skip_convention="log")
+    with pytest.raises(ValueError, match="NaN"):
+        sparse_decode_attention(q, k, v, sel, skip_bound=float("nan"))
     with pytest.raises(ValueError, match="tile size"):
         sparse_decode_attention(q, k, v, PageSelection.all_pages(1, 2, 128, 64), tile_size=32)
 
@@ -325,7 +335,8 @@ def test_import_without_triton():
         "    assert 'triton is not installed' in str(e)\n"
         "else:\n"
         "    raise AssertionError('expected ValueError')\n"
-        "m.sparse_decode_attention_reference(q, k, k, sel, skip_threshold=0.1)\n"
+        "from attnpatch.backends.reference import sparse_decode_attention_reference\n"
+        "sparse_decode_attention_reference(q, k, k, sel, skip_bound=-2.0)\n"
     )
     env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)

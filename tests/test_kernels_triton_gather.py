@@ -23,6 +23,7 @@ from attnpatch.backends.reference import (
     token_gather_attention,
 )
 from attnpatch.sparsity import BlockSelection, TokenSelection, num_blocks
+from attnpatch.sparsity.split import mask_free_prefix
 
 _PACKAGE_DIR = Path(attnpatch.__file__).parent
 
@@ -168,7 +169,7 @@ def test_matches_reference(b, hq, hkv, lq, lk, d, bq, chunk, dtype):
     assert (counts % chunk != 0).any() and (counts > chunk).any()
     if hq == 4:
         assert (counts[:, 3] == 0).all() and not torch.equal(counts[:, 0], counts[:, 1])
-    n_full = _tg._full_counts(sel.indices, counts, lq, lk, bq)
+    n_full = mask_free_prefix(sel.indices, counts, bq, 1, lq, lk)
     assert (n_full >= chunk).any() and (n_full < counts).any()  # both the unmasked and masked loops run
     out, lse = _gather(q, k, v, sel, return_lse=True, chunk=chunk)
     ref_out, ref_lse = token_gather_attention(q, k, v, sel, return_lse=True)

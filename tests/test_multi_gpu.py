@@ -6,8 +6,8 @@ import torch
 
 from attnpatch.api import patch_model
 from attnpatch.backends.reference import block_sparse_attention
-from attnpatch.models import tiny_model
 from attnpatch.sparsity import BlockSelection
+from attnpatch.testing import tiny_model
 
 pytestmark = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 

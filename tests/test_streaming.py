@@ -44,9 +44,11 @@ def test_cache_never_exceeds_sink_plus_window_over_200_tokens(tiny):
 
 @torch.no_grad()
 def test_decode_equals_dense_attention_over_kept_tokens(llama):
-    """Each decode step equals the unpatched model run with a mask that hides the evicted tokens."""
+    """Each decode step equals the unpatched model run with a mask that hides the evicted tokens; in a
+    left-padded batch the sinks are each row's first real tokens, not padding."""
     prompt, steps = 30, 4
-    ids, pad = left_padded(2, prompt + steps, [0, 5], seed=7)
+    pads = [0, 5]
+    ids, pad = left_padded(2, prompt + steps, pads, seed=7)
     got = []
     with attnpatch.patch_model(llama, decode="streaming", n_sink=N_SINK, window=WINDOW):
         from transformers import DynamicCache
@@ -59,10 +61,11 @@ def test_decode_equals_dense_attention_over_kept_tokens(llama):
             got.append(out.logits[:, -1])
             assert max(_stored_lengths(cache)) <= N_SINK + WINDOW
     n = prompt + steps
-    mask = torch.ones(n, n, dtype=torch.bool).tril()
-    for p in range(prompt, n):
-        mask[p, N_SINK : p - WINDOW] = False  # evicted: between the sinks and the window
-    mask4d = (mask[None] & pad.bool()[:, None, :])[:, None]
+    mask = torch.ones(2, n, n, dtype=torch.bool).tril()
+    for b, start in enumerate(pads):
+        for p in range(prompt, n):
+            mask[b, p, start + N_SINK : p - WINDOW] = False  # evicted: between the row's sinks and the window
+    mask4d = (mask & pad.bool()[:, None, :])[:, None]
     ref = llama(ids, attention_mask=mask4d).logits
     for t in range(steps):
         torch.testing.assert_close(got[t], ref[:, prompt + t], atol=1e-5, rtol=1e-4)

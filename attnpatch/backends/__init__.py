@@ -1,148 +1,121 @@
-"""Executors: compute attention over a selection. They know nothing of methods.
+"""Backends: the executors of selections, behind one protocol (`base.Backend`), and the one table
+that dispatch, the tests and the benchmarks read.
 
-Backends: "reference" (exact PyTorch, any device), "triton" (GPU kernels), "flex" (FlexAttention
-on the same block selection, prefill only), "auto" (triton on CUDA when it supports the inputs,
-else reference). A backend that cannot take an input falls back to the reference and says why.
+`resolve_backend("auto")` takes, per phase, the fastest backend measured on the H200 that accepts
+the input (../shared/docs/architecture.md, "Kernel libraries measured"; bench/results/):
+prefill selections go to flash-attn-4 (1.02–1.07 of cuDNN per kept block from 32K, against
+0.83–0.91 for the Triton kernel) when it is installed and the GPU is SM90/SM100, else to Triton,
+else to the exact PyTorch reference; decode goes to Triton (flash-attn-4 has no split-KV decode on
+SM90), else to the reference. Dense prefill stays transformers' SDPA under "auto" (bit-identical to
+the unpatched model); an explicit backend with a dense path (flash) runs it. A backend named
+explicitly runs what it can and leaves the rest to the reference, never to another fast backend.
+Every declined backend's reason is counted in the patch's stats.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 
-from attnpatch.backends.reference import block_sparse_attention, paged_decode_attention
-from attnpatch.sparsity import BlockSelection, PageSelection
+from attnpatch.backends.base import Backend
+from attnpatch.backends.flash import FlashBackend
+from attnpatch.backends.flex import FlexBackend
+from attnpatch.backends.reference.backend import ReferenceBackend
+from attnpatch.backends.triton.backend import TritonBackend
+from attnpatch.sparsity import KeyBounds, PageSelection
 
-BACKENDS = ("auto", "reference", "triton", "flex")
-
-
-def _skip_lambda(selection) -> float | torch.Tensor | None:
-    """The kernels take λ (scaled convention); the selection carries ln λ."""
-    if selection.skip is None:
-        return None
-    thr = selection.skip.log_threshold
-    return thr.exp() if isinstance(thr, torch.Tensor) else math.exp(thr)
-
-
-def _first_real_key(valid: torch.Tensor) -> torch.Tensor | None:
-    """`[B]` first valid key per row when `valid` `[B, L]` is left padding, else None."""
-    start = valid.to(torch.int8).argmax(dim=-1)
-    left = torch.equal(valid, torch.arange(valid.shape[-1], device=valid.device) >= start.unsqueeze(-1))
-    return start if left else None
+BACKENDS: dict[str, Backend] = {b.name: b for b in (ReferenceBackend(), TritonBackend(), FlexBackend(), FlashBackend())}
+AUTO_ORDER: dict[str, tuple[str, ...]] = {
+    "prefill": ("flash", "triton", "reference"),
+    "decode": ("triton", "reference"),
+}
+BACKEND_NAMES = ("auto", *BACKENDS)
 
 
-# transformers builds one mask per forward and hands the same tensor to every layer: the check
-# below (a pass over the mask plus a host sync) runs once per mask, not once per layer.
-_LAST_MASK: list = [None, None]
+def backend_table() -> list[dict[str, str]]:
+    """Name and description of every backend (CLI, docs)."""
+    return [{"name": b.name, "description": b.description} for b in BACKENDS.values()]
 
 
-def _left_padding(mask: torch.Tensor, q_len: int, kv_len: int) -> tuple[torch.Tensor | None, str | None]:
-    """First real key per row when `mask` is causal AND left padding; else a reason to fall back."""
-    if _LAST_MASK[0] is mask:
-        return _LAST_MASK[1]
-    from attnpatch.backends.flex import padding_key_validity
+@dataclass
+class BackendPlan:
+    """The backends a patch tries, in order, per phase; runs a call on the first that accepts it."""
 
-    try:
-        valid = padding_key_validity(mask, q_len, kv_len)
-        start = _first_real_key(valid)
-        result = (start, None) if start is not None else (None, "padding is not left padding (the kernel takes a first key)")
-    except ValueError as e:
-        result = (None, f"mask is not causal + padding ({e})")
-    _LAST_MASK[:] = [mask, result]
-    return result
+    prefill_order: tuple[str, ...]
+    decode_order: tuple[str, ...]
+    dense_backend: str | None = None  # an explicit backend with a dense prefill path
+    _unavailable: dict = field(default_factory=dict, repr=False)
 
+    def _why_not(self, name: str, device: torch.device) -> str | None:
+        key = (name, str(device))
+        if key not in self._unavailable:
+            self._unavailable[key] = BACKENDS[name].unavailable(device)
+        return self._unavailable[key]
 
-def _run_kernel(kernel, query, key, value, selection, scale, key_start, tile_counts):
-    """Call a Triton kernel with the selection's skip rule (scaled λ) and add its tile counters."""
-    lam = _skip_lambda(selection)
-    kw = {} if lam is None else {"skip_threshold": lam, "skip_convention": "scaled"}
-    out = kernel(query, key, value, selection, scale=scale, key_start=key_start,
-                 count_tiles=tile_counts is not None, **kw)
-    if tile_counts is not None:
-        out, (visited, skipped) = out
-        tile_counts += torch.stack([visited, skipped]).to(tile_counts)
-    return out
+    def _run(self, order, phase, reason_of, run, device, declined):
+        for name in order:
+            why = self._why_not(name, device) or reason_of(BACKENDS[name])
+            if why is None:
+                return run(BACKENDS[name]), name
+            declined.append(f"{phase}: {name}: {why}")
+        raise RuntimeError(f"no backend accepted this {phase} call: {declined}")
 
+    def prefill(self, query, key, value, selection, *, scale: float, bounds: KeyBounds, tile_counts=None,
+                declined: list[str]):
+        """`(out [B, Hq, Lq, Dv], backend name)`; reasons of the backends that declined go to `declined`."""
+        return self._run(
+            self.prefill_order, "prefill",
+            lambda b: b.prefill_reason(query, key, value, selection, bounds),
+            lambda b: b.prefill(query, key, value, selection, scale=scale, bounds=bounds, tile_counts=tile_counts),
+            query.device, declined)
 
-def _triton_prefill(query, key, value, selection: BlockSelection, scale, mask, tile_counts):
-    from attnpatch.backends.triton.block_sparse import block_sparse_attention_triton, unsupported_reason
+    def dense(self, query, key, value, *, scale: float, bounds: KeyBounds, declined: list[str]):
+        """`(out, backend name)` on the explicit dense backend, or `(None, None)` (run SDPA)."""
+        if self.dense_backend is None:
+            return None, None
+        b = BACKENDS[self.dense_backend]
+        why = self._why_not(b.name, query.device) or b.dense_reason(query, key, value, bounds)
+        if why is not None:
+            declined.append(f"dense prefill: {b.name}: {why}")
+            return None, None
+        return b.dense(query, key, value, scale=scale, bounds=bounds), b.name
 
-    reason = unsupported_reason(query, key, value, selection)
-    if reason is not None:
-        return None, reason
-    key_start = None
-    if mask is not None:
-        key_start, reason = _left_padding(mask, query.shape[2], key.shape[2])
-        if reason is not None:
-            return None, reason
-    return _run_kernel(block_sparse_attention_triton, query, key, value, selection, scale, key_start, tile_counts), None
-
-
-def _flex_prefill(query, key, value, selection: BlockSelection, scale, mask, tile_counts):
-    from attnpatch.backends.flex import flex_block_sparse_attention
-
-    if selection.skip is not None:
-        return None, "FlexAttention has no skip-threshold mode"
-    try:
-        out = flex_block_sparse_attention(query, key, value, selection, scale=scale, mask=mask,
-                                          compile=query.is_cuda)
-    except ValueError as e:
-        return None, str(e)
-    if tile_counts is not None:
-        tile_counts[0] += selection.counts.sum()
-    return out, None
+    def decode(self, query, key, value, selection: PageSelection, *, scale: float, bounds: KeyBounds,
+               tile_counts=None, declined: list[str]):
+        return self._run(
+            self.decode_order, "decode",
+            lambda b: b.decode_reason(query, key, value, selection, bounds),
+            lambda b: b.decode(query, key, value, selection, scale=scale, bounds=bounds, tile_counts=tile_counts),
+            query.device, declined)
 
 
-def _triton_decode(query, key, value, selection: PageSelection, scale, key_mask, tile_counts):
-    from attnpatch.backends.triton.decode import sparse_decode_attention, unsupported_reason
-
-    reason = unsupported_reason(query, key, value, selection)
-    if reason is not None:
-        return None, reason
-    key_start = None
-    if key_mask is not None:
-        key_start = _first_real_key(key_mask)
-        if key_start is None:
-            return None, "key mask is not left padding (sliding window?): the decode kernel takes a first key"
-    return _run_kernel(sparse_decode_attention, query, key, value, selection, scale, key_start, tile_counts), None
+def _check_name(name, phase: str) -> str:
+    if not isinstance(name, str) or name not in BACKEND_NAMES:
+        raise ValueError(f"unknown {phase} backend {name!r}; allowed: {', '.join(BACKEND_NAMES)}")
+    return name
 
 
-@dataclass(frozen=True)
-class Executors:
-    """The executor pair a patch uses. Each call returns `(output, fallback reason or None)`."""
+def resolve_backend(backend: str | Mapping[str, str] = "auto") -> BackendPlan:
+    """A `BackendPlan` from a backend name (both phases) or `{"prefill": name, "decode": name}`;
+    ValueError names the allowed backends."""
+    if isinstance(backend, Mapping):
+        unknown = set(backend) - {"prefill", "decode"}
+        if unknown:
+            raise ValueError(f"backend mapping keys must be 'prefill' and/or 'decode', got {sorted(unknown)}")
+        pre, dec = backend.get("prefill", "auto"), backend.get("decode", "auto")
+    else:
+        pre = dec = backend
+    pre, dec = _check_name(pre, "prefill"), _check_name(dec, "decode")
 
-    name: str
+    def order(name: str, phase: str) -> tuple[str, ...]:
+        if name == "auto":
+            return AUTO_ORDER[phase]
+        return (name,) if name == "reference" else (name, "reference")
 
-    def prefill(self, query, key, value, selection: BlockSelection, scale: float, mask=None, tile_counts=None):
-        fast: Callable | None = None
-        if self.name == "flex":
-            fast = _flex_prefill
-        elif self.name == "triton" or (self.name == "auto" and query.is_cuda):
-            fast = _triton_prefill
-        reason = None
-        if fast is not None:
-            out, reason = fast(query, key, value, selection, scale, mask, tile_counts)
-            if out is not None:
-                return out, None
-        out = block_sparse_attention(query, key, value, selection, scale=scale, mask=mask, tile_counts=tile_counts)
-        return out, reason
-
-    def decode(self, query, key, value, selection: PageSelection, scale: float, key_mask=None, tile_counts=None):
-        reason = None
-        if self.name == "triton" or (self.name in ("auto", "flex") and query.is_cuda):
-            out, reason = _triton_decode(query, key, value, selection, scale, key_mask, tile_counts)
-            if out is not None:
-                return out, None
-        out = paged_decode_attention(query, key, value, selection, scale=scale, key_mask=key_mask,
-                                     tile_counts=tile_counts)
-        return out, reason
+    dense = pre if pre not in ("auto", "reference") and type(BACKENDS[pre]).dense is not Backend.dense else None
+    return BackendPlan(order(pre, "prefill"), order(dec, "decode"), dense)
 
 
-def get_executors(backend: str = "auto") -> Executors:
-    """Resolve a backend name; ValueError names the allowed ones."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; allowed: {', '.join(BACKENDS)}")
-    return Executors(backend)
+__all__ = ["AUTO_ORDER", "BACKENDS", "BACKEND_NAMES", "Backend", "BackendPlan", "backend_table", "resolve_backend"]

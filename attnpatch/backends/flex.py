@@ -12,13 +12,13 @@ How the selection becomes a flex `BlockMask` (`selection_to_block_mask`):
 * Every selected block is classified from the R×K index lists with tensor ops (no Python loop over
   blocks, no Lq×Lk tensor):
 
-  - FULL: the block lies entirely inside `Lk`, entirely on or below the causal diagonal of the
-    *first* row of its query block, and (with a padding mask) holds only valid keys. The kernel
-    computes it without evaluating `mask_mod`.
-  - PARTIAL: every other selected block (it straddles the diagonal, runs past the ragged end of
-    the keys, or holds padding). Only these evaluate `mask_mod`.
+  - FULL / PARTIAL: the one split of `attnpatch.sparsity.split.full_slots` (a FULL block lies
+    inside `Lk`, on or below the causal diagonal of its query block's first row, inside the
+    sliding window of its last row, and holds no padding). FULL blocks are computed without
+    evaluating `mask_mod`; only PARTIAL ones evaluate it.
 
-* `mask_mod(b, h, q, kv) = kv <= q + (Lk - Lq) and kv < Lk [and key_valid[b, kv]]`.
+* `mask_mod(b, h, q, kv) = kv <= q + (Lk - Lq) and kv < Lk [and q + (Lk - Lq) - kv < window]
+  [and key_valid[b, kv]]`.
 * The two lists are compacted (order kept ascending) into `[B, H, R, W]` int32 tensors with
   `W = min(C, next_pow2(K))` (C = number of key blocks) on GPU: O(R·K), never O(R·C) at long
   context. Rounding K up to a power of two bounds the number of distinct shapes the compiled kernel
@@ -38,8 +38,9 @@ by the backward pass) is skipped unless gradients are needed. On older torch the
 C wide (flex derives the lengths from the index shape and transposes R×C), Q/K/V are zero-padded to
 block multiples and the output is sliced back; `mask_mod` keeps the padded keys out.
 
-Padding masks: only masks of the form "causal AND key_valid[b, kv]" (left or right padding, as
-transformers builds them, shape `[B, 1, Lq, Lk]`, boolean) are supported. `key_valid` is read off
+Padding and windows come in closed form (`bounds`: first real key per row, per-key validity,
+sliding window). A tensor `mask` is also taken when it is of the form "causal AND key_valid[b, kv]"
+(left or right padding, shape `[B, 1, Lq, Lk]`, boolean). `key_valid` is read off
 the last query row (which sees every key causally) and the whole mask is checked against it on the
 causally visible positions (streamed in row chunks, no Lq×Lk temporary); any other mask, including
 a mask whose fully padded rows were "unmasked" for SDPA, raises ValueError so the caller can fall
@@ -69,11 +70,14 @@ import math
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from attnpatch.sparsity import BlockSelection, num_blocks
+from attnpatch.backends.base import Backend
+from attnpatch.sparsity import BlockSelection, KeyBounds, TokenSelection, num_blocks
+from attnpatch.sparsity.bounds import padding_key_validity
+from attnpatch.sparsity.split import compact, full_slots
 
 __all__ = [
+    "FlexBackend",
     "flex_block_sparse_attention",
-    "padding_key_validity",
     "selection_to_block_mask",
 ]
 
@@ -94,81 +98,32 @@ def _next_pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def padding_key_validity(mask: torch.Tensor, q_len: int, kv_len: int, check: bool = True) -> torch.Tensor:
-    """Per-batch key validity `[B, kv_len]` from a boolean padding mask `[B, 1, q_len, kv_len]`.
+def _mask_mod(offset: int, kv_len: int, key_valid: torch.Tensor | None, window: int | None,
+              table: torch.Tensor | None, bq: int, bk: int):
+    """The causal (+ window + padding [+ selection table]) predicate flex evaluates on partial blocks."""
+    no_window = window is None
+    win = 0 if window is None else int(window)
+    no_valid = key_valid is None
+    no_table = table is None
 
-    Supported masks are "causal AND key_valid[b, kv]" (left or right padding). `key_valid` is the
-    last query row, which sees every key under the causal rule. With `check` the mask is compared
-    with that form on every causally visible position (row chunks, no Lq×Lk temporary, one host
-    sync); positions above the diagonal are ignored since the causal rule removes them anyway.
-    Raises ValueError for any other mask.
-    """
-    if mask.dtype != torch.bool:
-        raise ValueError(f"only boolean padding masks are supported, got dtype {mask.dtype}")
-    if mask.dim() != 4 or mask.shape[1] != 1 or tuple(mask.shape[2:]) != (q_len, kv_len):
-        raise ValueError(f"padding mask must be [B, 1, {q_len}, {kv_len}], got {tuple(mask.shape)}")
-    key_valid = mask[:, 0, -1, :]
-    if check and q_len > 0:
-        offset = kv_len - q_len
-        kv = torch.arange(kv_len, device=mask.device)
-        bad = torch.zeros((), dtype=torch.bool, device=mask.device)
-        rows = max(1, _MASK_CHECK_ELEMS // max(1, mask.shape[0] * kv_len))
-        for r0 in range(0, q_len, rows):
-            r1 = min(q_len, r0 + rows)
-            visible = kv <= torch.arange(r0, r1, device=mask.device).unsqueeze(-1) + offset
-            differs = mask[:, 0, r0:r1, :] != key_valid.unsqueeze(1)
-            bad |= (differs & visible).any()
-        if bool(bad):
-            raise ValueError(
-                "padding mask is not of the form causal AND key_valid[b, kv] (left/right padding); "
-                "use the reference executor for arbitrary 4D masks"
-            )
-    return key_valid.contiguous()
+    def mask_mod(b, h, q_idx, kv_idx):
+        keep = (kv_idx <= q_idx + offset) & (kv_idx < kv_len)
+        if not no_window:
+            keep = keep & (q_idx + offset - kv_idx < win)
+        if not no_valid:
+            keep = keep & key_valid[b, kv_idx]
+        if not no_table:
+            keep = keep & table[b, h, q_idx // bq, kv_idx // bk]
+        return keep
 
-
-def _compact(idx: torch.Tensor, flag: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Move the flagged entries of each row to the front (order kept), pad with 0 to `width`."""
-    counts = flag.sum(-1, dtype=torch.int32)
-    pos = torch.where(flag, flag.long().cumsum(-1) - 1, width)  # unflagged -> spill column
-    out = torch.zeros(*idx.shape[:-1], width + 1, dtype=torch.int32, device=idx.device)
-    out.scatter_(-1, pos, torch.where(flag, idx, 0).to(torch.int32))
-    return counts, out[..., :width].contiguous()
-
-
-def _mask_mod(
-    offset: int, kv_len: int, key_valid: torch.Tensor | None, table: torch.Tensor | None, bq: int, bk: int
-):
-    """The causal (+ padding [+ selection table]) predicate flex evaluates on partial blocks."""
-    if key_valid is None and table is None:
-
-        def causal(b, h, q_idx, kv_idx):
-            return (kv_idx <= q_idx + offset) & (kv_idx < kv_len)
-
-        return causal
-    if table is None:
-
-        def causal_padded(b, h, q_idx, kv_idx):
-            return (kv_idx <= q_idx + offset) & (kv_idx < kv_len) & key_valid[b, kv_idx]
-
-        return causal_padded
-    if key_valid is None:
-
-        def causal_selected(b, h, q_idx, kv_idx):
-            return (kv_idx <= q_idx + offset) & (kv_idx < kv_len) & table[b, h, q_idx // bq, kv_idx // bk]
-
-        return causal_selected
-
-    def causal_padded_selected(b, h, q_idx, kv_idx):
-        keep = (kv_idx <= q_idx + offset) & (kv_idx < kv_len) & key_valid[b, kv_idx]
-        return keep & table[b, h, q_idx // bq, kv_idx // bk]
-
-    return causal_padded_selected
+    return mask_mod
 
 
 def selection_to_block_mask(
     selection: BlockSelection,
     key_valid: torch.Tensor | None = None,
     *,
+    window: int | None = None,
     encode_selection: bool = False,
     with_q_blocks: bool = False,
     exact_lengths: bool | None = None,
@@ -176,8 +131,9 @@ def selection_to_block_mask(
 ) -> BlockMask:
     """Flex `BlockMask` that visits exactly the blocks of `selection` (FULL / PARTIAL split).
 
-    `key_valid`: optional boolean `[B, kv_len]` (see `padding_key_validity`); blocks holding an
-    invalid key become PARTIAL and `mask_mod` drops those keys. `encode_selection`: also test block
+    `key_valid`: optional boolean `[B, kv_len]`; blocks holding an invalid key become PARTIAL and
+    `mask_mod` drops those keys. `window`: a sliding window (blocks not entirely inside every row's
+    window become PARTIAL). `encode_selection`: also test block
     membership inside `mask_mod` through the `[B, H, R, C]` block table, which eager flex needs (it
     ignores the block lists); leave it off for the compiled kernel. `with_q_blocks`: build the
     Q-side metadata the backward pass reads (C-wide lists). `exact_lengths`: build for the exact
@@ -204,9 +160,6 @@ def selection_to_block_mask(
 
     idx = indices.long().clamp(0, max(n_kb - 1, 0))
     kept = torch.arange(k, device=device) < counts.unsqueeze(-1)
-    first_q = torch.arange(n_qb, device=device).view(1, 1, n_qb, 1) * bq + offset  # absolute position
-    block_end = (idx + 1) * bk  # one past the block's last key
-    full = kept & (block_end <= lk) & (block_end - 1 <= first_q)
     kv_pad = None
     if key_valid is not None:
         if tuple(key_valid.shape) != (b, lk) or key_valid.dtype != torch.bool:
@@ -216,20 +169,19 @@ def selection_to_block_mask(
         # Padded with False to C·block_k so mask_mod may index any key of any block.
         kv_pad = torch.zeros(b, n_kb * bk, dtype=torch.bool, device=device)
         kv_pad[:, :lk] = key_valid
-        block_ok = kv_pad.view(b, n_kb, bk).all(-1)  # [B, C]
-        full &= block_ok[torch.arange(b, device=device).view(b, 1, 1, 1), idx]
+    full = full_slots(idx, counts, bq, bk, lq, lk, KeyBounds(window=window, key_valid=key_valid))
     partial = kept & ~full
 
     can_compact = exact and not with_q_blocks
     if compact_lists and not can_compact:
         raise ValueError("compact index lists need exact lengths and no Q-side metadata")
-    compact = (can_compact and device.type != "cpu") if compact_lists is None else compact_lists
-    width = max(1, min(n_kb, _next_pow2(k)) if compact else n_kb)
-    p_cnt, p_idx = _compact(idx, partial, width)
-    f_cnt, f_idx = _compact(idx, full, width)
+    narrow = (can_compact and device.type != "cpu") if compact_lists is None else compact_lists
+    width = max(1, min(n_kb, _next_pow2(k)) if narrow else n_kb)
+    p_cnt, p_idx = compact(idx, partial, width)
+    f_cnt, f_idx = compact(idx, full, width)
 
     table = selection.to_block_mask() if encode_selection else None
-    mask_mod = _mask_mod(offset, lk, kv_pad, table, bq, bk)
+    mask_mod = _mask_mod(offset, lk, kv_pad, window, table, bq, bk)
     kwargs = {}
     if exact:
         kwargs = {"seq_lengths": (lq, lk), "compute_q_blocks": with_q_blocks}
@@ -268,6 +220,7 @@ def flex_block_sparse_attention(
     compile: bool = True,
     *,
     check_mask: bool = True,
+    bounds: KeyBounds | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse causal attention through FlexAttention; same contract as the reference.
 
@@ -297,11 +250,23 @@ def flex_block_sparse_attention(
     if getattr(selection, "skip", None) is not None:
         raise ValueError("FlexAttention has no skip-threshold (BLASST) mode; use the reference executor")
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    key_valid = padding_key_validity(mask, lq, lk, check=check_mask) if mask is not None else None
+    key_valid, window = None, None
+    if bounds is not None:
+        if bounds.mask is not None:
+            raise ValueError("FlexAttention takes padding and windows in closed form, not a tensor mask")
+        window = bounds.window
+        if bounds.key_valid is not None:
+            key_valid = bounds.key_valid.bool()
+        elif bounds.key_start is not None:
+            key_valid = torch.arange(lk, device=query.device) >= bounds.key_start.to(query.device).view(-1, 1)
+    if mask is not None:
+        if key_valid is not None:
+            raise ValueError("pass padding either as `mask` or in `bounds`, not both")
+        key_valid = padding_key_validity(mask, lq, lk, check=check_mask)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
 
     block_mask = selection_to_block_mask(
-        selection, key_valid, encode_selection=not compile, with_q_blocks=needs_grad
+        selection, key_valid, window=window, encode_selection=not compile, with_q_blocks=needs_grad
     )
     mq, mk = block_mask.shape[-2:]
     q, k, v = _pad_seq(query, mq), _pad_seq(key, mk), _pad_seq(value, mk)  # no-op with exact lengths
@@ -325,3 +290,31 @@ def flex_block_sparse_attention(
     out, aux = result
     lse = aux.lse if _HAS_RETURN_AUX else aux
     return out[:, :, :lq], lse[:, :, :lq].float()
+
+
+class FlexBackend(Backend):
+    """FlexAttention on the same block selection (compiled per shape signature on CUDA)."""
+
+    name = "flex"
+    description = "torch FlexAttention on the same block selection; recompiles per sequence length"
+
+    def unavailable(self, device: torch.device) -> str | None:
+        return None
+
+    def prefill_reason(self, query, key, value, selection, bounds):
+        if isinstance(selection, TokenSelection):
+            return "token selections (FlexAttention runs block selections)"
+        if selection.skip is not None:
+            return "skip rules (FlexAttention has no skip-threshold mode)"
+        if bounds.mask is not None:
+            return "the attention mask is not causal + padding + window"
+        if query.shape[1] % key.shape[1]:
+            return f"query heads ({query.shape[1]}) must be a multiple of key/value heads ({key.shape[1]})"
+        return None
+
+    def prefill(self, query, key, value, selection, *, scale, bounds, tile_counts=None):
+        out = flex_block_sparse_attention(query, key, value, selection, scale=scale, bounds=bounds,
+                                          compile=query.is_cuda)
+        if tile_counts is not None:
+            tile_counts[0] += selection.counts.sum()
+        return out

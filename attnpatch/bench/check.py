@@ -119,7 +119,7 @@ def flex_cases():
 def model_case():
     """A tiny Llama patched with a_shape / blasst: triton backend vs reference backend on the GPU."""
     import attnpatch
-    from attnpatch.models import tiny_model
+    from attnpatch.testing import tiny_model
 
     model = tiny_model("llama", head_dim=64, num_attention_heads=4, hidden_size=256).cuda().to(torch.bfloat16)
     ids = torch.randint(3, 256, (2, 1000), device="cuda")

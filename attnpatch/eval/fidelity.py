@@ -118,14 +118,18 @@ def measure(model, input_ids, method: str, keep_layers=(), model_name: str = "",
     report = FidelityReport(model_name, method, options, int(input_ids.shape[1]))
     records: dict[int, LayerRecord] = {}
 
-    def observe(layer, query, key, value, selection, mask, scale):
-        heads, record = layer_fidelity(layer, query, key, value, selection, mask, scale)
+    def observe(call):
+        if call.phase != "prefill" or not isinstance(call.selection, BlockSelection):
+            return
+        b, _, lq, _ = call.query.shape
+        mask = None if call.bounds.is_plain else call.bounds.dense_mask(b, lq, call.key.shape[2], call.query.device)
+        heads, record = layer_fidelity(call.layer, call.query, call.key, call.value, call.selection, mask, call.scale)
         report.heads.extend(heads)
-        if layer in keep_layers:
-            records[layer] = record
+        if call.layer in keep_layers:
+            records[call.layer] = record
 
     with patch_model(model, method=method, backend="reference", **options) as patch:
-        patch.state.observer = observe
+        patch.observe(observe)
         model(input_ids.to(model.device), use_cache=False)
         stats = patch.stats()
     report.dense_layers = [d["layer"] for d in stats.layers if d["dense_fallbacks"]]

@@ -1,4 +1,10 @@
-"""The two kinds of method and their single override points."""
+"""The two kinds of method and their override points.
+
+* A prefill method decides which keys each query block computes (`select`). Most do it through
+  `EstimatedPrefill` (methods/estimated.py), whose one override point is `estimate`.
+* A decode method decides what its KV cache keeps (`cache_layer`) and/or which cached pages a step
+  reads (`select`, which sees its layer's cache object in the context).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ from typing import Any, ClassVar, NamedTuple
 
 import torch
 
-from attnpatch.sparsity import BlockSelection, PageSelection
+from attnpatch.sparsity import BlockSelection, KeyBounds, PageSelection, TokenSelection
 
 
 class DenseFallback(NamedTuple):
@@ -18,45 +24,57 @@ class DenseFallback(NamedTuple):
 
 @dataclass(frozen=True)
 class PrefillContext:
-    """What a prefill method may look at besides Q and K."""
+    """What a prefill method may look at besides Q and K.
+
+    `bounds` says which keys each query may see besides the causal rule (padding, sliding window);
+    `key_start` is each row's first real key (`[B]`, None without padding), kept for methods that
+    only need that.
+    """
 
     layer_idx: int
     scale: float
-    key_start: torch.Tensor | None  # [B] first non-padding key of each row (None: no padding)
+    bounds: KeyBounds
     sliding_window: int | None  # the layer's window, if it is a sliding-window layer
+
+    @property
+    def key_start(self) -> torch.Tensor | None:
+        return self.bounds.key_start
 
 
 @dataclass(frozen=True)
 class DecodeContext:
-    """What a decode method may look at besides the query and the cached keys."""
+    """What a decode method may look at besides the query and the cached keys: its layer's cache
+    object (`cache_layer`, None when the model runs without a cache) and the key bounds."""
 
     layer_idx: int
     scale: float
+    bounds: KeyBounds
+    sliding_window: int | None
+    cache_layer: Any = None
 
 
 @dataclass
 class PrefillMethod:
-    """Base of prefill methods: decide which key blocks each query block computes."""
+    """Base of prefill methods: decide which key blocks (or key positions) each query block computes."""
 
     name: ClassVar[str] = ""
+    is_dense: ClassVar[bool] = False
 
-    def select(self, query: torch.Tensor, key: torch.Tensor, ctx: PrefillContext) -> BlockSelection | DenseFallback:
-        """The override point. query `[B, Hq, Lq, D]`, key `[B, Hkv, Lk, D]` (post-RoPE, with the cache)."""
+    def select(self, query: torch.Tensor, key: torch.Tensor, ctx: PrefillContext
+               ) -> BlockSelection | TokenSelection | DenseFallback:
+        """query `[B, Hq, Lq, D]`, key `[B, Hkv, Lk, D]` (post-RoPE, with the cache)."""
         raise NotImplementedError
-
-    @property
-    def is_dense(self) -> bool:
-        return False
 
 
 @dataclass
 class DecodeMethod:
     """Base of decode methods: what the KV cache keeps (`cache_layer`) and what each step reads (`select`).
 
-    A method overrides one of the two.
+    A method overrides one of the two (or both).
     """
 
     name: ClassVar[str] = ""
+    is_dense: ClassVar[bool] = False
 
     def select(self, query: torch.Tensor, key: torch.Tensor, ctx: DecodeContext) -> PageSelection | None:
         """Which cached pages one decode step reads (None: all of them, through SDPA).
@@ -65,17 +83,13 @@ class DecodeMethod:
         """
         return None
 
-    def cache_layer(self, layer_idx: int, config: Any, on_update=None):
-        """The override point: a transformers cache layer for a full-attention layer, or None for the default.
+    def cache_layer(self, layer_idx: int, config: Any):
+        """A transformers cache layer for a full-attention layer, or None for the default.
 
-        `on_update(layer_idx, positions)` must be called by a layer whose returned keys are not the
-        contiguous positions `0..L-1`, with the original position of every returned key.
+        A layer whose returned keys are not the contiguous positions `0..L-1` must expose the
+        original position of every returned key as `returned_positions` (a `[L]` long tensor).
         """
         return None
-
-    @property
-    def is_dense(self) -> bool:
-        return False
 
     @property
     def keeps_own_cache(self) -> bool:

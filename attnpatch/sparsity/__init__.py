@@ -1,5 +1,7 @@
-"""Sparsity as data: block, token and page selections, skip rules, and the operations on them."""
+"""Sparsity as data: block, token and page selections, skip rules, key bounds (padding, windows),
+the regions and selectors prefill methods share, and the one full/partial split executors use."""
 
+from attnpatch.sparsity.bounds import KeyBounds
 from attnpatch.sparsity.selection import (
     BlockSelection,
     PageSelection,
@@ -9,4 +11,5 @@ from attnpatch.sparsity.selection import (
     num_blocks,
 )
 
-__all__ = ["BlockSelection", "PageSelection", "SkipRule", "TokenSelection", "causal_block_limit", "num_blocks"]
+__all__ = ["BlockSelection", "KeyBounds", "PageSelection", "SkipRule", "TokenSelection", "causal_block_limit",
+           "num_blocks"]

@@ -26,11 +26,13 @@ def causal_block_limit(q_len: int, kv_len: int, block_q: int, block_k: int, devi
 @dataclass(frozen=True)
 class SkipRule:
     """BLASST's early skip: a visited tile is skipped (no exp, no P·V) when, for every row of the tile,
-    `tile_row_max - running_row_max < log_threshold`, both in *scaled* scores (σ·q·k).
+    `tile_row_max - running_row_max < log_threshold`, both in *scaled* natural-log scores (σ·q·k).
 
-    `log_threshold` is ln λ for the scaled convention, or σ·ln λ to reproduce the raw-score
-    convention (differences of unscaled q·k compared with ln λ). A float, or a `[H]` tensor (per
-    query head). Tiles are visited in ascending key order, so the sink tile sets the running max.
+    This is the one convention of the skip bound everywhere (methods, backends, kernels): a method
+    thresholding λ on scaled scores passes ln λ; one reproducing the raw-score convention
+    (differences of unscaled q·k compared with ln λ) passes σ·ln λ. A float, or a `[Hq]` tensor
+    (per query head); `-inf` never skips. Tiles are visited in ascending key order, so the sink tile
+    sets the running max.
     """
 
     log_threshold: float | torch.Tensor
@@ -93,11 +95,17 @@ class BlockSelection:
         """Number of causally valid (query block, key block) pairs per query block `[R]`."""
         return causal_block_limit(self.q_len, self.kv_len, self.block_q, self.block_k, self.counts.device)
 
+    def kept_and_total(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`([H] kept block pairs, [H] causally valid block pairs)`, summed over the batch (float64):
+        the one place density is counted (stats, fidelity, benchmarks)."""
+        kept = self.counts.sum(dim=(0, 2), dtype=torch.float64)
+        total = self.causal_pairs().sum().to(torch.float64) * self.counts.shape[0]
+        return kept, total.expand_as(kept)
+
     def density_per_head(self) -> torch.Tensor:
         """Computed / causally valid block pairs, averaged over the batch: `[H]` float."""
-        kept = self.counts.sum(dim=(0, 2)).float()
-        total = self.causal_pairs().sum().float() * self.counts.shape[0]
-        return kept / total
+        kept, total = self.kept_and_total()
+        return (kept / total).float()
 
     def validate(self) -> None:
         """Raise ValueError if indices are out of range, unsorted, duplicated or beyond the causal limit."""
@@ -133,6 +141,15 @@ class TokenSelection:
     block_q: int
     q_len: int
     kv_len: int
+
+    def kept_and_total(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`([H] kept (query, key) pairs, [H] causally valid pairs)` summed over the batch (float64),
+        counting every listed key once per row of its query block (an upper bound near the diagonal)."""
+        rows = torch.bincount(torch.arange(self.q_len, device=self.counts.device) // self.block_q,
+                              minlength=self.counts.shape[-1]).to(torch.float64)
+        kept = (self.counts.to(torch.float64) * rows).sum(dim=(0, 2))
+        visible = (torch.arange(self.q_len, dtype=torch.float64) + self.kv_len - self.q_len + 1).sum()
+        return kept, (visible * self.counts.shape[0]).to(kept.device).expand_as(kept)
 
 
 @dataclass(frozen=True)

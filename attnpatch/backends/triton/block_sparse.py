@@ -21,12 +21,13 @@ So ``lse = m + log(l)`` and ``out = acc / l``. Internally the kernel works in ba
 
 Skip-threshold mode (BLASST, arXiv 2512.12087): a visited tile (one query block × one selected
 key block) is skipped — no exp, no P·V, no update of ``m``/``l``/``acc`` — when for every query
-row of the tile ``tile_row_max − running_row_max < ln λ``. With ``skip_convention="raw"`` the
-difference is taken on raw dot products ``q·k``; with ``"scaled"`` on ``scale · q·k``. Rows that
+row of the tile ``tile_row_max − running_row_max < skip_bound``, on scaled scores ``scale · q·k``
+(the one convention of `attnpatch.sparsity.SkipRule`: ``skip_bound = ln λ``). Rows that
 cannot vote: rows past ``Lq`` (padding) and rows that have no visible key inside the tile
 (causal / ``Lk`` masking). A row whose running max is ``-inf`` always vetoes (difference
 ``+inf``), so the first tile a row block visits is never skipped unless resumed from a state.
-`block_sparse_attention_tiled_reference` is the PyTorch oracle with the same rule and tile order.
+`attnpatch.backends.reference.block_sparse_attention_tiled_reference` is the PyTorch oracle with the
+same rule and tile order.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ from collections.abc import Sequence
 
 import torch
 
-from attnpatch.backends.triton.partial_state import check_state, finalize_state, pack_results
-from attnpatch.backends.triton.skip_threshold import skip_bounds_per_head
+from attnpatch.backends.partial_state import check_state, pack_results
+from attnpatch.backends.skip_bound import bound_per_head
 from attnpatch.backends.triton.utils import (
     is_interpreted,
     on_input_device,
@@ -46,12 +47,12 @@ from attnpatch.backends.triton.utils import (
     triton_available,
     with_contiguous_last_dim,
 )
-from attnpatch.sparsity import BlockSelection, num_blocks
+from attnpatch.sparsity import BlockSelection, KeyBounds, num_blocks
+from attnpatch.sparsity.split import mask_free_prefix
 
 __all__ = [
     "ALLOWED_BLOCK_SIZES",
     "ALLOWED_HEAD_DIMS",
-    "block_sparse_attention_tiled_reference",
     "block_sparse_attention_triton",
     "launch_config",
     "unsupported_reason",
@@ -156,118 +157,6 @@ def unsupported_reason(
     if tuple(selection.counts.shape) != (b, hq, r) or tuple(selection.indices.shape[:3]) != (b, hq, r):
         return f"selection shape {tuple(selection.indices.shape)} does not match [B={b}, Hq={hq}, R={r}, K]"
     return None
-
-
-# ----------------------------------------------------------------------------------------------
-# PyTorch oracle of the tiled semantics (skip rule, resumable state, tile counters)
-# ----------------------------------------------------------------------------------------------
-
-
-def _pad_rows(x: torch.Tensor, length: int) -> torch.Tensor:
-    missing = length - x.shape[2]
-    if missing == 0:
-        return x
-    shape = list(x.shape)
-    shape[2] = missing
-    return torch.cat([x, x.new_zeros(shape)], dim=2)
-
-
-def block_sparse_attention_tiled_reference(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    selection: BlockSelection,
-    scale: float | None = None,
-    return_lse: bool = False,
-    skip_threshold: float | torch.Tensor | None = None,
-    skip_convention: str = "raw",
-    init_state: Sequence[torch.Tensor] | None = None,
-    return_state: bool = False,
-    count_tiles: bool = False,
-):
-    """PyTorch version of `block_sparse_attention_triton` with identical semantics, in float32.
-
-    Walks the selected key blocks in the same ascending order as the kernel (vectorised over
-    batch, heads and query blocks; one step per list slot) and applies the same skip rule, so it
-    is the oracle for skip mode, resumable state and tile counters. Same arguments and returns.
-    Memory is `O(B·Hq·Lq·block_k)` per step: meant for tests and small inputs.
-    """
-    b, hq, lq, d = query.shape
-    hkv, lk = key.shape[1], key.shape[2]
-    dv = value.shape[-1]
-    if hq % hkv:
-        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    bq, bk = selection.block_q, selection.block_k
-    n_qb, n_kb = num_blocks(lq, bq), num_blocks(lk, bk)
-    group = hq // hkv
-    offset = lk - lq
-    device = query.device
-    kmax = selection.indices.shape[-1]
-
-    q = _pad_rows(query.float(), n_qb * bq).view(b, hq, n_qb, bq, d)
-    kblocks = _pad_rows(key.float(), n_kb * bk).view(b, hkv, n_kb, bk, d)
-    vblocks = _pad_rows(value.float(), n_kb * bk).view(b, hkv, n_kb, bk, dv)
-    if init_state is None:
-        m = torch.full((b, hq, n_qb * bq), float("-inf"), device=device)
-        denom = torch.zeros(b, hq, n_qb * bq, device=device)
-        acc = torch.zeros(b, hq, n_qb * bq, dv, device=device)
-    else:
-        m0, l0, a0 = check_state(init_state, b, hq, lq, dv)
-        m = _pad_rows(m0.float().unsqueeze(-1), n_qb * bq).squeeze(-1)
-        m[:, :, lq:] = float("-inf")
-        denom = _pad_rows(l0.float().unsqueeze(-1), n_qb * bq).squeeze(-1)
-        acc = _pad_rows(a0.float(), n_qb * bq)
-    m = m.view(b, hq, n_qb, bq).clone()
-    denom = denom.view(b, hq, n_qb, bq).clone()
-    acc = acc.view(b, hq, n_qb, bq, dv).clone()
-
-    thr = None
-    if skip_threshold is not None:
-        thr = skip_bounds_per_head(skip_threshold, skip_convention, scale, hq, device).view(1, hq, 1, 1)
-    rows = torch.arange(n_qb * bq, device=device).view(n_qb, bq)
-    qpos = rows + offset
-    row_ok = rows < lq
-    bi = torch.arange(b, device=device).view(b, 1, 1)
-    hi = (torch.arange(hq, device=device) // group).view(1, hq, 1)
-    counts = selection.counts.to(device)
-    skipped = torch.zeros((), dtype=torch.int64, device=device)
-    neg_inf = float("-inf")
-
-    for j in range(kmax):
-        active = j < counts  # [B, Hq, R]
-        kb = selection.indices[..., j].long().clamp(0, max(n_kb - 1, 0))
-        kt, vt = kblocks[bi, hi, kb], vblocks[bi, hi, kb]  # [B, Hq, R, bk, D]
-        s = torch.einsum("bhrqd,bhrkd->bhrqk", q, kt) * scale
-        kpos = kb.unsqueeze(-1) * bk + torch.arange(bk, device=device)  # [B, Hq, R, bk]
-        allowed = (kpos.unsqueeze(-2) <= qpos.unsqueeze(-1)) & (kpos < lk).unsqueeze(-2)
-        s = s.masked_fill(~allowed, neg_inf)
-        tmax = s.amax(-1)  # [B, Hq, R, bq]
-        update = active
-        if thr is not None:
-            veto = (tmax - m >= thr) & (tmax > neg_inf) & row_ok
-            skip = active & ~veto.any(-1)
-            skipped += skip.sum()
-            update = active & ~skip
-        m_new = torch.where(update.unsqueeze(-1), torch.maximum(m, tmax), m)
-        m_safe = torch.where(m_new == neg_inf, torch.zeros_like(m_new), m_new)
-        alpha = torch.exp(m - m_safe)
-        p = torch.exp(s - m_safe.unsqueeze(-1))
-        u = update.unsqueeze(-1)
-        denom = torch.where(u, denom * alpha + p.sum(-1), denom)
-        pv = torch.einsum("bhrqk,bhrkd->bhrqd", p, vt)
-        acc = torch.where(u.unsqueeze(-1), acc * alpha.unsqueeze(-1) + pv, acc)
-        m = m_new
-
-    m = m.view(b, hq, -1)[:, :, :lq]
-    denom = denom.view(b, hq, -1)[:, :, :lq]
-    acc = acc.view(b, hq, -1, dv)[:, :, :lq]
-    out, lse = finalize_state((m, denom, acc), query.dtype)
-    tiles = None
-    if count_tiles:
-        tiles = (counts.sum(dtype=torch.int64), skipped)
-    primary = (m.contiguous(), denom.contiguous(), acc.contiguous()) if return_state else out
-    return pack_results(primary, lse if return_lse else None, tiles)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -507,38 +396,6 @@ def _tensor_descriptor(t: torch.Tensor, rows: int):
     return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, t.shape[-1]])
 
 
-_FULL_COUNT_CHUNK = 1 << 24  # list entries per slice of heads in `_full_block_counts`
-
-
-def _full_block_counts(
-    selection: BlockSelection, counts: torch.Tensor, indices: torch.Tensor, key_start: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Per (b, h, r): how many leading list entries need no mask (below the diagonal, inside Lk,
-    and, with left padding, at or after the row's first real key). Computed in slices of heads so
-    the boolean temporaries stay small next to the attention inputs (≤ 2**24 entries each)."""
-    bq, bk = selection.block_q, selection.block_k
-    lq, lk = selection.q_len, selection.kv_len
-    b, h, n_qb = counts.shape
-    kmax = indices.shape[-1]
-    first_row_pos = torch.arange(n_qb, device=counts.device) * bq + (lk - lq)
-    # key block kb is mask-free iff its last key (kb+1)·bk−1 ≤ first query position and < Lk
-    limit = torch.div((first_row_pos + 1).clamp(max=lk), bk, rounding_mode="floor").view(1, 1, n_qb, 1)
-    slots = torch.arange(kmax, device=counts.device)
-    out = torch.zeros(b, h, n_qb, dtype=torch.int32, device=counts.device)
-    if kmax == 0 or out.numel() == 0:
-        return out
-    step = max(1, _FULL_COUNT_CHUNK // max(1, b * n_qb * kmax))
-    for h0 in range(0, h, step):
-        idx = indices[:, h0:h0 + step]
-        cut = (slots < counts[:, h0:h0 + step, :, None]) & (idx < limit)
-        if key_start is not None:
-            cut &= idx * bk >= key_start.view(-1, 1, 1, 1)
-        cut = ~cut  # first entry that needs a mask ends the leading run
-        run = cut.to(torch.uint8).argmax(-1)
-        out[:, h0:h0 + step] = torch.where(cut.any(-1), run, kmax).to(torch.int32)
-    return out
-
-
 @on_input_device
 def block_sparse_attention_triton(
     query: torch.Tensor,
@@ -547,8 +404,7 @@ def block_sparse_attention_triton(
     selection: BlockSelection,
     scale: float | None = None,
     return_lse: bool = False,
-    skip_threshold: float | torch.Tensor | None = None,
-    skip_convention: str = "raw",
+    skip_bound: float | torch.Tensor | None = None,
     init_state: Sequence[torch.Tensor] | None = None,
     return_state: bool = False,
     count_tiles: bool = False,
@@ -570,8 +426,8 @@ def block_sparse_attention_triton(
     `unsupported_reason`), so callers can fall back to `reference.block_sparse_attention`.
 
     * ``scale``: softmax scale σ (default ``1/sqrt(D)``).
-    * ``skip_threshold``: λ (float, or tensor of 1 or ``Hq`` per-head values) enables BLASST tile
-      skipping, with ``skip_convention`` ``"raw"`` (on ``q·k``) or ``"scaled"`` (on ``σ·q·k``).
+    * ``skip_bound``: ln λ on scaled scores (float, or tensor of 1 or ``Hq`` per-head values) enables
+      BLASST tile skipping (see the module docstring).
     * ``key_start``: int ``[B]``, left padding — keys before ``key_start[b]`` are masked.
     * ``full_in_kernel``: find each list's mask-free prefix inside the kernel (a short walk back
       from its end; relies on ascending lists) instead of with ~15 small host-launched torch ops;
@@ -597,8 +453,8 @@ def block_sparse_attention_triton(
     device = query.device
     state_in = None if init_state is None else check_state(init_state, b, hq, lq, dv)
     thr = None
-    if skip_threshold is not None:
-        thr = (skip_bounds_per_head(skip_threshold, skip_convention, scale, hq, device) * _LOG2E).contiguous()
+    if skip_bound is not None:
+        thr = bound_per_head(skip_bound, hq, device, base2=True)
 
     out = None if return_state else torch.empty(b, hq, lq, dv, dtype=query.dtype, device=device)
     lse = torch.empty(b, hq, lq, dtype=torch.float32, device=device) if return_lse else None
@@ -624,7 +480,7 @@ def block_sparse_attention_triton(
             if tuple(key_start.shape) != (b,):
                 raise ValueError(f"key_start must be [B={b}], got {tuple(key_start.shape)}")
         in_kernel = (_FULL_IN_KERNEL if full_in_kernel is None else full_in_kernel) and key_start is None
-        n_full = counts if in_kernel else _full_block_counts(selection, counts, indices, key_start)
+        n_full = counts if in_kernel else mask_free_prefix(indices, counts, bq, bk, lq, lk, KeyBounds(key_start=key_start))
         if state_in is not None:
             state_in = tuple(t.to(device=device, dtype=torch.float32).contiguous() for t in state_in)
         variant = default_variant(device, d, query.dtype) if variant is None else variant

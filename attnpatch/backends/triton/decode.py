@@ -28,10 +28,10 @@ Partial state, per query row, in base 2 (``s₂ = σ·q·k·log2 e``): ``m`` run
 Skip-threshold mode (BLASST, arXiv 2512.12087)
 ----------------------------------------------
 
-With ``skip_threshold=λ`` (float, or a tensor of 1 or ``Hq`` per-head values) a tile is *skipped*
-— its V tile is not loaded, no exponentials, no P·V, no state update — when, for every one of the
-G query rows, ``tile_row_max − running_row_max < ln λ``. ``skip_convention="raw"`` takes the
-difference on raw ``q·k``, ``"scaled"`` on ``σ·q·k``. Rows that do not vote: padding rows (``g >=
+With ``skip_bound`` (ln λ on scaled scores ``σ·q·k``, the one convention of
+`attnpatch.sparsity.SkipRule`; a float, or a tensor of 1 or ``Hq`` per-head values) a tile is
+*skipped* — its V tile is not loaded, no exponentials, no P·V, no state update — when, for every
+one of the G query rows, ``tile_row_max − running_row_max < skip_bound``. Rows that do not vote: padding rows (``g >=
 G``) and rows whose tile max is ``-inf`` (tile entirely masked; such a tile changes nothing). A row
 whose running max is ``-inf`` always vetoes (difference ``+inf``). The very first tile of a head's
 list (tile 0, usually the attention-sink page 0) is always visited, whatever λ.
@@ -53,20 +53,26 @@ it is not included in the tile counters.
 tiles whose K was read (the selected list, in tiles; skipped tiles included), ``skipped`` those of
 them that skipped V/exp/P·V.
 
-`sparse_decode_attention_reference` is the PyTorch oracle of exactly these semantics (same tiles,
-split boundaries, seeding, skip rule); with ``skip_threshold=None`` the kernel equals
+`attnpatch.backends.reference.sparse_decode_attention_reference` is the PyTorch oracle of exactly
+these semantics (same tiles, split boundaries, seeding, skip rule); with ``skip_bound=None`` the
+kernel equals
 `attnpatch.backends.reference.paged_decode_attention`.
 """
 
 from __future__ import annotations
 
-import functools
-import math
-
 import torch
 
-from attnpatch.backends.triton.partial_state import pack_results
-from attnpatch.backends.triton.skip_threshold import check_convention, skip_bound, skip_bounds_per_head
+from attnpatch.backends.decode_plan import (
+    ALLOWED_HEAD_DIMS,
+    ALLOWED_PAGE_SIZES,
+    ALLOWED_TILE_SIZES,
+    check_decode,
+    decode_input_reason,
+    empty_result,
+)
+from attnpatch.backends.partial_state import pack_results
+from attnpatch.backends.skip_bound import bound_per_head, bound_scalar
 from attnpatch.backends.triton.utils import (
     is_interpreted,
     on_input_device,
@@ -74,271 +80,18 @@ from attnpatch.backends.triton.utils import (
     triton_available,
     with_contiguous_last_dim,
 )
-from attnpatch.sparsity import PageSelection, num_blocks
+from attnpatch.sparsity import PageSelection
 
 __all__ = [
     "ALLOWED_HEAD_DIMS",
     "ALLOWED_PAGE_SIZES",
     "ALLOWED_TILE_SIZES",
-    "choose_num_splits",
-    "default_tile_size",
-    "resolve_num_splits",
     "sparse_decode_attention",
-    "sparse_decode_attention_reference",
     "unsupported_reason",
 ]
 
-ALLOWED_HEAD_DIMS = (16, 32, 64, 128)  # 64 and 128 are the production sizes; 16/32 for small tests
-ALLOWED_PAGE_SIZES = (16, 32, 64, 128)
-ALLOWED_TILE_SIZES = (16, 32, 64, 128)  # tokens per tile; a multiple of the page size
-MIN_DEFAULT_TILE = 64  # default tile = max(page_size, 64): loads of >= 64 rows × D
-MAX_SPLITS = 64
-MIN_TILES_PER_SPLIT = 2
-CPU_NOMINAL_SMS = 4  # "SM count" used off-GPU (interpreter), where torch.cuda is not consulted
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
-
-
-# ----------------------------------------------------------------------------------------------
-# Host-side helpers shared by the kernel wrapper and the PyTorch reference
-# ----------------------------------------------------------------------------------------------
-
-
-def default_tile_size(page_size: int) -> int:
-    """Tokens per tile when none is given: ``max(page_size, 64)``."""
-    return max(int(page_size), MIN_DEFAULT_TILE)
-
-
-@functools.lru_cache(maxsize=16)
-def _cuda_sm_count(index: int) -> int:
-    return int(torch.cuda.get_device_properties(index).multi_processor_count)
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return CPU_NOMINAL_SMS
-
-
-def choose_num_splits(programs: int, max_tiles: int, sm_count: int) -> int:
-    """Splits per KV head so that ``programs · splits`` fills about two waves of ``sm_count`` SMs.
-
-    ``programs`` = B·Hkv, ``max_tiles`` = tiles of the longest possible page list. Each split keeps
-    at least `MIN_TILES_PER_SPLIT` tiles (fewer splits also weaken skipping less), at most
-    `MAX_SPLITS`. E.g. H200 (132 SMs), B=1, Hkv=8, 128 tiles (128K keys, 1/16 of the pages, tiles of
-    64) → 33 splits of ≤ 4 tiles; B·Hkv ≥ 264 → 1 split (no merge).
-    """
-    if programs <= 0 or max_tiles <= 1:
-        return 1
-    want = -(-2 * max(int(sm_count), 1) // programs)
-    cap = max(1, max_tiles // MIN_TILES_PER_SPLIT)
-    return max(1, min(want, cap, MAX_SPLITS))
-
-
-def resolve_num_splits(
-    selection: PageSelection,
-    device: torch.device | str,
-    num_splits: int | None = None,
-    tile_size: int | None = None,
-) -> int:
-    """The split count `sparse_decode_attention` uses for these arguments (no device sync)."""
-    if num_splits is not None:
-        if int(num_splits) < 1:
-            raise ValueError(f"num_splits must be >= 1, got {num_splits}")
-        return int(num_splits)
-    tile = default_tile_size(selection.page_size) if tile_size is None else int(tile_size)
-    b, hkv, p = selection.indices.shape
-    max_tiles = num_blocks(p, max(tile // selection.page_size, 1))
-    return choose_num_splits(b * hkv, max_tiles, _sm_count(torch.device(device)))
-
-
-def unsupported_reason(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    selection: PageSelection,
-    tile_size: int | None = None,
-    need_kernel: bool = True,
-) -> str | None:
-    """Why these inputs cannot run (None when they can), so a caller may fall back to the reference."""
-    if need_kernel and not triton_available():
-        return "triton is not installed"
-    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
-        return "query/key/value must be 4D [B, H, L, D]"
-    b, hq, one, d = query.shape
-    if one != 1:
-        return f"decode attention takes one query token, got {one}"
-    bk_, hkv, lk, dk = key.shape
-    if bk_ != b or tuple(value.shape[:3]) != (bk_, hkv, lk):
-        return f"key {tuple(key.shape)} / value {tuple(value.shape)} / query {tuple(query.shape)} disagree"
-    if dk != d:
-        return f"key head dim {dk} != query head dim {d}"
-    if d not in ALLOWED_HEAD_DIMS or value.shape[-1] not in ALLOWED_HEAD_DIMS:
-        return f"head dim {d} (value {value.shape[-1]}) not supported; allowed head dims: {ALLOWED_HEAD_DIMS}"
-    if hkv == 0 or hq % hkv:
-        return f"query heads ({hq}) must be a multiple of key/value heads ({hkv})"
-    if query.dtype not in _DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
-        return f"dtypes {query.dtype}/{key.dtype}/{value.dtype}: need one of {_DTYPES}, all equal"
-    if not (
-        query.device == key.device == value.device == selection.indices.device == selection.counts.device
-    ):
-        return "query, key, value and selection must be on one device"
-    if need_kernel and not tensor_device_ok(query, _KERNEL_INTERPRETED):
-        return f"device {query.device} (need CUDA, or CPU with TRITON_INTERPRET=1 set before import)"
-    ps = selection.page_size
-    if ps not in ALLOWED_PAGE_SIZES:
-        return f"page size {ps} not supported; allowed page sizes: {ALLOWED_PAGE_SIZES}"
-    tile = default_tile_size(ps) if tile_size is None else tile_size
-    if tile not in ALLOWED_TILE_SIZES or tile % ps:
-        return f"tile size {tile} must be one of {ALLOWED_TILE_SIZES} and a multiple of the page size {ps}"
-    if selection.kv_len != lk:
-        return f"selection built for kv_len={selection.kv_len}; got {lk}"
-    if selection.indices.dim() != 3 or tuple(selection.indices.shape[:2]) != (b, hkv):
-        return f"selection indices {tuple(selection.indices.shape)} do not match [B={b}, Hkv={hkv}, P]"
-    if tuple(selection.counts.shape) != (b, hkv):
-        return f"selection counts {tuple(selection.counts.shape)} do not match [B={b}, Hkv={hkv}]"
-    return None
-
-
-def _check(query, key, value, selection, scale, skip_convention, tile_size, num_splits, need_kernel, name):
-    reason = unsupported_reason(query, key, value, selection, tile_size, need_kernel)
-    if reason is not None:
-        raise ValueError(f"{name}: {reason}")
-    check_convention(skip_convention, f"{name}: skip_convention")
-    d = query.shape[-1]
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    tile = default_tile_size(selection.page_size) if tile_size is None else int(tile_size)
-    splits = resolve_num_splits(selection, query.device, num_splits, tile)
-    return scale, tile, splits
-
-
-def _empty_result(query, value, return_lse, count_tiles):
-    b, hq, _, _ = query.shape
-    out = torch.zeros(b, hq, 1, value.shape[-1], dtype=query.dtype, device=query.device)
-    lse = (
-        torch.full((b, hq, 1), float("-inf"), dtype=torch.float32, device=query.device)
-        if return_lse
-        else None
-    )
-    zero = torch.zeros((), dtype=torch.int64, device=query.device)
-    return pack_results(out, lse, (zero, zero.clone()) if count_tiles else None)
-
-
-# ----------------------------------------------------------------------------------------------
-# PyTorch oracle of the tiled / split / skip semantics
-# ----------------------------------------------------------------------------------------------
-
-
-def sparse_decode_attention_reference(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    selection: PageSelection,
-    scale: float | None = None,
-    return_lse: bool = False,
-    skip_threshold: float | torch.Tensor | None = None,
-    skip_convention: str = "raw",
-    num_splits: int | None = None,
-    count_tiles: bool = False,
-    seed_max: bool = True,
-    tile_size: int | None = None,
-):
-    """PyTorch twin of `sparse_decode_attention`: same tiles, split boundaries, seeding and skip rule.
-
-    Vectorised over (B·Hkv, splits, G); loops over the tile position inside a split. fp32 math,
-    memory O(selected keys). Same arguments and results as the kernel wrapper (also on CPU
-    without triton).
-    """
-    scale, tile, splits = _check(
-        query, key, value, selection, scale, skip_convention, tile_size, num_splits, False,
-        "sparse_decode_attention_reference",
-    )  # fmt: skip
-    b, hq, _, d = query.shape
-    hkv, lk, dv = key.shape[1], key.shape[2], value.shape[-1]
-    p = selection.indices.shape[-1]
-    if b * hq == 0 or lk == 0 or p == 0:
-        return _empty_result(query, value, return_lse, count_tiles)
-    device = query.device
-    group, ps = hq // hkv, selection.page_size
-    ppt = tile // ps
-    bh = b * hkv
-    n_t = num_blocks(p, ppt)  # tile slots of the widest list
-    skip = skip_threshold is not None
-    thr = (
-        skip_bounds_per_head(skip_threshold, skip_convention, scale, hq, device, base2=True).view(hkv, group)
-        if skip
-        else None
-    )
-    seeded = skip and seed_max
-
-    cnt = selection.counts.to(device=device, dtype=torch.int64).reshape(bh).clamp(0, p)
-    idx = selection.indices.to(device=device, dtype=torch.int64).reshape(bh, p)
-    idx = torch.cat([idx, idx.new_zeros(bh, n_t * ppt - p)], dim=1)
-    entry_ok = torch.arange(n_t * ppt, device=device) < cnt[:, None]  # [BH, T·ppt]
-    pos = torch.where(entry_ok, idx, 0)[..., None] * ps + torch.arange(ps, device=device)
-    ok = (entry_ok[..., None] & (pos >= 0) & (pos < lk)).reshape(bh, n_t, tile)
-    pos = pos.clamp(0, lk - 1).reshape(bh, n_t, tile)
-    bi = torch.arange(b, device=device).repeat_interleave(hkv).view(bh, 1, 1)
-    hi = torch.arange(hkv, device=device).repeat(b).view(bh, 1, 1)
-    kg = key[bi, hi, pos].float()  # [BH, T, tile, D]
-    vg = value[bi, hi, pos].float()  # [BH, T, tile, Dv]
-    q = query.reshape(b, hq, d).reshape(bh, group, d).float()
-    s2 = torch.einsum("bgd,btnd->btgn", q, kg) * (scale * _LOG2E)  # base-2 scaled scores
-    s2 = s2.masked_fill(~ok[:, :, None, :], float("-inf"))  # [BH, T, G, tile]
-    m_tile = s2.amax(-1)  # [BH, T, G]
-
-    n_tiles = torch.div(cnt + ppt - 1, ppt, rounding_mode="floor")  # [BH]
-    per_split = torch.div(n_tiles + splits - 1, splits, rounding_mode="floor")
-    if seeded:
-        m = m_tile[:, 0, :].clone()[:, None, :].expand(bh, splits, group).clone()
-    else:
-        m = torch.full((bh, splits, group), float("-inf"), device=device)
-    denom = torch.zeros(bh, splits, group, device=device)
-    acc = torch.zeros(bh, splits, group, dv, device=device)
-    visited = torch.zeros((), dtype=torch.int64, device=device)
-    skipped = torch.zeros((), dtype=torch.int64, device=device)
-    ar = torch.arange(bh, device=device)[:, None]
-    thr_rows = thr.repeat(b, 1)[:, None, :] if skip else None  # [BH, 1, G]
-    split_ids = torch.arange(splits, device=device)[None, :]
-    for j in range(int(per_split.max().item()) if bh else 0):
-        t = split_ids * per_split[:, None] + j  # [BH, S] global tile index
-        active = (j < per_split[:, None]) & (t < n_tiles[:, None])
-        tc = t.clamp(max=n_t - 1)
-        st = s2[ar, tc]  # [BH, S, G, tile]
-        mt = m_tile[ar, tc]  # [BH, S, G]
-        do = active
-        if skip:
-            row_skip = ((mt - m) < thr_rows) | (mt == float("-inf"))
-            tile_skip = row_skip.all(-1) & (t != 0)
-            do = active & ~tile_skip
-            skipped += (active & tile_skip).sum()
-        visited += active.sum()
-        m_new = torch.maximum(m, mt)
-        m_ref = torch.where(m_new == float("-inf"), torch.zeros_like(m_new), m_new)
-        alpha = torch.exp2(m - m_ref)
-        pr = torch.exp2(st - m_ref[..., None])
-        l_new = denom * alpha + pr.sum(-1)
-        acc_new = acc * alpha[..., None] + torch.matmul(pr, vg[ar, tc])
-        sel = do[..., None]
-        m = torch.where(sel, m_new, m)
-        denom = torch.where(sel, l_new, denom)
-        acc = torch.where(sel[..., None], acc_new, acc)
-
-    # merge the splits by log-sum-exp (base 2)
-    mm = m.amax(1, keepdim=True)
-    mm_ref = torch.where(mm == float("-inf"), torch.zeros_like(mm), mm)
-    w = torch.exp2(m - mm_ref)
-    tot = (denom * w).sum(1)  # [BH, G]
-    num = (acc * w[..., None]).sum(1)
-    seen = tot > 0
-    safe = torch.where(seen, tot, torch.ones_like(tot))
-    out = (num / safe[..., None]).reshape(b, hq, 1, dv).to(query.dtype)
-    lse = None
-    if return_lse:
-        lse = torch.where(seen, (mm_ref[:, 0] + torch.log2(safe)) * _LN2, torch.full_like(tot, float("-inf")))
-        lse = lse.reshape(b, hq, 1)
-    return pack_results(out, lse, (visited, skipped) if count_tiles else None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -563,6 +316,22 @@ else:
     _KERNEL_INTERPRETED = False
 
 
+def _kernel_reason(query: torch.Tensor) -> str | None:
+    if not triton_available():
+        return "triton is not installed"
+    if not tensor_device_ok(query, _KERNEL_INTERPRETED):
+        return f"device {query.device} (need CUDA, or CPU with TRITON_INTERPRET=1 set before import)"
+    return None
+
+
+def unsupported_reason(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, selection: PageSelection,
+                       tile_size: int | None = None) -> str | None:
+    """Why the kernel cannot run these inputs (None when it can), so a caller may fall back."""
+    if not triton_available():
+        return "triton is not installed"
+    return decode_input_reason(query, key, value, selection, tile_size) or _kernel_reason(query)
+
+
 def _launch_config(tile: int, dv: int, dtype: torch.dtype) -> tuple[int, int]:
     """(num_warps, num_stages) of the split kernel. On the H200, for 128-token tiles of head dim 128,
     this default is within 0.3 µs of the best of warps 2/4/8 × stages 1–4 × splits
@@ -593,8 +362,7 @@ def sparse_decode_attention(
     selection: PageSelection,
     scale: float | None = None,
     return_lse: bool = False,
-    skip_threshold: float | torch.Tensor | None = None,
-    skip_convention: str = "raw",
+    skip_bound: float | torch.Tensor | None = None,
     num_splits: int | None = None,
     count_tiles: bool = False,
     seed_max: bool = True,
@@ -609,8 +377,8 @@ def sparse_decode_attention(
     Unsupported inputs raise ValueError naming what is allowed (see `unsupported_reason`).
 
     * ``scale``: softmax scale σ (default ``1/sqrt(D)``).
-    * ``skip_threshold``: λ (float, or tensor of 1 or ``Hq`` values) enables BLASST tile skipping,
-      ``skip_convention`` ``"raw"`` (on ``q·k``) or ``"scaled"`` (on ``σ·q·k``); ``seed_max``
+    * ``skip_bound``: ln λ on scaled scores (float, or tensor of 1 or ``Hq`` values) enables BLASST
+      tile skipping; ``seed_max``
       seeds each split's running max with the row max of tile 0 (module docstring).
     * ``key_start``: int ``[B]``, left padding — cache positions before ``key_start[b]`` are masked.
     * ``num_splits``: splits per KV head (None: `resolve_num_splits`); ``tile_size``: tokens per
@@ -620,26 +388,16 @@ def sparse_decode_attention(
     ``lse`` ``[B, Hq, 1]`` float32 and ``(visited_tiles, skipped_tiles)`` 0-dim int64 tensors.
     A head with no selected key gives 0 output and ``lse = -inf``.
     """
-    scale, tile, splits = _check(
-        query,
-        key,
-        value,
-        selection,
-        scale,
-        skip_convention,
-        tile_size,
-        num_splits,
-        True,
-        "sparse_decode_attention",
-    )
+    scale, tile, splits = check_decode(query, key, value, selection, scale, tile_size, num_splits,
+                                       "sparse_decode_attention", _kernel_reason(query))
     b, hq, _, d = query.shape
     hkv, lk, dv = key.shape[1], key.shape[2], value.shape[-1]
     if b * hq == 0 or lk == 0 or selection.indices.shape[-1] == 0:
-        return _empty_result(query, value, return_lse, count_tiles)
+        return empty_result(query, value, return_lse, count_tiles)
     device = query.device
     group = hq // hkv
     block_g = max(16, _next_pow2(group))
-    skip = skip_threshold is not None
+    skip = skip_bound is not None
     seeded = skip and seed_max
     direct = splits == 1
 
@@ -654,10 +412,10 @@ def sparse_decode_attention(
             raise ValueError(f"key_start must be [B={b}], got {tuple(key_start.shape)}")
     # A float λ travels as a kernel scalar (no per-call tensor); a tensor λ as [Hq] thresholds.
     thr, thr_all = None, 0.0
-    if skip and isinstance(skip_threshold, torch.Tensor):
-        thr = skip_bounds_per_head(skip_threshold, skip_convention, scale, hq, device, base2=True)
+    if skip and isinstance(skip_bound, torch.Tensor):
+        thr = bound_per_head(skip_bound, hq, device, base2=True)
     elif skip:
-        thr_all = skip_bound(float(skip_threshold), skip_convention, scale, base2=True)
+        thr_all = bound_scalar(skip_bound, base2=True)
 
     out = torch.empty(b, hq, 1, dv, dtype=query.dtype, device=device)
     lse = torch.empty(b, hq, 1, dtype=torch.float32, device=device) if return_lse else None

@@ -36,7 +36,7 @@ from collections.abc import Sequence
 
 import torch
 
-from attnpatch.backends.triton.partial_state import check_state, finalize_state, state_from_output
+from attnpatch.backends.partial_state import check_state, finalize_state, state_from_output
 from attnpatch.backends.triton.utils import (
     is_interpreted,
     on_input_device,
@@ -45,6 +45,7 @@ from attnpatch.backends.triton.utils import (
     with_contiguous_last_dim,
 )
 from attnpatch.sparsity import TokenSelection, num_blocks
+from attnpatch.sparsity.split import mask_free_prefix
 
 __all__ = [
     "ALLOWED_BLOCK_Q",
@@ -282,31 +283,6 @@ else:
     _KERNEL_INTERPRETED = False
 
 
-def _full_counts(
-    indices: torch.Tensor, counts: torch.Tensor, q_len: int, kv_len: int, block_q: int
-) -> torch.Tensor:
-    """Per (b, h, r): length of the leading run of the list visible to every row of query block r.
-
-    A position is visible to the whole block when it lies in ``[0, Lk)`` and at or before the
-    block's first query position ``r · block_q + Lk − Lq``. The run stops at the first entry that
-    is not (so an unsorted list is still safe, merely slower). Returns int32 ``[B, Hq, R]``
-    (contiguous); ``counts`` must already be clamped to ``[0, K]``. Transient memory: about two
-    bytes per list slot.
-    """
-    n_qb, kmax = counts.shape[-1], indices.shape[-1]
-    if kmax == 0:
-        return torch.zeros(counts.shape, dtype=torch.int32, device=counts.device)
-    if indices.dim() == 4 and indices.stride(1) == 0:  # shared by all heads: scan one head only
-        indices = indices[:, :1]
-    first_pos = torch.arange(n_qb, device=counts.device) * block_q + (kv_len - q_len)
-    limit = first_pos.clamp(max=kv_len - 1).view(1, 1, n_qb, 1)
-    bad = indices > limit
-    bad |= indices < 0
-    first_bad = bad.to(torch.uint8).argmax(-1)  # first maximal value: the first bad slot
-    run = torch.where(bad.any(-1), first_bad, kmax)
-    return torch.minimum(run, counts).to(torch.int32).contiguous()
-
-
 @on_input_device
 def token_gather_attention_triton(
     query: torch.Tensor,
@@ -374,7 +350,7 @@ def token_gather_attention_triton(
         )
         kmax = indices.shape[-1]
         counts = selection.counts.to(torch.int32).clamp(0, kmax)  # no host sync; always a fresh tensor
-        n_full = _full_counts(indices, counts, lq, lk, bq)
+        n_full = mask_free_prefix(indices, counts, bq, 1, lq, lk)
         if state_in is not None:
             state_in = tuple(t.to(device=device, dtype=torch.float32).contiguous() for t in state_in)
         warps, stages = launch_config(d, bq, chunk, query.dtype)

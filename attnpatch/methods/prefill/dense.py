@@ -1,18 +1,17 @@
-"""`dense`: the reference — exactly the unpatched model's SDPA attention."""
+"""`dense` prefill: exactly the unpatched model's attention."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
-from attnpatch.methods.base import DecodeMethod, PrefillMethod
-from attnpatch.registry import register_method
+from attnpatch.methods.base import PrefillMethod
+from attnpatch.registry import register_prefill
 
 
-@register_method("dense", ("prefill", "decode"))
+@register_prefill("dense")
 @dataclass
-class Dense(PrefillMethod, DecodeMethod):
+class DensePrefill(PrefillMethod):
     """Exact attention through transformers' SDPA path; logits identical to the unpatched model."""
 
-    @property
-    def is_dense(self) -> bool:
-        return True
+    is_dense: ClassVar[bool] = True

@@ -1,8 +1,10 @@
 """Exact block-sparse attention in PyTorch: the reference every fast kernel is tested against.
 
 Memory is O(L · kept): query blocks are processed in chunks, and each chunk gathers only the key
-blocks its selection names. No L×L tensor is built (a 4D boolean mask passed in by transformers
-for padded batches is read block by block, never expanded).
+blocks its selection names. No L×L tensor is built: padding and sliding windows come in closed
+form (`KeyBounds`); an arbitrary 4D boolean mask, when that is all there is, is read block by block,
+never expanded. Differentiable (autograd through the gathered blocks; rows that see no key get a
+zero output and zero gradient).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import math
 
 import torch
 
-from attnpatch.sparsity import BlockSelection, PageSelection, TokenSelection, num_blocks
+from attnpatch.sparsity import BlockSelection, KeyBounds, PageSelection, TokenSelection, num_blocks
 
 _CHUNK_BYTES = 256 * 2**20
 
@@ -35,12 +37,14 @@ def block_sparse_attention(
     return_lse: bool = False,
     tile_counts: torch.Tensor | None = None,
     skipped_out: torch.Tensor | None = None,
+    bounds: KeyBounds | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Causal attention of each query block over its selected key blocks.
 
     query `[B, Hq, Lq, D]`, key/value `[B, Hkv, Lk, D]` (GQA: `Hq` a multiple of `Hkv`, never
-    repeated in memory beyond the gathered blocks). `mask`: optional boolean `[B, 1|Hq, Lq, Lk]`
-    (True = may attend), combined with the causal rule. Returns `[B, Hq, Lq, D]` in the query's
+    repeated in memory beyond the gathered blocks). `bounds`: padding / sliding window in closed
+    form (or a tensor mask in `bounds.mask`); `mask`: optional boolean `[B, 1|Hq, Lq, Lk]` (True =
+    may attend). Both are combined with the causal rule. Returns `[B, Hq, Lq, D]` in the query's
     dtype and, on request, the natural-log log-sum-exp `[B, Hq, Lq]` in float32 (`-inf` for rows
     that see no key; their output is 0).
 
@@ -61,6 +65,11 @@ def block_sparse_attention(
     if sb != b or sh != hq:
         raise ValueError(f"selection has batch×heads {sb}×{sh}, query has {b}×{hq}")
     scale = 1.0 / math.sqrt(d) if scale is None else scale
+    if bounds is not None and bounds.mask is not None:
+        if mask is not None:
+            raise ValueError("pass a tensor mask either as `mask` or in `bounds`, not both")
+        mask, bounds = bounds.mask, None
+    closed = bounds if bounds is not None and not bounds.is_plain else None
     bq, bk = selection.block_q, selection.block_k
     n_qb, n_kb = num_blocks(lq, bq), num_blocks(lk, bk)
     group = hq // hkv
@@ -107,6 +116,8 @@ def block_sparse_attention(
         # Invalid slots get a position no query reaches, so one comparison applies causal + validity.
         kpos_eff = torch.where(kvalid, kpos, lk + lq)
         blocked = (kpos_eff > qpos + (lk - lq)) | (qpos >= lq)  # padding rows of the last block see nothing
+        if closed is not None:
+            blocked |= ~closed.visible(qpos + (lk - lq), kpos.clamp(max=lk - 1), b)
         if pad_mask is not None:
             mrows = pad_mask[:, :, r0 * bq : r1 * bq].reshape(b, pad_mask.shape[1], n, bq, lk)
             if shared and pad_mask.shape[1] > 1:
@@ -114,11 +125,11 @@ def block_sparse_attention(
             mrows = mrows.repeat(1, 1, 1, rows // bq, 1).expand(b, heads, n, rows, lk)
             cols = kpos.clamp(max=lk - 1).expand(b, heads, n, rows, kmax * bk)
             blocked |= ~torch.gather(mrows, -1, cols)
-        scores.masked_fill_(blocked, float("-inf"))
+        scores = scores.masked_fill(blocked, float("-inf"))
         if selection.skip is not None:
             skipped = _skip_tiles(scores, kept, selection.skip.log_threshold, shared, group, bq, kmax, bk)
-            scores.masked_fill_(skipped.repeat_interleave(bq if shared else rows, -2).unsqueeze(-1)
-                                .expand(-1, -1, -1, -1, -1, bk).reshape(scores.shape), float("-inf"))
+            scores = scores.masked_fill(skipped.repeat_interleave(bq if shared else rows, -2).unsqueeze(-1)
+                                        .expand(-1, -1, -1, -1, -1, bk).reshape(scores.shape), float("-inf"))
             if tile_counts is not None:
                 visited = kept.sum() * (hq if shared else 1)
                 tile_counts += torch.stack([visited, skipped.sum()]).to(tile_counts)
@@ -128,9 +139,8 @@ def block_sparse_attention(
         elif tile_counts is not None:
             tile_counts[0] += kept.sum() * (hq if shared else 1)
         if return_lse:
-            lse[:, :, r0:r1] = torch.logsumexp(scores, dim=-1)
-        probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)  # rows that see no key -> 0
-        out[:, :, r0:r1] = torch.matmul(probs, vg).to(out.dtype)
+            lse[:, :, r0:r1] = torch.logsumexp(scores.detach(), dim=-1)
+        out[:, :, r0:r1] = torch.matmul(safe_softmax(scores), vg).to(out.dtype)
 
     if shared:
         out = out.view(b, hkv, n_qb, group, bq, dv).transpose(2, 3)
@@ -139,6 +149,12 @@ def block_sparse_attention(
     if not return_lse:
         return out
     return out, lse.reshape(b, hq, n_qb * bq)[:, :, :lq]
+
+
+def safe_softmax(scores: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim where rows with no finite score give zeros (differentiable)."""
+    seen = torch.isfinite(scores).any(-1, keepdim=True)
+    return torch.softmax(scores.masked_fill(~seen, 0.0), dim=-1) * seen
 
 
 def _exclusive_cummax(x: torch.Tensor) -> torch.Tensor:
@@ -186,8 +202,10 @@ def token_gather_attention(
     selection: TokenSelection,
     scale: float | None = None,
     return_lse: bool = False,
+    bounds: KeyBounds | None = None,
 ):
-    """Exact attention of each query block over its selected key positions (causal per token).
+    """Exact attention of each query block over its selected key positions (causal per token, plus
+    `bounds`: padding, sliding window, or a tensor mask in `bounds.mask`).
 
     Shapes as `block_sparse_attention`; memory O(Lq · K) for K selected keys per query block.
     """
@@ -209,9 +227,15 @@ def token_gather_attention(
     scores = torch.matmul(q, kg.transpose(-1, -2)) * scale  # [B,H,R,bq,K]
     qpos = (torch.arange(n_qb, device=device).view(n_qb, 1) * bq + torch.arange(bq, device=device)) + (lk - lq)
     ok = kept.unsqueeze(-2) & (pos.unsqueeze(-2) <= qpos.view(1, 1, n_qb, bq, 1))
+    if bounds is not None and bounds.mask is not None:
+        m = bounds.mask
+        mrows = _pad_to(m, n_qb * bq, 2).view(b, m.shape[1], n_qb, bq, lk).expand(b, hq, n_qb, bq, lk)
+        ok = ok & torch.gather(mrows, -1, pos.unsqueeze(-2).expand(b, hq, n_qb, bq, kmax))
+    elif bounds is not None and not bounds.is_plain:
+        ok = ok & bounds.visible(qpos.view(1, 1, n_qb, bq, 1), pos.unsqueeze(-2), b)
     scores = scores.masked_fill(~ok, float("-inf"))
-    lse = torch.logsumexp(scores, -1)
-    out = torch.matmul(torch.softmax(scores, -1).nan_to_num(0.0), vg)
+    lse = torch.logsumexp(scores.detach(), -1)
+    out = torch.matmul(safe_softmax(scores), vg)
     out = out.reshape(b, hq, n_qb * bq, -1)[:, :, :lq].to(query.dtype)
     return (out, lse.reshape(b, hq, n_qb * bq)[:, :, :lq]) if return_lse else out
 
@@ -225,11 +249,13 @@ def paged_decode_attention(
     return_lse: bool = False,
     tile_counts: torch.Tensor | None = None,
     key_mask: torch.Tensor | None = None,
+    bounds: KeyBounds | None = None,
 ):
     """Exact single-token attention over the selected pages of each KV head.
 
     query `[B, Hq, 1, D]`, key/value `[B, Hkv, L, D]` (the cache); the G query heads of a KV head
-    share its pages. `key_mask` `[B, L]` (True = may attend) carries padding / sliding windows.
+    share its pages. `bounds` (padding, sliding window, or a tensor mask whose last query row is
+    used) and/or `key_mask` `[B, L]` (True = may attend) restrict the keys.
     Returns `[B, Hq, 1, D]` (and the LSE `[B, Hq, 1]`). With `selection.skip`, pages are tiles
     visited in list order and `tile_counts` counts (visited, skipped) pages per KV head.
     """
@@ -246,6 +272,12 @@ def paged_decode_attention(
     kept = (torch.arange(pmax, device=device) < selection.counts.unsqueeze(-1)).repeat_interleave(ps, -1) & (pos < lk)
     bi = torch.arange(b, device=device).view(b, 1, 1)
     hi = torch.arange(hkv, device=device).view(1, hkv, 1)
+    if bounds is not None and bounds.mask is not None:
+        row = bounds.mask[:, 0, -1, :]
+        key_mask = row if key_mask is None else key_mask.bool() & row
+    elif bounds is not None and not bounds.is_plain:
+        qpos = torch.tensor(lk - 1, device=device)
+        kept = kept & bounds.visible(qpos, pos.clamp(max=lk - 1), b)
     if key_mask is not None:
         kept = kept & torch.gather(key_mask.bool().unsqueeze(1).expand(b, hkv, lk), -1, pos.clamp(max=lk - 1))
     kg = key[bi, hi, pos.clamp(max=lk - 1)].float()  # [B,Hkv,P*ps,D]
@@ -267,6 +299,6 @@ def paged_decode_attention(
             tile_counts += torch.stack([page_kept.sum(), skipped.sum()]).to(tile_counts)
     elif tile_counts is not None:
         tile_counts[0] += page_kept.sum()
-    lse = torch.logsumexp(scores, -1)
-    out = torch.matmul(torch.softmax(scores, -1).nan_to_num(0.0), vg).view(b, hq, 1, -1).to(query.dtype)
+    lse = torch.logsumexp(scores.detach(), -1)
+    out = torch.matmul(safe_softmax(scores), vg).view(b, hq, 1, -1).to(query.dtype)
     return (out, lse.view(b, hq, 1)) if return_lse else out

@@ -1,0 +1,64 @@
+"""The backend protocol: what every executor of selections says and does.
+
+A backend runs prefill selections (block or token granularity), dense prefill, and/or decode page
+selections. Before each call the dispatcher asks it why it cannot take the input (`*_reason`: a
+string naming what is not supported, or None); a backend that declines is skipped for the next one
+in the order, and the reason is kept in the patch's stats. Backends hold no policy: what to compute
+is in the selection and the key bounds.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from attnpatch.sparsity import BlockSelection, KeyBounds, PageSelection, TokenSelection
+
+PrefillSelection = BlockSelection | TokenSelection
+
+
+def needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+class Backend:
+    """Base class: every capability declined until a backend implements it."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+
+    def unavailable(self, device: torch.device) -> str | None:
+        """Why this backend cannot run on `device` at all (not installed, wrong device), or None."""
+        return None
+
+    # -- prefill over a selection ------------------------------------------------------------
+    def prefill_reason(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       selection: PrefillSelection, bounds: KeyBounds) -> str | None:
+        return "no sparse prefill path"
+
+    def prefill(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, selection: PrefillSelection,
+                *, scale: float, bounds: KeyBounds, tile_counts: torch.Tensor | None = None) -> torch.Tensor:
+        """`[B, Hq, Lq, Dv]` attention of the selection; adds (visited, skipped) tiles to `tile_counts`."""
+        raise NotImplementedError
+
+    # -- dense causal prefill ------------------------------------------------------------------
+    def dense_reason(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     bounds: KeyBounds) -> str | None:
+        return "no dense prefill path"
+
+    def dense(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, scale: float,
+              bounds: KeyBounds) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- decode over a page selection ------------------------------------------------------------
+    def decode_reason(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      selection: PageSelection, bounds: KeyBounds) -> str | None:
+        return "no decode path"
+
+    def decode(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, selection: PageSelection,
+               *, scale: float, bounds: KeyBounds, tile_counts: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<backend {self.name}>"

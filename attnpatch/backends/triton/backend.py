@@ -1,0 +1,87 @@
+"""The Triton backend as a `Backend`: block-sparse and token-gather prefill, split-KV sparse decode."""
+
+from __future__ import annotations
+
+import torch
+
+from attnpatch.backends.base import Backend, needs_grad
+from attnpatch.backends.triton.utils import interpreter_enabled, triton_available
+from attnpatch.sparsity import TokenSelection
+
+
+def _bounds_reason(bounds) -> str | None:
+    if bounds.mask is not None:
+        return "the attention mask is not causal + padding (the kernels take left padding only)"
+    if bounds.window is not None:
+        return "sliding window (the kernels have no window)"
+    if bounds.key_valid is not None:
+        return "padding that is not left padding (the kernels take a first real key per row)"
+    return None
+
+
+def _add_tiles(tile_counts: torch.Tensor | None, result):
+    if tile_counts is None:
+        return result
+    out, (visited, skipped) = result
+    tile_counts += torch.stack([visited, skipped]).to(tile_counts)
+    return out
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    description = "attnpatch's Triton kernels: block-sparse (TMA on Hopper), token gather, split-KV decode"
+
+    def unavailable(self, device: torch.device) -> str | None:
+        if not triton_available():
+            return "triton is not installed"
+        if device.type != "cuda" and not interpreter_enabled():
+            return f"needs a CUDA device (got {device.type})"
+        return None
+
+    def prefill_reason(self, query, key, value, selection, bounds):
+        if needs_grad(query, key, value):
+            return "inputs require grad (forward-only kernels)"
+        reason = _bounds_reason(bounds)
+        if reason is not None:
+            return reason
+        if isinstance(selection, TokenSelection):
+            from attnpatch.backends.triton.gather import unsupported_reason
+
+            if bounds.key_start is not None:
+                return "left padding (the gather kernel takes no first key)"
+            return unsupported_reason(query, key, value, selection)
+        from attnpatch.backends.triton.block_sparse import unsupported_reason
+
+        return unsupported_reason(query, key, value, selection)
+
+    def prefill(self, query, key, value, selection, *, scale, bounds, tile_counts=None):
+        if isinstance(selection, TokenSelection):
+            from attnpatch.backends.triton.gather import token_gather_attention_triton
+
+            if tile_counts is not None:
+                tile_counts[0] += selection.counts.sum()
+            return token_gather_attention_triton(query, key, value, selection, scale=scale)
+        from attnpatch.backends.triton.block_sparse import block_sparse_attention_triton
+
+        skip = None if selection.skip is None else selection.skip.log_threshold
+        return _add_tiles(tile_counts, block_sparse_attention_triton(
+            query, key, value, selection, scale=scale, skip_bound=skip, key_start=bounds.key_start,
+            count_tiles=tile_counts is not None))
+
+    def decode_reason(self, query, key, value, selection, bounds):
+        if needs_grad(query, key, value):
+            return "inputs require grad (forward-only kernels)"
+        reason = _bounds_reason(bounds)
+        if reason is not None:
+            return reason
+        from attnpatch.backends.triton.decode import unsupported_reason
+
+        return unsupported_reason(query, key, value, selection)
+
+    def decode(self, query, key, value, selection, *, scale, bounds, tile_counts=None):
+        from attnpatch.backends.triton.decode import sparse_decode_attention
+
+        skip = None if selection.skip is None else selection.skip.log_threshold
+        return _add_tiles(tile_counts, sparse_decode_attention(
+            query, key, value, selection, scale=scale, skip_bound=skip, key_start=bounds.key_start,
+            count_tiles=tile_counts is not None))

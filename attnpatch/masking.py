@@ -1,0 +1,170 @@
+"""Attention masks in closed form: the mask function attnpatch registers with transformers, and what
+the attention function learns from whatever mask it receives.
+
+transformers builds one boolean `[B, 1, Lq, Lk]` mask per forward for padded batches and
+sliding-window layers — an L×L tensor. attnpatch registers `attnpatch_mask` instead of `sdpa_mask`:
+when the mask transformers asks for is causal (optionally with a sliding window) plus a 2-D padding
+mask, it returns an `AttnMask` that holds only the per-key padding `[B, Lk]` and the window, and
+builds the dense tensor (by calling `sdpa_mask` with the same arguments, so the dense path stays
+bit-identical) only when a dense SDPA call needs it. Any other mask (packed sequences, extra
+overlays, static caches whose query offset is a tensor) is handed over as `sdpa_mask` builds it.
+
+`key_bounds` turns what the attention function received (None, an `AttnMask` or a tensor) into a
+`KeyBounds`: the closed form executors take (first real key per row, window, per-key validity), or
+the raw tensor when it is not of that form.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers.masking_utils import causal_mask_function, sdpa_mask
+
+from attnpatch.sparsity import KeyBounds
+from attnpatch.sparsity.bounds import padding_key_validity
+
+
+def _sliding_window_of(mask_function) -> int | None:
+    """The window of transformers' `sliding_window_causal_mask_function(w)`, else None (exact match only)."""
+    try:
+        funcs = inspect.getclosurevars(mask_function).nonlocals.get("mask_functions")
+    except TypeError:
+        return None
+    if not isinstance(funcs, tuple) or len(funcs) != 2 or funcs[1] is not causal_mask_function:
+        return None
+    overlay = funcs[0]
+    if not getattr(overlay, "__qualname__", "").startswith("sliding_window_overlay."):
+        return None
+    window = inspect.getclosurevars(overlay).nonlocals.get("sliding_window")
+    return window if isinstance(window, int) else None
+
+
+@dataclass(eq=False)
+class AttnMask:
+    """A causal (+ sliding window) + padding mask held in closed form.
+
+    Key `j` of the call may be seen by query `i` iff `j <= i + (Lk - Lq)`, `key_valid[b, j]` (when
+    given), and `i + (Lk - Lq) - j < window` (when given).
+    """
+
+    q_len: int
+    kv_len: int
+    key_valid: torch.Tensor | None  # [B, kv_len] bool; None: no key is padding
+    window: int | None
+    sdpa_kwargs: dict[str, Any] = field(repr=False)
+    _dense: Any = field(default=None, repr=False)
+    _dense_built: bool = field(default=False, repr=False)
+    _bounds: Any = field(default=None, repr=False)  # the KeyBounds derived from it (cached by `key_bounds`)
+
+    def dense(self) -> torch.Tensor | None:
+        """The mask `sdpa_mask` builds for these arguments (what the unpatched model would get); cached."""
+        if not self._dense_built:
+            self._dense = sdpa_mask(**self.sdpa_kwargs)
+            self._dense_built = True
+        return self._dense
+
+
+def attnpatch_mask(**kwargs: Any):
+    """Mask function registered with `AttentionMaskInterface`: an `AttnMask` when the request is causal
+    (+ window) + padding with queries aligned to the end of the keys, else what `sdpa_mask` returns."""
+    fn = kwargs.get("mask_function", causal_mask_function)
+    q_len, kv_len = kwargs.get("q_length"), kwargs.get("kv_length")
+    q_off, kv_off = kwargs.get("q_offset", 0), kwargs.get("kv_offset", 0)
+    local = kwargs.get("local_size")
+    window = None
+    if kwargs.get("use_vmap") or not all(isinstance(x, int) for x in (q_len, kv_len, q_off, kv_off)):
+        return sdpa_mask(**kwargs)
+    if fn is not causal_mask_function:
+        window = _sliding_window_of(fn)
+        if window is None or window != local:
+            return sdpa_mask(**kwargs)
+    elif local is not None:
+        return sdpa_mask(**kwargs)
+    if q_off - kv_off != kv_len - q_len:  # e.g. a static cache: keys past the queries are empty slots
+        return sdpa_mask(**kwargs)
+    padding = kwargs.get("attention_mask")
+    key_valid = None
+    if padding is not None:
+        if padding.dim() != 2 or padding.dtype != torch.bool:
+            return sdpa_mask(**kwargs)
+        if padding.shape[-1] < kv_off + kv_len:
+            padding = torch.nn.functional.pad(padding, (0, kv_off + kv_len - padding.shape[-1]))
+        key_valid = padding[:, kv_off: kv_off + kv_len]
+    if window is not None and window >= kv_len:
+        window = None  # no query can reach past its window
+    return AttnMask(q_len, kv_len, key_valid, window, dict(kwargs))
+
+
+def first_real_key(key_valid: torch.Tensor) -> torch.Tensor | None:
+    """`[B]` first valid key per row when `key_valid` `[B, L]` is left padding, else None (one host sync)."""
+    start = key_valid.to(torch.int8).argmax(dim=-1)
+    left = torch.arange(key_valid.shape[-1], device=key_valid.device) >= start.unsqueeze(-1)
+    return start if torch.equal(key_valid, left) else None
+
+
+# transformers hands the same mask object to every layer of a forward: the analysis below (a pass over
+# the mask plus a host sync) runs once per mask object, not once per layer.
+_LAST: list = [None, None, None]
+
+
+def key_bounds(mask: Any, q_len: int, kv_len: int, window: int | None,
+               positions: torch.Tensor | None = None) -> KeyBounds:
+    """The closed form of what the attention function received for a call with `q_len` queries and
+    `kv_len` keys on a layer with sliding `window` (None: full attention).
+
+    `positions`: the original position of every key the cache returned (`[L]`, or `[B, L]` per
+    row), when they are not `0..kv_len-1` (a cache that evicts, such as the sink + window cache).
+    """
+    if mask is None:
+        return KeyBounds(window=window if window is not None and window < kv_len else None)
+    if isinstance(mask, AttnMask):
+        valid = mask.key_valid
+        if positions is not None and valid is not None:
+            valid = _take_keys(valid, positions)
+        if valid is not None and valid.shape[-1] != kv_len:
+            dense = mask.dense()
+            return KeyBounds(mask=dense) if dense is not None else KeyBounds(window=mask.window)
+        return _with_validity(valid, mask.window, mask if positions is None else None)
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"unexpected attention mask of type {type(mask).__name__}")
+    if positions is not None and mask.shape[-1] != kv_len:
+        mask = _take_keys(mask, positions)
+    if window is not None and window < kv_len:  # taken as is (the window clips the blocks to visit)
+        return KeyBounds(window=window, mask=mask)
+    if _LAST[0] is mask and _LAST[1] == (q_len, kv_len):
+        return _LAST[2]
+    try:
+        bounds = _with_validity(padding_key_validity(mask, q_len, kv_len), None, None)
+    except ValueError:
+        bounds = KeyBounds(mask=mask)
+    _LAST[:] = [mask, (q_len, kv_len), bounds]
+    return bounds
+
+
+def _take_keys(t: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The last-dim columns of `t` (`[B, ..., Lv]`) at `positions` (`[L]`, or `[B, L]` per row)."""
+    positions = positions.to(t.device)
+    if positions.dim() == 1:
+        return t.index_select(-1, positions)
+    index = positions.view(positions.shape[0], *([1] * (t.dim() - 2)), positions.shape[-1])
+    return torch.gather(t, -1, index.expand(*t.shape[:-1], positions.shape[-1]))
+
+
+def _with_validity(valid: torch.Tensor | None, window: int | None, owner: AttnMask | None) -> KeyBounds:
+    if valid is None:
+        return KeyBounds(window=window)
+    cache = getattr(owner, "_bounds", None) if owner is not None else None
+    if cache is not None and cache.window == window:
+        return cache
+    if bool(valid.all()):
+        bounds = KeyBounds(window=window)
+    else:
+        start = first_real_key(valid)
+        bounds = KeyBounds(key_start=start, window=window) if start is not None else \
+            KeyBounds(key_valid=valid, window=window)
+    if owner is not None:
+        owner._bounds = bounds
+    return bounds

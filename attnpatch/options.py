@@ -1,0 +1,145 @@
+"""Method options: declaration (`option`), validation with errors that name what is allowed, and
+parsing from text (CLI, recipes, lm-eval `model_args`).
+
+An option declared with `per_head=True` takes a float or one value per query head of the layer
+(a list / tuple / 1-D tensor); calibrated profiles fill those per (layer, head).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """One option of a method: name, type, default, allowed range or choices, help text."""
+
+    name: str
+    type: type
+    default: Any
+    help: str = ""
+    min: float | None = None
+    max: float | None = None
+    choices: tuple | None = None
+    per_head: bool = False
+
+    def describe_allowed(self) -> str:
+        if self.choices is not None:
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        parts = [self.type.__name__]
+        if self.min is not None:
+            parts.append(f">= {self.min}")
+        if self.max is not None:
+            parts.append(f"<= {self.max}")
+        text = " ".join(parts)
+        return f"{text} (or one such value per query head)" if self.per_head else text
+
+    def _check_scalar(self, where: str, value: Any) -> Any:
+        bad = f"option {self.name!r} of {where} must be {self.describe_allowed()}, got {value!r}"
+        if self.type is bool:
+            if not isinstance(value, bool):
+                raise ValueError(f"{bad} ({type(value).__name__})")
+            return value
+        if self.type is int:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"{bad} ({type(value).__name__})")
+            value = int(value)
+        elif self.type is float:
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ValueError(f"{bad} ({type(value).__name__})")
+            value = float(value)
+            if math.isnan(value):
+                raise ValueError(f"{bad} (NaN is not a value)")
+        elif not isinstance(value, self.type):
+            raise ValueError(f"{bad} ({type(value).__name__})")
+        if self.choices is not None and value not in self.choices:
+            raise ValueError(bad)
+        if (self.min is not None and value < self.min) or (self.max is not None and value > self.max):
+            raise ValueError(bad)
+        return value
+
+    def check(self, where: str, value: Any, heads: int | None = None) -> Any:
+        """`value` converted to the option's type, or ValueError naming the option, `where` and what is
+        allowed. Per-head options also take one value per query head (a tuple is returned)."""
+        if self.per_head and _is_sequence(value):
+            values = value.tolist() if isinstance(value, torch.Tensor) else list(value)
+            if heads is not None and len(values) != heads:
+                raise ValueError(
+                    f"option {self.name!r} of {where} has {len(values)} per-head values; the layer has {heads} query heads"
+                )
+            return tuple(self._check_scalar(where, v) for v in values)
+        return self._check_scalar(where, value)
+
+    def parse(self, text: str, where: str = "") -> Any:
+        """Convert a string (CLI, YAML scalar, lm-eval model_args) to the option's type, then check it."""
+        if not isinstance(text, str):
+            return self.check(where, text)
+        s = text.strip()
+        try:
+            if self.type is bool:
+                if s.lower() not in _TRUE + _FALSE:
+                    raise ValueError
+                value: Any = s.lower() in _TRUE
+            elif self.type is int:
+                value = int(s)
+            elif self.type is float:
+                value = float(s)
+            else:
+                value = self.type(s)
+        except ValueError:
+            raise ValueError(
+                f"option {self.name!r} of {where} must be {self.describe_allowed()}, got {text!r}"
+            ) from None
+        return self.check(where, value)
+
+
+def _is_sequence(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.dim() == 1
+    return isinstance(value, Sequence) and not isinstance(value, str)
+
+
+def option(default: Any, help: str = "", *, min: float | None = None, max: float | None = None,
+           choices: Sequence | None = None, per_head: bool = False):
+    """Declare a method option as a dataclass field with validation metadata."""
+    meta = {"help": help, "min": min, "max": max, "choices": choices, "per_head": per_head}
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def option_specs(cls: type) -> tuple[OptionSpec, ...]:
+    """The options a method dataclass declares (its init fields), in declaration order."""
+    hints = typing.get_type_hints(cls)
+    specs = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        meta = f.metadata
+        typ = hints[f.name]
+        if typing.get_origin(typ) is not None:  # e.g. `float | tuple[float, ...]` for per-head options
+            typ = next(a for a in typing.get_args(typ) if isinstance(a, type) and a in (int, float, bool, str))
+        specs.append(OptionSpec(
+            name=f.name, type=typ, default=f.default, help=meta.get("help", ""), min=meta.get("min"),
+            max=meta.get("max"), choices=tuple(meta["choices"]) if meta.get("choices") else None,
+            per_head=bool(meta.get("per_head", False)),
+        ))
+    return tuple(specs)
+
+
+def per_head(value: float | Sequence[float], heads: int, device=None) -> torch.Tensor:
+    """A per-head option as a `[heads]` float32 tensor (a float is broadcast)."""
+    if isinstance(value, numbers.Real):
+        return torch.full((heads,), float(value), dtype=torch.float32, device=device)
+    t = torch.as_tensor(list(value), dtype=torch.float32, device=device)
+    if t.numel() != heads:
+        raise ValueError(f"expected {heads} per-head values, got {t.numel()}")
+    return t
