@@ -159,9 +159,13 @@ CASES = [
     ("shared_heads", 2, 6, 2, 200, 200, 32, 32, None, None, {"shared": True}),
     ("shared_batch", 2, 4, 4, 160, 200, 32, 32, 50, None, {"shared": True, "shared_batch": True}),
     ("shared_padded", 2, 4, 2, 160, 160, 32, 32, 40, [30, 0], {"shared": True, "shared_batch": True}),
+    ("padding_whole_row", 2, 2, 1, 150, 200, 32, 32, 70, [200, 199], {}),
     ("empty_rows", 2, 2, 2, 200, 200, 32, 32, None, [0, 40], {"empty": [(0, 1, 2), (1, 0, 0), (1, 1, 6)]}),
     ("dense_sel", 1, 2, 1, 131, 131, 32, 32, None, None, {"density": 1.0}),
 ]
+# windows around block multiples (rounding edges of the threshold arithmetic), aligned and chunked
+CASES += [(f"window_edge_w{w}_off{lk - lq}", 1, 2, 1, lq, lk, 32, 32, w, ks, {"density": 1.0})
+          for w in (1, 2, 31, 32, 33, 34, 63, 64, 65) for lq, lk, ks in ((128, 128, None), (97, 160, [33]))]
 
 
 def _case(case):
@@ -447,3 +451,53 @@ def test_conversion_has_no_host_sync():
         selection_to_block_sparse(sel)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+# ---------------------------------------------------------------------------------------------
+# the one-launch Triton list builder (CPU interpreter) gives the PyTorch path's tensors exactly
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def interpreted_lists():
+    from triton_interpreted import load_interpreted
+
+    module, why = load_interpreted("flash_lists.py")
+    if module is None:
+        pytest.skip(why)
+    return module
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_triton_lists_equal_torch_lists(case, interpreted_lists, monkeypatch):
+    import sys
+
+    from triton_interpreted import interpret_env
+
+    sel, key_start, window = _case(case)
+    want = selection_to_block_sparse(sel, key_start, window, impl="torch")
+    monkeypatch.setitem(sys.modules, "attnpatch.backends.triton.flash_lists", interpreted_lists)
+    with interpret_env():
+        got = selection_to_block_sparse(sel, key_start, window, impl="triton")
+    for name in ("mask_block_cnt", "mask_block_idx", "full_block_cnt", "full_block_idx"):
+        a, b = getattr(got, name), getattr(want, name)
+        assert a.dtype == b.dtype == torch.int32 and a.shape == b.shape, name
+        assert torch.equal(a, b), name
+
+
+def test_triton_lists_int64_and_wide(interpreted_lists, monkeypatch):
+    """int64 selection tensors, K > number of key blocks (list width capped), K padded to a power of 2."""
+    import sys
+
+    from triton_interpreted import interpret_env
+
+    sel = make_selection(2, 3, 200, 200, 32, 32, seed=4)
+    pad = torch.zeros(*sel.indices.shape[:3], 5, dtype=torch.int64)
+    wide = BlockSelection(torch.cat([sel.indices.long(), pad], -1), sel.counts.long(), 32, 32, 200, 200)
+    want = selection_to_block_sparse(wide, torch.tensor([3, 70]), 90, impl="torch")
+    monkeypatch.setitem(sys.modules, "attnpatch.backends.triton.flash_lists", interpreted_lists)
+    with interpret_env():
+        got = selection_to_block_sparse(wide, torch.tensor([3, 70]), 90, impl="triton")
+    assert got.mask_block_idx.shape[-1] == num_blocks(200, 32)
+    for a, b in zip(got[:4], want[:4], strict=True):
+        assert torch.equal(a, b)

@@ -314,9 +314,9 @@ def _thresholds(n_qb, bq, bk, lq, lk, window, key_start, device):
     if key_start is None:
         return a_lo, a_hi, f_lo, f_hi
     ks = key_start.to(device=device, dtype=torch.int32).view(-1, 1, 1, 1)
-    # a block holds a real key iff its last key >= ks (nothing is real when ks >= Lk) ...
-    a_lo = torch.maximum(a_lo, torch.where(ks < lk, ks // bk, num_blocks(lk, bk)))
-    # ... and some row must reach a real key; full blocks start at or after ks (ceil division)
+    # a block holds a real key iff its last key >= ks, and some row must reach a real key (which
+    # also rules out ks >= Lk, as last_q < Lk); full blocks start at or after ks (ceil division)
+    a_lo = torch.maximum(a_lo, ks // bk)
     a_hi = torch.where(ks <= last_q, a_hi, 0)
     f_lo = torch.maximum(f_lo, -((-ks) // bk))
     return a_lo, a_hi, f_lo, f_hi
@@ -340,95 +340,67 @@ def _compact(idx: torch.Tensor, flag: torch.Tensor, width: int) -> tuple[torch.T
     return counts, out
 
 
+def _torch_lists(indices, counts, key_start, window, bq, bk, lq, lk, width):
+    n_qb = num_blocks(lq, bq)
+    k = indices.shape[-1]
+    idx = indices if indices.dtype == torch.int32 else indices.to(torch.int32)
+    a_lo, a_hi, f_lo, f_hi = _thresholds(n_qb, bq, bk, lq, lk, window, key_start, indices.device)
+    kept = torch.arange(k, device=indices.device, dtype=torch.int32) < counts.unsqueeze(-1)
+    visible = kept & (idx >= a_lo) & (idx < a_hi)  # a_lo >= 0: negative entries are dropped
+    full = visible & (idx >= f_lo) & (idx < f_hi)
+    partial = visible & ~full
+    f_cnt, f_idx = _compact(idx, full, width)
+    m_cnt, m_idx = _compact(idx, partial, width)
+    return m_cnt, m_idx, f_cnt, f_idx
+
+
 def selection_to_block_sparse(
     selection: BlockSelection,
     key_start: torch.Tensor | None = None,
     window: int | None = None,
     *,
     device=None,
+    impl: str = "auto",
 ) -> FlashBlockSparse:
     """fa4's mask/full block lists for `selection` (exact; see the module docstring for the classes).
 
     Tensor ops only, O(B·H·R·K) memory, no host sync. A selection shared by all heads (stride 0 or
     size 1 on dim 1) gives head dim 1 (fa4 broadcasts it, and can then pack GQA); shared by the whole
     batch without `key_start`, batch dim 1. `device`: where to build the lists (default: the
-    selection's device).
+    selection's device). `impl`: "torch" (~25 small kernels), "triton" (one kernel,
+    `attnpatch.backends.triton.flash_lists`) or "auto" (Triton when it can run on that device).
+    Both give identical tensors.
     """
+    if impl not in ("auto", "torch", "triton"):
+        raise ValueError(f"impl must be auto, torch or triton, got {impl!r}")
     bq, bk = selection.block_q, selection.block_k
     lq, lk = selection.q_len, selection.kv_len
     indices, counts = selection.indices, selection.counts
     if device is not None:
         indices, counts = indices.to(device, non_blocking=True), counts.to(device, non_blocking=True)
-    device = indices.device
     if _is_shared(indices, 1) and _is_shared(counts, 1):
         indices, counts = indices[:, :1], counts[:, :1]
     if key_start is None and _is_shared(indices, 0) and _is_shared(counts, 0):
         indices, counts = indices[:1], counts[:1]
-    n_qb, n_kb = num_blocks(lq, bq), num_blocks(lk, bk)
-    k = indices.shape[-1]
-    if k == 0:  # no slot at all: one empty slot so fa4 gets lists at least 1 wide
+    if indices.shape[-1] == 0:  # no slot at all: one empty slot so fa4 gets lists at least 1 wide
         indices = indices.new_zeros(*indices.shape[:-1], 1)
         counts = torch.zeros_like(counts)
-        k = 1
-    idx = indices if indices.dtype == torch.int32 else indices.to(torch.int32)
-    a_lo, a_hi, f_lo, f_hi = _thresholds(n_qb, bq, bk, lq, lk, window, key_start, device)
-    kept = torch.arange(k, device=device, dtype=torch.int32) < counts.unsqueeze(-1)
-    visible = kept & (idx >= a_lo) & (idx < a_hi)  # a_lo >= 0: negative entries are dropped
-    full = visible & (idx >= f_lo) & (idx < f_hi)
-    partial = visible & ~full
-    width = max(1, min(k, n_kb))
-    f_cnt, f_idx = _compact(idx, full, width)
-    m_cnt, m_idx = _compact(idx, partial, width)
-    return FlashBlockSparse(m_cnt, m_idx, f_cnt, f_idx, (bq, bk))
+    if key_start is not None:
+        key_start = key_start.to(device=indices.device, dtype=torch.int32).contiguous()
+    width = max(1, min(indices.shape[-1], num_blocks(lk, bk)))
+    use_triton = impl == "triton"
+    if impl == "auto" and indices.is_cuda:
+        from attnpatch.backends.triton.flash_lists import can_run
 
+        use_triton = can_run(indices)
+    if use_triton:
+        from attnpatch.backends.triton.flash_lists import build_lists
 
-# ----------------------------------------------------------------------------------------------
-# mask_mod for partial blocks (CuTe DSL); built lazily, one function object per variant so fa4's
-# compile-cache hash of it is computed once.
-# ----------------------------------------------------------------------------------------------
-
-
-@functools.cache
-def _mask_mod(window: int | None, padded: bool):
-    import cutlass
-    import cutlass.cute as cute
-    from flash_attn.cute import utils
-
-    int32 = cutlass.Int32
-    if window is None and not padded:
-
-        @cute.jit
-        def causal(batch, head, m_idx, n_idx, seqlen_info, aux_tensors):
-            offset = utils.scalar_to_ssa(seqlen_info.seqlen_k - seqlen_info.seqlen_q, int32)
-            return n_idx <= m_idx + offset
-
-        return causal
-    if not padded:
-
-        @cute.jit
-        def causal_window(batch, head, m_idx, n_idx, seqlen_info, aux_tensors):
-            pos = m_idx + utils.scalar_to_ssa(seqlen_info.seqlen_k - seqlen_info.seqlen_q, int32)
-            return (n_idx <= pos) & (pos - n_idx < utils.scalar_to_ssa(window, int32))
-
-        return causal_window
-    if window is None:
-
-        @cute.jit
-        def causal_padded(batch, head, m_idx, n_idx, seqlen_info, aux_tensors):
-            pos = m_idx + utils.scalar_to_ssa(seqlen_info.seqlen_k - seqlen_info.seqlen_q, int32)
-            start = utils.scalar_to_ssa(aux_tensors[0][batch[0]], int32)
-            return (n_idx <= pos) & (n_idx >= start)
-
-        return causal_padded
-
-    @cute.jit
-    def causal_window_padded(batch, head, m_idx, n_idx, seqlen_info, aux_tensors):
-        pos = m_idx + utils.scalar_to_ssa(seqlen_info.seqlen_k - seqlen_info.seqlen_q, int32)
-        start = utils.scalar_to_ssa(aux_tensors[0][batch[0]], int32)
-        inside = pos - n_idx < utils.scalar_to_ssa(window, int32)
-        return (n_idx <= pos) & (n_idx >= start) & inside
-
-    return causal_window_padded
+        out_batch = key_start.shape[0] if key_start is not None else indices.shape[0]
+        lists = build_lists(indices, counts, key_start, window, bq, bk, lq, lk, out_batch, width)
+    else:
+        lists = _torch_lists(indices, counts, key_start, window, bq, bk, lq, lk, width)
+    return FlashBlockSparse(*lists, (bq, bk))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -481,7 +453,9 @@ def flash_prefill(
                 block_sparse = selection_to_block_sparse(selection, key_start, window, device=query.device)
             if masking == "mask_mod" or key_start is not None:
                 padded = key_start is not None
-                kwargs.update(causal=False, mask_mod=_mask_mod(window, padded))
+                from attnpatch.backends.flash_mask_mods import mask_mod
+
+                kwargs.update(causal=False, mask_mod=mask_mod(window, padded))
                 if padded:
                     kwargs["aux_tensors"] = [key_start.to(device=query.device, dtype=torch.int32).contiguous()]
             else:
