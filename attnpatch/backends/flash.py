@@ -60,8 +60,14 @@ Tile rules (declined in `unsupported_reason` otherwise; `interface.py` `_tile_si
   packed GQA factor) and head dim 256 is not used: `block_q` must be a multiple of
   `128 · q_stage` and `block_k` a multiple of 128. Block-sparse head dim 256 on SM100 is declined.
 
+Cost of the conversion: the lists are built on the selection's device, either by ~25 small PyTorch
+kernels (launch-bound: roughly 0.1-0.2 ms of host time whatever the density) or, on CUDA with Triton,
+by one kernel (`attnpatch.backends.triton.flash_lists`, identical output). Per-row thresholds on the
+key-block index make the classification a few comparisons per selected block.
+
 Host syncs: none in `selection_to_block_sparse` or `flash_prefill` (shapes come from the selection's
-shapes, never from its values). fa4 itself compiles one kernel per new compile key (2.5-4.5 s).
+shapes, never from its values; a selection on the CPU is copied to the GPU first, which is the only
+host-side wait). fa4 itself compiles one kernel per new compile key (2.5-4.5 s per kind of call).
 """
 
 from __future__ import annotations
