@@ -501,3 +501,19 @@ def test_triton_lists_int64_and_wide(interpreted_lists, monkeypatch):
     assert got.mask_block_idx.shape[-1] == num_blocks(200, 32)
     for a, b in zip(got[:4], want[:4], strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_triton_lists_equal_torch_lists_gpu(case):
+    from attnpatch.backends.triton.flash_lists import can_run
+
+    sel, key_start, window = _case(case)
+    sel = BlockSelection(sel.indices.cuda(), sel.counts.cuda(), sel.block_q, sel.block_k, sel.q_len, sel.kv_len)
+    if not can_run(sel.indices):
+        pytest.skip("triton cannot run here")
+    ks = key_start.cuda() if key_start is not None else None
+    got = selection_to_block_sparse(sel, ks, window, impl="triton")
+    want = selection_to_block_sparse(sel, ks, window, impl="torch")
+    for a, b in zip(got[:4], want[:4], strict=True):
+        assert torch.equal(a, b)

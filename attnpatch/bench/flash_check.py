@@ -4,8 +4,9 @@
 
 1. checks `flash_prefill` against `attnpatch.backends.reference.block_sparse_attention` (float32) on
    small cases (dense, sparse, GQA, head-shared selection, chunked prefill, left padding, sliding
-   window, 64-blocks), in both masking modes, and prints ‖out − ref‖/‖ref‖ and the LSE error; also
-   whether `selection_to_block_sparse` / `flash_prefill` synchronise with the host;
+   window, 64-blocks), in both masking modes, and prints ‖out − ref‖/‖ref‖ and the LSE error; that the
+   Triton list builder equals the PyTorch one; and whether `selection_to_block_sparse` /
+   `flash_prefill` synchronise with the host;
 2. times (median ms, triton's `do_bench`) for the Llama-3.1-8B (32/8/128) and SmolLM2 (9/3/64)
    layers, bf16, B=1: SDPA cuDNN dense causal, fa4 dense causal, fa4 block-sparse through
    `flash_prefill` at several densities (`random_block_selection`, block 128; lists converted
@@ -149,6 +150,24 @@ def run_checks(results: list) -> bool:
             detail = (f"rel {row['rel']:.2e}  lse {row['lse_max_abs']:.2e}  first call {row['first_call_s']} s"
                       if "rel" in row else row["error"])
             print(f"{status} {name:38s} {mode:8s} {detail}", flush=True)
+    return ok
+
+
+def list_checks(results: list) -> bool:
+    """The one-launch Triton list builder gives the PyTorch path's tensors exactly."""
+    ok = True
+    cases = [(2, 8, 1000, 1000, 128, None, None, False), (1, 9, 333, 1500, 128, 300, [7], True),
+             (2, 4, 1100, 1100, 64, 77, [0, 200], False), (1, 32, 32768, 32768, 128, None, None, False)]
+    for b, h, lq, lk, block, window, ks, shared in cases:
+        sel = _random_selection(b, h, lq, lk, block, 0.3, seed=lq, shared=shared)
+        key_start = torch.tensor(ks, device="cuda") if ks is not None else None
+        got = selection_to_block_sparse(sel, key_start, window, impl="triton")
+        want = selection_to_block_sparse(sel, key_start, window, impl="torch")
+        same = all(torch.equal(x, y) for x, y in zip(got[:4], want[:4], strict=True))
+        ok &= same
+        name = f"lists B={b} H={h} {lq}x{lk} blk={block} window={window} key_start={ks} shared={shared}"
+        results.append({"case": name, "triton_equals_torch": same})
+        print(f"{'ok  ' if same else 'FAIL'} {name}", flush=True)
     return ok
 
 
@@ -304,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     command = "python -m attnpatch.bench.flash_check " + " ".join(argv if argv is not None else sys.argv[1:])
-    data = {"environment": environment(command), "checks": [], "sync": [], "timings": []}
+    data = {"environment": environment(command), "checks": [], "lists": [], "sync": [], "timings": []}
 
     def checkpoint():
         data["elapsed_s"] = round(time.perf_counter() - t_start, 1)
@@ -314,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     ok = True
     if not args.skip_checks:
         ok = run_checks(data["checks"])
+        ok &= list_checks(data["lists"])
         checkpoint()
         sync_checks(data["sync"])
         checkpoint()
