@@ -59,6 +59,8 @@ class PrefillMethod:
 
     name: ClassVar[str] = ""
     is_dense: ClassVar[bool] = False
+    # Options under which the method keeps every key, so it must equal dense attention (tests check it).
+    full_density: ClassVar[dict[str, Any]] = {}
 
     def select(self, query: torch.Tensor, key: torch.Tensor, ctx: PrefillContext
                ) -> BlockSelection | TokenSelection | DenseFallback:
@@ -75,6 +77,8 @@ class DecodeMethod:
 
     name: ClassVar[str] = ""
     is_dense: ClassVar[bool] = False
+    # Options under which the method reads every cached key, so it must equal dense attention.
+    full_density: ClassVar[dict[str, Any]] = {}
 
     def select(self, query: torch.Tensor, key: torch.Tensor, ctx: DecodeContext) -> PageSelection | None:
         """Which cached pages one decode step reads (None: all of them, through SDPA).

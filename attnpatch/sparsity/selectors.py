@@ -26,7 +26,7 @@ class TopK:
     def __call__(self, scores: torch.Tensor, allowed: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
         p = _per_head(param, scores)
         n_allowed = allowed.sum(-1, keepdim=True).float()
-        k = torch.ceil(p * n_allowed) if self.fraction else p.expand_as(n_allowed)
+        k = torch.ceil(p * n_allowed) if self.fraction else p + torch.zeros_like(n_allowed)
         k = torch.minimum(k, n_allowed)
         s = scores.float().masked_fill(~allowed, float("-inf"))
         rank = s.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)

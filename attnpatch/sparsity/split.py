@@ -97,7 +97,7 @@ def mask_free_prefix(indices: torch.Tensor, counts: torch.Tensor, block_q: int, 
     out = torch.zeros(b, h, r, dtype=torch.int32, device=counts.device)
     if kmax == 0 or out.numel() == 0:
         return out
-    if indices.stride(1) == 0 and counts.stride(1) == 0:  # shared by all heads: one head's lists
+    if h > 1 and indices.stride(1) == 0 and counts.stride(1) == 0:  # shared by all heads: one head's lists
         return mask_free_prefix(indices[:, :1], counts[:, :1], block_q, block_k, q_len, kv_len,
                                 bounds).expand(b, h, r).contiguous()
     step = max(1, _CHUNK // max(1, b * r * kmax))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -25,13 +26,15 @@ class BlasstDecode(DecodeMethod):
     also unchanged on those 3 prompts (bench/results/blasst_smollm2_decode.md) — kept conservative.
     """
 
-    a: float = option(1.0, "λ = a / L (L = cache length); 0 disables skipping", min=0.0)
+    full_density: ClassVar[dict] = {"a": 1e-30}
+
+    a: float = option(1.0, "λ = a / L (L = cache length); 0 disables skipping", min=0.0, per_head=True)
     convention: str = option("scaled", "threshold on scaled (σ·q·k) or raw (q·k) scores", choices=("scaled", "raw"))
     page_size: int = option(128, "key tile (page) size", choices=(16, 32, 64, 128))
 
     def select(self, query: torch.Tensor, key: torch.Tensor, ctx: DecodeContext) -> PageSelection | None:
-        if self.a == 0:
+        if not any(self.a if isinstance(self.a, tuple) else (self.a,)):
             return None
         b, lk = query.shape[0], key.shape[2]
         return PageSelection.all_pages(b, key.shape[1], lk, self.page_size, query.device,
-                                       skip_rule(self.a, lk, ctx.scale, self.convention))
+                                       skip_rule(self.a, lk, ctx.scale, self.convention, query.device))

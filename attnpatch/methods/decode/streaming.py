@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from attnpatch.cache import SinkWindowLayer
 from attnpatch.methods.base import DecodeMethod
@@ -22,6 +22,8 @@ class Streaming(DecodeMethod):
     learns the padding from the batch's attention mask on its first update). Sliding-window layers
     keep transformers' own window cache.
     """
+
+    full_density: ClassVar[dict] = {"window": 1 << 30}
 
     n_sink: int = option(4, "tokens kept from the start of the sequence", min=0)
     window: int = option(512, "most recent tokens kept", min=1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from attnpatch.methods.base import PrefillContext
 from attnpatch.methods.estimated import EstimatedPrefill
@@ -23,6 +24,8 @@ class AShape(EstimatedPrefill):
     block of its first token when a chunked-prefill offset misaligns them. Clipped to the causal
     rule, the layer's sliding window and padding. Same selection for every head.
     """
+
+    full_density: ClassVar[dict] = {"local_blocks": 1 << 20}
 
     block_size: int = option(64, "query and key block size in tokens", choices=(16, 32, 64, 128))
     sink_blocks: int = option(1, "key blocks kept from each sequence's first real token", min=0)

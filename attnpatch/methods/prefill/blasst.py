@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -21,9 +22,17 @@ def lambda_bound(lam: float, scale: float, convention: str = "scaled") -> float:
     return log_lam * scale if convention == "raw" else log_lam
 
 
-def skip_rule(a: float, kv_len: int, scale: float, convention: str) -> SkipRule:
-    """λ = min(a / L, 1) as a skip rule in the one convention (see `lambda_bound`)."""
+def skip_rule(a: float | tuple[float, ...], kv_len: int, scale: float, convention: str, device=None) -> SkipRule:
+    """λ = min(a / L, 1) as a skip rule in the one convention (see `lambda_bound`); one `a` per query
+    head gives a `[Hq]` bound."""
+    if isinstance(a, tuple):
+        bounds = [lambda_bound(min(x / kv_len, 1.0), scale, convention) for x in a]
+        return SkipRule(torch.tensor(bounds, dtype=torch.float32, device=device))
     return SkipRule(lambda_bound(min(a / kv_len, 1.0), scale, convention))
+
+
+def _as_tuple(a: float | tuple[float, ...]) -> tuple[float, ...]:
+    return a if isinstance(a, tuple) else (a,)
 
 
 @register_prefill("blasst")
@@ -39,23 +48,25 @@ class BlasstPrefill(PrefillMethod):
     per (query head, query block). Every tile some query may see is visited (causal, sliding
     window and padding clipped).
 
-    Default `a = 128` (scaled): on SmolLM2-135M it skips 25 % of the prefill tiles at 4K and 30 %
+    `a` may be one value per query head (e.g. from a calibrated profile). Default `a = 128` (scaled): on SmolLM2-135M it skips 25 % of the prefill tiles at 4K and 30 %
     at 8K for +0.13 % perplexity on Pride and Prejudice and unchanged passkey accuracy; a = 1024
     skips 43–45 % for +0.6 % (bench/results/blasst_smollm2.md).
     """
 
-    a: float = option(128.0, "λ = a / L (L = KV length); 0 disables skipping", min=0.0)
+    full_density: ClassVar[dict] = {"a": 1e-30}  # λ ≈ 0: no tile is ever negligible
+
+    a: float = option(128.0, "λ = a / L (L = KV length); 0 disables skipping", min=0.0, per_head=True)
     convention: str = option("scaled", "threshold on scaled (σ·q·k) or raw (q·k) scores", choices=("scaled", "raw"))
     block_size: int = option(128, "query/key tile size", choices=(16, 32, 64, 128))
 
     def select(self, query: torch.Tensor, key: torch.Tensor, ctx: PrefillContext):
         b, h, lq, _ = query.shape
         lk = key.shape[2]
-        if self.a == 0:
+        if not any(_as_tuple(self.a)):
             return DenseFallback("a = 0: no tile can be skipped")
         if lk <= self.block_size:
             return DenseFallback(f"input of {lk} keys fits in one {self.block_size}-key tile")
-        rule = skip_rule(self.a, lk, ctx.scale, self.convention)
+        rule = skip_rule(self.a, lk, ctx.scale, self.convention, query.device)
         bs = self.block_size
         if ctx.bounds.window is None and not ctx.bounds.has_padding:
             return BlockSelection.causal(b, h, lq, lk, bs, bs, query.device, rule)

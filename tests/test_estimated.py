@@ -1,0 +1,126 @@
+"""The estimate → select base: a method written as one `estimate` gets selectors, forced regions and
+clipping (causal, sliding window, padding) from the base, per head or per KV group."""
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attnpatch.backends.reference import block_sparse_attention
+from attnpatch.methods.base import PrefillContext
+from attnpatch.methods.estimated import BlockScores, EstimatedPrefill
+from attnpatch.options import option
+from attnpatch.sparsity import KeyBounds, num_blocks
+from attnpatch.sparsity.regions import allowed_blocks, forced_blocks
+from attnpatch.sparsity.selectors import CumulativeMass, TopK
+
+
+def _pooled_scores(query, key, bs, per_kv_head):
+    """Mean-pooled q · mean-pooled k per block pair (a toy estimator)."""
+    b, hq, lq, d = query.shape
+    hkv, lk = key.shape[1], key.shape[2]
+    qp = F.pad(query, (0, 0, 0, num_blocks(lq, bs) * bs - lq)).view(b, hq, -1, bs, d).mean(3)
+    kp = F.pad(key, (0, 0, 0, num_blocks(lk, bs) * bs - lk)).view(b, hkv, -1, bs, d).mean(3)
+    if per_kv_head:
+        qp = qp.view(b, hkv, hq // hkv, -1, d).mean(2)
+    else:
+        kp = kp.repeat_interleave(hq // hkv, 1)
+    return qp @ kp.transpose(-1, -2)
+
+
+@dataclass
+class ToyTopK(EstimatedPrefill):
+    """Toy: top-k blocks by pooled scores per query head."""
+
+    block_size: int = option(16)
+    budget: float = option(2.0, per_head=True)
+    sink_blocks: int = option(1)
+    local_blocks: int = option(1)
+    per_kv: bool = option(False)
+    selector: ClassVar = TopK("budget")
+
+    def estimate(self, query, key, ctx):
+        return BlockScores(_pooled_scores(query, key, self.block_size, self.per_kv), per_kv_head=self.per_kv)
+
+
+@dataclass
+class ToyMass(ToyTopK):
+    """Toy: cumulative softmax mass of the pooled scores."""
+
+    threshold: float = option(0.5, per_head=True)
+    selector: ClassVar = CumulativeMass("threshold")
+
+    def estimate(self, query, key, ctx):
+        s = _pooled_scores(query, key, self.block_size, self.per_kv) * ctx.scale
+        return BlockScores(torch.softmax(s, -1), per_kv_head=self.per_kv)
+
+
+def _inputs(b=2, hq=4, hkv=2, lq=77, lk=77, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, hq, lq, d, generator=g), torch.randn(b, hkv, lk, d, generator=g),
+            torch.randn(b, hkv, lk, d, generator=g))
+
+
+BOUNDS = {"plain": KeyBounds(), "left-padded": KeyBounds(key_start=torch.tensor([0, 30])),
+          "window": KeyBounds(window=24), "padded-window": KeyBounds(key_start=torch.tensor([5, 40]), window=33)}
+
+
+@pytest.mark.parametrize("name", list(BOUNDS))
+@pytest.mark.parametrize("lq", [77, 40], ids=["prefill", "chunked"])
+def test_selection_invariants(name, lq):
+    bounds = BOUNDS[name]
+    q, k, _ = _inputs(lq=lq)
+    method = ToyTopK(budget=(1.0, 2.0, 3.0, 100.0))
+    sel = method.select(q, k, PrefillContext(0, 0.25, bounds, bounds.window))
+    sel.validate()  # ascending, in range, causal
+    mask = sel.to_block_mask()
+    allowed = allowed_blocks(2, lq, 77, 16, 16, bounds)
+    assert not (mask & ~allowed).any()  # clipped to causal, window and padding
+    r = torch.arange(mask.shape[2])
+    last_block = ((r + 1) * 16).clamp(max=lq) - 1 + (77 - lq)
+    diag = last_block // 16
+    reachable = allowed[:, :, r, diag]  # (a query block entirely in padding keeps nothing)
+    assert (mask[:, :, r, diag] | ~reachable).all()  # the diagonal block is always kept
+    first = bounds.first_key(2, "cpu")
+    for b in range(2):
+        reach = allowed[b, 0, :, first[b] // 16]
+        assert mask[b, :, reach, first[b] // 16].all()  # the sink: each row's first real token
+    # per-head budget: the blocks kept besides the forced ones are at most the head's budget; 100 = all allowed
+    forced = forced_blocks(2, lq, 77, 16, 16, bounds, 1, 1) & allowed
+    extra = (mask & ~forced).sum(-1)
+    assert (extra[:, 0] <= 1).all() and (extra[:, 1] <= 2).all() and (extra[:, 2] <= 3).all()
+    assert torch.equal(mask[:, 3], allowed[:, 0])
+
+
+def test_per_kv_head_scores_give_one_selection_per_group():
+    q, k, _ = _inputs(hq=6, hkv=2)
+    sel = ToyMass(per_kv=True, threshold=0.7).select(q, k, PrefillContext(0, 0.25, KeyBounds(), None))
+    m = sel.to_block_mask()
+    assert torch.equal(m[:, 0], m[:, 1]) and torch.equal(m[:, 0], m[:, 2]) and torch.equal(m[:, 3], m[:, 5])
+    full = ToyMass(threshold=1.0).select(q, k, PrefillContext(0, 0.25, KeyBounds(), None))
+    assert torch.equal(full.to_block_mask(), allowed_blocks(2, 77, 77, 16, 16, KeyBounds()).expand(2, 6, -1, -1))
+
+
+def test_full_density_equals_dense_attention():
+    q, k, v = _inputs()
+    bounds = BOUNDS["padded-window"]
+    sel = ToyTopK(budget=1000.0).select(q, k, PrefillContext(0, 0.25, bounds, bounds.window))
+    out = block_sparse_attention(q, k, v, sel, scale=0.25, bounds=bounds)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=bounds.dense_mask(2, 77, 77), scale=0.25,
+                                         enable_gqa=True)
+    valid = torch.arange(77)[None, :] >= bounds.key_start[:, None]
+    torch.testing.assert_close(out[valid[:, None].expand(-1, 4, -1)], ref[valid[:, None].expand(-1, 4, -1)],
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_wrong_scores_shape_is_a_clear_error():
+    @dataclass
+    class Broken(ToyTopK):
+        def estimate(self, query, key, ctx):
+            return BlockScores(torch.zeros(1, 1, 1, 1))
+
+    q, k, _ = _inputs()
+    with pytest.raises(ValueError, match=r"Broken.estimate returned scores \(1, 1, 1, 1\), expected \(2, 4, 5, 5\)"):
+        Broken().select(q, k, PrefillContext(0, 0.25, KeyBounds(), None))
