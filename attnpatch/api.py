@@ -28,6 +28,7 @@ from attnpatch.backends import resolve_backend
 from attnpatch.cache import install_layers
 from attnpatch.dispatch import LayerPlan, PatchState
 from attnpatch.masking import attnpatch_mask
+from attnpatch.options import for_layer
 from attnpatch.probe import Observer, ObserverHandle
 from attnpatch.profile import Profile
 from attnpatch.registry import get_method
@@ -106,6 +107,9 @@ class Patch:
                 raise ValueError(f"{e}{where}") from None
             pre_opts = {k: v for k, v in pre_opts.items() if k in pre_info.option_names} | flat_pre | pre_o
             dec_opts = {k: v for k, v in dec_opts.items() if k in dec_info.option_names} | flat_dec | dec_o
+        layers = len(self.adapter.sliding_windows(self.model.config))
+        pre_opts = {k: for_layer(v, layer, layers, k) for k, v in pre_opts.items()}
+        dec_opts = {k: for_layer(v, layer, layers, k) for k, v in dec_opts.items()}
         stats = LayerStats(layer, pre_info.name, dec_info.name, sliding_window=window)
         return LayerPlan(pre_info.build(pre_opts, heads, where), dec_info.build(dec_opts, heads, where), window, stats)
 

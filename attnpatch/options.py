@@ -1,8 +1,9 @@
 """Method options: declaration (`option`), validation with errors that name what is allowed, and
 parsing from text (CLI, recipes, lm-eval `model_args`).
 
-An option declared with `per_head=True` takes a float or one value per query head of the layer
-(a list / tuple / 1-D tensor); calibrated profiles fill those per (layer, head).
+An option declared with `per_head=True` takes a float, one value per query head (a list / tuple /
+1-D tensor, the same for every layer) or a per-(layer, head) table (a 2-D list or tensor, row `i`
+for layer `i`); calibrated profiles fill those per (layer, head).
 """
 
 from __future__ import annotations
@@ -70,7 +71,10 @@ class OptionSpec:
 
     def check(self, where: str, value: Any, heads: int | None = None) -> Any:
         """`value` converted to the option's type, or ValueError naming the option, `where` and what is
-        allowed. Per-head options also take one value per query head (a tuple is returned)."""
+        allowed. Per-head options also take one value per query head (a tuple is returned) or a
+        per-(layer, head) table (a tuple of tuples)."""
+        if self.per_head and _is_table(value):
+            return tuple(self.check(where, row, heads) for row in value)
         if self.per_head and _is_sequence(value):
             values = value.tolist() if isinstance(value, torch.Tensor) else list(value)
             if heads is not None and len(values) != heads:
@@ -101,6 +105,21 @@ class OptionSpec:
                 f"option {self.name!r} of {where} must be {self.describe_allowed()}, got {text!r}"
             ) from None
         return self.check(where, value)
+
+
+def _is_table(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.dim() == 2
+    return _is_sequence(value) and len(value) > 0 and all(_is_sequence(v) for v in value)
+
+
+def for_layer(value: Any, layer: int, layers: int, name: str) -> Any:
+    """A per-(layer, head) table's row for `layer` (other values pass through)."""
+    if not (isinstance(value, tuple) and value and isinstance(value[0], tuple)):
+        return value
+    if len(value) != layers:
+        raise ValueError(f"option {name!r} has a table of {len(value)} layers; the model has {layers}")
+    return value[layer]
 
 
 def _is_sequence(value: Any) -> bool:

@@ -124,3 +124,43 @@ def test_wrong_scores_shape_is_a_clear_error():
     q, k, _ = _inputs()
     with pytest.raises(ValueError, match=r"Broken.estimate returned scores \(1, 1, 1, 1\), expected \(2, 4, 5, 5\)"):
         Broken().select(q, k, PrefillContext(0, 0.25, KeyBounds(), None))
+
+
+def test_a_token_granularity_method_runs_through_the_patch(llama):
+    """A method may return a `TokenSelection` (stripe / permutation methods): the dispatch runs it on a
+    backend that takes tokens (the reference here) with padding applied per token."""
+    from conftest import left_padded
+
+    import attnpatch
+    from attnpatch.methods.base import PrefillMethod
+    from attnpatch.registry import _TABLES, register_prefill
+    from attnpatch.sparsity import TokenSelection
+
+    @register_prefill("test_stripes")
+    @dataclass
+    class Stripes(PrefillMethod):
+        """Test only: the first 4 keys plus every key within 24 tokens (per token)."""
+
+        block_size: int = option(16)
+
+        def select(self, query, key, ctx):
+            b, h, lq, _ = query.shape
+            lk = key.shape[2]
+            r = num_blocks(lq, self.block_size)
+            last = (torch.arange(r) + 1) * self.block_size - 1 + (lk - lq)
+            pos = torch.arange(lk).view(1, lk)
+            keep = (pos < 4) | ((pos <= last.view(r, 1)) & (pos > last.view(r, 1) - 40))
+            order = torch.where(keep, pos, lk + pos).argsort(-1)[:, : int(keep.sum(-1).max())]
+            counts = keep.sum(-1).to(torch.int32)
+            idx = torch.where(torch.arange(order.shape[-1]) < counts.view(r, 1), order, 0).to(torch.int32)
+            return TokenSelection(idx.expand(b, h, r, -1), counts.expand(b, h, r), self.block_size, lq, lk)
+
+    try:
+        ids, mask = left_padded(2, 100, [0, 13], seed=2)
+        with attnpatch.patch_model(llama, method="test_stripes") as patch, torch.no_grad():
+            out = llama(ids, attention_mask=mask).logits
+            stats = patch.stats()
+        assert stats.backends == {"prefill: reference": 2} and 0 < stats.density < 1
+        assert torch.isfinite(out[mask.bool()]).all()
+    finally:
+        _TABLES["prefill"].pop("test_stripes", None)

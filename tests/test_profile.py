@@ -45,3 +45,14 @@ def test_per_head_values_from_a_profile(llama):
         llama(random_ids(1, 128))
     with pytest.raises(ValueError, match=r"4 per-head values; the layer has 4 query heads|3 per-head values"):
         attnpatch.patch_model(llama, method="blasst", profile=Profile("h", None, {0: {"a": [1.0, 2.0, 3.0]}}))
+
+
+def test_a_per_layer_per_head_table_as_an_option(llama):
+    table = [[1e-30] * 4, [1e4, 1e4, 1e-30, 1e-30]]
+    with attnpatch.patch_model(llama, method="blasst", block_size=16, a=table) as patch:
+        assert patch.state.plans[1].prefill.a == (1e4, 1e4, 1e-30, 1e-30)
+        assert patch.state.plans[0].prefill.a == (1e-30,) * 4
+    with pytest.raises(ValueError, match="table of 3 layers; the model has 2"):
+        attnpatch.patch_model(llama, method="blasst", a=[[1.0] * 4] * 3)
+    with pytest.raises(ValueError, match="NaN"):
+        attnpatch.patch_model(llama, method="blasst", a=torch.tensor([[1.0] * 4, [float("nan")] * 4]))
