@@ -74,3 +74,16 @@ def test_bench_kernels_help_and_check_without_gpu(capsys):
     assert "--backends" in capsys.readouterr().out
     if not torch.cuda.is_available():
         assert check.main([]) == 2
+
+
+def test_blasst_sweep_patch_arguments():
+    from attnpatch.bench.blasst_sweep import patch_kwargs
+    from attnpatch.spec import PatchSpec
+
+    both = PatchSpec.build(**patch_kwargs("blasst", 64.0, 16.0, "raw"))
+    assert (both.method, both.decode) == ("blasst", "blasst")
+    assert both.prefill_options["a"] == 64.0 and both.decode_options["a"] == 16.0
+    assert both.prefill_options["convention"] == both.decode_options["convention"] == "raw"
+    prefill = PatchSpec.build(**patch_kwargs("blasst", 64.0, 0.0, "scaled"))
+    assert (prefill.method, prefill.decode, prefill.prefill_options["a"]) == ("blasst", "dense", 64.0)
+    assert PatchSpec.build(**patch_kwargs("dense", 0.0, 0.0, "scaled")).method == "dense"
