@@ -212,14 +212,14 @@ def environment(command: str, device: torch.device, dtype: torch.dtype, tiny: bo
 
     import transformers
 
-    from attnpatch.bench.kernels import _package_version
+    from attnpatch.bench.kernels import _package_version, flash_attn_version
 
     return {
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "device": str(device), "dtype": str(dtype).removeprefix("torch."),
         "torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
         "triton": _package_version("triton"),
-        "flash_attn": _package_version("flash-attn-4") or _package_version("flash-attn"),
+        "flash_attn": flash_attn_version(),
         "python": platform.python_version(), "command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "model": "tiny Llama" if tiny else "Llama-3.1-8B-shaped, 2 layers, random weights",
         "config": TINY if tiny else LLAMA31_8B,

@@ -432,7 +432,7 @@ def environment(command: str, backends: Sequence[str] | None = None) -> dict:
         "cuda": torch.version.cuda,
         "triton": triton_version,
         "transformers": transformers.__version__,
-        "flash_attn": _package_version("flash-attn-4") or _package_version("flash-attn"),
+        "flash_attn": flash_attn_version(),
         "python": platform.python_version(),
         "command": command,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -450,6 +450,15 @@ def _package_version(name: str) -> str | None:
         return version(name)
     except PackageNotFoundError:
         return None
+
+
+def flash_attn_version() -> str | None:
+    """The installed flash-attn distribution (flash-attn-4 / CuTe, else FA2/FA3) as "name version"."""
+    for name in ("flash-attn-4", "flash-attn-cute", "flash-attn"):
+        found = _package_version(name)
+        if found is not None:
+            return f"{name} {found}"
+    return None
 
 
 def _bs_variant(head_dim: int) -> int | None:
