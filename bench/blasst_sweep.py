@@ -1,112 +1,15 @@
-"""BLASST on the embedded checkpoint: passkey accuracy and perplexity versus dense, for a sweep of `a`.
+"""BLASST sweep on the embedded checkpoint: `python bench/blasst_sweep.py [--lengths ...] [--a ...] [--decode-a ...]`.
 
-    python bench/blasst_sweep.py --out bench/results/blasst_smollm2   [--lengths 4096,8192] [--a 4,32,256]
-
-Runs on CPU (float32) or GPU; writes <out>.json and <out>.md. Dense (a = 0) is the reference row.
+Same as `python -m attnpatch.bench.blasst_sweep`; see attnpatch/bench/blasst_sweep.py for the options.
 """
 
-from __future__ import annotations
-
-import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
-import torch
-from tqdm.auto import tqdm
+# Take bench/ off the path: bench/kernels.py would shadow the `kernels` package transformers imports.
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-import attnpatch
-from attnpatch.eval.passkey import passkey_sample
-from attnpatch.eval.perplexity import window_perplexity
-from attnpatch.eval.texts import austen
-from attnpatch.models import load
-
-
-def run(args) -> dict:
-    model, tok = load(args.model, dtype=torch.float32 if args.device == "cpu" else None, device=args.device)
-    text = austen("prideprejudice")
-    lengths = [int(x) for x in args.lengths.split(",")]
-    depths = [float(x) for x in args.depths.split(",")]
-    configs = [("dense", 0.0, 0.0)] + [("blasst", float(a), float(da))
-                                       for a in args.a.split(",") for da in args.decode_a.split(",")]
-    rows = []
-    bar = tqdm(total=len(configs) * len(lengths) * (len(depths) + 1), desc="blasst sweep")
-    for method, a, decode_a in configs:
-        for length in lengths:
-            opts = {} if method == "dense" else {"a": a, "decode_a": decode_a, "convention": args.convention}
-            decode = None if method == "dense" or decode_a == 0 else "blasst"
-            with attnpatch.patch_model(model, method=method, decode=decode, **opts) as patch:
-                ppl = window_perplexity(model, tok, text, length)
-                ppl_stats = patch.stats()
-                bar.update()
-                correct = []
-                for i, depth in enumerate(depths):
-                    sample = passkey_sample(tok, target_tokens=length - 16, depth=depth, seed=100 + i)
-                    ids = tok(sample.prompt, return_tensors="pt").to(model.device)
-                    with torch.no_grad():
-                        out = model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id)
-                    correct.append(sample.is_correct(tok.decode(out[0, ids.input_ids.shape[1]:])))
-                    bar.update()
-                stats = patch.stats()
-            layers = ppl_stats.layers
-            row = {
-                "method": method, "a": a, "decode_a": decode_a, "convention": args.convention, "length": length,
-                "lambda_prefill": (a / length) if a else 0.0,
-                "perplexity": ppl, "passkey_accuracy": sum(correct) / len(correct), "passkey_n": len(correct),
-                "prefill_skipped_fraction": ppl_stats.skipped_fraction,
-                "prefill_skipped_per_layer": [d["skipped_fraction"] for d in layers],
-                "decode_skipped_fraction": _decode_skip(stats),
-            }
-            rows.append(row)
-            tqdm.write(json.dumps({k: v for k, v in row.items() if k != "prefill_skipped_per_layer"}))
-    bar.close()
-    return {"model": args.model, "device": args.device, "dtype": str(model.dtype), "text": "Pride and Prejudice, first N tokens",
-            "passkey_depths": depths, "command": "python bench/blasst_sweep.py " + " ".join(sys.argv[1:]),
-            "date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__, "rows": rows}
-
-
-def _decode_skip(stats) -> float | None:
-    visited = sum(int(d["decode_skipped_fraction"] is not None) for d in stats.layers)
-    if not visited:
-        return None
-    vals = [d["decode_skipped_fraction"] for d in stats.layers if d["decode_skipped_fraction"] is not None]
-    return sum(vals) / len(vals)
-
-
-def markdown(data: dict) -> str:
-    lines = [f"# BLASST on {data['model']} ({data['device']}, {data['dtype']})", "",
-             f"Command: `{data['command']}` — {data['date']}, torch {data['torch']}", "",
-             f"Perplexity: {data['text']}. Passkey: depths {data['passkey_depths']}, greedy 8 tokens.", "",
-             "| L | method | a | λ = a/L | prefill skipped | decode_a | decode skipped | perplexity | passkey |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in data["rows"]:
-        skip = "-" if r["prefill_skipped_fraction"] is None else f"{r['prefill_skipped_fraction']:.3f}"
-        dskip = "-" if r["decode_skipped_fraction"] is None else f"{r['decode_skipped_fraction']:.3f}"
-        lines.append(f"| {r['length']} | {r['method']} | {r['a']:g} | {r['lambda_prefill']:.2e} | {skip} | "
-                     f"{r['decode_a']:g} | {dskip} | {r['perplexity']:.3f} | {r['passkey_accuracy']:.2f} ({r['passkey_n']}) |")
-    return "\n".join(lines) + "\n"
-
-
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--lengths", default="4096,8192")
-    p.add_argument("--depths", default="0.2,0.5,0.8")
-    p.add_argument("--a", default="4,32,256,2048")
-    p.add_argument("--decode-a", default="0", help="comma list; every (a, decode_a) pair is run")
-    p.add_argument("--convention", default="scaled", choices=("scaled", "raw"))
-    p.add_argument("--out", default="bench/results/blasst_smollm2")
-    args = p.parse_args()
-    data = run(args)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(data, indent=1))
-    out.with_suffix(".md").write_text(markdown(data))
-    print(markdown(data))
-    return 0
-
+from attnpatch.bench.blasst_sweep import main  # noqa: E402
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(prog="python bench/blasst_sweep.py"))

@@ -16,6 +16,7 @@ from attnpatch.backends.triton.block_sparse import block_sparse_attention_triton
 from attnpatch.backends.triton.decode import sparse_decode_attention
 from attnpatch.bench.kernels import SHAPES, _bench, _bench_graph, _dense_runner, skip_qkv
 from attnpatch.bench.selections import random_block_selection, random_page_selection
+from attnpatch.methods.prefill.blasst import lambda_bound
 from attnpatch.sparsity import BlockSelection
 
 
@@ -182,10 +183,10 @@ def main() -> int:
     for pre in (False, True):
         plain = _bench(lambda pre=pre: block_sparse_attention_triton(q, k, v, sel, prescale_q=pre))
         for lam in (0.0, 0.1, 0.4):
-            _, (vis, skp) = block_sparse_attention_triton(q, k, v, sel, skip_threshold=lam, skip_convention="scaled",
-                                                          count_tiles=True)
-            ms = _bench(lambda lam=lam, pre=pre: block_sparse_attention_triton(
-                q, k, v, sel, skip_threshold=lam, skip_convention="scaled", prescale_q=pre))
+            bound = lambda_bound(lam, d ** -0.5)  # ln λ on scaled scores; λ = 0 never skips
+            _, (vis, skp) = block_sparse_attention_triton(q, k, v, sel, skip_bound=bound, count_tiles=True)
+            ms = _bench(lambda bound=bound, pre=pre: block_sparse_attention_triton(
+                q, k, v, sel, skip_bound=bound, prescale_q=pre))
             frac = float(skp) / float(vis)
             res["skip"].append({"prescale_q": pre, "lambda": lam, "skipped": frac, "ms": ms, "plain_ms": plain})
             print(f"skip prescale={pre} λ={lam}: skipped {frac:.3f} {ms:.3f} ms vs plain {plain:.3f} "

@@ -8,20 +8,22 @@ from attnpatch.sparsity import BlockSelection, PageSelection, causal_block_limit
 
 
 def random_block_selection(batch: int, heads: int, length: int, block: int, density: float,
-                           seed: int = 0, device=None) -> BlockSelection:
+                           seed: int = 0, device=None, q_len: int | None = None) -> BlockSelection:
     """Per (batch, head, query block) keep block 0, the diagonal, and random others up to `density`
-    of the causally valid blocks (at least the two forced ones)."""
-    r = num_blocks(length, block)
+    of the causally valid blocks (at least the two forced ones). `length` keys; `q_len` queries
+    aligned to the end of the keys (chunked prefill; default `length`)."""
+    lq = length if q_len is None else q_len
+    r, c = num_blocks(lq, block), num_blocks(length, block)
     g = torch.Generator(device=device).manual_seed(seed)
-    limit = causal_block_limit(length, length, block, block, device).view(1, 1, r, 1)
-    col = torch.arange(r, device=device).view(1, 1, 1, r)
-    score = torch.rand(batch, heads, r, r, generator=g, device=device)
+    limit = causal_block_limit(lq, length, block, block, device).view(1, 1, r, 1)
+    col = torch.arange(c, device=device).view(1, 1, 1, c)
+    score = torch.rand(batch, heads, r, c, generator=g, device=device)
     score = torch.where((col == 0) | (col == limit - 1), 2.0, score)
     score = torch.where(col < limit, score, -1.0)
     want = (limit.float() * density).round().clamp(min=2).minimum(limit.float())
     rank = score.argsort(dim=-1, descending=True).argsort(dim=-1)
     keep = rank < want
-    return BlockSelection.from_block_mask(keep, block, block, length, length)
+    return BlockSelection.from_block_mask(keep, block, block, lq, length)
 
 
 def random_page_selection(batch: int, kv_heads: int, length: int, page: int, fraction: float,

@@ -1,0 +1,89 @@
+"""CPU checks of the benchmark scripts: the code paths that need no GPU (table loop, outputs, HF path)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from attnpatch.backends import BACKENDS
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_hf_prefill_tiny_on_cpu(tmp_path):
+    from attnpatch.bench import hf_prefill
+
+    assert hf_prefill.main(["--device", "cpu", "--tiny", "--lengths", "64", "--repeats", "1", "--warmup", "0",
+                            "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "hf_prefill.json").read_text())
+    rows = {r["name"]: r for r in data["rows"]}
+    assert set(rows) == {c.name for c in hf_prefill.configs(torch.device("cpu"), True, ["auto"])}
+    base = rows["unpatched (SDPA default)"]
+    assert base["ms"] > 0 and base["speedup_vs_unpatched"] == pytest.approx(1.0)
+    assert rows["unpatched, SDPA cuDNN"]["note"]  # no cuDNN on CPU: the error is the result
+    if hf_prefill.flash_dense_reason(torch.device("cpu")) is not None:
+        assert rows["dense on flash-attn-4"]["note"].startswith("skipped: ")
+    for name in ("a_shape (auto)", "blasst (auto)"):
+        assert rows[name]["ms"] > 0 and rows[name]["speedup_vs_best_dense"] > 0
+        assert sum(rows[name]["backends"].values()) == 2  # 2 layers, 1 call each
+        if BACKENDS["triton"].unavailable(torch.device("cpu")) is not None:
+            assert rows[name]["backends"] == {"prefill: reference": 2}
+            assert any(k.startswith("prefill: triton: ") for k in rows[name]["backend_declined"])
+    assert rows["a_shape (auto)"]["density"] < 1.0
+    assert "| 64 | a_shape (auto) |" in (tmp_path / "hf_prefill.md").read_text()
+
+
+def test_kernels_prefill_rows_on_cpu(tmp_path, monkeypatch):
+    from attnpatch.bench import kernels
+
+    monkeypatch.setitem(kernels.SHAPES, "tiny", (4, 2, 64))
+    rows = kernels.bench_prefill(["tiny"], [256], [1.0, 0.5], [1], block=64, device="cpu", dtype=torch.float32,
+                                 backends=["triton", "flex", "flash"], log=lambda *_: None)
+    flex = [r for r in rows if r.table_backend == "flex"]
+    assert len(flex) == 2 and all(r.ms > 0 and r.backend == "flex" for r in flex)
+    triton = [r for r in rows if r.table_backend == "triton"]
+    if BACKENDS["triton"].unavailable(torch.device("cpu")) is not None:  # no CUDA tensors, no interpreter
+        assert len(triton) == 1 and triton[0].note.startswith("unavailable: ")
+    kernels.write_results(rows, kernels.environment("test", ["triton", "flex", "flash"]), tmp_path)
+    md = (tmp_path / "kernels.md").read_text()
+    assert "flex ms" in md and "Not measured" in md
+    assert json.loads((tmp_path / "kernels.json").read_text())["rows"][0]["table_backend"] is None
+
+
+def test_kernels_table_reads_the_committed_results():
+    from attnpatch.bench.kernels import prefill_table
+
+    data = json.loads((REPO / "bench/results/kernels.json").read_text())
+    table = prefill_table(data["rows"]).splitlines()
+    committed = [line for line in (REPO / "bench/results/kernels.md").read_text().splitlines()
+                 if line.startswith("| llama3-8b") or line.startswith("| qwen") or line.startswith("| smollm2")]
+    assert "attnpatch-triton ms" in table[0] and "flex ms" in table[0]
+    assert len([line for line in table if line.startswith("| ") and "ms" not in line]) == len(committed)
+
+
+def test_bench_kernels_help_and_check_without_gpu(capsys):
+    from attnpatch.bench import check
+    from attnpatch.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "kernels", "--help"])
+    assert exit_info.value.code == 0
+    assert "--backends" in capsys.readouterr().out
+    if not torch.cuda.is_available():
+        assert check.main([]) == 2
+
+
+def test_blasst_sweep_patch_arguments():
+    from attnpatch.bench.blasst_sweep import patch_kwargs
+    from attnpatch.spec import PatchSpec
+
+    both = PatchSpec.build(**patch_kwargs("blasst", 64.0, 16.0, "raw"))
+    assert (both.method, both.decode) == ("blasst", "blasst")
+    assert both.prefill_options["a"] == 64.0 and both.decode_options["a"] == 16.0
+    assert both.prefill_options["convention"] == both.decode_options["convention"] == "raw"
+    prefill = PatchSpec.build(**patch_kwargs("blasst", 64.0, 0.0, "scaled"))
+    assert (prefill.method, prefill.decode, prefill.prefill_options["a"]) == ("blasst", "dense", 64.0)
+    assert PatchSpec.build(**patch_kwargs("dense", 0.0, 0.0, "scaled")).method == "dense"
