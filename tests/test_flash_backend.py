@@ -57,7 +57,7 @@ def visibility(lq, lk, key_start=None, window=None, batch=1):
     j = torch.arange(lk).view(1, lk)
     ok = (j <= p).expand(batch, 1, lq, lk).clone()
     if key_start is not None:
-        ok &= j.view(1, 1, 1, lk) >= key_start.view(-1, 1, 1, 1)
+        ok &= j.view(1, 1, 1, lk) >= key_start.cpu().view(-1, 1, 1, 1)
     if window is not None:
         ok &= (p - j) < window
     return ok
@@ -136,7 +136,7 @@ def reference(query, key, value, selection, scale, key_start=None, window=None):
     lk = key.shape[2]
     mask = None
     if key_start is not None or window is not None:
-        mask = visibility(lq, lk, key_start, window, batch=b)
+        mask = visibility(lq, lk, key_start, window, batch=b).to(query.device)
     return block_sparse_attention(query, key, value, selection, scale=scale, mask=mask, return_lse=True)
 
 

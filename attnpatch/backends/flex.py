@@ -272,6 +272,9 @@ def flex_block_sparse_attention(
     q, k, v = _pad_seq(query, mq), _pad_seq(key, mk), _pad_seq(value, mk)  # no-op with exact lengths
 
     kwargs = {"block_mask": block_mask, "scale": scale, "enable_gqa": hq != hkv}
+    if compile and query.is_cuda and min(selection.block_q, selection.block_k) < 128:
+        # The compiled kernel's default tiles (128 on Hopper) must divide the selection's blocks.
+        kwargs["kernel_options"] = {"BLOCK_M": min(selection.block_q, 128), "BLOCK_N": min(selection.block_k, 128)}
     if return_lse:
         if _HAS_RETURN_AUX:
             from torch.nn.attention.flex_attention import AuxRequest
