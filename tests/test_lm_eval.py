@@ -77,11 +77,15 @@ def test_cli_hands_every_argument_to_lm_eval(monkeypatch):
     from attnpatch.cli import main
 
     seen = []
-    monkeypatch.setattr(plugin, "main", lambda argv: seen.append(argv) or 0)
+    monkeypatch.setattr(plugin, "main", lambda argv, essays=True: seen.append((argv, essays)) or 0)
     argv = ["--model", "attnpatch", "--model_args", "method=a_shape", "--tasks", "niah_single_1", "--limit", "2"]
     with pytest.raises(SystemExit) as done:
         main(["lm-eval", *argv])
-    assert done.value.code == 0 and seen == [argv]
+    assert done.value.code == 0 and seen == [(argv, True)]
+    for light in (["ls", "tasks"], ["run", "--help"], ["validate", "--tasks", "x"]):  # no essay haystack set-up
+        with pytest.raises(SystemExit):
+            main(["lm-eval", *light])
+        assert seen[-1] == (light, False)
 
 
 def test_model_args_split_into_the_patch_and_hflm_arguments(tmp_path):
