@@ -1,65 +1,250 @@
-"""`attnpatch` command line: methods | demo | eval | report | inspect | bench kernels | lm-eval."""
+"""`attnpatch` command line: methods | demo | eval | report | inspect | bench kernels | lm-eval.
+
+Only the standard library loads with this module: torch, transformers and the method tables load
+when a command needs them, so `attnpatch lm-eval --help` answers at once and offline. Method
+arguments are specs (`a_shape` or `a_shape:local_blocks=4`), validated before any model loads.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
-from typing import NoReturn
+import textwrap
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from attnpatch.registry import list_methods
+if TYPE_CHECKING:
+    from types import ModuleType
+
+    from attnpatch.registry import MethodInfo
+    from attnpatch.spec import PatchSpec
+
+LM_EVAL_HELP = """\
+usage: attnpatch lm-eval [lm-eval arguments ...]
+
+lm-eval's own command line with model `attnpatch` registered: the harness's HFLM running a model
+patched by attnpatch. Every argument after `lm-eval` goes to lm-eval unchanged.
+
+--model_args for `--model attnpatch` (key=value, comma separated):
+  pretrained=DIR|HUB_ID|smollm2   the model (default: smollm2, the embedded checkpoint)
+  method=NAME[:key=value]         prefill method (default: dense); `attnpatch methods` lists them
+  decode=NAME[:key=value]         decode method (default: dense)
+  OPTION=VALUE                    an option of the chosen methods (local_blocks=4, window=512, ...)
+  prefill.OPTION=VALUE            an option both methods declare (blasst's a), for one phase
+  decode.OPTION=VALUE
+  attn_backend=NAME               auto (default), reference, triton, flex or flash
+                                  (`backend` is HFLM's own argument)
+  profile=FILE.json               per-layer / per-head parameters from a calibration profile
+  allow_other_weights=true        accept a profile made for other weights of the same architecture
+  anything else                   HFLM's arguments: dtype, device, batch_size, max_length, parallelize
+
+A comma ends a model_args entry, so a method's second option is an entry of its own:
+method=a_shape:local_blocks=4,sink_blocks=2 is the same as method=a_shape,local_blocks=4,sink_blocks=2.
+
+example (RULER needle in a haystack at 4K tokens, offline):
+  attnpatch lm-eval run --model attnpatch \\
+      --model_args pretrained=smollm2,method=a_shape:local_blocks=4,decode=streaming,window=512 \\
+      --tasks niah_single_1 --metadata '{"max_seq_lengths":[4096]}' --limit 4
+
+lm-eval's own help: `attnpatch lm-eval run --help` (every option), `attnpatch lm-eval ls tasks`.
+"""
+
+_SPEC_HELP = "NAME or NAME:key=value,..."
 
 
-def _parse_options(pairs: list[str]) -> dict:
-    """`key=value` pairs; values parsed as JSON when possible (ints, floats, bools), else strings."""
-    out = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise SystemExit(f"option {pair!r} must look like key=value")
-        key, value = pair.split("=", 1)
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default after its help, unless there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        default = action.default
+        if default is None or default is False or default == []:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _tables() -> ModuleType:
+    """The method registry with the built-in methods loaded."""
+    import attnpatch.api  # noqa: F401  (registers the built-in methods)
+    from attnpatch import registry
+
+    return registry
+
+
+def _names(phase: str) -> str:
+    return ", ".join(sorted(m.name for m in _tables().method_infos(phase)))
+
+
+def _parse_options(pairs: list[str] | None) -> dict[str, Any]:
+    """`key=value` pairs. Values stay text (each method option converts and checks its own type),
+    except a JSON list (`[0.9, 0.95]`), for per-head values."""
+    from attnpatch.spec import SPEC_KEYS
+
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"option {pair!r} must look like key=value")
+        key, value = key.strip(), value.strip()
+        if key in SPEC_KEYS:
+            raise ValueError(f"{key!r} is not a method option (the method, decode method and backend have "
+                             "arguments of their own)")
+        if value.startswith("["):
+            try:
+                out[key] = json.loads(value)
+                continue
+            except json.JSONDecodeError as e:
+                raise ValueError(f"option {key!r}: {value!r} is not a JSON list: {e}") from None
+        out[key] = value
     return out
 
 
-def cmd_methods(_args) -> None:
-    rows = list_methods()
-    print(f"{'name':<11} {'phase':<15} {'options (defaults)':<44} description")
-    for m in rows:
-        opts = ", ".join(f"{k}={v}" for k, v in m["options"].items()) or "-"
-        print(f"{m['name']:<11} {m['phase']:<15} {opts:<44} {m['description']}")
+def _patch_spec(method: str, decode: str | None = None, pairs: list[str] | None = None,
+                backend: str = "auto") -> PatchSpec:
+    """A validated PatchSpec from CLI arguments (ValueError names what is allowed)."""
+    _tables()
+    from attnpatch.spec import PatchSpec
+
+    options = _parse_options(pairs)
+    try:
+        return PatchSpec.build(method, decode, backend=backend, **options)
+    except ValueError as e:
+        if "declared by both" in str(e):
+            raise ValueError(f"{e} (on the command line: -o prefill.KEY=VALUE or -o decode.KEY=VALUE)") from None
+        raise
 
 
-def cmd_demo(args) -> None:
+def _split(values: str | list[str] | None) -> list[str]:
+    """Values given space separated, comma separated, or both."""
+    if values is None:
+        return []
+    items = [values] if isinstance(values, str) else values
+    return [part.strip() for item in items for part in item.split(",") if part.strip()]
+
+
+def split_methods(values: str | list[str]) -> list[str]:
+    """Method specs from `--methods`: space separated specs (`a_shape:local_blocks=4,sink_blocks=2`
+    keeps its commas), or one comma separated list of plain names (`dense,a_shape,blasst`)."""
+    items = [values] if isinstance(values, str) else list(values)
+    out: list[str] = []
+    for item in items:
+        out += [item.strip()] if ":" in item else _split(item)
+    return out
+
+
+def _ints(values: str | list[str], what: str) -> list[int]:
+    out = []
+    for text in _split(values):
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value <= 0:
+            raise ValueError(f"{what} takes positive integers, got {text!r}")
+        out.append(value)
+    return out
+
+
+# -- methods ------------------------------------------------------------------------------------
+
+def _wrap(text: str, width: int, first: str, rest: str) -> list[str]:
+    return textwrap.wrap(text, width, initial_indent=first, subsequent_indent=rest, break_on_hyphens=False,
+                         break_long_words=False) or [first.rstrip()]
+
+
+def _option_lines(info: MethodInfo, pad: str, width: int, verbose: bool, key_width: int) -> list[str]:
+    if not info.options:
+        return [pad + "options: none"]
+    if not verbose:
+        text = ", ".join(f"{o.name}={o.default}" for o in info.options)
+        return _wrap(text, width, pad + "options: ", pad + " " * len("options: "))
+    lines = []
+    for o in info.options:
+        key = f"{o.name}={o.default}".ljust(key_width)
+        text = f"{o.help}; {o.describe_allowed()}" if o.help else o.describe_allowed()
+        lines += _wrap(text, width, f"{pad}{key}  ", pad + " " * (key_width + 2))
+    return lines
+
+
+def format_methods(verbose: bool = False, width: int = 100) -> str:
+    """The method tables (one section per phase) and the backends, aligned and wrapped to `width`.
+    `verbose` adds each option's help and allowed values."""
+    from attnpatch.backends import backend_table
+
+    infos = sorted(_tables().method_infos(), key=lambda m: m.name)
+    backends = [("auto", "per phase, the fastest backend that takes the call (dense prefill stays SDPA)")]
+    backends += [(b["name"], b["description"]) for b in backend_table()]
+    name_width = max(len(name) for name in [m.name for m in infos] + [b for b, _ in backends])
+    key_width = max((len(f"{o.name}={o.default}") for m in infos for o in m.options), default=0)
+    pad = " " * (2 + name_width + 2)
+    lines: list[str] = []
+    for phase, arg in (("prefill", "--method / method="), ("decode", "--decode / decode=")):
+        lines.append(f"{phase} methods ({arg}; NAME or NAME:key=value,...):")
+        for m in (m for m in infos if m.phase == phase):
+            lines += _wrap(m.description or "-", width, f"  {m.name.ljust(name_width)}  ", pad)
+            lines += _option_lines(m, pad, width, verbose, key_width)
+        lines.append("")
+    lines.append("backends (--backend / backend= / lm-eval attn_backend=):")
+    for name, text in backends:
+        lines += _wrap(text, width, f"  {name.ljust(name_width)}  ", pad)
+    if not verbose:
+        lines += ["", "attnpatch methods -v adds each option's help and allowed values."]
+    return "\n".join(lines)
+
+
+def cmd_methods(args: argparse.Namespace) -> None:
+    width = max(60, min(120, shutil.get_terminal_size((100, 24)).columns))
+    print(format_methods(args.verbose, width))
+
+
+# -- commands -----------------------------------------------------------------------------------
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    spec = _patch_spec(args.method, args.decode, args.option, args.backend)  # before the model loads
+    if not 0.0 <= args.depth <= 1.0:
+        raise ValueError(f"--depth must be in [0, 1], got {args.depth}")
+    if args.length <= 0 or args.max_new_tokens <= 0:
+        raise ValueError("--length and --max-new-tokens must be positive")
     from attnpatch.demo import demo
 
-    demo(args.model, args.method, args.length, args.depth, args.seed, args.max_new_tokens, **_parse_options(args.option))
+    demo(args.model, spec, args.length, args.depth, args.seed, args.max_new_tokens)
 
 
-def cmd_eval(args) -> None:
-    from attnpatch.eval.suite import run_grid
-
-    per_method: dict[str, dict] = {}
-    for key, value in _parse_options(args.option).items():
+def _eval_options(pairs: list[str] | None) -> dict[str, dict[str, Any]]:
+    per_method: dict[str, dict[str, Any]] = {}
+    for key, value in _parse_options(pairs).items():
         method, _, name = key.partition(".")
         if not name:
-            raise ValueError(f"eval options are METHOD.OPTION=VALUE (e.g. a_shape.local_blocks=4), got {key!r}")
+            raise ValueError(f"eval options are METHOD.KEY=VALUE (e.g. a_shape.local_blocks=4), got {key!r}")
         per_method.setdefault(method, {})[name] = value
-    files = run_grid(args.model, args.methods.split(","), args.tasks.split(","),
-                     [int(x) for x in args.lengths.split(",")], args.limit, args.out, per_method)
+    return per_method
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from attnpatch.eval.suite import run_grid
+
+    options = _eval_options(args.option)
+    prefill = {m.name for m in _tables().method_infos("prefill")}
+    for method in options:
+        if method not in prefill and method in {m.name for m in _tables().method_infos("decode")}:
+            raise ValueError(f"-o {method}.KEY=VALUE: {method!r} is a decode method; give its options inline, "
+                             f"--decode {method}:KEY=VALUE")
+    files = run_grid(args.model, split_methods(args.methods), _split(args.tasks), _ints(args.lengths, "--lengths"),
+                     args.limit, args.out, options, decode=args.decode, backend=args.backend)
     print(f"wrote {len(files)} result files to {args.out}")
 
 
-def cmd_report(args) -> None:
+def cmd_report(args: argparse.Namespace) -> None:
     from attnpatch.eval.report import write_report
 
     path = write_report(args.results, args.out, args.bench)
     print(f"wrote {path} and {path.with_suffix('.png')}")
 
 
-def cmd_inspect(args) -> None:
+def cmd_inspect(args: argparse.Namespace) -> None:
+    spec = _patch_spec(args.method, None, args.option)  # before the model loads
+    layers = [int(x) for x in _split(args.layers)]
+    heads = [int(x) for x in _split(args.heads)]
     from pathlib import Path
 
     from attnpatch.eval.fidelity import measure, plot_layers
@@ -77,10 +262,7 @@ def cmd_inspect(args) -> None:
 
         text = austen()
     ids = tok(text, return_tensors="pt").input_ids[:, : args.length]
-    layers = [int(x) for x in args.layers.split(",")] if args.layers else []
-    heads = [int(x) for x in args.heads.split(",")]
-    report, records = measure(model, ids, args.method, keep_layers=layers, model_name=args.model,
-                              **_parse_options(args.option))
+    report, records = measure(model, ids, spec, keep_layers=layers, model_name=args.model)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "fidelity.json").write_text(json.dumps(report.to_dict(), indent=1))
@@ -92,67 +274,121 @@ def cmd_inspect(args) -> None:
           f"dense layers {report.dense_layers or 'none'}; wrote {out / 'fidelity.json'}")
 
 
-def cmd_bench(args) -> None:
+def cmd_bench(args: argparse.Namespace) -> None:
     if args.what == "kernels":
         from attnpatch.bench.kernels import main as kernels_main
 
         raise SystemExit(kernels_main(args.rest))
 
 
+def _lm_eval_needs_essays(argv: list[str]) -> bool:
+    """Help, listing and validation never build a RULER essay haystack: they skip its set-up."""
+    return not ({"-h", "--help"} & set(argv)) and argv[:1] not in (["ls"], ["validate"])
+
+
 def cmd_lm_eval(argv: list[str]) -> NoReturn:
     """Hand `argv` to lm-eval's CLI with model `attnpatch` registered."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print(LM_EVAL_HELP, end="")
+        raise SystemExit(0)
     try:
         from attnpatch.eval.lm_eval_plugin import main as lm_eval_main
     except ImportError as e:
         raise SystemExit(f"attnpatch lm-eval needs the eval extra (pip install 'attnpatch[eval]'): {e}") from e
-    raise SystemExit(lm_eval_main(argv))
+    raise SystemExit(lm_eval_main(argv, essays=_lm_eval_needs_essays(argv)))
+
+
+# -- parser -------------------------------------------------------------------------------------
+
+def _sub(sub: argparse._SubParsersAction, name: str, help: str, description: str | None = None):
+    return sub.add_parser(name, help=help, description=description or help, formatter_class=_Formatter)
+
+
+def _add_spec_args(p: argparse.ArgumentParser, method_default: str, decode: bool, backend: bool) -> None:
+    from attnpatch.backends import BACKEND_NAMES
+
+    p.add_argument("--method", default=method_default, metavar="SPEC",
+                   help=f"prefill method: {_SPEC_HELP}, NAME one of {_names('prefill')}")
+    if decode:
+        p.add_argument("--decode", default="dense", metavar="SPEC",
+                       help=f"decode method: {_SPEC_HELP}, NAME one of {_names('decode')}")
+    if backend:
+        p.add_argument("--backend", default="auto", choices=BACKEND_NAMES, help="kernels that run the methods")
+    both = "; an option both methods declare: -o prefill.KEY=VALUE / -o decode.KEY=VALUE" if decode else ""
+    p.add_argument("-o", "--option", action="append", metavar="KEY=VALUE",
+                   help=f"a method option, repeatable (`attnpatch methods -v` lists them){both}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="attnpatch", description="Sparse attention for Hugging Face LLMs.")
-    sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("methods", help="list the methods and their options").set_defaults(func=cmd_methods)
-    d = sub.add_parser("demo", help="passkey retrieval on the embedded checkpoint: dense vs a sparse method")
+    from attnpatch.backends import BACKEND_NAMES
+    from attnpatch.eval.suite import TASKS
+
+    p = argparse.ArgumentParser(prog="attnpatch", description="Sparse attention for Hugging Face LLMs.",
+                                epilog="`attnpatch COMMAND --help` shows a command's options and their defaults.",
+                                formatter_class=_Formatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    m = _sub(sub, "methods", "list the methods (per phase), their options and the backends")
+    m.add_argument("-v", "--verbose", action="store_true", help="each option's help and allowed values")
+    m.set_defaults(func=cmd_methods)
+
+    d = _sub(sub, "demo", "passkey retrieval on the embedded checkpoint: dense vs a sparse method",
+             "Passkey retrieval on one prompt: dense, then the given spec; prints answers, density, "
+             "prefill time and the backends that ran.")
     d.add_argument("--model", default="smollm2", help="'smollm2' (embedded), a local HF directory or a hub id")
-    d.add_argument("--method", default="a_shape", help="prefill method to compare with dense")
+    _add_spec_args(d, "a_shape", decode=True, backend=True)
     d.add_argument("--length", type=int, default=4096, help="prompt length in tokens (about)")
     d.add_argument("--depth", type=float, default=0.5, help="needle depth in [0, 1]")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--max-new-tokens", type=int, default=8)
-    d.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE", help="method option")
+    d.add_argument("--seed", type=int, default=0, help="seed of the passkey and the filler")
+    d.add_argument("--max-new-tokens", type=int, default=8, help="tokens generated for the answer")
     d.set_defaults(func=cmd_demo)
-    ev = sub.add_parser("eval", help="offline long-context suite: methods × lengths × tasks, one JSON per run")
-    ev.add_argument("--model", default="smollm2")
-    ev.add_argument("--methods", default="dense,a_shape,blasst")
-    ev.add_argument("--tasks", default="passkey,perplexity,niah_single_1")
-    ev.add_argument("--lengths", default="2048,4096,8192")
+
+    ev = _sub(sub, "eval", "offline long-context suite: methods × lengths × tasks, one JSON per run",
+              "Offline long-context suite on one model: every method spec × length runs every task, "
+              "and each run writes one JSON (scores, density, backends, fidelity).")
+    ev.add_argument("--model", default="smollm2", help="'smollm2' (embedded), a local HF directory or a hub id")
+    ev.add_argument("--methods", nargs="+", default="dense,a_shape,blasst", metavar="SPEC",
+                    help=f"prefill methods, space separated specs ({_SPEC_HELP}) or one comma separated "
+                         f"list of names; NAME one of {_names('prefill')}")
+    ev.add_argument("--decode", default="dense", metavar="SPEC",
+                    help=f"decode method of every run: {_SPEC_HELP}, NAME one of {_names('decode')}")
+    ev.add_argument("--backend", default="auto", choices=BACKEND_NAMES, help="kernels that run the methods")
+    ev.add_argument("--tasks", nargs="+", default="passkey,perplexity,niah_single_1", metavar="TASK",
+                    help=f"tasks, space or comma separated; one of {', '.join(TASKS)}")
+    ev.add_argument("--lengths", nargs="+", default="2048,4096,8192", metavar="N",
+                    help="context lengths in tokens, space or comma separated")
     ev.add_argument("--limit", type=int, default=4, help="samples per task")
-    ev.add_argument("--out", default="eval-results")
-    ev.add_argument("-o", "--option", action="append", default=[], metavar="METHOD.KEY=VALUE")
+    ev.add_argument("--out", default="eval-results", help="folder for the result JSON files")
+    ev.add_argument("-o", "--option", action="append", metavar="METHOD.KEY=VALUE",
+                    help="an option for every run of one prefill method (repeatable), e.g. a_shape.local_blocks=4")
     ev.set_defaults(func=cmd_eval)
-    rp = sub.add_parser("report", help="markdown + PNG from eval results (and a kernel benchmark JSON)")
-    rp.add_argument("--results", default="eval-results")
-    rp.add_argument("--bench", default=None, help="kernels.json from attnpatch bench kernels")
-    rp.add_argument("--out", default="eval-results/report.md")
+
+    rp = _sub(sub, "report", "markdown + PNG from eval results (and a kernel benchmark JSON)")
+    rp.add_argument("--results", default="eval-results", help="folder of `attnpatch eval` result JSON files")
+    rp.add_argument("--bench", default=None, help="kernels.json from `attnpatch bench kernels` (optional)")
+    rp.add_argument("--out", default="eval-results/report.md", help="markdown file; the PNG goes next to it")
     rp.set_defaults(func=cmd_report)
-    i = sub.add_parser("inspect", help="fidelity per layer/head (recall, output error, density) + heat maps")
-    i.add_argument("--model", default="smollm2")
-    i.add_argument("--method", default="a_shape")
+
+    i = _sub(sub, "inspect", "fidelity per layer/head (recall, output error, density) + heat maps",
+             "Fidelity of a prefill method on one prompt, per layer and head: attention recall, output "
+             "relative error, density (on the PyTorch reference backend), and heat maps.")
+    i.add_argument("--model", default="smollm2", help="'smollm2' (embedded), a local HF directory or a hub id")
+    _add_spec_args(i, "a_shape", decode=False, backend=False)
     i.add_argument("--task", default="passkey", choices=("passkey", "austen"), help="where the prompt comes from")
     i.add_argument("--prompt", default=None, help="a prompt of your own instead of --task")
     i.add_argument("--length", type=int, default=2048, help="tokens (prompt truncated to it)")
     i.add_argument("--layers", default="0", help="layers to plot, comma separated")
     i.add_argument("--heads", default="0", help="heads to plot, comma separated")
-    i.add_argument("--out", default="inspect-out")
-    i.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE", help="method option")
+    i.add_argument("--out", default="inspect-out", help="folder for fidelity.json and fidelity.png")
     i.set_defaults(func=cmd_inspect)
-    b = sub.add_parser("bench", help="benchmarks (GPU): `attnpatch bench kernels --help`")
-    b.add_argument("what", choices=("kernels",), help="kernels: executors vs SDPA cuDNN/flash and FlexAttention")
-    b.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the benchmark")
+
+    b = _sub(sub, "bench", "benchmarks (GPU): `attnpatch bench kernels --help`")
+    b.add_argument("what", choices=("kernels",), help="kernels: attnpatch's backends vs SDPA cuDNN/flash and "
+                                                      "FlexAttention")
+    b.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the benchmark (see its --help)")
     b.set_defaults(func=cmd_bench)
     # listed for --help only: `main` hands everything after `lm-eval` to lm-eval before parsing
-    sub.add_parser("lm-eval", help="lm-eval's CLI with model `attnpatch` registered (arguments go to lm-eval)",
-                   add_help=False)
+    sub.add_parser("lm-eval", help="lm-eval's own CLI with model `attnpatch` registered; its --help "
+                                   "lists the model_args", add_help=False)
     return p
 
 
@@ -161,8 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["lm-eval"]:  # everything after it belongs to lm-eval (argparse's REMAINDER
         # drops a leading `--option`), so it bypasses attnpatch's parser
         cmd_lm_eval(argv[1:])
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         args.func(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"attnpatch: error: {e}", file=sys.stderr)

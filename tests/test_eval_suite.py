@@ -1,10 +1,15 @@
 """The offline suite end to end (embedded checkpoint, 2 samples per task) and the report built from it."""
 
 import json
+from pathlib import Path
 
 import pytest
 
+from attnpatch import PatchSpec
 from attnpatch.eval.report import load_runs, nominal, pareto, runs_table, write_report
+from attnpatch.eval.suite import RunSpec, grid_specs
+
+COMMITTED = Path(__file__).resolve().parents[1] / "bench" / "results" / "eval_smollm2_n20"
 
 
 def test_pareto_by_hand():
@@ -42,7 +47,11 @@ def test_suite_runs_offline_on_the_embedded_checkpoint(tmp_path):
 
     files = run_grid("smollm2", ["a_shape"], ["passkey", "perplexity", "niah_single_1"], [1024], 2, tmp_path,
                      {"a_shape": {"local_blocks": 4}})
+    assert [f.name for f in files] == ["a_shape_local_blocks4_L1024.json"]
     result = json.loads(files[0].read_text())
+    assert result["spec"]["method"] == "a_shape" and result["spec"]["prefill_options"] == {"local_blocks": 4}
+    assert result["options"] == {"local_blocks": 4} and result["decode"] == "dense"
+    assert result["backends"].get("prefill: reference") and "backend_declined" in result
     assert set(result["scores"]) == {"passkey", "perplexity", "niah_single_1"}
     assert 0 <= result["scores"]["passkey"] <= 1 and 0 <= result["scores"]["niah_single_1"] <= 1
     assert 5 < result["scores"]["perplexity"] < 100
@@ -50,3 +59,58 @@ def test_suite_runs_offline_on_the_embedded_checkpoint(tmp_path):
     assert 0 < result["fidelity"]["recall"] < 1 and result["fidelity"]["rel_error"] > 0
     with pytest.raises(ValueError, match="offline tasks: passkey, perplexity, niah_single_1"):
         run_grid("smollm2", ["dense"], ["ruler_qa_squad"], [1024], 1, tmp_path)
+
+
+def test_result_file_names_stay_stable():
+    assert RunSpec(PatchSpec.build("a_shape"), 4096).name == "a_shape_L4096"
+    assert RunSpec(PatchSpec.build("a_shape:local_blocks=4"), 4096).name == "a_shape_local_blocks4_L4096"
+    assert RunSpec(PatchSpec.build("blasst", a=128), 8192).name == "blasst_a128_L8192"
+    assert RunSpec(PatchSpec.build("blasst", a=0.5), 8192).name == "blasst_a0.5_L8192"
+    spec = PatchSpec.build("a_shape:local_blocks=4", "streaming:window=256", backend="reference")
+    assert RunSpec(spec, 2048).name == "a_shape_local_blocks4_dec-streaming_window256_on-reference_L2048"
+
+
+def test_grid_specs_take_spec_strings_options_decode_and_backend():
+    specs = grid_specs(["dense", "a_shape:local_blocks=4", PatchSpec.build("blasst", a=64)],
+                       {"a_shape": {"sink_blocks": "2"}}, decode="streaming:window=256", backend="reference")
+    assert [s.method for s in specs] == ["dense", "a_shape", "blasst"]
+    assert specs[1].prefill_options == {"local_blocks": 4, "sink_blocks": 2}
+    assert specs[0].decode_options == {"window": 256} and specs[0].backend == "reference"
+    assert specs[2].decode == "dense" and specs[2].backend == "auto"  # a PatchSpec runs as it is
+    with pytest.raises(ValueError, match=r"method\(s\) \['streaming'\] that the grid does not run"):
+        grid_specs(["a_shape"], {"streaming": {"window": 4}})
+    with pytest.raises(ValueError, match="unknown option 'bogus'"):
+        grid_specs(["a_shape"], {"a_shape": {"bogus": 1}})
+    with pytest.raises(ValueError, match="list of method specs"):
+        grid_specs("a_shape")
+
+
+def test_run_grid_checks_everything_before_loading_the_model(monkeypatch, tmp_path):
+    import attnpatch.eval.suite as suite
+
+    monkeypatch.setattr(suite, "load", lambda *a, **k: pytest.fail("model loaded before the checks"))
+    with pytest.raises(ValueError, match="must be int >= 1"):
+        suite.run_grid("smollm2", ["a_shape:local_blocks=0"], ["passkey"], [1024], 1, tmp_path)
+    with pytest.raises(ValueError, match="more than once"):
+        suite.run_grid("smollm2", ["a_shape", "a_shape"], ["passkey"], [1024], 1, tmp_path)
+    with pytest.raises(ValueError, match="positive integers"):
+        suite.run_grid("smollm2", ["a_shape"], ["passkey"], [0], 1, tmp_path)
+
+
+def test_report_reads_the_committed_results(tmp_path):
+    pytest.importorskip("matplotlib")
+    runs = load_runs(COMMITTED)
+    assert len(runs) == 6 and all("spec" not in r for r in runs)  # written before specs were recorded
+    table = runs_table(runs)
+    assert "| 4096 | a_shape |" in table and "| 8192 | blasst |" in table
+    out = write_report(COMMITTED, tmp_path / "report.md")
+    assert out.read_text().count("| 4096 |") == 3
+
+
+def test_report_labels_decode_and_backend(tmp_path):
+    spec = PatchSpec.build("a_shape:local_blocks=4", "streaming:window=256", backend="reference")
+    run = {"model": "m", "method": "a_shape", "options": {"local_blocks": 4}, "decode": "streaming",
+           "decode_options": {"window": 256}, "spec": spec.to_dict(), "length": 1024, "limit": 1,
+           "scores": {"passkey": 1.0}, "density": 0.5, "skipped_fraction": None, "device": "cpu", "dtype": "float32"}
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    assert "| 1024 | a_shape(local_blocks=4)+streaming(window=256)@reference |" in runs_table(load_runs(tmp_path))

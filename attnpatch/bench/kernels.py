@@ -597,17 +597,20 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(prog="attnpatch bench kernels", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="bench/results", help="output folder")
-    p.add_argument("--shapes", default=",".join(SHAPES))
-    p.add_argument("--lengths", default=",".join(str(x) for x in LENGTHS))
-    p.add_argument("--densities", default=",".join(str(x) for x in DENSITIES))
-    p.add_argument("--batches", default="1,4")
+    p.add_argument("--shapes", default=",".join(SHAPES),
+                   help=f"attention shapes, comma separated; of {', '.join(SHAPES)}")
+    p.add_argument("--lengths", default=",".join(str(x) for x in LENGTHS), help="sequence lengths, comma separated")
+    p.add_argument("--densities", default=",".join(str(x) for x in DENSITIES),
+                   help="block densities of the random selections, comma separated")
+    p.add_argument("--batches", default="1,4", help="batch sizes, comma separated")
     p.add_argument("--max-batch-tokens", type=int, default=131072, help="skip B·L above this")
-    p.add_argument("--parts", default="prefill,skip,decode")
+    p.add_argument("--parts", default="prefill,skip,decode", help="what to measure, comma separated; of prefill, "
+                   "skip (BLASST's skip rule), decode")
     p.add_argument("--backends", type=_backend_list, default=default_backends(),
                    help=f"table backends timed in prefill (comma list of {', '.join(BACKENDS)}; "
-                        f"default: {','.join(default_backends())}; the reference is slow at long context)")
+                        "the reference is slow at long context)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("attnpatch bench kernels needs a CUDA GPU", file=sys.stderr)

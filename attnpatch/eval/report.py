@@ -40,8 +40,20 @@ def layer_density(run: dict) -> list[float]:
 
 
 def _label(run: dict) -> str:
-    opts = ",".join(f"{k}={v}" for k, v in sorted(run["options"].items()))
-    return run["method"] + (f"({opts})" if opts else "")
+    """`a_shape(local_blocks=4)`, then `+streaming(window=256)` for a decode method other than dense
+    and `@triton` for a backend other than auto (older result files have neither)."""
+
+    def one(name: str, options: dict) -> str:
+        opts = ",".join(f"{k}={v}" for k, v in sorted(options.items()))
+        return name + (f"({opts})" if opts else "")
+
+    label = one(run["method"], run["options"])
+    if run.get("decode", "dense") != "dense" or run.get("decode_options"):
+        label += "+" + one(run["decode"], run.get("decode_options") or {})
+    backend = (run.get("spec") or {}).get("backend", "auto")
+    if backend != "auto":
+        label += "@" + (backend if isinstance(backend, str) else ",".join(f"{k}={v}" for k, v in sorted(backend.items())))
+    return label
 
 
 def _setting(run: dict) -> str:

@@ -4,15 +4,19 @@ Tasks: `passkey` (attnpatch's generator, greedy answer), `perplexity` (Pride and
 window of the run's length), and lm-eval's RULER tasks that run offline as shipped
 (`niah_single_1`, `niah_multikey_2`, `niah_multikey_3`, `ruler_vt`, `ruler_cwe`, `ruler_fwe`), and the
 essay-haystack ones through a local essay copy (`attnpatch.eval.haystack`).
-Every run records the patch's prefill density and skipped fraction next to its scores.
+Every run is a PatchSpec at one length, and records the spec, the patch's prefill density, skipped
+fraction and the backends that ran (and why faster ones declined) next to its scores.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -21,6 +25,7 @@ from attnpatch.api import patch_model
 from attnpatch.eval.passkey import passkey_sample
 from attnpatch.eval.perplexity import window_perplexity
 from attnpatch.models import load, resolve
+from attnpatch.spec import PatchSpec
 
 RULER_OFFLINE = ("niah_single_1", "niah_multikey_2", "niah_multikey_3", "ruler_vt", "ruler_cwe", "ruler_fwe")
 RULER_ESSAY = ("niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multiquery", "niah_multivalue")
@@ -28,16 +33,72 @@ OWN_TASKS = ("passkey", "perplexity")
 TASKS = OWN_TASKS + RULER_OFFLINE + RULER_ESSAY
 
 
+def _text(value: Any) -> str:
+    """An option value as it appears in a result file name."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, tuple | list):
+        return "-".join(_text(v) for v in value)
+    return re.sub(r"[^A-Za-z0-9.+-]", "-", str(value))
+
+
+def _stem(name: str, options: Mapping[str, Any]) -> str:
+    return name + "".join(f"_{k}{_text(v)}" for k, v in sorted(options.items()))
+
+
 @dataclass(frozen=True)
 class RunSpec:
-    method: str
+    """One run of the grid: a patch spec at one context length."""
+
+    spec: PatchSpec
     length: int
-    options: dict
+
+    @property
+    def method(self) -> str:
+        return self.spec.method
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.spec.prefill_options)
 
     @property
     def name(self) -> str:
-        opts = "".join(f"_{k}{v}" for k, v in sorted(self.options.items()))
-        return f"{self.method}{opts}_L{self.length}"
+        """File stem: `a_shape_L4096`, `a_shape_local_blocks4_L4096`; a decode method, a profile or a
+        backend other than auto add `_dec-streaming_window256`, `_prof-NAME`, `_on-triton`."""
+        spec = self.spec
+        parts = [_stem(spec.method, spec.prefill_options)]
+        if spec.decode != "dense" or spec.decode_options:
+            parts.append("dec-" + _stem(spec.decode, spec.decode_options))
+        if spec.profile is not None:
+            parts.append("prof-" + _text(spec.profile.name or "unnamed"))
+        if spec.backend != "auto":
+            backend = spec.backend if isinstance(spec.backend, str) else \
+                "-".join(f"{k}-{v}" for k, v in sorted(spec.backend.items()))
+            parts.append("on-" + backend)
+        return "_".join(parts) + f"_L{self.length}"
+
+
+def _with_options(spec: PatchSpec, extra: Mapping[str, Any]) -> PatchSpec:
+    if not extra:
+        return spec
+    return PatchSpec.build(spec.method, spec.decode, prefill_options={**spec.prefill_options, **extra},
+                           decode_options=spec.decode_options, profile=spec.profile, backend=spec.backend,
+                           allow_other_weights=spec.allow_other_weights)
+
+
+def grid_specs(methods: Sequence[str | PatchSpec], options: Mapping[str, Mapping[str, Any]] | None = None,
+               decode: str | None = None, backend: str | Mapping[str, str] = "auto") -> list[PatchSpec]:
+    """Validated specs of a grid's methods: names or "name:k=v" strings (run with `decode` and
+    `backend`) or PatchSpecs (run as they are); `options` adds options to every run of a prefill method."""
+    if isinstance(methods, str | PatchSpec):
+        raise ValueError("methods is a list of method specs, e.g. ['dense', 'a_shape:local_blocks=4']")
+    options = dict(options or {})
+    specs = [m if isinstance(m, PatchSpec) else PatchSpec.build(m, decode, backend=backend) for m in methods]
+    unknown = sorted(set(options) - {s.method for s in specs})
+    if unknown:
+        raise ValueError(f"options given for method(s) {unknown} that the grid does not run; "
+                         f"its methods: {', '.join(sorted({s.method for s in specs}))}")
+    return [_with_options(s, options.get(s.method, {})) for s in specs]
 
 
 def _passkey(model, tok, length: int, limit: int) -> float:
@@ -66,36 +127,38 @@ def _ruler(model, tok, task: str, length: int, limit: int, model_path: str) -> f
     return float(scores[key])
 
 
-def _fidelity(model, tok, spec: RunSpec) -> dict:
+def _fidelity(model, tok, run: RunSpec) -> dict:
     """Attention recall, output error and density on one passkey prompt of the run's length."""
     from attnpatch.eval.fidelity import measure
 
-    ids = tok(passkey_sample(tok, target_tokens=spec.length - 16, seed=7).prompt, return_tensors="pt").input_ids
-    report, _ = measure(model, ids, spec.method, **spec.options)
+    ids = tok(passkey_sample(tok, target_tokens=run.length - 16, seed=7).prompt, return_tensors="pt").input_ids
+    report, _ = measure(model, ids, run.spec)
     return report.summary() if report.heads else {"density": 1.0, "recall": 1.0, "rel_error": 0.0}
 
 
-def run_one(model, tok, spec: RunSpec, tasks, limit: int, model_name: str, model_path: str,
+def run_one(model, tok, run: RunSpec, tasks, limit: int, model_name: str, model_path: str,
             measure_fidelity: bool = True) -> dict:
-    """One (method, options, length) run over `tasks` (the patch is active for all of them), plus the
-    fidelity of the same method on one prompt (attention recall, output error, density)."""
+    """One (spec, length) run over `tasks` (the patch is active for all of them), plus the fidelity of
+    the same prefill method on one prompt (attention recall, output error, density)."""
     scores: dict[str, float] = {}
     start = time.time()
-    with patch_model(model, method=spec.method, **spec.options) as patch:
+    with patch_model(model, run.spec) as patch:
         for task in tasks:
             if task == "passkey":
-                scores[task] = _passkey(model, tok, spec.length, limit)
+                scores[task] = _passkey(model, tok, run.length, limit)
             elif task == "perplexity":
                 from attnpatch.eval.texts import austen
 
-                scores[task] = window_perplexity(model, tok, austen(), spec.length)
+                scores[task] = window_perplexity(model, tok, austen(), run.length)
             else:
-                scores[task] = _ruler(model, tok, task, spec.length, limit, model_path)
+                scores[task] = _ruler(model, tok, task, run.length, limit, model_path)
         stats = patch.stats()
-    fidelity = _fidelity(model, tok, spec) if measure_fidelity else None
-    return {"model": model_name, "method": spec.method, "options": spec.options, "length": spec.length,
+    fidelity = _fidelity(model, tok, run) if measure_fidelity else None
+    return {"model": model_name, "method": run.method, "options": run.options, "decode": run.spec.decode,
+            "decode_options": dict(run.spec.decode_options), "spec": run.spec.to_dict(), "length": run.length,
             "limit": limit, "scores": scores, "density": stats.density, "skipped_fraction": stats.skipped_fraction,
-            "dense_fallbacks": stats.dense_fallbacks,
+            "dense_fallbacks": stats.dense_fallbacks, "backends": stats.backends,
+            "backend_declined": stats.backend_declined,
             "density_per_layer": [d["density"] for d in stats.layers],
             "skipped_per_layer": [d["skipped_tiles"] / d["visited_tiles"] if d["visited_tiles"] else 0.0
                                   for d in stats.layers],
@@ -103,21 +166,31 @@ def run_one(model, tok, spec: RunSpec, tasks, limit: int, model_name: str, model
             "device": str(model.device), "dtype": str(model.dtype), "torch": torch.__version__}
 
 
-def run_grid(model_name: str, methods: list[str], tasks: list[str], lengths: list[int], limit: int,
-             out_dir: str | Path, options: dict[str, dict] | None = None) -> list[Path]:
-    """Every method × length; returns the JSON files written (one per run)."""
+def run_grid(model_name: str, methods: Sequence[str | PatchSpec], tasks: Sequence[str], lengths: Sequence[int],
+             limit: int, out_dir: str | Path, options: Mapping[str, Mapping[str, Any]] | None = None,
+             decode: str | None = None, backend: str | Mapping[str, str] = "auto") -> list[Path]:
+    """Every method × length; returns the JSON files written (one per run). `methods`: names,
+    "name:k=v" specs or PatchSpecs; `options`: extra options per prefill method name; `decode` and
+    `backend` apply to the methods given as text. Everything is validated before the model loads."""
     bad = [t for t in tasks if t not in TASKS]
     if bad:
         raise ValueError(f"unknown task(s) {bad}; offline tasks: {', '.join(TASKS)}")
+    bad_lengths = [n for n in lengths if not isinstance(n, int) or n <= 0]
+    if bad_lengths or not lengths:
+        raise ValueError(f"lengths must be positive integers, got {list(lengths)}")
+    runs = [RunSpec(s, n) for s in grid_specs(methods, options, decode, backend) for n in lengths]
+    names = [r.name for r in runs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"the grid runs {twice} more than once")
     model, tok = load(model_name)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    specs = [RunSpec(m, n, (options or {}).get(m, {})) for m in methods for n in lengths]
-    for spec in tqdm(specs, desc="attnpatch eval"):
-        result = run_one(model, tok, spec, tasks, limit, model_name, resolve(model_name))
-        path = out / f"{spec.name}.json"
+    for run in tqdm(runs, desc="attnpatch eval"):
+        result = run_one(model, tok, run, tasks, limit, model_name, resolve(model_name))
+        path = out / f"{run.name}.json"
         path.write_text(json.dumps(result, indent=1))
         written.append(path)
-        tqdm.write(f"{spec.name}: {result['scores']} density {result['density']}")
+        tqdm.write(f"{run.name}: {result['scores']} density {result['density']} on {result['backends']}")
     return written
