@@ -52,7 +52,14 @@ def _interpreter_takes_tensor_loop_bounds(triton, tl) -> bool:
 
 
 def load_interpreted(filename: str) -> tuple[ModuleType | None, str | None]:
-    """`(module, None)`, or `(None, why the kernel tests cannot run here)`."""
+    """`(module, None)`, or `(None, why the kernel tests cannot run here)`.
+
+    Not on a machine with a CUDA GPU: running interpreted kernels patches `triton.language` for the
+    rest of the process, and compiled kernels (tests/gpu) then fail to build. There the kernels are
+    tested compiled.
+    """
+    if torch.cuda.is_available():
+        return None, "a CUDA GPU is present: the kernels are tested compiled (tests/gpu), not interpreted"
     with interpret_env():
         try:
             import triton
