@@ -1,10 +1,12 @@
 """The method tables, one per phase: what the API, the CLI, the spec parser, the tests and the eval
-read. Tables only: method modules register themselves here (`register_prefill` / `register_decode`)
-and this module imports none of them (`attnpatch/__init__` loads the built-in ones)."""
+read. Tables only: method modules register themselves here (`register_prefill` / `register_decode`).
+This module depends on none of them: before the first lookup it imports the method packages named in
+`METHOD_PACKAGES` by name, as a plugin loader would (an extension package can append its own)."""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +52,15 @@ class MethodInfo:
 
 
 _TABLES: dict[str, dict[str, MethodInfo]] = {p: {} for p in PHASES}
+METHOD_PACKAGES: list[str] = ["attnpatch.methods"]  # imported (by name) before the first lookup
+_loaded: set[str] = set()
+
+
+def _load_method_packages() -> None:
+    for name in METHOD_PACKAGES:
+        if name not in _loaded:
+            _loaded.add(name)
+            importlib.import_module(name)
 
 
 def _register(phase: str, name: str):
@@ -80,6 +91,7 @@ def get_method(name: str, phase: str) -> MethodInfo:
         raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
     if not isinstance(name, str):
         raise ValueError(f"a {phase} method is named by a string, got {name!r}; see attnpatch.list_methods()")
+    _load_method_packages()
     table = _TABLES[phase]
     if name in table:
         return table[name]
@@ -95,6 +107,7 @@ def get_method(name: str, phase: str) -> MethodInfo:
 def method_infos(phase: str | None = None) -> list[MethodInfo]:
     """Every registered method of a phase (both phases when None), prefill first."""
     phases = PHASES if phase is None else (phase,)
+    _load_method_packages()
     return [info for p in phases for info in _TABLES[p].values()]
 
 

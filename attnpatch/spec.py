@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import attnpatch.methods  # noqa: F401  (fills the method tables the spec is checked against)
 from attnpatch.backends import BACKEND_NAMES
 from attnpatch.profile import Profile
 from attnpatch.registry import MethodInfo, get_method

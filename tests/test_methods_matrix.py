@@ -78,3 +78,9 @@ def test_prefill_and_decode_methods_compose(llama, pre, dec):
     assert out.shape == (2, PREFILL_LENGTH + 4)
     assert (layer["prefill_method"], layer["decode_method"]) == (pre.name, dec.name)
     assert layer["prefill_calls"] == 1 and layer["decode_calls"] == 3
+
+
+def test_the_matrix_is_built_from_a_filled_registry():
+    """Guard: an empty table would make every test above vanish at collection instead of failing."""
+    assert {"a_shape", "blasst"} <= {m.name for m in PREFILL} and {"streaming", "blasst"} <= {m.name for m in DECODE}
+    assert {"reference", "triton", "flex", "flash"} <= set(BACKENDS)

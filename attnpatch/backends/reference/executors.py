@@ -70,6 +70,7 @@ def block_sparse_attention(
             raise ValueError("pass a tensor mask either as `mask` or in `bounds`, not both")
         mask, bounds = bounds.mask, None
     closed = bounds if bounds is not None and not bounds.is_plain else None
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     bq, bk = selection.block_q, selection.block_k
     n_qb, n_kb = num_blocks(lq, bq), num_blocks(lk, bk)
     group = hq // hkv
@@ -125,7 +126,7 @@ def block_sparse_attention(
             mrows = mrows.repeat(1, 1, 1, rows // bq, 1).expand(b, heads, n, rows, lk)
             cols = kpos.clamp(max=lk - 1).expand(b, heads, n, rows, kmax * bk)
             blocked |= ~torch.gather(mrows, -1, cols)
-        scores = scores.masked_fill(blocked, float("-inf"))
+        scores = scores.masked_fill(blocked, float("-inf")) if grad else scores.masked_fill_(blocked, float("-inf"))
         if selection.skip is not None:
             skipped = _skip_tiles(scores, kept, selection.skip.log_threshold, shared, group, bq, kmax, bk)
             scores = scores.masked_fill(skipped.repeat_interleave(bq if shared else rows, -2).unsqueeze(-1)
@@ -140,7 +141,8 @@ def block_sparse_attention(
             tile_counts[0] += kept.sum() * (hq if shared else 1)
         if return_lse:
             lse[:, :, r0:r1] = torch.logsumexp(scores.detach(), dim=-1)
-        out[:, :, r0:r1] = torch.matmul(safe_softmax(scores), vg).to(out.dtype)
+        probs = safe_softmax(scores) if grad else torch.softmax(scores, dim=-1).nan_to_num_(0.0)
+        out[:, :, r0:r1] = torch.matmul(probs, vg).to(out.dtype)
 
     if shared:
         out = out.view(b, hkv, n_qb, group, bq, dv).transpose(2, 3)
@@ -152,7 +154,8 @@ def block_sparse_attention(
 
 
 def safe_softmax(scores: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dim where rows with no finite score give zeros (differentiable)."""
+    """Softmax over the last dim where rows with no finite score give zeros (differentiable; the
+    executors use an in-place variant when no gradient is needed)."""
     seen = torch.isfinite(scores).any(-1, keepdim=True)
     return torch.softmax(scores.masked_fill(~seen, 0.0), dim=-1) * seen
 
@@ -300,5 +303,7 @@ def paged_decode_attention(
     elif tile_counts is not None:
         tile_counts[0] += page_kept.sum()
     lse = torch.logsumexp(scores.detach(), -1)
-    out = torch.matmul(safe_softmax(scores), vg).view(b, hq, 1, -1).to(query.dtype)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    probs = safe_softmax(scores) if grad else torch.softmax(scores, -1).nan_to_num_(0.0)
+    out = torch.matmul(probs, vg).view(b, hq, 1, -1).to(query.dtype)
     return (out, lse.view(b, hq, 1)) if return_lse else out

@@ -17,8 +17,9 @@ from attnpatch.sparsity import PageSelection
 @register_decode("blasst")
 @dataclass
 class BlasstDecode(DecodeMethod):
-    """Skip a cached page when every query head of its KV group finds its max below the running max
-    + ln λ, with λ = a / L (L = the cache length; same conventions as the prefill method).
+    """Skip a cached page when its max is below the running max + ln λ for every head of its KV group.
+
+    λ = a / L (L = the cache length; same conventions as the prefill method).
 
     Choices: the G query heads of a KV head decide jointly (one V load per page); pages are visited
     in order, so the sink page sets the running max first. Default `a = 1`: skips 31 % of the
