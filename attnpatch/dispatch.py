@@ -4,6 +4,7 @@ dense fallbacks, stats and probe events."""
 from __future__ import annotations
 
 import math
+import time
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,6 +62,21 @@ def _dense_mask(attention_mask, positions: torch.Tensor | None, kv_len: int):
     b, _, lq, _ = mask.shape
     index = positions.to(mask.device).view(b, 1, 1, -1).expand(b, mask.shape[1], lq, positions.shape[-1])
     return torch.gather(mask.expand(b, mask.shape[1], lq, mask.shape[-1]), -1, index)
+
+
+def _timed_select(stats: LayerStats, method: PrefillMethod, query, key, ctx: PrefillContext):
+    """`method.select(...)`, timed into the layer's stats (CUDA events on GPU, host clock on CPU)."""
+    if query.is_cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        selection = method.select(query, key, ctx)
+        end.record()
+        stats.select_events.append((start, end))
+        return selection
+    t0 = time.perf_counter()
+    selection = method.select(query, key, ctx)
+    stats.select_seconds += time.perf_counter() - t0
+    return selection
 
 
 def _attend(state: PatchState, module, query, key, value, attention_mask, dropout, scaling, **kwargs):
@@ -124,7 +140,11 @@ def _attend(state: PatchState, module, query, key, value, attention_mask, dropou
     if dropout > 0.0:
         stats.add_dense(b, hq, lq, lk, block, "attention dropout (training)")
         return dense(method.name)
-    selection = method.select(query, key, PrefillContext(layer, scale, bounds, plan.sliding_window))
+    if plan.sliding_window is not None and method.on_window_layers == "window":
+        stats.add_dense(b, hq, lq, lk, block, "sliding-window layer: runs its window (the method applies to "
+                        "full-attention layers)")
+        return dense(method.name)
+    selection = _timed_select(stats, method, query, key, PrefillContext(layer, scale, bounds, plan.sliding_window))
     if isinstance(selection, DenseFallback):
         stats.add_dense(b, hq, lq, lk, block, selection.reason)
         return dense(method.name)

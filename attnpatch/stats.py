@@ -28,6 +28,8 @@ class LayerStats:
     max_decode_keys: int = 0
     prefill_tiles: torch.Tensor = field(default_factory=lambda: torch.zeros(2, dtype=torch.int64))  # visited, skipped
     decode_tiles: torch.Tensor = field(default_factory=lambda: torch.zeros(2, dtype=torch.int64))
+    select_events: list = field(default_factory=list)  # (start, end) CUDA events around `select`, resolved lazily
+    select_seconds: float = 0.0  # host-timed `select` calls (CPU)
     _kept: torch.Tensor | None = None  # [H] kept block pairs (summed over batch and calls)
     _total: torch.Tensor | None = None  # [H] causally valid block pairs
 
@@ -57,6 +59,15 @@ class LayerStats:
             setattr(self, name, counter)
         return counter
 
+    def select_ms(self) -> float:
+        """Time spent deciding what to compute (the method's `select`: estimate + selection), in ms;
+        CUDA calls are timed with events, resolved here (one sync)."""
+        ms = self.select_seconds * 1e3
+        if self.select_events:
+            torch.cuda.synchronize()
+            ms += sum(start.elapsed_time(end) for start, end in self.select_events)
+        return ms
+
     def as_dict(self) -> dict[str, Any]:
         per_head = None if self._kept is None else (self._kept / self._total).tolist()
         pv, ps = (int(x) for x in self.prefill_tiles.tolist())
@@ -67,6 +78,7 @@ class LayerStats:
             "decode_method": self.decode_method,
             "sliding_window": self.sliding_window,
             "prefill_calls": self.prefill_calls,
+            "select_ms": self.select_ms(),
             "decode_calls": self.decode_calls,
             "density": None if per_head is None else float(self._kept.sum() / self._total.sum()),
             "density_per_head": per_head,
@@ -111,6 +123,11 @@ class PatchStats:
         return dict(out)
 
     @property
+    def select_ms(self) -> float:
+        """Time spent in the methods' `select` (estimation and selection) over all layers, in ms."""
+        return sum(d["select_ms"] for d in self.layers)
+
+    @property
     def backends(self) -> dict[str, int]:
         """Calls per "phase: backend" over all layers ("sdpa" is transformers' own dense path)."""
         out: Counter = Counter()
@@ -127,6 +144,6 @@ class PatchStats:
         return dict(out)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"density": self.density, "skipped_fraction": self.skipped_fraction,
+        return {"density": self.density, "skipped_fraction": self.skipped_fraction, "select_ms": self.select_ms,
                 "dense_fallbacks": self.dense_fallbacks, "backends": self.backends,
                 "backend_declined": self.backend_declined, "layers": self.layers}

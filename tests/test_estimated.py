@@ -164,3 +164,26 @@ def test_a_token_granularity_method_runs_through_the_patch(llama):
         assert torch.isfinite(out[mask.bool()]).all()
     finally:
         _TABLES["prefill"].pop("test_stripes", None)
+
+
+def test_window_layers_run_their_window_and_select_time_is_counted():
+    """A method applies to full-attention layers; a sliding-window layer runs its window (stats say so),
+    unless the method selects inside windows (`on_window_layers = "select"`, as a_shape does)."""
+    from conftest import random_ids
+
+    import attnpatch
+    from attnpatch.registry import _TABLES, register_prefill
+    from attnpatch.testing import tiny_model
+
+    register_prefill("test_toy")(ToyTopK)
+    try:
+        model = tiny_model("qwen2", sliding_window=8)  # layer 0 full, layer 1 sliding
+        with attnpatch.patch_model(model, method="test_toy") as patch, torch.no_grad():
+            model(random_ids(1, 96))
+            stats = patch.stats()
+        full, window = stats.layers
+        assert full["density"] < 1 and not full["dense_fallbacks"] and full["select_ms"] > 0
+        assert "sliding-window layer: runs its window" in next(iter(window["dense_fallbacks"]))
+        assert stats.select_ms == full["select_ms"] + window["select_ms"] and window["select_ms"] == 0
+    finally:
+        _TABLES["prefill"].pop("test_toy", None)

@@ -9,7 +9,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "attnpatch"
 LAYERS = [
     ("attnpatch.options", "attnpatch.sparsity", "attnpatch.adapters"),
     ("attnpatch.registry", "attnpatch.backends", "attnpatch.cache", "attnpatch.profile", "attnpatch.probe",
-     "attnpatch.stats"),
+     "attnpatch.stats", "attnpatch.estimators"),
     ("attnpatch.masking", "attnpatch.methods"),
     ("attnpatch.dispatch", "attnpatch.spec"),
     ("attnpatch.api",),

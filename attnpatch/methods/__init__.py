@@ -1,6 +1,11 @@
-"""Built-in methods, one small file each under prefill/ and decode/; importing this package registers them."""
+"""Built-in methods, one small file each under prefill/ and decode/; importing this package imports
+every module there, which registers them (a new method file needs no edit here)."""
 
-from attnpatch.methods.decode import blasst as _decode_blasst  # noqa: F401
-from attnpatch.methods.decode import dense as _decode_dense  # noqa: F401
-from attnpatch.methods.decode import streaming  # noqa: F401
-from attnpatch.methods.prefill import a_shape, blasst, dense  # noqa: F401
+import importlib
+import pkgutil
+
+from attnpatch.methods import decode, prefill
+
+for _package in (prefill, decode):
+    for _info in pkgutil.iter_modules(_package.__path__):
+        importlib.import_module(f"{_package.__name__}.{_info.name}")

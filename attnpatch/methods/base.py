@@ -61,6 +61,9 @@ class PrefillMethod:
     is_dense: ClassVar[bool] = False
     # Options under which the method keeps every key, so it must equal dense attention (tests check it).
     full_density: ClassVar[dict[str, Any]] = {}
+    # On sliding-window layers: "window" runs the layer's own window (the method applies to
+    # full-attention layers; stats say so), "select" lets the method select inside the window.
+    on_window_layers: ClassVar[str] = "window"
 
     def select(self, query: torch.Tensor, key: torch.Tensor, ctx: PrefillContext
                ) -> BlockSelection | TokenSelection | DenseFallback:

@@ -25,6 +25,7 @@ class AShape(EstimatedPrefill):
     rule, the layer's sliding window and padding. Same selection for every head.
     """
 
+    on_window_layers: ClassVar[str] = "select"  # clipped to the window (tested)
     full_density: ClassVar[dict] = {"local_blocks": 1 << 20}
 
     block_size: int = option(64, "query and key block size in tokens", choices=(16, 32, 64, 128))

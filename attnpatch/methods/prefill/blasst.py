@@ -53,6 +53,7 @@ class BlasstPrefill(PrefillMethod):
     skips 43–45 % for +0.6 % (bench/results/blasst_smollm2.md).
     """
 
+    on_window_layers: ClassVar[str] = "select"  # clipped to the window (tested)
     full_density: ClassVar[dict] = {"a": 1e-30}  # λ ≈ 0: no tile is ever negligible
 
     a: float = option(128.0, "λ = a / L (L = KV length); 0 disables skipping", min=0.0, per_head=True)
