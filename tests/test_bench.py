@@ -87,3 +87,30 @@ def test_blasst_sweep_patch_arguments():
     prefill = PatchSpec.build(**patch_kwargs("blasst", 64.0, 0.0, "scaled"))
     assert (prefill.method, prefill.decode, prefill.prefill_options["a"]) == ("blasst", "dense", 64.0)
     assert PatchSpec.build(**patch_kwargs("dense", 0.0, 0.0, "scaled")).method == "dense"
+
+
+def test_method_benchmark_smoke_on_cpu(tmp_path):
+    """`attnpatch.bench.methods` runs every row on CPU at a tiny size and writes its table."""
+    import json
+
+    from attnpatch.bench.methods import main
+
+    assert main(["--out", str(tmp_path), "--shapes", "tiny", "--lengths", "256", "--device", "cpu",
+                 "--dtype", "float32", "--methods", "a_shape:block_size=16,local_blocks=2", "blasst:block_size=16"]) == 0
+    rows = json.loads((tmp_path / "methods.json").read_text())["rows"]
+    got = {r["spec"] or r["name"]: r for r in rows}
+    assert got["a_shape:block_size=16,local_blocks=2"]["density"] < 1 and got["blasst:block_size=16"]["select_ms"] >= 0
+    assert got["a_shape:block_size=16,local_blocks=2"]["backend"] == "reference"
+
+
+def test_planted_inputs_have_sinks_and_a_local_band():
+    import torch
+
+    from attnpatch.bench.synthetic import planted_qkv
+
+    q, k, _ = planted_qkv(1, 2, 1, 1024, 32, device="cpu", dtype=torch.float32)
+    s = (q[0, 0] @ k[0, 0].T) / 32 ** 0.5
+    p = torch.softmax(s.masked_fill(torch.ones(1024, 1024, dtype=torch.bool).triu(1), float("-inf")), -1)
+    assert p[512:, :4].sum(-1).mean() > 0.1  # the sinks draw mass from far queries
+    near = torch.stack([p[i, i - 64: i + 1].sum() for i in range(512, 1024, 64)]).mean()
+    assert near > 1.5 * 65 / 768  # the band: well above a uniform share of 65 keys around position 768

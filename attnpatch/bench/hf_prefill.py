@@ -67,11 +67,12 @@ class Row:
     note: str = ""
 
 
-def build_model(tiny: bool, device: torch.device, dtype: torch.dtype, seed: int = 0):
-    """The 2-layer Llama-3.1-8B-shaped (or tiny) model with random weights and SDPA attention, on `device`."""
+def build_model(tiny: bool, device: torch.device, dtype: torch.dtype, seed: int = 0, layers: int | None = None):
+    """The Llama-3.1-8B-shaped (or tiny) model with random weights and SDPA attention, on `device`
+    (2 layers unless `layers` says otherwise; 32 is the full 8B model's depth, for time to first token)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    config = LlamaConfig(**(TINY if tiny else LLAMA31_8B))
+    config = LlamaConfig(**dict(TINY if tiny else LLAMA31_8B, **({"num_hidden_layers": layers} if layers else {})))
     torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
@@ -141,14 +142,22 @@ class Config:
     unavailable: str | None = None
 
 
-def configs(device: torch.device, tiny: bool, sparse_backends: list[str]) -> Iterator[Config]:
+def configs(device: torch.device, tiny: bool, sparse_backends: list[str],
+            methods: list[str] | None = None) -> Iterator[Config]:
+    """The rows: dense baselines, then sparse rows (`methods`: spec strings; default SPARSE)."""
+    from attnpatch.spec import PatchSpec
+
     yield Config("unpatched (SDPA default)", "dense")
     yield Config("unpatched, SDPA cuDNN", "dense", sdpa="cudnn")
     yield Config("unpatched, SDPA flash", "dense", sdpa="flash")
     yield Config("dense (attnpatch dispatch → SDPA)", "dense", method="dense")
     yield Config("dense on flash-attn-4", "dense", method="dense", backend="flash", unavailable=flash_dense_reason(device))
+    sparse = SPARSE_TINY if tiny else SPARSE
+    if methods:
+        specs = [PatchSpec.parse(text) for text in methods]
+        sparse = tuple((text, spec.method, dict(spec.prefill_options)) for text, spec in zip(methods, specs, strict=True))
     for backend in sparse_backends:
-        for name, method, options in SPARSE_TINY if tiny else SPARSE:
+        for name, method, options in sparse:
             yield Config(f"{name} ({backend})", "sparse", method=method, backend=backend, options=options)
 
 
@@ -276,6 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"),
                    help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--tiny", action="store_true", help="a tiny config (CPU tests), not the 8B-shaped one")
+    p.add_argument("--layers", type=int, default=None,
+                   help="decoder layers (default 2; 32 = Llama-3.1-8B's depth, time to first token)")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="sparse rows as method specs, e.g. a_shape:block_size=128,local_blocks=16 xattention")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -288,14 +301,14 @@ def main(argv: list[str] | None = None) -> int:
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     command = "python -m attnpatch.bench.hf_prefill " + " ".join(sys.argv[1:] if argv is None else argv)
     data: dict[str, Any] = {"environment": environment(command, device, dtype, args.tiny), "rows": []}
-    model = build_model(args.tiny, device, dtype)
+    model = build_model(args.tiny, device, dtype, layers=args.layers)
     vocab = model.config.vocab_size
     rows: list[Row] = []
     for length in (int(x) for x in args.lengths.split(",")):
         g = torch.Generator(device="cpu").manual_seed(length)
         ids = torch.randint(0, vocab, (args.batch, length), generator=g).to(device)
         repeats = args.repeats or default_repeats(length)
-        for cfg in configs(device, args.tiny, sparse_backends):
+        for cfg in configs(device, args.tiny, sparse_backends, args.methods):
             rows.append(run_row(model, ids, cfg, repeats, args.warmup))
             add_speedups(rows)
             data["rows"] = [asdict(r) for r in rows]
