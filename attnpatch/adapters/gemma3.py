@@ -38,16 +38,17 @@ class Gemma3Adapter(FamilyAdapter):
         text = super().text_config(config)
         if getattr(text, "use_bidirectional_attention", False):
             raise UnsupportedModelError(
-                f"{self.model_type} with use_bidirectional_attention=True attends bidirectionally (an encoder, "
-                "e.g. EmbeddingGemma); attnpatch methods assume causal attention"
+                f"{self.model_type} with use_bidirectional_attention=True attends bidirectionally (an "
+                "encoder, e.g. EmbeddingGemma); attnpatch methods assume causal attention"
             )
         return text
 
 
 GEMMA3_TEXT = register_adapter(Gemma3Adapter(
     "gemma3_text",
-    notes="sliding window from layer_types (5 of 6 layers in the checkpoints); scale query_pre_attn_scalar**-0.5 "
-          "(passed as scaling); q/k RMS norm before RoPE; no attention softcapping",
+    notes="sliding window from layer_types (5 of 6 layers in the checkpoints); scale "
+          "query_pre_attn_scalar**-0.5 (passed as scaling); q/k RMS norm before RoPE; no attention "
+          "softcapping",
 ))
 register_hint("gemma3", "the multimodal Gemma3ForConditionalGeneration: patch its language model, "
               "model.model.language_model, for text prompts")
