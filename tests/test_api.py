@@ -56,7 +56,8 @@ def test_bad_input_names_what_is_allowed(llama, kwargs, pattern):
 
 def test_unsupported_architecture_names_the_families():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=32))
-    with pytest.raises(UnsupportedModelError, match="supported families: llama, mistral, qwen2, qwen3"):
+    families = "gemma3_text, llama, mistral, qwen2, qwen3"
+    with pytest.raises(UnsupportedModelError, match=f"supported families: {families}"):
         attnpatch.patch_model(gpt2)
     with pytest.raises(TypeError, match="PreTrainedModel"):
         attnpatch.patch_model(torch.nn.Linear(2, 2))
@@ -110,6 +111,9 @@ def test_adapter_reads_sliding_window_layers():
     m = tiny_model("mistral", sliding_window=8).config
     assert get_adapter(m).sliding_windows(m) == [8, 8]
     assert get_adapter(q).heads(q) == (4, 2, 16)
+    g = tiny_model("gemma3", sliding_window=8).config
+    assert g.model_type == "gemma3_text" and get_adapter(g).sliding_windows(g) == [8, None]
+    assert get_adapter(g).heads(g) == (4, 1, 32)
 
 
 @torch.no_grad()

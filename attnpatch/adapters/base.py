@@ -43,6 +43,12 @@ class FamilyAdapter:
 
 
 _ADAPTERS: dict[str, FamilyAdapter] = {}
+_HINTS: dict[str, str] = {}  # model types that are not supported as a whole, and what to do instead
+
+
+def register_hint(model_type: str, hint: str) -> None:
+    """Say, in the UnsupportedModelError for `model_type`, why it is refused and what to patch instead."""
+    _HINTS[model_type] = hint
 
 
 def register_adapter(adapter: FamilyAdapter) -> FamilyAdapter:
@@ -58,7 +64,9 @@ def get_adapter(config: Any) -> FamilyAdapter:
     """The adapter for `config.model_type`; UnsupportedModelError naming the supported families otherwise."""
     model_type = getattr(config, "model_type", None)
     if model_type not in _ADAPTERS:
+        hint = f" ({_HINTS[model_type]})" if model_type in _HINTS else ""
         raise UnsupportedModelError(
-            f"attnpatch does not support model_type {model_type!r}; supported families: {', '.join(supported_families())}"
+            f"attnpatch does not support model_type {model_type!r}{hint}; supported families: "
+            f"{', '.join(supported_families())}"
         )
     return _ADAPTERS[model_type]

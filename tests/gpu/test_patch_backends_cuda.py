@@ -104,3 +104,21 @@ def test_sparse_decode_on_triton_generates_like_the_reference():
             stats = p.stats()
         assert f"decode: {backend}" in stats.backends
     assert (outs["triton"] == outs["reference"]).float().mean() > 0.9
+
+
+def test_gemma3_head_dim_256_runs_on_the_reference_and_says_why_the_fast_backends_declined():
+    """Gemma 3's head dim 256 (tiny config, one sliding and one full layer): the Triton kernels take head
+    dims up to 128, and flash-attn-4 on SM90 needs 80-key tiles for it, so 128-blocks run on the reference."""
+    model = tiny_model("gemma3", sliding_window=256, hidden_size=256, head_dim=256, intermediate_size=512,
+                       max_position_embeddings=4096).to("cuda", torch.bfloat16)
+    ids, mask = _ids(1, 1024)
+    out, stats = _logits(model, ids, mask, method="a_shape", block_size=128, local_blocks=2)
+    assert torch.isfinite(out).all() and not stats.dense_fallbacks
+    assert set(stats.backends) == {"prefill: reference"}
+    full = stats.layers[1]  # the full-attention layer (the sliding one is declined for its window first)
+    why = {k.split(": ")[1]: k for k in full["backend_declined"]}
+    assert set(why) == {"flash", "triton"}
+    if BACKENDS["triton"].unavailable(torch.device("cuda")) is None:
+        assert "head dim 256" in why["triton"]
+    if BACKENDS["flash"].unavailable(torch.device("cuda")) is None:
+        assert "head dim 256" in why["flash"] or "head dim <= 128" in why["flash"]
