@@ -140,6 +140,10 @@ def _attend(state: PatchState, module, query, key, value, attention_mask, dropou
     if dropout > 0.0:
         stats.add_dense(b, hq, lq, lk, block, "attention dropout (training)")
         return dense(method.name)
+    if not bounds.causal:
+        stats.add_dense(b, hq, lq, lk, block, "attention mask is not causal (e.g. image tokens attend within "
+                        "their image): dense SDPA with the model's mask")
+        return dense(method.name)
     if plan.sliding_window is not None and method.on_window_layers == "window":
         stats.add_dense(b, hq, lq, lk, block, "sliding-window layer: runs its window (the method applies to "
                         "full-attention layers)")

@@ -24,7 +24,7 @@ import torch
 from transformers.masking_utils import causal_mask_function, sdpa_mask
 
 from attnpatch.sparsity import KeyBounds
-from attnpatch.sparsity.bounds import padding_key_validity
+from attnpatch.sparsity.bounds import padding_key_validity, sees_later_keys
 
 
 def _sliding_window_of(mask_function) -> int | None:
@@ -132,15 +132,18 @@ def key_bounds(mask: Any, q_len: int, kv_len: int, window: int | None,
         raise TypeError(f"unexpected attention mask of type {type(mask).__name__}")
     if positions is not None and mask.shape[-1] != kv_len:
         mask = _take_keys(mask, positions)
-    if window is not None and window < kv_len:  # taken as is (the window clips the blocks to visit)
-        return KeyBounds(window=window, mask=mask)
-    if _LAST[0] is mask and _LAST[1] == (q_len, kv_len):
+    if _LAST[0] is mask and _LAST[1] == (q_len, kv_len, window):
         return _LAST[2]
-    try:
-        bounds = _with_validity(padding_key_validity(mask, q_len, kv_len), None, None)
-    except ValueError:
-        bounds = KeyBounds(mask=mask)
-    _LAST[:] = [mask, (q_len, kv_len), bounds]
+    if mask.dtype == torch.bool and mask.dim() == 4 and sees_later_keys(mask, q_len, kv_len):
+        bounds = KeyBounds(mask=mask, causal=False)
+    elif window is not None and window < kv_len:  # taken as is (the window clips the blocks to visit)
+        bounds = KeyBounds(window=window, mask=mask)
+    else:
+        try:
+            bounds = _with_validity(padding_key_validity(mask, q_len, kv_len), None, None)
+        except ValueError:
+            bounds = KeyBounds(mask=mask)
+    _LAST[:] = [mask, (q_len, kv_len, window), bounds]
     return bounds
 
 

@@ -96,3 +96,22 @@ def test_bounds_describe_the_dense_mask(window):
     assert torch.equal(KeyBounds(key_valid=valid, window=window).dense_mask(2, 12, 30), _dense_mask(valid, 12, window))
     assert bounds.first_key(2, "cpu").tolist() == [0, 9]
     assert KeyBounds(window=window).first_key(2, "cpu").tolist() == [0, 0]  # a window is not padding
+
+
+@torch.no_grad()
+def test_a_mask_that_sees_later_keys_runs_dense(llama):
+    """Image tokens of a multimodal prompt attend within their image (a non-causal mask): sparse methods
+    and executors apply the causal rule, so such calls run dense with the model's own mask."""
+    n = 128
+    mask = torch.ones(n, n, dtype=torch.bool).tril()
+    mask[10:30, 10:30] = True  # a block of tokens attending both ways
+    mask4d = mask[None, None]
+    ids = random_ids(1, n)
+    ref = llama(ids, attention_mask=mask4d).logits
+    with attnpatch.patch_model(llama, method="a_shape", block_size=16, local_blocks=2) as patch:
+        out = llama(ids, attention_mask=mask4d).logits
+        reasons = patch.stats().dense_fallbacks
+    assert torch.equal(out, ref)
+    assert any("not causal" in r for r in reasons)
+    assert not key_bounds(mask4d, n, n, None).causal
+    assert key_bounds(torch.ones(n, n, dtype=torch.bool).tril()[None, None], n, n, None).causal

@@ -21,13 +21,16 @@ class KeyBounds:
     * `p - j < window` (sliding window; None: full attention),
     * `mask[b, 0|h, i, j]` when `mask` is set: an arbitrary boolean mask that is not of this form
       (then only executors that read tensors take the call; `window`, when also set, only tells
-      methods which blocks are worth visiting — the mask decides).
+      methods which blocks are worth visiting — the mask decides). `causal=False` says that mask
+      lets some query see a later key (a multimodal prompt's image tokens): no sparse method or
+      executor takes such a call (they all apply the causal rule), it runs dense.
     """
 
     key_start: torch.Tensor | None = None  # [B] int
     window: int | None = None
     key_valid: torch.Tensor | None = None  # [B, Lk] bool
     mask: torch.Tensor | None = None  # [B, 1|H, Lq, Lk] bool
+    causal: bool = True  # False: the tensor mask lets some query see a later key (e.g. image tokens)
 
     @property
     def closed_form(self) -> bool:
@@ -85,6 +88,20 @@ class KeyBounds:
         if self.key_valid is not None:
             return KeyBounds(None, self.window, self.key_valid.index_select(-1, positions), None)
         return self
+
+
+def sees_later_keys(mask: torch.Tensor, q_len: int, kv_len: int) -> bool:
+    """Whether a boolean mask `[B, 1|H, q_len, kv_len]` lets some query see a key after its own
+    position (queries aligned to the end of the keys); row chunks, no Lq×Lk temporary, one sync."""
+    offset = kv_len - q_len
+    kv = torch.arange(kv_len, device=mask.device)
+    later = torch.zeros((), dtype=torch.bool, device=mask.device)
+    rows = max(1, _MASK_CHECK_ELEMS // max(1, mask.shape[0] * mask.shape[1] * kv_len))
+    for r0 in range(0, q_len, rows):
+        r1 = min(q_len, r0 + rows)
+        future = kv > torch.arange(r0, r1, device=mask.device).unsqueeze(-1) + offset
+        later |= (mask[:, :, r0:r1, :] & future).any()
+    return bool(later)
 
 
 def padding_key_validity(mask: torch.Tensor, q_len: int, kv_len: int, check: bool = True) -> torch.Tensor:
