@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+_CHUNK_ELEMS = 1 << 24  # query elements pooled per slice
+
 
 def pool_queries(query: torch.Tensor, size: int, valid: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -18,13 +20,17 @@ def pool_queries(query: torch.Tensor, size: int, valid: torch.Tensor | None = No
     out; a sub-block without a valid row gets q̄ = 0 and rows = 0 (callers drop it)."""
     b, h, length, d = query.shape
     n = -(-length // size)
-    pad = n * size - length
     w = torch.ones(b, length, device=query.device) if valid is None else valid.to(query.device, torch.float32)
-    w = F.pad(w, (0, pad)).view(b, 1, n, size)
-    q = F.pad(query.float(), (0, 0, 0, pad)).view(b, h, n, size, d)
+    w = F.pad(w, (0, n * size - length)).view(b, 1, n, size)
     rows = w.sum(-1)
-    q_sum = torch.einsum("bhnsd,bxns->bhnd", q, w)
-    return q_sum / rows.clamp(min=1).unsqueeze(-1), rows
+    out = torch.empty(b, h, n, d, dtype=torch.float32, device=query.device)
+    step = max(1, _CHUNK_ELEMS // max(1, b * h * size * d))  # sub-blocks per slice: no fp32 copy of Q
+    for c0 in range(0, n, step):
+        c1 = min(n, c0 + step)
+        part = query[:, :, c0 * size:c1 * size].float()
+        part = F.pad(part, (0, 0, 0, (c1 - c0) * size - part.shape[2])).view(b, h, c1 - c0, size, d)
+        out[:, :, c0:c1] = torch.einsum("bhnsd,bns->bhnd", part, w[:, 0, c0:c1])
+    return out / rows.clamp(min=1).unsqueeze(-1), rows
 
 
 def pooled_scores(qbar: torch.Tensor, key: torch.Tensor, scale: float, keys: int | None = None) -> torch.Tensor:

@@ -19,6 +19,8 @@ from attnpatch.sparsity.bounds import KeyBounds
 from attnpatch.sparsity.regions import query_block_span
 from attnpatch.sparsity.selection import TokenSelection, num_blocks
 
+_PAIRS_CHUNK = 1 << 24  # list slots per slice when counting pairs
+
 
 def closed_bounds(bounds: KeyBounds, batch: int, device) -> KeyBounds:
     """`bounds` itself when it is in closed form, else its closed part: first real key and window."""
@@ -126,12 +128,18 @@ def visible_pairs(indices: torch.Tensor, counts: torch.Tensor, block_q: int, q_l
                   ) -> torch.Tensor:
     """`[B, H]` float64: the (query, key) pairs of a token selection that the causal rule lets compute —
     key `p` of block `r` counts once for every query of the block at or after it."""
-    r = counts.shape[-1]
+    b, h, r, k = indices.shape
     first, last = block_rows(q_len, kv_len, block_q, 0, r, indices.device)
-    p = indices.long()
-    rows = (last.view(1, 1, r, 1) - torch.maximum(p, first.view(1, 1, r, 1)) + 1).clamp(min=0)
-    listed = torch.arange(indices.shape[-1], device=indices.device) < counts.unsqueeze(-1)
-    return torch.where(listed, rows, 0).sum(dim=(2, 3), dtype=torch.float64)
+    slots = torch.arange(k, device=indices.device)
+    out = torch.zeros(b, h, dtype=torch.float64, device=indices.device)
+    step = max(1, _PAIRS_CHUNK // max(1, b * h * k))  # query blocks per slice: temporaries stay small
+    for r0 in range(0, r, step):
+        r1 = min(r, r0 + step)
+        p = indices[:, :, r0:r1].long()
+        rows = (last[r0:r1].view(1, 1, -1, 1) - torch.maximum(p, first[r0:r1].view(1, 1, -1, 1)) + 1).clamp_(min=0)
+        rows.masked_fill_(slots >= counts[:, :, r0:r1].unsqueeze(-1), 0)
+        out += rows.sum(dim=(2, 3), dtype=torch.float64)
+    return out
 
 
 @dataclass(frozen=True)
