@@ -58,7 +58,6 @@ def pooled_anchors(query: torch.Tensor, key: torch.Tensor, scale: float, block: 
     closed = closed_bounds(bounds, b, device)
     width = init_len + local_len
     chunk = max(1, _CHUNK_ELEMS // max(1, b * hq * block * width))
-    qpad = F.pad(query, (0, 0, 0, r_all * block - lq)).view(b, hq, r_all, block, d)
     valid = torch.ones(b, lq, dtype=torch.bool, device=device) if row_valid is None else row_valid.to(device)
     valid = F.pad(valid, (0, r_all * block - lq)).view(b, r_all, block)
     sums, counts = [], []
@@ -77,7 +76,9 @@ def pooled_anchors(query: torch.Tensor, key: torch.Tensor, scale: float, block: 
             m = bounds.mask.any(1)[:, rows].view(b, n, block, lk)
             ok = ok & torch.gather(m, -1, kpos.clamp(0, lk - 1).expand(b, n, block, width))
         ok = ok & (in_init | (kpos >= local_lo[:, r0:r1].view(b, n, 1, 1)))
-        row_max = window_row_max(qpad[:, :, r0:r1], key, scale, pos, ok)  # [B, Hq, n, Bq]
+        rows_q = query[:, :, r0 * block:r1 * block]  # the ragged last chunk alone is padded (no copy of Q)
+        rows_q = F.pad(rows_q, (0, 0, 0, n * block - rows_q.shape[2])).view(b, hq, n, block, d)
+        row_max = window_row_max(rows_q, key, scale, pos, ok)  # [B, Hq, n, Bq]
         live = valid[:, r0:r1].unsqueeze(1) & torch.isfinite(row_max)
         sums.append(torch.where(live, row_max, 0.0).sum(-1))
         counts.append(live.sum(-1))

@@ -31,36 +31,39 @@ _CHUNK_ELEMS = 1 << 26  # pooled-score elements per chunk of big blocks
 class AnchorPrefill(PrefillMethod):
     """AnchorAttention: keys inside each row's init (sink) and local windows are computed exactly; every
     earlier key is kept as a *stripe* for a whole big block of `step` query blocks when some pooled query
-    of the big block scores within θ of its pooled anchor. Runs on the token path (`TokenSelection`,
-    executed by the gather kernels), per query head (GQA: K is read per KV head, never repeated).
+    of the big block scores within θ of its pooled anchor. Token granularity (`TokenSelection`, executed
+    by the gather kernels: reference `token_gather_attention`, Triton gather). GQA: per query head, as the
+    released code (which repeats K/V); here K is read per KV head and never repeated.
 
-    Per query block `r` (rows at positions `first_r .. last_r`; queries in query-index space, aligned to
-    the end of the keys), big block `g = r // step` (`big = step · block_size` queries), `ks` the row's
-    first real key:
+    Per query block `r` (rows at positions `first_r .. last_r`; queries aligned to the end of the keys),
+    big block `g = r // step` (`big = step · block_size` queries), `ks` the row's first real key:
 
     * init window `[ks, ks + init_blocks · big)`, local window `[local_start_g, last_r]` with
-      `local_start_g` = position of the big block's first query − `(local_blocks − 1) · big`;
-    * anchor of a row = max scaled score over both windows (exact, causal, padding masked); the block's
-      anchor ā_r and pooled query q̄_r are means over its real rows (natural-log units);
-    * stripes of big block `g`: keys `j` in exactly `[ks + init_blocks · big, local_start_g)` (real keys
-      only) with `σ·q̄_r·k_j + θ ≥ ā_r` for some block `r` of the big block;
+      `local_start_g` = position of the big block's first query − `(local_blocks − 1) · big` [C];
+    * anchor of a row = max scaled score over both windows (exact, causal, padding masked) [C]; the
+      block's anchor ā_r and pooled query q̄_r are the means over its rows [C] (natural-log units);
+    * stripes of big block `g`: keys `j` in exactly `[ks + init_blocks · big, local_start_g)` with
+      `σ·q̄_r·k_j + θ ≥ ā_r` for some block `r` of the big block [C, ranges fixed];
     * the list of block `r` = init ∪ stripes(g) ∪ local, ascending, clipped to what some query of the
       block may see (causal, padding, window).
 
-    Differences from the released code (methods.md §5.5), all deliberate: the stripe scan covers exactly
-    `[init_end, local_start)` (the release scanned `[block_size, start − block_size)`, skipping the keys
-    just before the local window and double-counting init keys); lengths need not be multiples of
-    `step · block_size` (the last big block is shorter and a ragged last block pools its real rows; the
-    release ran the remainder dense); batch > 1, left padding and chunked prefill are supported (big blocks
-    are grouped in query-index space; the windows are placed by absolute position). θ follows the code,
-    not the spec's wording: the released `difference` (default 12) is multiplied by log2 e before it is
-    compared with log2-domain scores, so θ is in natural-log units of scaled scores (keep keys within a
-    factor e^-θ of the anchor); a log2-unit threshold θ₂ is θ = θ₂ · ln 2.
+    θ follows the released code, not the spec's wording: its `difference` (default 12) is multiplied
+    by log2 e before being compared with log2-domain scores, so θ is in natural-log units of scaled
+    scores (a key is kept within a factor e^-θ of the anchor); a log2-unit threshold θ₂ is θ₂ · ln 2.
 
-    Memory: the lists hold at most `max_keys` keys per query block; init and local windows count first
-    (so `max_keys ≥ (init_blocks + local_blocks) · big`), the stripes with the largest margin
-    `max_r(σ·q̄_r·k_j + θ − ā_r)` fill the rest. The estimate costs O(L · (init + local) · d) for the
-    anchors and O(L² · d / block_size) for the stripe scan, in chunks (never L × L).
+    Our choices [I] where the release is silent or buggy (methods.md §5.5): the stripe scan covers
+    exactly `[init_end, local_start)` (the release scanned `[block_size, start − block_size)`, missing
+    the keys just before the local window and listing init keys twice); lengths need not be multiples
+    of `step · block_size` (the last big block is shorter and a ragged last block pools its real rows;
+    the release ran that remainder dense); batch > 1 with padding: windows start at each row's first
+    real key, padding rows are left out of ā and q̄, padding keys are never scanned or listed; chunked
+    prefill: big blocks group query blocks in query-index space, windows are placed by absolute
+    position; inputs where no big block has keys to scan fall back to dense (`dense_reason`).
+
+    Memory: at most `max_keys` keys per query block; the init and local windows count first (so
+    `max_keys ≥ (init_blocks + local_blocks) · big`), then the stripes with the largest margin
+    `max_r(σ·q̄_r·k_j + θ − ā_r)` [I]. The estimate costs ≈ L · (init + local) · d multiply-adds per head
+    for the anchors and ≈ L² · d / (2 · block_size) for the stripe scan, chunked (never L × L).
     """
 
     full_density: ClassVar[dict] = {"theta": 1e30, "max_keys": 1 << 30}
