@@ -195,7 +195,7 @@ def test_short_inputs_fall_back_dense_and_options_are_checked():
     validate_tokens(big_pool)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_through_the_patch_on_tiny_models(family):
     from conftest import left_padded
 
