@@ -40,7 +40,8 @@ def test_every_prefill_method_runs_and_equals_dense_at_full_density(tiny, info, 
     unavailable = BACKENDS[backend].unavailable(out.device)
     if unavailable is not None:  # it says why, and the reference (or SDPA, for dense calls) ran instead
         assert backend not in ran
-        assert any(k.startswith(f"prefill: {backend}: {unavailable}") for k in stats.backend_declined)
+        if ran != {"sdpa"}:  # some selection reached a backend (none does when every layer runs its window)
+            assert any(k.startswith(f"prefill: {backend}: {unavailable}") for k in stats.backend_declined)
     full = dict(_small(info), **info.cls.full_density)
     with attnpatch.patch_model(tiny, method=info.name, backend=backend, **full):
         exact = tiny(ids, attention_mask=mask).logits
