@@ -193,3 +193,18 @@ def test_top_per_head_takes_a_budget_per_head():
     scores = torch.tensor([[[0.1, 0.5, 0.3, 0.2], [0.4, 0.1, 0.2, 0.3]]])
     got = top_per_head(scores, torch.tensor([1, 3]))
     assert got.tolist() == [[[False, True, False, False], [True, False, True, True]]]
+
+
+def test_scorers_take_transposed_layouts_and_half_precision():
+    """Keys straight from a projection are `[B, L, H, D]` transposed (no cache); bf16 sums accumulate in float32."""
+    q, k = _inputs(70, 70, seed=5)
+    qt, kt = q.transpose(1, 2).contiguous().transpose(1, 2), k.transpose(1, 2).contiguous().transpose(1, 2)
+    bounds = BOUNDS["left-padded"]
+    torch.testing.assert_close(antidiagonal_block_scores(qt, kt, 0.3, bounds, 8, 4),
+                               antidiagonal_block_scores(q, k, 0.3, bounds, 8, 4))
+    torch.testing.assert_close(pooled_block_attention(qt, kt, 0.3, bounds, 8), pooled_block_attention(q, k, 0.3, bounds, 8))
+    torch.testing.assert_close(last_query_attention(qt, kt, 0.3, bounds, 8), last_query_attention(q, k, 0.3, bounds, 8))
+    half = antidiagonal_block_scores(q.bfloat16(), k.bfloat16(), 0.3, bounds, 8, 4)
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half, antidiagonal_block_scores(q, k, 0.3, bounds, 8, 4), atol=0.05, rtol=0.05)
+    torch.testing.assert_close(pool_blocks(k.bfloat16(), 8), pool_blocks(k, 8), atol=0.02, rtol=0.02)

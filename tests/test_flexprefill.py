@@ -50,11 +50,8 @@ def reference(q, k, scale, bounds, gamma, tau, min_budget, max_budget):
             s = (q[b, h, -n:] @ kh.T * scale).masked_fill(~visible[b, 0, -n:], float("-inf"))
             p = torch.softmax(s, -1)
             vertical = p.mean(0)
-            slash = torch.zeros(lk)
-            for i in range(n):
-                pos = lk - n + i
-                for o in range(pos + 1):
-                    slash[o] += p[i, pos - o] / n
+            key_of = torch.arange(lk - n, lk).view(-1, 1) - torch.arange(lk).view(1, -1)  # [n, offset] -> key
+            slash = (p.gather(-1, key_of.clamp(min=0)) * (key_of >= 0)).sum(0) / n
             nv = min(max(_cover(vertical, gamma[h]) // BS + 1, lo), hi)
             ns = min(max(_cover(slash, gamma[h]) // BS + 1, lo), hi)
             vb = torch.stack([vertical[j * BS:(j + 1) * BS].sum() for j in range(c)])

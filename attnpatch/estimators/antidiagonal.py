@@ -46,8 +46,9 @@ def antidiagonal_block_scores(query: torch.Tensor, key: torch.Tensor, scale: flo
 
     real = real_keys(bounds, b, lk, device)  # [B, Lk] or None
     k = key if real is None else key * real.view(b, 1, lk, 1).to(key.dtype)
-    k = F.pad(k, (0, 0, 0, cols * block - lk)).view(b, hkv, cols * per, stride * d)  # free reshape
-    q = F.pad(query, (0, 0, 0, rows * block - lq))
+    if lk % block:
+        k = F.pad(k, (0, 0, 0, cols * block - lk))
+    k = k.reshape(b, hkv, cols * per, stride * d)  # each key group's S rows side by side (a view when contiguous)
 
     # Key-group visibility ingredients: first key of each group, and whether it holds a real key.
     kfirst = torch.arange(cols * per, device=device) * stride  # [Ng]
@@ -67,7 +68,8 @@ def antidiagonal_block_scores(query: torch.Tensor, key: torch.Tensor, scale: flo
         last_q = off + torch.clamp(group_start + stride, max=lq) - 1
         ncols = min(cols, (off + min(r1 * block, lq) - 1) // block + 1)  # key blocks this chunk may see
         nk = ncols * per
-        qc = q[:, :, r0 * block:r1 * block].reshape(b, hq, ng, stride, d).flip(3).reshape(b, hkv, g * ng, stride * d)
+        qc = F.pad(query[:, :, r0 * block:r1 * block], (0, 0, 0, max(0, r1 * block - lq)))  # ragged last block
+        qc = qc.reshape(b, hq, ng, stride, d).flip(3).reshape(b, hkv, g * ng, stride * d)
         s = torch.matmul(qc, k[:, :, :nk].transpose(-1, -2)).view(b, hq, ng, nk).float() * (scale / stride)
         vis = (kfirst[:nk].view(1, 1, 1, nk) <= last_q.view(1, 1, ng, 1))
         if bounds.window is not None:

@@ -17,16 +17,22 @@ from attnpatch.sparsity.regions import allowed_blocks
 
 
 def pool_blocks(x: torch.Tensor, block: int, real: torch.Tensor | None = None) -> torch.Tensor:
-    """`[B, H, N, D]`: mean of each block of `x [B, H, L, D]` over its real tokens (`real [B, L]` bool,
-    None: all; a ragged last block is averaged over the tokens it has). A block without a real token
-    is 0."""
+    """`[B, H, N, D]` float32: mean of each block of `x [B, H, L, D]` over its real tokens (`real [B, L]`
+    bool, None: all; a ragged last block is averaged over the tokens it has). A block without a real
+    token is 0. Sums accumulate in float32 from the input's dtype (a copy of `x` only to zero padding)."""
     b, h, length, d = x.shape
     n = num_blocks(length, block)
-    pad = n * block - length
-    weight = torch.ones(b, length, dtype=x.dtype, device=x.device) if real is None else real.to(x.dtype)
-    weight = F.pad(weight, (0, pad)).view(b, 1, n, block, 1)
-    total = (F.pad(x, (0, 0, 0, pad)).view(b, h, n, block, d) * weight).sum(3)
-    return total / weight.sum(3).clamp(min=1)
+    if real is not None:
+        x = x.masked_fill(~real.view(b, 1, length, 1), 0)
+        count = F.pad(real, (0, n * block - length)).view(b, 1, n, block).sum(-1, dtype=torch.float32)
+    else:
+        count = torch.full((1, 1, n), float(block), device=x.device)
+        count[..., -1] = length - (n - 1) * block
+    whole = length // block
+    total = x[:, :, :whole * block].view(b, h, whole, block, d).sum(3, dtype=torch.float32)
+    if whole < n:  # the ragged last block
+        total = torch.cat([total, x[:, :, whole * block:].sum(2, keepdim=True, dtype=torch.float32)], dim=2)
+    return total / count.unsqueeze(-1).clamp(min=1)
 
 
 def pooled_block_attention(query: torch.Tensor, key: torch.Tensor, scale: float, bounds: KeyBounds,
@@ -38,8 +44,8 @@ def pooled_block_attention(query: torch.Tensor, key: torch.Tensor, scale: float,
     hkv, lk = key.shape[1], key.shape[2]
     real = real_keys(bounds, b, lk, query.device)
     qreal = None if real is None else real[:, lk - lq:]
-    pq = pool_blocks(query.float(), block, qreal)  # [B, Hq, R, D]
-    pk = pool_blocks(key.float(), block, real)  # [B, Hkv, C, D]
+    pq = pool_blocks(query, block, qreal)  # [B, Hq, R, D]
+    pk = pool_blocks(key, block, real)  # [B, Hkv, C, D]
     rows, cols = pq.shape[2], pk.shape[2]
     s = torch.matmul(pq.view(b, hkv, (hq // hkv) * rows, d), pk.transpose(-1, -2)).view(b, hq, rows, cols) * scale
     allowed = allowed_blocks(b, lq, lk, block, block, bounds, query.device)

@@ -130,7 +130,7 @@ class FlexPrefill(EstimatedPrefill):
 
         # Query-aware heads: the pooled estimate of the last queries agrees with their true block mass.
         real = real_keys(ctx.bounds, b, lk, device)
-        pooled_k = pool_blocks(key.float(), bs, real)  # [B, Hkv, C, D]
+        pooled_k = pool_blocks(key, bs, real)  # [B, Hkv, C, D]
         mean_q = query[:, :, lq - n:].float().mean(2).view(b, hkv, hq // hkv, d)
         est = torch.matmul(mean_q, pooled_k.transpose(-1, -2)).view(b, hq, cols) * ctx.scale
         if real is not None:
