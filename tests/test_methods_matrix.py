@@ -41,7 +41,7 @@ def test_every_prefill_method_runs_and_equals_dense_at_full_density(tiny, info, 
     asked = sum(d["prefill_calls"] for d in stats.layers) - sum(stats.dense_fallbacks.values())
     if unavailable is not None:  # it says why, and the reference (or SDPA, for dense calls) ran instead
         assert backend not in ran
-        if asked:  # a method that falls back dense on every call (input too short for it) asks no backend
+        if asked:  # a method running dense on every call (too short, or window layers) asks no backend
             assert any(k.startswith(f"prefill: {backend}: {unavailable}") for k in stats.backend_declined)
     full = dict(_small(info), **info.cls.full_density)
     with attnpatch.patch_model(tiny, method=info.name, backend=backend, **full):

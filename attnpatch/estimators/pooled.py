@@ -1,14 +1,22 @@
-"""Mean-pooled queries and their scores against keys, GQA-aware (K is never repeated per query head).
+"""Mean-pooled queries / keys and their scores, GQA-aware (K is never repeated per query head).
 
-Token-granularity methods (AnchorAttention, S2O) score every key against a few pooled queries per query
-block: `pool_queries` averages the real (non-padding) query rows of each sub-block, `pooled_scores`
-returns `scale · q̄ · k` for every query head against its KV head's keys.
+* `pool_queries` / `pool_blocks`: the mean of each run of `size` rows over its real (non-padding)
+  tokens (a ragged last run averages the tokens it has; a run without a real token is 0);
+* `pooled_scores`: `scale · q̄ · k` of pooled queries against every key (token-granularity methods:
+  AnchorAttention, S2O);
+* `pooled_block_attention`: the softmax attention of pooled query blocks over pooled key blocks
+  (FlexPrefill's query-aware estimate, MInference's block-sparse estimate): `2·R·C·D` FLOPs and
+  `R × C` floats per query head (blocks, never tokens).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from attnpatch.estimators.keys import real_keys
+from attnpatch.sparsity import KeyBounds
+from attnpatch.sparsity.regions import allowed_blocks
 
 _CHUNK_ELEMS = 1 << 24  # query elements pooled per slice
 
@@ -43,3 +51,25 @@ def pooled_scores(qbar: torch.Tensor, key: torch.Tensor, scale: float, keys: int
     q = qbar.to(k.dtype).reshape(b, hkv, (hq // hkv) * m, d)
     s = torch.matmul(q, k.transpose(-1, -2))
     return s.view(b, hq, m, k.shape[2]).float().mul_(scale)
+
+def pool_blocks(x: torch.Tensor, block: int, real: torch.Tensor | None = None) -> torch.Tensor:
+    """`[B, H, N, D]` float32: the mean of each block of `x [B, H, L, D]` over its real tokens (`real [B, L]`
+    bool, None: all); `pool_queries` without the row counts."""
+    return pool_queries(x, block, real)[0]
+
+
+def pooled_block_attention(query: torch.Tensor, key: torch.Tensor, scale: float, bounds: KeyBounds,
+                           block: int) -> torch.Tensor:
+    """`[B, Hq, R, C]` float32: per query block, the softmax of `scale · mean(q) · mean(k)` over the key
+    blocks some of its queries may see (causal, padding, window: `allowed_blocks`); rows without any
+    such block are 0. Means are over real tokens only, so padding never shifts a score."""
+    b, hq, lq, d = query.shape
+    hkv, lk = key.shape[1], key.shape[2]
+    real = real_keys(bounds, b, lk, query.device)
+    qreal = None if real is None else real[:, lk - lq:]
+    pq = pool_blocks(query, block, qreal)  # [B, Hq, R, D]
+    pk = pool_blocks(key, block, real)  # [B, Hkv, C, D]
+    rows, cols = pq.shape[2], pk.shape[2]
+    s = torch.matmul(pq.view(b, hkv, (hq // hkv) * rows, d), pk.transpose(-1, -2)).view(b, hq, rows, cols) * scale
+    allowed = allowed_blocks(b, lq, lk, block, block, bounds, query.device)
+    return torch.softmax(s.masked_fill_(~allowed, float("-inf")), dim=-1).nan_to_num_(0.0)
