@@ -133,7 +133,7 @@ def _attend(state: PatchState, module, query, key, value, attention_mask, dropou
 
     stats.prefill_calls += 1
     method = plan.prefill
-    block = getattr(method, "block_size", 64)
+    block = 1 if method.granularity == "token" else getattr(method, "block_size", 64)
     if method.is_dense:
         stats.add_dense(b, hq, lq, lk, block, None)
         return dense(method.name)
@@ -144,7 +144,7 @@ def _attend(state: PatchState, module, query, key, value, attention_mask, dropou
         stats.add_dense(b, hq, lq, lk, block, "attention mask is not causal (e.g. image tokens attend within "
                         "their image): dense SDPA with the model's mask")
         return dense(method.name)
-    if plan.sliding_window is not None and method.on_window_layers == "window":
+    if plan.sliding_window is not None and lk > plan.sliding_window and method.on_window_layers == "window":
         stats.add_dense(b, hq, lq, lk, block, "sliding-window layer: runs its window (the method applies to "
                         "full-attention layers)")
         return dense(method.name)

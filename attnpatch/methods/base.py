@@ -64,6 +64,8 @@ class PrefillMethod:
     # On sliding-window layers: "window" runs the layer's own window (the method applies to
     # full-attention layers; stats say so), "select" lets the method select inside the window.
     on_window_layers: ClassVar[str] = "window"
+    # "block" (BlockSelection of `block_size` blocks) or "token" (TokenSelection): the unit stats count in.
+    granularity: ClassVar[str] = "block"
 
     def select(self, query: torch.Tensor, key: torch.Tensor, ctx: PrefillContext
                ) -> BlockSelection | TokenSelection | DenseFallback:

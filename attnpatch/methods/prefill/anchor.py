@@ -66,6 +66,7 @@ class AnchorPrefill(PrefillMethod):
     for the anchors and ≈ L² · d / (2 · block_size) for the stripe scan, chunked (never L × L).
     """
 
+    granularity: ClassVar[str] = "token"
     full_density: ClassVar[dict] = {"theta": 1e30, "max_keys": 1 << 30}
 
     block_size: int = option(128, "query block size (rows pooled into one query) in tokens",

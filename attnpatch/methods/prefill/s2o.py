@@ -60,6 +60,7 @@ class S2OPrefill(PrefillMethod):
     (temporaries ~`_CHUNK_ELEMS` floats). τ = 0 keeps every key (full density).
     """
 
+    granularity: ClassVar[str] = "token"
     full_density: ClassVar[dict] = {"tau": 0.0, "max_keys": 1 << 30}
 
     block_size: int = option(128, "query block and virtual key block size in tokens", choices=(16, 32, 64, 128))
