@@ -184,3 +184,13 @@ def test_runs_through_the_patch_with_padding(llama):
     assert torch.isfinite(out[mask.bool()]).all()
     assert stats.backends == {"prefill: reference": 2} and 0 < stats.density < 1
     assert all(layer["select_ms"] > 0 for layer in stats.layers)
+
+
+def test_bf16_inputs_select_like_fp32():
+    q, k, _ = _inputs(lq=77, seed=5)
+    method = ProxyAttn(block_size=BS, gamma=0.8, min_blocks=1.0)
+    ctx = PrefillContext(0, 0.25, BOUNDS["left-padded"], None)
+    want = method.select(q, k, ctx).to_block_mask()
+    sel = method.select(q.bfloat16(), k.bfloat16(), ctx)
+    sel.validate()
+    assert (sel.to_block_mask() != want).float().mean() < 0.05

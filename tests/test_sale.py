@@ -178,3 +178,13 @@ def test_runs_through_the_patch_with_padding(llama):
         llama(ids, attention_mask=mask)
         layer = patch.stats().layers[0]
     assert any("min_length=1024" in why for why in layer["dense_fallbacks"])
+
+
+def test_bf16_inputs_select_like_fp32():
+    q, k, _ = _inputs(lq=77, seed=5)
+    method = Sale(block_size=BS, local_window=16, min_length=0, tau=0.05)
+    ctx = PrefillContext(0, 0.25, BOUNDS["left-padded"], None)
+    want = method.select(q, k, ctx).to_block_mask()
+    sel = method.select(q.bfloat16(), k.bfloat16(), ctx)
+    sel.validate()
+    assert (sel.to_block_mask() != want).float().mean() < 0.05
