@@ -110,7 +110,7 @@ def test_selection_follows_the_rule_and_keeps_sink_diagonal_and_causality(name, 
     assert torch.equal(mask, _selection_by_definition(method, q, k, bounds))
     allowed = allowed_blocks(2, lq, 77, BS, BS, bounds)
     assert not (mask & ~allowed).any()
-    forced = forced_blocks(2, lq, 77, BS, BS, bounds, 1, 1) & allowed
+    forced = forced_blocks(2, lq, 77, BS, BS, bounds, 1, method.local_blocks) & allowed
     assert (mask | ~forced).all()  # sink and diagonal always kept
     extra = (mask & ~forced).sum(-1)
     assert (extra[:, 0] <= 1).all() and (extra[:, 1] <= 3).all() and (extra[:, 3] <= 2).all()  # max_blocks

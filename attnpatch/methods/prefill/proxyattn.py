@@ -37,6 +37,10 @@ class ProxyAttn(EstimatedPrefill):
       the budget is the fewest blocks whose mass reaches `gamma`, clamped to `[min_blocks, max_blocks]`
       (`min_blocks` wins, fractions round up), ranked among the blocks the query block may see;
     * budget ties go to the lower key block; forced sink/diagonal blocks may also be in the top-k.
+    * forced local band of 2 blocks (the diagonal and the one before), not the diagonal alone: the
+      budget is set by each block's last row, and the block's first rows lost their local context.
+      SmolLM2-135M, 4K tokens of Austen, γ = 0.95, block 128: density 0.421 → 0.437, attention recall
+      0.925 → 0.946, output error 0.171 → 0.088 (eval.fidelity.measure).
 
     The budget is per (head, query block), which the base's selectors (one parameter per head) do not
     take: `estimate` returns each block's budget left, `k_{h,r} - rank`, and the base keeps those >= 1.
@@ -62,7 +66,7 @@ class ProxyAttn(EstimatedPrefill):
         float(1 << 20), "most top-ranked blocks a head keeps per query block (sink/diagonal come on top)", min=0.0,
         per_head=True)
     sink_blocks: int = option(1, "key blocks kept from each sequence's first real token", min=0)
-    local_blocks: int = option(1, "key blocks kept up to and including the diagonal block", min=1)
+    local_blocks: int = option(2, "key blocks kept up to and including the diagonal block", min=1)
 
     def dense_reason(self, q_len: int, kv_len: int, ctx: PrefillContext) -> str | None:
         if num_blocks(kv_len, self.block_size) <= self.sink_blocks + self.local_blocks:
