@@ -15,11 +15,14 @@ PREFILL_LENGTH = 300  # long enough that small blocks leave the methods somethin
 
 
 def _small(info) -> dict:
-    """The smallest block / page sizes a method allows, so tiny inputs span many blocks."""
+    """The smallest block / page sizes a method allows, so tiny inputs span many blocks, and no minimum
+    input length (`min_length`), so tiny inputs are not sent to dense."""
     out = {}
     for o in info.options:
         if o.name in ("block_size", "page_size") and o.choices:
             out[o.name] = min(o.choices)
+        if o.name == "min_length":
+            out[o.name] = 0
     return out
 
 
