@@ -29,7 +29,9 @@ _CHUNK_ELEMS = 1 << 26  # pooled-score elements per chunk of big blocks
 @register_prefill("anchor")
 @dataclass
 class AnchorPrefill(PrefillMethod):
-    """AnchorAttention: keys inside each row's init (sink) and local windows are computed exactly; every
+    """AnchorAttention: exact sink and local windows, plus key stripes scoring within θ of each row's anchor.
+
+    AnchorAttention: keys inside each row's init (sink) and local windows are computed exactly; every
     earlier key is kept as a *stripe* for a whole big block of `step` query blocks when some pooled query
     of the big block scores within θ of its pooled anchor. Token granularity (`TokenSelection`, executed
     by the gather kernels: reference `token_gather_attention`, Triton gather). GQA: per query head, as the

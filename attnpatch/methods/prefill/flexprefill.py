@@ -56,7 +56,9 @@ def sqrt_js_distance(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 @register_prefill("flexprefill")
 @dataclass
 class FlexPrefill(EstimatedPrefill):
-    """Per query head, from the exact attention of the last query block (`block_size` queries):
+    """FlexPrefill: per head, vertical-slash or query-aware pooled blocks up to coverage γ.
+
+    Per query head, from the exact attention of the last query block (`block_size` queries):
 
     1. vertical = mean attention per column, slash = diagonal sums / queries; the number of top
        columns (diagonals) covering `gamma` of their mass, converted to blocks (`count // block_size

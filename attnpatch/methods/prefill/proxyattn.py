@@ -19,7 +19,9 @@ from attnpatch.sparsity.selectors import Threshold
 @register_prefill("proxyattn")
 @dataclass
 class ProxyAttn(EstimatedPrefill):
-    """Each GQA group's proxy head ranks key blocks; each query head keeps the top `k_{h,r}` of that
+    """ProxyAttn: one proxy head per GQA group ranks key blocks; each head keeps its own budget of them.
+
+    Each GQA group's proxy head ranks key blocks; each query head keeps the top `k_{h,r}` of that
     ranking, `k_{h,r}` from the head's own concentration; plus sink and diagonal blocks.
 
     Block granularity (one `block_size` for queries and keys, default 128 as §3.2 suggests).

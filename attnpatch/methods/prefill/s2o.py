@@ -30,7 +30,9 @@ _CHUNK_ELEMS = 1 << 26  # pooled-score elements per chunk of query blocks
 @register_prefill("s2o")
 @dataclass
 class S2OPrefill(PrefillMethod):
-    """Per query block: sink + local keys first, then the other keys in descending estimated importance,
+    """S2O: keys in descending estimated importance, in virtual blocks, until the mass left out is below τ.
+
+    Per query block: sink + local keys first, then the other keys in descending estimated importance,
     cut into virtual blocks of `block_size` tokens, stopping once the estimated attention mass left
     outside falls below τ. Token granularity (`TokenSelection`, executed by the gather kernels); per
     query head (GQA: K read per KV head, never repeated; no sharing across a group).

@@ -19,7 +19,9 @@ from attnpatch.sparsity.selectors import Threshold
 @register_prefill("sale")
 @dataclass
 class Sale(EstimatedPrefill):
-    """Keep a key block when some estimated element's relative attention score
+    """SALE: keep key blocks whose low-bit estimated relative attention score exceeds the head's τ.
+
+    Keep a key block when some estimated element's relative attention score
     `exp(σ (ŝ_ij − m_i)) / l_i` exceeds the head's `tau`: `ŝ` a low-bit estimate of `q · k̃`, `m_i, l_i`
     the exact partial softmax of row `i` over its sink + local keys; sink and local band always kept.
 

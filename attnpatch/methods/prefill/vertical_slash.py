@@ -26,7 +26,9 @@ def _smallest(value: int | tuple[int, ...]) -> int:
 @register_prefill("vertical_slash")
 @dataclass
 class VerticalSlash(EstimatedPrefill):
-    """The last `last_queries` queries' exact attention scores every key: vertical score = column sum,
+    """MInference vertical-slash: top columns and diagonals from the last queries' attention, as blocks.
+
+    The last `last_queries` queries' exact attention scores every key: vertical score = column sum,
     slash score = sum along each diagonal. Per query head, the first `sink_columns` real columns and
     the `local_diagonals` diagonals ending at the main one are forced, then the top `vertical_size`
     columns and `slash_size` diagonals (forced ones count towards the sizes, as in MInference; a size

@@ -45,7 +45,9 @@ class MassAfterSinkAndDiagonal:
 @register_prefill("xattention")
 @dataclass
 class XAttention(EstimatedPrefill):
-    """Antidiagonal scoring with stride S, then per query block the sink and diagonal blocks plus the
+    """XAttention: antidiagonal block scores, blocks kept up to cumulative mass `threshold` per head.
+
+    Antidiagonal scoring with stride S, then per query block the sink and diagonal blocks plus the
     highest-mass blocks until their share reaches `threshold` (per head).
 
     Estimate (`estimators/antidiagonal.py`): per S×S tile one antidiagonal of q·k, scaled by
