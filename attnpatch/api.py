@@ -72,8 +72,11 @@ class Patch:
             spec.profile.check(model, num_layers, spec.allow_other_weights)
         windows = self.adapter.sliding_windows(model.config)
         heads = self.adapter.heads(model.config)[0]
-        plans = [self._plan(i, windows[i], heads) for i in range(num_layers)]
+        plans = [self._plan(i, windows[i], heads, num_layers) for i in range(num_layers)]
         self.state = PatchState(plans, resolve_backend(spec.backend))
+        self._own_cache = any(p.decode.keeps_own_cache for p in plans)
+        forward = inspect.signature(model.base_model.forward).parameters
+        self._cache_kw = "cache" if "cache" in forward else "past_key_values"
         self.active = False
         stack = getattr(model, _STACK_ATTR, None)
         if stack is None:
@@ -88,7 +91,7 @@ class Patch:
         self._activate()
 
     # -- plans ---------------------------------------------------------------------------------
-    def _plan(self, layer: int, window: int | None, heads: int) -> LayerPlan:
+    def _plan(self, layer: int, window: int | None, heads: int, layers: int) -> LayerPlan:
         spec = self.spec
         pre_info, dec_info = get_method(spec.method, "prefill"), get_method(spec.decode, "decode")
         pre_opts, dec_opts = dict(spec.prefill_options), dict(spec.decode_options)
@@ -107,7 +110,6 @@ class Patch:
                 raise ValueError(f"{e}{where}") from None
             pre_opts = {k: v for k, v in pre_opts.items() if k in pre_info.option_names} | flat_pre | pre_o
             dec_opts = {k: v for k, v in dec_opts.items() if k in dec_info.option_names} | flat_dec | dec_o
-        layers = len(self.adapter.sliding_windows(self.model.config))
         pre_opts = {k: for_layer(v, layer, layers, k) for k, v in pre_opts.items()}
         dec_opts = {k: for_layer(v, layer, layers, k) for k, v in dec_opts.items()}
         stats = LayerStats(layer, pre_info.name, dec_info.name, sliding_window=window)
@@ -138,28 +140,27 @@ class Patch:
     def _pre_forward(self, module, args, kwargs):
         """Before every forward: give the decode method its cache layers (on a new, empty cache),
         tell cache layers where each row's real tokens start, and record the cache for the dispatch."""
-        params = inspect.signature(module.forward).parameters
-        cache_kw = "cache" if "cache" in params else "past_key_values"
+        cache_kw = self._cache_kw
         cache = kwargs.get(cache_kw, kwargs.get("past_key_values"))
         use_cache = kwargs.get("use_cache")
         use_cache = module.config.use_cache if use_cache is None else use_cache
         plans = self.state.plans
-        if cache is None and use_cache and any(p.decode.keeps_own_cache for p in plans):
+        own_cache = self._own_cache
+        if cache is None and use_cache and own_cache:
             cache = DynamicCache(config=module.config)
             kwargs[cache_kw] = cache
         if isinstance(cache, Cache):
-            if any(p.decode.keeps_own_cache for p in plans) and not getattr(cache, "_attnpatch_installed", False):
+            if own_cache and not getattr(cache, "_attnpatch_installed", False):
                 notes = install_layers(cache, self._make_cache_layer, len(plans))
                 for plan, note in zip(plans, notes, strict=True):
                     if note != "installed" and note not in plan.stats.notes:
                         plan.stats.notes.append(note)
                 cache._attnpatch_installed = True
-            mask = kwargs.get("attention_mask")
-            start = None
-            if isinstance(mask, torch.Tensor) and mask.dim() == 2:
-                start = mask.to(torch.int8).argmax(-1)
-            for layer in cache.layers:
-                if hasattr(layer, "set_first_real"):
+            padded_layers = [layer for layer in cache.layers if hasattr(layer, "set_first_real")]
+            if padded_layers:
+                mask = kwargs.get("attention_mask")
+                start = mask.to(torch.int8).argmax(-1) if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+                for layer in padded_layers:
                     layer.set_first_real(start)
         self.state.set_cache(cache if isinstance(cache, Cache) else None)
         return args, kwargs

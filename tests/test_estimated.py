@@ -7,6 +7,7 @@ from typing import ClassVar
 import pytest
 import torch
 import torch.nn.functional as F
+from method_cases import random_qkv
 
 from attnpatch.backends.reference import block_sparse_attention
 from attnpatch.methods.base import PrefillContext
@@ -57,10 +58,7 @@ class ToyMass(ToyTopK):
         return BlockScores(torch.softmax(s, -1), per_kv_head=self.per_kv)
 
 
-def _inputs(b=2, hq=4, hkv=2, lq=77, lk=77, d=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(b, hq, lq, d, generator=g), torch.randn(b, hkv, lk, d, generator=g),
-            torch.randn(b, hkv, lk, d, generator=g))
+_inputs = random_qkv
 
 
 BOUNDS = {"plain": KeyBounds(), "left-padded": KeyBounds(key_start=torch.tensor([0, 30])),

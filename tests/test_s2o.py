@@ -4,9 +4,10 @@ invariants (sink/local kept, causal, padding, per-head τ, the key cap), full de
 import pytest
 import torch
 import torch.nn.functional as F
+from method_cases import prefill_ctx, random_qkv, token_lists
 
 from attnpatch.backends.reference import token_gather_attention
-from attnpatch.methods.base import DenseFallback, PrefillContext
+from attnpatch.methods.base import DenseFallback
 from attnpatch.methods.prefill.s2o import S2OPrefill
 from attnpatch.registry import get_method
 from attnpatch.sparsity import KeyBounds, num_blocks
@@ -17,22 +18,14 @@ BQ, POOL = 8, 4
 
 
 def _inputs(b=2, hq=4, hkv=2, lq=77, lk=77, d=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, hq, lq, d, generator=g)
-    k = torch.randn(b, hkv, lk, d, generator=g)
-    k[:, :, 30:33] += 2.0 * q.mean((0, 2)).view(1, hq, d)[:, ::2].unsqueeze(2)  # planted heavy keys
-    return q, k, torch.randn(b, hkv, lk, d, generator=g)
+    return random_qkv(b, hq, hkv, lq, lk, d, seed, planted=True)
 
 
 def _ctx(bounds=None):
-    bounds = bounds or KeyBounds()
-    return PrefillContext(0, SCALE, bounds, bounds.window)
+    return prefill_ctx(SCALE, bounds)
 
 
-def _lists(sel):
-    b, h, r, _ = sel.indices.shape
-    return [[[sel.indices[i, j, k, :sel.counts[i, j, k]].tolist() for k in range(r)] for j in range(h)]
-            for i in range(b)]
+_lists = token_lists
 
 
 def _importance(q, k, bi, h, r, s0, bq=BQ, pool=POOL):

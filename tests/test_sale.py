@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import left_padded
+from method_cases import BOUNDS_CASES, random_qkv
 
 import attnpatch
 from attnpatch.backends.reference import block_sparse_attention
@@ -18,18 +19,10 @@ from attnpatch.sparsity import KeyBounds, num_blocks
 from attnpatch.sparsity.regions import allowed_blocks, forced_blocks
 
 BS = 16
-BOUNDS = {
-    "plain": KeyBounds(),
-    "left-padded": KeyBounds(key_start=torch.tensor([0, 30])),
-    "key-valid": KeyBounds(key_valid=torch.arange(77).view(1, -1).expand(2, -1) % 13 != 5),
-    "window": KeyBounds(window=40),
-}
+BOUNDS = BOUNDS_CASES
 
 
-def _inputs(b=2, hq=4, hkv=2, lq=77, lk=77, d=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(b, hq, lq, d, generator=g), torch.randn(b, hkv, lk, d, generator=g),
-            torch.randn(b, hkv, lk, d, generator=g))
+_inputs = random_qkv
 
 
 def _real(bounds, b, lk):

@@ -8,6 +8,7 @@ import math
 
 import torch
 
+from attnpatch.backends.inputs import qkv_reason
 from attnpatch.backends.partial_state import pack_results
 from attnpatch.sparsity import PageSelection, num_blocks
 
@@ -78,26 +79,11 @@ def decode_input_reason(
     tile_size: int | None = None,
 ) -> str | None:
     """Why these inputs cannot be planned into tiles and splits (None when they can)."""
-    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
-        return "query/key/value must be 4D [B, H, L, D]"
-    b, hq, one, d = query.shape
-    if one != 1:
-        return f"decode attention takes one query token, got {one}"
-    bk_, hkv, lk, dk = key.shape
-    if bk_ != b or tuple(value.shape[:3]) != (bk_, hkv, lk):
-        return f"key {tuple(key.shape)} / value {tuple(value.shape)} / query {tuple(query.shape)} disagree"
-    if dk != d:
-        return f"key head dim {dk} != query head dim {d}"
-    if d not in ALLOWED_HEAD_DIMS or value.shape[-1] not in ALLOWED_HEAD_DIMS:
-        return f"head dim {d} (value {value.shape[-1]}) not supported; allowed head dims: {ALLOWED_HEAD_DIMS}"
-    if hkv == 0 or hq % hkv:
-        return f"query heads ({hq}) must be a multiple of key/value heads ({hkv})"
-    if query.dtype not in DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
-        return f"dtypes {query.dtype}/{key.dtype}/{value.dtype}: need one of {DTYPES}, all equal"
-    if not (
-        query.device == key.device == value.device == selection.indices.device == selection.counts.device
-    ):
-        return "query, key, value and selection must be on one device"
+    reason = qkv_reason(query, key, value, selection, ALLOWED_HEAD_DIMS, DTYPES, "allowed head dims",
+                        one_query=True)
+    if reason is not None:
+        return reason
+    b, hkv, lk = key.shape[0], key.shape[1], key.shape[2]
     ps = selection.page_size
     if ps not in ALLOWED_PAGE_SIZES:
         return f"page size {ps} not supported; allowed page sizes: {ALLOWED_PAGE_SIZES}"

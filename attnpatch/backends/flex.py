@@ -71,6 +71,7 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from attnpatch.backends.base import Backend
+from attnpatch.backends.inputs import pad_to
 from attnpatch.sparsity import BlockSelection, KeyBounds, TokenSelection, num_blocks
 from attnpatch.sparsity.bounds import padding_key_validity
 from attnpatch.sparsity.split import compact, full_slots
@@ -202,13 +203,6 @@ def _recompile_limit_patch():
     return dynamo_config.patch({name: max(getattr(dynamo_config, name), _RECOMPILE_LIMIT)})
 
 
-def _pad_seq(x: torch.Tensor, length: int) -> torch.Tensor:
-    missing = length - x.shape[2]
-    if missing == 0:
-        return x
-    return torch.cat([x, x.new_zeros(x.shape[0], x.shape[1], missing, x.shape[3])], dim=2)
-
-
 def flex_block_sparse_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -269,7 +263,7 @@ def flex_block_sparse_attention(
         selection, key_valid, window=window, encode_selection=not compile, with_q_blocks=needs_grad
     )
     mq, mk = block_mask.shape[-2:]
-    q, k, v = _pad_seq(query, mq), _pad_seq(key, mk), _pad_seq(value, mk)  # no-op with exact lengths
+    q, k, v = pad_to(query, mq), pad_to(key, mk), pad_to(value, mk)  # no-op with exact lengths
 
     kwargs = {"block_mask": block_mask, "scale": scale, "enable_gqa": hq != hkv}
     if compile and query.is_cuda and min(selection.block_q, selection.block_k) < 128:

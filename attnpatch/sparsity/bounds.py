@@ -33,11 +33,6 @@ class KeyBounds:
     causal: bool = True  # False: the tensor mask lets some query see a later key (e.g. image tokens)
 
     @property
-    def closed_form(self) -> bool:
-        """No tensor mask: `visible` describes every key."""
-        return self.mask is None
-
-    @property
     def is_plain(self) -> bool:
         """Causal only: no padding, no window, no tensor mask."""
         return self.key_start is None and self.window is None and self.key_valid is None and self.mask is None
@@ -83,11 +78,6 @@ class KeyBounds:
         kpos = torch.arange(kv_len, device=device).view(1, 1, 1, kv_len)
         return self.visible(qpos, kpos, batch).expand(batch, 1, q_len, kv_len)
 
-    def select_keys(self, positions: torch.Tensor) -> KeyBounds:
-        """The bounds for a cache that returned only the keys at `positions` (original positions)."""
-        if self.key_valid is not None:
-            return KeyBounds(None, self.window, self.key_valid.index_select(-1, positions), None)
-        return self
 
 
 def sees_later_keys(mask: torch.Tensor, q_len: int, kv_len: int) -> bool:

@@ -13,18 +13,10 @@ import math
 
 import torch
 
+from attnpatch.backends.inputs import pad_to
 from attnpatch.sparsity import BlockSelection, KeyBounds, PageSelection, TokenSelection, num_blocks
 
 _CHUNK_BYTES = 256 * 2**20
-
-
-def _pad_to(x: torch.Tensor, length: int, dim: int) -> torch.Tensor:
-    missing = length - x.shape[dim]
-    if missing == 0:
-        return x
-    shape = list(x.shape)
-    shape[dim] = missing
-    return torch.cat([x, x.new_zeros(shape)], dim=dim)
 
 
 def block_sparse_attention(
@@ -82,7 +74,7 @@ def block_sparse_attention(
     # G query heads of the group are stacked as extra rows: G times less gathering.
     shared = selection.indices.stride(1) == 0 and selection.counts.stride(1) == 0
     heads, rows = (hkv, group * bq) if shared else (hq, bq)
-    q = _pad_to(query, n_qb * bq, 2).view(b, hq, n_qb, bq, d)
+    q = pad_to(query, n_qb * bq, 2).view(b, hq, n_qb, bq, d)
     if shared:
         q = q.view(b, hkv, group, n_qb, bq, d).transpose(2, 3).reshape(b, hkv, n_qb, rows, d)
         sel_idx, sel_cnt = selection.indices[:, :1], selection.counts[:, :1]
@@ -90,13 +82,13 @@ def block_sparse_attention(
     else:
         sel_idx, sel_cnt = selection.indices, selection.counts
         hi = (torch.arange(hq, device=device) // group).view(1, hq, 1, 1)
-    kblocks = _pad_to(key, n_kb * bk, 2).view(b, hkv, n_kb, bk, d)
-    vblocks = _pad_to(value, n_kb * bk, 2).view(b, hkv, n_kb, bk, dv)
+    kblocks = pad_to(key, n_kb * bk, 2).view(b, hkv, n_kb, bk, d)
+    vblocks = pad_to(value, n_kb * bk, 2).view(b, hkv, n_kb, bk, dv)
     kmax = sel_idx.shape[-1]
     bi = torch.arange(b, device=device).view(b, 1, 1, 1)
     k_in_block = torch.arange(bk, device=device)
     row_pos = torch.arange(bq, device=device).repeat(rows // bq)  # query offset inside the block, per row
-    pad_mask = _pad_to(mask, n_qb * bq, 2) if mask is not None else None
+    pad_mask = pad_to(mask, n_qb * bq, 2) if mask is not None else None
 
     out = torch.zeros(b, heads, n_qb, rows, dv, device=device, dtype=query.dtype)
     lse = torch.full((b, heads, n_qb, rows), float("-inf"), device=device, dtype=compute) if return_lse else None
@@ -226,13 +218,13 @@ def token_gather_attention(
     kept = torch.arange(kmax, device=device) < selection.counts.unsqueeze(-1)
     kg = key[bi, hi, pos].float()  # [B,H,R,K,D]
     vg = value[bi, hi, pos].float()
-    q = _pad_to(query, n_qb * bq, 2).view(b, hq, n_qb, bq, d).float()
+    q = pad_to(query, n_qb * bq, 2).view(b, hq, n_qb, bq, d).float()
     scores = torch.matmul(q, kg.transpose(-1, -2)) * scale  # [B,H,R,bq,K]
     qpos = (torch.arange(n_qb, device=device).view(n_qb, 1) * bq + torch.arange(bq, device=device)) + (lk - lq)
     ok = kept.unsqueeze(-2) & (pos.unsqueeze(-2) <= qpos.view(1, 1, n_qb, bq, 1))
     if bounds is not None and bounds.mask is not None:
         m = bounds.mask
-        mrows = _pad_to(m, n_qb * bq, 2).view(b, m.shape[1], n_qb, bq, lk).expand(b, hq, n_qb, bq, lk)
+        mrows = pad_to(m, n_qb * bq, 2).view(b, m.shape[1], n_qb, bq, lk).expand(b, hq, n_qb, bq, lk)
         ok = ok & torch.gather(mrows, -1, pos.unsqueeze(-2).expand(b, hq, n_qb, bq, kmax))
     elif bounds is not None and not bounds.is_plain:
         ok = ok & bounds.visible(qpos.view(1, 1, n_qb, bq, 1), pos.unsqueeze(-2), b)

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from attnpatch.backends.decode_plan import check_decode, empty_result
+from attnpatch.backends.inputs import pad_to
 from attnpatch.backends.partial_state import check_state, finalize_state, pack_results
 from attnpatch.backends.skip_bound import bound_per_head
 from attnpatch.sparsity import BlockSelection, PageSelection, num_blocks
@@ -20,15 +21,6 @@ _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 
 
-
-
-def _pad_rows(x: torch.Tensor, length: int) -> torch.Tensor:
-    missing = length - x.shape[2]
-    if missing == 0:
-        return x
-    shape = list(x.shape)
-    shape[2] = missing
-    return torch.cat([x, x.new_zeros(shape)], dim=2)
 
 
 def block_sparse_attention_tiled_reference(
@@ -63,19 +55,19 @@ def block_sparse_attention_tiled_reference(
     device = query.device
     kmax = selection.indices.shape[-1]
 
-    q = _pad_rows(query.float(), n_qb * bq).view(b, hq, n_qb, bq, d)
-    kblocks = _pad_rows(key.float(), n_kb * bk).view(b, hkv, n_kb, bk, d)
-    vblocks = _pad_rows(value.float(), n_kb * bk).view(b, hkv, n_kb, bk, dv)
+    q = pad_to(query.float(), n_qb * bq).view(b, hq, n_qb, bq, d)
+    kblocks = pad_to(key.float(), n_kb * bk).view(b, hkv, n_kb, bk, d)
+    vblocks = pad_to(value.float(), n_kb * bk).view(b, hkv, n_kb, bk, dv)
     if init_state is None:
         m = torch.full((b, hq, n_qb * bq), float("-inf"), device=device)
         denom = torch.zeros(b, hq, n_qb * bq, device=device)
         acc = torch.zeros(b, hq, n_qb * bq, dv, device=device)
     else:
         m0, l0, a0 = check_state(init_state, b, hq, lq, dv)
-        m = _pad_rows(m0.float().unsqueeze(-1), n_qb * bq).squeeze(-1)
+        m = pad_to(m0.float().unsqueeze(-1), n_qb * bq).squeeze(-1)
         m[:, :, lq:] = float("-inf")
-        denom = _pad_rows(l0.float().unsqueeze(-1), n_qb * bq).squeeze(-1)
-        acc = _pad_rows(a0.float(), n_qb * bq)
+        denom = pad_to(l0.float().unsqueeze(-1), n_qb * bq).squeeze(-1)
+        acc = pad_to(a0.float(), n_qb * bq)
     m = m.view(b, hq, n_qb, bq).clone()
     denom = denom.view(b, hq, n_qb, bq).clone()
     acc = acc.view(b, hq, n_qb, bq, dv).clone()

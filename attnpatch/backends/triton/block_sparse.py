@@ -38,6 +38,7 @@ from collections.abc import Sequence
 
 import torch
 
+from attnpatch.backends.inputs import qkv_reason
 from attnpatch.backends.partial_state import check_state, pack_results
 from attnpatch.backends.skip_bound import bound_per_head
 from attnpatch.backends.triton.utils import (
@@ -131,22 +132,11 @@ def unsupported_reason(
     """Why the Triton kernel cannot run these inputs (None when it can): the caller falls back."""
     if not triton_available():
         return "triton is not installed"
-    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
-        return "query/key/value must be 4D [B, H, L, D]"
+    reason = qkv_reason(query, key, value, selection, ALLOWED_HEAD_DIMS, _DTYPES)
+    if reason is not None:
+        return reason
     b, hq, lq, d = query.shape
-    bk_, hkv, lk, dk = key.shape
-    if (bk_, hkv, lk) != tuple(value.shape[:3]) or bk_ != b:
-        return f"key {tuple(key.shape)} / value {tuple(value.shape)} / query {tuple(query.shape)} disagree"
-    if dk != d:
-        return f"key head dim {dk} != query head dim {d}"
-    if d not in ALLOWED_HEAD_DIMS or value.shape[-1] not in ALLOWED_HEAD_DIMS:
-        return f"head dim {d} (value {value.shape[-1]}) not supported; allowed: {ALLOWED_HEAD_DIMS}"
-    if hkv == 0 or hq % hkv:
-        return f"query heads ({hq}) must be a multiple of key/value heads ({hkv})"
-    if query.dtype not in _DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
-        return f"dtypes {query.dtype}/{key.dtype}/{value.dtype}: need one of {_DTYPES}, all equal"
-    if not (query.device == key.device == value.device == selection.indices.device):
-        return "query, key, value and selection must be on one device"
+    lk = key.shape[2]
     if not tensor_device_ok(query, _KERNEL_INTERPRETED):
         return f"device {query.device} (need CUDA, or CPU with TRITON_INTERPRET=1 set before import)"
     if selection.block_q not in ALLOWED_BLOCK_SIZES or selection.block_k not in ALLOWED_BLOCK_SIZES:

@@ -36,6 +36,7 @@ from collections.abc import Sequence
 
 import torch
 
+from attnpatch.backends.inputs import qkv_reason
 from attnpatch.backends.partial_state import check_state, finalize_state, state_from_output
 from attnpatch.backends.triton.utils import (
     is_interpreted,
@@ -92,24 +93,11 @@ def unsupported_reason(
     """Why the Triton kernel cannot run these inputs (None when it can): the caller falls back."""
     if not triton_available():
         return "triton is not installed"
-    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
-        return "query/key/value must be 4D [B, H, L, D]"
+    reason = qkv_reason(query, key, value, selection, ALLOWED_HEAD_DIMS, _DTYPES, "allowed head dims")
+    if reason is not None:
+        return reason
     b, hq, lq, d = query.shape
-    kb_, hkv, lk, dk = key.shape
-    if kb_ != b or tuple(value.shape[:3]) != (kb_, hkv, lk):
-        return f"key {tuple(key.shape)} / value {tuple(value.shape)} / query {tuple(query.shape)} disagree"
-    if dk != d:
-        return f"key head dim {dk} != query head dim {d}"
-    if d not in ALLOWED_HEAD_DIMS or value.shape[-1] not in ALLOWED_HEAD_DIMS:
-        return f"head dim {d} (value {value.shape[-1]}) not supported; allowed head dims: {ALLOWED_HEAD_DIMS}"
-    if hkv == 0 or hq % hkv:
-        return f"query heads ({hq}) must be a multiple of key/value heads ({hkv})"
-    if query.dtype not in _DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
-        return f"dtypes {query.dtype}/{key.dtype}/{value.dtype}: need one of {_DTYPES}, all equal"
-    if not (
-        query.device == key.device == value.device == selection.indices.device == selection.counts.device
-    ):
-        return "query, key, value and selection must be on one device"
+    lk = key.shape[2]
     if not tensor_device_ok(query, _KERNEL_INTERPRETED):
         return f"device {query.device} (need CUDA, or CPU with TRITON_INTERPRET=1 set before import)"
     if selection.block_q not in ALLOWED_BLOCK_Q:
