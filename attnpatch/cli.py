@@ -230,7 +230,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
             raise ValueError(f"-o {method}.KEY=VALUE: {method!r} is a decode method; give its options inline, "
                              f"--decode {method}:KEY=VALUE")
     files = run_grid(args.model, split_methods(args.methods), _split(args.tasks), _ints(args.lengths, "--lengths"),
-                     args.limit, args.out, options, decode=args.decode, backend=args.backend)
+                     args.limit, args.out, options, decode=args.decode, backend=args.backend,
+                     max_gen_toks=args.max_gen_toks)
     print(f"wrote {len(files)} result files to {args.out}")
 
 
@@ -357,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--lengths", nargs="+", default="2048,4096,8192", metavar="N",
                     help="context lengths in tokens, space or comma separated")
     ev.add_argument("--limit", type=int, default=4, help="samples per task")
+    ev.add_argument("--max-gen-toks", type=int, default=None, metavar="N",
+                    help="cap the RULER tasks' generated tokens (default: each task's own, 128 for NIAH)")
     ev.add_argument("--out", default="eval-results", help="folder for the result JSON files")
     ev.add_argument("-o", "--option", action="append", metavar="METHOD.KEY=VALUE",
                     help="an option for every run of one prefill method (repeatable), e.g. a_shape.local_blocks=4")

@@ -149,19 +149,21 @@ def test_eval_takes_specs_and_hands_them_to_the_suite(monkeypatch):
 
     seen = {}
 
-    def fake_grid(model, methods, tasks, lengths, limit, out, options, decode, backend):
-        seen.update(methods=methods, tasks=tasks, lengths=lengths, options=options, decode=decode, backend=backend)
+    def fake_grid(model, methods, tasks, lengths, limit, out, options, decode, backend, max_gen_toks):
+        seen.update(methods=methods, tasks=tasks, lengths=lengths, options=options, decode=decode, backend=backend,
+                    max_gen_toks=max_gen_toks)
         return []
 
     monkeypatch.setattr(suite, "run_grid", fake_grid)
     argv = ["eval", "--methods", "dense", "a_shape:local_blocks=4,sink_blocks=2", "--decode", "streaming:window=256",
             "--backend", "reference", "--tasks", "passkey", "perplexity", "--lengths", "1024,2048",
-            "-o", "a_shape.block_size=32"]
+            "-o", "a_shape.block_size=32", "--max-gen-toks", "32"]
     assert main(argv) == 0
     assert seen == {"methods": ["dense", "a_shape:local_blocks=4,sink_blocks=2"], "tasks": ["passkey", "perplexity"],
                     "lengths": [1024, 2048], "options": {"a_shape": {"block_size": "32"}},
-                    "decode": "streaming:window=256", "backend": "reference"}
+                    "decode": "streaming:window=256", "backend": "reference", "max_gen_toks": 32}
     assert main(["eval"]) == 0  # the defaults, comma separated
+    assert seen["max_gen_toks"] is None
     assert seen["methods"] == ["dense", "a_shape", "blasst"] and seen["lengths"] == [2048, 4096, 8192]
     assert seen["tasks"] == ["passkey", "perplexity", "niah_single_1"]
 

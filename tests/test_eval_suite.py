@@ -59,6 +59,8 @@ def test_suite_runs_offline_on_the_embedded_checkpoint(tmp_path):
     assert 0 < result["fidelity"]["recall"] < 1 and result["fidelity"]["rel_error"] > 0
     with pytest.raises(ValueError, match="offline tasks: passkey, perplexity, niah_single_1"):
         run_grid("smollm2", ["dense"], ["ruler_qa_squad"], [1024], 1, tmp_path)
+    with pytest.raises(ValueError, match="max_gen_toks must be a positive integer"):
+        run_grid("smollm2", ["dense"], ["passkey"], [1024], 1, tmp_path, max_gen_toks=0)
 
 
 def test_result_file_names_stay_stable():

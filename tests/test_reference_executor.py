@@ -125,8 +125,12 @@ def test_selection_roundtrip_and_validation():
         beyond.validate()
 
 
-def test_token_gather_matches_masked_dense():
-    from attnpatch.backends.reference import token_gather_attention
+@pytest.mark.parametrize("chunk_bytes", [None, 1], ids=["one-chunk", "chunk-per-query-block"])
+def test_token_gather_matches_masked_dense(chunk_bytes, monkeypatch):
+    from attnpatch.backends.reference import executors, token_gather_attention
+
+    if chunk_bytes is not None:
+        monkeypatch.setattr(executors, "_CHUNK_BYTES", chunk_bytes)
     from attnpatch.sparsity import TokenSelection
 
     lq, lk, bq = 40, 70, 16

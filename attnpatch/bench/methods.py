@@ -11,12 +11,24 @@ its `select` (estimate + selection), of the selection on the `auto` backend and 
 (the same selection), the density it chose, the estimate's share of the total, and the speedup of
 select + auto over cuDNN and over the fastest dense row. Writes `methods.json` and `methods.md`;
 results are saved after every row.
+
+Real inputs: `--real smollm2:8192:15` adds Q/K/V captured from layer 15 of the embedded checkpoint
+on a window of Pride and Prejudice of 8192 tokens (through `Patch.observe` on a dense patch), as the
+shape `smollm2-L15` (9 query / 3 key-value heads, head dim 64); `gemma3-270m:32768:5` takes a Gemma
+full-attention layer (4 / 1 heads, head dim 256).
+
+Peer row: `--peer-flexprefill FILE` times FlexPrefill's published op (`flex_prefill_attention` from
+its `flex_prefill/ops/flex_prefill_attention.py`, fetched at benchmark time into an ignored folder,
+never committed) on the same Q/K/V at its defaults (γ 0.9, τ 0.1, min budget 512, block 128), with the
+density it reports converted to causal block pairs.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -126,6 +138,63 @@ def dense_rows(shape: str, length: int, q, k, v) -> list[Row]:
     return rows
 
 
+def captured_qkv(model_name: str, length: int, layer: int, device: torch.device, dtype: torch.dtype):
+    """`(q, k, v)` `[1, H, L, D]` that `layer` of a real checkpoint receives on `length` tokens of Pride and
+    Prejudice (dense prefill, no LM head)."""
+    from attnpatch.api import patch_model
+    from attnpatch.eval.texts import austen
+    from attnpatch.models import load
+
+    model, tok = load(model_name, device=str(device), dtype=dtype)
+    ids = tok(austen(), return_tensors="pt", add_special_tokens=False).input_ids[:, :length].to(device)
+    got: dict[str, torch.Tensor] = {}
+
+    def keep(call):
+        if call.layer == layer and call.phase == "prefill":
+            got.update(q=call.query.detach().clone(), k=call.key.detach().clone(), v=call.value.detach().clone())
+
+    with torch.no_grad(), patch_model(model, "dense") as patch:
+        patch.observe(keep)
+        model.get_decoder()(input_ids=ids, use_cache=False)
+    if not got:
+        raise ValueError(f"{model_name} has no layer {layer}")
+    del model
+    return got["q"], got["k"], got["v"]
+
+
+def load_peer(path: str, name: str = "flex_prefill_attention") -> Callable:
+    """The function `name` of a peer's Python file (a benchmark-time download; not part of attnpatch)."""
+    spec = importlib.util.spec_from_file_location("attnpatch_peer_" + Path(path).stem, path)
+    if spec is None or spec.loader is None:
+        raise ValueError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return getattr(module, name)
+
+
+def flexprefill_peer_row(shape: str, length: int, q, k, v, op: Callable, gamma: float = 0.9, tau: float = 0.1,
+                         min_budget: int = 512, block: int = 128) -> Row:
+    """FlexPrefill's own op (layout [B, L, H, D], batch 1) on the same inputs; its reported ratio counts
+    kept blocks over the full block square, converted here to causal block pairs."""
+    row = Row(shape, length, "peer:flexprefill", f"peer:flexprefill(gamma={gamma},tau={tau},min_budget={min_budget})",
+              backend="peer op")
+    qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+
+    def call():
+        return op(qt, kt, vt, gamma=gamma, tau=tau, min_budget=min_budget, block_size=block,
+                  return_computational_ratio=True)
+
+    try:
+        row.total_ms, (_, ratio) = _timed(call)
+    except Exception as e:  # noqa: BLE001  (the peer failing is a result)
+        row.note = f"peer op failed: {type(e).__name__}: {e}"
+        return row
+    n = math.ceil(length / block)
+    row.density = float(ratio) * n * n / (n * (n + 1) / 2)
+    row.note = "FlexPrefill's published op (estimate + its Triton block kernel), fetched at benchmark time"
+    return row
+
+
 def add_speedups(rows: list[Row]) -> None:
     for key in {(r.shape, r.length) for r in rows}:
         group = [r for r in rows if (r.shape, r.length) == key]
@@ -133,7 +202,7 @@ def add_speedups(rows: list[Row]) -> None:
         dense = [r.total_ms for r in group if r.spec == "" and r.total_ms]
         best = min(dense) if dense else None
         for r in group:
-            if r.spec and r.total_ms:
+            if r.spec and r.total_ms is not None:
                 r.speedup_vs_cudnn = cudnn / r.total_ms if cudnn else None
                 r.speedup_vs_best_dense = best / r.total_ms if best else None
 
@@ -142,7 +211,7 @@ def markdown(data: dict) -> str:
     env = data["environment"]
     lines = [f"# Methods at the attention-layer level — {env.get('gpu') or 'CPU'}", "",
              f"torch {env.get('torch')}, triton {env.get('triton')}, {data['dtype']}; planted synthetic Q/K/V "
-             "(`attnpatch.bench.synthetic`); B = 1.", "", f"Command: `{env.get('command')}`", "",
+             "(`attnpatch.bench.synthetic`) and, in rows named after a checkpoint, Q/K/V captured from it; B = 1.", "", f"Command: `{env.get('command')}`", "",
              "| shape | L | row | density | select ms | exec ms (backend) | flex ms | total ms | estimate share "
              "| vs cuDNN | vs best dense | note |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
@@ -167,12 +236,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--budget-s", type=float, default=480.0, help="start no new (shape, length) after this")
+    p.add_argument("--real", nargs="*", default=[], metavar="MODEL:LENGTH:LAYER",
+                   help="also Q/K/V captured from a real checkpoint's layer, e.g. smollm2:8192:15")
+    p.add_argument("--peer-flexprefill", default=None, metavar="FILE",
+                   help="FlexPrefill's flex_prefill_attention.py (fetched at benchmark time): adds its op as a row")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("the method benchmark needs a CUDA GPU (or --device cpu for a smoke run)", file=sys.stderr)
         return 2
     specs = args.methods or default_specs()
+    peer = load_peer(args.peer_flexprefill) if args.peer_flexprefill else None
     for text in specs:
         PatchSpec.parse(text)  # bad specs fail before any timing
     dtype = getattr(torch, args.dtype)
@@ -190,11 +264,24 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             q, k, v = planted_qkv(1, hq, hkv, length, d, device=device, dtype=dtype)
             rows += dense_rows(shape, length, q, k, v) + method_rows(shape, length, q, k, v, specs)
+            if peer is not None:
+                rows.append(flexprefill_peer_row(shape, length, q, k, v, peer))
             add_speedups(rows)
             data["rows"] = [asdict(r) for r in rows]
             (out / "methods.json").write_text(json.dumps(data, indent=1))
             (out / "methods.md").write_text(markdown(data))
             del q, k, v
+    for item in args.real:
+        model_name, length, layer = item.split(":")
+        q, k, v = captured_qkv(model_name, int(length), int(layer), device, dtype)
+        shape = f"{model_name}-L{layer}"
+        rows += dense_rows(shape, int(length), q, k, v) + method_rows(shape, int(length), q, k, v, specs)
+        if peer is not None and q.shape[-1] in (16, 32, 64, 128):
+            rows.append(flexprefill_peer_row(shape, int(length), q, k, v, peer))
+        add_speedups(rows)
+        data["rows"] = [asdict(r) for r in rows]
+        (out / "methods.json").write_text(json.dumps(data, indent=1))
+        (out / "methods.md").write_text(markdown(data))
     print(markdown(data))
     return 0
 

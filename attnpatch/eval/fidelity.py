@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from attnpatch.api import patch_model
-from attnpatch.backends.reference import block_sparse_attention
-from attnpatch.sparsity import BlockSelection, num_blocks
+from attnpatch.backends.reference import block_sparse_attention, token_gather_attention
+from attnpatch.sparsity import BlockSelection, KeyBounds, TokenSelection, num_blocks
 from attnpatch.spec import PatchSpec
 
 _ROW_CHUNK = 1024
@@ -95,6 +95,49 @@ def layer_fidelity(layer, query, key, value, selection: BlockSelection, mask, sc
     return heads, LayerRecord(layer, computed[0].cpu(), mass[0].cpu())
 
 
+def true_token_recall(query, key, scale, selection: TokenSelection, mask=None) -> torch.Tensor:
+    """`[B, Hq]`: the mean over query rows of the true softmax mass on the keys listed for the row's
+    query block (row chunks of `_ROW_CHUNK × Lk` scores per head, as `true_block_mass`)."""
+    b, hq, lq, _ = query.shape
+    hkv, lk = key.shape[1], key.shape[2]
+    r, kmax = selection.counts.shape[-1], selection.indices.shape[-1]
+    listed = torch.arange(kmax, device=query.device) < selection.counts.unsqueeze(-1)
+    chosen = torch.zeros(b, hq, r, lk + 1, dtype=torch.bool, device=query.device)
+    chosen.scatter_(-1, torch.where(listed, selection.indices.long(), lk), True)
+    chosen = chosen[..., :lk]
+    kf = key.float().repeat_interleave(hq // hkv, 1)
+    kpos = torch.arange(lk, device=query.device)
+    total = torch.zeros(b, hq, dtype=torch.float64, device=query.device)
+    for r0 in range(0, lq, _ROW_CHUNK):
+        r1 = min(lq, r0 + _ROW_CHUNK)
+        s = torch.matmul(query[:, :, r0:r1].float(), kf.transpose(-1, -2)) * scale
+        qpos = torch.arange(r0, r1, device=query.device) + (lk - lq)
+        allowed = kpos[None, :] <= qpos[:, None]
+        if mask is not None:
+            allowed = allowed & mask[:, :, r0:r1]
+        p = torch.softmax(s.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0)
+        rows_chosen = chosen[:, :, torch.arange(r0, r1, device=query.device) // selection.block_q]
+        total += (p * rows_chosen).sum((-1, -2), dtype=torch.float64)
+    return (total / lq).float()
+
+
+def token_layer_fidelity(layer, query, key, value, selection: TokenSelection, bounds: KeyBounds, mask, scale):
+    """Per-head fidelity of one token-granularity call (recall over the listed keys, output error of
+    the gathered attention, exact (query, key) pair density); no block maps."""
+    hq, lq = query.shape[1], query.shape[2]
+    sparse = token_gather_attention(query.float(), key.float(), value.float(), selection, scale=scale, bounds=bounds)
+    dense = F.scaled_dot_product_attention(query.float(), key.float(), value.float(), scale=scale, enable_gqa=True,
+                                           attn_mask=mask, is_causal=mask is None and lq == key.shape[2])
+    if mask is None and lq != key.shape[2]:
+        raise ValueError("chunked prefill without a mask is not measured")
+    recall = true_token_recall(query, key, scale, selection, mask)
+    kept, total = selection.kept_and_total()
+    density = (kept / total).float()
+    err = (sparse.float() - dense).flatten(2).norm(dim=-1) / dense.flatten(2).norm(dim=-1).clamp(min=1e-30)
+    return [HeadFidelity(layer, h, float(density[h]), float(recall[:, h].mean()), float(err[:, h].mean()))
+            for h in range(hq)]
+
+
 @dataclass
 class FidelityReport:
     model: str
@@ -117,17 +160,22 @@ class FidelityReport:
 @torch.no_grad()
 def measure(model, input_ids, method: str | PatchSpec, keep_layers=(), model_name: str = "", **options):
     """Run one prefill with `method` (a name with `options`, a "name:k=v" string or a PatchSpec) on the
-    reference backend and measure every sparse layer; returns (report, {layer: LayerRecord})."""
+    reference backend and measure every sparse layer (block or token selections); returns (report,
+    {layer: LayerRecord}; block selections only)."""
     spec = method if isinstance(method, PatchSpec) else PatchSpec.build(method, **options)
     spec = dataclasses.replace(spec, backend="reference")
     report = FidelityReport(model_name, spec.method, dict(spec.prefill_options), int(input_ids.shape[1]))
     records: dict[int, LayerRecord] = {}
 
     def observe(call):
-        if call.phase != "prefill" or not isinstance(call.selection, BlockSelection):
+        if call.phase != "prefill" or not isinstance(call.selection, BlockSelection | TokenSelection):
             return
         b, _, lq, _ = call.query.shape
         mask = None if call.bounds.is_plain else call.bounds.dense_mask(b, lq, call.key.shape[2], call.query.device)
+        if isinstance(call.selection, TokenSelection):
+            report.heads.extend(token_layer_fidelity(call.layer, call.query, call.key, call.value, call.selection,
+                                                     call.bounds, mask, call.scale))
+            return
         heads, record = layer_fidelity(call.layer, call.query, call.key, call.value, call.selection, mask, call.scale)
         report.heads.extend(heads)
         if call.layer in keep_layers:
@@ -135,7 +183,7 @@ def measure(model, input_ids, method: str | PatchSpec, keep_layers=(), model_nam
 
     with patch_model(model, spec) as patch:
         patch.observe(observe)
-        model(input_ids.to(model.device), use_cache=False)
+        model.get_decoder()(input_ids=input_ids.to(model.device), use_cache=False)  # no LM head: not measured
         stats = patch.stats()
     report.dense_layers = [d["layer"] for d in stats.layers if d["dense_fallbacks"]]
     return report, records

@@ -6,14 +6,28 @@ import math
 
 import torch
 
+LOGIT_ROWS = 2048  # rows of logits at a time (Gemma 3: 262K-entry vocabulary, 2 GiB of fp32 per 2048 rows)
+
 
 @torch.no_grad()
 def window_perplexity(model, tokenizer, text: str, length: int, offset: int = 0) -> float:
-    """exp(mean next-token NLL) over `length` tokens of `text` starting at token `offset`."""
+    """exp(mean next-token NLL) over `length` tokens of `text` starting at token `offset`.
+
+    One prefill of the decoder; the LM head (and the final logit soft-capping where the config has one)
+    runs over `LOGIT_ROWS` positions at a time, so a 32K window of a 262K-vocabulary model never holds
+    its full `[L, vocab]` logits (17 GB in bf16).
+    """
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[:, offset : offset + length]
     if ids.shape[1] < length:
         raise ValueError(f"text has only {ids.shape[1]} tokens after offset {offset}; {length} asked")
     ids = ids.to(model.device)
-    logits = model(ids, use_cache=False).logits.float()
-    nll = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="mean")
-    return math.exp(float(nll))
+    hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state[0, :-1]
+    head = model.get_output_embeddings()
+    cap = getattr(getattr(model.config, "get_text_config", lambda: model.config)(), "final_logit_softcapping", None)
+    total = 0.0
+    for r0 in range(0, hidden.shape[0], LOGIT_ROWS):
+        logits = head(hidden[r0 : r0 + LOGIT_ROWS]).float()
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        total += float(torch.nn.functional.cross_entropy(logits, ids[0, r0 + 1 : r0 + 1 + LOGIT_ROWS], reduction="sum"))
+    return math.exp(total / hidden.shape[0])

@@ -112,7 +112,7 @@ def _passkey(model, tok, length: int, limit: int) -> float:
     return correct / limit
 
 
-def _ruler(model, tok, task: str, length: int, limit: int, model_path: str) -> float:
+def _ruler(model, tok, task: str, length: int, limit: int, model_path: str, max_gen_toks: int | None = None) -> float:
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
@@ -121,6 +121,7 @@ def _ruler(model, tok, task: str, length: int, limit: int, model_path: str) -> f
     lm = HFLM(pretrained=model, tokenizer=tok, max_length=length + 256, batch_size=1)
     with offline_essays():
         out = simple_evaluate(model=lm, tasks=[task], limit=limit,
+                              gen_kwargs=None if max_gen_toks is None else {"max_gen_toks": max_gen_toks},
                               metadata={"max_seq_lengths": [length], "pretrained": model_path, "tokenizer": model_path})
     scores = out["results"][task]
     key = next(k for k in scores if k.startswith(f"{length},"))
@@ -137,9 +138,11 @@ def _fidelity(model, tok, run: RunSpec) -> dict:
 
 
 def run_one(model, tok, run: RunSpec, tasks, limit: int, model_name: str, model_path: str,
-            measure_fidelity: bool = True) -> dict:
+            measure_fidelity: bool = True, max_gen_toks: int | None = None) -> dict:
     """One (spec, length) run over `tasks` (the patch is active for all of them), plus the fidelity of
-    the same prefill method on one prompt (attention recall, output error, density)."""
+    the same prefill method on one prompt (attention recall, output error, density). `max_gen_toks`
+    caps the RULER tasks' generation (their own setting otherwise: 128 tokens for the NIAH tasks,
+    whose answers are a few tokens and scored by inclusion)."""
     scores: dict[str, float] = {}
     start = time.time()
     with patch_model(model, run.spec) as patch:
@@ -151,12 +154,13 @@ def run_one(model, tok, run: RunSpec, tasks, limit: int, model_name: str, model_
 
                 scores[task] = window_perplexity(model, tok, austen(), run.length)
             else:
-                scores[task] = _ruler(model, tok, task, run.length, limit, model_path)
+                scores[task] = _ruler(model, tok, task, run.length, limit, model_path, max_gen_toks)
         stats = patch.stats()
     fidelity = _fidelity(model, tok, run) if measure_fidelity else None
     return {"model": model_name, "method": run.method, "options": run.options, "decode": run.spec.decode,
             "decode_options": dict(run.spec.decode_options), "spec": run.spec.to_dict(), "length": run.length,
-            "limit": limit, "scores": scores, "density": stats.density, "skipped_fraction": stats.skipped_fraction,
+            "limit": limit, "max_gen_toks": max_gen_toks, "scores": scores, "density": stats.density,
+            "skipped_fraction": stats.skipped_fraction,
             "dense_fallbacks": stats.dense_fallbacks, "backends": stats.backends,
             "backend_declined": stats.backend_declined,
             "density_per_layer": [d["density"] for d in stats.layers],
@@ -168,13 +172,17 @@ def run_one(model, tok, run: RunSpec, tasks, limit: int, model_name: str, model_
 
 def run_grid(model_name: str, methods: Sequence[str | PatchSpec], tasks: Sequence[str], lengths: Sequence[int],
              limit: int, out_dir: str | Path, options: Mapping[str, Mapping[str, Any]] | None = None,
-             decode: str | None = None, backend: str | Mapping[str, str] = "auto") -> list[Path]:
+             decode: str | None = None, backend: str | Mapping[str, str] = "auto",
+             max_gen_toks: int | None = None) -> list[Path]:
     """Every method × length; returns the JSON files written (one per run). `methods`: names,
     "name:k=v" specs or PatchSpecs; `options`: extra options per prefill method name; `decode` and
-    `backend` apply to the methods given as text. Everything is validated before the model loads."""
+    `backend` apply to the methods given as text; `max_gen_toks` caps RULER generations (`run_one`).
+    Everything is validated before the model loads."""
     bad = [t for t in tasks if t not in TASKS]
     if bad:
         raise ValueError(f"unknown task(s) {bad}; offline tasks: {', '.join(TASKS)}")
+    if max_gen_toks is not None and (not isinstance(max_gen_toks, int) or max_gen_toks < 1):
+        raise ValueError(f"max_gen_toks must be a positive integer or None, got {max_gen_toks!r}")
     bad_lengths = [n for n in lengths if not isinstance(n, int) or n <= 0]
     if bad_lengths or not lengths:
         raise ValueError(f"lengths must be positive integers, got {list(lengths)}")
@@ -188,7 +196,7 @@ def run_grid(model_name: str, methods: Sequence[str | PatchSpec], tasks: Sequenc
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for run in tqdm(runs, desc="attnpatch eval"):
-        result = run_one(model, tok, run, tasks, limit, model_name, resolve(model_name))
+        result = run_one(model, tok, run, tasks, limit, model_name, resolve(model_name), max_gen_toks=max_gen_toks)
         path = out / f"{run.name}.json"
         path.write_text(json.dumps(result, indent=1))
         written.append(path)

@@ -202,7 +202,8 @@ def token_gather_attention(
     """Exact attention of each query block over its selected key positions (causal per token, plus
     `bounds`: padding, sliding window, or a tensor mask in `bounds.mask`).
 
-    Shapes as `block_sparse_attention`; memory O(Lq · K) for K selected keys per query block.
+    Shapes as `block_sparse_attention`. Query blocks run in chunks of about `_CHUNK_BYTES` of gathered
+    keys, values and scores, so memory stays O(chunk rows · K) for K selected keys per query block.
     """
     b, hq, lq, d = query.shape
     hkv, lk = key.shape[1], key.shape[2]
@@ -214,25 +215,34 @@ def token_gather_attention(
     device = query.device
     bi = torch.arange(b, device=device).view(b, 1, 1, 1)
     hi = (torch.arange(hq, device=device) // group).view(1, hq, 1, 1)
-    pos = selection.indices.long().clamp(0, lk - 1)  # [B,H,R,K]
-    kept = torch.arange(kmax, device=device) < selection.counts.unsqueeze(-1)
-    kg = key[bi, hi, pos].float()  # [B,H,R,K,D]
-    vg = value[bi, hi, pos].float()
-    q = pad_to(query, n_qb * bq, 2).view(b, hq, n_qb, bq, d).float()
-    scores = torch.matmul(q, kg.transpose(-1, -2)) * scale  # [B,H,R,bq,K]
-    qpos = (torch.arange(n_qb, device=device).view(n_qb, 1) * bq + torch.arange(bq, device=device)) + (lk - lq)
-    ok = kept.unsqueeze(-2) & (pos.unsqueeze(-2) <= qpos.view(1, 1, n_qb, bq, 1))
-    if bounds is not None and bounds.mask is not None:
-        m = bounds.mask
-        mrows = pad_to(m, n_qb * bq, 2).view(b, m.shape[1], n_qb, bq, lk).expand(b, hq, n_qb, bq, lk)
-        ok = ok & torch.gather(mrows, -1, pos.unsqueeze(-2).expand(b, hq, n_qb, bq, kmax))
-    elif bounds is not None and not bounds.is_plain:
-        ok = ok & bounds.visible(qpos.view(1, 1, n_qb, bq, 1), pos.unsqueeze(-2), b)
-    scores = scores.masked_fill(~ok, float("-inf"))
-    lse = torch.logsumexp(scores.detach(), -1)
-    out = torch.matmul(safe_softmax(scores), vg)
-    out = out.reshape(b, hq, n_qb * bq, -1)[:, :, :lq].to(query.dtype)
-    return (out, lse.reshape(b, hq, n_qb * bq)[:, :, :lq]) if return_lse else out
+    q_all = pad_to(query, n_qb * bq, 2).view(b, hq, n_qb, bq, d)
+    mask = None if bounds is None else bounds.mask
+    if mask is not None:
+        mask = pad_to(mask, n_qb * bq, 2).view(b, mask.shape[1], n_qb, bq, lk)
+    per_qblock = 4 * b * hq * kmax * (2 * d + 2 * bq)  # fp32 keys and values, scores and probabilities
+    chunk = max(1, min(n_qb, _CHUNK_BYTES // max(per_qblock, 1)))
+    outs, lses = [], []
+    for r0 in range(0, n_qb, chunk):
+        r1 = min(n_qb, r0 + chunk)
+        pos = selection.indices[:, :, r0:r1].long().clamp(0, lk - 1)  # [B,H,r,K]
+        kept = torch.arange(kmax, device=device) < selection.counts[:, :, r0:r1].unsqueeze(-1)
+        kg = key[bi, hi, pos].float()  # [B,H,r,K,D]
+        vg = value[bi, hi, pos].float()
+        scores = torch.matmul(q_all[:, :, r0:r1].float(), kg.transpose(-1, -2)) * scale  # [B,H,r,bq,K]
+        del kg
+        qpos = (torch.arange(r0, r1, device=device).view(-1, 1) * bq + torch.arange(bq, device=device)) + (lk - lq)
+        ok = kept.unsqueeze(-2) & (pos.unsqueeze(-2) <= qpos.view(1, 1, r1 - r0, bq, 1))
+        if mask is not None:
+            mrows = mask[:, :, r0:r1].expand(b, hq, r1 - r0, bq, lk)
+            ok = ok & torch.gather(mrows, -1, pos.unsqueeze(-2).expand(b, hq, r1 - r0, bq, kmax))
+        elif bounds is not None and not bounds.is_plain:
+            ok = ok & bounds.visible(qpos.view(1, 1, r1 - r0, bq, 1), pos.unsqueeze(-2), b)
+        scores = scores.masked_fill(~ok, float("-inf"))
+        lses.append(torch.logsumexp(scores.detach(), -1))
+        outs.append(torch.matmul(safe_softmax(scores), vg).to(query.dtype))
+    out = torch.cat(outs, 2).reshape(b, hq, n_qb * bq, -1)[:, :, :lq]
+    lse = torch.cat(lses, 2).reshape(b, hq, n_qb * bq)[:, :, :lq]
+    return (out, lse) if return_lse else out
 
 
 def paged_decode_attention(

@@ -1,0 +1,70 @@
+"""Run `attnpatch eval` jobs side by side on one machine (the GPU runs of the fidelity sweep).
+
+    python bench/scripts/parallel_eval.py --out DIR --workers 12 --deadline-s 500 \
+        --job "smollm2|4096,8192|bench/scripts/fidelity_specs.txt" --job "gemma3-270m|16384,32768|FILE" \
+        -- --tasks passkey,perplexity,niah_single_1 --limit 20 --max-gen-toks 32 --backend triton
+
+Each line of a spec file is one job (one process: the model loads once, then every length runs);
+arguments after `--` go to every `attnpatch eval`. No job starts after `--deadline-s`; running ones
+are stopped at `--deadline-s` + `--grace-s` (a finished length has already written its JSON).
+Each job logs to DIR/logs/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def jobs_of(text: str) -> list[tuple[str, str, str]]:
+    model, lengths, spec_file = text.split("|")
+    specs = [s.strip() for s in Path(spec_file).read_text().splitlines() if s.strip() and not s.startswith("#")]
+    return [(model, lengths, s) for s in specs]
+
+
+def main() -> int:
+    argv = sys.argv[1:]
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--job", action="append", required=True, help="MODEL|LENGTHS|SPEC_FILE")
+    p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--deadline-s", type=float, default=500.0)
+    p.add_argument("--grace-s", type=float, default=30.0)
+    args = p.parse_args(argv)
+    queue = [j for text in args.job for j in jobs_of(text)]
+    out = Path(args.out)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    running: list[tuple[subprocess.Popen, str]] = []
+    while queue or running:
+        running = [(proc, name) for proc, name in running if proc.poll() is None]
+        now = time.time() - start
+        if now > args.deadline_s + args.grace_s:
+            for proc, name in running:
+                proc.kill()
+                print(f"stopped at the deadline: {name}", flush=True)
+            break
+        while queue and len(running) < args.workers and now < args.deadline_s:
+            model, lengths, spec = queue.pop(0)
+            name = f"{model}__{re.sub(r'[^A-Za-z0-9.=_-]', '_', spec)}"
+            log = open(out / "logs" / f"{name}.log", "w")  # noqa: SIM115  (closed with the process)
+            cmd = [sys.executable, "-m", "attnpatch.cli", "eval", "--model", model, "--methods", spec, "--lengths", lengths,
+                   "--out", str(out / f"eval_{model}"), *extra]
+            running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), name))
+            print(f"{now:6.0f}s start {name}", flush=True)
+        if queue and now >= args.deadline_s:
+            print(f"deadline: {len(queue)} job(s) not started: {[s for _, _, s in queue]}", flush=True)
+            queue = []
+        time.sleep(2)
+    print(f"done in {time.time() - start:.0f}s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
