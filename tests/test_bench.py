@@ -114,3 +114,33 @@ def test_planted_inputs_have_sinks_and_a_local_band():
     assert p[512:, :4].sum(-1).mean() > 0.1  # the sinks draw mass from far queries
     near = torch.stack([p[i, i - 64: i + 1].sum() for i in range(512, 1024, 64)]).mean()
     assert near > 1.5 * 65 / 768  # the band: well above a uniform share of 65 keys around position 768
+
+
+def test_method_benchmark_peer_row_real_inputs_and_replot(tmp_path):
+    """The peer row times a peer's op from a file and converts its full-square ratio to causal block
+    pairs; `--real` adds rows on Q/K/V captured from the embedded checkpoint; `--plot-only` redraws."""
+    import json
+
+    from attnpatch.bench.methods import main
+
+    peer = tmp_path / "peer_op.py"
+    peer.write_text(
+        "import torch\n"
+        "def flex_prefill_attention(q, k, v, gamma, tau, min_budget, block_size, return_computational_ratio):\n"
+        "    assert q.dim() == 4 and q.shape[1] == k.shape[1]  # [B, L, H, D]\n"
+        "    out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),\n"
+        "        v.transpose(1, 2), is_causal=True, enable_gqa=True).transpose(1, 2)\n"
+        "    return out, 0.5\n")
+    out = tmp_path / "out"
+    assert main(["--out", str(out), "--shapes", "tiny", "--lengths", "256", "--device", "cpu", "--dtype", "float32",
+                 "--methods", "a_shape:block_size=16,local_blocks=2", "--peer-flexprefill", str(peer),
+                 "--real", "smollm2:128:3"]) == 0
+    rows = json.loads((out / "methods.json").read_text())["rows"]
+    peer_row = next(r for r in rows if r["name"] == "peer:flexprefill" and r["shape"] == "tiny")
+    assert abs(peer_row["density"] - 0.5 * 4 / 3) < 1e-9 and peer_row["total_ms"] > 0  # 2 blocks of 128
+    real = [r for r in rows if r["shape"] == "smollm2-L3"]
+    assert {r["name"] for r in real} >= {"sdpa-cudnn", "a_shape", "peer:flexprefill"}
+    assert next(r for r in real if r["name"] == "a_shape")["density"] < 1
+    replot = tmp_path / "replot"
+    assert main(["--plot-only", str(out / "methods.json"), "--out", str(replot)]) == 0
+    assert (replot / "methods.md").read_text() == (out / "methods.md").read_text()

@@ -216,7 +216,8 @@ def default_repeats(length: int) -> int:
     return 5 if length <= 32768 else 3
 
 
-def environment(command: str, device: torch.device, dtype: torch.dtype, tiny: bool) -> dict[str, Any]:
+def environment(command: str, device: torch.device, dtype: torch.dtype, tiny: bool,
+                layers: int | None = None) -> dict[str, Any]:
     import platform
 
     import transformers
@@ -230,7 +231,7 @@ def environment(command: str, device: torch.device, dtype: torch.dtype, tiny: bo
         "triton": _package_version("triton"),
         "flash_attn": flash_attn_version(),
         "python": platform.python_version(), "command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "model": "tiny Llama" if tiny else "Llama-3.1-8B-shaped, 2 layers, random weights",
+        "model": "tiny Llama" if tiny else f"Llama-3.1-8B-shaped, {layers or 2} layers, random weights",
         "config": TINY if tiny else LLAMA31_8B,
         "backends": {name: b.unavailable(device) or "available" for name, b in BACKENDS.items()},
     }
@@ -300,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown backend(s) {unknown}")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     command = "python -m attnpatch.bench.hf_prefill " + " ".join(sys.argv[1:] if argv is None else argv)
-    data: dict[str, Any] = {"environment": environment(command, device, dtype, args.tiny), "rows": []}
+    data: dict[str, Any] = {"environment": environment(command, device, dtype, args.tiny, args.layers), "rows": []}
     model = build_model(args.tiny, device, dtype, layers=args.layers)
     vocab = model.config.vocab_size
     rows: list[Row] = []

@@ -226,6 +226,38 @@ def markdown(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(data: dict, path: Path) -> None:
+    """Speedup over cuDNN (estimation included) against context length, one panel per shape, a line per
+    method spec (the peer dashed); nothing when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = [r for r in data["rows"] if r["spec"] and r["speedup_vs_cudnn"]]
+    shapes = sorted({r["shape"] for r in rows})
+    if not shapes:
+        return
+    fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4.5), squeeze=False)
+    for ax, shape in zip(axes[0], shapes, strict=True):
+        for spec in dict.fromkeys(r["spec"] for r in rows if r["shape"] == shape):
+            pts = sorted((r["length"], r["speedup_vs_cudnn"]) for r in rows if r["shape"] == shape and r["spec"] == spec)
+            ax.plot([p[0] // 1024 for p in pts], [p[1] for p in pts], "--" if spec.startswith("peer") else "-",
+                    marker="o", label=spec[:40])
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context length (K tokens)")
+        ax.set_ylabel("speedup over SDPA cuDNN (estimate included)")
+        ax.set_title(shape)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m attnpatch.bench.methods", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -236,11 +268,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--budget-s", type=float, default=480.0, help="start no new (shape, length) after this")
+    p.add_argument("--plot-only", default=None, metavar="JSON",
+                   help="redraw methods.md and methods.png from a methods.json into --out, measure nothing")
     p.add_argument("--real", nargs="*", default=[], metavar="MODEL:LENGTH:LAYER",
                    help="also Q/K/V captured from a real checkpoint's layer, e.g. smollm2:8192:15")
     p.add_argument("--peer-flexprefill", default=None, metavar="FILE",
                    help="FlexPrefill's flex_prefill_attention.py (fetched at benchmark time): adds its op as a row")
     args = p.parse_args(argv)
+    if args.plot_only:
+        data = json.loads(Path(args.plot_only).read_text())
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "methods.md").write_text(markdown(data))
+        plot(data, out / "methods.png")
+        return 0
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("the method benchmark needs a CUDA GPU (or --device cpu for a smoke run)", file=sys.stderr)
@@ -282,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         data["rows"] = [asdict(r) for r in rows]
         (out / "methods.json").write_text(json.dumps(data, indent=1))
         (out / "methods.md").write_text(markdown(data))
+    plot(data, out / "methods.png")
     print(markdown(data))
     return 0
 

@@ -52,7 +52,7 @@ def main() -> int:
             break
         while queue and len(running) < args.workers and now < args.deadline_s:
             model, lengths, spec = queue.pop(0)
-            name = f"{model}__{re.sub(r'[^A-Za-z0-9.=_-]', '_', spec)}"
+            name = f"{model}__{re.sub(r'[^A-Za-z0-9._-]', '_', spec)}"
             log = open(out / "logs" / f"{name}.log", "w")  # noqa: SIM115  (closed with the process)
             cmd = [sys.executable, "-m", "attnpatch.cli", "eval", "--model", model, "--methods", spec, "--lengths", lengths,
                    "--out", str(out / f"eval_{model}"), *extra]
