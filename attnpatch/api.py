@@ -70,6 +70,10 @@ class Patch:
         num_layers = self.adapter.num_layers(model.config)
         if spec.profile is not None:
             spec.profile.check(model, num_layers, spec.allow_other_weights)
+            made_for = spec.profile.meta.get("method")
+            if made_for and spec.method not in ("dense", made_for):
+                raise ValueError(f"profile {spec.profile.name!r} was calibrated for method {made_for!r}; patch with "
+                                 f"method={made_for!r} (or leave the method out) to use it, not {spec.method!r}")
         windows = self.adapter.sliding_windows(model.config)
         heads = self.adapter.heads(model.config)[0]
         plans = [self._plan(i, windows[i], heads, num_layers) for i in range(num_layers)]

@@ -235,6 +235,26 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"wrote {len(files)} result files to {args.out}")
 
 
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    from attnpatch.calibrate import calibrate
+    from attnpatch.calibrate.run import calibratable_methods
+    from attnpatch.models import load
+
+    if args.method not in calibratable_methods():
+        raise ValueError(f"--method {args.method!r} cannot be calibrated; calibratable: "
+                         f"{', '.join(calibratable_methods())}")
+    options = _parse_options(args.option or [])
+    model, tok = load(args.model)
+    profile = calibrate(model, tok, args.method, target_error=args.target_error, data=args.data,
+                        samples=args.samples, lengths=_ints(args.lengths, "--lengths"), options=options,
+                        steps=args.steps, name=args.name)
+    profile.meta["command"] = "attnpatch " + " ".join(args.argv)
+    profile.save(args.out)
+    a = profile.meta["achieved"]
+    print(f"wrote {args.out}: {args.method} calibrated in {profile.meta['seconds']} s; mean output error "
+          f"{a['error']:.4f} (target {args.target_error}), mean density {a['density']:.3f}")
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     from attnpatch.eval.report import write_report
 
@@ -365,6 +385,24 @@ def build_parser() -> argparse.ArgumentParser:
                     help="an option for every run of one prefill method (repeatable), e.g. a_shape.local_blocks=4")
     ev.set_defaults(func=cmd_eval)
 
+    ca = _sub(sub, "calibrate", "fit a method's per-head knob for a checkpoint; writes a profile JSON",
+              "Records the Q/K/V every layer receives on a few prompts (one dense forward each), then per "
+              "layer searches, for all heads at once, the sparsest value of the method's knob whose mean "
+              "relative output error stays within --target-error. Use the profile with "
+              "patch_model(model, METHOD, profile=PATH).")
+    ca.add_argument("--model", default="smollm2", help="'smollm2' (embedded), a local HF directory or a hub id")
+    ca.add_argument("--method", required=True, help="a prefill method with a per-head knob")
+    ca.add_argument("--target-error", type=float, default=0.05, help="relative attention-output error per head")
+    ca.add_argument("--data", default="text", help="'text', 'passkey' or a JSONL file ({\"text\": ...} per line)")
+    ca.add_argument("--samples", type=int, default=4, help="prompts per length")
+    ca.add_argument("--lengths", nargs="+", default="4096", metavar="N", help="prompt lengths in tokens")
+    ca.add_argument("--steps", type=int, default=8, help="bisection steps per layer")
+    ca.add_argument("-o", "--option", action="append", metavar="KEY=VALUE",
+                    help="fix one of the method's other options (repeatable), e.g. block_size=64")
+    ca.add_argument("--name", default="", help="profile name (default: METHOD-errTARGET)")
+    ca.add_argument("--out", default="profile.json", help="profile JSON file to write")
+    ca.set_defaults(func=cmd_calibrate)
+
     rp = _sub(sub, "report", "markdown + PNG from eval results (and a kernel benchmark JSON)")
     rp.add_argument("--results", default="eval-results", help="folder of `attnpatch eval` result JSON files")
     rp.add_argument("--bench", default=None, help="kernels.json from `attnpatch bench kernels` (optional)")
@@ -402,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd_lm_eval(argv[1:])
     try:
         args = build_parser().parse_args(argv)
+        args.argv = argv
         args.func(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"attnpatch: error: {e}", file=sys.stderr)

@@ -22,6 +22,32 @@ _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
 @dataclass(frozen=True)
+class Knob:
+    """The per-head option that calibration searches for a method: its search range, which end keeps
+    more keys (`denser`: "higher" or "lower"), and whether to step on a log scale."""
+
+    option: str
+    low: float
+    high: float
+    denser: str
+    log: bool = False
+
+    def __post_init__(self) -> None:
+        if self.denser not in ("higher", "lower"):
+            raise ValueError(f"Knob.denser must be 'higher' or 'lower', got {self.denser!r}")
+        if not self.low < self.high or (self.log and self.low <= 0):
+            raise ValueError(f"Knob range must satisfy 0 < low < high on a log scale, low < high otherwise; "
+                             f"got {self.low}, {self.high}")
+
+    def value(self, t: torch.Tensor) -> torch.Tensor:
+        """The option's value at density coordinate `t` in [0, 1] (0: sparsest end, 1: densest end)."""
+        u = t if self.denser == "higher" else 1 - t
+        if self.log:
+            return torch.exp(math.log(self.low) + u * (math.log(self.high) - math.log(self.low)))
+        return self.low + u * (self.high - self.low)
+
+
+@dataclass(frozen=True)
 class OptionSpec:
     """One option of a method: name, type, default, allowed range or choices, help text."""
 

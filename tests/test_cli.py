@@ -196,3 +196,29 @@ def test_inspect_checks_the_method_before_loading_the_model(monkeypatch, capsys)
     monkeypatch.setattr(attnpatch.models, "load", lambda *a, **k: pytest.fail("model loaded before the checks"))
     assert main(["inspect", "--method", "streaming"]) == 2
     assert "'streaming' is a decode method" in capsys.readouterr().err
+
+
+def test_calibrate_refuses_a_method_without_a_knob_before_loading(capsys):
+    assert main(["calibrate", "--method", "a_shape"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be calibrated" in err and "xattention" in err
+
+
+def test_calibrate_writes_a_profile(monkeypatch, tmp_path, capsys):
+    import attnpatch.calibrate as cal
+    import attnpatch.models as models
+    from attnpatch.profile import Profile
+
+    monkeypatch.setattr(models, "load", lambda name: ("model", "tok"))
+    seen = {}
+
+    def fake(model, tok, method, **kw):
+        seen.update(kw, method=method)
+        return Profile("p", None, {0: {"method": method}}, {"achieved": {"error": 0.01, "density": 0.4}, "seconds": 1})
+
+    monkeypatch.setattr(cal, "calibrate", fake)
+    out = tmp_path / "p.json"
+    assert main(["calibrate", "--method", "sale", "--lengths", "1024,2048", "-o", "block_size=32",
+                 "--target-error", "0.02", "--out", str(out)]) == 0
+    assert seen["lengths"] == [1024, 2048] and seen["options"] == {"block_size": "32"} and seen["target_error"] == 0.02
+    assert Profile.load(out).meta["command"].startswith("attnpatch calibrate --method sale")

@@ -13,8 +13,8 @@ LAYERS = [
     ("attnpatch.masking", "attnpatch.methods"),
     ("attnpatch.dispatch", "attnpatch.spec"),
     ("attnpatch.api",),
-    ("attnpatch.testing", "attnpatch.models", "attnpatch.eval", "attnpatch.bench", "attnpatch.demo",
-     "attnpatch.cli"),
+    ("attnpatch.testing", "attnpatch.models", "attnpatch.eval", "attnpatch.calibrate", "attnpatch.bench",
+     "attnpatch.demo", "attnpatch.cli"),
 ]
 
 

@@ -13,6 +13,7 @@ from typing import Any, ClassVar, NamedTuple
 
 import torch
 
+from attnpatch.options import Knob
 from attnpatch.sparsity import BlockSelection, KeyBounds, PageSelection, TokenSelection
 
 
@@ -66,6 +67,8 @@ class PrefillMethod:
     on_window_layers: ClassVar[str] = "window"
     # "block" (BlockSelection of `block_size` blocks) or "token" (TokenSelection): the unit stats count in.
     granularity: ClassVar[str] = "block"
+    # The per-head option calibration searches (`attnpatch.calibrate`); None: not calibratable that way.
+    knob: ClassVar[Knob | None] = None
 
     def select(self, query: torch.Tensor, key: torch.Tensor, ctx: PrefillContext
                ) -> BlockSelection | TokenSelection | DenseFallback:

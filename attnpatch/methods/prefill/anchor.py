@@ -10,7 +10,7 @@ import torch
 from attnpatch.estimators.anchor import pooled_anchors
 from attnpatch.estimators.pooled import pooled_scores
 from attnpatch.methods.base import DenseFallback, PrefillContext, PrefillMethod
-from attnpatch.options import option, per_head
+from attnpatch.options import Knob, option, per_head
 from attnpatch.registry import register_prefill
 from attnpatch.sparsity import num_blocks
 from attnpatch.sparsity.regions import query_block_span
@@ -70,6 +70,7 @@ class AnchorPrefill(PrefillMethod):
 
     granularity: ClassVar[str] = "token"
     full_density: ClassVar[dict] = {"theta": 1e30, "max_keys": 1 << 30}
+    knob: ClassVar = Knob("theta", 2.0, 24.0, denser="higher")
 
     block_size: int = option(128, "query block size (rows pooled into one query) in tokens",
                              choices=(16, 32, 64, 128))

@@ -15,7 +15,7 @@ from attnpatch.estimators.pooled import pool_blocks, pooled_block_attention
 from attnpatch.estimators.vertical_slash import block_diagonals, block_sums, top_per_head
 from attnpatch.methods.base import PrefillContext
 from attnpatch.methods.estimated import BlockScores, EstimatedPrefill
-from attnpatch.options import option
+from attnpatch.options import Knob, option
 from attnpatch.registry import register_prefill
 from attnpatch.sparsity import num_blocks
 from attnpatch.sparsity.selectors import Threshold
@@ -90,6 +90,7 @@ class FlexPrefill(EstimatedPrefill):
     selector: ClassVar = Threshold("keep_level")
     keep_level: ClassVar[float] = 0.5  # the estimate is already the kept-block mask (0 / 1)
     full_density: ClassVar[dict] = {"gamma": 1.0, "tau": 0.0, "min_budget": 0}
+    knob: ClassVar = Knob("gamma", 0.5, 0.999, denser="higher")
 
     gamma: float = option(0.9, "attention mass the vertical / slash budgets (and query-aware blocks) cover",
                           min=0.0, max=1.0, per_head=True)

@@ -9,7 +9,7 @@ from typing import ClassVar
 from attnpatch.estimators.proxy import coverage_budget, proxy_scores, rank_blocks
 from attnpatch.methods.base import PrefillContext
 from attnpatch.methods.estimated import BlockScores, EstimatedPrefill
-from attnpatch.options import option
+from attnpatch.options import Knob, option
 from attnpatch.registry import register_prefill
 from attnpatch.sparsity import num_blocks
 from attnpatch.sparsity.regions import allowed_blocks
@@ -53,6 +53,7 @@ class ProxyAttn(EstimatedPrefill):
     """
 
     full_density: ClassVar[dict] = {"min_blocks": 1 << 20}
+    knob: ClassVar = Knob("gamma", 0.5, 0.999, denser="higher")
     selector: ClassVar = Threshold("in_budget")
     in_budget: ClassVar[float] = 1.0  # keep blocks whose budget left (k - rank) is at least one
 

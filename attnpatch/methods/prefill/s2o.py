@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from attnpatch.estimators.pooled import pool_queries
 from attnpatch.estimators.token_mass import block_token_mass
 from attnpatch.methods.base import DenseFallback, PrefillContext, PrefillMethod
-from attnpatch.options import option, per_head
+from attnpatch.options import Knob, option, per_head
 from attnpatch.registry import register_prefill
 from attnpatch.sparsity import num_blocks
 from attnpatch.sparsity.regions import query_block_span
@@ -64,6 +64,7 @@ class S2OPrefill(PrefillMethod):
 
     granularity: ClassVar[str] = "token"
     full_density: ClassVar[dict] = {"tau": 0.0, "max_keys": 1 << 30}
+    knob: ClassVar = Knob("tau", 1e-3, 0.5, denser="lower", log=True)
 
     block_size: int = option(128, "query block and virtual key block size in tokens", choices=(16, 32, 64, 128))
     pool_size: int = option(32, "query rows averaged into one pooled query (at most block_size)",

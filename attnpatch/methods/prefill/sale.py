@@ -9,7 +9,7 @@ from typing import ClassVar
 from attnpatch.estimators.lowbit import relative_block_scores
 from attnpatch.methods.base import PrefillContext
 from attnpatch.methods.estimated import BlockScores, EstimatedPrefill
-from attnpatch.options import option
+from attnpatch.options import Knob, option
 from attnpatch.registry import register_prefill
 from attnpatch.sparsity import num_blocks
 from attnpatch.sparsity.regions import forced_blocks
@@ -50,6 +50,7 @@ class Sale(EstimatedPrefill):
     """
 
     full_density: ClassVar[dict] = {"tau": 0.0, "min_length": 0}
+    knob: ClassVar = Knob("tau", 1e-5, 0.5, denser="lower", log=True)
     selector: ClassVar = Threshold("tau")
 
     tau: float | tuple[float, ...] = option(

@@ -11,7 +11,7 @@ import torch
 from attnpatch.estimators.antidiagonal import antidiagonal_block_scores
 from attnpatch.methods.base import PrefillContext
 from attnpatch.methods.estimated import BlockScores, EstimatedPrefill
-from attnpatch.options import option
+from attnpatch.options import Knob, option
 from attnpatch.registry import register_prefill
 from attnpatch.sparsity import num_blocks
 
@@ -70,6 +70,7 @@ class XAttention(EstimatedPrefill):
 
     selector: ClassVar = MassAfterSinkAndDiagonal("threshold")
     full_density: ClassVar[dict] = {"threshold": 1.0}
+    knob: ClassVar = Knob("threshold", 0.5, 0.999, denser="higher")
 
     threshold: float = option(0.9, "cumulative attention mass kept per query block (τ)", min=0.0, max=1.0,
                               per_head=True)

@@ -1,0 +1,94 @@
+"""Per-head search of a method's knob against an output-error tolerance, on recorded layer inputs.
+
+For every head at once: bisection on the knob's density coordinate t ∈ [0, 1] (0: the sparsest end of
+its range, 1: the densest), keeping the sparsest t whose mean relative output error over the prompts
+(‖sparse − dense‖ / ‖dense‖ per head, the fidelity probe's measure) is within the tolerance. Heads are
+independent: a head's selection depends only on its own option value, and its error only on its
+selection. Assumes the error falls as t rises (true of thresholds and coverage targets up to ties).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from attnpatch.backends import BACKENDS
+from attnpatch.calibrate.record import LayerInputs
+from attnpatch.methods.base import DenseFallback, PrefillContext
+from attnpatch.options import Knob
+from attnpatch.registry import MethodInfo
+from attnpatch.sparsity import KeyBounds
+
+REFERENCE = BACKENDS["reference"]
+
+
+@dataclass
+class HeadFit:
+    """Per query head of one layer: the knob value chosen, and its mean error and density there."""
+
+    values: list[float]
+    error: list[float]
+    density: list[float]
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, bounds: KeyBounds) -> torch.Tensor:
+    """Exact attention in float32 under the causal rule and `bounds` (padding, window, tensor mask)."""
+    b, _, lq, _ = q.shape
+    lk = k.shape[2]
+    plain = bounds.is_plain and lq == lk
+    mask = None if plain else bounds.dense_mask(b, lq, lk, q.device)
+    return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, is_causal=plain,
+                                          scale=scale, enable_gqa=True)
+
+
+def _dense(layer: LayerInputs) -> list[torch.Tensor]:
+    return [dense_attention(q, k, v, layer.scale, b)
+            for q, k, v, b in zip(layer.query, layer.key, layer.value, layer.bounds, strict=True)]
+
+
+def evaluate(info: MethodInfo, options: Mapping[str, Any], layer: LayerInputs, dense: list[torch.Tensor]
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`([Hq] mean relative error, [Hq] mean density)` of the method with `options` on the layer's prompts."""
+    hq = layer.query[0].shape[1]
+    method = info.build(options, hq, where=f"layer {layer.layer}")
+    errors, densities = torch.zeros(hq, dtype=torch.float64), torch.zeros(hq, dtype=torch.float64)
+    for q, k, v, bounds, ref in zip(layer.query, layer.key, layer.value, layer.bounds, dense, strict=True):
+        ctx = PrefillContext(layer.layer, layer.scale, bounds, layer.window)
+        selection = method.select(q, k, ctx)
+        if isinstance(selection, DenseFallback):
+            densities += 1.0
+            continue
+        out = REFERENCE.prefill(q, k, v, selection, scale=layer.scale, bounds=bounds).float()
+        err = (out - ref).flatten(2).norm(dim=-1) / ref.flatten(2).norm(dim=-1).clamp(min=1e-30)  # [B, Hq]
+        errors += err.mean(0).double().cpu()
+        kept, total = selection.kept_and_total()
+        densities += (kept / total).double().cpu()
+    n = len(layer.query)
+    return errors / n, densities / n
+
+
+def search_layer(info: MethodInfo, knob: Knob, base: Mapping[str, Any], layer: LayerInputs, tolerance: float,
+                 steps: int = 8) -> HeadFit:
+    """Bisection of `knob` per head (see the module docstring); `base`: the method's other options."""
+    hq = layer.query[0].shape[1]
+    dense = _dense(layer)
+    lo, hi = torch.zeros(hq, dtype=torch.float64), torch.ones(hq, dtype=torch.float64)
+    best_err = best_den = None
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        err, den = evaluate(info, {**base, knob.option: knob.value(mid).tolist()}, layer, dense)
+        ok = err <= tolerance
+        hi, lo = torch.where(ok, mid, hi), torch.where(ok, lo, mid)
+        if best_err is None:
+            best_err, best_den = torch.full_like(err, float("nan")), torch.full_like(den, float("nan"))
+        best_err, best_den = torch.where(ok, err, best_err), torch.where(ok, den, best_den)
+    values = knob.value(hi)
+    if bool(torch.isnan(best_err).any()):  # heads never within tolerance: measure them at the densest end
+        err, den = evaluate(info, {**base, knob.option: values.tolist()}, layer, dense)
+        missing = torch.isnan(best_err)
+        best_err, best_den = torch.where(missing, err, best_err), torch.where(missing, den, best_den)
+    return HeadFit(values.tolist(), best_err.tolist(), best_den.tolist())

@@ -1,0 +1,121 @@
+"""Calibration: per-head knob search on recorded Q/K/V, the profile it writes, and its use."""
+
+import json
+
+import pytest
+import torch
+
+from attnpatch import patch_model
+from attnpatch.calibrate import calibrate
+from attnpatch.calibrate.data import calibration_ids
+from attnpatch.calibrate.record import record_layers
+from attnpatch.calibrate.run import calibratable_methods
+from attnpatch.calibrate.search import evaluate, search_layer
+from attnpatch.options import Knob
+from attnpatch.profile import Profile
+from attnpatch.registry import get_method, method_infos
+from attnpatch.testing import tiny_model
+
+SMALL = {"xattention": {"block_size": 16, "stride": 4}, "sale": {"block_size": 16, "local_window": 16, "min_length": 0},
+         "flexprefill": {"block_size": 16, "min_budget": 0}, "proxyattn": {"block_size": 16},
+         "s2o": {"block_size": 16, "pool_size": 8}, "anchor": {"block_size": 16, "step": 4, "max_keys": 1 << 20}}
+
+
+class _Tok:
+    """A stand-in tokenizer for the JSONL path: one id per character."""
+
+    def __call__(self, text, return_tensors=None, add_special_tokens=True):
+        class Out:
+            input_ids = torch.tensor([[3 + ord(c) % 200 for c in text]])
+        return Out()
+
+
+@pytest.fixture(scope="module")
+def recorded():
+    model = tiny_model("llama")
+    torch.manual_seed(0)
+    prompts = [torch.randint(3, 256, (1, 192)) for _ in range(2)]
+    return model, prompts, record_layers(model, prompts)
+
+
+def test_every_method_with_a_knob_is_calibratable_and_knobs_name_per_head_options():
+    names = calibratable_methods()
+    assert set(names) >= {"xattention", "sale", "flexprefill", "proxyattn", "s2o", "anchor"}
+    for info in method_infos("prefill"):
+        knob = getattr(info.cls, "knob", None)
+        if knob is not None:
+            assert info.spec(knob.option).per_head, f"{info.name}: knob {knob.option} is not a per-head option"
+    assert set(SMALL) >= set(names), "add small options for the new calibratable method to SMALL"
+
+
+def test_knob_maps_density_coordinate_to_values():
+    lin = Knob("threshold", 0.5, 1.0, denser="higher")
+    assert lin.value(torch.tensor([0.0, 1.0])).tolist() == [0.5, 1.0]
+    log = Knob("tau", 1e-4, 1e-2, denser="lower", log=True)
+    assert torch.allclose(log.value(torch.tensor([0.0, 0.5, 1.0])), torch.tensor([1e-2, 1e-3, 1e-4]), rtol=1e-5)
+    with pytest.raises(ValueError, match="denser"):
+        Knob("x", 0, 1, denser="up")
+
+
+def test_recording_sees_every_layer_once_per_prompt(recorded):
+    model, prompts, layers = recorded
+    assert list(layers) == [0, 1]
+    assert all(len(rec.query) == len(prompts) and rec.query[0].shape[2] == 192 for rec in layers.values())
+
+
+@pytest.mark.parametrize("method", sorted(SMALL))
+def test_search_meets_the_tolerance_per_head_or_ends_at_the_densest_value(recorded, method):
+    _, _, layers = recorded
+    info = get_method(method, "prefill")
+    knob = info.cls.knob
+    layer = layers[1]
+    tolerance = 0.08
+    fit = search_layer(info, knob, SMALL[method], layer, tolerance, steps=4)
+    hq = layer.query[0].shape[1]
+    assert len(fit.values) == len(fit.error) == len(fit.density) == hq
+    densest = knob.value(torch.ones(1)).item()
+    for value, err in zip(fit.values, fit.error, strict=True):
+        assert err <= tolerance + 1e-9 or value == pytest.approx(densest)
+    # the reported error is what the method really does with those values
+    from attnpatch.calibrate.search import _dense
+
+    err, den = evaluate(info, {**SMALL[method], knob.option: fit.values}, layer, _dense(layer))
+    assert torch.allclose(err, torch.tensor(fit.error, dtype=torch.float64), atol=1e-6)
+
+
+def test_calibrate_writes_a_profile_that_patches_and_refuses_another_method(tmp_path):
+    model = tiny_model("llama")
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps({"text": "the quick brown fox jumps over the lazy dog " * 8})
+                              for _ in range(2)))
+    profile = calibrate(model, _Tok(), "xattention", target_error=0.1, data=str(data), samples=2, lengths=(128,),
+                        options=SMALL["xattention"], steps=3, progress=False)
+    assert profile.meta["method"] == "xattention" and profile.meta["knob"] == "threshold"
+    assert set(profile.layers) == {0, 1}
+    assert len(profile.layers[0]["prefill_options"]["threshold"]) == 4
+    path = tmp_path / "p.json"
+    profile.save(path)
+    loaded = Profile.load(path)
+    ids = torch.randint(3, 256, (1, 128))
+    with patch_model(model, "xattention", profile=loaded) as patch:
+        model(ids)
+        assert patch.stats().layers[0]["prefill_method"] == "xattention"
+    with pytest.raises(ValueError, match="calibrated for method 'xattention'"):
+        patch_model(model, "sale", profile=loaded)
+    with pytest.raises(ValueError, match="calibratable"):
+        calibrate(model, _Tok(), "a_shape", data=str(data), samples=1, lengths=(64,))
+    with pytest.raises(ValueError, match="leave it out"):
+        calibrate(model, _Tok(), "xattention", data=str(data), samples=1, lengths=(64,), options={"threshold": 0.9})
+
+
+def test_calibration_data_is_checked(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": 1}\n')
+    with pytest.raises(ValueError, match="'text', or 'prompt'"):
+        calibration_ids(_Tok(), str(bad), 1, 8)
+    with pytest.raises(ValueError, match="text, passkey or a JSONL file"):
+        calibration_ids(_Tok(), "nothing-here", 1, 8)
+    short = tmp_path / "short.jsonl"
+    short.write_text('{"text": "abc"}\n')
+    with pytest.raises(ValueError, match="of at least 8 tokens"):
+        calibration_ids(_Tok(), str(short), 1, 8)
