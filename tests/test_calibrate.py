@@ -18,7 +18,8 @@ from attnpatch.testing import tiny_model
 
 SMALL = {"xattention": {"block_size": 16, "stride": 4}, "sale": {"block_size": 16, "local_window": 16, "min_length": 0},
          "flexprefill": {"block_size": 16, "min_budget": 0}, "proxyattn": {"block_size": 16},
-         "s2o": {"block_size": 16, "pool_size": 8}, "anchor": {"block_size": 16, "step": 4, "max_keys": 1 << 20}}
+         "s2o": {"block_size": 16, "pool_size": 8}, "anchor": {"block_size": 16, "step": 4, "max_keys": 1 << 20},
+         "blasst": {"block_size": 16}}
 
 
 class _Tok:
@@ -40,7 +41,7 @@ def recorded():
 
 def test_every_method_with_a_knob_is_calibratable_and_knobs_name_per_head_options():
     names = calibratable_methods()
-    assert set(names) >= {"xattention", "sale", "flexprefill", "proxyattn", "s2o", "anchor"}
+    assert set(names) >= {"xattention", "sale", "flexprefill", "proxyattn", "s2o", "anchor", "blasst"}
     for info in method_infos("prefill"):
         knob = getattr(info.cls, "knob", None)
         if knob is not None:
@@ -119,3 +120,14 @@ def test_calibration_data_is_checked(tmp_path):
     short.write_text('{"text": "abc"}\n')
     with pytest.raises(ValueError, match="of at least 8 tokens"):
         calibration_ids(_Tok(), str(short), 1, 8)
+
+
+def test_blasst_density_counts_skipped_tiles(recorded):
+    _, _, layers = recorded
+    info = get_method("blasst", "prefill")
+    from attnpatch.calibrate.search import _dense
+
+    layer = layers[1]
+    _, none_skipped = evaluate(info, {"block_size": 16, "a": 0.0}, layer, _dense(layer))
+    _, many_skipped = evaluate(info, {"block_size": 16, "a": 1e6}, layer, _dense(layer))
+    assert torch.allclose(none_skipped, torch.ones_like(none_skipped)) and bool((many_skipped < 1).all())

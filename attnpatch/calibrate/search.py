@@ -17,11 +17,12 @@ import torch
 import torch.nn.functional as F
 
 from attnpatch.backends import BACKENDS
+from attnpatch.backends.reference import block_sparse_attention
 from attnpatch.calibrate.record import LayerInputs
 from attnpatch.methods.base import DenseFallback, PrefillContext
 from attnpatch.options import Knob
 from attnpatch.registry import MethodInfo
-from attnpatch.sparsity import KeyBounds
+from attnpatch.sparsity import BlockSelection, KeyBounds
 
 REFERENCE = BACKENDS["reference"]
 
@@ -62,10 +63,16 @@ def evaluate(info: MethodInfo, options: Mapping[str, Any], layer: LayerInputs, d
         if isinstance(selection, DenseFallback):
             densities += 1.0
             continue
-        out = REFERENCE.prefill(q, k, v, selection, scale=layer.scale, bounds=bounds).float()
+        kept, total = selection.kept_and_total()
+        if isinstance(selection, BlockSelection) and selection.skip is not None:  # skipped tiles are not computed
+            skipped = torch.zeros(selection.indices.shape, dtype=torch.bool, device=q.device)
+            out = block_sparse_attention(q, k, v, selection, scale=layer.scale, bounds=bounds, skipped_out=skipped)
+            kept = kept - skipped.sum(dim=(0, 2, 3)).to(kept)
+        else:
+            out = REFERENCE.prefill(q, k, v, selection, scale=layer.scale, bounds=bounds)
+        out = out.float()
         err = (out - ref).flatten(2).norm(dim=-1) / ref.flatten(2).norm(dim=-1).clamp(min=1e-30)  # [B, Hq]
         errors += err.mean(0).double().cpu()
-        kept, total = selection.kept_and_total()
         densities += (kept / total).double().cpu()
     n = len(layer.query)
     return errors / n, densities / n

@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 
 from attnpatch.methods.base import DenseFallback, PrefillContext, PrefillMethod
-from attnpatch.options import option
+from attnpatch.options import Knob, option
 from attnpatch.registry import register_prefill
 from attnpatch.sparsity import BlockSelection, SkipRule
 from attnpatch.sparsity.regions import allowed_blocks
@@ -55,6 +55,7 @@ class BlasstPrefill(PrefillMethod):
 
     on_window_layers: ClassVar[str] = "select"  # clipped to the window (tested)
     full_density: ClassVar[dict] = {"a": 1e-30}  # λ ≈ 0: no tile is ever negligible
+    knob: ClassVar = Knob("a", 1.0, 1e5, denser="lower", log=True)  # λ = a / L: larger a skips more
 
     a: float = option(128.0, "λ = a / L (L = KV length); 0 disables skipping", min=0.0, per_head=True)
     convention: str = option("scaled", "threshold on scaled (σ·q·k) or raw (q·k) scores", choices=("scaled", "raw"))
