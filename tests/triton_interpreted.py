@@ -16,7 +16,8 @@ from types import ModuleType
 
 import torch
 
-KERNELS_DIR = Path(__file__).resolve().parents[1] / "attnpatch" / "backends" / "triton"
+PACKAGE_DIR = Path(__file__).resolve().parents[1] / "attnpatch"
+KERNELS_DIR = PACKAGE_DIR / "backends" / "triton"
 
 
 @contextlib.contextmanager
@@ -51,8 +52,9 @@ def _interpreter_takes_tensor_loop_bounds(triton, tl) -> bool:
     return float(y[0]) == 3.0
 
 
-def load_interpreted(filename: str) -> tuple[ModuleType | None, str | None]:
-    """`(module, None)`, or `(None, why the kernel tests cannot run here)`.
+def load_interpreted(filename: str, directory: Path = KERNELS_DIR) -> tuple[ModuleType | None, str | None]:
+    """`(module, None)`, or `(None, why the kernel tests cannot run here)`: `directory / filename` (a
+    kernel module of attnpatch/backends/triton by default).
 
     Not on a machine with a CUDA GPU: running interpreted kernels patches `triton.language` for the
     rest of the process, and compiled kernels (tests/gpu) then fail to build. There the kernels are
@@ -70,7 +72,7 @@ def load_interpreted(filename: str) -> tuple[ModuleType | None, str | None]:
             return None, (f"the Triton {triton.__version__} interpreter cannot use loaded scalars as loop bounds "
                           "with this NumPy (use NumPy < 2.4 or a newer Triton to run these CPU tests)")
         name = f"_attnpatch_{Path(filename).stem}_interpreted"
-        spec = importlib.util.spec_from_file_location(name, KERNELS_DIR / filename)
+        spec = importlib.util.spec_from_file_location(name, directory / filename)
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)

@@ -12,14 +12,19 @@
    relative attention score, so "kept iff score > τ" is SALE's test `ŝ_ij > T_i = m_i + ln(l_i τ) / σ`
    for some element (one exp per block, not per element).
 
-Query blocks are processed in chunks (temporaries `O(chunk rows · Lk)`); no `Lq × Lk` tensor.
+Steps 1–3 run in torch (`lowbit_operands`). Step 4 runs in the fused Triton kernel of `lowbit_triton`
+where it takes the input (CUDA; the estimated scores never leave the chip), else in chunked torch ops
+(temporaries `O(chunk rows · Lk)`; no `Lq × Lk` tensor), the reference.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
+from attnpatch.estimators import lowbit_triton
 from attnpatch.estimators.visibility import real_positions, visible
 from attnpatch.sparsity import KeyBounds, num_blocks
 
@@ -85,19 +90,28 @@ def _forced_key_positions(forced: torch.Tensor, block: int, kv_len: int) -> tupl
     return pos, pos < kv_len
 
 
-def relative_block_scores(query: torch.Tensor, key: torch.Tensor, bounds: KeyBounds, scale: float, block: int,
-                          forced: torch.Tensor, bits: int = 8,
-                          chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
-    """`[B, Hq, R, C]` fp32: per (query block, key block) the largest estimated relative attention score
-    `exp(σ (ŝ_ij − m_i)) / l_i` over the visible elements (0 where none is visible), with `m_i, l_i`
-    the exact partial softmax of row `i` over the keys of its `forced` blocks (`[B, 1, R, C]`, e.g. sink +
-    local band) that it sees. A row that sees none of them scores `inf` wherever it sees a key."""
+class Operands(NamedTuple):
+    """What the element-wise estimate reads (all contiguous): the quantised smoothed `q` `[B, Hq, Lq, D]`
+    int8 and its per-row scale `q_scale` `[B, Hq, Lq]`, the same for `k` `[B, Hkv, Lk, D]` and `k_scale`
+    `[B, Hkv, Lk]`, the correction `corr` `[B, Hq, Lk]` (`c_j = q̄ · k̃_j`) and each row's exact partial
+    softmax over its forced keys, `m` and `log_l` `[B, Hq, Lq]` (`0, −inf` for a row that sees none)."""
+
+    q: torch.Tensor
+    q_scale: torch.Tensor
+    k: torch.Tensor
+    k_scale: torch.Tensor
+    corr: torch.Tensor
+    m: torch.Tensor
+    log_l: torch.Tensor
+
+
+def lowbit_operands(query: torch.Tensor, key: torch.Tensor, bounds: KeyBounds, scale: float, block: int,
+                    forced: torch.Tensor, bits: int = 8, chunk_elements: int = CHUNK_ELEMENTS) -> Operands:
+    """Steps 1–3 of the module docstring: smoothing, quantisation, correction, per-row reference."""
     b, hq, lq, d = query.shape
     hkv, lk = key.shape[1], key.shape[2]
     g = hq // hkv
-    rr, cc = num_blocks(lq, block), num_blocks(lk, block)
-    device = query.device
-    real = real_positions(bounds, b, lk, device)  # [B, Lk]
+    real = real_positions(bounds, b, lk, query.device)  # [B, Lk]
     w = real.to(torch.float32).view(b, 1, lk, 1)
     kbar = (key.float() * w).sum(2, keepdim=True) / w.sum(2, keepdim=True).clamp(min=1)  # [B, Hkv, 1, D]
     wq = real[:, lk - lq:].to(torch.float32).view(b, 1, lq, 1)
@@ -105,10 +119,79 @@ def relative_block_scores(query: torch.Tensor, key: torch.Tensor, bounds: KeyBou
     k_smooth = key.float() - kbar
     kq, ks = quantize(k_smooth, bits)  # [B, Hkv, Lk, D] int8, [B, Hkv, Lk, 1]
     qq, qs = quantize(query.float() - qbar, bits)
-    corr = (qbar.view(b, hkv, g, d) @ k_smooth.transpose(-1, -2)).view(b, hq, 1, lk)  # c_j = q̄ · k̃_j
+    corr = (qbar.view(b, hkv, g, d) @ k_smooth.transpose(-1, -2)).view(b, hq, lk)  # c_j = q̄ · k̃_j
     del k_smooth
+    m, log_l = _row_reference(query, key, kbar, bounds, scale, block, forced, chunk_elements)
+    return Operands(qq.contiguous(), qs.view(b, hq, lq).contiguous(), kq.contiguous(),
+                    ks.view(b, hkv, lk).contiguous(), corr.contiguous(), m, log_l)
+
+
+def _row_reference(query: torch.Tensor, key: torch.Tensor, kbar: torch.Tensor, bounds: KeyBounds, scale: float,
+                   block: int, forced: torch.Tensor, chunk_elements: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(m, log l)` `[B, Hq, Lq]`: each row's exact partial softmax over the keys of its forced blocks that
+    it sees (`0, −inf` where it sees none); query blocks in chunks, temporaries `O(chunk rows · F·bs)`."""
+    b, hq, lq, d = query.shape
+    hkv, lk = key.shape[1], key.shape[2]
+    g = hq // hkv
+    rr = num_blocks(lq, block)
+    device = query.device
     fpos, fok = _forced_key_positions(forced, block, lk)  # [B, R, F·bs]
     nf = fpos.shape[-1]
+    m_all = torch.zeros(b, hq, rr * block, dtype=torch.float32, device=device)
+    log_l_all = torch.zeros(b, hq, rr * block, dtype=torch.float32, device=device)
+    step = max(1, chunk_elements // max(1, b * hq * block * nf))
+    for r0 in range(0, rr, step):
+        r1 = min(rr, r0 + step)
+        nr, n = r1 - r0, (r1 - r0) * block
+        rows = torch.arange(r0 * block, r1 * block, device=device)
+        row_ok = (rows < lq).view(1, n, 1)
+        kpos = fpos[:, r0:r1]  # [B, nr, F·bs]
+        keys = torch.gather(key, 2, kpos.clamp(max=lk - 1).reshape(b, 1, nr * nf, 1).expand(b, hkv, nr * nf, d))
+        keys = keys.float().view(b, hkv, nr, nf, d) - kbar.view(b, hkv, 1, 1, d)
+        qc = F.pad(query[:, :, r0 * block:r1 * block], (0, 0, 0, n - min(n, lq - r0 * block))).float()
+        exact = torch.einsum("bkgrid,bkrjd->bkgrij", qc.view(b, hkv, g, nr, block, d), keys)
+        seen = visible(bounds, rows.clamp(max=lq - 1), kpos.repeat_interleave(block, dim=1), lq, lk, b)
+        seen = seen & fok[:, r0:r1].repeat_interleave(block, dim=1) & row_ok  # [B, n, F·bs]
+        exact = exact.reshape(b, hq, n, nf).masked_fill(~seen.unsqueeze(1), float("-inf"))
+        m = exact.amax(-1, keepdim=True)  # [B, Hq, n, 1]
+        has_ref = torch.isfinite(m)
+        m = torch.where(has_ref, m, torch.zeros_like(m))
+        log_l = torch.where(has_ref, torch.exp(scale * (exact - m)).sum(-1, keepdim=True).log(),
+                            torch.full_like(m, float("-inf")))
+        m_all[:, :, r0 * block:r1 * block] = m.squeeze(-1)
+        log_l_all[:, :, r0 * block:r1 * block] = log_l.squeeze(-1)
+    return m_all[:, :, :lq].contiguous(), log_l_all[:, :, :lq].contiguous()
+
+
+def relative_block_scores(query: torch.Tensor, key: torch.Tensor, bounds: KeyBounds, scale: float, block: int,
+                          forced: torch.Tensor, bits: int = 8, chunk_elements: int = CHUNK_ELEMENTS,
+                          use_kernel: bool | None = None) -> torch.Tensor:
+    """`[B, Hq, R, C]` fp32: per (query block, key block) the largest estimated relative attention score
+    `exp(σ (ŝ_ij − m_i)) / l_i` over the visible elements (0 where none is visible), with `m_i, l_i`
+    the exact partial softmax of row `i` over the keys of its `forced` blocks (`[B, 1, R, C]`, e.g. sink +
+    local band) that it sees. A row that sees none of them scores `inf` wherever it sees a key.
+
+    The element-wise estimate runs in the fused Triton kernel (`lowbit_triton`) where it takes the input
+    (`use_kernel=None`), else in chunked torch ops; `True` requires the kernel (ValueError with the reason
+    it declines), `False` runs torch (the reference)."""
+    reason = "not requested" if use_kernel is False else lowbit_triton.unsupported_reason(query, key, bounds, block)
+    if use_kernel and reason is not None:
+        raise ValueError(f"relative_block_scores: the Triton estimate declines: {reason}")
+    ops = lowbit_operands(query, key, bounds, scale, block, forced, bits, chunk_elements)
+    if reason is None:
+        return lowbit_triton.relative_block_scores_triton(*ops, bounds=bounds, scale=scale, block=block)
+    return _torch_block_scores(ops, bounds, scale, block, chunk_elements)
+
+
+def _torch_block_scores(ops: Operands, bounds: KeyBounds, scale: float, block: int,
+                        chunk_elements: int) -> torch.Tensor:
+    """Step 4 in chunks of query blocks (temporaries `O(chunk rows · Lk)` fp32 scores; no `Lq × Lk`)."""
+    qq, qs, kq, ks, corr, m_all, log_l_all = ops
+    b, hq, lq, d = qq.shape
+    hkv, lk = kq.shape[1], kq.shape[2]
+    g = hq // hkv
+    rr, cc = num_blocks(lq, block), num_blocks(lk, block)
+    device = qq.device
     out = torch.zeros(b, hq, rr, cc, dtype=torch.float32, device=device)
     step = max(1, chunk_elements // max(1, b * hq * block * lk))
     for r0 in range(0, rr, step):
@@ -117,26 +200,12 @@ def relative_block_scores(query: torch.Tensor, key: torch.Tensor, bounds: KeyBou
         rows = torch.arange(r0 * block, r1 * block, device=device)
         row_ok = (rows < lq).view(1, n, 1)
         rows = rows.clamp(max=lq - 1)
-        # exact partial softmax of every row over its forced keys
-        kpos = fpos[:, r0:r1]  # [B, nr, F·bs]
-        keys = torch.gather(key, 2, kpos.clamp(max=lk - 1).reshape(b, 1, nr * nf, 1).expand(b, hkv, nr * nf, d))
-        keys = keys.float().view(b, hkv, nr, nf, d) - kbar.view(b, hkv, 1, 1, d)
-        qc = F.pad(query[:, :, r0 * block:r1 * block], (0, 0, 0, n - min(n, lq - r0 * block))).float()
-        exact = torch.einsum("bkgrid,bkrjd->bkgrij", qc.view(b, hkv, g, nr, block, d), keys)
-        seen = visible(bounds, rows, kpos.repeat_interleave(block, dim=1), lq, lk, b)  # [B, n, F·bs]
-        seen = seen & fok[:, r0:r1].repeat_interleave(block, dim=1) & row_ok
-        exact = exact.reshape(b, hq, n, nf).masked_fill(~seen.unsqueeze(1), float("-inf"))
-        m = exact.amax(-1, keepdim=True)  # [B, Hq, n, 1]
-        has_ref = torch.isfinite(m)
-        m = torch.where(has_ref, m, torch.zeros_like(m))
-        log_l = torch.where(has_ref, torch.exp(scale * (exact - m)).sum(-1, keepdim=True).log(),
-                            torch.full_like(m, float("-inf")))
-        # estimated scores against every key the chunk may see, as log relative scores
+        m, log_l = m_all[:, :, rows, None], log_l_all[:, :, rows, None]  # [B, Hq, n, 1]
         kend = min(lk, lk - lq + min(r1 * block, lq))
         cend = num_blocks(kend, block)
         est = int_dot(qq[:, :, rows].reshape(b, hkv, g * n, d), kq[:, :, :kend]).view(b, hkv, g, n, kend)
         est = est * qs[:, :, rows].view(b, hkv, g, n, 1) * ks[:, :, :kend].view(b, hkv, 1, 1, kend)
-        est = est.view(b, hq, n, kend) + corr[..., :kend]
+        est = est.view(b, hq, n, kend) + corr[:, :, None, :kend]
         rel = scale * (est - m) - log_l
         rel = F.pad(rel, (0, cend * block - kend))
         vis = visible(bounds, rows, torch.arange(cend * block, device=device), lq, lk, b) & row_ok

@@ -31,11 +31,14 @@ class Sale(EstimatedPrefill):
     Choices and differences from the paper's kernel (methods.md §6):
 
     * INT8, not INT4: Hopper has no INT4 tensor cores. Per-token symmetric INT8 (±127) of the smoothed
-      Q and K by default; `bits=4` quantises to the paper's ±7 range (still computed in INT8). The
-      integer products are exact: `torch._int_mm` for a single matrix pair, batched bf16 tensor-core
-      `bmm` with fp32 output on CUDA otherwise (int8 operands are exact there), an fp32 matmul on CPU.
-      The estimate costs a full causal `Q·Kᵀ` at that rate plus writing the chunk's scores: a fused
-      kernel is what makes it cheap (not built here).
+      Q and K by default; `bits=4` quantises to the paper's ±7 range (still computed in INT8). On CUDA
+      the element-wise estimate is one fused Triton kernel (`estimators/lowbit_triton.py`): per (head,
+      query block) INT8 × INT8 → INT32 `tl.dot` (exact) over the key blocks up to the diagonal, scaled,
+      masked and reduced to the block's largest relative score in registers; no score reaches memory.
+      Head dims 16–256, block sizes 16–128, causal + left padding + sliding window; other inputs (a
+      tensor mask, per-key validity, CPU) run the chunked torch reference, whose integer products are
+      exact too (`int_dot`) but which writes each chunk's fp32 scores and passes over them several times.
+      Quantisation and the sink + local partial softmax stay in torch in both (O(L · forced keys)).
     * One block size for queries and keys, 64: the paper's query block (the OR over 64 rows that decides
       a key block is the same); its 32-key blocks become 64-key blocks, so a kept block carries up to
       32 more keys (density somewhat higher at the same τ) and block lists match the backends' tiles.
