@@ -66,12 +66,12 @@ def test_tensor_mask_is_read_at_the_sampled_rows():
         torch.testing.assert_close(got, want)
 
 
-def _selection_by_definition(method, q, k, bounds):
+def _selection_by_definition(method, q, k, bounds, estimator=proxy_scores):
     """The kept blocks, from the estimator's outputs and the rule written out per (batch, head, row)."""
     b, hq, lq, _ = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     bs = method.block_size
-    proxy, mass = proxy_scores(q, k, bounds, 0.25, bs, method.sample)
+    proxy, mass = estimator(q, k, bounds, 0.25, bs, method.sample)
     allowed = allowed_blocks(b, lq, lk, bs, bs, bounds)
     forced = forced_blocks(b, lq, lk, bs, bs, bounds, method.sink_blocks, method.local_blocks) & allowed
     per = lambda v: v if isinstance(v, tuple) else (v,) * hq  # noqa: E731
@@ -107,6 +107,25 @@ def test_selection_follows_the_rule_and_keeps_sink_diagonal_and_causality(name, 
     assert (mask | ~forced).all()  # sink and diagonal always kept
     extra = (mask & ~forced).sum(-1)
     assert (extra[:, 0] <= 1).all() and (extra[:, 1] <= 3).all() and (extra[:, 3] <= 2).all()  # max_blocks
+
+
+@pytest.mark.parametrize("name", list(BOUNDS))
+@pytest.mark.parametrize("seed", [2, 3, 4])
+def test_selection_equals_the_materialised_softmax_reference(name, seed):
+    """The block-statistics estimator (no softmax materialised, causal mask on the diagonal band only)
+    selects exactly what the Lq × Lk softmax of the definition selects, over many chunks."""
+    q, k, _ = random_qkv(lq=150, lk=150, seed=seed, planted=seed == 3)
+    bounds = {"left-padded": KeyBounds(key_start=torch.tensor([0, 30])),
+              "key-valid": KeyBounds(key_valid=torch.arange(150).view(1, -1).expand(2, -1) % 13 != 5)
+              }.get(name, BOUNDS[name])
+    method = ProxyAttn(block_size=BS, sample=5, gamma=(0.5, 0.8, 0.9, 0.95), min_blocks=1.0)
+    ctx = PrefillContext(0, 0.25, bounds, bounds.window)
+    want = _selection_by_definition(method, q, k, bounds, estimator=_reference)
+    assert torch.equal(method.select(q, k, ctx).to_block_mask(), want)
+    for chunk in (1, 3000):  # one query block per chunk, a few per chunk
+        got, ref = proxy_scores(q, k, bounds, 0.25, BS, 5, chunk_elements=chunk), _reference(q, k, bounds, 0.25, BS, 5)
+        for a, e in zip(got, ref, strict=True):
+            torch.testing.assert_close(a, e, atol=1e-6, rtol=1e-5)
 
 
 def test_budget_rule():

@@ -8,6 +8,7 @@ import attnpatch.estimators.anchor as anchor_est
 import attnpatch.estimators.pooled as pooled_est
 import attnpatch.methods.prefill.anchor as anchor_method
 import attnpatch.methods.prefill.s2o as s2o_method
+from attnpatch.estimators import anchor as anchor_estimator
 from attnpatch.estimators.anchor import pooled_anchors
 from attnpatch.estimators.pooled import pool_queries, pooled_scores
 from attnpatch.estimators.token_mass import block_token_mass
@@ -60,6 +61,30 @@ def test_pooled_anchors_are_row_maxima_over_init_and_local_windows():
             want = torch.stack(maxima).mean(0) if live else torch.full((4,), float("inf"))
             torch.testing.assert_close(abar[b, :, r], want)
             assert rows[b, 0, r] == len(live)
+
+
+@pytest.mark.parametrize("chunk", [1, 1 << 12, 1 << 30])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_pooled_anchors_match_the_definition_for_any_chunking(chunk, seed, monkeypatch):
+    """Local windows scored from one contiguous slice of K per chunk (init keys gathered once) give the
+    same anchors as the per-row definition, whatever the chunking."""
+    monkeypatch.setattr(anchor_estimator, "_CHUNK_ELEMS", chunk)
+    g = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(2, 4, 45, 8, generator=g), torch.randn(2, 2, 60, 8, generator=g)
+    bq, off, big = 4, 15, 12
+    ks = torch.tensor([0, 7])
+    r = torch.arange(12)
+    local_lo = torch.maximum((off + (r // 3) * big - big).clamp(min=0).view(1, -1), ks.view(-1, 1))
+    abar, _, _ = pooled_anchors(q, k, 0.5, bq, ks, 10, local_lo, 2 * big, KeyBounds(key_start=ks),
+                                torch.arange(45).view(1, -1) + off >= ks.view(-1, 1))
+    scores = 0.5 * q @ k.repeat_interleave(2, 1).transpose(-1, -2)
+    for b in range(2):
+        for rr in range(12):
+            live = [i for i in range(rr * bq, min((rr + 1) * bq, 45)) if i + off >= ks[b]]
+            maxima = [scores[b, :, i, [j for j in range(int(ks[b]), i + off + 1)
+                                       if j < ks[b] + 10 or j >= local_lo[b, rr]]].amax(-1) for i in live]
+            want = torch.stack(maxima).mean(0) if live else torch.full((4,), float("inf"))
+            torch.testing.assert_close(abar[b, :, rr], want)
 
 
 def test_block_token_mass_is_the_mean_of_sub_block_softmaxes():

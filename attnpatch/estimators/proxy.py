@@ -8,7 +8,9 @@ key blocks, and every query head gets a cheap concentration signal that sets how
   block (the share of that row's attention each block holds).
 * Budget: the fewest blocks whose head mass reaches a coverage γ, clamped to `[lo, hi]`.
 
-Query blocks are processed in chunks: temporaries are `O(chunk rows · Lk)`, never `Lq × Lk`.
+Query blocks are processed in chunks: temporaries are `O(chunk rows · Lk)`, never `Lq × Lk`, and no
+softmax is materialised: both outputs follow from each (row, key block)'s max score and sum of
+exponentials (`block_stats`), one fp32 pass over the scores of a chunk.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch.nn.functional as F
 from attnpatch.estimators.visibility import visible
 from attnpatch.sparsity import KeyBounds, num_blocks
 
-CHUNK_ELEMENTS = 1 << 26  # score elements per chunk of query blocks (fp32: 256 MiB)
+CHUNK_ELEMENTS = 1 << 27  # score elements per chunk of query blocks (one fp32 copy: 512 MiB)
 
 
 def sampled_rows(q_len: int, block: int, sample: int, device=None) -> torch.Tensor:
@@ -38,6 +40,11 @@ def proxy_scores(query: torch.Tensor, key: torch.Tensor, bounds: KeyBounds, scal
     `proxy[b, g, r, c]`: max over the sampled rows `i` of block `r` and the keys `j` of block `c` of
     `softmax_j(σ · mean_{h∈g} q_h,i · k_g,j)` under the call's visibility (causal, padding, window).
     `mass[b, h, r, c]`: `Σ_{j∈c} softmax_j(σ · q_h,i · k_j)` for the last row `i` of block `r`.
+
+    Neither softmax is materialised: per (row, key block) only the block's max score and its sum of
+    `exp(score − block max)` are kept (`block_stats`), and both outputs follow from those `[rows, C]`
+    statistics. One product per chunk scores the proxy rows and the heads' last rows together (K read
+    once); without padding, window or tensor mask only the chunk's diagonal keys are masked.
     """
     b, hq, lq, d = query.shape
     hkv, lk = key.shape[1], key.shape[2]
@@ -54,25 +61,54 @@ def proxy_scores(query: torch.Tensor, key: torch.Tensor, bounds: KeyBounds, scal
         nr, idx = r1 - r0, rows[r0:r1].reshape(-1)
         kend = min(lk, lk - lq + min(r1 * block, lq))  # keys past the chunk's last row are unseen
         cend = num_blocks(kend, block)
-        vis = visible(bounds, idx, torch.arange(cend * block, device=device), lq, lk, b)  # [B|1, n, cend·bs]
-        keys = key[:, :, :kend].transpose(-1, -2)
-        # proxy head: token-level softmax of the sampled rows, max-pooled into blocks
-        qs = query[:, :, idx].view(b, hkv, g, nr * s, d).mean(2)
-        probs = _softmax(qs @ keys, scale, vis.unsqueeze(1), cend * block)
-        proxy[:, :, r0:r1, :cend] = probs.view(b, hkv, nr, s, cend, block).amax(dim=(3, 5))
-        # every query head: exact attention of the block's last row, summed per key block
-        last = query[:, :, rows[r0:r1, 0]].view(b, hkv, g * nr, d)
-        seen = vis.view(vis.shape[0], 1, nr, s, -1)[:, :, :, 0]  # [B|1, 1, nr, cend·bs]
-        probs = _softmax((last @ keys).view(b, hq, nr, kend), scale, seen, cend * block)
-        mass[:, :, r0:r1, :cend] = probs.view(b, hq, nr, cend, block).sum(-1)
+        qs = query[:, :, idx].view(b, hkv, g, nr * s, d).mean(2)  # proxy head: sampled rows, group mean
+        last = query[:, :, rows[r0:r1, 0]].view(b, hkv, g * nr, d)  # every head: the block's last row
+        dots = torch.cat([qs, last], dim=2) @ key[:, :, :kend].transpose(-1, -2)  # [B, Hkv, nr·S + G·nr, kend]
+        scored = torch.cat([idx, rows[r0:r1, 0].repeat(g)])  # the query row behind each row of `dots`
+        top, sums = block_stats(dots, scale, _hidden(bounds, scored, r0 * block, lq, lk, b, cend * block), block)
+        peak = _block_peaks(top, sums)  # each block's largest probability, [B, Hkv, rows, cend]
+        proxy[:, :, r0:r1, :cend] = peak[:, :, :nr * s].view(b, hkv, nr, s, cend).amax(3)
+        mass[:, :, r0:r1, :cend] = (peak[:, :, nr * s:] * sums[:, :, nr * s:]).view(b, hq, nr, cend)
     return proxy, mass
 
 
-def _softmax(dots: torch.Tensor, scale: float, vis: torch.Tensor, width: int) -> torch.Tensor:
-    """fp32 softmax of `scale · dots` over the visible keys, padded on the right to `width` keys; a row
-    that sees no key (padding) is all zeros."""
-    logits = F.pad(dots.float() * scale, (0, width - dots.shape[-1])).masked_fill(~vis, float("-inf"))
-    return torch.softmax(logits, -1).nan_to_num(0.0)
+def _hidden(bounds: KeyBounds, rows: torch.Tensor, first_row: int, q_len: int, kv_len: int, batch: int,
+            width: int) -> tuple[int, torch.Tensor]:
+    """`(start, hidden [B|1, 1, n, width − start])`: the keys from `start` on that query row `rows[i]` may
+    not see; keys before `start` are seen by every row. Causal only: `start` is the chunk's first query
+    position (the diagonal band); otherwise 0 (every key checked against the bounds)."""
+    start = min(width, kv_len - q_len + first_row) if bounds.is_plain else 0
+    vis = visible(bounds, rows, torch.arange(start, width, device=rows.device), q_len, kv_len, batch)
+    return start, ~vis.unsqueeze(1)
+
+
+def block_stats(dots: torch.Tensor, scale: float, hidden: tuple[int, torch.Tensor], block: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(top, sums)` `[..., rows, C]` fp32 for scores `dots [..., rows, keys]` (unscaled): per key block
+    of `block` keys, the max of `σ · dots` over its visible keys (`-inf`: none) and the sum of
+    `exp(σ · dots − top)` over them. `hidden = (start, mask)` masks keys `start ..` (padded on the right
+    to `C · block` keys, hidden too). Overwrites a fp32 `dots`."""
+    start, mask = hidden
+    width = start + mask.shape[-1]
+    x = dots.float().mul_(scale)  # in place on a fp32 `dots` (the caller's temporary)
+    if width > x.shape[-1]:
+        x = F.pad(x, (0, width - x.shape[-1]), value=float("-inf"))
+    x[..., start:].masked_fill_(mask, float("-inf"))
+    x = x.view(*x.shape[:-1], width // block, block)
+    top = x.amax(-1)
+    safe = torch.where(torch.isfinite(top), top, 0.0)
+    sums = x.sub_(safe.unsqueeze(-1)).exp_().sum(-1)
+    return top, sums
+
+
+def _block_peaks(top: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
+    """`[..., rows, C]` each key block's largest softmax probability, `exp(top − m) / Z`, from the block
+    statistics of `block_stats` (`m` the row max, `Z` the row's denominator; 0 for a row seeing no key).
+    A block's probability mass is this times its `sums`."""
+    m = top.amax(-1, keepdim=True)
+    w = (top - torch.where(torch.isfinite(m), m, 0.0)).exp()
+    z = (w * sums).sum(-1, keepdim=True)
+    return torch.where(z > 0, w / z, 0.0)
 
 
 def coverage_budget(mass: torch.Tensor, gamma: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
@@ -89,4 +125,5 @@ def rank_blocks(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     best; ties to the lower column); blocks not allowed rank after every allowed one."""
     s = scores.masked_fill(~allowed, float("-inf"))
     order = s.argsort(dim=-1, descending=True, stable=True)
-    return order.argsort(dim=-1)
+    ranks = torch.arange(s.shape[-1], device=s.device).expand(order.shape)
+    return torch.empty_like(order).scatter_(-1, order, ranks)  # the inverse permutation: no second sort
