@@ -131,3 +131,22 @@ def test_blasst_density_counts_skipped_tiles(recorded):
     _, none_skipped = evaluate(info, {"block_size": 16, "a": 0.0}, layer, _dense(layer))
     _, many_skipped = evaluate(info, {"block_size": 16, "a": 1e6}, layer, _dense(layer))
     assert torch.allclose(none_skipped, torch.ones_like(none_skipped)) and bool((many_skipped < 1).all())
+
+
+@pytest.mark.parametrize("bounds", ["plain", "window", "padding"])
+def test_masked_block_attention_equals_the_reference(bounds):
+    from attnpatch.backends.reference import block_sparse_attention
+    from attnpatch.calibrate.search import masked_block_attention
+    from attnpatch.sparsity import BlockSelection, KeyBounds
+
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, h, 70, 8, generator=g) for h in (4, 2, 2))
+    kb = {"plain": KeyBounds(), "window": KeyBounds(window=20),
+          "padding": KeyBounds(key_start=torch.tensor([0, 9]))}[bounds]
+    blocks = torch.rand(2, 4, 5, 5, generator=g) < 0.5
+    blocks |= torch.eye(5, dtype=torch.bool)  # the diagonal: every row sees itself
+    sel = BlockSelection.from_block_mask(blocks & torch.ones(5, 5, dtype=torch.bool).tril(), 16, 16, 70, 70)
+    ref = block_sparse_attention(q, k, v, sel, scale=0.3, bounds=kb)
+    got = masked_block_attention(q, k, v, sel, 0.3, kb)
+    rows = kb.dense_mask(2, 70, 70).any(-1, keepdim=True)  # rows that see some key
+    torch.testing.assert_close(got * rows, ref.float() * rows, atol=1e-5, rtol=1e-5)

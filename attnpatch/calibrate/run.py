@@ -45,7 +45,7 @@ def calibrate(model, tokenizer, method: str, *, target_error: float = 0.05, data
         raise ValueError(f"target_error must be in (0, 1) (a relative output error), got {target_error}")
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
-    base = info.check({k: v for k, v in (options or {}).items()})
+    base = {k: info.spec(k).parse(v, f"prefill method {method!r}") for k, v in (options or {}).items()}
     if knob.option in base:
         raise ValueError(f"options fix {knob.option!r}, the option calibration searches; leave it out")
     start = time.time()

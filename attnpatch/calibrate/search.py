@@ -46,6 +46,21 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
                                           scale=scale, enable_gqa=True)
 
 
+_MASKED_ELEMENTS = 1 << 28  # up to this many (batch · head · query · key) elements, run the selection as a mask
+
+
+def masked_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selection: BlockSelection, scale: float,
+                           bounds: KeyBounds) -> torch.Tensor:
+    """A block selection as a token mask through SDPA (float32): equal to the reference executor,
+    several times faster on small inputs, O(Hq · Lq · Lk) memory."""
+    b, _, lq, _ = q.shape
+    lk = k.shape[2]
+    blocks = selection.to_block_mask()  # [B, Hq, R, C]
+    mask = blocks.repeat_interleave(selection.block_q, 2)[:, :, :lq].repeat_interleave(selection.block_k, 3)[..., :lk]
+    mask = mask & bounds.dense_mask(b, lq, lk, q.device)
+    return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, scale=scale, enable_gqa=True)
+
+
 def _dense(layer: LayerInputs) -> list[torch.Tensor]:
     return [dense_attention(q, k, v, layer.scale, b)
             for q, k, v, b in zip(layer.query, layer.key, layer.value, layer.bounds, strict=True)]
@@ -68,6 +83,8 @@ def evaluate(info: MethodInfo, options: Mapping[str, Any], layer: LayerInputs, d
             skipped = torch.zeros(selection.indices.shape, dtype=torch.bool, device=q.device)
             out = block_sparse_attention(q, k, v, selection, scale=layer.scale, bounds=bounds, skipped_out=skipped)
             kept = kept - skipped.sum(dim=(0, 2, 3)).to(kept)
+        elif isinstance(selection, BlockSelection) and q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] <= _MASKED_ELEMENTS:
+            out = masked_block_attention(q, k, v, selection, layer.scale, bounds)
         else:
             out = REFERENCE.prefill(q, k, v, selection, scale=layer.scale, bounds=bounds)
         out = out.float()
