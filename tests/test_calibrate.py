@@ -150,3 +150,19 @@ def test_masked_block_attention_equals_the_reference(bounds):
     got = masked_block_attention(q, k, v, sel, 0.3, kb)
     rows = kb.dense_mask(2, 70, 70).any(-1, keepdim=True)  # rows that see some key
     torch.testing.assert_close(got * rows, ref.float() * rows, atol=1e-5, rtol=1e-5)
+
+
+def test_shipped_profiles_fit_their_checkpoint():
+    from pathlib import Path
+
+    from attnpatch.models import load
+
+    files = sorted((Path(__file__).resolve().parents[1] / "calibration").glob("*.json"))
+    assert files, "calibration/ ships at least one profile"
+    model, _ = load("smollm2")
+    for path in files:
+        profile = Profile.load(path)
+        assert profile.meta["command"].startswith("attnpatch calibrate") and profile.meta["seconds"] > 0
+        with patch_model(model, profile.meta["method"], profile=profile) as patch:
+            model(torch.randint(3, 1000, (1, 64)))
+            assert patch.stats().layers[0]["prefill_method"] == profile.meta["method"]
