@@ -166,3 +166,22 @@ def test_shipped_profiles_fit_their_checkpoint():
         with patch_model(model, profile.meta["method"], profile=profile) as patch:
             model(torch.randint(3, 1000, (1, 64)))
             assert patch.stats().layers[0]["prefill_method"] == profile.meta["method"]
+
+
+def test_blasst_lambda_fit_over_lengths():
+    from attnpatch.calibrate.blasst_fit import fit_lambda
+
+    model = tiny_model("llama")
+    torch.manual_seed(0)
+    layers = record_layers(model, [torch.randint(3, 256, (1, n)) for n in (96, 192)])
+    grid = [1e-3, 1e-2, 0.05, 0.2, 1.0]
+    fit = fit_lambda(layers, grid, tolerance=0.05, block=16)
+    assert [n for n, _ in fit.points] == [96, 192] and all(lam in grid for _, lam in fit.points)
+    lam = torch.tensor([x for _, x in fit.points], dtype=torch.float64)
+    inv = torch.tensor([1 / 96, 1 / 192], dtype=torch.float64)
+    assert fit.a == pytest.approx(float((lam * inv).sum() / (inv * inv).sum()))  # least squares of λ ≈ a / L
+    assert set(fit.skipped_at_a) == set(fit.skipped_at_fixed_lambda) == set(fit.error_at_a) == {96, 192}
+    sparse = fit_lambda(layers, grid, target_skipped=0.2, block=16)
+    assert all(0 <= s <= 1 for s in sparse.skipped_at_a.values())
+    with pytest.raises(ValueError, match="exactly one"):
+        fit_lambda(layers, grid, block=16)
