@@ -78,9 +78,9 @@ def test_search_meets_the_tolerance_per_head_or_ends_at_the_densest_value(record
     for value, err in zip(fit.values, fit.error, strict=True):
         assert err <= tolerance + 1e-9 or value == pytest.approx(densest)
     # the reported error is what the method really does with those values
-    from attnpatch.calibrate.search import _dense
+    from attnpatch.calibrate.search import dense_outputs
 
-    err, den = evaluate(info, {**SMALL[method], knob.option: fit.values}, layer, _dense(layer))
+    err, den = evaluate(info, {**SMALL[method], knob.option: fit.values}, layer, dense_outputs(layer))
     assert torch.allclose(err, torch.tensor(fit.error, dtype=torch.float64), atol=1e-6)
 
 
@@ -125,11 +125,11 @@ def test_calibration_data_is_checked(tmp_path):
 def test_blasst_density_counts_skipped_tiles(recorded):
     _, _, layers = recorded
     info = get_method("blasst", "prefill")
-    from attnpatch.calibrate.search import _dense
+    from attnpatch.calibrate.search import dense_outputs
 
     layer = layers[1]
-    _, none_skipped = evaluate(info, {"block_size": 16, "a": 0.0}, layer, _dense(layer))
-    _, many_skipped = evaluate(info, {"block_size": 16, "a": 1e6}, layer, _dense(layer))
+    _, none_skipped = evaluate(info, {"block_size": 16, "a": 0.0}, layer, dense_outputs(layer))
+    _, many_skipped = evaluate(info, {"block_size": 16, "a": 1e6}, layer, dense_outputs(layer))
     assert torch.allclose(none_skipped, torch.ones_like(none_skipped)) and bool((many_skipped < 1).all())
 
 

@@ -140,26 +140,17 @@ def dense_rows(shape: str, length: int, q, k, v) -> list[Row]:
 
 def captured_qkv(model_name: str, length: int, layer: int, device: torch.device, dtype: torch.dtype):
     """`(q, k, v)` `[1, H, L, D]` that `layer` of a real checkpoint receives on `length` tokens of Pride and
-    Prejudice (dense prefill, no LM head)."""
-    from attnpatch.api import patch_model
+    Prejudice (dense prefill, no LM head; recorded as calibration records it)."""
+    from attnpatch.calibrate.record import record_layers
     from attnpatch.eval.texts import austen
     from attnpatch.models import load
 
     model, tok = load(model_name, device=str(device), dtype=dtype)
-    ids = tok(austen(), return_tensors="pt", add_special_tokens=False).input_ids[:, :length].to(device)
-    got: dict[str, torch.Tensor] = {}
-
-    def keep(call):
-        if call.layer == layer and call.phase == "prefill":
-            got.update(q=call.query.detach().clone(), k=call.key.detach().clone(), v=call.value.detach().clone())
-
-    with torch.no_grad(), patch_model(model, "dense") as patch:
-        patch.observe(keep)
-        model.get_decoder()(input_ids=ids, use_cache=False)
-    if not got:
+    ids = tok(austen(), return_tensors="pt", add_special_tokens=False).input_ids[:, :length]
+    rec = record_layers(model, [ids], keep_window_layers=True).get(layer)
+    if rec is None:
         raise ValueError(f"{model_name} has no layer {layer}")
-    del model
-    return got["q"], got["k"], got["v"]
+    return rec.query[0], rec.key[0], rec.value[0]
 
 
 def load_peer(path: str, name: str = "flex_prefill_attention") -> Callable:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from attnpatch.calibrate.record import LayerInputs
-from attnpatch.calibrate.search import _dense, evaluate
+from attnpatch.calibrate.search import dense_outputs, evaluate
 from attnpatch.registry import get_method
 
 
@@ -60,7 +60,7 @@ def fit_lambda(layers: dict[int, LayerInputs], grid: Sequence[float], tolerance:
     points, per_prompt = [], []
     for i in range(prompts):
         one = _one_prompt(layers, i)
-        dense = {n: _dense(r) for n, r in one.items()}
+        dense = {n: dense_outputs(r) for n, r in one.items()}
         length = one[next(iter(one))].key[0].shape[2]
         best = grid[0]
         for lam in grid:

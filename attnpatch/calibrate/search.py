@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from attnpatch.backends import BACKENDS
 from attnpatch.backends.reference import block_sparse_attention
 from attnpatch.calibrate.record import LayerInputs
+from attnpatch.eval.fidelity import exact_attention, relative_error
 from attnpatch.methods.base import DenseFallback, PrefillContext
 from attnpatch.options import Knob
 from attnpatch.registry import MethodInfo
@@ -36,16 +36,6 @@ class HeadFit:
     density: list[float]
 
 
-def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, bounds: KeyBounds) -> torch.Tensor:
-    """Exact attention in float32 under the causal rule and `bounds` (padding, window, tensor mask)."""
-    b, _, lq, _ = q.shape
-    lk = k.shape[2]
-    plain = bounds.is_plain and lq == lk
-    mask = None if plain else bounds.dense_mask(b, lq, lk, q.device)
-    return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, is_causal=plain,
-                                          scale=scale, enable_gqa=True)
-
-
 _MASKED_ELEMENTS = 1 << 28  # up to this many (batch · head · query · key) elements, run the selection as a mask
 
 
@@ -57,13 +47,17 @@ def masked_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, se
     lk = k.shape[2]
     blocks = selection.to_block_mask()  # [B, Hq, R, C]
     mask = blocks.repeat_interleave(selection.block_q, 2)[:, :, :lq].repeat_interleave(selection.block_k, 3)[..., :lk]
-    mask = mask & bounds.dense_mask(b, lq, lk, q.device)
-    return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, scale=scale, enable_gqa=True)
+    return exact_attention(q, k, v, scale, mask & bounds.dense_mask(b, lq, lk, q.device))
 
 
-def _dense(layer: LayerInputs) -> list[torch.Tensor]:
-    return [dense_attention(q, k, v, layer.scale, b)
-            for q, k, v, b in zip(layer.query, layer.key, layer.value, layer.bounds, strict=True)]
+def dense_outputs(layer: LayerInputs) -> list[torch.Tensor]:
+    """Exact float32 attention of each recorded prompt of the layer (causal + its bounds)."""
+    out = []
+    for q, k, v, bounds in zip(layer.query, layer.key, layer.value, layer.bounds, strict=True):
+        plain = bounds.is_plain and q.shape[2] == k.shape[2]
+        out.append(exact_attention(q, k, v, layer.scale, None if plain else
+                                   bounds.dense_mask(q.shape[0], q.shape[2], k.shape[2], q.device)))
+    return out
 
 
 def evaluate(info: MethodInfo, options: Mapping[str, Any], layer: LayerInputs, dense: list[torch.Tensor]
@@ -87,9 +81,7 @@ def evaluate(info: MethodInfo, options: Mapping[str, Any], layer: LayerInputs, d
             out = masked_block_attention(q, k, v, selection, layer.scale, bounds)
         else:
             out = REFERENCE.prefill(q, k, v, selection, scale=layer.scale, bounds=bounds)
-        out = out.float()
-        err = (out - ref).flatten(2).norm(dim=-1) / ref.flatten(2).norm(dim=-1).clamp(min=1e-30)  # [B, Hq]
-        errors += err.mean(0).double().cpu()
+        errors += relative_error(out, ref).mean(0).double().cpu()
         densities += (kept / total).double().cpu()
     n = len(layer.query)
     return errors / n, densities / n
@@ -99,16 +91,14 @@ def search_layer(info: MethodInfo, knob: Knob, base: Mapping[str, Any], layer: L
                  steps: int = 8) -> HeadFit:
     """Bisection of `knob` per head (see the module docstring); `base`: the method's other options."""
     hq = layer.query[0].shape[1]
-    dense = _dense(layer)
+    dense = dense_outputs(layer)
     lo, hi = torch.zeros(hq, dtype=torch.float64), torch.ones(hq, dtype=torch.float64)
-    best_err = best_den = None
+    best_err, best_den = torch.full_like(lo, float("nan")), torch.full_like(lo, float("nan"))
     for _ in range(steps):
         mid = (lo + hi) / 2
         err, den = evaluate(info, {**base, knob.option: knob.value(mid).tolist()}, layer, dense)
         ok = err <= tolerance
         hi, lo = torch.where(ok, mid, hi), torch.where(ok, lo, mid)
-        if best_err is None:
-            best_err, best_den = torch.full_like(err, float("nan")), torch.full_like(den, float("nan"))
         best_err, best_den = torch.where(ok, err, best_err), torch.where(ok, den, best_den)
     values = knob.value(hi)
     if bool(torch.isnan(best_err).any()):  # heads never within tolerance: measure them at the densest end

@@ -39,6 +39,20 @@ class LayerRecord:
     mass: torch.Tensor  # float [H, R, C]: mean true softmax mass per row, per block pair
 
 
+def exact_attention(query, key, value, scale, mask=None) -> torch.Tensor:
+    """Dense attention in float32: causal when `mask` is None (then queries and keys must be as many),
+    else under the boolean `mask` `[B, 1|H, Lq, Lk]`."""
+    if mask is None and query.shape[2] != key.shape[2]:
+        raise ValueError("chunked prefill without a mask is not measured")
+    return F.scaled_dot_product_attention(query.float(), key.float(), value.float(), scale=scale, enable_gqa=True,
+                                          attn_mask=mask, is_causal=mask is None)
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """`[B, H]`: ‖out − ref‖ / ‖ref‖ per batch row and head (outputs `[B, H, L, D]`)."""
+    return (out.float() - ref).flatten(2).norm(dim=-1) / ref.flatten(2).norm(dim=-1).clamp(min=1e-30)
+
+
 def true_block_mass(query, key, scale, block_q, block_k, mask=None) -> torch.Tensor:
     """`[B, Hq, R, C]`: for each query block, the average (over its rows) true softmax mass of each key
     block, computed in row chunks (never more than `_ROW_CHUNK × Lk` scores per head at once)."""
@@ -72,10 +86,7 @@ def layer_fidelity(layer, query, key, value, selection: BlockSelection, mask, sc
         skipped = torch.zeros(selection.indices.shape, dtype=torch.bool, device=query.device)
     sparse = block_sparse_attention(query.float(), key.float(), value.float(), selection, scale=scale, mask=mask,
                                     skipped_out=skipped)
-    dense = F.scaled_dot_product_attention(query.float(), key.float(), value.float(), scale=scale, enable_gqa=True,
-                                           attn_mask=mask, is_causal=mask is None and lq == key.shape[2])
-    if mask is None and lq != key.shape[2]:
-        raise ValueError("chunked prefill without a mask is not measured")
+    dense = exact_attention(query, key, value, scale, mask)
     computed = selection.to_block_mask()
     if skipped is not None:  # remove skipped slots from the computed blocks
         c = computed.shape[-1]
@@ -89,7 +100,7 @@ def layer_fidelity(layer, query, key, value, selection: BlockSelection, mask, sc
     recall = ((mass * computed).sum(-1) * rows).sum(-1) / lq  # [B, H]
     total = selection.causal_pairs().sum().float()
     density = computed.sum((-1, -2)).float() / total
-    err = (sparse.float() - dense).flatten(2).norm(dim=-1) / dense.flatten(2).norm(dim=-1).clamp(min=1e-30)
+    err = relative_error(sparse, dense)
     heads = [HeadFidelity(layer, h, float(density[:, h].mean()), float(recall[:, h].mean()), float(err[:, h].mean()))
              for h in range(hq)]
     return heads, LayerRecord(layer, computed[0].cpu(), mass[0].cpu())
@@ -124,16 +135,13 @@ def true_token_recall(query, key, scale, selection: TokenSelection, mask=None) -
 def token_layer_fidelity(layer, query, key, value, selection: TokenSelection, bounds: KeyBounds, mask, scale):
     """Per-head fidelity of one token-granularity call (recall over the listed keys, output error of
     the gathered attention, exact (query, key) pair density); no block maps."""
-    hq, lq = query.shape[1], query.shape[2]
+    hq = query.shape[1]
     sparse = token_gather_attention(query.float(), key.float(), value.float(), selection, scale=scale, bounds=bounds)
-    dense = F.scaled_dot_product_attention(query.float(), key.float(), value.float(), scale=scale, enable_gqa=True,
-                                           attn_mask=mask, is_causal=mask is None and lq == key.shape[2])
-    if mask is None and lq != key.shape[2]:
-        raise ValueError("chunked prefill without a mask is not measured")
+    dense = exact_attention(query, key, value, scale, mask)
     recall = true_token_recall(query, key, scale, selection, mask)
     kept, total = selection.kept_and_total()
     density = (kept / total).float()
-    err = (sparse.float() - dense).flatten(2).norm(dim=-1) / dense.flatten(2).norm(dim=-1).clamp(min=1e-30)
+    err = relative_error(sparse, dense)
     return [HeadFidelity(layer, h, float(density[h]), float(recall[:, h].mean()), float(err[:, h].mean()))
             for h in range(hq)]
 
