@@ -38,3 +38,15 @@ def token_lists(sel) -> list:
     b, h, r, _ = sel.indices.shape
     return [[[sel.indices[i, j, k, :sel.counts[i, j, k]].tolist() for k in range(r)] for j in range(h)]
             for i in range(b)]
+
+
+def small_options(info) -> dict:
+    """The smallest block / page sizes a method allows, so tiny inputs span many blocks, and no minimum
+    input length (`min_length`), so tiny inputs are not sent to dense."""
+    out = {}
+    for o in info.options:
+        if o.name in ("block_size", "page_size") and o.choices:
+            out[o.name] = min(o.choices)
+        if o.name == "min_length":
+            out[o.name] = 0
+    return out

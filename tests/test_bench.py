@@ -144,3 +144,13 @@ def test_method_benchmark_peer_row_real_inputs_and_replot(tmp_path):
     replot = tmp_path / "replot"
     assert main(["--plot-only", str(out / "methods.json"), "--out", str(replot)]) == 0
     assert (replot / "methods.md").read_text() == (out / "methods.md").read_text()
+
+
+def test_method_benchmark_refuses_a_bad_real_input_spec(capsys):
+    import pytest
+
+    from attnpatch.bench.methods import main
+
+    with pytest.raises(SystemExit):
+        main(["--device", "cpu", "--real", "smollm2:8k"])
+    assert "MODEL:LENGTH:LAYER" in capsys.readouterr().err

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from method_cases import small_options
 
 from attnpatch import patch_model
 from attnpatch.calibrate import calibrate
@@ -16,10 +17,14 @@ from attnpatch.profile import Profile
 from attnpatch.registry import get_method, method_infos
 from attnpatch.testing import tiny_model
 
-SMALL = {"xattention": {"block_size": 16, "stride": 4}, "sale": {"block_size": 16, "local_window": 16, "min_length": 0},
-         "flexprefill": {"block_size": 16, "min_budget": 0}, "proxyattn": {"block_size": 16},
-         "s2o": {"block_size": 16, "pool_size": 8}, "anchor": {"block_size": 16, "step": 4, "max_keys": 1 << 20},
-         "blasst": {"block_size": 16}}
+# Options that let a method drop keys on 192-token inputs beyond the registry-derived small sizes; a new
+# calibratable method is tested with `small_options` alone.
+REFINE = {"xattention": {"stride": 4}, "sale": {"local_window": 16}, "flexprefill": {"min_budget": 0},
+          "s2o": {"pool_size": 8}, "anchor": {"step": 4, "max_keys": 1 << 20}}
+
+
+def _options(name: str) -> dict:
+    return small_options(get_method(name, "prefill")) | REFINE.get(name, {})
 
 
 class _Tok:
@@ -46,7 +51,6 @@ def test_every_method_with_a_knob_is_calibratable_and_knobs_name_per_head_option
         knob = getattr(info.cls, "knob", None)
         if knob is not None:
             assert info.spec(knob.option).per_head, f"{info.name}: knob {knob.option} is not a per-head option"
-    assert set(SMALL) >= set(names), "add small options for the new calibratable method to SMALL"
 
 
 def test_knob_maps_density_coordinate_to_values():
@@ -64,14 +68,14 @@ def test_recording_sees_every_layer_once_per_prompt(recorded):
     assert all(len(rec.query) == len(prompts) and rec.query[0].shape[2] == 192 for rec in layers.values())
 
 
-@pytest.mark.parametrize("method", sorted(SMALL))
+@pytest.mark.parametrize("method", calibratable_methods())
 def test_search_meets_the_tolerance_per_head_or_ends_at_the_densest_value(recorded, method):
     _, _, layers = recorded
     info = get_method(method, "prefill")
     knob = info.cls.knob
     layer = layers[1]
     tolerance = 0.08
-    fit = search_layer(info, knob, SMALL[method], layer, tolerance, steps=4)
+    fit = search_layer(info, knob, _options(method), layer, tolerance, steps=4)
     hq = layer.query[0].shape[1]
     assert len(fit.values) == len(fit.error) == len(fit.density) == hq
     densest = knob.value(torch.ones(1)).item()
@@ -80,7 +84,7 @@ def test_search_meets_the_tolerance_per_head_or_ends_at_the_densest_value(record
     # the reported error is what the method really does with those values
     from attnpatch.calibrate.search import dense_outputs
 
-    err, den = evaluate(info, {**SMALL[method], knob.option: fit.values}, layer, dense_outputs(layer))
+    err, den = evaluate(info, {**_options(method), knob.option: fit.values}, layer, dense_outputs(layer))
     assert torch.allclose(err, torch.tensor(fit.error, dtype=torch.float64), atol=1e-6)
 
 
@@ -90,7 +94,7 @@ def test_calibrate_writes_a_profile_that_patches_and_refuses_another_method(tmp_
     data.write_text("\n".join(json.dumps({"text": "the quick brown fox jumps over the lazy dog " * 8})
                               for _ in range(2)))
     profile = calibrate(model, _Tok(), "xattention", target_error=0.1, data=str(data), samples=2, lengths=(128,),
-                        options=SMALL["xattention"], steps=3, progress=False)
+                        options=_options("xattention"), steps=3, progress=False)
     assert profile.meta["method"] == "xattention" and profile.meta["knob"] == "threshold"
     assert set(profile.layers) == {0, 1}
     assert len(profile.layers[0]["prefill_options"]["threshold"]) == 4

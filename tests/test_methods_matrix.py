@@ -4,6 +4,7 @@ registry and the backend table, so a new method or backend is tested without edi
 import pytest
 import torch
 from conftest import left_padded
+from method_cases import small_options as _small
 
 import attnpatch
 from attnpatch.backends import BACKENDS
@@ -12,18 +13,6 @@ from attnpatch.registry import method_infos
 PREFILL = [m for m in method_infos("prefill") if m.name != "dense"]
 DECODE = [m for m in method_infos("decode") if m.name != "dense"]
 PREFILL_LENGTH = 300  # long enough that small blocks leave the methods something to drop
-
-
-def _small(info) -> dict:
-    """The smallest block / page sizes a method allows, so tiny inputs span many blocks, and no minimum
-    input length (`min_length`), so tiny inputs are not sent to dense."""
-    out = {}
-    for o in info.options:
-        if o.name in ("block_size", "page_size") and o.choices:
-            out[o.name] = min(o.choices)
-        if o.name == "min_length":
-            out[o.name] = 0
-    return out
 
 
 @torch.no_grad()

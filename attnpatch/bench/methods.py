@@ -277,6 +277,12 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("the method benchmark needs a CUDA GPU (or --device cpu for a smoke run)", file=sys.stderr)
         return 2
+    real = []
+    for item in args.real:
+        parts = item.split(":")
+        if len(parts) != 3 or not (parts[1].isdigit() and parts[2].isdigit()):
+            p.error(f"--real takes MODEL:LENGTH:LAYER with integer length and layer (e.g. smollm2:8192:15), got {item!r}")
+        real.append((parts[0], int(parts[1]), int(parts[2])))
     specs = args.methods or default_specs()
     peer = load_peer(args.peer_flexprefill) if args.peer_flexprefill else None
     for text in specs:
@@ -303,13 +309,12 @@ def main(argv: list[str] | None = None) -> int:
             (out / "methods.json").write_text(json.dumps(data, indent=1))
             (out / "methods.md").write_text(markdown(data))
             del q, k, v
-    for item in args.real:
-        model_name, length, layer = item.split(":")
-        q, k, v = captured_qkv(model_name, int(length), int(layer), device, dtype)
+    for model_name, length, layer in real:
+        q, k, v = captured_qkv(model_name, length, layer, device, dtype)
         shape = f"{model_name}-L{layer}"
-        rows += dense_rows(shape, int(length), q, k, v) + method_rows(shape, int(length), q, k, v, specs)
+        rows += dense_rows(shape, length, q, k, v) + method_rows(shape, length, q, k, v, specs)
         if peer is not None and q.shape[-1] in (16, 32, 64, 128):
-            rows.append(flexprefill_peer_row(shape, int(length), q, k, v, peer))
+            rows.append(flexprefill_peer_row(shape, length, q, k, v, peer))
         add_speedups(rows)
         data["rows"] = [asdict(r) for r in rows]
         (out / "methods.json").write_text(json.dumps(data, indent=1))

@@ -21,7 +21,10 @@ from pathlib import Path
 
 
 def jobs_of(text: str) -> list[tuple[str, str, str]]:
-    model, lengths, spec_file = text.split("|")
+    parts = text.split("|")
+    if len(parts) != 3 or not Path(parts[2]).is_file():
+        raise SystemExit(f"--job must be MODEL|LENGTHS|SPEC_FILE with an existing spec file, got {text!r}")
+    model, lengths, spec_file = parts
     specs = [s.strip() for s in Path(spec_file).read_text().splitlines() if s.strip() and not s.startswith("#")]
     return [(model, lengths, s) for s in specs]
 
