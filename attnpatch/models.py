@@ -146,5 +146,30 @@ def load(name_or_path: str = SMOLLM2, dtype: torch.dtype | str | None = None, de
             raise ValueError(f"dtype {dtype!r} is not a torch dtype; use e.g. float32, bfloat16, float16")
         dtype = getattr(torch, dtype)
     tok = AutoTokenizer.from_pretrained(path)
+    if path != name_or_path:  # an embedded checkpoint converted from GGUF here
+        check_converted_tokenizer(tok, path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device).eval()
     return model, tok
+
+
+_PROBE_TEXT = "It is a truth universally acknowledged, that a single man in possession of a good fortune"
+
+
+def check_converted_tokenizer(tok, path: str | Path) -> None:
+    """Refuse a GGUF-converted tokenizer that lost its merges (ValueError with the fix).
+
+    transformers 5.17 converts Gemma-3's GGUF tokenizer into one that splits text into single characters
+    (the model then sees no words: perplexity in the tens of thousands); 5.25 converts it correctly.
+    """
+    ids = tok(_PROBE_TEXT, add_special_tokens=False).input_ids
+    if len(ids) > 0.5 * len(_PROBE_TEXT):
+        import json
+
+        config = Path(path) / "config.json"
+        made_by = json.loads(config.read_text()).get("transformers_version", "?") if config.exists() else "?"
+        raise ValueError(
+            f"the tokenizer converted into {path} splits English into {len(ids)} tokens for "
+            f"{len(_PROBE_TEXT)} characters: its GGUF conversion lost the merges (converted by transformers "
+            f"{made_by}; 5.17 is known to do this for Gemma 3, 5.25 converts it right). "
+            f"Convert with a newer transformers (delete {path} and load again), or copy a good "
+            "tokenizer.json / tokenizer_config.json of the same checkpoint into that folder.")

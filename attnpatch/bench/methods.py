@@ -143,10 +143,11 @@ def captured_qkv(model_name: str, length: int, layer: int, device: torch.device,
     Prejudice (dense prefill, no LM head; recorded as calibration records it)."""
     from attnpatch.calibrate.record import record_layers
     from attnpatch.eval.texts import austen
+    from attnpatch.eval.tokens import leading_ids, text_window
     from attnpatch.models import load
 
     model, tok = load(model_name, device=str(device), dtype=dtype)
-    ids = tok(austen(), return_tensors="pt", add_special_tokens=False).input_ids[:, :length]
+    ids = text_window(tok, austen(), length - len(leading_ids(tok)))
     rec = record_layers(model, [ids], keep_window_layers=True).get(layer)
     if rec is None:
         raise ValueError(f"{model_name} has no layer {layer}")

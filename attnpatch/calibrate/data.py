@@ -48,14 +48,17 @@ def calibration_ids(tokenizer, data: str, samples: int, length: int) -> list[tor
         return out
     if data == "text":
         from attnpatch.eval.texts import austen
+        from attnpatch.eval.tokens import leading_ids, text_window
 
         out = []
         for i in range(samples):
-            ids = tokenizer(austen(_NOVELS[i % len(_NOVELS)]), return_tensors="pt", add_special_tokens=False).input_ids
-            start = (i // len(_NOVELS)) * length
-            if ids.shape[1] < start + length:
-                raise ValueError(f"not enough text for {samples} samples of {length} tokens")
-            out.append(ids[:, start:start + length])
+            lead = len(leading_ids(tokenizer))
+            try:
+                ids = text_window(tokenizer, austen(_NOVELS[i % len(_NOVELS)]), length - lead,
+                                  (i // len(_NOVELS)) * length)
+            except ValueError:
+                raise ValueError(f"not enough text for {samples} samples of {length} tokens") from None
+            out.append(ids)
         return out
     path = Path(data)
     if not path.is_file():
