@@ -1,4 +1,4 @@
-"""`attnpatch` command line: methods | demo | eval | report | inspect | bench kernels | lm-eval.
+"""`attnpatch` command line: methods | demo | eval | calibrate | run | report | inspect | bench kernels | lm-eval.
 
 Only the standard library loads with this module: torch, transformers and the method tables load
 when a command needs them, so `attnpatch lm-eval --help` answers at once and offline. Method
@@ -282,6 +282,31 @@ def _add_target_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--accuracy-prompts", type=int, default=4, help="passkey prompts of the accuracy floor")
 
 
+def cmd_run(args: argparse.Namespace) -> None:
+    """`attnpatch run RECIPE.yaml`: parse (everything checked before the model loads), run, report."""
+    from attnpatch.eval.recipe import load_recipe, run_recipe
+
+    recipe = load_recipe(args.recipe)
+    if args.check:
+        print(f"{args.recipe}: ok — {recipe.model}, {recipe.spec}, tasks {', '.join(recipe.tasks)} at "
+              f"{', '.join(map(str, recipe.lengths))} tokens, limit {recipe.limit}, out {recipe.out}")
+        return
+    report = run_recipe(recipe, args.out, args.limit)
+    print(f"wrote {report} (and one JSON per run next to it)")
+
+
+def _add_run_parser(sub: argparse._SubParsersAction) -> None:
+    r = _sub(sub, "run", "run a recipe (YAML: model, patch, eval tasks and lengths, out); writes its report",
+             "Loads the recipe's model, patches it with the recipe's spec (and runs dense next to it unless "
+             "eval.baseline is false), runs the offline suite's tasks at each length, and writes one JSON "
+             "per run plus report.md into the recipe's out folder. Recipes: recipes/*.yaml.")
+    r.add_argument("recipe", help="a recipe YAML file, e.g. recipes/quickstart.yaml")
+    r.add_argument("--out", default=None, help="output folder (default: the recipe's `out`)")
+    r.add_argument("--limit", type=int, default=None, help="samples per task (default: the recipe's eval.limit)")
+    r.add_argument("--check", action="store_true", help="parse and validate the recipe only; load nothing")
+    r.set_defaults(func=cmd_run)
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     from attnpatch.eval.report import write_report
 
@@ -430,6 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--name", default="", help="profile name (default: METHOD-errTARGET)")
     ca.add_argument("--out", default="profile.json", help="profile JSON file to write")
     ca.set_defaults(func=cmd_calibrate)
+
+    _add_run_parser(sub)
 
     rp = _sub(sub, "report", "markdown + PNG from eval results (and a kernel benchmark JSON)")
     rp.add_argument("--results", default="eval-results", help="folder of `attnpatch eval` result JSON files")
