@@ -8,10 +8,11 @@ from dataclasses import dataclass
 from typing import Any
 
 KINDS = {
-    "error": "relative attention-output error per head, in (0, 1)",
-    "density": "kept share of the causal key blocks per head, in (0, 1]",
-    "accuracy": "held-out passkey score as a share of the dense model's, in (0, 1]",
+    "error": "relative attention-output error per head",
+    "density": "kept share of the causal key blocks per head",
+    "accuracy": "held-out passkey score as a share of the dense model's",
 }
+_RANGE = {"error": "in (0, 1)", "density": "in (0, 1]", "accuracy": "in (0, 1]"}
 _LABEL = {"error": "err", "density": "den", "accuracy": "acc"}
 
 
@@ -25,13 +26,13 @@ class Target:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown calibration target {self.kind!r}; allowed: "
-                             + "; ".join(f"{k} ({v})" for k, v in KINDS.items()))
+                             + "; ".join(f"{k} ({v}, {_RANGE[k]})" for k, v in KINDS.items()))
         v = self.value
         if isinstance(v, bool) or not isinstance(v, int | float) or math.isnan(v):
             raise ValueError(f"the {self.kind} target must be a number, got {v!r}")
         ok = 0 < v < 1 if self.kind == "error" else 0 < v <= 1
         if not ok:
-            raise ValueError(f"the {self.kind} target must be {KINDS[self.kind].split(', ')[-1]}, got {v}")
+            raise ValueError(f"the {self.kind} target ({KINDS[self.kind]}) must be {_RANGE[self.kind]}, got {v}")
 
     @property
     def label(self) -> str:
