@@ -68,12 +68,17 @@ class Patch:
         self.model, self.spec = model, spec
         self.method, self.decode = spec.method, spec.decode
         num_layers = self.adapter.num_layers(model.config)
-        if spec.profile is not None:
-            spec.profile.check(model, num_layers, spec.allow_other_weights)
-            made_for = spec.profile.meta.get("method")
+        self.profile = spec.effective_profile()
+        if self.profile is not None:
+            self.profile.check(model, num_layers, spec.allow_other_weights)
+            made_for = self.profile.meta.get("method")
             if made_for and spec.method not in ("dense", made_for):
-                raise ValueError(f"profile {spec.profile.name!r} was calibrated for method {made_for!r}; patch with "
+                raise ValueError(f"profile {self.profile.name!r} was calibrated for method {made_for!r}; patch with "
                                  f"method={made_for!r} (or leave the method out) to use it, not {spec.method!r}")
+            decodes = {e.get("decode") for e in self.profile.layers.values()} - {None}
+            if decodes and spec.decode not in ("dense", *decodes):
+                raise ValueError(f"profile {self.profile.name!r} sets decode method {', '.join(sorted(decodes))}; "
+                                 f"patch with decode={sorted(decodes)[0]!r} (or leave decode out), not {spec.decode!r}")
         windows = self.adapter.sliding_windows(model.config)
         heads = self.adapter.heads(model.config)[0]
         plans = [self._plan(i, windows[i], heads, num_layers) for i in range(num_layers)]
@@ -99,10 +104,10 @@ class Patch:
         spec = self.spec
         pre_info, dec_info = get_method(spec.method, "prefill"), get_method(spec.decode, "decode")
         pre_opts, dec_opts = dict(spec.prefill_options), dict(spec.decode_options)
-        override = spec.profile.for_layer(layer) if spec.profile is not None else {}
+        override = self.profile.for_layer(layer) if self.profile is not None else {}
         where = ""
         if override:
-            where = f" (layer {layer} of profile {spec.profile.name!r})"
+            where = f" (layer {layer} of profile {self.profile.name!r})"
             # A layer may switch method: the spec's options stay only where the layer's method declares them.
             pre_info = get_method(override.pop("method", spec.method), "prefill")
             dec_info = get_method(override.pop("decode", spec.decode), "decode")
@@ -224,25 +229,29 @@ class Patch:
 def patch_model(model, method: str | PatchSpec = "dense", decode: str | None = None,
                 profile: Profile | str | Path | None = None, backend: str | Mapping[str, str] = "auto", *,
                 prefill_options: Mapping[str, Any] | None = None, decode_options: Mapping[str, Any] | None = None,
-                allow_other_weights: bool = False, **options: Any) -> Patch:
+                allow_other_weights: bool = False, profile_shift: float = 0.0, profile_sparsity: float | None = None,
+                **options: Any) -> Patch:
     """Patch `model` in place so its attention runs `method` in prefill and `decode` in decoding.
 
     `method` / `decode` are method names (`attnpatch.list_methods()`), optionally with options as
     `"name:key=value,..."`, or `method` is a whole `PatchSpec`. A flat option goes to the one method
     that declares it; one both declare goes in `prefill_options=` / `decode_options=`. `profile`: a
-    `Profile` or its JSON path (per-layer / per-head parameters of this checkpoint). `backend`:
+    `Profile` or its JSON path (per-layer / per-head parameters of this checkpoint), scaled at run time by
+    `profile_shift` (knob profiles: + denser) or `profile_sparsity` (BLASST fits: skipped share). `backend`:
     "auto" (the fastest measured that takes the input), "reference", "triton", "flex", "flash", or
     `{"prefill": ..., "decode": ...}`. Returns a `Patch` (context manager; `.unpatch()`, `.stats()`,
     `.observe(fn)`).
     """
     if isinstance(method, PatchSpec):
-        given = (decode, profile, prefill_options, decode_options, options, backend != "auto", allow_other_weights)
+        given = (decode, profile, prefill_options, decode_options, options, backend != "auto", allow_other_weights,
+                 profile_shift, profile_sparsity is not None)
         if any(given):
             raise ValueError("pass either a PatchSpec or method/decode/options, not both")
         spec = method
     else:
         spec = PatchSpec.build(method, decode, prefill_options=prefill_options, decode_options=decode_options,
-                               profile=profile, backend=backend, allow_other_weights=allow_other_weights, **options)
+                               profile=profile, backend=backend, allow_other_weights=allow_other_weights,
+                               profile_shift=profile_shift, profile_sparsity=profile_sparsity, **options)
     return Patch(model, spec)
 
 

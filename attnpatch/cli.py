@@ -1,4 +1,4 @@
-"""`attnpatch` command line: methods | demo | eval | report | inspect | bench kernels | lm-eval.
+"""`attnpatch` command line: methods | demo | eval | calibrate | run | report | inspect | bench kernels | lm-eval.
 
 Only the standard library loads with this module: torch, transformers and the method tables load
 when a command needs them, so `attnpatch lm-eval --help` answers at once and offline. Method
@@ -37,6 +37,8 @@ patched by attnpatch. Every argument after `lm-eval` goes to lm-eval unchanged.
                                   (`backend` is HFLM's own argument)
   profile=FILE.json               per-layer / per-head parameters from a calibration profile
   allow_other_weights=true        accept a profile made for other weights of the same architecture
+  profile_shift=X                 move the profile's calibrated knob, X in [-1, 1] (+ denser)
+  profile_sparsity=S              BLASST profiles: a per phase for skipped share S (its a(S) table)
   anything else                   HFLM's arguments: dtype, device, batch_size, max_length, parallelize
 
 A comma ends a model_args entry, so a method's second option is an entry of its own:
@@ -244,15 +246,65 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         raise ValueError(f"--method {args.method!r} cannot be calibrated; calibratable: "
                          f"{', '.join(calibratable_methods())}")
     options = _parse_options(args.option or [])
+    target = _calibration_target(args)
     model, tok = load(args.model)
-    profile = calibrate(model, tok, args.method, target_error=args.target_error, data=args.data,
+    profile = calibrate(model, tok, args.method, target=target, data=args.data,
                         samples=args.samples, lengths=_ints(args.lengths, "--lengths"), options=options,
-                        steps=args.steps, name=args.name)
+                        steps=args.steps, name=args.name, accuracy_prompts=args.accuracy_prompts)
     profile.meta["command"] = "attnpatch " + " ".join(args.argv)
     profile.save(args.out)
     a = profile.meta["achieved"]
-    print(f"wrote {args.out}: {args.method} calibrated in {profile.meta['seconds']} s; mean output error "
-          f"{a['error']:.4f} (target {args.target_error}), mean density {a['density']:.3f}")
+    print(f"wrote {args.out}: {args.method} calibrated in {profile.meta['seconds']} s to {target.kind} "
+          f"{target.value:g}; mean output error {a['error']:.4f}, mean density {a['density']:.3f}")
+
+
+def _calibration_target(args: argparse.Namespace):
+    """The one target of `attnpatch calibrate` (--target-error, --target-density or --accuracy-floor)."""
+    from attnpatch.calibrate.target import Target
+
+    given = [(kind, value) for kind, value in (("error", args.target_error), ("density", args.target_density),
+                                               ("accuracy", args.accuracy_floor)) if value is not None]
+    if len(given) > 1:
+        raise ValueError("give one target: --target-error, --target-density or --accuracy-floor, not "
+                         + " and ".join(f"--{k}" for k, _ in given))
+    return Target(*given[0]) if given else Target("error", 0.05)
+
+
+def _add_target_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("target (one of; default --target-error 0.05)")
+    g.add_argument("--target-error", type=float, default=None,
+                   help="relative attention-output error per head, in (0, 1)")
+    g.add_argument("--target-density", type=float, default=None,
+                   help="kept share of each head's causal blocks, in (0, 1] (blasst: 1 - skipped share)")
+    g.add_argument("--accuracy-floor", type=float, default=None,
+                   help="held-out passkey score ≥ FLOOR × dense's, in (0, 1]: an outer search on the error "
+                        "tolerance (about 5 calibrations' time)")
+    g.add_argument("--accuracy-prompts", type=int, default=4, help="passkey prompts of the accuracy floor")
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    """`attnpatch run RECIPE.yaml`: parse (everything checked before the model loads), run, report."""
+    from attnpatch.eval.recipe import load_recipe, run_recipe
+
+    recipe = load_recipe(args.recipe)
+    if args.check:
+        print(f"{args.recipe}: ok — {recipe.model}, {recipe.spec}, tasks {', '.join(recipe.tasks)} at "
+              f"{', '.join(map(str, recipe.lengths))} tokens, limit {recipe.limit}, out {recipe.out}")
+        return
+    report = run_recipe(recipe, args.out, args.limit)
+    print(f"wrote {report} (and one JSON per run next to it)")
+
+
+def _add_run_parser(sub: argparse._SubParsersAction) -> None:
+    r = _sub(sub, "run", "run a recipe (YAML: model, patch, eval tasks and lengths, out); writes its report",
+             "Loads the recipe's model, patches it with the recipe's spec (and runs dense next to it unless "
+             "eval.baseline is false), runs the offline suite's tasks at each length, and writes one JSON "
+             "per run plus report.md into the recipe's out folder. Recipes: recipes/*.yaml.")
+    r.add_argument("recipe", help="a recipe YAML file, e.g. recipes/quickstart.yaml")
+    r.add_argument("--out", default=None, help="output folder (default: the recipe's `out`)")
+    r.add_argument("--limit", type=int, default=None, help="samples per task (default: the recipe's eval.limit)")
+    r.add_argument("--check", action="store_true", help="parse and validate the recipe only; load nothing")
+    r.set_defaults(func=cmd_run)
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -388,11 +440,12 @@ def build_parser() -> argparse.ArgumentParser:
     ca = _sub(sub, "calibrate", "fit a method's per-head knob for a checkpoint; writes a profile JSON",
               "Records the Q/K/V every layer receives on a few prompts (one dense forward each), then per "
               "layer searches, for all heads at once, the sparsest value of the method's knob whose mean "
-              "relative output error stays within --target-error. Use the profile with "
-              "patch_model(model, METHOD, profile=PATH).")
+              "relative output error stays within --target-error (or whose density is nearest "
+              "--target-density; --accuracy-floor searches the tolerance). blasst fits λ = a / L per phase "
+              "instead. Use the profile with patch_model(model, METHOD, profile=PATH).")
     ca.add_argument("--model", default="smollm2", help="'smollm2' (embedded), a local HF directory or a hub id")
     ca.add_argument("--method", required=True, help="a prefill method with a per-head knob")
-    ca.add_argument("--target-error", type=float, default=0.05, help="relative attention-output error per head")
+    _add_target_args(ca)
     ca.add_argument("--data", default="text", help="'text', 'passkey' or a JSONL file ({\"text\": ...} per line)")
     ca.add_argument("--samples", type=int, default=4, help="prompts per length")
     ca.add_argument("--lengths", nargs="+", default="4096", metavar="N", help="prompt lengths in tokens")
@@ -402,6 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--name", default="", help="profile name (default: METHOD-errTARGET)")
     ca.add_argument("--out", default="profile.json", help="profile JSON file to write")
     ca.set_defaults(func=cmd_calibrate)
+
+    _add_run_parser(sub)
 
     rp = _sub(sub, "report", "markdown + PNG from eval results (and a kernel benchmark JSON)")
     rp.add_argument("--results", default="eval-results", help="folder of `attnpatch eval` result JSON files")

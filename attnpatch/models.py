@@ -117,11 +117,28 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+TINY_PREFIX = "tiny:"
+
+
+def _tiny(family: str, device: str):
+    """A tiny random model of `family` (attnpatch.testing) sized to SmolLM2's tokenizer, float32."""
+    from transformers import AutoTokenizer
+
+    from attnpatch.testing import tiny_model
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir())
+    model = tiny_model(family, vocab_size=len(tok), max_position_embeddings=32768)
+    return model.to(device), tok
+
+
 def resolve(name_or_path: str) -> str:
     """Map an embedded checkpoint's name to its converted directory; anything else passes through.
 
-    `smollm2` (or `smollm2-135m-instruct`) and `gemma3-270m` (or `gemma-3-270m`, `gemma3`)."""
+    `smollm2` (or `smollm2-135m-instruct`) and `gemma3-270m` (or `gemma-3-270m`, `gemma3`); `tiny:FAMILY`
+    resolves to SmolLM2's directory (its tokenizer)."""
     name = name_or_path.lower()
+    if name.startswith(TINY_PREFIX):
+        return str(smollm2_dir())
     if name in (SMOLLM2, "smollm2-135m-instruct"):
         return str(smollm2_dir())
     if name in _GEMMA3_NAMES:
@@ -134,11 +151,15 @@ def load(name_or_path: str = SMOLLM2, dtype: torch.dtype | str | None = None, de
     directory or a hub id.
 
     `dtype` defaults to float32 on CPU and bfloat16 on GPU; the model uses SDPA attention and eval mode.
+    `tiny:FAMILY` (e.g. `tiny:llama`) is a tiny random model of that family with SmolLM2's tokenizer
+    (float32): for smoke runs of recipes and calibration, not for results.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = resolve(name_or_path)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if name_or_path.lower().startswith(TINY_PREFIX):
+        return _tiny(name_or_path[len(TINY_PREFIX):], device)
+    path = resolve(name_or_path)
     if dtype is None:
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     elif isinstance(dtype, str):

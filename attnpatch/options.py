@@ -46,6 +46,16 @@ class Knob:
             return torch.exp(math.log(self.low) + u * (math.log(self.high) - math.log(self.low)))
         return self.low + u * (self.high - self.low)
 
+    def coord(self, value: torch.Tensor) -> torch.Tensor:
+        """The inverse of `value`: the density coordinate of option values (clamped to [0, 1])."""
+        value = torch.as_tensor(value, dtype=torch.float64)
+        if self.log:
+            u = (torch.log(value.clamp(min=self.low)) - math.log(self.low)) / (math.log(self.high) - math.log(self.low))
+        else:
+            u = (value - self.low) / (self.high - self.low)
+        u = u.clamp(0.0, 1.0)
+        return u if self.denser == "higher" else 1 - u
+
 
 @dataclass(frozen=True)
 class OptionSpec:

@@ -10,12 +10,17 @@ options, a profile and a backend — with one parser for every way users say it:
 * lm-eval `model_args`: `method=blasst,a=128,decode=streaming,window=512,attn_backend=triton`
   (`prefill.X=` / `decode.X=` name the phase of an option both methods declare).
 
+A profile can be scaled at run time without recalibrating (`Profile.adjusted`): `profile_shift`
+(in [-1, 1]) moves each head's calibrated knob along its calibration coordinate (+ denser, − sparser);
+`profile_sparsity` (in (0, 1), profiles with a(S) tables: BLASST) sets `a` per phase for that skipped share.
+
 Values given as text are converted to each option's declared type; every value is validated
 against the method table (unknown names, wrong types, ranges, NaN).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +31,9 @@ from attnpatch.profile import Profile
 from attnpatch.registry import MethodInfo, get_method
 
 SPEC_KEYS = ("method", "prefill", "decode", "prefill_options", "decode_options", "options", "profile", "backend",
-             "allow_other_weights")
-MODEL_ARG_KEYS = ("method", "decode", "profile", "attn_backend", "allow_other_weights")
+             "allow_other_weights", "profile_shift", "profile_sparsity")
+MODEL_ARG_KEYS = ("method", "decode", "profile", "attn_backend", "allow_other_weights", "profile_shift",
+                  "profile_sparsity")
 
 
 def _typed(info: MethodInfo, options: Mapping[str, Any]) -> dict[str, Any]:
@@ -107,11 +113,14 @@ class PatchSpec:
     profile: Profile | None = None
     backend: str | dict[str, str] = "auto"
     allow_other_weights: bool = False  # use a profile made for other weights of this architecture
+    profile_shift: float = 0.0  # move the profile's knob: + denser, − sparser (Profile.adjusted)
+    profile_sparsity: float | None = None  # BLASST profiles: a(S) for this skipped share
 
     @classmethod
     def build(cls, method: str = "dense", decode: str | None = None, *, prefill_options: Mapping | None = None,
               decode_options: Mapping | None = None, profile: Profile | str | Path | None = None,
               backend: str | Mapping[str, str] = "auto", allow_other_weights: bool = False,
+              profile_shift: float | str = 0.0, profile_sparsity: float | str | None = None,
               **options: Any) -> PatchSpec:
         """From Python arguments (see the module docstring). Methods may carry options as "name:k=v"."""
         if method is None:
@@ -127,7 +136,11 @@ class PatchSpec:
         dec = _typed(dec_info, {**dec_inline, **dec_flat, **dict(decode_options or {})})
         if not isinstance(allow_other_weights, bool):
             raise ValueError(f"allow_other_weights must be True or False, got {allow_other_weights!r}")
-        return cls(pre_name, dec_name, pre, dec, _profile(profile), _backend(backend), allow_other_weights)
+        shift, share = _number("profile_shift", profile_shift), _number("profile_sparsity", profile_sparsity)
+        spec = cls(pre_name, dec_name, pre, dec, _profile(profile), _backend(backend), allow_other_weights,
+                   0.0 if shift is None else shift, share)
+        spec.effective_profile()  # scaling errors surface here, before any model loads
+        return spec
 
     @classmethod
     def parse(cls, value: PatchSpec | str | Mapping[str, Any]) -> PatchSpec:
@@ -150,7 +163,9 @@ class PatchSpec:
         return cls.build(value.get("method", value.get("prefill", "dense")), value.get("decode"),
                          prefill_options=value.get("prefill_options"), decode_options=value.get("decode_options"),
                          profile=value.get("profile"), backend=value.get("backend", "auto"),
-                         allow_other_weights=value.get("allow_other_weights", False), **flat)
+                         allow_other_weights=value.get("allow_other_weights", False),
+                         profile_shift=value.get("profile_shift", 0.0),
+                         profile_sparsity=value.get("profile_sparsity"), **flat)
 
     @classmethod
     def from_model_args(cls, args: Mapping[str, Any]) -> tuple[PatchSpec, dict[str, Any]]:
@@ -162,6 +177,7 @@ class PatchSpec:
         profile = args.pop("profile", None)
         backend = args.pop("attn_backend", "auto")
         other = args.pop("allow_other_weights", False)
+        shift, share = args.pop("profile_shift", 0.0), args.pop("profile_sparsity", None)
         if isinstance(other, str):
             other = other.strip().lower() in ("true", "1", "yes")
         pre_info = get_method(_method_entry(method, "prefill")[0], "prefill")
@@ -170,7 +186,19 @@ class PatchSpec:
         options = {k: args.pop(k) for k in list(args)
                    if k in names or k.startswith(("prefill.", "decode."))}
         return cls.build(method, decode, profile=profile, backend=backend, allow_other_weights=other,
-                         **options), args
+                         profile_shift=shift, profile_sparsity=share, **options), args
+
+    def effective_profile(self) -> Profile | None:
+        """The profile as patches use it: scaled by `profile_shift` / `profile_sparsity` where given."""
+        if self.profile is None:
+            if self.profile_shift or self.profile_sparsity is not None:
+                raise ValueError("profile_shift and profile_sparsity scale a profile; give profile= too")
+            return None
+        knob = None
+        made_for = self.profile.meta.get("method")
+        if self.profile_shift and made_for and "knob_range" not in self.profile.meta:
+            knob = getattr(get_method(made_for, "prefill").cls, "knob", None)  # profiles older than knob_range
+        return self.profile.adjusted(self.profile_shift, self.profile_sparsity, knob)
 
     @property
     def is_dense(self) -> bool:
@@ -178,9 +206,14 @@ class PatchSpec:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (the profile by name and fingerprint)."""
-        return {"method": self.method, "prefill_options": dict(self.prefill_options), "decode": self.decode,
-                "decode_options": dict(self.decode_options), "backend": self.backend,
-                "profile": None if self.profile is None else self.profile.describe()}
+        out = {"method": self.method, "prefill_options": dict(self.prefill_options), "decode": self.decode,
+               "decode_options": dict(self.decode_options), "backend": self.backend,
+               "profile": None if self.profile is None else self.profile.describe()}
+        if self.profile_shift:
+            out["profile_shift"] = self.profile_shift
+        if self.profile_sparsity is not None:
+            out["profile_sparsity"] = self.profile_sparsity
+        return out
 
     def __str__(self) -> str:
         def one(name: str, opts: Mapping) -> str:
@@ -189,7 +222,26 @@ class PatchSpec:
         text = f"{one(self.method, self.prefill_options)} + decode {one(self.decode, self.decode_options)}"
         if self.profile is not None:
             text += f" + profile {self.profile.name or '(unnamed)'}"
+            if self.profile_shift:
+                text += f" shifted {self.profile_shift:+g}"
+            if self.profile_sparsity is not None:
+                text += f" at sparsity {self.profile_sparsity:g}"
         return text + ("" if self.backend == "auto" else f" on {self.backend}")
+
+
+def _number(name: str, value: Any) -> float | None:
+    """A float from a number or its text (YAML, lm-eval model_args); None stays None."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if math.isnan(number):
+        raise ValueError(f"{name} must be a number, got NaN")
+    return number
 
 
 def _profile(profile: Profile | str | Path | None) -> Profile | None:

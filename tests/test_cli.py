@@ -220,5 +220,6 @@ def test_calibrate_writes_a_profile(monkeypatch, tmp_path, capsys):
     out = tmp_path / "p.json"
     assert main(["calibrate", "--method", "sale", "--lengths", "1024,2048", "-o", "block_size=32",
                  "--target-error", "0.02", "--out", str(out)]) == 0
-    assert seen["lengths"] == [1024, 2048] and seen["options"] == {"block_size": "32"} and seen["target_error"] == 0.02
+    assert seen["lengths"] == [1024, 2048] and seen["options"] == {"block_size": "32"}
+    assert (seen["target"].kind, seen["target"].value) == ("error", 0.02)
     assert Profile.load(out).meta["command"].startswith("attnpatch calibrate --method sale")

@@ -56,3 +56,37 @@ def test_a_per_layer_per_head_table_as_an_option(llama):
         attnpatch.patch_model(llama, method="blasst", a=[[1.0] * 4] * 3)
     with pytest.raises(ValueError, match="NaN"):
         attnpatch.patch_model(llama, method="blasst", a=torch.tensor([[1.0] * 4, [float("nan")] * 4]))
+
+
+def test_large_tables_go_to_safetensors_and_load_back(llama, tmp_path):
+    from attnpatch import profile as profile_mod
+
+    layers = {i: {"method": "blasst", "prefill_options": {"a": [1.0 + i, 2.0, 3.0, 4.0]}} for i in range(2)}
+    profile = Profile.for_model(llama, layers, name="big", meta={"note": "x"})
+    assert profile.save(tmp_path / "small.json") is None  # 8 numbers: JSON only
+    side = profile.save(tmp_path / "big.json", tensors="always")
+    assert side == tmp_path / "big.safetensors" and side.is_file()
+    text = (tmp_path / "big.json").read_text()
+    assert '"tensor": "layers.1.prefill_options.a"' in text and "sha256" in text
+    loaded = Profile.load(tmp_path / "big.json")
+    assert loaded.layers == profile.layers and loaded.fingerprint == profile.fingerprint
+    with attnpatch.patch_model(llama, "blasst", block_size=16, profile=tmp_path / "big.json") as patch:
+        assert patch.state.plans[1].prefill.a == (2.0, 2.0, 3.0, 4.0)
+    assert profile_mod.TENSOR_THRESHOLD < 10_000
+    with pytest.raises(ValueError, match="load the profile JSON that names it"):
+        Profile.load(side)
+    side.write_bytes(side.read_bytes()[:-1] + b" ")
+    with pytest.raises(ValueError, match="sha256 differs"):
+        Profile.load(tmp_path / "big.json")
+    side.unlink()
+    with pytest.raises(FileNotFoundError, match="keeps its tables in"):
+        Profile.load(tmp_path / "big.json")
+    with pytest.raises(ValueError, match="tensors must be 'auto', 'always' or 'never'"):
+        profile.save(tmp_path / "x.json", tensors="sometimes")
+
+
+def test_profile_scaling_without_a_profile_or_a_knob_is_refused(llama):
+    with pytest.raises(ValueError, match="give profile= too"):
+        attnpatch.patch_model(llama, "a_shape", profile_shift=0.1)
+    with pytest.raises(ValueError, match="records no calibrated knob"):
+        attnpatch.patch_model(llama, "a_shape", profile=Profile("p", None, {0: {"local_blocks": 2}}), profile_shift=0.1)

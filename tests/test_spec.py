@@ -96,3 +96,18 @@ def test_a_spec_is_what_patch_model_takes(llama):
         assert patch.state.plans[0].prefill.local_blocks == 2 and patch.state.plans[0].decode.window == 8
     with pytest.raises(ValueError, match="either a PatchSpec or method/decode/options"):
         attnpatch.patch_model(llama, spec, local_blocks=3)
+
+
+def test_profile_scaling_through_model_args_and_yaml(tmp_path):
+    import yaml
+
+    Profile("p", None, {0: {"threshold": [0.9] * 4}}, {"method": "xattention", "knob": "threshold"}).save(tmp_path / "p.json")
+    spec, rest = PatchSpec.from_model_args({"method": "xattention", "profile": str(tmp_path / "p.json"),
+                                            "profile_shift": "-0.25", "batch_size": 1})
+    assert spec.profile_shift == -0.25 and rest == {"batch_size": 1}
+    assert spec.effective_profile().layers[0]["threshold"][0] < 0.9  # sparser; the stored profile is untouched
+    assert spec.profile.layers[0]["threshold"][0] == 0.9
+    doc = yaml.safe_load(f"method: xattention\nprofile: {tmp_path / 'p.json'}\nprofile_shift: 0.1\n")
+    assert PatchSpec.parse(doc).effective_profile().layers[0]["threshold"][0] > 0.9
+    with pytest.raises(ValueError, match="profile_shift must be a number, got 'lots'"):
+        PatchSpec.parse({**doc, "profile_shift": "lots"})

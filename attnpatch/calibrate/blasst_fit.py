@@ -1,10 +1,16 @@
 """BLASST's λ = a / L fit (methods.md §1.2): per prompt, the largest λ on a grid whose mean relative
 attention-output error stays within the tolerance (or whose skipped share reaches a target), then
-the least-squares `a` of λ ≈ a / L over all prompts and lengths. Prefill only.
+the least-squares `a` of λ ≈ a / L over all prompts and lengths.
+
+Per phase (`lambda_table`): prefill skips key tiles of each recorded prompt; decode is measured on the
+recorded prompts' last positions, each query row a decode step over the keys up to it (exactly what
+BLASST decode sees at that cache length), skipping pages. One table per phase serves the tolerance fit,
+a sparsity-target fit and the a(S) table a profile carries for run-time sparsity targets.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -90,3 +96,134 @@ def fit_lambda(layers: dict[int, LayerInputs], grid: Sequence[float], tolerance:
     fit.skipped_at_fixed_lambda = {n: v for (k, n), v in mean.items() if k == "fixed_skipped"}
     fit.error_at_fixed_lambda = {n: v for (k, n), v in mean.items() if k == "fixed_error"}
     return fit
+
+
+# -- per phase tables: one pass over the λ grid serves the tolerance fit, the sparsity fit and a(S) --------
+
+@dataclass
+class LambdaTable:
+    """Per calibration prompt (its length) and per λ of `grid`: the mean relative output error and the
+    skipped share of one phase (prefill key tiles, or decode pages over the last `steps` positions)."""
+
+    phase: str
+    grid: list[float]
+    lengths: list[int]
+    error: list[list[float]]
+    skipped: list[list[float]]
+
+
+def _decode_measure(layers: dict[int, LayerInputs], i: int, a: float, page: int, steps: int) -> tuple[float, float]:
+    """(mean error, skipped share of the visited pages) of BLASST decode with `a` on prompt `i`: each of
+    its last `steps` query rows is a decode step over the keys up to it (cache length = position + 1)."""
+    from attnpatch.backends import BACKENDS
+    from attnpatch.eval.fidelity import exact_attention, relative_error
+    from attnpatch.methods.base import DecodeContext
+    from attnpatch.sparsity import KeyBounds
+
+    info = get_method("blasst", "decode")
+    errs, counts = [], torch.zeros(2, dtype=torch.int64)
+    for n, r in layers.items():
+        q_all, k_all, v_all = r.query[i], r.key[i], r.value[i]
+        hq, length = q_all.shape[1], k_all.shape[2]
+        method = info.build({"a": a, "page_size": page}, hq, where=f"layer {n}")
+        for pos in range(max(0, length - steps), length):
+            q, k, v = q_all[:, :, pos:pos + 1], k_all[:, :, :pos + 1], v_all[:, :, :pos + 1]
+            ctx = DecodeContext(n, r.scale, KeyBounds(), r.window)
+            selection = method.select(q, k, ctx)
+            ref = exact_attention(q, k, v, r.scale, torch.ones(1, 1, 1, pos + 1, dtype=torch.bool, device=q.device))
+            if selection is None:
+                errs.append(0.0)
+                continue
+            tc = torch.zeros(2, dtype=torch.int64, device=q.device)
+            out = BACKENDS["reference"].decode(q, k, v, selection, scale=r.scale, bounds=KeyBounds(), tile_counts=tc)
+            errs.append(float(relative_error(out, ref).mean()))
+            counts += tc.cpu()
+    return sum(errs) / max(1, len(errs)), float(counts[1]) / max(1, int(counts[0]))
+
+
+def lambda_table(layers: dict[int, LayerInputs], grid: Sequence[float], phase: str = "prefill", block: int = 128,
+                 steps: int = 16) -> LambdaTable:
+    """Measure every prompt at every λ of `grid` (a = λ · its length) in `phase` ("prefill": tiles of
+    `block` keys; "decode": pages of `block` keys over the prompt's last `steps` positions)."""
+    if phase not in ("prefill", "decode"):
+        raise ValueError(f"phase must be 'prefill' or 'decode', got {phase!r}")
+    grid = sorted(float(x) for x in grid)
+    if not grid or grid[0] <= 0:
+        raise ValueError(f"the λ grid must hold positive values, got {list(grid)}")
+    prompts = len(next(iter(layers.values())).query)
+    table = LambdaTable(phase, grid, [], [], [])
+    for i in range(prompts):
+        length = next(iter(layers.values())).key[i].shape[2]
+        one = _one_prompt(layers, i) if phase == "prefill" else None
+        dense = {n: dense_outputs(r) for n, r in one.items()} if one is not None else None
+        errs, skips = [], []
+        for lam in grid:
+            err, skipped = (_measure(one, lam * length, block, dense) if one is not None
+                            else _decode_measure(layers, i, lam * length, block, steps))
+            errs.append(err)
+            skips.append(skipped)
+        table.lengths.append(length)
+        table.error.append(errs)
+        table.skipped.append(skips)
+    return table
+
+
+def _lambda_for_share(grid: list[float], skipped: list[float], share: float) -> float:
+    """The λ where the skipped share reaches `share`, interpolated in log λ on the (monotone hull of
+    the) measured shares; the grid's end where the share is never / always reached."""
+    hull = torch.tensor(skipped, dtype=torch.float64).cummax(0).values.tolist()
+    if hull[0] >= share:
+        return grid[0]
+    for j in range(1, len(grid)):
+        if hull[j] >= share:
+            w = (share - hull[j - 1]) / max(hull[j] - hull[j - 1], 1e-12)
+            return math.exp(math.log(grid[j - 1]) + w * (math.log(grid[j]) - math.log(grid[j - 1])))
+    return grid[-1]
+
+
+def _least_squares_a(points: list[tuple[int, float]]) -> float:
+    inv = torch.tensor([1.0 / n for n, _ in points], dtype=torch.float64)
+    lam = torch.tensor([x for _, x in points], dtype=torch.float64)
+    return float((lam * inv).sum() / (inv * inv).sum())
+
+
+def fit_table(table: LambdaTable, tolerance: float | None = None, target_skipped: float | None = None
+              ) -> tuple[float, list[tuple[int, float]]]:
+    """`(a, [(length, λ) per prompt])`: per prompt the largest grid λ whose error is within `tolerance`
+    (the smallest grid λ where no λ qualifies), or the λ reaching `target_skipped`; then λ ≈ a / L."""
+    if (tolerance is None) == (target_skipped is None):
+        raise ValueError("give exactly one of tolerance (output error) or target_skipped (a share in (0, 1))")
+    points = []
+    for length, errs, skips in zip(table.lengths, table.error, table.skipped, strict=True):
+        if tolerance is not None:
+            ok = [lam for lam, e in zip(table.grid, errs, strict=True) if e <= tolerance]
+            points.append((length, ok[-1] if ok else table.grid[0]))
+        else:
+            points.append((length, _lambda_for_share(table.grid, skips, target_skipped)))
+    return _least_squares_a(points), points
+
+
+SHARES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def a_of_s(table: LambdaTable, shares: Sequence[float] = SHARES) -> list[list[float]]:
+    """`[[S, a(S)], ...]`: the fitted `a` for each skipped-share target S that some prompt reaches on
+    the grid (shares beyond every prompt's largest measured share are left out: not extrapolated)."""
+    top = min(max(s) for s in table.skipped)
+    return [[float(s), fit_table(table, target_skipped=s)[0]] for s in shares if s <= top]
+
+
+def measure_at(layers: dict[int, LayerInputs], a: float, phase: str, block: int = 128, steps: int = 16
+               ) -> dict[str, float]:
+    """Mean output error and skipped share of every prompt at one `a` (the fitted one) in `phase`."""
+    prompts = len(next(iter(layers.values())).query)
+    errs, skips = [], []
+    for i in range(prompts):
+        if phase == "prefill":
+            one = _one_prompt(layers, i)
+            err, skipped = _measure(one, a, block, {n: dense_outputs(r) for n, r in one.items()})
+        else:
+            err, skipped = _decode_measure(layers, i, a, block, steps)
+        errs.append(err)
+        skips.append(skipped)
+    return {"error": sum(errs) / prompts, "skipped": sum(skips) / prompts}

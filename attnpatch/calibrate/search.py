@@ -87,22 +87,34 @@ def evaluate(info: MethodInfo, options: Mapping[str, Any], layer: LayerInputs, d
     return errors / n, densities / n
 
 
-def search_layer(info: MethodInfo, knob: Knob, base: Mapping[str, Any], layer: LayerInputs, tolerance: float,
-                 steps: int = 8) -> HeadFit:
-    """Bisection of `knob` per head (see the module docstring); `base`: the method's other options."""
+def search_layer(info: MethodInfo, knob: Knob, base: Mapping[str, Any], layer: LayerInputs, tolerance: float | None,
+                 steps: int = 8, *, density: float | None = None) -> HeadFit:
+    """Bisection of `knob` per head (see the module docstring); `base`: the method's other options.
+
+    With `tolerance`: each head's sparsest value whose mean error is within it. With `density` instead:
+    each head's value whose mean density is nearest `density` among the two ends of the final bracket
+    (density rises with the coordinate; a head that cannot reach it ends at the nearest end)."""
+    if (tolerance is None) == (density is None):
+        raise ValueError("give exactly one of tolerance (output error) or density (kept share) to search_layer")
     hq = layer.query[0].shape[1]
     dense = dense_outputs(layer)
     lo, hi = torch.zeros(hq, dtype=torch.float64), torch.ones(hq, dtype=torch.float64)
     best_err, best_den = torch.full_like(lo, float("nan")), torch.full_like(lo, float("nan"))
+    lo_err, lo_den = torch.full_like(lo, float("nan")), torch.full_like(lo, float("nan"))
     for _ in range(steps):
         mid = (lo + hi) / 2
         err, den = evaluate(info, {**base, knob.option: knob.value(mid).tolist()}, layer, dense)
-        ok = err <= tolerance
+        ok = err <= tolerance if tolerance is not None else den >= density
         hi, lo = torch.where(ok, mid, hi), torch.where(ok, lo, mid)
         best_err, best_den = torch.where(ok, err, best_err), torch.where(ok, den, best_den)
-    values = knob.value(hi)
-    if bool(torch.isnan(best_err).any()):  # heads never within tolerance: measure them at the densest end
-        err, den = evaluate(info, {**base, knob.option: values.tolist()}, layer, dense)
+        lo_err, lo_den = torch.where(ok, lo_err, err), torch.where(ok, lo_den, den)
+    if bool(torch.isnan(best_err).any()):  # heads never within the target: measure them at the densest end
+        err, den = evaluate(info, {**base, knob.option: knob.value(hi).tolist()}, layer, dense)
         missing = torch.isnan(best_err)
         best_err, best_den = torch.where(missing, err, best_err), torch.where(missing, den, best_den)
-    return HeadFit(values.tolist(), best_err.tolist(), best_den.tolist())
+    coord = hi
+    if density is not None:  # the bracket end nearer the target density (lo only where it was measured)
+        use_lo = ~torch.isnan(lo_den) & ((lo_den - density).abs() < (best_den - density).abs())
+        coord = torch.where(use_lo, lo, hi)
+        best_err, best_den = torch.where(use_lo, lo_err, best_err), torch.where(use_lo, lo_den, best_den)
+    return HeadFit(knob.value(coord).tolist(), best_err.tolist(), best_den.tolist())

@@ -71,6 +71,10 @@ class RunSpec:
             parts.append("dec-" + _stem(spec.decode, spec.decode_options))
         if spec.profile is not None:
             parts.append("prof-" + _text(spec.profile.name or "unnamed"))
+            if spec.profile_shift:
+                parts.append(f"shift{_text(spec.profile_shift)}")
+            if spec.profile_sparsity is not None:
+                parts.append(f"S{_text(spec.profile_sparsity)}")
         if spec.backend != "auto":
             backend = spec.backend if isinstance(spec.backend, str) else \
                 "-".join(f"{k}-{v}" for k, v in sorted(spec.backend.items()))
@@ -83,7 +87,8 @@ def _with_options(spec: PatchSpec, extra: Mapping[str, Any]) -> PatchSpec:
         return spec
     return PatchSpec.build(spec.method, spec.decode, prefill_options={**spec.prefill_options, **extra},
                            decode_options=spec.decode_options, profile=spec.profile, backend=spec.backend,
-                           allow_other_weights=spec.allow_other_weights)
+                           allow_other_weights=spec.allow_other_weights, profile_shift=spec.profile_shift,
+                           profile_sparsity=spec.profile_sparsity)
 
 
 def grid_specs(methods: Sequence[str | PatchSpec], options: Mapping[str, Mapping[str, Any]] | None = None,
