@@ -2,20 +2,22 @@
 built and searched batched over every row and head (no Python loop per head).
 
 * `ExactIndex`: brute-force inner product (the MInference port's flat index).
-* `IvfIndex`: inverted lists (CSR: members sorted by list, `offsets` per list), two ways to build:
-  - `build_query_ivf` (attention-aware, the default approximate index): k-means clusters the prefill
-    *queries* of the KV head's query heads; a key joins the list of every cluster one of whose
-    training queries has it among its `links` highest-scoring keys (the query→key kNN links that
-    RetrievalAttention's RoarGraph-style index is built from), and, so that no key is unreachable,
-    the list of the cluster whose query centroid scores it highest. A decode query probes the lists
-    of its `n_probe` nearest query centroids (L2), so keys are found through the queries that
-    attended them, not through key-space proximity, which is what makes the index work for
-    out-of-distribution queries. Differences from the paper: lists instead of a navigable graph
-    (greedy graph search is a pointer-chasing loop that torch cannot batch), and the links are
-    exact top-`links` of up to `n_train` prefill queries per query head.
-  - `build_key_ivf`: the plain IVF the paper argues against (k-means over keys, lists probed by
-    the query's inner product with the key centroids); kept as the baseline its recall is
-    measured against.
+* `IvfIndex`: inverted lists (CSR: members sorted by list, `offsets` per list), probed by the
+  query's inner product with the lists' key centroids, built two ways:
+  - `build_key_ivf`: plain IVF, k-means over the keys (each key in its nearest centroid's list) —
+    the index the paper shows needs a large scan because decode queries are out of distribution.
+  - `build_query_ivf` (attention-aware, from the prefill queries): the key IVF, then every training
+    query's exact top-`links` keys (the query→key kNN links RetrievalAttention's RoarGraph-style
+    index is built from) that the lists it would probe miss are added to its best list, so a decode
+    query near a training query finds the keys that query attended. Differences from the paper:
+    inverted lists instead of a navigable graph (a greedy graph walk is a pointer-chasing loop torch
+    cannot batch), built from up to `n_train` prefill queries per query head. Measured on SmolLM2
+    4K passkey keys (layers 3/10/20/28, 40 late queries, top-128, 32-key lists, 4 probed): recall
+    0.40–0.55 at 3–5 % of keys scanned for the key IVF, 0.54–0.63 at 5–10 % (links 4) and
+    0.60–0.78 at 10–19 % (links 16) for the attention-aware lists; at an equal scanned share the two
+    are within a few points (key IVF with 8 probes: 0.63–0.78 at 7–10 %). So on these 4K keys the
+    repaired lists raise recall at a fixed `n_probe` but do not yet beat plain IVF per key scanned;
+    the paper's graph index is the next step (bench: bench/scripts/retrieval_fidelity.py).
 
 Searches return the retrieved key indices, their raw scores `q·k` (-inf where nothing valid was
 found) and the number of keys scanned. Padding keys (`valid` False) are never returned.
@@ -103,8 +105,8 @@ class IvfIndex:
         if width == 0:
             empty = q.new_zeros(b, hkv * g, 0)
             return SearchResult(empty.long(), empty, torch.zeros(b, hkv * g, dtype=torch.long))
-        slot = torch.arange(width, device=q.device).expand(b, hkv, g, width).contiguous()
-        which = torch.searchsorted(ends, slot, right=True).clamp_(max=probes.shape[-1] - 1)
+        slot = torch.arange(width, device=q.device).view(1, 1, 1, width)
+        which = (slot.unsqueeze(-1) >= ends.unsqueeze(-2)).sum(-1).clamp_(max=probes.shape[-1] - 1)  # P is small
         pos = starts.gather(-1, which) + slot - (ends - sizes).gather(-1, which)
         filled = slot < total.unsqueeze(-1)
         members = self.members.unsqueeze(2).expand(b, hkv, g, self.members.shape[-1])
@@ -114,10 +116,9 @@ class IvfIndex:
         live = cand < n
         safe = cand.clamp(max=n - 1)
         live &= self.valid.view(b, 1, 1, n).expand(b, hkv, g, n).gather(-1, safe)
-        bi = torch.arange(b, device=q.device).view(b, 1, 1, 1)
-        hi = torch.arange(hkv, device=q.device).view(1, hkv, 1, 1)
-        kg = self.keys[bi, hi, safe]  # [B, Hkv, G, W, D]
-        scores = torch.matmul(kg, qg.unsqueeze(-1)).squeeze(-1).masked_fill_(~live, float("-inf"))
+        row = (torch.arange(b * hkv, device=q.device) * n).view(b, hkv, 1, 1)
+        kg = self.keys.reshape(b * hkv * n, d).index_select(0, (row + safe).flatten()).view(b, hkv, g, width, d)
+        scores = torch.einsum("bhgwd,bhgd->bhgw", kg, qg).masked_fill_(~live, float("-inf"))
         k = min(k, width)
         top, idx = scores.topk(k, dim=-1)
         found = safe.gather(-1, idx)
@@ -198,30 +199,30 @@ def build_query_ivf(keys: torch.Tensor, valid: torch.Tensor, queries: torch.Tens
                     cluster_size: int, n_probe: int, iters: int, links: int) -> IvfIndex:
     """Attention-aware IVF (module docstring): `queries` `[B, Hq, nq, D]` post-RoPE prefill queries,
     `query_valid` `[B, nq]` (False for padding positions)."""
+    base = build_key_ivf(keys, valid, cluster_size, n_probe, iters)
     b, hkv, n, d = keys.shape
     hq, nq = queries.shape[1], queries.shape[2]
     g = hq // hkv
-    c = n_clusters(n, cluster_size)
-    qx = queries.reshape(b, hkv, g * nq, d).reshape(b * hkv, g * nq, d)
-    qw = query_valid.view(b, 1, 1, nq).expand(b, hkv, g, nq).reshape(b * hkv, g * nq)
-    c = max(1, min(c, int(qw.sum(-1).min())))  # no more clusters than training queries
-    centroids, q_assign = kmeans(qx, qw, c, iters)
+    c = base.centroids.shape[2]
     flat_keys = keys.reshape(b * hkv, n, d)
     key_ok = valid.unsqueeze(1).expand(b, hkv, n).reshape(b * hkv, n)
-    # every valid key in the list of the query cluster that scores it highest
-    home = _nearest(flat_keys, centroids, "ip")
+    centroids = base.centroids.reshape(b * hkv, c, d)
+    qx = queries.reshape(b * hkv, g * nq, d)
+    qw = query_valid.view(b, 1, 1, nq).expand(b, hkv, g, nq).reshape(b * hkv, g * nq)
+    home = _nearest(flat_keys, centroids, "l2")  # each key's list in the key IVF
     codes = [torch.where(key_ok, home * n + torch.arange(n, device=keys.device), c * n)]
-    # and in the list of the cluster of every training query that has it among its top `links` keys
-    links = min(links, n)
+    links, probe = min(links, n), min(n_probe, c)
     step = max(1, _CHUNK // max(b * hkv * n, 1))
     for i in range(0, g * nq, step):
-        s = torch.matmul(qx[:, i:i + step], flat_keys.transpose(-1, -2)).masked_fill_(~key_ok.unsqueeze(1), float("-inf"))
-        top, idx = s.topk(links, dim=-1)
-        ok = torch.isfinite(top) & qw[:, i:i + step].unsqueeze(-1)
-        codes.append(torch.where(ok, q_assign[:, i:i + step].unsqueeze(-1) * n + idx, c * n).flatten(1))
+        qs = qx[:, i:i + step]
+        s = torch.matmul(qs, flat_keys.transpose(-1, -2)).masked_fill_(~key_ok.unsqueeze(1), float("-inf"))
+        top, idx = s.topk(links, dim=-1)  # the training query's true top keys
+        lists = torch.matmul(qs, centroids.transpose(-1, -2)).topk(probe, dim=-1).indices  # what it would probe
+        seen = (home.gather(1, idx.flatten(1)).view_as(idx).unsqueeze(-1) == lists.unsqueeze(-2)).any(-1)
+        missed = torch.isfinite(top) & ~seen & qw[:, i:i + step].unsqueeze(-1)
+        codes.append(torch.where(missed, lists[..., :1] * n + idx, c * n).flatten(1))  # into its best list
     offsets, members = _lists(torch.cat(codes, 1), c, n)
-    return IvfIndex(keys, valid, centroids.view(b, hkv, c, d), offsets.view(b, hkv, -1),
-                    members.view(b, hkv, -1), "l2", n_probe)
+    return IvfIndex(keys, valid, base.centroids, offsets.view(b, hkv, -1), members.view(b, hkv, -1), "ip", n_probe)
 
 
 def recall(found: SearchResult, exact: SearchResult) -> torch.Tensor:

@@ -35,10 +35,12 @@ class Retrieval(DecodeMethod):
       partial output with its log-sum-exp (`Hq·(d+1)`) comes back. The GPU part's kernels are queued
       before the CPU search starts, so the two overlap.
     * Index (`index`): "exact" (brute force, the port's default), "query_ivf" (attention-aware inverted
-      lists: k-means over prefill queries, keys listed through the queries that rank them in their
-      top `links`; `attnpatch.cache.retrieval_index`), "key_ivf" (plain k-means over keys, the baseline
-      the paper shows fails on out-of-distribution queries). IVF lists hold about `cluster_size` keys;
-      a query scans `n_probe` lists. Recall@top_k against exact search: `track_recall=True`, read with
+      lists: a key IVF whose lists also receive the exact top-`links` keys of up to `n_train` prefill
+      queries per head wherever those queries' probes would miss them; `attnpatch.cache.retrieval_index`
+      has the design and its measured recall), "key_ivf" (plain k-means over keys, the baseline the
+      paper shows struggles with out-of-distribution queries). IVF lists hold about `cluster_size`
+      keys; a query scans `n_probe` lists. The index is built on the device that holds the prompt's KV
+      (the GPU on CUDA: k-means and the training queries' top keys), then moved to the CPU. Recall@top_k against exact search: `track_recall=True`, read with
       `attnpatch.cache.retrieval_report(cache)` (also bytes per part for the memory claim).
     * Defaults follow the MInference port: 128 sinks + 512 recent tokens, top_k 2000.
 
