@@ -112,7 +112,8 @@ class RetrievalLayer(DynamicLayer):
         self.values = torch.cat([self.values, value_states], dim=-2)
         self.positions = torch.cat([self.positions, new_pos.expand(b, new)], dim=-1)
         self.cumulative_length += new
-        self.returned_positions = self.positions
+        # before the split the keys are every position 0..L-1: nothing for the dispatch to remap
+        self.returned_positions = self.positions if self.offloaded is not None else None
         return self.keys, self.values
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
