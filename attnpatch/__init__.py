@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from attnpatch.api import Patch, patch_model, unpatch_model
+    from attnpatch.cache.retrieval_layer import retrieval_report
+    from attnpatch.methods.decode.infiniretri import generate_long, read_long
     from attnpatch.probe import AttentionCall
     from attnpatch.profile import Profile
     from attnpatch.registry import list_methods
@@ -25,9 +27,13 @@ _HOMES = {
     "Profile": "attnpatch.profile",
     "list_methods": "attnpatch.registry",
     "PatchSpec": "attnpatch.spec",
+    "read_long": "attnpatch.methods.decode.infiniretri",
+    "generate_long": "attnpatch.methods.decode.infiniretri",
+    "retrieval_report": "attnpatch.cache.retrieval_layer",
 }
 
-__all__ = ["AttentionCall", "Patch", "PatchSpec", "Profile", "list_methods", "patch_model", "unpatch_model"]
+__all__ = ["AttentionCall", "Patch", "PatchSpec", "Profile", "generate_long", "list_methods", "patch_model",
+           "read_long", "retrieval_report", "unpatch_model"]
 __version__ = "0.1.0"
 
 

@@ -14,7 +14,14 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from attnpatch.backends import BackendPlan, resolve_backend
 from attnpatch.masking import AttnMask, key_bounds
-from attnpatch.methods.base import DecodeContext, DecodeMethod, DenseFallback, PrefillContext, PrefillMethod
+from attnpatch.methods.base import (
+    DecodeContext,
+    DecodeMethod,
+    DecodeOutput,
+    DenseFallback,
+    PrefillContext,
+    PrefillMethod,
+)
 from attnpatch.probe import AttentionCall, Observer
 from attnpatch.stats import LayerStats
 
@@ -125,6 +132,9 @@ def _attend(state: PatchState, module, query, key, value, attention_mask, dropou
         pages = method.select(query, key, DecodeContext(layer, scale, bounds, plan.sliding_window, cache_layer))
         if pages is None:
             return dense(method.name)
+        if isinstance(pages, DecodeOutput):  # the method computed the step itself (e.g. GPU + CPU parts)
+            finish(pages.out, None, method.name, pages.backend)
+            return pages.out.transpose(1, 2).contiguous(), None
         out, backend = state.backends.decode(query, key, value, pages, scale=scale, bounds=bounds,
                                              tile_counts=stats.tile_counter("decode", query.device),
                                              declined=declined)
@@ -132,6 +142,8 @@ def _attend(state: PatchState, module, query, key, value, attention_mask, dropou
         return out.transpose(1, 2).contiguous(), None
 
     stats.prefill_calls += 1
+    if plan.decode.observes_prefill:
+        plan.decode.observe_prefill(query, key, DecodeContext(layer, scale, bounds, plan.sliding_window, cache_layer))
     method = plan.prefill
     block = 1 if method.granularity == "token" else getattr(method, "block_size", 64)
     if method.is_dense:

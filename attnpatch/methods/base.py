@@ -3,7 +3,10 @@
 * A prefill method decides which keys each query block computes (`select`). Most do it through
   `EstimatedPrefill` (methods/estimated.py), whose one override point is `estimate`.
 * A decode method decides what its KV cache keeps (`cache_layer`) and/or which cached pages a step
-  reads (`select`, which sees its layer's cache object in the context).
+  reads (`select`, which sees its layer's cache object in the context). A method whose cache keeps
+  keys where the backends cannot reach them (RetrievalAttention's CPU part) computes the step itself
+  and returns a `DecodeOutput`; one that needs the prefill queries (to build an index, or to score
+  tokens) reads them in `observe_prefill`.
 """
 
 from __future__ import annotations
@@ -21,6 +24,15 @@ class DenseFallback(NamedTuple):
     """Returned by `select` when the method declines an input; the layer then runs dense attention."""
 
     reason: str
+
+
+class DecodeOutput(NamedTuple):
+    """Returned by `DecodeMethod.select` when the method computed the step's attention itself:
+    `out` `[B, Hq, 1, Dv]` over every key the method attends (for instance a GPU part and a CPU
+    part merged by their log-sum-exps); `backend` names what ran, for the stats."""
+
+    out: torch.Tensor
+    backend: str
 
 
 @dataclass(frozen=True)
@@ -88,12 +100,25 @@ class DecodeMethod:
     # Options under which the method reads every cached key, so it must equal dense attention.
     full_density: ClassVar[dict[str, Any]] = {}
 
-    def select(self, query: torch.Tensor, key: torch.Tensor, ctx: DecodeContext) -> PageSelection | None:
-        """Which cached pages one decode step reads (None: all of them, through SDPA).
+    def select(self, query: torch.Tensor, key: torch.Tensor, ctx: DecodeContext
+               ) -> PageSelection | DecodeOutput | None:
+        """Which cached pages one decode step reads (None: all of them, through SDPA), or the step's
+        output when the method computes it itself (`DecodeOutput`).
 
-        query `[B, Hq, 1, D]`, key `[B, Hkv, L, D]` as stored by the cache.
+        query `[B, Hq, 1, D]`, key `[B, Hkv, L, D]` as returned by the cache.
         """
         return None
+
+    def observe_prefill(self, query: torch.Tensor, key: torch.Tensor, ctx: DecodeContext) -> None:
+        """Called on every prefill call (`Lq > 1`) of the layer, before its attention runs, with the
+        queries `[B, Hq, Lq, D]` and the keys the cache returned (the cache has stored the call's
+        keys already). Lets a method read prefill queries; changes nothing by default."""
+        return None
+
+    @property
+    def observes_prefill(self) -> bool:
+        """Whether the method overrides `observe_prefill` (so the dispatch must call it)."""
+        return type(self).observe_prefill is not DecodeMethod.observe_prefill
 
     def cache_layer(self, layer_idx: int, config: Any):
         """A transformers cache layer for a full-attention layer, or None for the default.
