@@ -79,6 +79,9 @@ class Patch:
         plans = [self._plan(i, windows[i], heads, num_layers) for i in range(num_layers)]
         self.state = PatchState(plans, resolve_backend(spec.backend))
         self._own_cache = any(p.decode.keeps_own_cache for p in plans)
+        # (method, why) of the first layer whose decode method cannot run on a static cache
+        self._no_static = next(((p.decode.name, type(p.decode).static_cache_reason) for p in plans
+                                if type(p.decode).static_cache_reason is not None), None)
         forward = inspect.signature(model.base_model.forward).parameters
         self._cache_kw = "cache" if "cache" in forward else "past_key_values"
         self.active = False
@@ -154,6 +157,8 @@ class Patch:
             cache = DynamicCache(config=module.config)
             kwargs[cache_kw] = cache
         if isinstance(cache, Cache):
+            if self._no_static is not None:
+                self._check_static(cache)
             if own_cache and not getattr(cache, "_attnpatch_installed", False):
                 notes = install_layers(cache, self._make_cache_layer, len(plans))
                 for plan, note in zip(plans, notes, strict=True):
@@ -168,6 +173,15 @@ class Patch:
                     layer.set_first_real(start)
         self.state.set_cache(cache if isinstance(cache, Cache) else None)
         return args, kwargs
+
+    def _check_static(self, cache) -> None:
+        """ValueError when the cache is static (preallocated, e.g. `cache_implementation="static"`) and a
+        layer's decode method cannot run on one (`DecodeMethod.static_cache_reason`)."""
+        static = [type(layer).__name__ for layer in getattr(cache, "layers", []) if getattr(layer, "is_compileable", False)]
+        if static:
+            method, reason = self._no_static
+            raise ValueError(f"decode method {method!r} cannot run on a static cache ({static[0]} layers, "
+                             f"e.g. cache_implementation='static'): {reason}")
 
     def _make_cache_layer(self, i: int):
         plan = self.state.plans[i]

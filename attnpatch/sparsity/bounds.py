@@ -87,9 +87,9 @@ class KeyBounds:
 
 
 def valid_key_end(key_valid: torch.Tensor) -> torch.Tensor:
-    """`[B]` int64 one past the last True of `key_valid` `[B, L]` (L for a row with none), on device, no sync."""
-    lk = key_valid.shape[-1]
-    return lk - key_valid.flip(-1).to(torch.uint8).argmax(-1)
+    """`[B]` int64 one past the last True of `key_valid` `[B, L]` (0 for a row with none), on device, no sync."""
+    ends = torch.arange(1, key_valid.shape[-1] + 1, device=key_valid.device)
+    return torch.where(key_valid, ends, 0).amax(-1)
 
 
 def sees_later_keys(mask: torch.Tensor, q_len: int, kv_len: int) -> bool:
