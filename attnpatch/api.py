@@ -27,7 +27,7 @@ from attnpatch.adapters import get_adapter
 from attnpatch.backends import resolve_backend
 from attnpatch.cache import install_layers
 from attnpatch.dispatch import LayerPlan, PatchState
-from attnpatch.masking import attnpatch_mask
+from attnpatch.masking import AttnMask, attnpatch_mask
 from attnpatch.options import for_layer
 from attnpatch.probe import Observer, ObserverHandle
 from attnpatch.profile import Profile
@@ -52,6 +52,18 @@ def _attention(module, *args, **kwargs):
 
 AttentionInterface.register(IMPLEMENTATION, _attention)
 AttentionMaskInterface.register(IMPLEMENTATION, attnpatch_mask)
+
+
+def _dense_premade_masks(kwargs: dict) -> None:
+    """`generate` with a static cache builds the masks before the forward (our mask function may answer
+    with an `AttnMask`) and passes them as `attention_mask`; the model's own mask creation then only
+    takes tensors as "already built": hand it the dense tensor `sdpa_mask` builds (what it would get
+    unpatched)."""
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, AttnMask):
+        kwargs["attention_mask"] = mask.dense()
+    elif isinstance(mask, dict) and any(isinstance(m, AttnMask) for m in mask.values()):
+        kwargs["attention_mask"] = {k: m.dense() if isinstance(m, AttnMask) else m for k, m in mask.items()}
 
 
 def _attention_modules(model) -> list[torch.nn.Module]:
@@ -172,6 +184,7 @@ class Patch:
                 for layer in padded_layers:
                     layer.set_first_real(start)
         self.state.set_cache(cache if isinstance(cache, Cache) else None)
+        _dense_premade_masks(kwargs)
         return args, kwargs
 
     def _check_static(self, cache) -> None:
