@@ -14,15 +14,15 @@ import textwrap
 import pytest
 import torch
 from conftest import left_padded
+from method_cases import small_options
 
 import attnpatch
 from attnpatch.masking import key_bounds
 from attnpatch.registry import method_infos
 from attnpatch.sparsity import PageSelection
 from attnpatch.testing import tiny_model
-from method_cases import small_options
 
-DECODE = [m for m in method_infos("decode")]
+DECODE = method_infos("decode")
 STATIC_CASES = [("llama", None), ("qwen2", 8), ("qwen3", None), ("mistral", 8), ("gemma3", 8)]
 
 

@@ -50,6 +50,7 @@ from attnpatch.sparsity import PageSelection
 MODES = ("eager", "compiled")
 SDPA_FORCED = ("efficient", "cudnn", "flash")
 FILL_CHUNK = 8192  # tokens per cache update while filling
+BASELINE_KEYS = ("unpatched", *SDPA_FORCED, "dense", "triton")
 
 
 @dataclass
@@ -72,6 +73,7 @@ class Config:
     decode: str | None = None  # a decode method spec ("blasst:a=16"); None: unpatched
     sdpa: str | None = None
     all_pages: bool = False
+    key: str = ""  # the name --baselines selects a dense row by
 
 
 @dataclass
@@ -98,10 +100,10 @@ class Row:
 
 def decode_configs(methods: list[str], options: dict[str, str]) -> list[Config]:
     """Dense baselines, then one row per decode method (`options`: name → "k=v,k=v")."""
-    rows = [Config("unpatched (SDPA default)", "dense")]
-    rows += [Config(f"unpatched, SDPA {b}", "dense", sdpa=b) for b in SDPA_FORCED]
-    rows += [Config("dense (attnpatch dispatch → SDPA)", "dense", decode="dense"),
-             Config(AllPages.name, "dense", decode="dense", all_pages=True)]
+    rows = [Config("unpatched (SDPA default)", "dense", key="unpatched")]
+    rows += [Config(f"unpatched, SDPA {b}", "dense", sdpa=b, key=b) for b in SDPA_FORCED]
+    rows += [Config("dense (attnpatch dispatch → SDPA)", "dense", decode="dense", key="dense"),
+             Config(AllPages.name, "dense", decode="dense", all_pages=True, key="triton")]
     for name in methods:
         spec = f"{name}:{options[name]}" if options.get(name) else name
         rows.append(Config(spec, "sparse", decode=spec))
@@ -302,7 +304,7 @@ class Bench:
             self.log(f"L={length} B={batch} {mode} {cfg.name}: {row.ms_per_token:.3f} ms/token "
                      f"{row.backends or ''}")
         except Exception as e:  # noqa: BLE001  (a failing configuration is a result, not a crash)
-            row.note = f"{type(e).__name__}: {str(e)[:300]}"
+            row.note = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
             self.log(f"L={length} B={batch} {mode} {cfg.name}: FAILED {row.note}")
         finally:
             if patch is not None:
@@ -434,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="options of a method's row, e.g. quest:budget=4096 blasst:a=16")
     p.add_argument("--modes", default="eager,compiled", help=f"comma list of {', '.join(MODES)}")
     p.add_argument("--baselines", default="all",
-                   help="dense rows: 'all', or a comma list of row names' first words (unpatched, dense, triton)")
+                   help=f"dense rows: 'all', 'none', or a comma list of {', '.join(BASELINE_KEYS)}")
     p.add_argument("--steps", type=int, default=16, help="decode steps per timed run")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per row (median)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compiled rows: 3 more)")
@@ -468,8 +470,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(e))
     configs = decode_configs(methods, options)
     if args.baselines != "all":
-        keep = {b.strip() for b in args.baselines.split(",") if b.strip()}
-        configs = [c for c in configs if c.kind == "sparse" or c.name.split()[0].strip(",") in keep]
+        keep = {b.strip() for b in args.baselines.split(",") if b.strip() and b.strip() != "none"}
+        if keep - set(BASELINE_KEYS):
+            p.error(f"--baselines takes 'all', 'none' or a comma list of {', '.join(BASELINE_KEYS)}, "
+                    f"got {args.baselines!r}")
+        configs = [c for c in configs if c.kind == "sparse" or c.key in keep]
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     command = "python -m attnpatch.bench.hf_decode " + " ".join(sys.argv[1:] if argv is None else argv)
     model = build_model(args.tiny, device, dtype, layers=args.layers)

@@ -9,7 +9,6 @@ from typing import TypeVar
 
 import torch
 
-
 _AVAILABLE: list[bool] = []  # memo (a plain global, not functools.lru_cache: torch.compile traces it cleanly)
 
 
