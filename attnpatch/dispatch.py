@@ -92,6 +92,9 @@ def _compiled_decode(state: PatchState, plan: LayerPlan, module, query, key, val
     """A decode step inside `torch.compile`: the same method and backend choice as eager, without the
     per-call statistics and observers (Python counters read back every step would be guarded on and
     recompile; tile counters would be outputs a CUDA graph mutates). `Patch.stats()` counts eager steps."""
+    if state.observers:
+        raise RuntimeError("attnpatch observers (calibration, fidelity probes) see eager calls only: run the decode "
+                           "steps they should observe without torch.compile")
     method = plan.decode
     pages = None
     if not method.is_dense:
