@@ -27,7 +27,7 @@ from attnpatch.adapters import get_adapter
 from attnpatch.backends import resolve_backend
 from attnpatch.cache import install_layers
 from attnpatch.dispatch import LayerPlan, PatchState
-from attnpatch.masking import attnpatch_mask
+from attnpatch.masking import AttnMask, attnpatch_mask
 from attnpatch.options import for_layer
 from attnpatch.probe import Observer, ObserverHandle
 from attnpatch.profile import Profile
@@ -52,6 +52,18 @@ def _attention(module, *args, **kwargs):
 
 AttentionInterface.register(IMPLEMENTATION, _attention)
 AttentionMaskInterface.register(IMPLEMENTATION, attnpatch_mask)
+
+
+def _dense_premade_masks(kwargs: dict) -> None:
+    """`generate` with a static cache builds the masks before the forward (our mask function may answer
+    with an `AttnMask`) and passes them as `attention_mask`; the model's own mask creation then only
+    takes tensors as "already built": hand it the dense tensor `sdpa_mask` builds (what it would get
+    unpatched)."""
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, AttnMask):
+        kwargs["attention_mask"] = mask.dense()
+    elif isinstance(mask, dict) and any(isinstance(m, AttnMask) for m in mask.values()):
+        kwargs["attention_mask"] = {k: m.dense() if isinstance(m, AttnMask) else m for k, m in mask.items()}
 
 
 def _attention_modules(model) -> list[torch.nn.Module]:
@@ -84,6 +96,9 @@ class Patch:
         plans = [self._plan(i, windows[i], heads, num_layers) for i in range(num_layers)]
         self.state = PatchState(plans, resolve_backend(spec.backend))
         self._own_cache = any(p.decode.keeps_own_cache for p in plans)
+        # (method, why) of the first layer whose decode method cannot run on a static cache
+        self._no_static = next(((p.decode.name, type(p.decode).static_cache_reason) for p in plans
+                                if type(p.decode).static_cache_reason is not None), None)
         forward = inspect.signature(model.base_model.forward).parameters
         self._cache_kw = "cache" if "cache" in forward else "past_key_values"
         self.active = False
@@ -159,6 +174,8 @@ class Patch:
             cache = DynamicCache(config=module.config)
             kwargs[cache_kw] = cache
         if isinstance(cache, Cache):
+            if self._no_static is not None:
+                self._check_static(cache)
             if own_cache and not getattr(cache, "_attnpatch_installed", False):
                 notes = install_layers(cache, self._make_cache_layer, len(plans))
                 for plan, note in zip(plans, notes, strict=True):
@@ -172,7 +189,17 @@ class Patch:
                 for layer in padded_layers:
                     layer.set_first_real(start)
         self.state.set_cache(cache if isinstance(cache, Cache) else None)
+        _dense_premade_masks(kwargs)
         return args, kwargs
+
+    def _check_static(self, cache) -> None:
+        """ValueError when the cache is static (preallocated, e.g. `cache_implementation="static"`) and a
+        layer's decode method cannot run on one (`DecodeMethod.static_cache_reason`)."""
+        static = [type(layer).__name__ for layer in getattr(cache, "layers", []) if getattr(layer, "is_compileable", False)]
+        if static:
+            method, reason = self._no_static
+            raise ValueError(f"decode method {method!r} cannot run on a static cache ({static[0]} layers, "
+                             f"e.g. cache_implementation='static'): {reason}")
 
     def _make_cache_layer(self, i: int):
         plan = self.state.plans[i]

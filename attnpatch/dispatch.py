@@ -86,6 +86,34 @@ def _timed_select(stats: LayerStats, method: PrefillMethod, query, key, ctx: Pre
     return selection
 
 
+def _select_pages(method: DecodeMethod, query, key, ctx: DecodeContext):
+    """The method's page lists, stopped at the written length of a static cache (`bounds.key_end`)."""
+    pages = method.select(query, key, ctx)
+    if pages is not None and ctx.bounds.key_end is not None:
+        pages = pages.clipped(ctx.bounds.key_end)
+    return pages
+
+
+def _compiled_decode(state: PatchState, plan: LayerPlan, module, query, key, value, attention_mask, positions,
+                     bounds, scale, dropout, scaling, cache_layer, kwargs):
+    """A decode step inside `torch.compile`: the same method and backend choice as eager, without the
+    per-call statistics and observers (Python counters read back every step would be guarded on and
+    recompile; tile counters would be outputs a CUDA graph mutates). `Patch.stats()` counts eager steps."""
+    if state.observers:
+        raise RuntimeError("attnpatch observers (calibration, fidelity probes) see eager calls only: run the decode "
+                           "steps they should observe without torch.compile")
+    method = plan.decode
+    pages = None
+    if not method.is_dense:
+        pages = _select_pages(method, query, key, DecodeContext(module.layer_idx, scale, bounds, plan.sliding_window,
+                                                                cache_layer))
+    if pages is None:
+        mask = _dense_mask(attention_mask, positions, key.shape[2])
+        return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+    out, _ = state.backends.decode(query, key, value, pages, scale=scale, bounds=bounds, declined=[])
+    return out.transpose(1, 2).contiguous(), None
+
+
 def _attend(state: PatchState, module, query, key, value, attention_mask, dropout, scaling, **kwargs):
     """One attention call: phase split, the layer's method, a backend (or SDPA), stats, observers."""
     layer = module.layer_idx
@@ -124,12 +152,16 @@ def _attend(state: PatchState, module, query, key, value, attention_mask, dropou
         return result
 
     if phase == "decode":
+        if torch.compiler.is_compiling():
+            return _compiled_decode(state, plan, module, query, key, value, attention_mask, positions, bounds,
+                                    scale, dropout, scaling, cache_layer, kwargs)
         stats.decode_calls += 1
         stats.max_decode_keys = max(stats.max_decode_keys, lk)
         method = plan.decode
         if method.is_dense:
             return dense(method.name)
-        pages = method.select(query, key, DecodeContext(layer, scale, bounds, plan.sliding_window, cache_layer))
+        pages = _select_pages(method, query, key, DecodeContext(layer, scale, bounds, plan.sliding_window,
+                                                               cache_layer))
         if pages is None:
             return dense(method.name)
         if isinstance(pages, DecodeOutput):  # the method computed the step itself (e.g. GPU + CPU parts)

@@ -7,11 +7,18 @@ when the mask transformers asks for is causal (optionally with a sliding window)
 mask, it returns an `AttnMask` that holds only the per-key padding `[B, Lk]` and the window, and
 builds the dense tensor (by calling `sdpa_mask` with the same arguments, so the dense path stays
 bit-identical) only when a dense SDPA call needs it. Any other mask (packed sequences, extra
-overlays, static caches whose query offset is a tensor) is handed over as `sdpa_mask` builds it.
+overlays, static caches whose query offset is a tensor, any mask built inside `torch.compile`) is
+handed over as `sdpa_mask` builds it.
 
 `key_bounds` turns what the attention function received (None, an `AttnMask` or a tensor) into a
 `KeyBounds`: the closed form executors take (first real key per row, window, per-key validity), or
 the raw tensor when it is not of that form.
+
+A decode step (one query) is read without any host sync, so that it can run ahead of the GPU, be
+compiled and be captured in a CUDA graph: its mask is one row, i.e. a per-key validity `[B, Lk]`
+taken as is (padding anywhere, a sliding window of a tensor mask, and the unwritten slots of a
+static cache, whose keys are the whole preallocated buffer), with `key_end` (one past each row's
+last valid key, computed on device) so that decode page lists stop at the written length.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import torch
 from transformers.masking_utils import causal_mask_function, sdpa_mask
 
 from attnpatch.sparsity import KeyBounds
-from attnpatch.sparsity.bounds import padding_key_validity, sees_later_keys
+from attnpatch.sparsity.bounds import padding_key_validity, sees_later_keys, valid_key_end
 
 
 def _sliding_window_of(mask_function) -> int | None:
@@ -75,6 +82,8 @@ def attnpatch_mask(**kwargs: Any):
     q_off, kv_off = kwargs.get("q_offset", 0), kwargs.get("kv_offset", 0)
     local = kwargs.get("local_size")
     window = None
+    if torch.compiler.is_compiling():  # a compiled step takes the tensor (the analysis below inspects closures)
+        return sdpa_mask(**kwargs)
     if kwargs.get("use_vmap") or not all(isinstance(x, int) for x in (q_len, kv_len, q_off, kv_off)):
         return sdpa_mask(**kwargs)
     if fn is not causal_mask_function:
@@ -120,6 +129,10 @@ def key_bounds(mask: Any, q_len: int, kv_len: int, window: int | None,
     """
     if mask is None:
         return KeyBounds(window=window if window is not None and window < kv_len else None)
+    if q_len == 1:
+        bounds = _decode_bounds(mask, kv_len, positions)
+        if bounds is not None:
+            return bounds
     if isinstance(mask, AttnMask):
         valid = mask.key_valid
         if positions is not None and valid is not None:
@@ -145,6 +158,27 @@ def key_bounds(mask: Any, q_len: int, kv_len: int, window: int | None,
             bounds = KeyBounds(mask=mask)
     _LAST[:] = [mask, (q_len, kv_len, window), bounds]
     return bounds
+
+
+def _decode_bounds(mask: Any, kv_len: int, positions: torch.Tensor | None) -> KeyBounds | None:
+    """A decode step's bounds as the mask's one row of per-key validity (no host sync), or None when
+    the mask is not of that kind (no padding at all, per-head rows, a float mask)."""
+    if isinstance(mask, AttnMask):
+        valid, window = mask.key_valid, mask.window
+        if valid is None:
+            return None
+        if positions is not None:
+            valid = _take_keys(valid, positions)
+    elif (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.dim() == 4
+          and mask.shape[1] == 1 and mask.shape[2] == 1):
+        valid, window = mask[:, 0, 0, :], None  # the row already holds any window
+        if positions is not None and valid.shape[-1] != kv_len:
+            valid = _take_keys(valid, positions)
+    else:
+        return None
+    if valid.shape[-1] != kv_len:
+        return None
+    return KeyBounds(key_valid=valid, window=window, key_end=valid_key_end(valid))
 
 
 def _take_keys(t: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

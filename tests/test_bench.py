@@ -154,3 +154,38 @@ def test_method_benchmark_refuses_a_bad_real_input_spec(capsys):
     with pytest.raises(SystemExit):
         main(["--device", "cpu", "--real", "smollm2:8k"])
     assert "MODEL:LENGTH:LAYER" in capsys.readouterr().err
+
+
+def test_hf_decode_tiny_on_cpu(tmp_path):
+    """Every registered decode method gets a row (one that refuses a static cache: its reason), dense
+    baselines, eager and compiled ("eager" dynamo backend on CPU), KV memory; a spent budget skips."""
+    from attnpatch.bench import hf_decode
+    from attnpatch.registry import method_infos
+
+    assert hf_decode.main(["--device", "cpu", "--tiny", "--layers", "2", "--lengths", "64", "--batches", "2",
+                           "--modes", "eager,compiled", "--compile-backend", "eager", "--baselines", "dense,triton",
+                           "--steps", "2", "--repeats", "1", "--warmup", "0", "--page-size", "16",
+                           "--decode-options", "blasst:page_size=16,a=4", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "hf_decode.json").read_text())
+    rows = {(r["mode"], r["name"]): r for r in data["rows"]}
+    methods = [m for m in method_infos("decode") if m.name != "dense"]
+    for mode in ("eager", "compiled"):
+        for m in methods:
+            name = "blasst:page_size=16,a=4" if m.name == "blasst" else m.name
+            row = rows[(mode, name)]
+            if m.cls.static_cache_reason is not None:
+                assert "cannot run on a static cache" in row["note"]
+            else:
+                assert row["ms_per_token"] > 0 and row["kv_cache_gib"] > 0, row["note"]
+                assert sum(row["backends"].values()) == 2  # the eager stats step: 2 layers
+        for base in ("dense (attnpatch dispatch → SDPA)", "triton all pages"):
+            assert rows[(mode, base)]["ms_per_token"] > 0 and rows[(mode, base)]["speedup_vs_best_dense"] > 0
+    assert rows[("compiled", "triton all pages")]["compile_s"] > 0
+    assert "| 64 | 2 | compiled | triton all pages |" in (tmp_path / "hf_decode.md").read_text()
+    assert hf_decode.main(["--device", "cpu", "--tiny", "--layers", "2", "--lengths", "64", "--batches", "1",
+                           "--modes", "eager", "--methods", "blasst", "--baselines", "none", "--budget-s", "0",
+                           "--out", str(tmp_path / "b")]) == 0
+    row = json.loads((tmp_path / "b" / "hf_decode.json").read_text())["rows"][0]
+    assert row["note"].startswith("skipped: time budget")
+    with pytest.raises(SystemExit):
+        hf_decode.main(["--device", "cpu", "--tiny", "--methods", "nope", "--out", str(tmp_path)])

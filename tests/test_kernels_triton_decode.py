@@ -354,3 +354,31 @@ def test_left_padding_key_start(num_splits):
     out, lse = sparse_decode_attention(q, k, v, sel, key_start=key_start, num_splits=num_splits, return_lse=True)
     ref, ref_lse = paged_decode_attention(q, k, v, sel, key_mask=valid, return_lse=True)
     _check(out, ref, torch.float16, lse, ref_lse)
+
+
+@pytest.mark.parametrize("num_splits,skip", [(1, False), (3, False), (2, True)])
+def test_key_valid_masks_any_keys(num_splits, skip):
+    """Per-key validity (padding on both sides, the empty tail of a static cache): invalid keys are
+    masked, also in the seed pass and under skipping; a row whose selection only holds invalid keys
+    gives 0 and lse = -inf."""
+    lk = 300
+    q, k, v = _qkv(3, 4, 2, lk, 64, torch.float16, seed=11)
+    sel = PageSelection.all_pages(3, 2, lk, 16)
+    pos = torch.arange(lk)[None, :]
+    valid = torch.stack([pos[0] < 130, (pos[0] >= 40) & (pos[0] < 201), pos[0] % 7 != 3])
+    valid[2, :32] = False  # tile 0 of row 2 half invalid
+    bound = _bound(1e-30, 64) if skip else None  # seeded skip mode that skips nothing: still exact
+    out, lse = sparse_decode_attention(q, k, v, sel, key_valid=valid, num_splits=num_splits, return_lse=True,
+                                       skip_bound=bound)
+    ref, ref_lse = paged_decode_attention(q, k, v, sel, key_mask=valid, return_lse=True)
+    _check(out, ref, torch.float16, lse, ref_lse)
+    empty = torch.zeros(3, lk, dtype=torch.bool)
+    out0, lse0 = sparse_decode_attention(q, k, v, sel, key_valid=empty, num_splits=num_splits, return_lse=True)
+    assert torch.equal(out0.float(), torch.zeros_like(out0.float())) and bool(torch.isinf(lse0).all())
+
+
+def test_key_valid_rejects_wrong_shape():
+    q, k, v = _qkv(2, 4, 2, 64, 16, torch.float32)
+    sel = PageSelection.all_pages(2, 2, 64, 16)
+    with pytest.raises(ValueError, match="key_valid must be bool"):
+        sparse_decode_attention(q, k, v, sel, key_valid=torch.ones(2, 63, dtype=torch.bool))

@@ -99,6 +99,9 @@ class DecodeMethod:
     is_dense: ClassVar[bool] = False
     # Options under which the method reads every cached key, so it must equal dense attention.
     full_density: ClassVar[dict[str, Any]] = {}
+    # Why the method cannot run on a static (preallocated, compileable) cache, or None when it can:
+    # a patch refuses `cache_implementation="static"` with this reason instead of silently running dense.
+    static_cache_reason: ClassVar[str | None] = None
 
     def select(self, query: torch.Tensor, key: torch.Tensor, ctx: DecodeContext
                ) -> PageSelection | DecodeOutput | None:

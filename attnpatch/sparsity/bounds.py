@@ -24,6 +24,11 @@ class KeyBounds:
       methods which blocks are worth visiting — the mask decides). `causal=False` says that mask
       lets some query see a later key (a multimodal prompt's image tokens): no sparse method or
       executor takes such a call (they all apply the causal rule), it runs dense.
+
+    `key_end` (`[B]` int, set with `key_valid` for a decode step) is one past the last valid key of
+    each row: with a static cache the keys are the whole preallocated buffer and the slots from
+    `key_end` on are not written yet. It only bounds what is worth reading (decode page lists are
+    clipped to it on device); visibility is decided by the fields above.
     """
 
     key_start: torch.Tensor | None = None  # [B] int
@@ -31,6 +36,7 @@ class KeyBounds:
     key_valid: torch.Tensor | None = None  # [B, Lk] bool
     mask: torch.Tensor | None = None  # [B, 1|H, Lq, Lk] bool
     causal: bool = True  # False: the tensor mask lets some query see a later key (e.g. image tokens)
+    key_end: torch.Tensor | None = None  # [B] int: one past each row's last valid key (informative)
 
     @property
     def is_plain(self) -> bool:
@@ -78,6 +84,12 @@ class KeyBounds:
         kpos = torch.arange(kv_len, device=device).view(1, 1, 1, kv_len)
         return self.visible(qpos, kpos, batch).expand(batch, 1, q_len, kv_len)
 
+
+
+def valid_key_end(key_valid: torch.Tensor) -> torch.Tensor:
+    """`[B]` int64 one past the last True of `key_valid` `[B, L]` (0 for a row with none), on device, no sync."""
+    ends = torch.arange(1, key_valid.shape[-1] + 1, device=key_valid.device)
+    return torch.where(key_valid, ends, 0).amax(-1)
 
 
 def sees_later_keys(mask: torch.Tensor, q_len: int, kv_len: int) -> bool:

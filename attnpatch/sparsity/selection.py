@@ -173,3 +173,12 @@ class PageSelection:
         idx = torch.arange(n, dtype=torch.int32, device=device).expand(batch, kv_heads, n)
         counts = torch.full((batch, kv_heads), n, dtype=torch.int32, device=device)
         return cls(idx, counts, page_size, kv_len, skip)
+
+    def clipped(self, key_end: torch.Tensor) -> PageSelection:
+        """The same lists without the pages that start at or past `key_end[b]` (`[B]` int: the keys a
+        static cache has written), so they are never read; counts change on device, no host sync."""
+        limit = (key_end.to(self.indices.device, torch.int64) + self.page_size - 1) // self.page_size
+        listed = torch.arange(self.indices.shape[-1], device=self.indices.device) < self.counts.unsqueeze(-1)
+        keep = listed & (self.indices < limit.view(-1, 1, 1))  # ascending lists: a prefix of each
+        counts = keep.sum(-1, dtype=torch.int32)
+        return PageSelection(self.indices, counts, self.page_size, self.kv_len, self.skip)

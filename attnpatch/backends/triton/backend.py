@@ -9,12 +9,12 @@ from attnpatch.backends.triton.utils import interpreter_enabled, triton_availabl
 from attnpatch.sparsity import TokenSelection
 
 
-def _bounds_reason(bounds) -> str | None:
+def _bounds_reason(bounds, key_valid_ok: bool = False) -> str | None:
     if bounds.mask is not None:
         return "the attention mask is not causal + padding (the kernels take left padding only)"
     if bounds.window is not None:
         return "sliding window (the kernels have no window)"
-    if bounds.key_valid is not None:
+    if bounds.key_valid is not None and not key_valid_ok:
         return "padding that is not left padding (the kernels take a first real key per row)"
     return None
 
@@ -71,17 +71,25 @@ class TritonBackend(Backend):
     def decode_reason(self, query, key, value, selection, bounds):
         if needs_grad(query, key, value):
             return "inputs require grad (forward-only kernels)"
-        reason = _bounds_reason(bounds)
+        reason = _bounds_reason(bounds, key_valid_ok=True)
         if reason is not None:
             return reason
+        valid = bounds.key_valid
+        if valid is not None and (valid.dtype != torch.bool or tuple(valid.shape) != (key.shape[0], key.shape[2])):
+            return f"per-key validity {valid.dtype} {tuple(valid.shape)} is not bool [B, Lk] of the keys"
         from attnpatch.backends.triton.decode import unsupported_reason
 
         return unsupported_reason(query, key, value, selection)
 
     def decode(self, query, key, value, selection, *, scale, bounds, tile_counts=None):
+        skip = None if selection.skip is None else selection.skip.log_threshold
+        if torch.compiler.is_compiling():  # one opaque op: no graph break, capturable in a CUDA graph
+            from attnpatch.backends.triton.decode_op import sparse_decode
+
+            return sparse_decode(query, key, value, selection, scale=scale, skip_bound=skip,
+                                 key_start=bounds.key_start, key_valid=bounds.key_valid)
         from attnpatch.backends.triton.decode import sparse_decode_attention
 
-        skip = None if selection.skip is None else selection.skip.log_threshold
         return _add_tiles(tile_counts, sparse_decode_attention(
             query, key, value, selection, scale=scale, skip_bound=skip, key_start=bounds.key_start,
-            count_tiles=tile_counts is not None))
+            key_valid=bounds.key_valid, count_tiles=tile_counts is not None))

@@ -128,8 +128,9 @@ if triton_available():
 
     @triton.jit
     def _tile_scores(
-        q, k_base, idx_row, n_sel, t, stride_kn, kv_len, k_lo, qk_scale,
+        q, k_base, idx_row, n_sel, t, stride_kn, kv_len, k_lo, valid_row, qk_scale,
         PAGE: tl.constexpr, TILE: tl.constexpr, HEAD_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        HAS_KEY_VALID: tl.constexpr,
     ):  # fmt: skip
         # Cache positions of tile t (TILE // PAGE consecutive list entries), validity, and the
         # base-2 scaled scores [BLOCK_G, TILE] (-inf where masked).
@@ -144,6 +145,8 @@ if triton_available():
             page = tl.load(idx_row + entry, mask=entry_ok, other=0)
             pos = page.to(tl.int64) * PAGE + (offs_n % PAGE)
             ok = entry_ok & (pos >= k_lo) & (pos < kv_len)
+        if HAS_KEY_VALID:  # per-key validity (padding anywhere, empty slots of a static cache)
+            ok = ok & (tl.load(valid_row + pos, mask=ok, other=0) != 0)
         k = tl.load(
             k_base + pos[:, None] * stride_kn + tl.arange(0, HEAD_D)[None, :], mask=ok[:, None], other=0.0
         )
@@ -170,12 +173,12 @@ if triton_available():
 
     @triton.jit
     def _decode_seed_kernel(
-        Q, K, Idx, Cnt, Seed, KeyStart,
+        Q, K, Idx, Cnt, Seed, KeyStart, KeyValid,
         stride_qb, stride_qh, stride_kb, stride_kh, stride_kn,
-        stride_ib, stride_ih, stride_cb, stride_ch,
+        stride_ib, stride_ih, stride_cb, stride_ch, stride_valid_b,
         n_kv_heads, group, kv_len, max_pages, qk_scale,
         PAGE: tl.constexpr, TILE: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_D: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, HAS_KEY_START: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, HAS_KEY_START: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
     ):  # fmt: skip
         # Row max of tile 0 of each KV head's list: the running-max seed of every split.
         pid_bh = tl.program_id(0)
@@ -193,21 +196,23 @@ if triton_available():
         m0 = tl.full([BLOCK_G], float("-inf"), tl.float32)
         if n_sel > 0:
             s, pos, ok = _tile_scores(
-                q, k_base, idx_row, n_sel, 0, stride_kn, kv_len, k_lo, qk_scale, PAGE, TILE, HEAD_D, DOT_PRECISION
+                q, k_base, idx_row, n_sel, 0, stride_kn, kv_len, k_lo, KeyValid + b * stride_valid_b, qk_scale,
+                PAGE, TILE, HEAD_D, DOT_PRECISION, HAS_KEY_VALID,
             )
             m0 = tl.reduce(s, 1, _max_combine)
         tl.store(Seed + pid_bh * BLOCK_G + offs_g, m0)
 
     @triton.jit
     def _decode_split_kernel(
-        Q, K, V, Idx, Cnt, Seed, Thr, Ws, Out, Lse, Tiles, KeyStart,
+        Q, K, V, Idx, Cnt, Seed, Thr, Ws, Out, Lse, Tiles, KeyStart, KeyValid,
         stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-        stride_ib, stride_ih, stride_cb, stride_ch, stride_ob, stride_oh,
+        stride_ib, stride_ih, stride_cb, stride_ch, stride_ob, stride_oh, stride_valid_b,
         n_kv_heads, group, kv_len, max_pages, num_splits, ws_rows, qk_scale, thr_all,
         PAGE: tl.constexpr, TILE: tl.constexpr, BLOCK_G: tl.constexpr,
         HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
         SKIP: tl.constexpr, PER_HEAD_THR: tl.constexpr, SEEDED: tl.constexpr, DIRECT: tl.constexpr,
         WRITE_LSE: tl.constexpr, COUNT: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_KEY_START: tl.constexpr,
+        HAS_KEY_VALID: tl.constexpr,
     ):  # fmt: skip
         pid_bh = tl.program_id(0)
         split = tl.program_id(1)
@@ -246,7 +251,8 @@ if triton_available():
 
         for t in range(t_begin, t_end):
             s, pos, ok = _tile_scores(
-                q, k_base, idx_row, n_sel, t, stride_kn, kv_len, k_lo, qk_scale, PAGE, TILE, HEAD_D, DOT_PRECISION
+                q, k_base, idx_row, n_sel, t, stride_kn, kv_len, k_lo, KeyValid + b * stride_valid_b, qk_scale,
+                PAGE, TILE, HEAD_D, DOT_PRECISION, HAS_KEY_VALID,
             )
             m_tile = tl.reduce(s, 1, _max_combine)
             if SKIP:
@@ -368,6 +374,7 @@ def sparse_decode_attention(
     seed_max: bool = True,
     tile_size: int | None = None,
     key_start: torch.Tensor | None = None,
+    key_valid: torch.Tensor | None = None,
 ):
     """Single-token attention over the selected pages of each KV head (split-KV, GQA-packed).
 
@@ -381,6 +388,8 @@ def sparse_decode_attention(
       tile skipping; ``seed_max``
       seeds each split's running max with the row max of tile 0 (module docstring).
     * ``key_start``: int ``[B]``, left padding — cache positions before ``key_start[b]`` are masked.
+    * ``key_valid``: bool ``[B, L]`` (unit stride along L), per-key validity — keys where it is False
+      are masked (padding anywhere, the empty slots of a static cache); read with the keys of a tile.
     * ``num_splits``: splits per KV head (None: `resolve_num_splits`); ``tile_size``: tokens per
       tile, a multiple of the page size in `ALLOWED_TILE_SIZES` (None: ``max(page_size, 64)``).
 
@@ -410,6 +419,15 @@ def sparse_decode_attention(
         key_start = key_start.to(device=device, dtype=torch.int64).contiguous()
         if tuple(key_start.shape) != (b,):
             raise ValueError(f"key_start must be [B={b}], got {tuple(key_start.shape)}")
+    if key_valid is not None:
+        if tuple(key_valid.shape) != (b, lk) or key_valid.dtype != torch.bool:
+            raise ValueError(f"key_valid must be bool [B={b}, L={lk}], got {key_valid.dtype} {tuple(key_valid.shape)}")
+        key_valid = key_valid.to(device)
+        if key_valid.stride(-1) != 1:
+            key_valid = key_valid.contiguous()
+        key_valid = key_valid.view(torch.uint8)
+    valid_ptr = key_valid if key_valid is not None else counts  # unused pointer when absent: any tensor
+    valid_stride = key_valid.stride(0) if key_valid is not None else 0
     # A float λ travels as a kernel scalar (no per-call tensor); a tensor λ as [Hq] thresholds.
     thr, thr_all = None, 0.0
     if skip and isinstance(skip_bound, torch.Tensor):
@@ -431,12 +449,12 @@ def sparse_decode_attention(
     if seeded:
         seed = torch.empty(b * hkv * block_g, dtype=torch.float32, device=device)  # the seed pass fills it
         _decode_seed_kernel[(b * hkv,)](
-            query, key, indices, counts, seed, key_start if key_start is not None else counts,
+            query, key, indices, counts, seed, key_start if key_start is not None else counts, valid_ptr,
             query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
-            *idx_strides, *cnt_strides,
+            *idx_strides, *cnt_strides, valid_stride,
             hkv, group, lk, indices.shape[-1], qk_scale,
             PAGE=selection.page_size, TILE=tile, BLOCK_G=block_g, HEAD_D=d, DOT_PRECISION=precision,
-            HAS_KEY_START=key_start is not None, num_warps=4, num_stages=1,
+            HAS_KEY_START=key_start is not None, HAS_KEY_VALID=key_valid is not None, num_warps=4, num_stages=1,
         )  # fmt: skip
 
     warps, stages = _launch_config(tile, dv, query.dtype)
@@ -445,15 +463,15 @@ def sparse_decode_attention(
         query, key, value, indices, counts,
         seed if seed is not None else out, thr if thr is not None else out,  # unused pointers: any tensor
         ws if ws is not None else out, out, lse if lse is not None else out,
-        tiles if tiles is not None else out, key_start if key_start is not None else counts,
+        tiles if tiles is not None else out, key_start if key_start is not None else counts, valid_ptr,
         query.stride(0), query.stride(1),
         key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2),
-        *idx_strides, *cnt_strides, out.stride(0), out.stride(1),
+        *idx_strides, *cnt_strides, out.stride(0), out.stride(1), valid_stride,
         hkv, group, lk, indices.shape[-1], splits, ws_rows, qk_scale, thr_all,
         PAGE=selection.page_size, TILE=tile, BLOCK_G=block_g, HEAD_D=d, HEAD_DV=dv,
         SKIP=skip, PER_HEAD_THR=thr is not None, SEEDED=seeded, DIRECT=direct, WRITE_LSE=return_lse, COUNT=count_tiles,
-        DOT_PRECISION=precision, HAS_KEY_START=key_start is not None,
+        DOT_PRECISION=precision, HAS_KEY_START=key_start is not None, HAS_KEY_VALID=key_valid is not None,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
     if not direct:

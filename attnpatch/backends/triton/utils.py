@@ -9,16 +9,20 @@ from typing import TypeVar
 
 import torch
 
+_AVAILABLE: list[bool] = []  # memo (a plain global, not functools.lru_cache: torch.compile traces it cleanly)
 
-@functools.lru_cache(maxsize=1)
+
 def triton_available() -> bool:
     """True when `triton` (and `triton.language`) can be imported."""
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception:  # ImportError, or a broken install failing at import time
-        return False
-    return True
+    if not _AVAILABLE:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+
+            _AVAILABLE.append(True)
+        except Exception:  # ImportError, or a broken install failing at import time
+            _AVAILABLE.append(False)
+    return _AVAILABLE[0]
 
 
 def interpreter_enabled() -> bool:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -25,6 +25,12 @@ class BlasstDecode(DecodeMethod):
     in order, so the sink page sets the running max first. Default `a = 1`: skips 31 % of the
     decode pages on SmolLM2 at 4K with unchanged passkey answers; 16 skips 62 %, 256 skips 78 %,
     also unchanged on those 3 prompts (bench/results/blasst_smollm2_decode.md) — kept conservative.
+
+    On a static cache (`cache_implementation="static"`) L is the cache's capacity, not its written
+    length: λ stays a host constant (a compiled step is not recompiled as the cache fills, and no
+    device value is read back); `generate` sizes that cache to the prompt plus the new tokens, so the
+    two differ by at most `max_new_tokens`. Per-head bounds are built once per (L, scale, device), so
+    a step copies nothing from the host.
     """
 
     full_density: ClassVar[dict] = {"a": 1e-30}
@@ -32,10 +38,16 @@ class BlasstDecode(DecodeMethod):
     a: float = option(1.0, "λ = a / L (L = cache length); 0 disables skipping", min=0.0, per_head=True)
     convention: str = option("scaled", "threshold on scaled (σ·q·k) or raw (q·k) scores", choices=("scaled", "raw"))
     page_size: int = option(128, "key tile (page) size", choices=(16, 32, 64, 128))
+    _rules: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # skip rules by (L, σ, device)
 
     def select(self, query: torch.Tensor, key: torch.Tensor, ctx: DecodeContext) -> PageSelection | None:
         if not any(self.a if isinstance(self.a, tuple) else (self.a,)):
             return None
         b, lk = query.shape[0], key.shape[2]
-        return PageSelection.all_pages(b, key.shape[1], lk, self.page_size, query.device,
-                                       skip_rule(self.a, lk, ctx.scale, self.convention, query.device))
+        memo = (lk, ctx.scale, str(query.device))
+        rule = self._rules.get(memo)
+        if rule is None:
+            if len(self._rules) >= 4:  # a growing dynamic cache makes a new L every step: keep a few
+                self._rules.clear()
+            rule = self._rules[memo] = skip_rule(self.a, lk, ctx.scale, self.convention, query.device)
+        return PageSelection.all_pages(b, key.shape[1], lk, self.page_size, query.device, rule)

@@ -24,6 +24,9 @@ class Streaming(DecodeMethod):
     """
 
     full_density: ClassVar[dict] = {"window": 1 << 30}
+    static_cache_reason: ClassVar[str | None] = (
+        "it evicts tokens from its cache (sinks + window), which a preallocated static cache cannot do; "
+        "generate with the default dynamic cache")
 
     n_sink: int = option(4, "tokens kept from the start of the sequence", min=0)
     window: int = option(512, "most recent tokens kept", min=1)

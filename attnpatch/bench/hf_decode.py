@@ -1,0 +1,508 @@
+"""HF-path decode benchmark: ms per generated token of a Llama-3.1-8B-shaped model (random weights, bf16)
+decoding from a static cache of L tokens, eager and under `torch.compile` (CUDA-graph replay), per batch.
+
+    python -m attnpatch.bench.hf_decode --out DIR --layers 32 --lengths 32768,65536,131072 \
+        --batches 1,4,8 --methods all --modes eager,compiled --budget-s 540
+
+Per (L, B): a `StaticCache` of `L + headroom` slots is filled to L tokens, then `--steps` greedy decode
+steps (`model(next_token, cache=...)`, LM head included) are timed with CUDA events, `--repeats` times
+after `--warmup` steps (compiled rows: the compilation and CUDA-graph recording happen in the warm-up,
+its time is reported as `compile_s`); the row's value is the median ms per token.
+
+**The prefill is not run**: the cache is filled with Gaussian K/V through each cache layer's own
+`update()` (so a decode method's cache layer also builds its metadata, e.g. page summaries), after a
+one-token forward that lets the patch install its cache layers. A 128K prefill of the 32-layer model
+would take most of a 600 s call; prefill speed is `hf_prefill`'s job. On random K/V, attention is flat:
+a method that skips by score (blasst) finds little to skip, one that reads a fixed budget (quest) reads
+exactly its budget; each row reports what ran (`patch.stats()` of an eager step) and the skipped share.
+
+Rows per (L, B) and mode: the unpatched model (SDPA as torch picks it, then forced to efficient, cuDNN
+and flash through `sdpa_kernel`; flash takes no mask, which a static cache always has, so it fails with
+the reason), `dense` through attnpatch's dispatch (→ SDPA), the Triton decode kernel over every page
+(`dense` kernel rows: `triton all pages`), and every registered decode method (`--methods all`, or a
+list; options through `--decode-options name:key=value,...`). A method that cannot run on a static
+cache (streaming evicts) is a row with its reason. Speedups: over the best dense row of the same
+(L, B) over both modes, and over the best dense row of the same mode. KV cache memory is reported per
+row; a (L, B) whose cache does not fit in free GPU memory is skipped with the reason. `--budget-s`:
+rows that would start after that many seconds are skipped (noted), so a subset finishes in one call.
+`--device cpu --tiny` runs a tiny config (tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import inspect
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from attnpatch.bench.hf_prefill import LLAMA31_8B, TINY, build_model
+from attnpatch.methods.base import DecodeContext, DecodeMethod
+from attnpatch.sparsity import PageSelection
+
+MODES = ("eager", "compiled")
+SDPA_FORCED = ("efficient", "cudnn", "flash")
+FILL_CHUNK = 8192  # tokens per cache update while filling
+BASELINE_KEYS = ("unpatched", *SDPA_FORCED, "dense", "triton")
+
+
+@dataclass
+class AllPages(DecodeMethod):
+    """Every page of the cache, no skipping: the Triton decode kernel as a dense decode (bench only)."""
+
+    name: ClassVar[str] = "triton all pages"
+    page_size: int = 64
+
+    def select(self, query: torch.Tensor, key: torch.Tensor, ctx: DecodeContext) -> PageSelection:
+        return PageSelection.all_pages(query.shape[0], key.shape[1], key.shape[2], self.page_size, query.device)
+
+
+@dataclass
+class Config:
+    """One row's recipe: unpatched (optionally forcing an SDPA backend) or a patch."""
+
+    name: str
+    kind: str  # dense | sparse
+    decode: str | None = None  # a decode method spec ("blasst:a=16"); None: unpatched
+    sdpa: str | None = None
+    all_pages: bool = False
+    key: str = ""  # the name --baselines selects a dense row by
+
+
+@dataclass
+class Row:
+    name: str
+    kind: str
+    mode: str
+    length: int
+    batch: int
+    ms_per_token: float = float("nan")
+    times_ms: list[float] = field(default_factory=list)
+    tokens_per_s: float | None = None
+    kv_cache_gib: float | None = None
+    peak_gib: float | None = None
+    compile_s: float | None = None
+    speedup_vs_best_dense: float | None = None
+    speedup_vs_best_dense_same_mode: float | None = None
+    backends: dict[str, int] = field(default_factory=dict)
+    backend_declined: dict[str, int] = field(default_factory=dict)
+    dense_fallbacks: dict[str, int] = field(default_factory=dict)
+    decode_skipped_fraction: float | None = None
+    note: str = ""
+
+
+def decode_configs(methods: list[str], options: dict[str, str]) -> list[Config]:
+    """Dense baselines, then one row per decode method (`options`: name → "k=v,k=v")."""
+    rows = [Config("unpatched (SDPA default)", "dense", key="unpatched")]
+    rows += [Config(f"unpatched, SDPA {b}", "dense", sdpa=b, key=b) for b in SDPA_FORCED]
+    rows += [Config("dense (attnpatch dispatch → SDPA)", "dense", decode="dense", key="dense"),
+             Config(AllPages.name, "dense", decode="dense", all_pages=True, key="triton")]
+    for name in methods:
+        spec = f"{name}:{options[name]}" if options.get(name) else name
+        rows.append(Config(spec, "sparse", decode=spec))
+    return rows
+
+
+def registered_methods() -> list[str]:
+    """Every registered decode method but `dense` (the baselines cover it)."""
+    from attnpatch.registry import method_infos
+
+    return [m.name for m in method_infos("decode") if m.name != "dense"]
+
+
+def parse_decode_options(items: list[str] | None) -> dict[str, str]:
+    """["quest:budget=4096", ...] → {"quest": "budget=4096"}; names checked against the registry."""
+    from attnpatch.registry import get_method
+
+    out: dict[str, str] = {}
+    for item in items or []:
+        name, sep, rest = item.partition(":")
+        if not sep or not rest:
+            raise ValueError(f"--decode-options entries look like name:key=value[,key=value], got {item!r}")
+        out[get_method(name.strip(), "decode").name] = rest.strip()
+    return out
+
+
+def kv_bytes(config, batch: int, slots: int, dtype: torch.dtype) -> int:
+    """Bytes of a static K/V cache of `slots` tokens for every layer of `config`."""
+    d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    elem = torch.finfo(dtype).bits // 8
+    return 2 * config.num_hidden_layers * batch * config.num_key_value_heads * slots * d * elem
+
+
+def cache_kwarg(model) -> str:
+    """The decoder's cache argument: `cache` (transformers >= 5.2x) or `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(model.model.forward).parameters else "past_key_values"
+
+
+def cache_gib(cache) -> float:
+    total = 0
+    for layer in cache.layers:
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total / 2**30
+
+
+def fill_cache(model, cache, length: int, batch: int, seed: int) -> torch.Tensor:
+    """One real token through the model (installs a patch's cache layers), then Gaussian K/V up to
+    `length` tokens through every layer's `update`. Returns the next input token `[B, 1]`."""
+    device = model.device
+    g = torch.Generator(device=device).manual_seed(seed)
+    first = torch.randint(0, model.config.vocab_size, (batch, 1), device=device, generator=g)
+    with torch.no_grad():
+        logits = model(input_ids=first, use_cache=True, **{cache_kwarg(model): cache}).logits
+    cfg = model.config
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    for i in range(cfg.num_hidden_layers):
+        done = 1
+        while done < length:
+            n = min(FILL_CHUNK, length - done)
+            shape = (batch, cfg.num_key_value_heads, n, d)
+            k = torch.randn(shape, device=device, dtype=model.dtype, generator=g)
+            v = torch.randn(shape, device=device, dtype=model.dtype, generator=g)
+            cache.update(k, v, i)
+            done += n
+    return logits[:, -1:].argmax(-1)
+
+
+def rewind(cache, length: int) -> None:
+    """Set every static layer back to `length` written tokens (in place: static addresses kept)."""
+    for layer in cache.layers:
+        cum = getattr(layer, "cumulative_length", None)
+        if isinstance(cum, torch.Tensor):
+            cum.fill_(length)
+        if hasattr(layer, "cumulative_length_int"):
+            layer.cumulative_length_int = length
+
+
+def _sdpa_context(name: str | None):
+    if name is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel({"efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                        "flash": SDPBackend.FLASH_ATTENTION, "math": SDPBackend.MATH}[name])
+
+
+def _time_steps(step, token: torch.Tensor, steps: int, repeats: int, device: torch.device) -> list[float]:
+    """ms per token of `repeats` runs of `steps` chained greedy steps (CUDA events around each run)."""
+    out = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(steps):
+                token = step(token)
+            end.record()
+            end.synchronize()
+            out.append(float(start.elapsed_time(end)) / steps)
+        else:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                token = step(token)
+            out.append((time.perf_counter() - t0) * 1e3 / steps)
+    return out
+
+
+@dataclass
+class Bench:
+    """Shared state of one run: the model, options, the time budget."""
+
+    model: Any
+    device: torch.device
+    steps: int
+    repeats: int
+    warmup: int
+    compile_mode: str
+    compile_backend: str
+    fullgraph: bool
+    budget_s: float
+    page_size: int
+    started: float = field(default_factory=time.perf_counter)
+    compile_estimate_s: float = 0.0
+    log: Any = print
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def headroom(self) -> int:
+        return (self.warmup + 4) + self.repeats * self.steps + 8
+
+    def run(self, cfg: Config, mode: str, length: int, batch: int, shared: dict) -> Row:
+        """One row; never raises (a failure is a row with a note)."""
+        import attnpatch
+
+        row = Row(cfg.name, cfg.kind, mode, length, batch)
+        left = self.budget_s - self.elapsed()
+        if left <= 0 or (mode == "compiled" and left < self.compile_estimate_s):
+            row.note = f"skipped: time budget (--budget-s {self.budget_s:g}, {self.elapsed():.0f} s used)"
+            return row
+        model, device = self.model, self.device
+        patch = None
+        try:
+            if cfg.decode is not None:
+                patch = attnpatch.patch_model(model, decode=cfg.decode)
+                if cfg.all_pages:
+                    for plan in patch.state.plans:
+                        plan.decode = AllPages(self.page_size)
+            cache = self._cache(length, batch, shared, own=bool(patch is not None and patch._own_cache))
+            token = shared["token"]
+            row.kv_cache_gib = cache_gib(cache)
+            kw = {cache_kwarg(model): cache, "use_cache": True}
+            forward = model
+            if mode == "compiled":
+                torch._dynamo.reset()
+                forward = torch.compile(model, backend=self.compile_backend, fullgraph=self.fullgraph,
+                                        dynamic=False, **({"mode": self.compile_mode}
+                                                          if self.compile_backend == "inductor" else {}))
+
+            graphs = mode == "compiled" and (self.compile_backend == "cudagraphs" or (
+                self.compile_backend == "inductor" and self.compile_mode == "reduce-overhead"))
+
+            def step(tok):
+                if graphs:  # each step's outputs may be overwritten by the next replay
+                    torch.compiler.cudagraph_mark_step_begin()
+                with torch.no_grad(), _sdpa_context(cfg.sdpa):
+                    logits = forward(input_ids=tok, **kw).logits
+                return logits[:, -1:].argmax(-1)
+
+            if patch is not None:  # one eager step for the stats (a compiled step keeps none)
+                with torch.no_grad(), _sdpa_context(cfg.sdpa):
+                    model(input_ids=token, **kw)
+                stats = patch.stats()
+                row.backends, row.backend_declined = stats.backends, stats.backend_declined
+                row.dense_fallbacks = stats.dense_fallbacks
+                layers = [d for d in stats.layers if d.get("decode_skipped_fraction") is not None]
+                if layers:
+                    row.decode_skipped_fraction = statistics.fmean(d["decode_skipped_fraction"] for d in layers)
+            rewind(cache, length)
+            t0 = time.perf_counter()
+            tok = token
+            for _ in range(self.warmup + (3 if mode == "compiled" else 0)):
+                tok = step(tok)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            if mode == "compiled":
+                row.compile_s = time.perf_counter() - t0
+                self.compile_estimate_s = max(self.compile_estimate_s, row.compile_s)
+            row.times_ms = _time_steps(step, tok, self.steps, self.repeats, device)
+            row.ms_per_token = statistics.median(row.times_ms)
+            row.tokens_per_s = 1e3 * batch / row.ms_per_token
+            if device.type == "cuda":
+                row.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
+            self.log(f"L={length} B={batch} {mode} {cfg.name}: {row.ms_per_token:.3f} ms/token "
+                     f"{row.backends or ''}")
+        except Exception as e:  # noqa: BLE001  (a failing configuration is a result, not a crash)
+            row.note = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+            self.log(f"L={length} B={batch} {mode} {cfg.name}: FAILED {row.note}")
+        finally:
+            if patch is not None:
+                patch.unpatch()
+            if patch is not None and patch._own_cache:
+                shared.pop("own", None)
+            if mode == "compiled":
+                torch._dynamo.reset()
+            if device.type == "cuda":
+                with contextlib.suppress(Exception):
+                    torch.cuda.synchronize(device)
+                torch.cuda.empty_cache()
+        return row
+
+    def _cache(self, length: int, batch: int, shared: dict, own: bool):
+        """The shared static cache of this (L, B) rewound to L, or (a method with its own cache
+        layers) a fresh one filled under the patch."""
+        from transformers.cache_utils import StaticCache
+
+        key = "own" if own else "plain"
+        if key in shared:
+            rewind(shared[key], length)
+            return shared[key]
+        for other in ("plain", "own"):
+            shared.pop(other, None)  # one cache alive at a time
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        cache = StaticCache(config=self.model.config, max_cache_len=length + self.headroom())
+        shared["token"] = fill_cache(self.model, cache, length, batch, seed=length + batch)
+        if not own:
+            shared[key] = cache
+        return cache
+
+
+def fits(config, batch: int, slots: int, dtype: torch.dtype, device: torch.device) -> str | None:
+    """Why a static cache of `slots` tokens at batch `batch` does not fit in free GPU memory, or None."""
+    if device.type != "cuda":
+        return None
+    need = kv_bytes(config, batch, slots, dtype)
+    free, _ = torch.cuda.mem_get_info(device)
+    logits = batch * config.vocab_size * 4 * 4
+    if need + logits + (2 << 30) > free:
+        return (f"does not fit: the KV cache needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free "
+                f"besides the weights")
+    return None
+
+
+def add_speedups(rows: list[Row]) -> None:
+    for key in {(r.length, r.batch) for r in rows}:
+        at = [r for r in rows if (r.length, r.batch) == key and r.ms_per_token == r.ms_per_token]
+        dense = [r.ms_per_token for r in at if r.kind == "dense"]
+        best = min(dense) if dense else None
+        for r in at:
+            r.speedup_vs_best_dense = best / r.ms_per_token if best else None
+            same = [x.ms_per_token for x in at if x.kind == "dense" and x.mode == r.mode]
+            r.speedup_vs_best_dense_same_mode = min(same) / r.ms_per_token if same else None
+
+
+def environment(command: str, device: torch.device, dtype: torch.dtype, tiny: bool, layers: int,
+                bench: Bench) -> dict[str, Any]:
+    from attnpatch.bench.hf_prefill import environment as prefill_env
+
+    env = prefill_env(command, device, dtype, tiny, layers)
+    env["config"] = dict(TINY if tiny else LLAMA31_8B, num_hidden_layers=layers)
+    env.update(steps=bench.steps, repeats=bench.repeats, warmup=bench.warmup, compile_mode=bench.compile_mode,
+               compile_backend=bench.compile_backend, fullgraph=bench.fullgraph, budget_s=bench.budget_s,
+               cache_fill="Gaussian K/V through each cache layer's update() after one real token (no prefill)")
+    return env
+
+
+def _fmt(x: float | None, spec: str = ".2f") -> str:
+    return "–" if x is None or x != x else format(x, spec)
+
+
+def _counts(d: dict[str, int]) -> str:
+    return "; ".join(f"{k} ×{v}" for k, v in d.items()) or "–"
+
+
+def markdown(data: dict) -> str:
+    env = data["environment"]
+    lines = [f"# HF-path decode — {env['model']} — {env['gpu'] or env['device']}", "",
+             f"torch {env['torch']}, CUDA {env['cuda']}, transformers {env['transformers']}, triton {env['triton']}, "
+             f"{env['dtype']}, {env['date']}", "",
+             f"Command: `{env['command']}`", "",
+             f"Static cache filled to L with random K/V (no prefill run); greedy decode steps with the LM head; "
+             f"median over {env['repeats']} runs of {env['steps']} steps of ms per step (= per generated token "
+             f"of each row of the batch), CUDA events. Compiled: `torch.compile(model, backend="
+             f"{env['compile_backend']!r}, mode={env['compile_mode']!r}, fullgraph={env['fullgraph']})`, "
+             "compile + CUDA-graph recording in `compile s`. Speedups over the fastest dense row of the same "
+             "(L, B), over both modes and within the mode. Backends: one eager step of the patched model.", "",
+             "| L | B | mode | row | ms/token | tokens/s | vs best dense | vs best dense (mode) | KV GiB | peak GiB "
+             "| compile s | skipped | backends that ran | declined | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        lines.append(
+            f"| {r['length']} | {r['batch']} | {r['mode']} | {r['name']} | {_fmt(r['ms_per_token'], '.3f')} | "
+            f"{_fmt(r['tokens_per_s'], '.0f')} | {_fmt(r['speedup_vs_best_dense'])} | "
+            f"{_fmt(r['speedup_vs_best_dense_same_mode'])} | {_fmt(r['kv_cache_gib'])} | {_fmt(r['peak_gib'])} | "
+            f"{_fmt(r['compile_s'], '.1f')} | {_fmt(r['decode_skipped_fraction'], '.3f')} | "
+            f"{_counts(r['backends'])} | {_counts(r['backend_declined'])} | {r['note'] or ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def write(data: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "hf_decode.json").write_text(json.dumps(data, indent=1, allow_nan=True))
+    (out / "hf_decode.md").write_text(markdown(data))
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{what} must be a comma list of integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise ValueError(f"{what} must be positive integers, got {text!r}")
+    return values
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m attnpatch.bench.hf_decode", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="bench/results/hf_decode", help="output folder")
+    p.add_argument("--lengths", default="32768,131072", help="tokens in the cache (comma list)")
+    p.add_argument("--batches", default="1,4", help="batch sizes (comma list)")
+    p.add_argument("--layers", type=int, default=32, help="decoder layers (32: Llama-3.1-8B's depth)")
+    p.add_argument("--methods", default="all", help="decode methods (comma list of registered names, or 'all')")
+    p.add_argument("--decode-options", nargs="+", default=None, metavar="NAME:K=V,...",
+                   help="options of a method's row, e.g. quest:budget=4096 blasst:a=16")
+    p.add_argument("--modes", default="eager,compiled", help=f"comma list of {', '.join(MODES)}")
+    p.add_argument("--baselines", default="all",
+                   help=f"dense rows: 'all', 'none', or a comma list of {', '.join(BASELINE_KEYS)}")
+    p.add_argument("--steps", type=int, default=16, help="decode steps per timed run")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per row (median)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compiled rows: 3 more)")
+    p.add_argument("--page-size", type=int, default=64, help="page size of the 'triton all pages' row")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (inductor, cudagraphs, "
+                   "aot_eager on CPU)")
+    p.add_argument("--compile-mode", default="reduce-overhead", help="inductor mode (reduce-overhead = CUDA graphs)")
+    p.add_argument("--no-fullgraph", action="store_true", help="allow graph breaks (default: fullgraph=True)")
+    p.add_argument("--budget-s", type=float, default=540.0, help="start no row after this many seconds")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"),
+                   help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--tiny", action="store_true", help="a tiny config (CPU tests), not the 8B-shaped one")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("hf_decode needs a CUDA GPU (or --device cpu --tiny)", file=sys.stderr)
+        return 2
+    try:
+        lengths, batches = _ints(args.lengths, "--lengths"), _ints(args.batches, "--batches")
+        modes = [m for m in args.modes.split(",") if m]
+        if not modes or set(modes) - set(MODES):
+            raise ValueError(f"--modes must be a comma list of {', '.join(MODES)}, got {args.modes!r}")
+        known = registered_methods()
+        methods = known if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
+        unknown = [m for m in methods if m not in known]
+        if unknown:
+            raise ValueError(f"unknown decode method(s) {unknown}; registered: {', '.join(known)}")
+        options = parse_decode_options(args.decode_options)
+    except ValueError as e:
+        p.error(str(e))
+    configs = decode_configs(methods, options)
+    if args.baselines != "all":
+        keep = {b.strip() for b in args.baselines.split(",") if b.strip() and b.strip() != "none"}
+        if keep - set(BASELINE_KEYS):
+            p.error(f"--baselines takes 'all', 'none' or a comma list of {', '.join(BASELINE_KEYS)}, "
+                    f"got {args.baselines!r}")
+        configs = [c for c in configs if c.kind == "sparse" or c.key in keep]
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    command = "python -m attnpatch.bench.hf_decode " + " ".join(sys.argv[1:] if argv is None else argv)
+    model = build_model(args.tiny, device, dtype, layers=args.layers)
+    bench = Bench(model, device, args.steps, args.repeats, args.warmup, args.compile_mode, args.compile_backend,
+                  not args.no_fullgraph, args.budget_s, args.page_size)
+    data: dict[str, Any] = {"environment": environment(command, device, dtype, args.tiny, args.layers, bench),
+                            "rows": []}
+    rows: list[Row] = []
+    for length in lengths:
+        for batch in batches:
+            why = fits(model.config, batch, length + bench.headroom(), dtype, device)
+            shared: dict = {}
+            for mode in modes:
+                for cfg in configs:
+                    if why is not None:
+                        row = Row(cfg.name, cfg.kind, mode, length, batch, note=f"skipped: {why}")
+                    else:
+                        row = bench.run(cfg, mode, length, batch, shared)
+                    rows.append(row)
+                    add_speedups(rows)
+                    data["rows"] = [asdict(r) for r in rows]
+                    write(data, Path(args.out))  # results so far survive a time limit
+            shared.clear()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    print(markdown(data))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,67 @@
+"""On CUDA: a patched decode step on a static cache makes no host sync, and under
+`torch.compile(mode="reduce-overhead")` (CUDA-graph replay) gives the eager logits with the Triton
+decode kernel inside the graph. Skipped without a GPU."""
+
+import inspect
+
+import pytest
+import torch
+
+import attnpatch
+from attnpatch.testing import tiny_model
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def _setup(decode: str, **options):
+    from transformers.cache_utils import StaticCache
+
+    model = tiny_model("llama", hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                       max_position_embeddings=4096, intermediate_size=512).to("cuda", torch.bfloat16)
+    ck = "cache" if "cache" in inspect.signature(model.model.forward).parameters else "past_key_values"
+    ids = torch.randint(3, 256, (2, 700), generator=torch.Generator().manual_seed(0)).cuda()
+    patch = attnpatch.patch_model(model, decode=decode, **options)
+    cache = StaticCache(config=model.config, max_cache_len=800)
+    with torch.no_grad():
+        tok = model(ids, **{ck: cache}).logits[:, -1:].argmax(-1)
+    return model, patch, cache, {ck: cache}, tok
+
+
+def _rewind(cache, n):
+    for layer in cache.layers:
+        layer.cumulative_length.fill_(n)
+
+
+@pytest.mark.parametrize("decode,options", [("blasst", {"page_size": 64}), ("blasst", {"page_size": 64, "a": 16.0})])
+def test_static_decode_step_has_no_host_sync(decode, options):
+    model, patch, cache, kw, tok = _setup(decode, **options)
+    with torch.no_grad():
+        model(input_ids=tok, **kw)  # first call: kernel compilation, backend checks memoised
+        _rewind(cache, 700)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            model(input_ids=tok, **kw)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert patch.stats().backends.get("decode: triton") == 4
+    patch.unpatch()
+
+
+def test_reduce_overhead_decode_equals_eager():
+    model, patch, cache, kw, tok = _setup("blasst", page_size=64)
+    steps = []
+    with torch.no_grad():
+        for mode in ("eager", "compiled"):
+            _rewind(cache, 700)
+            fn = model if mode == "eager" else torch.compile(model, mode="reduce-overhead", fullgraph=True)
+            t, out = tok, []
+            for _ in range(6):  # warm-up, recording, replays
+                torch.compiler.cudagraph_mark_step_begin()
+                logits = fn(input_ids=t, **kw).logits[:, -1].float().clone()
+                out.append(logits)
+                t = logits.argmax(-1, keepdim=True)
+            steps.append(torch.stack(out))
+    torch.testing.assert_close(steps[1], steps[0], rtol=0, atol=5e-2)
+    patch.unpatch()
+    torch._dynamo.reset()

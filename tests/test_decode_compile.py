@@ -1,0 +1,156 @@
+"""A decode step under torch.compile and on a static cache: the same tokens and logits as eager and as
+the unpatched model, one graph without breaks, and the Triton decode kernel as a custom op.
+
+Compiled with backend "aot_eager" (tracing, functionalisation and the fake kernels, no code
+generation: inductor's C++ build takes ~40 s on CPU; it works, see hf_decode for the GPU numbers).
+"""
+
+import inspect
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import left_padded
+from method_cases import small_options
+
+import attnpatch
+from attnpatch.masking import key_bounds
+from attnpatch.registry import method_infos
+from attnpatch.sparsity import PageSelection
+from attnpatch.testing import tiny_model
+
+DECODE = method_infos("decode")
+STATIC_CASES = [("llama", None), ("qwen2", 8), ("qwen3", None), ("mistral", 8), ("gemma3", 8)]
+
+
+def _cache_kw(model) -> str:
+    return "cache" if "cache" in inspect.signature(model.model.forward).parameters else "past_key_values"
+
+
+@pytest.mark.parametrize("family,window", STATIC_CASES, ids=[f for f, _ in STATIC_CASES])
+@pytest.mark.parametrize("info", DECODE, ids=[m.name for m in DECODE])
+def test_static_cache_generates_like_unpatched(family, window, info):
+    """`cache_implementation="static"` under every decode method at full density: the unpatched static
+    tokens, on a left-padded batch (the keys are the whole preallocated buffer; unwritten slots masked).
+    A method that cannot run on a static cache refuses it with its reason."""
+    model = tiny_model(family, sliding_window=window)
+    ids, mask = left_padded(2, 24, [0, 5])
+    kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0, cache_implementation="static")
+    ref = model.generate(ids, **kw)
+    with attnpatch.patch_model(model, decode=info.name, **dict(small_options(info), **info.cls.full_density)) as p:
+        if info.cls.static_cache_reason is not None:
+            with pytest.raises(ValueError, match="cannot run on a static cache"):
+                model.generate(ids, **kw)
+            return
+        out = model.generate(ids, **kw)
+        stats = p.stats()
+    assert torch.equal(out, ref)
+    assert all(d["decode_calls"] == 4 for d in stats.layers)
+
+
+def test_decode_bounds_of_a_static_cache_mask():
+    """A decode step's mask row is taken as per-key validity with its written length, no analysis."""
+    valid = torch.zeros(2, 1, 1, 40, dtype=torch.bool)
+    valid[0, ..., :30] = True
+    valid[1, ..., 7:25] = True  # left padding, then unwritten slots
+    bounds = key_bounds(valid, 1, 40, None)
+    assert torch.equal(bounds.key_valid, valid[:, 0, 0]) and bounds.key_end.tolist() == [30, 25]
+    assert bounds.mask is None and bounds.key_start is None
+
+
+def test_page_lists_stop_at_the_written_length():
+    sel = PageSelection.all_pages(2, 3, 100, 16)
+    clipped = sel.clipped(torch.tensor([33, 0]))
+    assert clipped.counts.tolist() == [[3, 3, 3], [0, 0, 0]]
+    idx = torch.tensor([[[0, 2, 5, 6, 0]]], dtype=torch.int32)
+    sparse = PageSelection(idx, torch.tensor([[4]], dtype=torch.int32), 16, 112)
+    assert sparse.clipped(torch.tensor([81])).counts.tolist() == [[3]]  # pages 0, 2, 5 start below 81
+
+
+def test_compiled_decode_step_equals_eager_without_graph_breaks():
+    """A patched decode step on a static cache of Gemma 3 (a sliding and a full layer, left padding),
+    compiled with fullgraph=True (which fails on any graph break): eager's logits, and no stats kept."""
+    from transformers.cache_utils import StaticCache
+
+    model = tiny_model("gemma3", sliding_window=8)
+    ck = _cache_kw(model)
+    ids, mask = left_padded(2, 20, [0, 5])
+    full = torch.cat([mask, torch.ones(2, 3, dtype=mask.dtype)], dim=1)
+
+    def decode(step_fn):
+        cache = StaticCache(config=model.config, max_cache_len=24)
+        with torch.no_grad():
+            tok = model(ids, attention_mask=mask, **{ck: cache}).logits[:, -1:].argmax(-1)
+            logits = []
+            for i in range(3):
+                n = 21 + i
+                pos = full[:, :n].cumsum(-1)[:, -1:] - 1
+                out = step_fn(input_ids=tok, attention_mask=full[:, :n], position_ids=pos, **{ck: cache})
+                logits.append(out.logits[:, -1])
+                tok = logits[-1].argmax(-1, keepdim=True)
+        return torch.stack(logits)
+
+    with attnpatch.patch_model(model, decode="blasst", page_size=16, a=1.0) as patch:
+        eager = decode(model)
+        torch._dynamo.reset()
+        try:
+            compiled = decode(torch.compile(model, backend="eager", fullgraph=True, dynamic=False))
+        finally:
+            torch._dynamo.reset()
+        stats = patch.stats()
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
+    assert stats.layers[0]["decode_calls"] == 3  # the compiled steps keep no stats
+    assert stats.backends == {"prefill: sdpa": 4, "decode: reference": 6}
+
+
+_OP_SCRIPT = textwrap.dedent("""
+    import torch
+    import attnpatch
+    from attnpatch.backends.triton.decode_op import sparse_decode_op
+    from attnpatch.sparsity import PageSelection
+    from attnpatch.testing import tiny_model
+    from transformers.cache_utils import StaticCache
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(s, generator=g) for s in ((2, 4, 1, 16), (2, 2, 96, 16), (2, 2, 96, 16)))
+    sel = PageSelection.all_pages(2, 2, 96, 16).clipped(torch.tensor([70, 96]))
+    valid = torch.arange(96)[None, :] < torch.tensor([[70], [96]])
+    args = (q, k, v, sel.indices.contiguous(), sel.counts, 16, 0.25, -3.0, None, None, valid)
+    torch.library.opcheck(sparse_decode_op, args)
+
+    model = tiny_model("llama")
+    ck = "cache" if "cache" in __import__("inspect").signature(model.model.forward).parameters else "past_key_values"
+    ids = torch.randint(0, 256, (2, 20), generator=g)
+    with attnpatch.patch_model(model, decode="blasst", page_size=16) as patch:
+        cache = StaticCache(config=model.config, max_cache_len=24)
+        with torch.no_grad():
+            tok = model(ids, **{ck: cache}).logits[:, -1:].argmax(-1)
+            eager = model(input_ids=tok, **{ck: cache}).logits
+            for layer in cache.layers:
+                layer.cumulative_length.fill_(20)
+            graphs = []
+
+            def backend(gm, inputs):
+                graphs.append(gm)
+                return torch._dynamo.lookup_backend("aot_eager")(gm, inputs)
+
+            compiled = torch.compile(model, backend=backend, fullgraph=True)(input_ids=tok, **{ck: cache}).logits
+    ops = [str(n.target) for n in graphs[0].graph.nodes]
+    assert len(graphs) == 1 and ops.count("attnpatch.sparse_decode.default") == 2, ops
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
+    assert patch.stats().backends["decode: triton"] == 2  # the eager step ran the (interpreted) kernel
+    print("OK")
+""")
+
+
+def test_decode_kernel_custom_op_under_the_interpreter():
+    """`attnpatch::sparse_decode` passes `torch.library.opcheck`, compiles to the eager kernel's output,
+    and is what a compiled patched decode step calls (once per layer, no graph break). A subprocess,
+    since the interpreter must be on before the kernel module is imported."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(sys.path))
+    res = subprocess.run([sys.executable, "-c", _OP_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
