@@ -23,6 +23,7 @@ from attnpatch.methods.base import (
     PrefillMethod,
 )
 from attnpatch.probe import AttentionCall, Observer
+from attnpatch.sparsity import PageSelection
 from attnpatch.stats import LayerStats
 
 
@@ -89,7 +90,7 @@ def _timed_select(stats: LayerStats, method: PrefillMethod, query, key, ctx: Pre
 def _select_pages(method: DecodeMethod, query, key, ctx: DecodeContext):
     """The method's page lists, stopped at the written length of a static cache (`bounds.key_end`)."""
     pages = method.select(query, key, ctx)
-    if pages is not None and ctx.bounds.key_end is not None:
+    if isinstance(pages, PageSelection) and ctx.bounds.key_end is not None:
         pages = pages.clipped(ctx.bounds.key_end)
     return pages
 
@@ -110,6 +111,8 @@ def _compiled_decode(state: PatchState, plan: LayerPlan, module, query, key, val
     if pages is None:
         mask = _dense_mask(attention_mask, positions, key.shape[2])
         return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+    if isinstance(pages, DecodeOutput):
+        return pages.out.transpose(1, 2).contiguous(), None
     out, _ = state.backends.decode(query, key, value, pages, scale=scale, bounds=bounds, declined=[])
     return out.transpose(1, 2).contiguous(), None
 

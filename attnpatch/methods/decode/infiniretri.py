@@ -49,6 +49,9 @@ class InfiniRetri(DecodeMethod):
     """
 
     full_density: ClassVar[dict] = {}  # plain generation is dense; `read_long` is what compresses
+    static_cache_reason: ClassVar[str | None] = (
+        "infiniretri keeps a changing set of retrieved tokens per chunk, which a fixed-shape static cache "
+        "cannot hold; use the default dynamic cache (and read_long / generate_long)")
 
     budget: int = option(1024, "tokens kept between chunks", min=1)
     chunk_size: int = option(2048, "tokens read per chunk", min=8)

@@ -49,6 +49,9 @@ class Retrieval(DecodeMethod):
     """
 
     full_density: ClassVar[dict] = {"top_k": 1 << 30, "index": "exact", "n_sink": 1, "window": 2}
+    static_cache_reason: ClassVar[str | None] = (
+        "retrieval moves most of the KV cache to CPU memory after the prefill, which a fixed-shape static "
+        "cache cannot do; use the default dynamic cache")
 
     n_sink: int = option(128, "first real tokens kept on the GPU", min=0)
     window: int = option(512, "most recent prompt tokens kept on the GPU (generated tokens are all kept)", min=1)
