@@ -43,9 +43,9 @@ def _merge_into(page_min: torch.Tensor, page_max: torch.Tensor, key_states: torc
     first = page[:1]
     old_min = page_min.index_select(2, first)
     old_max = page_max.index_select(2, first)
-    inf = torch.tensor(float("inf"), dtype=page_min.dtype, device=page_min.device)
-    old_min = torch.where(continues.view(1, 1, 1, 1), old_min, inf)
-    old_max = torch.where(continues.view(1, 1, 1, 1), old_max, -inf)
+    fresh = ~continues.view(1, 1, 1, 1)  # scalar fills, no host -> device copy (capturable)
+    old_min = old_min.masked_fill(fresh, float("inf"))
+    old_max = old_max.masked_fill(fresh, float("-inf"))
     index = torch.cat([first, page]).view(1, 1, n + 1, 1).expand(b, h, n + 1, d)
     src = key_states.to(page_min.dtype)
     page_min.scatter_reduce_(2, index, torch.cat([old_min, src], 2), "amin", include_self=False)
@@ -159,6 +159,8 @@ class StaticPageBoundsLayer(StaticLayer):
             self.page_max.zero_()
 
     def crop(self, tokens_to_remove: int) -> None:
+        if not hasattr(StaticLayer, "crop"):
+            raise NotImplementedError("this transformers version's StaticLayer cannot be cropped")
         super().crop(tokens_to_remove)
         if self.page_min is not None:  # the last page may now be partial: recompute it (rare; one sync)
             n = int(self.cumulative_length)

@@ -93,6 +93,8 @@ class StaticRecycledLayer(RecycledState, StaticLayer):
         self._clear_recycled()
 
     def crop(self, tokens_to_remove: int) -> None:
+        if not hasattr(StaticLayer, "crop"):
+            raise NotImplementedError("this transformers version's StaticLayer cannot be cropped")
         super().crop(tokens_to_remove)
         length, refreshes = self.length - abs(tokens_to_remove), self.refreshes
         self._clear_recycled()
