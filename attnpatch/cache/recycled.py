@@ -65,6 +65,12 @@ class RecycledLayer(RecycledState, DynamicLayer):
         super().reorder_cache(beam_idx)
         self._reorder_recycled(beam_idx)
 
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.pages is not None:
+            self.pages = self.pages.repeat_interleave(repeats, dim=0)
+            self.counts = self.counts.repeat_interleave(repeats, dim=0)
+
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
         if self.pages is not None:

@@ -9,13 +9,16 @@ import torch
 from attnpatch.sparsity import KeyBounds, PageSelection
 
 
-def check_budget(method: str, budget: int, page_size: int, min_pages: int = 3) -> None:
-    """ValueError unless `budget` is a multiple of `page_size` of at least `min_pages` pages."""
-    low = min_pages * page_size
+def check_budget(method: str, budget: int, page_size: int, local_pages: int = 0) -> None:
+    """ValueError unless `budget` is a multiple of `page_size` holding the forced pages (sink,
+    current, `local_pages` before it) and at least one chosen page."""
+    pages = 3 + local_pages
+    low = pages * page_size
     if budget % page_size or budget < low:
+        local = f", {local_pages} local page(s)" if local_pages else ""
         raise ValueError(f"option 'budget' of decode method {method!r} must be a multiple of page_size "
-                         f"({page_size}) of at least {low} tokens ({min_pages} pages: the sink page, the current "
-                         f"page and one chosen page), e.g. {low}, {low + page_size}, ...; got {budget}")
+                         f"({page_size}) of at least {low} tokens ({pages} pages: the sink page, the current "
+                         f"page{local} and one chosen page), e.g. {low}, {low + page_size}, ...; got {budget}")
 
 
 def visible_keys(bounds: KeyBounds, batch: int, kv_len: int, device) -> torch.Tensor:

@@ -52,11 +52,12 @@ class Quest(DecodeMethod):
                          min=48, max=1 << 30)
     page_size: int = option(16, "tokens per page (one min / max per page and channel)", choices=(16, 32, 64, 128))
     group: str = option("max", "how a KV group's query heads combine their page bounds", choices=("max", "mass"))
+    local_pages: int = option(0, "pages before the current one always kept (local context)", min=0)
     dense_layers: int = option(2, "the first layers run dense (as Quest's code)", min=0)
     min_length: int = option(0, "caches shorter than this run dense", min=0)
 
     def __post_init__(self) -> None:
-        check_budget("quest", self.budget, self.page_size)
+        check_budget("quest", self.budget, self.page_size, self.local_pages)
 
     def cache_layer(self, layer_idx: int, config: Any) -> PageBoundsLayer:
         return PageBoundsLayer(self.page_size)
@@ -78,7 +79,8 @@ class Quest(DecodeMethod):
         written = torch.as_tensor(written, device=device)
         first = ctx.bounds.first_key(b, device) // ps  # [B] page of each row's first real key (sinks)
         valid = ((pages * ps < written) & (pages.view(1, n) >= first.view(b, 1))).view(b, 1, 1, n)
-        forced = (pages.view(1, n) == first.view(b, 1)) | (pages == (written - 1) // ps)
+        last = (written - 1) // ps
+        forced = (pages.view(1, n) == first.view(b, 1)) | ((pages <= last) & (pages >= last - self.local_pages))
         bound = page_upper_bounds(query, page_min[:, :, :n], page_max[:, :, :n]) * ctx.scale
         bound = bound.masked_fill(~valid, float("-inf"))
         score = bound.amax(2) if self.group == "max" else torch.softmax(bound, -1).sum(2)
