@@ -154,3 +154,16 @@ def test_streaming_keeps_a_static_cache_and_says_why(llama):
         notes = patch.stats().layers[0]["notes"]
     assert out.shape[1] == 23
     assert any("StaticLayer cache layer kept" in n and "evicts tokens" in n for n in notes)
+
+
+def test_local_pages_are_always_kept():
+    layer = _layer("dynamic")
+    _fill(layer, [150])
+    q = torch.randn(2, 4, 1, 8)
+    sel = Quest(budget=6 * PS, local_pages=2, dense_layers=0).select(
+        q, layer.keys, DecodeContext(0, 1.0, KeyBounds(), None, layer))
+    assert sel.counts.eq(6).all()
+    for pages in sel.indices.view(-1, 6).tolist():
+        assert {0, 7, 8, 9} <= set(pages)
+    with pytest.raises(ValueError, match="at least 80 tokens .*2 local page"):
+        Quest(budget=64, local_pages=2)

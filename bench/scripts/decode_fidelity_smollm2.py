@@ -35,7 +35,7 @@ from attnpatch.spec import PatchSpec
 
 DEFAULT_SPECS = [
     "dense",
-    "quest:budget=256", "quest:budget=1024", "quest:budget=256,group=mass",
+    "quest:budget=256", "quest:budget=1024", "quest:budget=256,group=max",
     "recycled:budget=256,stride=16", "recycled:budget=1024,stride=16",
 ]
 
