@@ -63,6 +63,8 @@ class LayerStats:
         The context length is the cache layer's (`get_seq_length()`: the written length of a static
         cache, every token seen by an evicting one), else the key length. Device-side, no sync.
         """
+        if selection is not None and not isinstance(selection, PageSelection):
+            return  # the method computed the step itself (a DecodeOutput): its reads are its own to report
         b, hkv, lk = key.shape[0], key.shape[1], key.shape[2]
         seen = cache_layer.get_seq_length() if hasattr(cache_layer, "get_seq_length") else lk
         if not isinstance(seen, torch.Tensor):
