@@ -161,10 +161,9 @@ def _attend(state: PatchState, module, query, key, value, attention_mask, dropou
         stats.decode_calls += 1
         stats.max_decode_keys = max(stats.max_decode_keys, lk)
         method = plan.decode
-        if method.is_dense:
-            return dense(method.name)
-        pages = _select_pages(method, query, key, DecodeContext(layer, scale, bounds, plan.sliding_window,
-                                                               cache_layer))
+        pages = None if method.is_dense else \
+            _select_pages(method, query, key, DecodeContext(layer, scale, bounds, plan.sliding_window, cache_layer))
+        stats.add_decode(pages, key, cache_layer, getattr(method, "budget", None))
         if pages is None:
             return dense(method.name)
         if isinstance(pages, DecodeOutput):  # the method computed the step itself (e.g. GPU + CPU parts)

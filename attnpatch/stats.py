@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from attnpatch.sparsity import BlockSelection, TokenSelection, causal_block_limit
+from attnpatch.sparsity import BlockSelection, PageSelection, TokenSelection, causal_block_limit
 
 
 @dataclass
@@ -28,6 +28,12 @@ class LayerStats:
     max_decode_keys: int = 0
     prefill_tiles: torch.Tensor = field(default_factory=lambda: torch.zeros(2, dtype=torch.int64))  # visited, skipped
     decode_tiles: torch.Tensor = field(default_factory=lambda: torch.zeros(2, dtype=torch.int64))
+    # Decode reads, summed over rows × KV heads × steps: (keys read, keys in the context) over every
+    # decode call (dense ones read all), and (pages read, pages in the cache) over page-selecting calls.
+    decode_keys: torch.Tensor = field(default_factory=lambda: torch.zeros(2, dtype=torch.int64))
+    decode_pages: torch.Tensor = field(default_factory=lambda: torch.zeros(2, dtype=torch.int64))
+    decode_budget: int | None = None  # the decode method's `budget` option (keys per KV head), if it has one
+    _dense_keys: list = field(default_factory=lambda: [0, 0])  # host-counted part of `decode_keys`
     select_events: list = field(default_factory=list)  # (start, end) CUDA events around `select`, resolved lazily
     select_seconds: float = 0.0  # host-timed `select` calls (CPU)
     _kept: torch.Tensor | None = None  # [H] kept block pairs (summed over batch and calls)
@@ -50,14 +56,48 @@ class LayerStats:
             self._kept += kept.to(self._kept.device)
             self._total += total.to(self._total.device)
 
-    def tile_counter(self, phase: str, device: torch.device) -> torch.Tensor:
-        """The (visited, skipped) counter an executor adds into, moved to the executor's device."""
-        name = f"{phase}_tiles"
+    def add_decode(self, selection: PageSelection | None, key: torch.Tensor, cache_layer: Any = None,
+                   budget: int | None = None) -> None:
+        """Count one decode call's reads: all keys (`selection` None: dense) or the selected pages' keys.
+
+        The context length is the cache layer's (`get_seq_length()`: the written length of a static
+        cache, every token seen by an evicting one), else the key length. Device-side, no sync.
+        """
+        if selection is not None and not isinstance(selection, PageSelection):
+            return  # the method computed the step itself (a DecodeOutput): its reads are its own to report
+        b, hkv, lk = key.shape[0], key.shape[1], key.shape[2]
+        seen = cache_layer.get_seq_length() if hasattr(cache_layer, "get_seq_length") else lk
+        if not isinstance(seen, torch.Tensor):
+            seen = seen or lk
+            if selection is None:  # host-side counts: no device work on the dense path
+                self._dense_keys[0] += min(seen, lk) * b * hkv
+                self._dense_keys[1] += seen * b * hkv
+                return
+        device = key.device
+        context = torch.as_tensor(seen, device=device)
+        keys = self._counter("decode_keys", device)
+        if selection is None:
+            keys += torch.stack([context.clamp(max=lk), context]).to(keys) * (b * hkv)
+            return
+        ps, width = selection.page_size, selection.indices.shape[-1]
+        listed = torch.arange(width, device=device) < selection.counts.unsqueeze(-1)
+        in_page = (context - selection.indices.long() * ps).clamp(0, ps)
+        read = torch.where(listed, in_page, 0).sum()
+        keys += torch.stack([read, context * (b * hkv)]).to(keys)
+        pages = self._counter("decode_pages", device)
+        pages += torch.stack([listed.sum(), (context + ps - 1) // ps * (b * hkv)]).to(pages)
+        self.decode_budget = budget
+
+    def _counter(self, name: str, device: torch.device) -> torch.Tensor:
         counter = getattr(self, name)
         if counter.device != device:
             counter = counter.to(device)
             setattr(self, name, counter)
         return counter
+
+    def tile_counter(self, phase: str, device: torch.device) -> torch.Tensor:
+        """The (visited, skipped) counter an executor adds into, moved to the executor's device."""
+        return self._counter(f"{phase}_tiles", device)
 
     def select_ms(self) -> float:
         """Time spent deciding what to compute (the method's `select`: estimate + selection), in ms;
@@ -72,6 +112,8 @@ class LayerStats:
         per_head = None if self._kept is None else (self._kept / self._total).tolist()
         pv, ps = (int(x) for x in self.prefill_tiles.tolist())
         dv, ds = (int(x) for x in self.decode_tiles.tolist())
+        keys_read, keys_total = (int(x) + h for x, h in zip(self.decode_keys.tolist(), self._dense_keys, strict=True))
+        pages_read, pages_total = (int(x) for x in self.decode_pages.tolist())
         return {
             "layer": self.layer,
             "prefill_method": self.prefill_method,
@@ -92,6 +134,12 @@ class LayerStats:
             "visited_tiles": pv,
             "skipped_fraction": ps / pv if pv else None,
             "decode_skipped_fraction": ds / dv if dv else None,
+            "decode_density": keys_read / keys_total if keys_total else None,
+            "decode_keys_read": keys_read,
+            "decode_keys_total": keys_total,
+            "decode_pages_read": pages_read,
+            "decode_pages_total": pages_total,
+            "decode_budget": self.decode_budget,
             "notes": list(self.notes),
         }
 
@@ -108,6 +156,13 @@ class PatchStats:
         kept = sum(d["kept_blocks"] or 0 for d in self.layers)
         total = sum(d["total_blocks"] or 0 for d in self.layers)
         return kept / total if total else None
+
+    @property
+    def decode_density(self) -> float | None:
+        """Decode keys read / keys in the context over all layers, rows, KV heads and steps (dense
+        decode calls read every key)."""
+        total = sum(d["decode_keys_total"] for d in self.layers)
+        return sum(d["decode_keys_read"] for d in self.layers) / total if total else None
 
     @property
     def skipped_fraction(self) -> float | None:
@@ -145,5 +200,6 @@ class PatchStats:
 
     def to_dict(self) -> dict[str, Any]:
         return {"density": self.density, "skipped_fraction": self.skipped_fraction, "select_ms": self.select_ms,
+                "decode_density": self.decode_density,
                 "dense_fallbacks": self.dense_fallbacks, "backends": self.backends,
                 "backend_declined": self.backend_declined, "layers": self.layers}

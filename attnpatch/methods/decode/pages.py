@@ -1,0 +1,53 @@
+"""Page-list helpers the page-selecting decode methods share (Quest, Recycled Attention): budget
+checks, the keys a decode query may see, and turning per-page scores into a fixed-size
+`PageSelection` with tensor ops only (no host sync, no loop over heads or pages)."""
+
+from __future__ import annotations
+
+import torch
+
+from attnpatch.sparsity import KeyBounds, PageSelection
+
+
+def check_budget(method: str, budget: int, page_size: int, local_pages: int = 0) -> None:
+    """ValueError unless `budget` is a multiple of `page_size` holding the forced pages (sink,
+    current, `local_pages` before it) and at least one chosen page."""
+    pages = 3 + local_pages
+    low = pages * page_size
+    if budget % page_size or budget < low:
+        local = f", {local_pages} local page(s)" if local_pages else ""
+        raise ValueError(f"option 'budget' of decode method {method!r} must be a multiple of page_size "
+                         f"({page_size}) of at least {low} tokens ({pages} pages: the sink page, the current "
+                         f"page{local} and one chosen page), e.g. {low}, {low + page_size}, ...; got {budget}")
+
+
+def visible_keys(bounds: KeyBounds, batch: int, kv_len: int, device) -> torch.Tensor:
+    """`[B, kv_len]` bool: the keys the decode query (position `kv_len - 1`) may see."""
+    if bounds.mask is not None:
+        return bounds.mask[:, 0, -1, :].to(device).expand(batch, kv_len)
+    kpos = torch.arange(kv_len, device=device).view(1, kv_len)
+    return bounds.visible(torch.tensor(kv_len - 1, device=device), kpos, batch).expand(batch, kv_len)
+
+
+def compact(pages: torch.Tensor, ok: torch.Tensor, n_pages: int, kv_len: int, page_size: int) -> PageSelection:
+    """A PageSelection from candidate page numbers `pages` `[B, Hkv, P]` (long) of which `ok` are
+    wanted: duplicates and unwanted entries dropped, the rest ascending first; width stays `P`."""
+    width = pages.shape[-1]
+    key = torch.where(ok, pages, n_pages).sort(-1).values
+    dup = torch.zeros_like(ok)
+    dup[..., 1:] = key[..., 1:] == key[..., :-1]
+    good = (key < n_pages) & ~dup
+    order = torch.where(good, key, n_pages + torch.arange(width, device=key.device)).sort(-1).values
+    indices = torch.where(order < n_pages, order, 0).to(torch.int32)
+    return PageSelection(indices, good.sum(-1, dtype=torch.int32), page_size, kv_len)
+
+
+def top_pages(score: torch.Tensor, k: int, valid: torch.Tensor, forced: torch.Tensor, kv_len: int,
+              page_size: int) -> PageSelection:
+    """The `k` best pages per (row, KV head) by `score` `[B, Hkv, n]` among `valid` ones, `forced`
+    ones always in (both broadcast to the score); fewer when fewer are valid."""
+    n = score.shape[-1]
+    big = torch.finfo(score.dtype).max
+    score = torch.where(forced & valid, big, torch.where(valid, score, float("-inf")))
+    vals, idx = score.topk(k, dim=-1)
+    return compact(idx, vals > float("-inf"), n, kv_len, page_size)
