@@ -244,6 +244,9 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         raise ValueError(f"--method {args.method!r} cannot be calibrated; calibratable: "
                          f"{', '.join(calibratable_methods())}")
     options = _parse_options(args.option or [])
+    if args.hess or args.density is not None:
+        _calibrate_hess(args, options)
+        return
     model, tok = load(args.model)
     profile = calibrate(model, tok, args.method, target_error=args.target_error, data=args.data,
                         samples=args.samples, lengths=_ints(args.lengths, "--lengths"), options=options,
@@ -253,6 +256,33 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     a = profile.meta["achieved"]
     print(f"wrote {args.out}: {args.method} calibrated in {profile.meta['seconds']} s; mean output error "
           f"{a['error']:.4f} (target {args.target_error}), mean density {a['density']:.3f}")
+
+
+def _calibrate_hess(args: argparse.Namespace, options: dict) -> None:
+    """`attnpatch calibrate --hess --density D`: HeSS budgets (and, with --uniform-out, the uniform baseline)."""
+    from attnpatch.calibrate.hess import hess_measure
+    from attnpatch.models import load
+
+    if not args.hess or args.density is None:
+        raise ValueError("--hess and --density go together: --hess --density D redistributes an average density D "
+                         "(in (0, 1]) across heads")
+    if not 0 < args.density <= 1:
+        raise ValueError(f"--density is the average share of causal block pairs kept, in (0, 1]; got {args.density}")
+    model, tok = load(args.model)
+    cal = hess_measure(model, tok, args.method, data=args.data, samples=args.samples,
+                       lengths=_ints(args.lengths, "--lengths"), options=options, grid=args.grid, form=args.form)
+    command = "attnpatch " + " ".join(args.argv)
+    profile = cal.redistribute(args.density, scope=args.scope, name=args.name)
+    profile.meta["command"] = command
+    profile.save(args.out)
+    print(f"wrote {args.out}: HeSS {args.method} in {profile.meta['seconds']} s; mean density "
+          f"{profile.meta['achieved']['density']:.3f} (target {args.density}) on the calibration prompts")
+    if args.uniform_out:
+        uniform = cal.uniform(args.density)
+        uniform.meta["command"] = command
+        uniform.save(args.uniform_out)
+        print(f"wrote {args.uniform_out}: uniform {cal.knob.option}={uniform.meta['value']:.6g}, mean density "
+              f"{uniform.meta['achieved']['density']:.3f}")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -399,6 +429,18 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--steps", type=int, default=8, help="bisection steps per layer")
     ca.add_argument("-o", "--option", action="append", metavar="KEY=VALUE",
                     help="fix one of the method's other options (repeatable), e.g. block_size=64")
+    hs = ca.add_argument_group("HeSS budgets", "--hess --density D: per-head sensitivity (LM-loss gradient × "
+                               "sparsification error, one backward pass per prompt) and the knob redistributed "
+                               "across heads at average density D; --target-error and --steps do not apply")
+    hs.add_argument("--hess", action="store_true", help="HeSS redistribution instead of the error-target search")
+    hs.add_argument("--density", type=float, default=None, help="average density (share of causal block pairs kept)")
+    hs.add_argument("--grid", type=int, default=16, help="knob values evaluated per head")
+    hs.add_argument("--form", default="fisher", choices=("fisher", "diagonal"),
+                    help="Fisher ½Σ(g·e)² or its diagonal ½Σg²e²")
+    hs.add_argument("--scope", default="model", choices=("model", "layer"),
+                    help="the average density holds over the whole model or in every layer")
+    hs.add_argument("--uniform-out", default=None, metavar="PATH",
+                    help="also write the uniform baseline (one knob value, same average density)")
     ca.add_argument("--name", default="", help="profile name (default: METHOD-errTARGET)")
     ca.add_argument("--out", default="profile.json", help="profile JSON file to write")
     ca.set_defaults(func=cmd_calibrate)
