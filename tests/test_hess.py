@@ -160,11 +160,11 @@ def _reachable(cal) -> tuple[float, float]:
 @pytest.mark.parametrize("method", calibratable_methods())
 def test_hess_and_uniform_profiles_meet_the_density_and_patch(measured, data, method, tmp_path):
     model = measured
-    cal = hess_measure(model, _Tok(), method, data=data, samples=2, lengths=(128,), options=_options(method),
+    cal = hess_measure(model, _Tok(), method, data=data, samples=2, lengths=(192,), options=_options(method),
                        grid=5, progress=False)
     lo, hi = _reachable(cal)
     if hi - lo < 0.05:
-        pytest.skip(f"{method} keeps (almost) every key of 128-token prompts at every knob value")
+        pytest.skip(f"{method} keeps (almost) every key of 192-token prompts at every knob value")
     target = lo + 0.5 * (hi - lo)
     profile = cal.redistribute(target)
     hq = model.config.num_attention_heads

@@ -118,9 +118,12 @@ def _prompt_terms(layer: LayerInputs, i: int, grad: torch.Tensor, kept: list[Kep
             kend = min(lk, lk - lq + r1)  # causal: no row of the chunk sees past this key
             cols = num_blocks(kend, bk) if bk else 0
             klen = min(lk, cols * bk) if bk else kend
-            s = torch.matmul(qb[:, r0:r1].view(hkv, grp, r1 - r0, d), kb[:, None, :klen].transpose(-1, -2)) * layer.scale
-            allowed = _visible(bounds, b, batch, r0, r1, lq, lk, klen, q.device)
-            p = torch.softmax(s.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0)  # [Hkv, G, rows, klen]
+            s = torch.matmul(qb[:, r0:r1].view(hkv, grp, r1 - r0, d), kb[:, None, :klen].transpose(-1, -2))
+            s.mul_(layer.scale).masked_fill_(~_visible(bounds, b, batch, r0, r1, lq, lk, klen, q.device), float("-inf"))
+            p = torch.softmax(s, -1)  # [Hkv, G, rows, klen]
+            del s
+            if not bounds.is_plain:  # rows that see no key (padding)
+                p.nan_to_num_(0.0)
             out = torch.matmul(p, vb[:, None, :klen]).view(hq, r1 - r0, d)
             p = p.view(hq, r1 - r0, klen)
             g = grad[b, :, r0:r1].float()
@@ -129,7 +132,7 @@ def _prompt_terms(layer: LayerInputs, i: int, grad: torch.Tensor, kept: list[Kep
             ref2 = (out * out).sum((-1, -2))
             pad = cols * bk - klen if bk else 0
             if bk:
-                pk = torch.nn.functional.pad(p, (0, pad)).view(hq, r1 - r0, cols, bk)
+                pk = (torch.nn.functional.pad(p, (0, pad)) if pad else p).view(hq, r1 - r0, cols, bk)
                 vk = torch.nn.functional.pad(vb[:, :klen], (0, 0, 0, pad)).view(hkv, 1, cols, bk, d)
                 block_out = torch.matmul(pk.view(hkv, grp, r1 - r0, cols, bk).transpose(2, 3), vk)  # [Hkv, G, cols, rows, D]
                 block_out = block_out.transpose(2, 3).reshape(hq, r1 - r0, cols, d)
