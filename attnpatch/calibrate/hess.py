@@ -111,8 +111,13 @@ class HessCalibration:
         if scope == "model":
             pick = allocate(dens, cost, density)
         else:
-            pick = torch.cat([allocate(dens[n * hq:(n + 1) * hq], cost[n * hq:(n + 1) * hq], density)
-                              for n in range(len(ids))])
+            picks = []
+            for n, i in enumerate(ids):
+                try:
+                    picks.append(allocate(dens[n * hq:(n + 1) * hq], cost[n * hq:(n + 1) * hq], density))
+                except ValueError as e:
+                    raise ValueError(f"layer {i}: {e}; scope='model' shares the budget across layers") from None
+            pick = torch.cat(picks)
         rows = torch.arange(len(pick))
         got_d, got_c = dens[rows, pick], cost[rows, pick]
         values = {i: [self.values[int(g)] for g in pick[n * hq:(n + 1) * hq]] for n, i in enumerate(ids)}

@@ -6,7 +6,8 @@ HeSS (knob redistributed per head) and uniform (one knob value for every head, b
 density). Both are measured on held-out prompts: fidelity (attention recall, output relative error,
 density; `attnpatch.eval.fidelity.measure`, reference backend) on `--samples` passkey prompts with seeds
 2000+i, and passkey accuracy (the suite's passkey task, seeds 1000+i, `--samples` prompts) with the
-patch's own prefill density. Dense passkey accuracy is the reference.
+patch's own prefill density over those tasks, and the perplexity of one Pride and Prejudice window
+(the suite's task). Dense passkey accuracy and perplexity are the reference.
 
     python bench/scripts/hess_vs_uniform.py --model smollm2 --length 4096 --samples 2 \\
         --methods xattention flexprefill -o xattention.block_size=64 -o flexprefill.block_size=64 \\
@@ -32,9 +33,11 @@ from attnpatch.eval.fidelity import measure
 from attnpatch.eval.passkey import passkey_sample
 from attnpatch.eval.suite import RunSpec, run_one
 from attnpatch.models import load, resolve
+from attnpatch.profile import Profile
 from attnpatch.spec import PatchSpec
 
 FIDELITY_SEED = 2000
+TASKS = ["passkey", "perplexity"]
 
 
 def _options(items: list[str], methods: list[str]) -> dict[str, dict[str, str]]:
@@ -49,7 +52,8 @@ def _options(items: list[str], methods: list[str]) -> dict[str, dict[str, str]]:
 
 
 def _heldout(model, tok, spec: PatchSpec, length: int, samples: int, model_name: str) -> dict:
-    """Fidelity on `samples` passkey prompts (seeds 2000+i) and passkey accuracy (seeds 1000+i)."""
+    """Fidelity on `samples` passkey prompts (seeds 2000+i), passkey accuracy (seeds 1000+i) and the
+    perplexity of one Pride and Prejudice window (the suite's tasks)."""
     fid = []
     for i in range(samples):
         text = passkey_sample(tok, target_tokens=length - 16, depth=(i + 0.5) / samples, seed=FIDELITY_SEED + i).prompt
@@ -57,10 +61,10 @@ def _heldout(model, tok, spec: PatchSpec, length: int, samples: int, model_name:
         report, _ = measure(model, ids, spec)
         fid.append(report.summary())
     out = {k: sum(f[k] for f in fid) / len(fid) for k in fid[0]}
-    run = run_one(model, tok, RunSpec(spec, length), ["passkey"], samples, model_name, resolve(model_name),
+    run = run_one(model, tok, RunSpec(spec, length), TASKS, samples, model_name, resolve(model_name),
                   measure_fidelity=False)
-    out["passkey"] = run["scores"]["passkey"]
-    out["passkey_prefill_density"] = run["density"]
+    out.update(run["scores"])
+    out["prefill_density"] = run["density"]
     return out
 
 
@@ -76,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--form", default="fisher", choices=("fisher", "diagonal"))
     p.add_argument("-o", "--option", action="append", default=[], metavar="METHOD.KEY=VALUE")
     p.add_argument("--out", default="bench/results/calibration/hess_smollm2")
+    p.add_argument("--reuse", action="store_true",
+                   help="evaluate the profiles already in OUT/profiles (from an earlier run) instead of calibrating")
     args = p.parse_args(argv)
     options = _options(args.option, args.methods)
     out_dir = Path(args.out)
@@ -83,17 +89,23 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     model, tok = load(args.model)
     calibration_ids(tok, "text", args.calib_samples, args.length)  # fail early if the text is too short
-    dense = run_one(model, tok, RunSpec(PatchSpec.build("dense"), args.length), ["passkey"], args.samples,
+    dense = run_one(model, tok, RunSpec(PatchSpec.build("dense"), args.length), TASKS, args.samples,
                     args.model, resolve(args.model), measure_fidelity=False)
     results: dict = {}
     for method in args.methods:
-        cal = hess_measure(model, tok, method, samples=args.calib_samples, lengths=(args.length,),
-                           options=options[method], grid=args.grid, form=args.form)
+        paths = {kind: out_dir / "profiles" / f"{method}-{kind}-d{args.density:g}.json" for kind in ("hess", "uniform")}
+        if args.reuse and all(p.is_file() for p in paths.values()):
+            profiles = {kind: Profile.load(path) for kind, path in paths.items()}
+        else:
+            cal = hess_measure(model, tok, method, samples=args.calib_samples, lengths=(args.length,),
+                               options=options[method], grid=args.grid, form=args.form)
+            profiles = {"hess": cal.redistribute(args.density), "uniform": cal.uniform(args.density)}
+            for kind, profile in profiles.items():
+                profile.meta["command"] = "python bench/scripts/hess_vs_uniform.py " + " ".join(argv or sys.argv[1:])
+                profile.save(paths[kind])
         row = {}
-        for kind, profile in (("hess", cal.redistribute(args.density)), ("uniform", cal.uniform(args.density))):
-            path = out_dir / "profiles" / f"{method}-{kind}-d{args.density:g}.json"
-            profile.meta["command"] = "python bench/scripts/hess_vs_uniform.py " + " ".join(argv or sys.argv[1:])
-            profile.save(path)
+        for kind, profile in profiles.items():
+            path = paths[kind]
             spec = PatchSpec.build(method, profile=profile)
             row[kind] = {"calibration": {**profile.meta["achieved"], "seconds": profile.meta["seconds"]},
                          "heldout": _heldout(model, tok, spec, args.length, args.samples, args.model),
@@ -109,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                             "grid": args.grid, "options": options},
             "heldout": {"samples": args.samples, "fidelity": f"passkey prompts, seeds {FIDELITY_SEED}+i",
                         "passkey": "suite passkey, seeds 1000+i"},
-            "dense": {"passkey": dense["scores"]["passkey"]}, "methods": results,
+            "dense": dense["scores"], "methods": results,
             "seconds": round(time.time() - start, 1), "device": str(model.device), "dtype": str(model.dtype),
             "machine": platform.processor() or platform.machine(), "torch": torch.__version__}
     (out_dir / "hess_vs_uniform.json").write_text(json.dumps(data, indent=1))
@@ -117,17 +129,18 @@ def main(argv: list[str] | None = None) -> int:
              f"Command: `{data['command']}`", "",
              f"Calibration: {args.calib_samples} Austen prompt(s), grid {args.grid}, form {args.form}; held out: "
              f"{args.samples} passkey prompt(s) for fidelity (seeds {FIDELITY_SEED}+i) and {args.samples} for passkey "
-             f"accuracy (seeds 1000+i). Dense passkey: {dense['scores']['passkey']:.2f}. {data['device']}, "
+             f"accuracy (seeds 1000+i), perplexity of one Pride and Prejudice window. Dense: passkey "
+             f"{dense['scores']['passkey']:.2f}, perplexity {dense['scores']['perplexity']:.3f}. {data['device']}, "
              f"{data['dtype']}, {data['seconds']} s.", "",
              "| method | budgets | density (calib) | predicted ΔL (calib) | density (held out) | recall | output error "
-             "| passkey | passkey prefill density |", "|---|---|---|---|---|---|---|---|---|"]
+             "| passkey | perplexity | prefill density (tasks) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for method, row in results.items():
         for kind, r in row.items():
             c, h = r["calibration"], r["heldout"]
             label = kind if kind == "hess" else f"uniform ({r['value']:.4g})"
             lines.append(f"| {method} | {label} | {c['density']:.3f} | {c['predicted_cost']:.3g} | {h['density']:.3f} | "
-                         f"{h['recall']:.4f} | {h['rel_error']:.4f} | {h['passkey']:.2f} | "
-                         f"{h['passkey_prefill_density']:.3f} |")
+                         f"{h['recall']:.4f} | {h['rel_error']:.4f} | {h['passkey']:.2f} | {h['perplexity']:.3f} | "
+                         f"{h['prefill_density']:.3f} |")
     (out_dir / "README.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
