@@ -246,6 +246,9 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         raise ValueError(f"--method {args.method!r} cannot be calibrated; calibratable: "
                          f"{', '.join(calibratable_methods())}")
     options = _parse_options(args.option or [])
+    if args.hess:
+        _calibrate_hess(args, options)
+        return
     target = _calibration_target(args)
     model, tok = load(args.model)
     profile = calibrate(model, tok, args.method, target=target, data=args.data,
@@ -305,6 +308,35 @@ def _add_run_parser(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--limit", type=int, default=None, help="samples per task (default: the recipe's eval.limit)")
     r.add_argument("--check", action="store_true", help="parse and validate the recipe only; load nothing")
     r.set_defaults(func=cmd_run)
+
+
+def _calibrate_hess(args: argparse.Namespace, options: dict) -> None:
+    """`attnpatch calibrate --hess --target-density D`: HeSS budgets (and, with --uniform-out, the uniform
+    baseline)."""
+    from attnpatch.calibrate.hess import hess_measure
+    from attnpatch.models import load
+
+    density = args.target_density
+    if density is None or args.target_error is not None or args.accuracy_floor is not None:
+        raise ValueError("--hess takes its target as --target-density D: an average density D (in (0, 1]) "
+                         "redistributed across heads; --target-error and --accuracy-floor do not apply")
+    if not 0 < density <= 1:
+        raise ValueError(f"--target-density is the average share of causal block pairs kept, in (0, 1]; got {density}")
+    model, tok = load(args.model)
+    cal = hess_measure(model, tok, args.method, data=args.data, samples=args.samples,
+                       lengths=_ints(args.lengths, "--lengths"), options=options, grid=args.grid, form=args.form)
+    command = "attnpatch " + " ".join(args.argv)
+    profile = cal.redistribute(density, scope=args.scope, name=args.name)
+    profile.meta["command"] = command
+    profile.save(args.out)
+    print(f"wrote {args.out}: HeSS {args.method} in {profile.meta['seconds']} s; mean density "
+          f"{profile.meta['achieved']['density']:.3f} (target {density}) on the calibration prompts")
+    if args.uniform_out:
+        uniform = cal.uniform(density)
+        uniform.meta["command"] = command
+        uniform.save(args.uniform_out)
+        print(f"wrote {args.uniform_out}: uniform {cal.knob.option}={uniform.meta['value']:.6g}, mean density "
+              f"{uniform.meta['achieved']['density']:.3f}")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -452,6 +484,17 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--steps", type=int, default=8, help="bisection steps per layer")
     ca.add_argument("-o", "--option", action="append", metavar="KEY=VALUE",
                     help="fix one of the method's other options (repeatable), e.g. block_size=64")
+    hs = ca.add_argument_group("HeSS budgets", "--hess --target-density D: per-head sensitivity (LM-loss gradient × "
+                               "sparsification error, one backward pass per prompt) and the knob redistributed "
+                               "across heads at average density D; --target-error and --steps do not apply")
+    hs.add_argument("--hess", action="store_true", help="HeSS redistribution instead of the error-target search")
+    hs.add_argument("--grid", type=int, default=16, help="knob values evaluated per head")
+    hs.add_argument("--form", default="fisher", choices=("fisher", "diagonal"),
+                    help="Fisher ½Σ(g·e)² or its diagonal ½Σg²e²")
+    hs.add_argument("--scope", default="model", choices=("model", "layer"),
+                    help="the average density holds over the whole model or in every layer")
+    hs.add_argument("--uniform-out", default=None, metavar="PATH",
+                    help="also write the uniform baseline (one knob value, same average density)")
     ca.add_argument("--name", default="", help="profile name (default: METHOD-errTARGET)")
     ca.add_argument("--out", default="profile.json", help="profile JSON file to write")
     ca.set_defaults(func=cmd_calibrate)

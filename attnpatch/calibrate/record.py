@@ -3,11 +3,13 @@ forward per prompt serves every head of every layer."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from attnpatch.api import patch_model
+from attnpatch.probe import AttentionCall
 from attnpatch.sparsity import KeyBounds
 
 
@@ -24,14 +26,13 @@ class LayerInputs:
     bounds: list[KeyBounds] = field(default_factory=list)
 
 
-def record_layers(model, prompts: list[torch.Tensor], keep_window_layers: bool = False) -> dict[int, LayerInputs]:
-    """`{layer: LayerInputs}` from one dense forward per prompt (no LM head). Sliding-window layers
-    whose window does not cover the prompt are left out unless `keep_window_layers` (methods do not
-    run there)."""
-    layers: dict[int, LayerInputs] = {}
+def recorder(layers: dict[int, LayerInputs], keep_window_layers: bool = False,
+             active: Callable[[], bool] = lambda: True) -> Callable[[AttentionCall], None]:
+    """A probe observer that appends every prefill call's Q/K/V (detached) to `layers` while `active()`
+    (sliding-window layers whose window does not cover the prompt left out unless `keep_window_layers`)."""
 
-    def keep(call):
-        if call.phase != "prefill":
+    def keep(call: AttentionCall) -> None:
+        if call.phase != "prefill" or not active():
             return
         window = call.bounds.window
         if window is not None and window < call.key.shape[2] and not keep_window_layers:
@@ -42,8 +43,16 @@ def record_layers(model, prompts: list[torch.Tensor], keep_window_layers: bool =
         rec.value.append(call.value.detach())
         rec.bounds.append(call.bounds)
 
+    return keep
+
+
+def record_layers(model, prompts: list[torch.Tensor], keep_window_layers: bool = False) -> dict[int, LayerInputs]:
+    """`{layer: LayerInputs}` from one dense forward per prompt (no LM head). Sliding-window layers
+    whose window does not cover the prompt are left out unless `keep_window_layers` (methods do not
+    run there)."""
+    layers: dict[int, LayerInputs] = {}
     with torch.no_grad(), patch_model(model, "dense") as patch:
-        patch.observe(keep)
+        patch.observe(recorder(layers, keep_window_layers))
         for ids in prompts:
             model.get_decoder()(input_ids=ids.to(model.device), use_cache=False)
     return dict(sorted(layers.items()))

@@ -78,6 +78,29 @@ def true_block_mass(query, key, scale, block_q, block_k, mask=None) -> torch.Ten
     return out / counts.view(1, 1, r, 1)
 
 
+def computed_block_mask(selection: BlockSelection, skipped: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean `[B, H, R, C]`: the selection's blocks less the slots `skipped` (`[B, H, R, K]`, from an
+    executor's `skipped_out`) marks as skipped at run time (BLASST)."""
+    computed = selection.to_block_mask()
+    if skipped is not None:
+        c = computed.shape[-1]
+        idx = torch.where(skipped, selection.indices.long(), c)
+        drop = torch.zeros(*computed.shape[:-1], c + 1, dtype=torch.bool, device=computed.device)
+        drop.scatter_(-1, idx, True)
+        computed = computed & ~drop[..., :c]
+    return computed
+
+
+def listed_key_mask(selection: TokenSelection) -> torch.Tensor:
+    """Boolean `[B, H, R, Lk]`: the keys a token selection lists for each query block."""
+    b, hq, r, kmax = selection.indices.shape
+    lk = selection.kv_len
+    listed = torch.arange(kmax, device=selection.indices.device) < selection.counts.unsqueeze(-1)
+    chosen = torch.zeros(b, hq, r, lk + 1, dtype=torch.bool, device=selection.indices.device)
+    chosen.scatter_(-1, torch.where(listed, selection.indices.long(), lk), True)
+    return chosen[..., :lk]
+
+
 def layer_fidelity(layer, query, key, value, selection: BlockSelection, mask, scale):
     """Per-head fidelity of one sparse call, plus the computed-block and true-mass maps of batch 0."""
     b, hq, lq, _ = query.shape
@@ -87,13 +110,7 @@ def layer_fidelity(layer, query, key, value, selection: BlockSelection, mask, sc
     sparse = block_sparse_attention(query.float(), key.float(), value.float(), selection, scale=scale, mask=mask,
                                     skipped_out=skipped)
     dense = exact_attention(query, key, value, scale, mask)
-    computed = selection.to_block_mask()
-    if skipped is not None:  # remove skipped slots from the computed blocks
-        c = computed.shape[-1]
-        idx = torch.where(skipped, selection.indices.long(), c)
-        drop = torch.zeros(*computed.shape[:-1], c + 1, dtype=torch.bool, device=computed.device)
-        drop.scatter_(-1, idx, True)
-        computed = computed & ~drop[..., :c]
+    computed = computed_block_mask(selection, skipped)
     mass = true_block_mass(query, key, scale, selection.block_q, selection.block_k, mask)
     rows = torch.bincount(torch.arange(lq, device=query.device) // selection.block_q,
                           minlength=computed.shape[2]).float()
@@ -111,11 +128,7 @@ def true_token_recall(query, key, scale, selection: TokenSelection, mask=None) -
     query block (row chunks of `_ROW_CHUNK × Lk` scores per head, as `true_block_mass`)."""
     b, hq, lq, _ = query.shape
     hkv, lk = key.shape[1], key.shape[2]
-    r, kmax = selection.counts.shape[-1], selection.indices.shape[-1]
-    listed = torch.arange(kmax, device=query.device) < selection.counts.unsqueeze(-1)
-    chosen = torch.zeros(b, hq, r, lk + 1, dtype=torch.bool, device=query.device)
-    chosen.scatter_(-1, torch.where(listed, selection.indices.long(), lk), True)
-    chosen = chosen[..., :lk]
+    chosen = listed_key_mask(selection)
     kf = key.float().repeat_interleave(hq // hkv, 1)
     kpos = torch.arange(lk, device=query.device)
     total = torch.zeros(b, hq, dtype=torch.float64, device=query.device)

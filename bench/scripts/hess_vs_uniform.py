@@ -1,0 +1,150 @@
+"""HeSS-redistributed vs uniform per-head budgets at equal average density (issue 11, methods.md §4).
+
+For each method: one HeSS measurement on calibration prompts (Austen novels the suite does not use,
+`--calib-samples` of `--length` tokens), then two profiles at the same average density `--density`:
+HeSS (knob redistributed per head) and uniform (one knob value for every head, bisected to the same
+density). Both are measured on held-out prompts: fidelity (attention recall, output relative error,
+density; `attnpatch.eval.fidelity.measure`, reference backend) on `--samples` passkey prompts with seeds
+2000+i, and passkey accuracy (the suite's passkey task, seeds 1000+i, `--samples` prompts) with the
+patch's own prefill density over those tasks, and the perplexity of one Pride and Prejudice window
+(the suite's task). Dense passkey accuracy and perplexity are the reference.
+
+    python bench/scripts/hess_vs_uniform.py --model smollm2 --length 4096 --samples 2 \\
+        --methods xattention flexprefill -o xattention.block_size=64 -o flexprefill.block_size=64 \\
+        --out bench/results/calibration/hess_smollm2
+
+Writes OUT/hess_vs_uniform.json, OUT/README.md (table + command) and OUT/profiles/*.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from attnpatch.calibrate.data import calibration_ids
+from attnpatch.calibrate.hess import hess_measure
+from attnpatch.eval.fidelity import measure
+from attnpatch.eval.passkey import passkey_sample
+from attnpatch.eval.suite import RunSpec, run_one
+from attnpatch.models import load, resolve
+from attnpatch.profile import Profile
+from attnpatch.spec import PatchSpec
+
+FIDELITY_SEED = 2000
+TASKS = ["passkey", "perplexity"]
+
+
+def _options(items: list[str], methods: list[str]) -> dict[str, dict[str, str]]:
+    out: dict[str, dict[str, str]] = {m: {} for m in methods}
+    for item in items:
+        key, _, value = item.partition("=")
+        method, _, name = key.partition(".")
+        if not value or not name or method not in out:
+            raise SystemExit(f"-o takes METHOD.KEY=VALUE for one of {methods}, got {item!r}")
+        out[method][name] = value
+    return out
+
+
+def _heldout(model, tok, spec: PatchSpec, length: int, samples: int, model_name: str) -> dict:
+    """Fidelity on `samples` passkey prompts (seeds 2000+i), passkey accuracy (seeds 1000+i) and the
+    perplexity of one Pride and Prejudice window (the suite's tasks)."""
+    fid = []
+    for i in range(samples):
+        text = passkey_sample(tok, target_tokens=length - 16, depth=(i + 0.5) / samples, seed=FIDELITY_SEED + i).prompt
+        ids = tok(text, return_tensors="pt").input_ids[:, -length:]
+        report, _ = measure(model, ids, spec)
+        fid.append(report.summary())
+    out = {k: sum(f[k] for f in fid) / len(fid) for k in fid[0]}
+    run = run_one(model, tok, RunSpec(spec, length), TASKS, samples, model_name, resolve(model_name),
+                  measure_fidelity=False)
+    out.update(run["scores"])
+    out["prefill_density"] = run["density"]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--length", type=int, default=4096)
+    p.add_argument("--samples", type=int, default=2, help="held-out prompts (fidelity and passkey each)")
+    p.add_argument("--calib-samples", type=int, default=1, help="calibration prompts")
+    p.add_argument("--methods", nargs="+", default=["xattention", "flexprefill"])
+    p.add_argument("--density", type=float, default=0.35, help="average density of both profiles")
+    p.add_argument("--grid", type=int, default=12, help="knob values per head for HeSS")
+    p.add_argument("--form", default="fisher", choices=("fisher", "diagonal"))
+    p.add_argument("-o", "--option", action="append", default=[], metavar="METHOD.KEY=VALUE")
+    p.add_argument("--out", default="bench/results/calibration/hess_smollm2")
+    p.add_argument("--reuse", action="store_true",
+                   help="evaluate the profiles already in OUT/profiles (from an earlier run) instead of calibrating")
+    args = p.parse_args(argv)
+    options = _options(args.option, args.methods)
+    out_dir = Path(args.out)
+    (out_dir / "profiles").mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    model, tok = load(args.model)
+    calibration_ids(tok, "text", args.calib_samples, args.length)  # fail early if the text is too short
+    dense = run_one(model, tok, RunSpec(PatchSpec.build("dense"), args.length), TASKS, args.samples,
+                    args.model, resolve(args.model), measure_fidelity=False)
+    results: dict = {}
+    for method in args.methods:
+        paths = {kind: out_dir / "profiles" / f"{method}-{kind}-d{args.density:g}.json" for kind in ("hess", "uniform")}
+        if args.reuse and all(p.is_file() for p in paths.values()):
+            profiles = {kind: Profile.load(path) for kind, path in paths.items()}
+        else:
+            cal = hess_measure(model, tok, method, samples=args.calib_samples, lengths=(args.length,),
+                               options=options[method], grid=args.grid, form=args.form)
+            profiles = {"hess": cal.redistribute(args.density), "uniform": cal.uniform(args.density)}
+            for kind, profile in profiles.items():
+                profile.meta["command"] = "python bench/scripts/hess_vs_uniform.py " + " ".join(argv or sys.argv[1:])
+                profile.save(paths[kind])
+        row = {}
+        for kind, profile in profiles.items():
+            path = paths[kind]
+            spec = PatchSpec.build(method, profile=profile)
+            row[kind] = {"calibration": {**profile.meta["achieved"], "seconds": profile.meta["seconds"]},
+                         "heldout": _heldout(model, tok, spec, args.length, args.samples, args.model),
+                         "profile": str(path)}
+            if kind == "uniform":
+                row[kind]["value"] = profile.meta["value"]
+            print(method, kind, json.dumps(row[kind]), flush=True)
+        results[method] = row
+    data = {"what": "HeSS-redistributed vs uniform per-head budgets at equal average density",
+            "command": "python bench/scripts/hess_vs_uniform.py " + " ".join(argv or sys.argv[1:]),
+            "model": args.model, "length": args.length, "density": args.density, "form": args.form,
+            "calibration": {"data": "text (Austen novels outside the eval suite)", "samples": args.calib_samples,
+                            "grid": args.grid, "options": options},
+            "heldout": {"samples": args.samples, "fidelity": f"passkey prompts, seeds {FIDELITY_SEED}+i",
+                        "passkey": "suite passkey, seeds 1000+i"},
+            "dense": dense["scores"], "methods": results,
+            "seconds": round(time.time() - start, 1), "device": str(model.device), "dtype": str(model.dtype),
+            "machine": platform.processor() or platform.machine(), "torch": torch.__version__}
+    (out_dir / "hess_vs_uniform.json").write_text(json.dumps(data, indent=1))
+    lines = [f"# HeSS vs uniform budgets — {args.model}, {args.length} tokens, average density {args.density}", "",
+             f"Command: `{data['command']}`", "",
+             f"Calibration: {args.calib_samples} Austen prompt(s), grid {args.grid}, form {args.form}; held out: "
+             f"{args.samples} passkey prompt(s) for fidelity (seeds {FIDELITY_SEED}+i) and {args.samples} for passkey "
+             f"accuracy (seeds 1000+i), perplexity of one Pride and Prejudice window. Dense: passkey "
+             f"{dense['scores']['passkey']:.2f}, perplexity {dense['scores']['perplexity']:.3f}. {data['device']}, "
+             f"{data['dtype']}, {data['seconds']} s.", "",
+             "| method | budgets | density (calib) | predicted ΔL (calib) | density (held out) | recall | output error "
+             "| passkey | perplexity | prefill density (tasks) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for method, row in results.items():
+        for kind, r in row.items():
+            c, h = r["calibration"], r["heldout"]
+            label = kind if kind == "hess" else f"uniform ({r['value']:.4g})"
+            lines.append(f"| {method} | {label} | {c['density']:.3f} | {c['predicted_cost']:.3g} | {h['density']:.3f} | "
+                         f"{h['recall']:.4f} | {h['rel_error']:.4f} | {h['passkey']:.2f} | {h['perplexity']:.3f} | "
+                         f"{h['prefill_density']:.3f} |")
+    (out_dir / "README.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
