@@ -277,6 +277,7 @@ class Bench:
                 return logits[:, -1:].argmax(-1)
 
             if patch is not None:  # one eager step for the stats (a compiled step keeps none)
+                patch.reset_stats()  # not the cache fill's one-token forward
                 with torch.no_grad(), _sdpa_context(cfg.sdpa):
                     model(input_ids=token, **kw)
                 stats = patch.stats()
