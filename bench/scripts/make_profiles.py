@@ -129,7 +129,14 @@ def write_readme(folder: Path, readme: Path) -> None:
         "Prejudice window (neither the calibration texts nor their seeds), at the calibration length.\n\n"
         "| file | model | method, knob | target | calibration prompts: error / density | held out, profile | "
         "held out, method defaults | time, machine | command |\n|---|---|---|---|---|---|---|---|---|\n")
-    readme.write_text(head + "\n".join(rows) + "\n")
+    kept = ""
+    if readme.exists():  # sections after the generated table (e.g. HeSS) are kept as they are
+        text = readme.read_text()
+        kept = text[text.index(TABLE_END):] if TABLE_END in text else ""
+    readme.write_text(head + "\n".join(rows) + "\n\n" + (kept or TABLE_END + "\n"))
+
+
+TABLE_END = "<!-- end of the generated table: what follows is kept by make_profiles.py -->"
 
 
 def main(argv: list[str] | None = None) -> int:
