@@ -50,3 +50,25 @@ def small_options(info) -> dict:
         if o.name == "min_length":
             out[o.name] = 0
     return out
+
+
+# Options that let a calibratable method drop keys on 192-token inputs beyond the registry-derived small
+# sizes; a new calibratable method is tested with `small_options` alone.
+CALIBRATION_REFINE = {"xattention": {"stride": 4}, "sale": {"local_window": 16}, "flexprefill": {"min_budget": 0},
+                      "s2o": {"pool_size": 8}, "anchor": {"step": 4, "max_keys": 1 << 20}}
+
+
+def calibration_options(name: str) -> dict:
+    """`small_options` of prefill method `name` plus its `CALIBRATION_REFINE`."""
+    from attnpatch.registry import get_method
+
+    return small_options(get_method(name, "prefill")) | CALIBRATION_REFINE.get(name, {})
+
+
+class CharTokenizer:
+    """A stand-in tokenizer for the JSONL calibration path: one id per character."""
+
+    def __call__(self, text, return_tensors=None, add_special_tokens=True):
+        class Out:
+            input_ids = torch.tensor([[3 + ord(c) % 200 for c in text]])
+        return Out()

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from method_cases import small_options
+from method_cases import CharTokenizer, calibration_options
 
 from attnpatch import patch_model
 from attnpatch.calibrate import calibrate
@@ -17,23 +17,8 @@ from attnpatch.profile import Profile
 from attnpatch.registry import get_method, method_infos
 from attnpatch.testing import tiny_model
 
-# Options that let a method drop keys on 192-token inputs beyond the registry-derived small sizes; a new
-# calibratable method is tested with `small_options` alone.
-REFINE = {"xattention": {"stride": 4}, "sale": {"local_window": 16}, "flexprefill": {"min_budget": 0},
-          "s2o": {"pool_size": 8}, "anchor": {"step": 4, "max_keys": 1 << 20}}
-
-
-def _options(name: str) -> dict:
-    return small_options(get_method(name, "prefill")) | REFINE.get(name, {})
-
-
-class _Tok:
-    """A stand-in tokenizer for the JSONL path: one id per character."""
-
-    def __call__(self, text, return_tensors=None, add_special_tokens=True):
-        class Out:
-            input_ids = torch.tensor([[3 + ord(c) % 200 for c in text]])
-        return Out()
+_options = calibration_options
+_Tok = CharTokenizer
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from method_cases import small_options
+from method_cases import CharTokenizer, small_options
 
 from attnpatch import PatchSpec, patch_model
 from attnpatch.calibrate import calibrate
@@ -19,11 +19,7 @@ from attnpatch.testing import tiny_model
 XATT = small_options(get_method("xattention", "prefill")) | {"stride": 4}
 
 
-class _Tok:
-    def __call__(self, text, return_tensors=None, add_special_tokens=True):
-        class Out:
-            input_ids = torch.tensor([[3 + ord(c) % 200 for c in text]])
-        return Out()
+_Tok = CharTokenizer
 
 
 @pytest.fixture(scope="module")
