@@ -109,6 +109,11 @@ def _compiled_decode(state: PatchState, plan: LayerPlan, module, query, key, val
         pages = _select_pages(method, query, key, DecodeContext(module.layer_idx, scale, bounds, plan.sliding_window,
                                                                 cache_layer))
     if pages is None:
+        out = None
+        if not method.is_dense and dropout == 0.0:
+            out, _ = state.backends.dense_decode(query, key, value, scale=scale, bounds=bounds, declined=[])
+        if out is not None:
+            return out.transpose(1, 2).contiguous(), None
         mask = _dense_mask(attention_mask, positions, key.shape[2])
         return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
     if isinstance(pages, DecodeOutput):
@@ -142,10 +147,13 @@ def _attend(state: PatchState, module, query, key, value, attention_mask, dropou
             for observer in list(state.observers):
                 observer(call)
 
-    def dense(method: str):
+    def dense(method: str, fast_decode: bool = False):
         out, backend = None, None
         if phase == "prefill" and dropout == 0.0:
             out, backend = state.backends.dense(query, key, value, scale=scale, bounds=bounds, declined=declined)
+        elif fast_decode and dropout == 0.0:
+            out, backend = state.backends.dense_decode(query, key, value, scale=scale, bounds=bounds,
+                                                       declined=declined)
         if out is not None:
             finish(out, None, method, backend)
             return out.transpose(1, 2).contiguous(), None
@@ -164,8 +172,8 @@ def _attend(state: PatchState, module, query, key, value, attention_mask, dropou
         pages = None if method.is_dense else \
             _select_pages(method, query, key, DecodeContext(layer, scale, bounds, plan.sliding_window, cache_layer))
         stats.add_decode(pages, key, cache_layer, getattr(method, "budget", None))
-        if pages is None:
-            return dense(method.name)
+        if pages is None:  # a sparse method's declined step: the fastest dense decode, not transformers' SDPA
+            return dense(method.name, fast_decode=not method.is_dense)
         if isinstance(pages, DecodeOutput):  # the method computed the step itself (e.g. GPU + CPU parts)
             finish(pages.out, None, method.name, pages.backend)
             return pages.out.transpose(1, 2).contiguous(), None

@@ -8,6 +8,8 @@ from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import StaticLayer
 
 import attnpatch
+from attnpatch.backends import BACKENDS, BackendPlan
+from attnpatch.backends.reference.backend import ReferenceBackend
 from attnpatch.cache import PageBoundsLayer, StaticPageBoundsLayer, key_page_bounds
 from attnpatch.methods.base import DecodeContext
 from attnpatch.methods.decode.quest import Quest, page_upper_bounds
@@ -164,3 +166,42 @@ def test_local_pages_are_always_kept():
         assert {0, 7, 8, 9} <= set(pages)
     with pytest.raises(ValueError, match="at least 80 tokens .*2 local page"):
         Quest(budget=64, local_pages=2)
+
+
+class _FastDecode(ReferenceBackend):
+    """Stands in for the Triton decode kernel: the exact reference under another name."""
+
+    name = "stand-in fast decode"
+
+
+def _decode_backends(layer: dict) -> dict:
+    return {k: v for k, v in layer["backends"].items() if k.startswith("decode")}
+
+
+@torch.no_grad()
+def test_declined_steps_run_the_fast_dense_decode_not_sdpa(llama, monkeypatch):
+    """Quest's dense layers (and any step a sparse decode method declines) go to the first fast decode
+    backend over every page; the `dense` method keeps transformers' SDPA."""
+    monkeypatch.setitem(BACKENDS, _FastDecode.name, _FastDecode())
+    ids, mask = left_padded(2, 70, [0, 20], seed=5)
+    dense_seq, dense = _scores(llama, ids, mask, cache_implementation="static")
+    for cache in ("static", "dynamic"):
+        with attnpatch.patch_model(llama, decode="quest", budget=48, page_size=PS, dense_layers=1) as patch:
+            patch.state.backends = BackendPlan(("reference",), (_FastDecode.name, "reference"))
+            kw = {"cache_implementation": "static"} if cache == "static" else {}
+            seq, _ = _scores(llama, ids, mask, **kw)
+            layers = patch.stats().layers
+        for d in layers[:2]:  # layer 0: declined (dense layer); layer 1: its chosen pages
+            assert _decode_backends(d) == {f"decode: {_FastDecode.name}": 5}, cache
+    with attnpatch.patch_model(llama, decode="quest", budget=1 << 30, page_size=PS, dense_layers=2) as patch:
+        patch.state.backends = BackendPlan(("reference",), (_FastDecode.name, "reference"))
+        seq, full = _scores(llama, ids, mask, cache_implementation="static")
+        layers = patch.stats().layers
+    assert all(set(_decode_backends(d)) == {f"decode: {_FastDecode.name}"} for d in layers)
+    assert torch.equal(seq, dense_seq)
+    torch.testing.assert_close(full, dense, atol=2e-5, rtol=1e-4)
+    with attnpatch.patch_model(llama, decode="dense") as patch:
+        patch.state.backends = BackendPlan(("reference",), (_FastDecode.name, "reference"))
+        _scores(llama, ids, mask, cache_implementation="static")
+        layers = patch.stats().layers
+    assert all(set(_decode_backends(d)) == {"decode: sdpa"} for d in layers)

@@ -82,6 +82,26 @@ class BackendPlan:
             return None, None
         return b.dense(query, key, value, scale=scale, bounds=bounds), b.name
 
+    def dense_decode(self, query, key, value, *, scale: float, bounds: KeyBounds, declined: list[str],
+                     page_size: int = 64):
+        """`(out, backend name)` of a decode step over every written page on the first fast decode
+        backend that takes it (the Triton split-KV kernel: the best dense decode measured on the H200,
+        4.3x transformers' SDPA at 128K, batch 4), or `(None, None)`: run SDPA. For the steps a sparse
+        decode method declines (its dense layers, short contexts); the `dense` method keeps SDPA."""
+        fast = [name for name in self.decode_order if name != "reference"]
+        if not fast:
+            return None, None
+        pages = PageSelection.all_pages(query.shape[0], key.shape[1], key.shape[2], page_size, query.device)
+        if bounds.key_end is not None:
+            pages = pages.clipped(bounds.key_end)
+        for name in fast:
+            b = BACKENDS[name]
+            why = self._why_not(name, query.device) or b.decode_reason(query, key, value, pages, bounds)
+            if why is None:
+                return b.decode(query, key, value, pages, scale=scale, bounds=bounds), name
+            declined.append(f"dense decode: {name}: {why}")
+        return None, None
+
     def decode(self, query, key, value, selection: PageSelection, *, scale: float, bounds: KeyBounds,
                tile_counts=None, declined: list[str]):
         return self._run(
