@@ -187,5 +187,15 @@ def test_hf_decode_tiny_on_cpu(tmp_path):
                            "--out", str(tmp_path / "b")]) == 0
     row = json.loads((tmp_path / "b" / "hf_decode.json").read_text())["rows"][0]
     assert row["note"].startswith("skipped: time budget")
+    assert hf_decode.main(["--device", "cpu", "--tiny", "--layers", "2", "--lengths", "64", "--batches", "1",
+                           "--modes", "eager", "--methods", "quest", "--decode-options", "quest:page_size=16,budget=48",
+                           "--baselines", "dense", "--steps", "2", "--repeats", "1", "--profile",
+                           "--out", str(tmp_path / "c")]) == 0
+    rows = json.loads((tmp_path / "c" / "hf_decode.json").read_text())["rows"]
+    for row in rows:  # --profile: where each row's step time goes, largest first
+        top = row["top_kernels"]
+        assert top and all(k["ms_per_step"] > 0 and k["calls_per_step"] > 0 for k in top)
+        assert [k["ms_per_step"] for k in top] == sorted((k["ms_per_step"] for k in top), reverse=True)
+    assert "Top GPU kernels per step" in (tmp_path / "c" / "hf_decode.md").read_text()
     with pytest.raises(SystemExit):
         hf_decode.main(["--device", "cpu", "--tiny", "--methods", "nope", "--out", str(tmp_path)])

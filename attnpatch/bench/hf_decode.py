@@ -95,6 +95,7 @@ class Row:
     backend_declined: dict[str, int] = field(default_factory=dict)
     dense_fallbacks: dict[str, int] = field(default_factory=dict)
     decode_skipped_fraction: float | None = None
+    top_kernels: list[dict[str, Any]] = field(default_factory=list)  # --profile: GPU time per step by kernel
     note: str = ""
 
 
@@ -214,6 +215,25 @@ def _time_steps(step, token: torch.Tensor, steps: int, repeats: int, device: tor
     return out
 
 
+def profile_steps(step, token: torch.Tensor, steps: int, device: torch.device, top: int = 12) -> list[dict]:
+    """The kernels that took the most GPU time over `steps` steps (torch.profiler), per step: where a
+    step's time goes (attention, weights' GEMMs, cache writes, mask building)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            token = step(token)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    attr = "device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, attr, 0) > 0]
+    events.sort(key=lambda e: -getattr(e, attr))
+    total = sum(getattr(e, attr) for e in events) or 1.0
+    return [{"kernel": e.key[:120], "ms_per_step": getattr(e, attr) / 1e3 / steps,
+             "calls_per_step": e.count / steps, "share": getattr(e, attr) / total} for e in events[:top]]
+
+
 @dataclass
 class Bench:
     """Shared state of one run: the model, options, the time budget."""
@@ -228,6 +248,7 @@ class Bench:
     fullgraph: bool
     budget_s: float
     page_size: int
+    profile: bool = False
     started: float = field(default_factory=time.perf_counter)
     compile_estimate_s: float = 0.0
     log: Any = print
@@ -302,6 +323,8 @@ class Bench:
             row.tokens_per_s = 1e3 * batch / row.ms_per_token
             if device.type == "cuda":
                 row.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
+            if self.profile:
+                row.top_kernels = profile_steps(step, tok, self.steps, device)
             self.log(f"L={length} B={batch} {mode} {cfg.name}: {row.ms_per_token:.3f} ms/token "
                      f"{row.backends or ''}")
         except Exception as e:  # noqa: BLE001  (a failing configuration is a result, not a crash)
@@ -406,6 +429,14 @@ def markdown(data: dict) -> str:
             f"{_fmt(r['speedup_vs_best_dense_same_mode'])} | {_fmt(r['kv_cache_gib'])} | {_fmt(r['peak_gib'])} | "
             f"{_fmt(r['compile_s'], '.1f')} | {_fmt(r['decode_skipped_fraction'], '.3f')} | "
             f"{_counts(r['backends'])} | {_counts(r['backend_declined'])} | {r['note'] or ''} |")
+    profiled = [r for r in data["rows"] if r.get("top_kernels")]
+    if profiled:
+        lines += ["", "Top GPU kernels per step (`--profile`: torch.profiler over one run of the steps):", "",
+                  "| L | B | mode | row | kernel | ms/step | calls/step | share |", "|---|---|---|---|---|---|---|---|"]
+        for r in profiled:
+            for k in r["top_kernels"]:
+                lines.append(f"| {r['length']} | {r['batch']} | {r['mode']} | {r['name']} | `{k['kernel'][:70]}` | "
+                             f"{k['ms_per_step']:.3f} | {k['calls_per_step']:.1f} | {k['share']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -447,6 +478,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile-mode", default="reduce-overhead", help="inductor mode (reduce-overhead = CUDA graphs)")
     p.add_argument("--no-fullgraph", action="store_true", help="allow graph breaks (default: fullgraph=True)")
     p.add_argument("--budget-s", type=float, default=540.0, help="start no row after this many seconds")
+    p.add_argument("--profile", action="store_true",
+                   help="after timing, profile each row's steps: its top GPU kernels go into the JSON and a table")
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"),
                    help="default: bfloat16 on CUDA, float32 on CPU")
@@ -480,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m attnpatch.bench.hf_decode " + " ".join(sys.argv[1:] if argv is None else argv)
     model = build_model(args.tiny, device, dtype, layers=args.layers)
     bench = Bench(model, device, args.steps, args.repeats, args.warmup, args.compile_mode, args.compile_backend,
-                  not args.no_fullgraph, args.budget_s, args.page_size)
+                  not args.no_fullgraph, args.budget_s, args.page_size, args.profile)
     data: dict[str, Any] = {"environment": environment(command, device, dtype, args.tiny, args.layers, bench),
                             "rows": []}
     rows: list[Row] = []

@@ -4,8 +4,9 @@
         --job "smollm2|4096,8192|bench/scripts/fidelity_specs.txt" --job "gemma3-270m|16384,32768|FILE" \
         -- --tasks passkey,perplexity,niah_single_1 --limit 20 --max-gen-toks 32 --backend triton
 
-Each line of a spec file is one job (one process: the model loads once, then every length runs);
-arguments after `--` go to every `attnpatch eval`. No job starts after `--deadline-s`; running ones
+Each line of a spec file is one job (one process: the model loads once, then every length runs): a
+prefill method spec, optionally followed by more `attnpatch eval` arguments for that job alone, e.g.
+`dense --decode quest:budget=256` (decode fidelity); arguments after `--` go to every `attnpatch eval`. No job starts after `--deadline-s`; running ones
 are stopped at `--deadline-s` + `--grace-s` (a finished length has already written its JSON).
 Each job logs to DIR/logs/.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -57,8 +59,9 @@ def main() -> int:
             model, lengths, spec = queue.pop(0)
             name = f"{model}__{re.sub(r'[^A-Za-z0-9._-]', '_', spec)}"
             log = open(out / "logs" / f"{name}.log", "w")  # noqa: SIM115  (closed with the process)
-            cmd = [sys.executable, "-m", "attnpatch.cli", "eval", "--model", model, "--methods", spec, "--lengths", lengths,
-                   "--out", str(out / f"eval_{model}"), *extra]
+            method, *own = shlex.split(spec)
+            cmd = [sys.executable, "-m", "attnpatch.cli", "eval", "--model", model, "--methods", method,
+                   "--lengths", lengths, "--out", str(out / f"eval_{model}"), *extra, *own]
             running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), name))
             print(f"{now:6.0f}s start {name}", flush=True)
         if queue and now >= args.deadline_s:
