@@ -46,8 +46,13 @@ def _merge_into(page_min: torch.Tensor, page_max: torch.Tensor, key_states: torc
     fresh = ~continues.view(1, 1, 1, 1)  # scalar fills, no host -> device copy (capturable)
     old_min = old_min.masked_fill(fresh, float("inf"))
     old_max = old_max.masked_fill(fresh, float("-inf"))
-    index = torch.cat([first, page]).view(1, 1, n + 1, 1).expand(b, h, n + 1, d)
     src = key_states.to(page_min.dtype)
+    if n == 1:  # a decode token: one page rewritten with index_copy_ (kept in place under torch.compile,
+        # where a scatter_reduce_ into the static table became a copy of the whole table every step)
+        page_min.index_copy_(2, first, torch.minimum(old_min, src))
+        page_max.index_copy_(2, first, torch.maximum(old_max, src))
+        return
+    index = torch.cat([first, page]).view(1, 1, n + 1, 1).expand(b, h, n + 1, d)
     page_min.scatter_reduce_(2, index, torch.cat([old_min, src], 2), "amin", include_self=False)
     page_max.scatter_reduce_(2, index, torch.cat([old_max, src], 2), "amax", include_self=False)
 
