@@ -56,16 +56,18 @@ def config_fingerprint(config: Any) -> str:
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
-    """A short hash of the weights: every parameter's name, shape, dtype and a strided sample of at
-    most 1024 of its values (cheap on an 8B model; any fine-tune changes it)."""
+    """A short hash of the weights: every parameter's name, shape and a strided sample of at most 1024
+    of its values rounded to bfloat16 (cheap on an 8B model; any fine-tune changes it). The same
+    checkpoint loaded in float32 (CPU) or bfloat16 (GPU) hashes the same, so a profile calibrated on
+    one runs on the other; a float16 load rounds differently and needs `allow_other_weights`."""
     h = hashlib.sha256()
     for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+        h.update(f"{name}:{tuple(p.shape)}".encode())
         if p.device.type == "meta" or p.numel() == 0:
             continue
         flat = p.detach().reshape(-1)
         sample = flat[:: max(1, flat.numel() // _SAMPLES_PER_TENSOR)][:_SAMPLES_PER_TENSOR]
-        h.update(sample.float().cpu().numpy().tobytes())
+        h.update(sample.to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 

@@ -56,6 +56,7 @@ def test_suite_runs_offline_on_the_embedded_checkpoint(tmp_path):
     assert 0 <= result["scores"]["passkey"] <= 1 and 0 <= result["scores"]["niah_single_1"] <= 1
     assert 5 < result["scores"]["perplexity"] < 100
     assert 0.3 < result["density"] < 0.8 and len(result["density_per_layer"]) == 30
+    assert result["decode_density"] == 1.0  # dense decode reads every cached key
     assert 0 < result["fidelity"]["recall"] < 1 and result["fidelity"]["rel_error"] > 0
     with pytest.raises(ValueError, match="offline tasks: passkey, perplexity, niah_single_1"):
         run_grid("smollm2", ["dense"], ["ruler_qa_squad"], [1024], 1, tmp_path)

@@ -90,3 +90,17 @@ def test_profile_scaling_without_a_profile_or_a_knob_is_refused(llama):
         attnpatch.patch_model(llama, "a_shape", profile_shift=0.1)
     with pytest.raises(ValueError, match="records no calibrated knob"):
         attnpatch.patch_model(llama, "a_shape", profile=Profile("p", None, {0: {"local_blocks": 2}}), profile_shift=0.1)
+
+
+def test_the_weights_hash_is_the_same_in_float32_and_bfloat16_and_changes_with_the_weights():
+    """A profile calibrated on a GPU (bf16 load) runs on the CPU (fp32 load) of the same checkpoint."""
+    import copy
+
+    from attnpatch.profile import weights_fingerprint
+
+    model = tiny_model("llama", seed=3)
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    assert weights_fingerprint(model) == weights_fingerprint(half)
+    with torch.no_grad():
+        next(model.parameters()).mul_(1.5)
+    assert weights_fingerprint(model) != weights_fingerprint(half)

@@ -165,7 +165,7 @@ def run_one(model, tok, run: RunSpec, tasks, limit: int, model_name: str, model_
     return {"model": model_name, "method": run.method, "options": run.options, "decode": run.spec.decode,
             "decode_options": dict(run.spec.decode_options), "spec": run.spec.to_dict(), "length": run.length,
             "limit": limit, "max_gen_toks": max_gen_toks, "scores": scores, "density": stats.density,
-            "skipped_fraction": stats.skipped_fraction,
+            "skipped_fraction": stats.skipped_fraction, "decode_density": stats.decode_density,
             "dense_fallbacks": stats.dense_fallbacks, "backends": stats.backends,
             "backend_declined": stats.backend_declined,
             "density_per_layer": [d["density"] for d in stats.layers],
