@@ -30,7 +30,7 @@ def _ctx(bounds=None):
 _lists = token_lists
 
 
-def _brute(q, k, theta, ks, init_blocks=1, local_blocks=1, bq=BQ, step=STEP):
+def _brute(q, k, theta, ks, init_blocks=1, local_blocks=1, bq=BQ, step=STEP, sliding=False):
     """The algorithm restated per (batch, head, block) with loops and full score rows."""
     b, hq, lq, _ = q.shape
     hkv, lk = k.shape[1], k.shape[2]
@@ -45,7 +45,8 @@ def _brute(q, k, theta, ks, init_blocks=1, local_blocks=1, bq=BQ, step=STEP):
             blocks, abar, qbar = [], [], []
             for r in range(n_r):
                 last = off + min((r + 1) * bq, lq) - 1
-                local_start = max(off + (r // step) * big - (local_blocks - 1) * big, 0)
+                local_start = max(last + 1 - local_blocks * big if sliding else
+                                  off + (r // step) * big - (local_blocks - 1) * big, 0)
                 rows = [i for i in range(r * bq, min((r + 1) * bq, lq)) if off + i >= s0]
                 maxima = []
                 for i in rows:
@@ -62,7 +63,8 @@ def _brute(q, k, theta, ks, init_blocks=1, local_blocks=1, bq=BQ, step=STEP):
                 g_rows = range((r // step) * step, min((r // step + 1) * step, n_r))
                 local_start = blocks[r][1]
                 stripes = {j for j in range(init_end, local_start)
-                           if any(SCALE * float(qbar[x] @ kk[j]) + theta[h] >= abar[x] for x in g_rows)}
+                           if any(j < blocks[x][1] and SCALE * float(qbar[x] @ kk[j]) + theta[h] >= abar[x]
+                                  for x in g_rows)}
                 lists.append(sorted(blocks[r][0] | stripes))
             heads.append(lists)
         out.append(heads)
@@ -83,6 +85,21 @@ def test_matches_brute_force(lq, lk, padded):
     assert _lists(sel) == _brute(q, k, THETAS, ks)
     counts = sel.counts.float()
     assert counts[:, 0].sum() < counts[:, 2].sum()  # θ per head: a small θ keeps fewer keys
+
+
+@pytest.mark.parametrize(("lq", "lk"), [(77, 77), (45, 77)], ids=["ragged", "chunked"])
+@pytest.mark.parametrize("padded", [False, True], ids=["plain", "left-padded"])
+def test_sliding_local_window_matches_brute_force(lq, lk, padded):
+    """`local_window="sliding"`: every block sees the `local_blocks · big` keys up to its last query, and
+    keeps only the big block's stripes before that window (no key listed twice)."""
+    q, k, _ = _inputs(lq=lq, lk=lk)
+    ks = torch.tensor([0, 21]) if padded else torch.zeros(2, dtype=torch.long)
+    bounds = KeyBounds(key_start=ks) if padded else KeyBounds()
+    sel = AnchorPrefill(block_size=BQ, step=STEP, theta=THETAS, local_window="sliding").select(q, k, _ctx(bounds))
+    validate_tokens(sel)
+    assert _lists(sel) == _brute(q, k, THETAS, ks, sliding=True)
+    big_block = AnchorPrefill(block_size=BQ, step=STEP, theta=THETAS).select(q, k, _ctx(bounds))
+    assert _lists(sel) != _lists(big_block)
 
 
 def test_init_and_local_kept_padding_never_listed_and_padding_never_matters():

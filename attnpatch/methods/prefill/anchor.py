@@ -80,6 +80,9 @@ class AnchorPrefill(PrefillMethod):
     init_blocks: int = option(1, "big blocks of the init (sink) window, from each row's first real key", min=1)
     local_blocks: int = option(1, "big blocks of the local window, ending with the query's own", min=1)
     max_keys: int = option(16384, "most keys listed per query block (bounds memory)", min=1)
+    local_window: str = option("big_block", "where a query block's local window starts: at its big block's "
+                               "start (the release) or local_blocks · big keys before its last query (sliding)",
+                               choices=("big_block", "sliding"))
 
     def __post_init__(self) -> None:
         forced = (self.init_blocks + self.local_blocks) * self.step * self.block_size
@@ -87,10 +90,16 @@ class AnchorPrefill(PrefillMethod):
             raise ValueError(f"option 'max_keys' of prefill method 'anchor' must be at least the init + local "
                              f"windows ({forced} keys), got {self.max_keys}")
 
+    def _local_start(self, q_len: int, kv_len: int, r: int) -> int:
+        """Where query block `r`'s local window starts (host arithmetic; before clamping at 0)."""
+        big = self.step * self.block_size
+        if self.local_window == "sliding":
+            return kv_len - q_len + min((r + 1) * self.block_size, q_len) - self.local_blocks * big
+        return kv_len - q_len + (r // self.step) * big - (self.local_blocks - 1) * big
+
     def dense_reason(self, q_len: int, kv_len: int) -> str | None:
         big = self.step * self.block_size
-        last_big = (num_blocks(q_len, self.block_size) - 1) // self.step
-        scan_end = kv_len - q_len + last_big * big - (self.local_blocks - 1) * big
+        scan_end = self._local_start(q_len, kv_len, num_blocks(q_len, self.block_size) - 1)
         if scan_end <= self.init_blocks * big:
             return f"input of {kv_len} keys fits in the init and local windows ({big}-token big blocks)"
         return None
@@ -109,7 +118,10 @@ class AnchorPrefill(PrefillMethod):
         first_q, last_q = query_block_span(lq, lk, bq, device)
         ks = bounds.first_key(b, device)  # [B]
         big_first = first_q[0] + (torch.arange(n_r, device=device) // step) * big
-        local_start = (big_first - (self.local_blocks - 1) * big).clamp(min=0)  # [R]
+        if self.local_window == "sliding":  # every block sees local_blocks · big keys up to its last query
+            local_start = (last_q + 1 - self.local_blocks * big).clamp(min=0)  # [R]
+        else:
+            local_start = (big_first - (self.local_blocks - 1) * big).clamp(min=0)  # [R]
         init_len = min(self.init_blocks * big, lk)
         init_end = ks + init_len  # [B]: the stripe scan starts here
         local_lo = torch.maximum(local_start.view(1, -1), ks.view(-1, 1))  # [B, R]
@@ -130,7 +142,7 @@ class AnchorPrefill(PrefillMethod):
             r0, r1 = g0 * step, min(n_r, g1 * step)
             n = r1 - r0
             # local_start grows with r: the chunk's last block has the last scan end (host arithmetic)
-            scan_hi = max(lk - lq + ((r1 - 1) // step) * big - (self.local_blocks - 1) * big, 1)
+            scan_hi = max(self._local_start(lq, lk, r1 - 1), 1)
             kpos = torch.arange(scan_hi, device=device)
             in_scan = (kpos >= init_end.view(-1, 1, 1, 1)) & (kpos < local_start[r0:r1].view(1, 1, n, 1))
             if real is not None:
@@ -148,20 +160,27 @@ class AnchorPrefill(PrefillMethod):
                 top = best.masked_fill(~hit, float("-inf")).topk(stripe_cap, dim=-1).indices
                 hit = hit & torch.zeros_like(hit).scatter_(-1, top, True)
             stripes, n_str = compact_mask(hit)  # [B, Hq, G, S], [B, Hq, G]
-            parts.append(self._lists(stripes, n_str, r0, r1, g0, ks, n_init, local_lo, n_loc))
+            parts.append(self._lists(stripes, n_str, r0, r1, g0, ks, n_init, local_lo, n_loc,
+                                     sliding=self.local_window == "sliding"))
         indices, counts = pad_lists(parts)
         if needs_clip:
             indices, counts = clip_lists(indices, counts, bounds, lq, lk, bq)
         return CountedTokenSelection(indices, counts, bq, lq, lk)
 
     def _lists(self, stripes: torch.Tensor, n_str: torch.Tensor, r0: int, r1: int, g0: int, ks: torch.Tensor,
-               n_init: torch.Tensor, local_lo: torch.Tensor, n_loc: torch.Tensor
+               n_init: torch.Tensor, local_lo: torch.Tensor, n_loc: torch.Tensor, sliding: bool = False
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """The ascending lists of query blocks `r0 .. r1 − 1`: init keys, then the big block's stripes, then
-        the local keys (disjoint ranges in that order)."""
+        the local keys (disjoint ranges in that order). Sliding windows: a block keeps only the stripes
+        before its own local window (a later block of the big block scanned further)."""
         device = stripes.device
         g = torch.arange(r0, r1, device=device) // self.step - g0
         ns = n_str[:, :, g]  # [B, Hq, n]
+        if sliding and stripes.shape[-1]:  # stripes are ascending: count those before the block's window
+            width_s = torch.arange(stripes.shape[-1], device=device)
+            listed = width_s < ns.unsqueeze(-1)
+            before = stripes[:, :, g].long() < local_lo[:, r0:r1].view(-1, 1, r1 - r0, 1)
+            ns = (listed & before).sum(-1)
         ni = n_init[:, r0:r1].unsqueeze(1)  # [B, 1, n]
         nl = n_loc[:, r0:r1].unsqueeze(1)
         counts = ni + ns + nl
