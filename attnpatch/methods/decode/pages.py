@@ -50,4 +50,7 @@ def top_pages(score: torch.Tensor, k: int, valid: torch.Tensor, forced: torch.Te
     big = torch.finfo(score.dtype).max
     score = torch.where(forced & valid, big, torch.where(valid, score, float("-inf")))
     vals, idx = score.topk(k, dim=-1)
-    return compact(idx, vals > float("-inf"), n, kv_len, page_size)
+    # top-k indices are distinct: one sort puts the wanted pages first, ascending (no dedup pass)
+    order = torch.where(vals > float("-inf"), idx, n).sort(-1).values
+    counts = (order < n).sum(-1, dtype=torch.int32)
+    return PageSelection(torch.where(order < n, order, 0).to(torch.int32), counts, page_size, kv_len)
