@@ -117,3 +117,28 @@ def test_report_labels_decode_and_backend(tmp_path):
            "scores": {"passkey": 1.0}, "density": 0.5, "skipped_fraction": None, "device": "cpu", "dtype": "float32"}
     (tmp_path / "run.json").write_text(json.dumps(run))
     assert "| 1024 | a_shape(local_blocks=4)+streaming(window=256)@reference |" in runs_table(load_runs(tmp_path))
+
+
+def test_infiniretri_passkey_reads_chunk_by_chunk_and_other_tasks_say_they_do_not(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import attnpatch.methods.decode.infiniretri as infiniretri
+    from attnpatch.eval.suite import _notes, run_grid
+
+    calls = []
+    real = infiniretri.generate_long
+
+    def counted(*args, **kwargs):
+        calls.append(args[1].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(infiniretri, "generate_long", counted)
+    files = run_grid("tiny:llama", ["dense"], ["passkey"], [256], 2, tmp_path,
+                     decode="infiniretri:budget=64,chunk_size=64")
+    result = json.loads(files[0].read_text())
+    assert len(calls) == 2 and all(shape[1] > 200 for shape in calls)  # each prompt read in chunks
+    assert 0 <= result["scores"]["passkey"] <= 1 and result["notes"] == []
+    files = run_grid("tiny:llama", ["dense"], ["passkey"], [256], 1, tmp_path / "b")
+    assert json.loads(files[0].read_text())["notes"] == [] and len(calls) == 2
+    run = SimpleNamespace(spec=SimpleNamespace(decode="infiniretri"))
+    assert "perplexity" in _notes(run, ["passkey", "perplexity"])[0]
