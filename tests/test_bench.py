@@ -199,3 +199,14 @@ def test_hf_decode_tiny_on_cpu(tmp_path):
     assert "Top GPU kernels per step" in (tmp_path / "c" / "hf_decode.md").read_text()
     with pytest.raises(SystemExit):
         hf_decode.main(["--device", "cpu", "--tiny", "--methods", "nope", "--out", str(tmp_path)])
+
+
+def test_hf_decode_options_give_a_row_per_setting():
+    from attnpatch.bench import hf_decode
+
+    options = hf_decode.parse_decode_options(["quest:budget=4096", "quest:budget=8192,dense_layers=0"])
+    assert options == {"quest": ["budget=4096", "budget=8192,dense_layers=0"]}
+    sparse = [c.name for c in hf_decode.decode_configs(["quest", "recycled"], options) if c.kind == "sparse"]
+    assert sparse == ["quest:budget=4096", "quest:budget=8192,dense_layers=0", "recycled"]
+    with pytest.raises(ValueError, match="name:key=value"):
+        hf_decode.parse_decode_options(["quest"])

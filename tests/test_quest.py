@@ -11,8 +11,9 @@ import attnpatch
 from attnpatch.backends import BACKENDS, BackendPlan
 from attnpatch.backends.reference.backend import ReferenceBackend
 from attnpatch.cache import PageBoundsLayer, StaticPageBoundsLayer, key_page_bounds
+from attnpatch.estimators.page_bounds import page_upper_bounds
 from attnpatch.methods.base import DecodeContext
-from attnpatch.methods.decode.quest import Quest, page_upper_bounds
+from attnpatch.methods.decode.quest import Quest
 from attnpatch.sparsity import KeyBounds
 
 PS = 16

@@ -99,15 +99,17 @@ class Row:
     note: str = ""
 
 
-def decode_configs(methods: list[str], options: dict[str, str]) -> list[Config]:
-    """Dense baselines, then one row per decode method (`options`: name → "k=v,k=v")."""
+def decode_configs(methods: list[str], options: dict[str, list[str]]) -> list[Config]:
+    """Dense baselines, then one row per decode method and setting (`options`: name → ["k=v,k=v", ...];
+    a method without settings gets one row with its defaults)."""
     rows = [Config("unpatched (SDPA default)", "dense", key="unpatched")]
     rows += [Config(f"unpatched, SDPA {b}", "dense", sdpa=b, key=b) for b in SDPA_FORCED]
     rows += [Config("dense (attnpatch dispatch → SDPA)", "dense", decode="dense", key="dense"),
              Config(AllPages.name, "dense", decode="dense", all_pages=True, key="triton")]
     for name in methods:
-        spec = f"{name}:{options[name]}" if options.get(name) else name
-        rows.append(Config(spec, "sparse", decode=spec))
+        for setting in options.get(name) or [""]:
+            spec = f"{name}:{setting}" if setting else name
+            rows.append(Config(spec, "sparse", decode=spec))
     return rows
 
 
@@ -118,8 +120,9 @@ def registered_methods() -> list[str]:
     return [m.name for m in method_infos("decode") if m.name != "dense"]
 
 
-def parse_decode_options(items: list[str] | None) -> dict[str, str]:
-    """["quest:budget=4096", ...] → {"quest": "budget=4096"}; names checked against the registry."""
+def parse_decode_options(items: list[str] | None) -> dict[str, list[str]]:
+    """["quest:budget=4096", "quest:budget=8192", ...] → {"quest": ["budget=4096", "budget=8192"]} (a
+    method named twice gets a row per setting); names checked against the registry."""
     from attnpatch.registry import get_method
 
     out: dict[str, str] = {}
@@ -127,7 +130,7 @@ def parse_decode_options(items: list[str] | None) -> dict[str, str]:
         name, sep, rest = item.partition(":")
         if not sep or not rest:
             raise ValueError(f"--decode-options entries look like name:key=value[,key=value], got {item!r}")
-        out[get_method(name.strip(), "decode").name] = rest.strip()
+        out.setdefault(get_method(name.strip(), "decode").name, []).append(rest.strip())
     return out
 
 

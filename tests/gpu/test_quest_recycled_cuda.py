@@ -76,3 +76,16 @@ def test_triton_decode_agrees_with_reference(decode):
         logits[backend] = torch.stack(steps).float()
     ref, tri = logits["reference"], logits["triton"]
     assert (tri - ref).norm() / ref.norm() < 2e-2
+
+
+@pytest.mark.parametrize(("hq", "hkv", "d"), [(32, 8, 128), (9, 3, 64), (4, 1, 256)])
+def test_page_bound_kernel_equals_the_float32_torch_path(hq, hkv, d):
+    from attnpatch.estimators.page_bounds import page_upper_bounds, page_upper_bounds_torch
+
+    g = torch.Generator(device=DEVICE).manual_seed(d)
+    q = torch.randn(2, hq, 1, d, device=DEVICE, dtype=torch.bfloat16, generator=g)
+    k = torch.randn(2, hkv, 4000, d, device=DEVICE, dtype=torch.bfloat16, generator=g)
+    lo, hi = key_page_bounds(k, 16)
+    out = page_upper_bounds(q, lo, hi, 200, 0.125, use_kernel=True)
+    ref = page_upper_bounds_torch(q, lo[:, :, :200], hi[:, :, :200]) * 0.125
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)

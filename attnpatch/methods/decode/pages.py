@@ -49,7 +49,7 @@ def top_pages(score: torch.Tensor, k: int, valid: torch.Tensor, forced: torch.Te
     n = score.shape[-1]
     big = torch.finfo(score.dtype).max
     score = torch.where(forced & valid, big, torch.where(valid, score, float("-inf")))
-    vals, idx = score.topk(k, dim=-1)
+    vals, idx = score.topk(k, dim=-1, sorted=False)  # unsorted: the one sort below orders the pages
     # top-k indices are distinct: one sort puts the wanted pages first, ascending (no dedup pass)
     order = torch.where(vals > float("-inf"), idx, n).sort(-1).values
     counts = (order < n).sum(-1, dtype=torch.int32)

@@ -8,25 +8,12 @@ from typing import Any, ClassVar
 import torch
 
 from attnpatch.cache import PageBoundsLayer, key_page_bounds
+from attnpatch.estimators.page_bounds import page_upper_bounds
 from attnpatch.methods.base import DecodeContext, DecodeMethod
 from attnpatch.methods.decode.pages import check_budget, top_pages
 from attnpatch.options import option
 from attnpatch.registry import register_decode
 from attnpatch.sparsity import PageSelection, num_blocks
-
-
-def page_upper_bounds(query: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor) -> torch.Tensor:
-    """Quest's bound `Σ_d max(q_d·min_d, q_d·max_d)` of `q·k` over every key of each page, for the G
-    query heads of each KV head: query `[B, Hq, 1, D]`, page_min/max `[B, Hkv, n, D]` -> `[B, Hkv, G, n]`
-    (float32). Written as two GEMVs: `relu(q)·max + min(q, 0)·min`, in the tables' dtype (bf16 / fp16
-    GEMMs accumulate in float32; the min / max of half-precision keys are exact in it). Casting the
-    tables to float32 first cost a copy of both tables and a float32 GEMM every step: 10 of a 28 ms
-    step at 128K, batch 4, 32 layers on the H200 (bench/results/hf_decode_h200/)."""
-    b, hq, _, d = query.shape
-    hkv = page_min.shape[1]
-    q = query.reshape(b, hkv, hq // hkv, d).to(page_max.dtype)
-    upper = q.clamp(min=0) @ page_max.transpose(-1, -2)
-    return upper.float() + (q.clamp(max=0) @ page_min.transpose(-1, -2)).float()
 
 
 @register_decode("quest")
@@ -90,7 +77,7 @@ class Quest(DecodeMethod):
         valid = ((pages * ps < written) & (pages.view(1, n) >= first.view(b, 1))).view(b, 1, 1, n)
         last = (written - 1) // ps
         forced = (pages.view(1, n) == first.view(b, 1)) | ((pages <= last) & (pages >= last - self.local_pages))
-        bound = page_upper_bounds(query, page_min[:, :, :n], page_max[:, :, :n]) * ctx.scale
+        bound = page_upper_bounds(query, page_min, page_max, n, ctx.scale)
         bound = bound.masked_fill(~valid, float("-inf"))
         score = bound.amax(2) if self.group == "max" else torch.softmax(bound, -1).sum(2)
         return top_pages(score, k, valid.squeeze(2), forced.unsqueeze(1), lk, ps)
