@@ -22,7 +22,8 @@ class Quest(DecodeMethod):
     """Read the `budget / page_size` pages with the largest upper bound of q·k (from each page's key min / max).
 
     Per step and layer: the bound `Σ_d max(q_d·min_d, q_d·max_d)` of every page (the cache layer
-    keeps the min / max, updated incrementally), the top pages per KV head, with the row's first page
+    keeps the min / max, updated incrementally; computed by a fused Triton kernel on the GPU, float32
+    accumulation: `attnpatch.estimators.page_bounds`), the top pages per KV head, with the row's first page
     (attention sinks: its first real token's page under left padding) and the current (last) page
     always kept. The selection is a fixed-size PageSelection built by tensor ops (topk, no host sync,
     with a static cache too, so it can be captured in a CUDA graph).
