@@ -32,7 +32,9 @@ def _rewind(cache, n):
         layer.cumulative_length.fill_(n)
 
 
-@pytest.mark.parametrize("decode,options", [("blasst", {"page_size": 64}), ("blasst", {"page_size": 64, "a": 16.0})])
+@pytest.mark.parametrize("decode,options", [
+    ("blasst", {"page_size": 64}), ("blasst", {"page_size": 64, "a": 16.0}),
+    ("quest", {"budget": 128, "dense_layers": 0}), ("quest", {"budget": 128, "dense_layers": 0, "topk": "triton"})])
 def test_static_decode_step_has_no_host_sync(decode, options):
     model, patch, cache, kw, tok = _setup(decode, **options)
     with torch.no_grad():
@@ -48,8 +50,10 @@ def test_static_decode_step_has_no_host_sync(decode, options):
     patch.unpatch()
 
 
-def test_reduce_overhead_decode_equals_eager():
-    model, patch, cache, kw, tok = _setup("blasst", page_size=64)
+@pytest.mark.parametrize("decode,options", [("blasst", {"page_size": 64}),
+                                            ("quest", {"budget": 128, "dense_layers": 0, "topk": "triton"})])
+def test_reduce_overhead_decode_equals_eager(decode, options):
+    model, patch, cache, kw, tok = _setup(decode, **options)
     steps = []
     with torch.no_grad():
         for mode in ("eager", "compiled"):

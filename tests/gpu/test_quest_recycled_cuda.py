@@ -89,3 +89,15 @@ def test_page_bound_kernel_equals_the_float32_torch_path(hq, hkv, d):
     out = page_upper_bounds(q, lo, hi, 200, 0.125, use_kernel=True)
     ref = page_upper_bounds_torch(q, lo[:, :, :200], hi[:, :, :200]) * 0.125
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("rows", "n", "k"), [(32, 8192, 512), (8, 2048, 128), (64, 4096, 256)])
+def test_topk_kernel_selects_the_torch_topk_set(rows, n, k):
+    from attnpatch.backends.triton.topk_select import topk_ascending_triton
+
+    g = torch.Generator(device=DEVICE).manual_seed(n)
+    scores = torch.randn(rows, n, device=DEVICE, generator=g)
+    scores[:, n // 2:n // 2 + 10] = float("-inf")
+    idx, counts = topk_ascending_triton(scores, k)
+    ref = scores.topk(k, dim=-1).indices.sort(-1).values.int()
+    assert counts.eq(k).all() and torch.equal(idx, ref)

@@ -42,13 +42,31 @@ def compact(pages: torch.Tensor, ok: torch.Tensor, n_pages: int, kv_len: int, pa
     return PageSelection(indices, good.sum(-1, dtype=torch.int32), page_size, kv_len)
 
 
+TOPK_KERNELS = ("torch", "triton")
+
+
 def top_pages(score: torch.Tensor, k: int, valid: torch.Tensor, forced: torch.Tensor, kv_len: int,
-              page_size: int) -> PageSelection:
+              page_size: int, kernel: str = "torch") -> PageSelection:
     """The `k` best pages per (row, KV head) by `score` `[B, Hkv, n]` among `valid` ones, `forced`
-    ones always in (both broadcast to the score); fewer when fewer are valid."""
+    ones always in (both broadcast to the score); fewer when fewer are valid. `kernel`: "torch"
+    (`torch.topk`, then one sort) or "triton" (one launch that selects and orders,
+    `attnpatch.backends.triton.topk_select`; the torch path where it declines the input)."""
     n = score.shape[-1]
     big = torch.finfo(score.dtype).max
     score = torch.where(forced & valid, big, torch.where(valid, score, float("-inf")))
+    if kernel == "triton":
+        from attnpatch.backends.triton import topk_select
+
+        if topk_select.unsupported_reason(score, k) is None:
+            if torch.compiler.is_compiling():
+                from attnpatch.backends.triton.topk_select_op import topk_ascending_op
+
+                indices, counts = topk_ascending_op(score, k)
+            else:
+                indices, counts = topk_select.topk_ascending_triton(score, k)
+            return PageSelection(indices, counts, page_size, kv_len)
+    elif kernel != "torch":
+        raise ValueError(f"top_pages: kernel must be one of {TOPK_KERNELS}, got {kernel!r}")
     vals, idx = score.topk(k, dim=-1, sorted=False)  # unsorted: the one sort below orders the pages
     # top-k indices are distinct: one sort puts the wanted pages first, ascending (no dedup pass)
     order = torch.where(vals > float("-inf"), idx, n).sort(-1).values

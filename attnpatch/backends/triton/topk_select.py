@@ -1,0 +1,115 @@
+"""Top-k selection in ascending index order, one Triton program per row: the page lists of the
+page-selecting decode methods (Quest, Recycled Attention) in one launch instead of `torch.topk` and
+a sort.
+
+For each row of `scores` `[R, n]` (float32; `-inf` marks entries that must not be chosen) the kernel
+keeps the row in registers, maps every score to an integer with the same order (the float's bits,
+negatives bit-flipped), finds the k-th largest by a 32-step binary search on that integer (one
+in-register count per step), then keeps the entries above it and, among those equal to it, the
+lowest indices until k are kept, and writes their indices in ascending order (a prefix sum gives
+each kept entry its slot). Slots past the number kept (fewer than k entries above `-inf`) hold 0.
+Exact: the same set as `torch.topk` up to the choice among ties.
+
+Why: on the H200 `torch.topk` over 8192 pages took 47 µs a layer in a compiled 128K decode step
+(batch 4, 32 rows: one thread block per row, whatever the batch) — the largest part of Quest's
+selection after its page-bound kernel (bench/results/hf_decode_h200/quest_kernel_2026-12-04/).
+Rows longer than `MAX_N` entries are declined (the caller keeps the torch path).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from attnpatch.backends.triton.utils import (
+    is_interpreted,
+    on_input_device,
+    tensor_device_ok,
+    triton_available,
+)
+
+__all__ = ["MAX_N", "topk_ascending_triton", "unsupported_reason"]
+
+MAX_N = 1 << 15  # entries per row held in one program's registers (512K tokens at 16-token pages)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    # tl.reduce / tl.associative_scan with local combine functions rather than tl.sum / tl.cumsum:
+    # see the note in backends/triton/decode.py (library @jit helpers and the CPU interpreter).
+    @triton.jit
+    def _add(a, b):
+        return a + b
+
+    @triton.jit
+    def _topk_ascending_kernel(S, OUT, COUNTS, n, k, stride_s, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK_N)
+        s = tl.load(S + row * stride_s + offs, mask=offs < n, other=float("-inf"))
+        ok = s > float("-inf")
+        bits = s.to(tl.int32, bitcast=True)
+        # order-preserving integer in [0, 2^32): negatives have their magnitude bits flipped
+        key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64) + 2147483648
+        ok64 = ok.to(tl.int64)
+        found = tl.full([], 0, tl.int64)
+        for bit in tl.static_range(31, -1, -1):
+            cand = found + (1 << bit)
+            count = tl.reduce(tl.where(key >= cand, ok64, 0), 0, _add)
+            found = tl.where(count >= k, cand, found)
+        above = ok & (key > found)
+        need = k - tl.reduce(above.to(tl.int32), 0, _add)
+        tie = ok & (key == found)
+        tie_rank = tl.associative_scan(tie.to(tl.int32), 0, _add)
+        keep = above | (tie & (tie_rank <= need))
+        slot = tl.associative_scan(keep.to(tl.int32), 0, _add) - 1
+        kept = tl.reduce(keep.to(tl.int32), 0, _add)
+        tl.store(OUT + row * k + slot, offs.to(tl.int32), mask=keep)
+        rest = tl.arange(0, BLOCK_K)
+        tl.store(OUT + row * k + rest, tl.full([BLOCK_K], 0, tl.int32), mask=(rest >= kept) & (rest < k))
+        tl.store(COUNTS + row, kept)
+
+    _KERNEL_INTERPRETED = is_interpreted(_topk_ascending_kernel)
+else:
+    _KERNEL_INTERPRETED = False
+
+
+def unsupported_reason(scores: torch.Tensor, k: int) -> str | None:
+    """Why the kernel cannot select from `scores` (None when it can): the caller runs torch.topk."""
+    if not triton_available():
+        return "triton is not installed"
+    if not tensor_device_ok(scores, _KERNEL_INTERPRETED):
+        return f"device {scores.device} (need CUDA, or CPU with TRITON_INTERPRET=1 set before import)"
+    if scores.dtype != torch.float32:
+        return f"scores of dtype {scores.dtype} (float32 needed)"
+    n = scores.shape[-1]
+    if n > MAX_N:
+        return f"{n} entries per row (at most {MAX_N})"
+    if not 1 <= k <= n:
+        return f"k = {k} outside 1..{n}"
+    return None
+
+
+@on_input_device
+def topk_ascending_triton(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(indices, counts)`: int32 `[..., k]` ascending indices of the k largest entries of each row of
+    `scores` `[..., n]` among those above -inf (zeros past `counts`), and int32 `[...]` how many."""
+    reason = unsupported_reason(scores, k)
+    if reason is not None:
+        raise ValueError(f"topk_ascending_triton: {reason}")
+    lead, n = scores.shape[:-1], scores.shape[-1]
+    flat = scores.reshape(-1, n)
+    if flat.stride(-1) != 1:
+        flat = flat.contiguous()
+    rows = flat.shape[0]
+    out = torch.empty(rows, k, dtype=torch.int32, device=scores.device)
+    counts = torch.empty(rows, dtype=torch.int32, device=scores.device)
+    if rows:
+        block = max(16, _next_pow2(n))
+        _topk_ascending_kernel[(rows,)](flat, out, counts, n, k, flat.stride(0), BLOCK_N=block,
+                                        BLOCK_K=max(16, _next_pow2(k)), num_warps=8 if block >= 4096 else 4)
+    return out.view(*lead, k), counts.view(lead)

@@ -1,0 +1,101 @@
+"""The ascending top-k selection kernel (page lists of Quest / Recycled) under the Triton CPU interpreter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from triton_interpreted import interpret_env, load_interpreted
+
+_ts, _SKIP_REASON = load_interpreted("topk_select.py")
+pytestmark = pytest.mark.skipif(_ts is None, reason=_SKIP_REASON or "")
+
+
+@pytest.fixture(autouse=True)
+def _interpreted():
+    with interpret_env():
+        yield
+
+
+def _expected(scores: torch.Tensor, k: int) -> list[list[int]]:
+    out = []
+    for row in scores.reshape(-1, scores.shape[-1]):
+        ok = row > float("-inf")
+        top = row.masked_fill(~ok, float("-inf")).topk(min(k, int(ok.sum()))).indices if ok.any() else row[:0].long()
+        out.append(sorted(top.tolist()))
+    return out
+
+
+@pytest.mark.parametrize(("rows", "n", "k"), [(6, 100, 7), (4, 513, 32), (3, 64, 64), (2, 1000, 1)])
+def test_the_k_largest_in_ascending_order(rows, n, k):
+    g = torch.Generator().manual_seed(n + k)
+    scores = torch.randn(rows, n, generator=g) * torch.logspace(-3, 3, rows).view(-1, 1)  # wide ranges, negatives
+    scores[0, :5] = torch.finfo(torch.float32).max  # forced entries (as top_pages marks them)
+    idx, counts = _ts.topk_ascending_triton(scores.view(rows, 1, n), k)
+    assert idx.shape == (rows, 1, k) and counts.shape == (rows, 1) and idx.dtype == counts.dtype == torch.int32
+    assert counts.eq(k).all()
+    assert idx.view(rows, k).tolist() == _expected(scores, k)
+
+
+def test_minus_inf_is_never_chosen_and_short_rows_pad_with_zeros():
+    scores = torch.full((3, 40), float("-inf"))
+    scores[0, [3, 17, 30]] = torch.tensor([1.0, -2.0, 0.5])  # 3 valid entries, k = 5
+    scores[1, :] = torch.arange(40.0)
+    scores[1, 10:20] = float("-inf")
+    idx, counts = _ts.topk_ascending_triton(scores, 5)
+    assert counts.tolist() == [3, 5, 0]
+    assert idx[0].tolist() == [3, 17, 30, 0, 0] and idx[1].tolist() == [35, 36, 37, 38, 39]
+    assert idx[2].tolist() == [0] * 5
+
+
+def test_ties_keep_the_lowest_indices():
+    scores = torch.zeros(2, 50)
+    scores[0, 7] = 2.0
+    scores[1] = -1.0
+    idx, counts = _ts.topk_ascending_triton(scores, 4)
+    assert counts.tolist() == [4, 4]
+    assert idx[0].tolist() == [0, 1, 2, 7] and idx[1].tolist() == [0, 1, 2, 3]
+
+
+def test_declined_inputs_name_the_reason():
+    assert "float32" in _ts.unsupported_reason(torch.zeros(2, 8, dtype=torch.float16), 2)
+    assert "at most" in _ts.unsupported_reason(torch.zeros(1, _ts.MAX_N + 1), 2)
+    assert "outside" in _ts.unsupported_reason(torch.zeros(1, 8), 9)
+    with pytest.raises(ValueError, match="outside"):
+        _ts.topk_ascending_triton(torch.zeros(1, 8), 0)
+
+
+@pytest.mark.parametrize("method", ["quest", "recycled"])
+def test_methods_select_the_same_pages_with_the_kernel(method, monkeypatch):
+    """Quest / Recycled with `topk="triton"` (the interpreted kernel standing in for the GPU one) list the
+    same pages as with torch.topk, on a left-padded batch."""
+    import attnpatch.backends.triton.topk_select as package_kernel
+    from attnpatch.methods.base import DecodeContext
+    from attnpatch.methods.decode.quest import Quest
+    from attnpatch.methods.decode.recycled import Recycled
+    from attnpatch.sparsity import KeyBounds
+    from attnpatch.testing import tiny_config
+
+    monkeypatch.setattr(package_kernel, "unsupported_reason", _ts.unsupported_reason)
+    monkeypatch.setattr(package_kernel, "topk_ascending_triton", _ts.topk_ascending_triton)
+    g = torch.Generator().manual_seed(3)
+    q, keys = torch.randn(2, 4, 1, 16, generator=g), torch.randn(2, 2, 300, 16, generator=g)
+    bounds = KeyBounds(key_start=torch.tensor([0, 37]))
+    picked = {}
+    for kernel in ("torch", "triton"):
+        if method == "quest":
+            m = Quest(budget=96, page_size=16, dense_layers=0, topk=kernel)
+            layer = m.cache_layer(0, tiny_config("llama"))
+            layer.update(keys, keys.clone())
+            sel = m.select(q, layer.keys, DecodeContext(0, 0.25, bounds, None, layer))
+        else:
+            m = Recycled(budget=96, page_size=16, stride=4, topk=kernel)
+            layer = m.cache_layer(0, tiny_config("llama"))
+            layer.update(keys, keys.clone())
+            ctx = DecodeContext(0, 0.25, bounds, None, layer)
+            assert m.select(q, layer.keys, ctx) is None  # the refresh step runs dense and records the pages
+            step = torch.randn(2, 2, 1, 16, generator=torch.Generator().manual_seed(4))
+            layer.update(step, step.clone())  # the next token: the recorded pages are reused
+            sel = m.select(q, layer.keys, DecodeContext(0, 0.25, bounds, None, layer))
+        picked[kernel] = sel
+    assert torch.equal(picked["torch"].counts, picked["triton"].counts)
+    assert torch.equal(picked["torch"].indices, picked["triton"].indices)
