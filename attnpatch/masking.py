@@ -65,6 +65,7 @@ class AttnMask:
     _dense: Any = field(default=None, repr=False)
     _dense_built: bool = field(default=False, repr=False)
     _bounds: Any = field(default=None, repr=False)  # the KeyBounds derived from it (cached by `key_bounds`)
+    _decode: dict = field(default_factory=dict, repr=False)  # kv_len -> a decode step's KeyBounds (`_decode_bounds`)
 
     def dense(self) -> torch.Tensor | None:
         """The mask `sdpa_mask` builds for these arguments (what the unpatched model would get); cached."""
@@ -167,8 +168,11 @@ def _decode_bounds(mask: Any, kv_len: int, positions: torch.Tensor | None) -> Ke
         valid, window = mask.key_valid, mask.window
         if valid is None:
             return None
-        if positions is not None:
-            valid = _take_keys(valid, positions)
+        if positions is None:  # every layer of the step gets this mask object: derive the bounds once
+            if kv_len not in mask._decode:
+                mask._decode[kv_len] = _validity_bounds(valid, window, kv_len)
+            return mask._decode[kv_len]
+        valid = _take_keys(valid, positions)
     elif (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.dim() == 4
           and mask.shape[1] == 1 and mask.shape[2] == 1):
         valid, window = mask[:, 0, 0, :], None  # the row already holds any window
@@ -176,9 +180,14 @@ def _decode_bounds(mask: Any, kv_len: int, positions: torch.Tensor | None) -> Ke
             valid = _take_keys(valid, positions)
     else:
         return None
+    return _validity_bounds(valid, window, kv_len)
+
+
+def _validity_bounds(valid: torch.Tensor, window: int | None, kv_len: int) -> KeyBounds | None:
     if valid.shape[-1] != kv_len:
         return None
-    return KeyBounds(key_valid=valid, window=window, key_end=valid_key_end(valid))
+    return KeyBounds(key_valid=valid, window=window, key_end=valid_key_end(valid),
+                     key_first=valid.to(torch.int8).argmax(-1))
 
 
 def _take_keys(t: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

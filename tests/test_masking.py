@@ -87,6 +87,19 @@ def test_a_mask_is_analysed_once_per_object():
     assert key_bounds(mask.clone(), 20, 20, None) is not first
 
 
+def test_a_decode_mask_gives_every_layer_the_same_bounds():
+    """A decode step's AttnMask is read once: every layer gets the same KeyBounds, with each row's first
+    and one-past-last valid key precomputed (Quest's sink page, the static cache's written length)."""
+    valid = torch.ones(2, 30, dtype=torch.bool)
+    valid[1, :6] = False
+    valid[:, 25:] = False  # static cache slots not written yet
+    mask = AttnMask(1, 30, valid, None, {})
+    first = key_bounds(mask, 1, 30, None)
+    assert key_bounds(mask, 1, 30, None) is first
+    assert first.first_key(2, "cpu").tolist() == [0, 6] and first.key_end.tolist() == [25, 25]
+    assert KeyBounds(key_valid=valid).first_key(2, "cpu").tolist() == [0, 6]
+
+
 @pytest.mark.parametrize("window", [None, 5])
 def test_bounds_describe_the_dense_mask(window):
     valid = torch.arange(30)[None, :] >= torch.tensor([[0], [9]])

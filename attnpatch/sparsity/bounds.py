@@ -28,7 +28,8 @@ class KeyBounds:
     `key_end` (`[B]` int, set with `key_valid` for a decode step) is one past the last valid key of
     each row: with a static cache the keys are the whole preallocated buffer and the slots from
     `key_end` on are not written yet. It only bounds what is worth reading (decode page lists are
-    clipped to it on device); visibility is decided by the fields above.
+    clipped to it on device); visibility is decided by the fields above. `key_first` (`[B]`, likewise)
+    is each row's first valid key, what `first_key` returns (computed once per decode step, not per layer).
     """
 
     key_start: torch.Tensor | None = None  # [B] int
@@ -37,6 +38,7 @@ class KeyBounds:
     mask: torch.Tensor | None = None  # [B, 1|H, Lq, Lk] bool
     causal: bool = True  # False: the tensor mask lets some query see a later key (e.g. image tokens)
     key_end: torch.Tensor | None = None  # [B] int: one past each row's last valid key (informative)
+    key_first: torch.Tensor | None = None  # [B] int: each row's first valid key (set with key_valid: `first_key`)
 
     @property
     def is_plain(self) -> bool:
@@ -51,6 +53,8 @@ class KeyBounds:
         """`[B]` each row's first real (non-padding) key — never the start of a sliding window."""
         if self.key_start is not None:
             return self.key_start.to(device=device, dtype=torch.long)
+        if self.key_first is not None:
+            return self.key_first.to(device=device, dtype=torch.long)
         if self.key_valid is not None:
             return self.key_valid.to(torch.int8).argmax(-1).to(device)
         if self.mask is not None:  # a key no query may see is padding
