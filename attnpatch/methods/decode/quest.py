@@ -36,7 +36,11 @@ class Quest(DecodeMethod):
     bench/results/decode_smollm2/) "mass" answered 3/3 (KL to dense decoding 0.36, top-1 agreement
     0.85) where "max" answered 2/3 (KL 0.42, agreement 0.79), lower KL on every prompt. Forcing
     1–3 local pages before the current one did not lower the KL (one 2K prompt, budget 128;
-    `local_pages`, default 0). As
+    `local_pages`, default 0). Page size: 16 as the paper, but on SmolLM2 4K it cuts needle numbers
+    short (niah_single_1 0.60 at budget 1024 over 20 samples, dense 1.00; on 8 prompts 4/8 at page 16,
+    8/8 at page 64 with the same budget: bench/results/decode_smollm2/quest_page_size_niah.md) — the
+    page holding the rest of the number is not chosen; prefer `page_size=64` (or 32) until the default
+    is changed with its GPU speed measured. As
     Quest's code, the first `dense_layers` layers run dense; a cache that fits the budget, or is
     shorter than `min_length`, runs dense. With a static cache, `min_length` and the
     fits-the-budget test compare with the cache capacity (host-known, no sync); pages past the
