@@ -170,7 +170,7 @@ def _decode_bounds(mask: Any, kv_len: int, positions: torch.Tensor | None) -> Ke
             return None
         if positions is None:  # every layer of the step gets this mask object: derive the bounds once
             if kv_len not in mask._decode:
-                mask._decode[kv_len] = _validity_bounds(valid, window, kv_len)
+                mask._decode[kv_len] = _validity_bounds(valid, window, kv_len, with_first=True)
             return mask._decode[kv_len]
         valid = _take_keys(valid, positions)
     elif (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.dim() == 4
@@ -183,11 +183,14 @@ def _decode_bounds(mask: Any, kv_len: int, positions: torch.Tensor | None) -> Ke
     return _validity_bounds(valid, window, kv_len)
 
 
-def _validity_bounds(valid: torch.Tensor, window: int | None, kv_len: int) -> KeyBounds | None:
+def _validity_bounds(valid: torch.Tensor, window: int | None, kv_len: int, with_first: bool = False
+                     ) -> KeyBounds | None:
+    """Bounds from one row of per-key validity; `with_first` precomputes each row's first valid key (worth
+    it where the bounds are shared by every layer of the step, else `first_key` derives it on demand)."""
     if valid.shape[-1] != kv_len:
         return None
-    return KeyBounds(key_valid=valid, window=window, key_end=valid_key_end(valid),
-                     key_first=valid.to(torch.int8).argmax(-1))
+    first = valid.to(torch.int8).argmax(-1) if with_first else None
+    return KeyBounds(key_valid=valid, window=window, key_end=valid_key_end(valid), key_first=first)
 
 
 def _take_keys(t: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

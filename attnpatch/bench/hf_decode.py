@@ -125,7 +125,7 @@ def parse_decode_options(items: list[str] | None) -> dict[str, list[str]]:
     method named twice gets a row per setting); names checked against the registry."""
     from attnpatch.registry import get_method
 
-    out: dict[str, str] = {}
+    out: dict[str, list[str]] = {}
     for item in items or []:
         name, sep, rest = item.partition(":")
         if not sep or not rest:

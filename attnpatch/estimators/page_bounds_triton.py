@@ -28,10 +28,6 @@ __all__ = ["page_upper_bounds_triton", "unsupported_reason"]
 BLOCK_N = 64  # pages per program
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
-
-
 if triton_available():
     import triton
     import triton.language as tl
@@ -115,7 +111,7 @@ def page_upper_bounds_triton(query: torch.Tensor, page_min: torch.Tensor, page_m
         q, page_min, page_max, out, hkv, group, n, q.stride(0), q.stride(1),
         page_min.stride(0), page_min.stride(1), page_min.stride(2),
         page_max.stride(0), page_max.stride(1), page_max.stride(2), float(scale),
-        HEAD_D=d, BLOCK_D=max(16, _next_pow2(d)), BLOCK_G=max(16, _next_pow2(group)), BLOCK_N=BLOCK_N,
+        HEAD_D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=BLOCK_N,
         DOT_PRECISION=precision, num_warps=4,
     )  # fmt: skip
     return out

@@ -32,10 +32,6 @@ __all__ = ["MAX_N", "topk_ascending_triton", "unsupported_reason"]
 MAX_N = 1 << 15  # entries per row held in one program's registers (512K tokens at 16-token pages)
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
-
-
 if triton_available():
     import triton
     import triton.language as tl
@@ -109,7 +105,7 @@ def topk_ascending_triton(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, t
     out = torch.empty(rows, k, dtype=torch.int32, device=scores.device)
     counts = torch.empty(rows, dtype=torch.int32, device=scores.device)
     if rows:
-        block = max(16, _next_pow2(n))
+        block = max(16, triton.next_power_of_2(n))
         _topk_ascending_kernel[(rows,)](flat, out, counts, n, k, flat.stride(0), BLOCK_N=block,
-                                        BLOCK_K=max(16, _next_pow2(k)), num_warps=8 if block >= 4096 else 4)
+                                        BLOCK_K=max(16, triton.next_power_of_2(k)), num_warps=8 if block >= 4096 else 4)
     return out.view(*lead, k), counts.view(lead)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from attnpatch.options import option
 from attnpatch.sparsity import KeyBounds, PageSelection
 
 
@@ -43,6 +44,12 @@ def compact(pages: torch.Tensor, ok: torch.Tensor, n_pages: int, kv_len: int, pa
 
 
 TOPK_KERNELS = ("torch", "triton")
+
+
+def topk_option():
+    """The `topk` option of the page-selecting methods (how `top_pages` finds the pages)."""
+    return option("torch", "how the top pages are found: torch.topk + a sort, or one Triton launch that selects "
+                  "and orders them (not yet measured on a GPU)", choices=TOPK_KERNELS)
 
 
 def top_pages(score: torch.Tensor, k: int, valid: torch.Tensor, forced: torch.Tensor, kv_len: int,

@@ -10,7 +10,7 @@ import torch
 from attnpatch.cache import PageBoundsLayer, key_page_bounds
 from attnpatch.estimators.page_bounds import page_upper_bounds
 from attnpatch.methods.base import DecodeContext, DecodeMethod
-from attnpatch.methods.decode.pages import TOPK_KERNELS, check_budget, top_pages
+from attnpatch.methods.decode.pages import check_budget, top_pages, topk_option
 from attnpatch.options import option
 from attnpatch.registry import register_decode
 from attnpatch.sparsity import PageSelection, num_blocks
@@ -55,8 +55,7 @@ class Quest(DecodeMethod):
     page_size: int = option(16, "tokens per page (one min / max per page and channel)", choices=(16, 32, 64, 128))
     group: str = option("mass", "how a KV group's query heads combine their page bounds", choices=("mass", "max"))
     local_pages: int = option(0, "pages before the current one always kept (local context)", min=0)
-    topk: str = option("torch", "how the top pages are found: torch.topk + a sort, or one Triton launch that "
-                       "selects and orders them (not yet measured on a GPU)", choices=TOPK_KERNELS)
+    topk: str = topk_option()
     dense_layers: int = option(2, "the first layers run dense (as Quest's code)", min=0)
     min_length: int = option(0, "caches shorter than this run dense", min=0)
 

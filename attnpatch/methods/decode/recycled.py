@@ -10,7 +10,7 @@ import torch
 
 from attnpatch.cache import RecycledLayer, RecycledState
 from attnpatch.methods.base import DecodeContext, DecodeMethod
-from attnpatch.methods.decode.pages import TOPK_KERNELS, check_budget, compact, top_pages, visible_keys
+from attnpatch.methods.decode.pages import check_budget, compact, top_pages, topk_option, visible_keys
 from attnpatch.options import option
 from attnpatch.registry import register_decode
 from attnpatch.sparsity import PageSelection, num_blocks
@@ -58,8 +58,7 @@ class Recycled(DecodeMethod):
                          min=48, max=1 << 30)
     stride: int = option(16, "decode steps from one full-attention refresh to the next (1: every step)", min=1)
     page_size: int = option(16, "tokens per recycled page", choices=(16, 32, 64, 128))
-    topk: str = option("torch", "how the top pages are found: torch.topk + a sort, or one Triton launch that "
-                       "selects and orders them (not yet measured on a GPU)", choices=TOPK_KERNELS)
+    topk: str = topk_option()
     min_length: int = option(0, "caches shorter than this run dense", min=0)
 
     def __post_init__(self) -> None:
