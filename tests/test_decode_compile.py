@@ -61,6 +61,38 @@ def test_decode_bounds_of_a_static_cache_mask():
     assert bounds.mask is None and bounds.key_start is None
 
 
+def test_static_cache_step_derives_its_bounds_once(monkeypatch):
+    """The layers of a decode step on a static cache (steps as the decode benchmark makes them, the mask
+    built inside the forward) share one wrapped mask row, so the bounds (validity, written length, first
+    key) are derived once per step, not once per layer, which a compiled step would repeat."""
+    from transformers.cache_utils import StaticCache
+
+    import attnpatch.masking as masking
+
+    calls = []
+    real = masking._validity_bounds
+    monkeypatch.setattr(masking, "_validity_bounds", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = tiny_model("llama", num_hidden_layers=3)
+    ids = torch.randint(3, 100, (2, 24), generator=torch.Generator().manual_seed(0))
+
+    def decode():
+        cache = StaticCache(config=model.config, max_cache_len=30)
+        kw = {_cache_kw(model): cache}
+        with torch.no_grad():
+            tok, out = model(ids, **kw).logits[:, -1:].argmax(-1), []
+            for _ in range(3):
+                out.append(model(input_ids=tok, **kw).logits[:, -1])
+                tok = out[-1].argmax(-1, keepdim=True)
+        return torch.stack(out)
+
+    ref = decode()
+    with attnpatch.patch_model(model, decode="quest", budget=48, page_size=16, dense_layers=0) as p:
+        out = decode()
+        assert p.stats().layers[0]["decode_calls"] == 3
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)  # the budget covers the cache
+    assert len(calls) == 3  # one per decode step, shared by the 3 layers
+
+
 def test_page_lists_stop_at_the_written_length():
     sel = PageSelection.all_pages(2, 3, 100, 16)
     clipped = sel.clipped(torch.tensor([33, 0]))

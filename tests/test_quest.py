@@ -105,11 +105,11 @@ def test_budget_covering_the_cache_or_dense_layers_run_dense():
     layer = _layer("dynamic")
     _fill(layer, [60])
     q, bounds = torch.randn(2, 4, 1, 8), KeyBounds()
-    assert Quest(budget=64, dense_layers=0).select(q, layer.keys, DecodeContext(0, 1.0, bounds, None, layer)) is None
-    assert Quest(budget=48, dense_layers=2).select(q, layer.keys, DecodeContext(1, 1.0, bounds, None, layer)) is None
-    assert Quest(budget=48, dense_layers=0, min_length=61).select(
+    assert Quest(budget=64, page_size=PS, dense_layers=0).select(q, layer.keys, DecodeContext(0, 1.0, bounds, None, layer)) is None
+    assert Quest(budget=48, page_size=PS, dense_layers=2).select(q, layer.keys, DecodeContext(1, 1.0, bounds, None, layer)) is None
+    assert Quest(budget=48, page_size=PS, dense_layers=0, min_length=61).select(
         q, layer.keys, DecodeContext(2, 1.0, bounds, None, layer)) is None
-    assert Quest(budget=48, dense_layers=0).select(q, layer.keys, DecodeContext(2, 1.0, bounds, None, layer)) is not None
+    assert Quest(budget=48, page_size=PS, dense_layers=0).select(q, layer.keys, DecodeContext(2, 1.0, bounds, None, layer)) is not None
 
 
 def _scores(model, ids, mask, cache=None, **kw):
@@ -160,13 +160,13 @@ def test_local_pages_are_always_kept():
     layer = _layer("dynamic")
     _fill(layer, [150])
     q = torch.randn(2, 4, 1, 8)
-    sel = Quest(budget=6 * PS, local_pages=2, dense_layers=0).select(
+    sel = Quest(budget=6 * PS, page_size=PS, local_pages=2, dense_layers=0).select(
         q, layer.keys, DecodeContext(0, 1.0, KeyBounds(), None, layer))
     assert sel.counts.eq(6).all()
     for pages in sel.indices.view(-1, 6).tolist():
         assert {0, 7, 8, 9} <= set(pages)
     with pytest.raises(ValueError, match="at least 80 tokens .*2 local page"):
-        Quest(budget=64, local_pages=2)
+        Quest(budget=64, page_size=PS, local_pages=2)
 
 
 class _FastDecode(ReferenceBackend):

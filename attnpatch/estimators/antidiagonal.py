@@ -12,7 +12,9 @@ group's last query (the diagonal tile's antidiagonal includes its few future pai
 they are never attended). Padding keys are zeroed before the GEMM and key groups holding no real key
 are masked, so padding never adds mass; query groups holding no real query score nothing.
 
-Cost: `Lq·Lk·D/S` FLOPs per query head (1/S of QKᵀ, causally halved), run in chunks of query blocks
+Cost: `Lq·Lk·D/S` FLOPs per query head (1/S of QKᵀ, causally halved). The fused Triton kernel
+(`antidiagonal_triton`: online softmax, the scores never written) runs where it takes the inputs; the
+torch path (`antidiagonal_block_scores_torch`, its reference and fallback) runs in chunks of query blocks
 whose float32 temporaries stay near `chunk_elems` elements (never L×L).
 """
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from attnpatch.estimators import antidiagonal_triton
 from attnpatch.estimators.keys import real_keys
 from attnpatch.sparsity import KeyBounds, num_blocks
 
@@ -32,8 +35,22 @@ def antidiagonal_block_scores(query: torch.Tensor, key: torch.Tensor, scale: flo
     """`[B, Hq, R, C]` float32 antidiagonal mass per (query block, key block) (see the module docstring).
 
     query `[B, Hq, Lq, D]`, key `[B, Hkv, Lk, D]`; `block` a multiple of `stride`. Each real query
-    group's row sums to 1, so a query block's row sums to its number of real query groups.
+    group's row sums to 1, so a query block's row sums to its number of real query groups. The Triton
+    kernel runs when it takes the inputs (CUDA, or CPU under the interpreter; not while torch.compile
+    traces), else the torch path; `chunk_elems` only applies to the torch path.
     """
+    if block % stride:
+        raise ValueError(f"block size {block} must be a multiple of the stride {stride}")
+    if (not torch.compiler.is_compiling()
+            and antidiagonal_triton.unsupported_reason(query, key, block, stride) is None):
+        return antidiagonal_triton.antidiagonal_block_scores_triton(query, key, scale, bounds, block, stride)
+    return antidiagonal_block_scores_torch(query, key, scale, bounds, block, stride, chunk_elems)
+
+
+def antidiagonal_block_scores_torch(query: torch.Tensor, key: torch.Tensor, scale: float, bounds: KeyBounds,
+                                    block: int, stride: int, chunk_elems: int = CHUNK_ELEMS) -> torch.Tensor:
+    """The torch path of `antidiagonal_block_scores` (reference of the Triton kernel, and its fallback):
+    float32 group scores materialised in chunks of query blocks of about `chunk_elems` scores."""
     if block % stride:
         raise ValueError(f"block size {block} must be a multiple of the stride {stride}")
     b, hq, lq, d = query.shape

@@ -35,7 +35,7 @@ from attnpatch.spec import PatchSpec
 
 DEFAULT_SPECS = [
     "dense",
-    "quest:budget=256", "quest:budget=1024", "quest:budget=256,group=max",
+    "quest:budget=256,page_size=16", "quest:budget=1024,page_size=16", "quest:budget=256,page_size=16,group=max",
     "recycled:budget=256,stride=16", "recycled:budget=1024,stride=16",
 ]
 

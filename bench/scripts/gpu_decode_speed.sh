@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The H200 decode-speed run of issue 12 (one device call, ~9 min): GPU decode tests (TESTS=1), then HF-path decode,
 # compiled (inductor, reduce-overhead: CUDA-graph trees), each row with its top GPU kernels:
-#   128K batch 4: Triton all pages, quest at 1/16 (defaults: page 16, 2 dense layers, torch.topk; the Triton top-k; page 32)
-#   128K batch 1 and 64K batch 8: Triton all pages, quest at 1/16 (Triton top-k, torch.topk).
+#   128K batch 4: Triton all pages, quest at 1/16 (defaults: page 64, 2 dense layers, torch.topk; the Triton top-k;
+#                 the Triton top-k without dense layers; the earlier default of 16-token pages)
+#   128K batch 1 and 64K batch 8: Triton all pages, quest at 1/16 (torch.topk, the Triton top-k).
+# PARTS (default "d128b4 d128b1 d64b8") picks the parts, so that the run can be split over back-to-back calls.
 # The unpatched compiled model (193 ms a step at 128K, batch 4: bench/results/hf_decode_h200/inductor_2026-12-04)
 # is left out to save device time; add UNPATCHED=1 for it.
 #   OUT=DIR bash bench/scripts/gpu_decode_speed.sh
@@ -17,6 +19,8 @@ run() {  # label length batch time-limit options...
     --methods quest --decode-options "$@" --modes compiled --baselines $BASE --steps 8 --repeats 3 --profile \
     --budget-s $((limit - 60)) 2>&1 | grep "^L=\|Error\|error"
 }
-run d128b4 131072 4 ${T128:-330} quest:budget=8192 quest:budget=8192,topk=triton quest:budget=8192,page_size=32,topk=triton
-run d128b1 131072 1 ${T128B1:-150} quest:budget=8192,topk=triton quest:budget=8192
-run d64b8 65536 8 ${T64:-150} quest:budget=4096,topk=triton quest:budget=4096
+PARTS=${PARTS:-d128b4 d128b1 d64b8}
+case " $PARTS " in *" d128b4 "*) run d128b4 131072 4 ${T128:-400} quest:budget=8192 quest:budget=8192,topk=triton \
+  quest:budget=8192,topk=triton,dense_layers=0 quest:budget=8192,page_size=16;; esac
+case " $PARTS " in *" d128b1 "*) run d128b1 131072 1 ${T128B1:-200} quest:budget=8192 quest:budget=8192,topk=triton;; esac
+case " $PARTS " in *" d64b8 "*) run d64b8 65536 8 ${T64:-200} quest:budget=4096 quest:budget=4096,topk=triton;; esac

@@ -13,11 +13,11 @@ from attnpatch.testing import tiny_model
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-def _setup(decode: str, **options):
+def _setup(decode: str, dtype=torch.bfloat16, **options):
     from transformers.cache_utils import StaticCache
 
     model = tiny_model("llama", hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-                       max_position_embeddings=4096, intermediate_size=512).to("cuda", torch.bfloat16)
+                       max_position_embeddings=4096, intermediate_size=512).to("cuda", dtype)
     ck = "cache" if "cache" in inspect.signature(model.model.forward).parameters else "past_key_values"
     ids = torch.randint(3, 256, (2, 700), generator=torch.Generator().manual_seed(0)).cuda()
     patch = attnpatch.patch_model(model, decode=decode, **options)
@@ -34,7 +34,8 @@ def _rewind(cache, n):
 
 @pytest.mark.parametrize("decode,options", [
     ("blasst", {"page_size": 64}), ("blasst", {"page_size": 64, "a": 16.0}),
-    ("quest", {"budget": 128, "dense_layers": 0}), ("quest", {"budget": 128, "dense_layers": 0, "topk": "triton"})])
+    ("quest", {"budget": 128, "page_size": 16, "dense_layers": 0}),
+    ("quest", {"budget": 128, "page_size": 16, "dense_layers": 0, "topk": "triton"})])
 def test_static_decode_step_has_no_host_sync(decode, options):
     model, patch, cache, kw, tok = _setup(decode, **options)
     with torch.no_grad():
@@ -50,10 +51,14 @@ def test_static_decode_step_has_no_host_sync(decode, options):
     patch.unpatch()
 
 
-@pytest.mark.parametrize("decode,options", [("blasst", {"page_size": 64}),
-                                            ("quest", {"budget": 128, "dense_layers": 0, "topk": "triton"})])
-def test_reduce_overhead_decode_equals_eager(decode, options):
-    model, patch, cache, kw, tok = _setup(decode, **options)
+@pytest.mark.parametrize("decode,dtype,options", [
+    ("blasst", torch.bfloat16, {"page_size": 64}),
+    # float32: in bf16, inductor's fused projections round q differently from eager, which moves Quest's
+    # near-tied page bounds and so its page choice (a different, equally valid selection)
+    ("quest", torch.float32, {"budget": 128, "page_size": 16, "dense_layers": 0, "topk": "triton"}),
+    ("quest", torch.float32, {"budget": 128, "page_size": 16, "dense_layers": 0})])
+def test_reduce_overhead_decode_equals_eager(decode, dtype, options):
+    model, patch, cache, kw, tok = _setup(decode, dtype, **options)
     steps = []
     with torch.no_grad():
         for mode in ("eager", "compiled"):

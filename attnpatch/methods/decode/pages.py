@@ -46,10 +46,11 @@ def compact(pages: torch.Tensor, ok: torch.Tensor, n_pages: int, kv_len: int, pa
 TOPK_KERNELS = ("torch", "triton")
 
 
-def topk_option():
+def topk_option(default: str = "torch"):
     """The `topk` option of the page-selecting methods (how `top_pages` finds the pages)."""
-    return option("torch", "how the top pages are found: torch.topk + a sort, or one Triton launch that selects "
-                  "and orders them (not yet measured on a GPU)", choices=TOPK_KERNELS)
+    return option(default, "how the top pages are found: torch.topk + a sort, or one Triton launch that selects "
+                  "and orders them (torch.topk where the kernel declines the input, e.g. on CPU)",
+                  choices=TOPK_KERNELS)
 
 
 def top_pages(score: torch.Tensor, k: int, valid: torch.Tensor, forced: torch.Tensor, kv_len: int,

@@ -36,12 +36,15 @@ class Quest(DecodeMethod):
     bench/results/decode_smollm2/) "mass" answered 3/3 (KL to dense decoding 0.36, top-1 agreement
     0.85) where "max" answered 2/3 (KL 0.42, agreement 0.79), lower KL on every prompt. Forcing
     1–3 local pages before the current one did not lower the KL (one 2K prompt, budget 128;
-    `local_pages`, default 0). Page size: 16 as the paper, but on SmolLM2 4K it cuts needle numbers
-    short (niah_single_1 0.60 at budget 1024 over 20 samples, dense 1.00; on 8 prompts 4/8 at page 16,
-    8/8 at page 64 with the same budget: bench/results/decode_smollm2/quest_page_size_niah.md) — the
-    page holding the rest of the number is not chosen. Budget 1024 at page 64 scores passkey 0.95,
-    niah_single_1 1.00 over 20 samples (dense 1.00 / 1.00). Prefer `page_size=64` until the default
-    is changed with its GPU speed measured. As
+    `local_pages`, default 0). Page size: 64, not the paper's 16. At 16 on SmolLM2 4K it cuts needle
+    numbers short (niah_single_1 0.60 at budget 1024 over 20 samples, dense 1.00; on 8 prompts 4/8 at
+    page 16, 8/8 at page 64 with the same budget: bench/results/decode_smollm2/quest_page_size_niah.md)
+    — the page holding the rest of the number is not chosen; budget 1024 at page 64 scores passkey 0.95,
+    niah_single_1 1.00 over 20 samples (dense 1.00 / 1.00). It is also the fastest: a compiled 128K
+    step at batch 4 (8B shape, budget 8192) takes 10.3 ms at page 64, 11.8 at 32, 13.0 at 16 on the
+    H200 (fewer pages to bound and rank: bench/results/hf_decode_h200/quest_pages_2026-12-04/). Top-k:
+    the Triton kernel by default (`topk="triton"`: selects and orders the pages in one launch; 9.4 ms
+    instead of 10.3 for that step at page 64; torch.topk where it declines, e.g. on CPU). As
     Quest's code, the first `dense_layers` layers run dense; a cache that fits the budget, or is
     shorter than `min_length`, runs dense. With a static cache, `min_length` and the
     fits-the-budget test compare with the cache capacity (host-known, no sync); pages past the
@@ -52,10 +55,10 @@ class Quest(DecodeMethod):
 
     budget: int = option(1024, "keys read per KV head and step (a multiple of page_size, >= 3 pages)",
                          min=48, max=1 << 30)
-    page_size: int = option(16, "tokens per page (one min / max per page and channel)", choices=(16, 32, 64, 128))
+    page_size: int = option(64, "tokens per page (one min / max per page and channel)", choices=(16, 32, 64, 128))
     group: str = option("mass", "how a KV group's query heads combine their page bounds", choices=("mass", "max"))
     local_pages: int = option(0, "pages before the current one always kept (local context)", min=0)
-    topk: str = topk_option()
+    topk: str = topk_option("triton")
     dense_layers: int = option(2, "the first layers run dense (as Quest's code)", min=0)
     min_length: int = option(0, "caches shorter than this run dense", min=0)
 

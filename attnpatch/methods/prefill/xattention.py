@@ -52,7 +52,9 @@ class XAttention(EstimatedPrefill):
 
     Estimate (`estimators/antidiagonal.py`): per S×S tile one antidiagonal of q·k, scaled by
     `scale / S`, softmax over the key groups each query group may see, summed into blocks; 1/S of
-    QKᵀ's FLOPs, in chunks of query blocks. Selection: the XAttention rule, mass of the forced blocks
+    QKᵀ's FLOPs. On the GPU one fused Triton kernel (two passes, the group scores never written:
+    3.1 ms at 32K, 56 ms at 128K on the H200 for the llama3-8b layer, 2.1× / 1.6× the torch path);
+    elsewhere torch ops in chunks of query blocks. Selection: the XAttention rule, mass of the forced blocks
     counted first (`MassAfterSinkAndDiagonal`); the base then adds the sink (`block_size` tokens from
     each row's first real token) and the diagonal band, and clips to causal / padding.
 
