@@ -39,8 +39,6 @@ def antidiagonal_block_scores(query: torch.Tensor, key: torch.Tensor, scale: flo
     kernel runs when it takes the inputs (CUDA, or CPU under the interpreter; not while torch.compile
     traces), else the torch path; `chunk_elems` only applies to the torch path.
     """
-    if block % stride:
-        raise ValueError(f"block size {block} must be a multiple of the stride {stride}")
     if (not torch.compiler.is_compiling()
             and antidiagonal_triton.unsupported_reason(query, key, block, stride) is None):
         return antidiagonal_triton.antidiagonal_block_scores_triton(query, key, scale, bounds, block, stride)

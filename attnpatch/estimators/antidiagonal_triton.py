@@ -95,20 +95,11 @@ if triton_available():
     import triton
     import triton.language as tl
 
-    @triton.jit
-    def _max_combine_fallback(a, b):
-        return tl.maximum(a, b)
+    from attnpatch.backends.triton.combine import MAX_COMBINE as _MAX
+    from attnpatch.backends.triton.combine import SUM_COMBINE as _SUM
 
-    @triton.jit
-    def _sum_combine_fallback(a, b):
-        return a + b
-
-    # Reductions go through `tl.reduce` with the combine functions `tl.max` / `tl.sum` use, and
-    # `tl.full` replaces `tl.zeros`: identical code on the GPU, and the kernel also interprets when
-    # triton was imported before TRITON_INTERPRET was set (its @jit library helpers are then
-    # compiled-only, while builtins and `tl.reduce` are patched by the interpreter at call time).
-    _MAX = getattr(tl.standard, "_elementwise_max", _max_combine_fallback)
-    _SUM = getattr(tl.standard, "_sum_combine", _sum_combine_fallback)
+    # `tl.full` replaces `tl.zeros` for the same reason as `combine.py`'s reductions (interpretable when
+    # triton was imported before TRITON_INTERPRET was set).
 
     @triton.jit
     def _group_scores(

@@ -157,20 +157,8 @@ if triton_available():
     import triton
     import triton.language as tl
 
-    @triton.jit
-    def _max_combine_fallback(a, b):
-        return tl.maximum(a, b)
-
-    @triton.jit
-    def _sum_combine_fallback(a, b):
-        return a + b
-
-    # Row reductions go through `tl.reduce` with the combine functions `tl.max` / `tl.sum` use:
-    # identical code on the GPU, and the Triton interpreter recognises them (numpy fast path) and
-    # patches `tl.reduce` at call time, so the kernel also interprets when triton itself was
-    # imported before TRITON_INTERPRET was set (its @jit library functions are then compiled-only).
-    _MAX_COMBINE = getattr(tl.standard, "_elementwise_max", _max_combine_fallback)
-    _SUM_COMBINE = getattr(tl.standard, "_sum_combine", _sum_combine_fallback)
+    from attnpatch.backends.triton.combine import MAX_COMBINE as _MAX_COMBINE
+    from attnpatch.backends.triton.combine import SUM_COMBINE as _SUM_COMBINE
 
     @triton.jit
     def _load_v(v_ptrs, k_ok, v_desc, b, hk, row0, MASKED: tl.constexpr, TMA: tl.constexpr,

@@ -108,16 +108,8 @@ if triton_available():
     # compiled-only and cannot run under the interpreter, whereas builtins and `tl.reduce` are
     # patched by it at call time. For the same reason `tl.full` is used instead of `tl.zeros`.
     # The interpreter takes a NumPy fast path when the combine functions are the library's own.
-    @triton.jit
-    def _max_combine_fallback(a, b):
-        return tl.maximum(a, b)
-
-    @triton.jit
-    def _sum_combine_fallback(a, b):
-        return a + b
-
-    _max_combine = getattr(tl.standard, "_elementwise_max", _max_combine_fallback)
-    _sum_combine = getattr(tl.standard, "_sum_combine", _sum_combine_fallback)
+    from attnpatch.backends.triton.combine import MAX_COMBINE as _max_combine
+    from attnpatch.backends.triton.combine import SUM_COMBINE as _sum_combine
 
     @triton.jit
     def _load_query_rows(Q, b, hk, stride_qb, stride_qh, group, BLOCK_G: tl.constexpr, HEAD_D: tl.constexpr):
