@@ -25,8 +25,10 @@ def _expected(scores: torch.Tensor, k: int) -> list[list[int]]:
     return out
 
 
+@pytest.mark.parametrize("early", [0, 1])
 @pytest.mark.parametrize(("rows", "n", "k"), [(6, 100, 7), (4, 513, 32), (3, 64, 64), (2, 1000, 1)])
-def test_the_k_largest_in_ascending_order(rows, n, k):
+def test_the_k_largest_in_ascending_order(rows, n, k, early, monkeypatch):
+    monkeypatch.setenv("ATTNPATCH_TOPK_CONFIG", f"{early},4")
     g = torch.Generator().manual_seed(n + k)
     scores = torch.randn(rows, n, generator=g) * torch.logspace(-3, 3, rows).view(-1, 1)  # wide ranges, negatives
     scores[0, :5] = torch.finfo(torch.float32).max  # forced entries (as top_pages marks them)
@@ -56,7 +58,48 @@ def test_ties_keep_the_lowest_indices():
     assert idx[0].tolist() == [0, 1, 2, 7] and idx[1].tolist() == [0, 1, 2, 3]
 
 
+def _group_reference(scores, k, first, end, combine, keep_last):
+    """What Quest's torch path selects: masks, group combine, forced pages, then the k best."""
+    b, h, _, n = scores.shape
+    pages = torch.arange(n)
+    end = torch.as_tensor(end).expand(b).view(b, 1)
+    first = torch.as_tensor(first).view(b, 1)
+    valid = (pages >= first) & (pages < end)  # [B, n]
+    forced = valid & ((pages == first) | ((pages < end) & (pages >= end - 1 - keep_last)))
+    masked = scores.masked_fill(~valid.view(b, 1, 1, n), float("-inf"))
+    score = masked.amax(2) if combine == "max" else torch.softmax(masked, -1).sum(2)
+    score = torch.where(forced.view(b, 1, n), torch.finfo(torch.float32).max, score)
+    return _expected(score.masked_fill(~valid.view(b, 1, n), float("-inf")), k)
+
+
+@pytest.mark.parametrize("early", [0, 1])
+@pytest.mark.parametrize("combine", ["softmax_sum", "max"])
+@pytest.mark.parametrize(("end", "keep_last"), [(140, 0), ([150, 90, 30], 2)])
+def test_group_kernel_combines_masks_and_forces_like_the_torch_path(combine, end, keep_last, early, monkeypatch):
+    monkeypatch.setenv("ATTNPATCH_TOPK_CONFIG", f"{early},4")
+    g = torch.Generator().manual_seed(11)
+    scores = torch.randn(3, 2, 3, 150, generator=g) * 4
+    first = torch.tensor([0, 5, 17])
+    end_arg = torch.tensor(end) if isinstance(end, list) else torch.tensor(end)
+    idx, counts = _ts.group_topk_ascending_triton(scores, 12, first, end_arg, combine, keep_last)
+    assert idx.shape == (3, 2, 12) and counts.shape == (3, 2)
+    want = _group_reference(scores, 12, first, end_arg, combine, keep_last)
+    got = [row[:c].tolist() for row, c in zip(idx.view(6, 12), counts.view(6).tolist(), strict=True)]
+    assert got == want
+    assert all(first[i // 2].item() in got[i] for i in range(6))  # the sink page is always in
+
+
+def test_group_kernel_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="combine must be one of"):
+        _ts.group_topk_ascending_triton(torch.zeros(1, 1, 2, 8), 2, 0, 8, "mean")
+    with pytest.raises(ValueError, match=r"need \[B, H, G, n\]"):
+        _ts.group_topk_ascending_triton(torch.zeros(1, 2, 8), 2, 0, 8)
+    with pytest.raises(ValueError, match="shape \\(2,\\)"):
+        _ts.group_topk_ascending_triton(torch.zeros(2, 1, 2, 8), 2, torch.zeros(3, dtype=torch.long), 8)
+
+
 def test_declined_inputs_name_the_reason():
+    assert "at most" in _ts.group_unsupported_reason(torch.zeros(1, 1, 8, _ts.MAX_GROUP_N // 4), 2)
     assert "float32" in _ts.unsupported_reason(torch.zeros(2, 8, dtype=torch.float16), 2)
     assert "at most" in _ts.unsupported_reason(torch.zeros(1, _ts.MAX_N + 1), 2)
     assert "outside" in _ts.unsupported_reason(torch.zeros(1, 8), 9)
@@ -77,6 +120,8 @@ def test_methods_select_the_same_pages_with_the_kernel(method, monkeypatch):
 
     monkeypatch.setattr(package_kernel, "unsupported_reason", _ts.unsupported_reason)
     monkeypatch.setattr(package_kernel, "topk_ascending_triton", _ts.topk_ascending_triton)
+    monkeypatch.setattr(package_kernel, "group_topk_ascending_triton", _ts.group_topk_ascending_triton)
+    monkeypatch.setattr(package_kernel, "group_unsupported_reason", _ts.group_unsupported_reason)
     g = torch.Generator().manual_seed(3)
     q, keys = torch.randn(2, 4, 1, 16, generator=g), torch.randn(2, 2, 300, 16, generator=g)
     bounds = KeyBounds(key_start=torch.tensor([0, 37]))

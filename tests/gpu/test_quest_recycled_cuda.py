@@ -101,3 +101,26 @@ def test_topk_kernel_selects_the_torch_topk_set(rows, n, k):
     idx, counts = topk_ascending_triton(scores, k)
     ref = scores.topk(k, dim=-1).indices.sort(-1).values.int()
     assert counts.eq(k).all() and torch.equal(idx, ref)
+
+
+@pytest.mark.parametrize("early", [0, 1])
+@pytest.mark.parametrize("combine", ["softmax_sum", "max"])
+def test_group_topk_kernel_matches_the_torch_path(combine, early, monkeypatch):
+    """The fused combine + masks + top-k (Quest's default path) picks Quest's torch-path pages."""
+    from attnpatch.backends.triton.topk_select import group_topk_ascending_triton
+
+    monkeypatch.setenv("ATTNPATCH_TOPK_CONFIG", f"{early},4")
+    g = torch.Generator(device=DEVICE).manual_seed(5)
+    b, h, grp, n, k = 4, 8, 4, 2048, 128
+    scores = torch.randn(b, h, grp, n, device=DEVICE, generator=g) * 3
+    first = torch.tensor([0, 3, 0, 40], device=DEVICE)
+    end = torch.tensor(2000, device=DEVICE)
+    idx, counts = group_topk_ascending_triton(scores, k, first, end, combine, 1)
+    pages = torch.arange(n, device=DEVICE)
+    valid = (pages >= first.view(b, 1)) & (pages < end)
+    forced = valid & ((pages == first.view(b, 1)) | (pages >= end - 2))
+    masked = scores.masked_fill(~valid.view(b, 1, 1, n), float("-inf"))
+    score = masked.amax(2) if combine == "max" else torch.softmax(masked, -1).sum(2)
+    score = torch.where(forced.view(b, 1, n), torch.finfo(torch.float32).max, score.masked_fill(~valid.view(b, 1, n), float("-inf")))
+    ref = score.topk(k, dim=-1).indices.sort(-1).values.int()
+    assert counts.eq(k).all() and torch.equal(idx, ref)

@@ -80,3 +80,23 @@ def top_pages(score: torch.Tensor, k: int, valid: torch.Tensor, forced: torch.Te
     order = torch.where(vals > float("-inf"), idx, n).sort(-1).values
     counts = (order < n).sum(-1, dtype=torch.int32)
     return PageSelection(torch.where(order < n, order, 0).to(torch.int32), counts, page_size, kv_len)
+
+
+def group_top_pages(bound: torch.Tensor, k: int, first: torch.Tensor, end: torch.Tensor, keep_last: int,
+                    combine: str, kv_len: int, page_size: int) -> PageSelection | None:
+    """One Triton launch (`attnpatch.backends.triton.topk_select.group_topk_ascending_triton`) that
+    combines the G bound rows of each KV head (`combine`: "softmax_sum" or "max"), masks the pages
+    outside `first[b] <= page < end`, forces `first[b]` and the `keep_last + 1` last pages, and selects
+    the `k` best in ascending order; None where the kernel declines the input (the caller keeps the
+    torch path). `bound` `[B, Hkv, G, n]` float32, `first` `[B]`, `end` 0-dim or `[B]`."""
+    from attnpatch.backends.triton import topk_select
+
+    if topk_select.group_unsupported_reason(bound, k) is not None:
+        return None
+    if torch.compiler.is_compiling():
+        from attnpatch.backends.triton.topk_select_op import group_topk_ascending_op
+
+        indices, counts = group_topk_ascending_op(bound, k, first, end, combine, keep_last)
+    else:
+        indices, counts = topk_select.group_topk_ascending_triton(bound, k, first, end, combine, keep_last)
+    return PageSelection(indices, counts, page_size, kv_len)

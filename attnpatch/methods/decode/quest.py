@@ -10,7 +10,7 @@ import torch
 from attnpatch.cache import PageBoundsLayer, key_page_bounds
 from attnpatch.estimators.page_bounds import page_upper_bounds
 from attnpatch.methods.base import DecodeContext, DecodeMethod
-from attnpatch.methods.decode.pages import check_budget, top_pages, topk_option
+from attnpatch.methods.decode.pages import check_budget, group_top_pages, top_pages, topk_option
 from attnpatch.options import option
 from attnpatch.registry import register_decode
 from attnpatch.sparsity import PageSelection, num_blocks
@@ -43,9 +43,12 @@ class Quest(DecodeMethod):
     niah_single_1 1.00 over 20 samples (dense 1.00 / 1.00). It is also the fastest: a compiled 128K
     step at batch 4 (8B shape, budget 8192) takes 10.3 ms at page 64, 11.8 at 32, 13.0 at 16 on the
     H200 (fewer pages to bound and rank: bench/results/hf_decode_h200/quest_pages_2026-12-04/). Top-k:
-    the Triton kernel by default (`topk="triton"`: selects and orders the pages in one launch; 9.4 ms
-    instead of 10.3 for that step at page 64; torch.topk where it declines, e.g. on CPU). As
-    Quest's code, the first `dense_layers` layers run dense; a cache that fits the budget, or is
+    the Triton kernel by default (`topk="triton"`: one launch combines the group's bounds, masks the
+    pages and selects and orders them: 9.1 ms for that step at page 64, against 10.3 with torch.topk;
+    bench/results/hf_decode_h200/fused_select_2026-12-04/; the torch path where it declines, e.g. on
+    CPU). As Quest's code, the first `dense_layers` layers run dense (without them: 8.1 ms for that step,
+    and the same passkey / niah_single_1 scores on SmolLM2 4K at budgets 256 and 1024 — not measured on
+    a 7B model, so the paper's 2 stay the default); a cache that fits the budget, or is
     shorter than `min_length`, runs dense. With a static cache, `min_length` and the
     fits-the-budget test compare with the cache capacity (host-known, no sync); pages past the
     written length are never selected. Sliding-window layers run their window.
@@ -81,13 +84,19 @@ class Quest(DecodeMethod):
         else:
             page_min, page_max, written = found
         device = query.device
-        pages = torch.arange(n, device=device)
         written = torch.as_tensor(written, device=device)
         first = ctx.bounds.first_key(b, device) // ps  # [B] page of each row's first real key (sinks)
+        bound = page_upper_bounds(query, page_min, page_max, n, ctx.scale)
+        if self.topk == "triton":  # masks, group combine and top-k in one launch where the kernel runs
+            combine = "max" if self.group == "max" else "softmax_sum"
+            end = (written + ps - 1) // ps
+            sel = group_top_pages(bound, k, first, end, self.local_pages, combine, lk, ps)
+            if sel is not None:
+                return sel
+        pages = torch.arange(n, device=device)
         valid = ((pages * ps < written) & (pages.view(1, n) >= first.view(b, 1))).view(b, 1, 1, n)
         last = (written - 1) // ps
         forced = (pages.view(1, n) == first.view(b, 1)) | ((pages <= last) & (pages >= last - self.local_pages))
-        bound = page_upper_bounds(query, page_min, page_max, n, ctx.scale)
         bound = bound.masked_fill(~valid, float("-inf"))
         score = bound.amax(2) if self.group == "max" else torch.softmax(bound, -1).sum(2)
         return top_pages(score, k, valid.squeeze(2), forced.unsqueeze(1), lk, ps, self.topk)

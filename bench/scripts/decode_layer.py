@@ -1,0 +1,186 @@
+"""One decode layer at 128K (issue 12's per-layer target): Quest's whole step — page bounds, selection,
+the sparse decode kernel — against the dense decodes (SDPA cuDNN / flash / efficient, the Triton kernel
+over all pages), each a CUDA-graph replay of the same inputs, same run; plus the top-k kernel's launch
+configurations (early exit × warps) on the rows such a step ranks.
+
+    python bench/scripts/decode_layer.py --out $OUT/decode_layer          # on the H200, ~2 min
+
+Inputs: Llama-3.1-8B's attention shape (32 query / 8 KV heads, head dim 128), bf16, random K/V and a
+random query; Quest's page tables from those keys (what its cache layer keeps). Random keys make every
+page look alike, so the selection's cost here is its worst case (no early stop of the radix search).
+Writes `decode_layer.json` and `decode_layer.md` with the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from attnpatch.backends.triton.decode import sparse_decode_attention
+from attnpatch.backends.triton.decode_op import sparse_decode
+from attnpatch.bench.kernels import _bench_graph, environment
+from attnpatch.cache import key_page_bounds
+from attnpatch.methods.base import DecodeContext
+from attnpatch.methods.decode import quest as quest_module
+from attnpatch.methods.decode.quest import Quest
+from attnpatch.sparsity import KeyBounds, PageSelection
+
+HQ, HKV, D = 32, 8, 128
+SDPA = {"sdpa-cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa-flash": SDPBackend.FLASH_ATTENTION,
+        "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION}
+
+
+class _Tables:
+    """Stands in for Quest's cache layer: the page tables of the keys."""
+
+    def __init__(self, key: torch.Tensor, page_size: int):
+        self.page_size = page_size
+        self.tables = (*key_page_bounds(key, page_size), torch.tensor(key.shape[2], device=key.device))
+
+    def page_bounds(self):
+        return self.tables
+
+
+def _graph_us(fn) -> float | None:
+    try:
+        return _bench_graph(fn) * 1e3
+    except Exception as e:  # noqa: BLE001  (a backend that cannot take the input or be captured)
+        print(f"  failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+        torch.cuda.synchronize()
+        return None
+
+
+def layer_rows(length: int, batch: int, fraction: float) -> list[dict]:
+    g = torch.Generator(device="cuda").manual_seed(length + batch)
+    q = torch.randn(batch, HQ, 1, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(batch, HKV, length, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(batch, HKV, length, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    scale = D ** -0.5
+    rows = []
+
+    def add(row: str, us: float | None, **extra) -> None:
+        rows.append({"length": length, "batch": batch, "row": row, "us": us, **extra})
+        print(f"L={length} B={batch} {row}: {us if us is None else round(us, 2)} us", flush=True)
+
+    for name, backend in SDPA.items():
+        def dense(backend=backend):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        add(name, _graph_us(dense))
+    every = PageSelection.all_pages(batch, HKV, length, 64, "cuda")
+    add("triton all pages", _graph_us(lambda: sparse_decode_attention(q, k, v, every)))
+
+    budget = int(length * fraction)
+    tables = _Tables(k, 64)
+    ctx = DecodeContext(0, scale, KeyBounds(), None, tables)
+    fused = quest_module.group_top_pages
+
+    def unfused(*args, **kwargs):  # the path before the fused kernel: torch masks + softmax, then top-k
+        return None
+
+    for label, options, patch in (
+        ("quest", {}, fused),
+        ("quest, top-k without the fused combine / masks", {}, unfused),
+        ("quest, torch.topk", {"topk": "torch"}, fused),
+        ("quest, group=max", {"group": "max"}, fused),
+    ):
+        method = Quest(budget=budget, dense_layers=0, **options)
+        quest_module.group_top_pages = patch
+        try:
+            sel = method.select(q, k, ctx)
+            kernel_us = _graph_us(lambda sel=sel: sparse_decode_attention(q, k, v, sel))
+            select_us = _graph_us(lambda method=method: method.select(q, k, ctx))
+            step_us = _graph_us(lambda method=method: sparse_decode_attention(q, k, v, method.select(q, k, ctx)))
+        finally:
+            quest_module.group_top_pages = fused
+        add(f"{label} (budget {budget})", step_us, select_us=select_us, kernel_us=kernel_us)
+    # the step as a compiled decode step runs it: inductor fuses the small tensor ops around the kernels
+    method = Quest(budget=budget, dense_layers=0)
+    compiled = torch.compile(lambda: sparse_decode(q, k, v, method.select(q, k, ctx), scale=scale), fullgraph=True)
+    try:
+        compiled()
+        add(f"quest, torch.compile (budget {budget})", _graph_us(compiled))
+    except Exception as e:  # noqa: BLE001
+        print(f"  compiled quest failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+    best = min((r["us"] for r in rows if r["row"].startswith(("sdpa", "triton")) and r["us"]), default=None)
+    for r in rows:
+        r["speedup_vs_best_dense"] = None if best is None or not r["us"] else round(best / r["us"], 2)
+    return rows
+
+
+def topk_rows(configs: list[str]) -> list[dict]:
+    from attnpatch.backends.triton.topk_select import group_topk_ascending_triton
+
+    rows = []
+    for n, hrows in ((2048, 32), (2048, 8), (2048, 64), (1024, 64)):
+        g = torch.Generator(device="cuda").manual_seed(n)
+        bounds = torch.randn(hrows, 1, 4, n, device="cuda", generator=g) * 3
+        first = torch.zeros(hrows, dtype=torch.long, device="cuda")
+        end = torch.tensor(n, device="cuda")
+        for config in configs:
+            os.environ["ATTNPATCH_TOPK_CONFIG"] = config
+            us = _graph_us(lambda b=bounds, k=n // 16, f=first, e=end: group_topk_ascending_triton(b, k, f, e))
+            rows.append({"n": n, "rows": hrows, "config": config, "us": us})
+            print(f"topk n={n} rows={hrows} early_exit,warps={config}: {us} us", flush=True)
+        os.environ.pop("ATTNPATCH_TOPK_CONFIG", None)
+    return rows
+
+
+def _md(result: dict) -> str:
+    out = [f"# One decode layer, Llama-3.1-8B shape ({HQ}/{HKV}/{D}), bf16 — {result['env'].get('gpu')}", "",
+           f"`{result['command']}`", "", "CUDA-graph replay of each call (µs); Quest = page bounds + selection + "
+           "sparse decode kernel, budget 1/16 of the keys, 64-token pages, random keys; top-k launch "
+           f"`early_exit,warps` = {result.get('best_topk_config', 'default')}.", "",
+           "| L | B | row | µs | select µs | kernel µs | × best dense |", "|---|---|---|---|---|---|---|"]
+
+    def f(x):
+        return "–" if x is None else f"{x:.1f}"
+
+    for r in result["layer"]:
+        out.append(f"| {r['length']} | {r['batch']} | {r['row']} | {f(r['us'])} | {f(r.get('select_us'))} | "
+                   f"{f(r.get('kernel_us'))} | {r['speedup_vs_best_dense'] or '–'} |")
+    out += ["", "Top-k kernel (group combine + masks + selection, G = 4, k = n/16), µs by `early_exit,warps`:", "",
+            "| n | rows | early_exit,warps | µs |", "|---|---|---|---|"]
+    out += [f"| {r['n']} | {r['rows']} | {r['config']} | {f(r['us'])} |" for r in result["topk"]]
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="bench/results/decode_layer")
+    p.add_argument("--cases", default="131072x1,131072x4,131072x8,65536x8", help="LENGTHxBATCH, comma separated")
+    p.add_argument("--fraction", type=float, default=1 / 16)
+    p.add_argument("--topk-configs", default="0,4,1,4,0,8,1,8,0,2,1,2",
+                   help="early_exit,warps pairs for the top-k sweep, flattened")
+    args = p.parse_args(argv)
+    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
+    flat = args.topk_configs.split(",")
+    configs = [f"{flat[i]},{flat[i + 1]}" for i in range(0, len(flat), 2)]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"command": command, "env": environment(command), "topk": topk_rows(configs), "layer": []}
+    timed = [r for r in result["topk"] if r["n"] == 2048 and r["rows"] == 32 and r["us"]]
+    if timed:  # the fastest launch at 128K, batch 4: what the layer rows (and a later run) use
+        best = min(timed, key=lambda r: r["us"])["config"]
+        os.environ["ATTNPATCH_TOPK_CONFIG"] = result["best_topk_config"] = best
+        (out / "best_topk_config.txt").write_text(best + "\n")
+    for case in args.cases.split(","):
+        length, batch = (int(x) for x in case.split("x"))
+        result["layer"] += layer_rows(length, batch, args.fraction)
+        torch.cuda.empty_cache()
+    (out / "decode_layer.json").write_text(json.dumps(result, indent=1, default=str))
+    (out / "decode_layer.md").write_text(_md(result))
+    print(_md(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
