@@ -54,16 +54,20 @@ AttentionInterface.register(IMPLEMENTATION, _attention)
 AttentionMaskInterface.register(IMPLEMENTATION, attnpatch_mask)
 
 
-def _dense_premade_masks(kwargs: dict) -> None:
+def _dense_premade_masks(kwargs: dict) -> list[tuple[torch.Tensor, AttnMask]]:
     """`generate` with a static cache builds the masks before the forward (our mask function may answer
     with an `AttnMask`) and passes them as `attention_mask`; the model's own mask creation then only
     takes tensors as "already built": hand it the dense tensor `sdpa_mask` builds (what it would get
-    unpatched)."""
+    unpatched). Returns `(dense tensor, AttnMask)` pairs, so that the dispatch gets each layer the
+    `AttnMask` back (whose bounds are derived once for all the layers of the step)."""
     mask = kwargs.get("attention_mask")
-    if isinstance(mask, AttnMask):
-        kwargs["attention_mask"] = mask.dense()
-    elif isinstance(mask, dict) and any(isinstance(m, AttnMask) for m in mask.values()):
-        kwargs["attention_mask"] = {k: m.dense() if isinstance(m, AttnMask) else m for k, m in mask.items()}
+    masks = mask if isinstance(mask, dict) else {None: mask}
+    if not any(isinstance(m, AttnMask) for m in masks.values()):
+        return []
+    pairs = [(m.dense(), m) for m in masks.values() if isinstance(m, AttnMask)]
+    dense = {k: m.dense() if isinstance(m, AttnMask) else m for k, m in masks.items()}
+    kwargs["attention_mask"] = dense if isinstance(mask, dict) else dense[None]
+    return [(t, m) for t, m in pairs if isinstance(t, torch.Tensor)]
 
 
 def _attention_modules(model) -> list[torch.nn.Module]:
@@ -189,7 +193,9 @@ class Patch:
                 for layer in padded_layers:
                     layer.set_first_real(start)
         self.state.set_cache(cache if isinstance(cache, Cache) else None)
-        _dense_premade_masks(kwargs)
+        premade = _dense_premade_masks(kwargs)
+        if premade or self.state.premade_masks:  # no attribute write where there is nothing to record (compiled steps)
+            self.state.premade_masks = premade
         return args, kwargs
 
     def _check_static(self, cache) -> None:

@@ -46,6 +46,8 @@ class PatchState:
     backends: BackendPlan = field(default_factory=resolve_backend)
     observers: list[Observer] = field(default_factory=list)
     _cache: Any = None  # weak reference to the Cache of the forward in progress (set by the pre-hook)
+    # (dense tensor, AttnMask) of the masks `generate` built before the forward in progress (set by the pre-hook)
+    premade_masks: list = field(default_factory=list)
 
     def set_cache(self, cache) -> None:
         self._cache = None if cache is None else weakref.ref(cache)
@@ -57,6 +59,10 @@ class PatchState:
 
     def attention(self, module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
         """What transformers calls as `attention_interface(module, q, k, v, mask, ...)`."""
+        for dense, wrapped in self.premade_masks:  # a mask generate() built: the AttnMask it stands for
+            if attention_mask is dense:
+                attention_mask = wrapped
+                break
         return _attend(self, module, query, key, value, attention_mask, dropout, scaling, **kwargs)
 
 

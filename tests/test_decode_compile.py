@@ -93,6 +93,34 @@ def test_static_cache_step_derives_its_bounds_once(monkeypatch):
     assert len(calls) == 3  # one per decode step, shared by the 3 layers
 
 
+def test_generate_with_a_static_cache_derives_the_bounds_once_per_step(monkeypatch):
+    """`generate(cache_implementation="static")` builds each step's mask before the forward; the layers
+    still share one derivation of its bounds (the dispatch maps the dense tensor the model receives back
+    to the mask it stands for), and the tokens equal the unpatched model's with a budget that covers
+    the cache. Left padding, so the mask row is not trivial."""
+    import attnpatch.masking as masking
+
+    calls = []
+    real = masking._validity_bounds
+    monkeypatch.setattr(masking, "_validity_bounds", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = tiny_model("llama", num_hidden_layers=3)
+    ids = torch.randint(3, 100, (2, 24), generator=torch.Generator().manual_seed(0))
+    padding = torch.ones_like(ids)
+    padding[1, :5] = 0
+
+    def generate():
+        with torch.no_grad():
+            return model.generate(input_ids=ids, attention_mask=padding, max_new_tokens=4, do_sample=False,
+                                  cache_implementation="static", pad_token_id=0)
+
+    ref = generate()
+    with attnpatch.patch_model(model, decode="quest", budget=48, page_size=16, dense_layers=0) as p:
+        out = generate()
+        steps = p.stats().layers[0]["decode_calls"]
+    assert steps == 3 and torch.equal(out, ref)
+    assert len(calls) == steps  # one per decode step, shared by the 3 layers
+
+
 def test_page_lists_stop_at_the_written_length():
     sel = PageSelection.all_pages(2, 3, 100, 16)
     clipped = sel.clipped(torch.tensor([33, 0]))
