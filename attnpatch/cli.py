@@ -326,7 +326,7 @@ def _calibrate_hess(args: argparse.Namespace, options: dict) -> None:
     cal = hess_measure(model, tok, args.method, data=args.data, samples=args.samples,
                        lengths=_ints(args.lengths, "--lengths"), options=options, grid=args.grid, form=args.form)
     command = "attnpatch " + " ".join(args.argv)
-    profile = cal.redistribute(density, scope=args.scope, name=args.name)
+    profile = cal.redistribute(density, scope=args.scope, name=args.name, spread=args.spread)
     profile.meta["command"] = command
     profile.save(args.out)
     print(f"wrote {args.out}: HeSS {args.method} in {profile.meta['seconds']} s; mean density "
@@ -478,7 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--model", default="smollm2", help="'smollm2' (embedded), a local HF directory or a hub id")
     ca.add_argument("--method", required=True, help="a prefill method with a per-head knob")
     _add_target_args(ca)
-    ca.add_argument("--data", default="text", help="'text', 'passkey' or a JSONL file ({\"text\": ...} per line)")
+    ca.add_argument("--data", default="text", help="'text', 'passkey' or a JSONL file ({\"text\": ...} or "
+                    "{\"prompt\": ..., \"answer\": ...} per line; with --hess the loss counts the answer where there is one)")
     ca.add_argument("--samples", type=int, default=4, help="prompts per length")
     ca.add_argument("--lengths", nargs="+", default="4096", metavar="N", help="prompt lengths in tokens")
     ca.add_argument("--steps", type=int, default=8, help="bisection steps per layer")
@@ -491,6 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
     hs.add_argument("--grid", type=int, default=16, help="knob values evaluated per head")
     hs.add_argument("--form", default="fisher", choices=("fisher", "diagonal"),
                     help="Fisher ½Σ(g·e)² or its diagonal ½Σg²e²")
+    hs.add_argument("--spread", type=int, default=None, metavar="STEPS",
+                    help="keep every head within STEPS grid points of the uniform setting (default: anywhere)")
     hs.add_argument("--scope", default="model", choices=("model", "layer"),
                     help="the average density holds over the whole model or in every layer")
     hs.add_argument("--uniform-out", default=None, metavar="PATH",

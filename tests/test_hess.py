@@ -186,6 +186,15 @@ def test_a_more_sensitive_head_gets_more_density(measured, data):
     layered = cal.redistribute(target, scope="layer")
     for row in layered.meta["per_layer"].values():
         assert abs(sum(row["density"]) / len(row["density"]) - target) <= 1.0 / len(row["density"])
+    # a spread keeps every head within that many grid steps of the uniform point, the boosted head too
+    dens = torch.cat([c.density.T for c in cal.curves.values()])
+    g0 = int((dens.mean(0) - target).abs().argmin())
+    window = set(cal.values[max(0, g0 - 1): g0 + 2])
+    bounded = cal.redistribute(target, spread=1)
+    assert bounded.meta["spread"] == 1
+    assert {v for i in bounded.layers for v in bounded.layers[i]["prefill_options"][cal.knob.option]} <= window
+    with pytest.raises(ValueError, match="spread is a number of grid steps"):
+        cal.redistribute(target, spread=-1)
 
 
 def test_bad_inputs_are_refused(measured, data):
@@ -211,3 +220,41 @@ def test_cli_hess_takes_a_density_target(capsys):
     assert "--hess takes its target as --target-density" in capsys.readouterr().err
     assert main(["calibrate", "--method", "xattention", "--hess", "--target-density", "1.4"]) == 2
     assert "in (0, 1]" in capsys.readouterr().err
+
+
+def test_the_loss_can_count_only_the_answer():
+    """`loss_from` restricts the loss to the answer's tokens: its value is their mean cross-entropy, and
+    the gradient reaches the attention outputs of the positions before the answer."""
+    import torch.nn.functional as F
+
+    from attnpatch.calibrate.hess_grad import _loss_backward
+
+    model = tiny_model("llama")
+    ids = torch.randint(3, 256, (1, 40), generator=torch.Generator().manual_seed(1))
+    _, grads, losses = record_with_grads(model, [ids, ids], loss_from=[0, 36])
+    with torch.no_grad():
+        logits = model(ids).logits.float()
+    full = F.cross_entropy(logits[0, :-1], ids[0, 1:])
+    answer = F.cross_entropy(logits[0, 35:-1], ids[0, 36:])
+    assert losses[0] == pytest.approx(float(full), rel=1e-4) and losses[1] == pytest.approx(float(answer), rel=1e-4)
+    g = grads[0][1]  # layer 0, the answer-only prompt: [1, Hq, L, D]
+    assert g[:, :, :35].abs().sum() > 0  # earlier positions feed the answer through attention
+    with pytest.raises(ValueError, match="one position per prompt"):
+        record_with_grads(model, [ids], loss_from=[0, 1])
+    with pytest.raises(ValueError, match="no token to predict"):
+        _loss_backward(model, torch.zeros(1, 4, 8), torch.zeros(1, 4, dtype=torch.long), loss_from=4)
+
+
+def test_calibration_samples_end_with_the_answer(tmp_path):
+    from attnpatch.calibrate.data import calibration_samples
+
+    tok = _Tok()
+    rows = [{"prompt": "the pass key is hidden here " * 6 + "what is it?", "answer": "4821"},
+            {"text": "plain text without an answer " * 4}]
+    path = tmp_path / "qa.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    qa, text = calibration_samples(tok, str(path), 2, 64)
+    answer = tok(" 4821", add_special_tokens=False, return_tensors="pt").input_ids
+    assert qa.ids.shape[1] == 64 and qa.loss_from == 64 - answer.shape[1]
+    assert torch.equal(qa.ids[:, qa.loss_from:], answer)
+    assert text.loss_from == 0 and text.ids.shape[1] == 64

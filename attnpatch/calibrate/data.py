@@ -2,11 +2,15 @@
 
 Built-in sets are disjoint from the evaluation suite's prompts: `text` takes windows of Austen novels
 other than Pride and Prejudice (the suite's perplexity text), `passkey` uses seeds the suite never uses.
+`calibration_ids` gives the prompts (what threshold calibration records Q/K/V on);
+`calibration_samples` also appends each prompt's answer (passkey, a JSONL row's `answer`) and marks it as
+what a loss should count (HeSS's gradients).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,8 +20,9 @@ _NOVELS = ("emma", "persuasion", "mansfieldpark", "sensesensibility", "northange
 _PASSKEY_SEED = 90_000  # the suite uses 1000 + i and 7
 
 
-def _jsonl_texts(path: Path) -> list[str]:
-    texts = []
+def _jsonl_rows(path: Path) -> list[tuple[str, str | None]]:
+    """`(text, answer)` per row: `text`, or `prompt` with its optional `answer`."""
+    rows = []
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
@@ -27,10 +32,63 @@ def _jsonl_texts(path: Path) -> list[str]:
             raise ValueError(f"{path}:{n} is not JSON: {e}") from e
         if not isinstance(row, dict) or not ({"text"} <= set(row) or {"prompt"} <= set(row)):
             raise ValueError(f"{path}:{n} must be an object with 'text', or 'prompt' (and 'answer'); got {line[:80]!r}")
-        texts.append(str(row.get("text", row.get("prompt"))))
-    if not texts:
+        if "text" in row:
+            rows.append((str(row["text"]), None))
+        else:
+            rows.append((str(row["prompt"]), None if row.get("answer") is None else str(row["answer"])))
+    if not rows:
         raise ValueError(f"{path} has no samples")
-    return texts
+    return rows
+
+
+def _jsonl_texts(path: Path) -> list[str]:
+    return [text for text, _ in _jsonl_rows(path)]
+
+
+@dataclass(frozen=True)
+class CalibrationSample:
+    """Token ids `[1, L]` and the first position whose token a loss counts (0: every token; else the
+    answer's first token)."""
+
+    ids: torch.Tensor
+    loss_from: int = 0
+
+
+def _with_answer(tokenizer, prompt_ids: torch.Tensor, answer: str, length: int) -> CalibrationSample:
+    answer_ids = tokenizer(" " + answer.strip(), add_special_tokens=False, return_tensors="pt").input_ids
+    keep = length - answer_ids.shape[1]
+    if keep < 1:
+        raise ValueError(f"an answer of {answer_ids.shape[1]} tokens does not fit {length} tokens")
+    ids = torch.cat([prompt_ids[:, -keep:], answer_ids], 1)
+    return CalibrationSample(ids, ids.shape[1] - answer_ids.shape[1])
+
+
+def calibration_samples(tokenizer, data: str, samples: int, length: int) -> list[CalibrationSample]:
+    """As `calibration_ids`, but a prompt with an answer (every `passkey` prompt, a JSONL row with
+    `prompt` and `answer`) keeps its last tokens and ends with the answer, within `length` tokens, and
+    `loss_from` marks the answer; other samples (`text`, JSONL `text`) count every token."""
+    if data == "passkey":
+        from attnpatch.eval.passkey import passkey_sample
+
+        out = []
+        for i in range(samples):
+            s = passkey_sample(tokenizer, target_tokens=length, depth=(i + 0.5) / samples, seed=_PASSKEY_SEED + i)
+            out.append(_with_answer(tokenizer, tokenizer(s.prompt, return_tensors="pt").input_ids, s.passkey, length))
+        return out
+    path = Path(data)
+    if data in BUILT_IN or not path.is_file():
+        return [CalibrationSample(ids) for ids in calibration_ids(tokenizer, data, samples, length)]
+    out = []
+    for text, answer in _jsonl_rows(path):
+        ids = tokenizer(text, return_tensors="pt").input_ids
+        if answer is not None:
+            out.append(_with_answer(tokenizer, ids, answer, length))
+        elif ids.shape[1] >= length:
+            out.append(CalibrationSample(ids[:, :length]))
+        if len(out) == samples:
+            return out
+    raise ValueError(f"{path} has {len(out)} sample(s) of at least {length} tokens (or with an answer); "
+                     f"{samples} asked")
 
 
 def calibration_ids(tokenizer, data: str, samples: int, length: int) -> list[torch.Tensor]:

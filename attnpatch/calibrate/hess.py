@@ -13,7 +13,9 @@ Choices (methods.md §4.2 leaves them open): the sensitivity is the Fisher form 
 (`form="diagonal"`: `½ Σ g² e²`), the sum of the output-error and dropped-mass terms (`weights`), per
 head at each knob value (not only at one reference budget), so the allocation uses each head's whole
 error curve; the budget is shared across the whole model (`scope="model"`) or per layer
-(`scope="layer"`). Densities are measured on the calibration prompts at their length: the density of a
+(`scope="layer"`). The loss is the answer's cross-entropy where the calibration data has answers
+(`data="passkey"`, JSONL rows with `prompt` and `answer`: the answer is appended to the prompt), so the
+gradients weigh the heads that retrieve it; the whole text's next-token loss otherwise (`text`). Densities are measured on the calibration prompts at their length: the density of a
 threshold method moves with the context length, so calibrate at the length you run.
 """
 
@@ -28,7 +30,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from attnpatch.calibrate.data import calibration_ids
+from attnpatch.calibrate.data import calibration_samples
 from attnpatch.calibrate.hess_alloc import allocate
 from attnpatch.calibrate.hess_grad import record_with_grads
 from attnpatch.calibrate.hess_score import FORMS, LayerCurves, kept_by, layer_curves
@@ -96,10 +98,14 @@ class HessCalibration:
         return Profile(name, dict(self.fingerprint), layers, full)
 
     def redistribute(self, density: float, weights: tuple[float, float] = (1.0, 1.0), scope: str = "model",
-                     name: str = "") -> Profile:
+                     name: str = "", spread: int | None = None) -> Profile:
         """The HeSS profile: per head the grid value the allocation picks so that the average density
         (over every calibrated head, or per layer with `scope="layer"`) is `density` and the summed
-        sensitivity-weighted error is least."""
+        sensitivity-weighted error is least. `spread`: every head stays within that many grid steps of
+        the grid point whose mean density is nearest `density` (None: anywhere on the grid) — a bound on
+        how far the calibration prompts' sensitivities may move a head from the uniform setting."""
+        if spread is not None and (isinstance(spread, bool) or not isinstance(spread, int) or spread < 0):
+            raise ValueError(f"spread is a number of grid steps >= 0 (or None), got {spread!r}")
         density = _check_density(density)
         if scope not in SCOPES:
             raise ValueError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}")
@@ -108,6 +114,11 @@ class HessCalibration:
         start = time.time()
         ids, dens, cost = self._stack(weights)
         hq = self.curves[ids[0]].density.shape[1]
+        lo = 0
+        if spread is not None:  # the grid window around the uniform point
+            g0 = int((dens.mean(0) - density).abs().argmin())
+            lo, hi = max(0, g0 - spread), min(dens.shape[1], g0 + spread + 1)
+            dens, cost = dens[:, lo:hi], cost[:, lo:hi]
         if scope == "model":
             pick = allocate(dens, cost, density)
         else:
@@ -120,11 +131,12 @@ class HessCalibration:
             pick = torch.cat(picks)
         rows = torch.arange(len(pick))
         got_d, got_c = dens[rows, pick], cost[rows, pick]
+        pick = pick + lo
         values = {i: [self.values[int(g)] for g in pick[n * hq:(n + 1) * hq]] for n, i in enumerate(ids)}
         scores = self.sensitivity(density, weights)
         flat = sorted(((s, i, h) for i, row in scores.items() for h, s in enumerate(row)), reverse=True)
         meta = {
-            "mode": "hess", "target_density": density, "weights": list(weights), "scope": scope,
+            "mode": "hess", "target_density": density, "weights": list(weights), "scope": scope, "spread": spread,
             "achieved": {"density": float(got_d.mean()), "predicted_cost": float(got_c.sum())},
             "per_layer": {str(i): {"density": got_d[n * hq:(n + 1) * hq].tolist(),
                                    "sensitivity": scores[i]} for n, i in enumerate(ids)},
@@ -198,8 +210,9 @@ def hess_measure(model, tokenizer, method: str, *, data: str = "text", samples: 
     if checkpointing is None:
         checkpointing = bool(getattr(model, "supports_gradient_checkpointing", False))
     start = time.time()
-    prompts = [ids for n in lengths for ids in calibration_ids(tokenizer, data, samples, int(n))]
-    layers, grads, losses = record_with_grads(model, prompts, checkpointing=checkpointing)
+    prompts = [x for n in lengths for x in calibration_samples(tokenizer, data, samples, int(n))]
+    layers, grads, losses = record_with_grads(model, [x.ids for x in prompts], checkpointing=checkpointing,
+                                              loss_from=[x.loss_from for x in prompts])
     t = torch.linspace(0, 1, grid, dtype=torch.float64)
     values = knob.value(t).tolist()
     settings = [{**base, knob.option: v} for v in values]
@@ -208,6 +221,7 @@ def hess_measure(model, tokenizer, method: str, *, data: str = "text", samples: 
         curves[i] = layer_curves(info, layer, grads[i], settings, form)
         del grads[i][:]
     meta = {"form": form, "data": data, "samples": samples, "lengths": [int(x) for x in lengths],
+            "loss_on": "answers" if any(x.loss_from for x in prompts) else "every token",
             "grid": {"t": t.tolist(), "values": values}, "loss": sum(losses) / len(losses),
             "seconds": round(time.time() - start, 1), "device": str(model.device), "dtype": str(model.dtype),
             "machine": platform.processor() or platform.machine(), "torch": torch.__version__}

@@ -4,8 +4,8 @@ the layer received (recorded through the probe, as `record_layers` does).
 
 `O_h` is what the attention function returns for head h, i.e. head h's slice of `o_proj`'s input: a
 forward pre-hook on each attention module's `o_proj` hooks that tensor's gradient (no model forward is
-copied). The loss is the mean next-token cross-entropy over the prompt; the LM head runs on chunks of
-tokens, so the `[L, vocab]` logits never exist at once. Parameters are frozen for the pass (no
+copied). The loss is the mean next-token cross-entropy over the prompt (or over its answer: `loss_from`);
+the LM head runs on chunks of tokens, so the `[L, vocab]` logits never exist at once. Parameters are frozen for the pass (no
 parameter gradients are kept); the graph starts at the input embeddings. With `checkpointing`, the
 model's own gradient checkpointing keeps only each decoder layer's input for the backward pass, and
 the hooks record during the first forward only (the backward's recomputation is ignored).
@@ -14,6 +14,7 @@ the hooks record during the first forward only (the backward's recomputation is 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -37,15 +38,19 @@ def attention_modules(model) -> dict[int, torch.nn.Module]:
     return dict(sorted(out.items()))
 
 
-def _loss_backward(model, hidden: torch.Tensor, ids: torch.Tensor) -> float:
-    """Mean next-token cross-entropy from the decoder's last hidden state, backpropagated in token chunks."""
+def _loss_backward(model, hidden: torch.Tensor, ids: torch.Tensor, loss_from: int = 0) -> float:
+    """Mean next-token cross-entropy from the decoder's last hidden state over the tokens from `loss_from`
+    on (at least the second), backpropagated in token chunks."""
     head = model.get_output_embeddings()
     cap = getattr(model.config.get_text_config(decoder=True), "final_logit_softcapping", None)
     top = hidden.detach().requires_grad_()
-    n = ids.shape[1] - 1
+    first = max(int(loss_from), 1) - 1  # the position that predicts token `loss_from`
+    if first >= ids.shape[1] - 1:
+        raise ValueError(f"loss_from {loss_from} leaves no token to predict in {ids.shape[1]} tokens")
+    n = ids.shape[1] - 1 - first
     total = 0.0
-    for s in range(0, n, _LOSS_CHUNK):
-        e = min(n, s + _LOSS_CHUNK)
+    for s in range(first, ids.shape[1] - 1, _LOSS_CHUNK):
+        e = min(ids.shape[1] - 1, s + _LOSS_CHUNK)
         logits = head(top[:, s:e]).float()
         if cap:
             logits = cap * torch.tanh(logits / cap)
@@ -88,10 +93,14 @@ def _checkpointed(model, on: bool):
 
 
 def record_with_grads(model, prompts: list[torch.Tensor], keep_window_layers: bool = False,
-                      checkpointing: bool = False) -> tuple[dict[int, LayerInputs], dict[int, list[torch.Tensor]], list[float]]:
+                      checkpointing: bool = False, loss_from: Sequence[int] | None = None,
+                      ) -> tuple[dict[int, LayerInputs], dict[int, list[torch.Tensor]], list[float]]:
     """`(layers, grads, losses)`: every layer's recorded Q/K/V (as `record_layers`), per layer one float32
     gradient `[B, Hq, L, D]` per prompt (∂ mean LM loss / ∂ attention output), and each prompt's loss.
-    Layers `record_layers` leaves out (windows shorter than the prompt) are left out here too."""
+    `loss_from[i]`: the first token of prompt i the loss counts (default: all). Layers `record_layers`
+    leaves out (windows shorter than the prompt) are left out here too."""
+    if loss_from is not None and len(loss_from) != len(prompts):
+        raise ValueError(f"loss_from needs one position per prompt: {len(loss_from)} for {len(prompts)} prompts")
     modules = attention_modules(model)
     if checkpointing and not getattr(model, "supports_gradient_checkpointing", False):
         raise ValueError(f"{type(model).__name__} does not support gradient checkpointing; use checkpointing=False")
@@ -119,13 +128,13 @@ def record_with_grads(model, prompts: list[torch.Tensor], keep_window_layers: bo
     try:
         with _frozen(model), _checkpointed(model, checkpointing), patch_model(model, "dense") as patch:
             patch.observe(recorder(layers, keep_window_layers, active=lambda: forward[0]))
-            for ids in prompts:
+            for n, ids in enumerate(prompts):
                 ids = ids.to(model.device)
                 embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
                 forward[0] = True
                 hidden = model.get_decoder()(inputs_embeds=embeds, use_cache=False).last_hidden_state
                 forward[0] = False
-                losses.append(_loss_backward(model, hidden, ids))
+                losses.append(_loss_backward(model, hidden, ids, 0 if loss_from is None else loss_from[n]))
                 del hidden, embeds
     finally:
         for h in handles:

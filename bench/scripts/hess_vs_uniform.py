@@ -1,7 +1,7 @@
 """HeSS-redistributed vs uniform per-head budgets at equal average density (issue 11, methods.md §4).
 
-For each method: one HeSS measurement on calibration prompts (Austen novels the suite does not use,
-`--calib-samples` of `--length` tokens), then two profiles at the same average density `--density`:
+For each method: one HeSS measurement on calibration prompts (`--calib-data`: Austen novels the suite does
+not use, or passkey prompts with their answers, `--calib-samples` of `--length` tokens), then two profiles at the same average density `--density`:
 HeSS (knob redistributed per head) and uniform (one knob value for every head, bisected to the same
 density). Both are measured on held-out prompts: fidelity (attention recall, output relative error,
 density; `attnpatch.eval.fidelity.measure`, reference backend) on `--samples` passkey prompts with seeds
@@ -37,6 +37,8 @@ from attnpatch.profile import Profile
 from attnpatch.spec import PatchSpec
 
 FIDELITY_SEED = 2000
+CALIB_DATA = {"text": "text (Austen novels outside the eval suite; loss on every token)",
+              "passkey": "passkey prompts (seeds 90000+i, never used by the suite; loss on the appended answer)"}
 TASKS = ["passkey", "perplexity"]
 
 
@@ -74,12 +76,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--length", type=int, default=4096)
     p.add_argument("--samples", type=int, default=2, help="held-out prompts (fidelity and passkey each)")
     p.add_argument("--calib-samples", type=int, default=1, help="calibration prompts")
+    p.add_argument("--calib-data", default="text",
+                   help="calibration data: text (Austen, loss on every token), passkey (seeds the suite never "
+                        "uses, loss on the answer) or a JSONL path (default: %(default)s)")
     p.add_argument("--methods", nargs="+", default=["xattention", "flexprefill"])
     p.add_argument("--density", type=float, default=0.35, help="average density of both profiles")
     p.add_argument("--grid", type=int, default=12, help="knob values per head for HeSS")
     p.add_argument("--form", default="fisher", choices=("fisher", "diagonal"))
     p.add_argument("-o", "--option", action="append", default=[], metavar="METHOD.KEY=VALUE")
     p.add_argument("--out", default="bench/results/calibration/hess_smollm2")
+    p.add_argument("--spreads", nargs="+", default=["none"],
+                   help="HeSS profiles to compare: grid steps each head may move from the uniform point "
+                        "(`none`: anywhere); one 'hess' row per value (default: none)")
     p.add_argument("--reuse", action="store_true",
                    help="evaluate the profiles already in OUT/profiles (from an earlier run) instead of calibrating")
     args = p.parse_args(argv)
@@ -88,18 +96,20 @@ def main(argv: list[str] | None = None) -> int:
     (out_dir / "profiles").mkdir(parents=True, exist_ok=True)
     start = time.time()
     model, tok = load(args.model)
-    calibration_ids(tok, "text", args.calib_samples, args.length)  # fail early if the text is too short
+    calibration_ids(tok, args.calib_data, args.calib_samples, args.length)  # fail early on data too short
     dense = run_one(model, tok, RunSpec(PatchSpec.build("dense"), args.length), TASKS, args.samples,
                     args.model, resolve(args.model), measure_fidelity=False)
     results: dict = {}
     for method in args.methods:
-        paths = {kind: out_dir / "profiles" / f"{method}-{kind}-d{args.density:g}.json" for kind in ("hess", "uniform")}
+        spreads = {("hess" if v == "none" else f"hess-spread{v}"): (None if v == "none" else int(v)) for v in args.spreads}
+        paths = {kind: out_dir / "profiles" / f"{method}-{kind}-d{args.density:g}.json" for kind in (*spreads, "uniform")}
         if args.reuse and all(p.is_file() for p in paths.values()):
             profiles = {kind: Profile.load(path) for kind, path in paths.items()}
         else:
-            cal = hess_measure(model, tok, method, samples=args.calib_samples, lengths=(args.length,),
+            cal = hess_measure(model, tok, method, data=args.calib_data, samples=args.calib_samples, lengths=(args.length,),
                                options=options[method], grid=args.grid, form=args.form)
-            profiles = {"hess": cal.redistribute(args.density), "uniform": cal.uniform(args.density)}
+            profiles = {kind: cal.redistribute(args.density, spread=v) for kind, v in spreads.items()}
+            profiles["uniform"] = cal.uniform(args.density)
             for kind, profile in profiles.items():
                 profile.meta["command"] = "python bench/scripts/hess_vs_uniform.py " + " ".join(argv or sys.argv[1:])
                 profile.save(paths[kind])
@@ -117,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     data = {"what": "HeSS-redistributed vs uniform per-head budgets at equal average density",
             "command": "python bench/scripts/hess_vs_uniform.py " + " ".join(argv or sys.argv[1:]),
             "model": args.model, "length": args.length, "density": args.density, "form": args.form,
-            "calibration": {"data": "text (Austen novels outside the eval suite)", "samples": args.calib_samples,
+            "calibration": {"data": CALIB_DATA.get(args.calib_data, args.calib_data), "samples": args.calib_samples,
                             "grid": args.grid, "options": options},
             "heldout": {"samples": args.samples, "fidelity": f"passkey prompts, seeds {FIDELITY_SEED}+i",
                         "passkey": "suite passkey, seeds 1000+i"},
@@ -127,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     (out_dir / "hess_vs_uniform.json").write_text(json.dumps(data, indent=1))
     lines = [f"# HeSS vs uniform budgets — {args.model}, {args.length} tokens, average density {args.density}", "",
              f"Command: `{data['command']}`", "",
-             f"Calibration: {args.calib_samples} Austen prompt(s), grid {args.grid}, form {args.form}; held out: "
+             f"Calibration: {args.calib_samples} prompt(s) of {CALIB_DATA.get(args.calib_data, args.calib_data)}, "
+             f"grid {args.grid}, form {args.form}; held out: "
              f"{args.samples} passkey prompt(s) for fidelity (seeds {FIDELITY_SEED}+i) and {args.samples} for passkey "
              f"accuracy (seeds 1000+i), perplexity of one Pride and Prejudice window. Dense: passkey "
              f"{dense['scores']['passkey']:.2f}, perplexity {dense['scores']['perplexity']:.3f}. {data['device']}, "
@@ -137,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     for method, row in results.items():
         for kind, r in row.items():
             c, h = r["calibration"], r["heldout"]
-            label = kind if kind == "hess" else f"uniform ({r['value']:.4g})"
+            label = f"uniform ({r['value']:.4g})" if kind == "uniform" else kind
             lines.append(f"| {method} | {label} | {c['density']:.3f} | {c['predicted_cost']:.3g} | {h['density']:.3f} | "
                          f"{h['recall']:.4f} | {h['rel_error']:.4f} | {h['passkey']:.2f} | {h['perplexity']:.3f} | "
                          f"{h['prefill_density']:.3f} |")
