@@ -61,13 +61,9 @@ if triton_available():
     import triton
     import triton.language as tl
 
-    @triton.jit
-    def _max_combine(a, b):
-        return tl.maximum(a, b)
-
-    # `tl.reduce` with the combine `tl.max` uses, not `tl.max`: see the note in backends/triton/gather.py
+    # `tl.reduce` with the combine `tl.max` uses, not `tl.max`: see backends/triton/combine.py
     # (library @jit helpers cannot run under the interpreter when triton was imported before it was set).
-    _MAX = getattr(tl.standard, "_elementwise_max", _max_combine)
+    from attnpatch.backends.triton.combine import MAX_COMBINE as _MAX
 
     @triton.jit
     def _lowbit_block_scores_kernel(

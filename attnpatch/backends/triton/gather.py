@@ -127,21 +127,10 @@ if triton_available():
     import triton
     import triton.language as tl
 
-    @triton.jit
-    def _max_combine(a, b):
-        return tl.maximum(a, b)
-
-    @triton.jit
-    def _add_combine(a, b):
-        return a + b
-
-    # Row reductions are written as `tl.reduce` with the very combine functions `tl.max` / `tl.sum`
-    # use for fp32 (same code on the GPU). Reason: when triton was imported before TRITON_INTERPRET
-    # was set, its @jit library helpers (`tl.max`, `tl.sum`, `tl.zeros`, ...) are compiled-only and
-    # cannot run under the interpreter, whereas `tl.reduce` is patched by the interpreter at call time
-    # and takes a NumPy fast path for exactly these combine functions.
-    _MAX = getattr(tl.standard, "_elementwise_max", _max_combine)
-    _SUM = getattr(tl.standard, "_sum_combine", _add_combine)
+    # Row reductions go through `tl.reduce` with the shared combine functions (see combine.py: they
+    # also run under the interpreter when triton was imported before TRITON_INTERPRET was set).
+    from attnpatch.backends.triton.combine import MAX_COMBINE as _MAX
+    from attnpatch.backends.triton.combine import SUM_COMBINE as _SUM
 
     @triton.jit
     def _gather_chunk(
@@ -234,7 +223,7 @@ if triton_available():
             )
         else:
             m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-            # tl.full, not tl.zeros: a builtin (see the note on `_MAX` above)
+            # tl.full, not tl.zeros: a builtin (see combine.py)
             l_i = tl.full([BLOCK_M], 0.0, tl.float32)
             acc = tl.full([BLOCK_M, HEAD_DV], 0.0, tl.float32)
 

@@ -90,34 +90,22 @@ if triton_available():
         # the k-th largest key: the largest t with #(key >= t) >= k, two bits per step (thresholds stay
         # below 2^31: each step's top threshold is under the previous step's next one)
         found = tl.full([], -2147483648, tl.int64)
-        if EARLY_EXIT:  # stop once exactly k entries are at or above `found`
-            cnt = tl.reduce(ok, 0, _SUM)
-            half = tl.full([], 15, tl.int64)
-            while (half >= 0) & (cnt > k):
-                unit = tl.full([], 1, tl.int64) << (2 * half)
-                h1 = tl.where(key >= (found + unit).to(tl.int32), ok, 0)
-                h2 = tl.where(key >= (found + 2 * unit).to(tl.int32), ok, 0)
-                h3 = tl.where(key >= (found + 3 * unit).to(tl.int32), ok, 0)
-                if FUSED_COUNTS:  # one block reduction of three counts (GPU)
-                    n1, n2, n3 = tl.reduce((h1, h2, h3), 0, _add3)
-                else:  # the interpreter runs tuple reductions element by element: three fast ones
-                    n1, n2, n3 = tl.reduce(h1, 0, _SUM), tl.reduce(h2, 0, _SUM), tl.reduce(h3, 0, _SUM)
-                step = (n1 >= k).to(tl.int64) + (n2 >= k).to(tl.int64) + (n3 >= k).to(tl.int64)
-                cnt = tl.where(step == 3, n3, tl.where(step == 2, n2, tl.where(step == 1, n1, cnt)))
-                found = found + step * unit
-                half = half - 1
-        else:
-            for half in tl.static_range(15, -1, -1):
-                unit = 1 << (2 * half)
-                h1 = tl.where(key >= (found + unit).to(tl.int32), ok, 0)
-                h2 = tl.where(key >= (found + 2 * unit).to(tl.int32), ok, 0)
-                h3 = tl.where(key >= (found + 3 * unit).to(tl.int32), ok, 0)
-                if FUSED_COUNTS:  # one block reduction of three counts (GPU)
-                    n1, n2, n3 = tl.reduce((h1, h2, h3), 0, _add3)
-                else:  # the interpreter runs tuple reductions element by element: three fast ones
-                    n1, n2, n3 = tl.reduce(h1, 0, _SUM), tl.reduce(h2, 0, _SUM), tl.reduce(h3, 0, _SUM)
-                step = (n1 >= k).to(tl.int64) + (n2 >= k).to(tl.int64) + (n3 >= k).to(tl.int64)
-                found = found + step * unit
+        cnt = tl.reduce(ok, 0, _SUM)
+        stop = k if EARLY_EXIT else -1  # early exit: stop once exactly k entries are at or above `found`
+        half = tl.full([], 15, tl.int64)
+        while (half >= 0) & (cnt > stop):
+            unit = tl.full([], 1, tl.int64) << (2 * half)
+            h1 = tl.where(key >= (found + unit).to(tl.int32), ok, 0)
+            h2 = tl.where(key >= (found + 2 * unit).to(tl.int32), ok, 0)
+            h3 = tl.where(key >= (found + 3 * unit).to(tl.int32), ok, 0)
+            if FUSED_COUNTS:  # one block reduction of three counts (GPU)
+                n1, n2, n3 = tl.reduce((h1, h2, h3), 0, _add3)
+            else:  # the interpreter runs tuple reductions element by element: three fast ones
+                n1, n2, n3 = tl.reduce(h1, 0, _SUM), tl.reduce(h2, 0, _SUM), tl.reduce(h3, 0, _SUM)
+            step = (n1 >= k).to(tl.int64) + (n2 >= k).to(tl.int64) + (n3 >= k).to(tl.int64)
+            cnt = tl.where(step == 3, n3, tl.where(step == 2, n2, tl.where(step == 1, n1, cnt)))
+            found = found + step * unit
+            half = half - 1
         above = valid & (key > found)
         need = k - tl.reduce(above.to(tl.int32), 0, _SUM)
         tie = valid & (key == found)
