@@ -64,10 +64,9 @@ def _dense_premade_masks(kwargs: dict) -> list[tuple[torch.Tensor, AttnMask]]:
     masks = mask if isinstance(mask, dict) else {None: mask}
     if not any(isinstance(m, AttnMask) for m in masks.values()):
         return []
-    pairs = [(m.dense(), m) for m in masks.values() if isinstance(m, AttnMask)]
     dense = {k: m.dense() if isinstance(m, AttnMask) else m for k, m in masks.items()}
     kwargs["attention_mask"] = dense if isinstance(mask, dict) else dense[None]
-    return [(t, m) for t, m in pairs if isinstance(t, torch.Tensor)]
+    return [(dense[k], m) for k, m in masks.items() if isinstance(m, AttnMask) and isinstance(dense[k], torch.Tensor)]
 
 
 def _attention_modules(model) -> list[torch.nn.Module]:
