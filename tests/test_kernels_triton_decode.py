@@ -302,6 +302,34 @@ def test_choose_num_splits():
     assert decode_plan.resolve_num_splits(sel, "cpu", num_splits=7) == 7
 
 
+def test_launch_override_sets_splits_tile_and_launch(monkeypatch):
+    sel = _selection(1, 2, 640, 16, counts=[40, 40])
+    monkeypatch.setenv("ATTNPATCH_DECODE_CONFIG", "8,2,5,32")
+    assert decode_plan.launch_override() == (8, 2, 5, 32)
+    assert decode_plan.resolve_num_splits(sel, "cpu") == 5
+    assert decode_plan.resolve_num_splits(sel, "cpu", num_splits=7) == 7  # an explicit argument wins
+    assert decode_plan.default_tile_size(16) == 32
+    assert decode_plan.default_tile_size(64) == 64  # a tile that does not hold whole pages is not taken
+    monkeypatch.setenv("ATTNPATCH_DECODE_CONFIG", "4,3,0,0")  # 0: the default rule
+    assert decode_plan.launch_override() == (4, 3, None, None)
+    assert decode_plan.resolve_num_splits(sel, "cpu") == decode_plan.choose_num_splits(2, 10, decode_plan.CPU_NOMINAL_SMS)
+    for bad in ("4", "4,3,2", "a,b"):
+        monkeypatch.setenv("ATTNPATCH_DECODE_CONFIG", bad)
+        with pytest.raises(ValueError, match="ATTNPATCH_DECODE_CONFIG must read"):
+            decode_plan.launch_override()
+
+
+@pytest.mark.parametrize("config", ["2,2,3,64", "8,3,1,128"])
+def test_launch_override_keeps_results(config, monkeypatch):
+    lk = 700
+    q, k, v = _qkv(1, 4, 2, lk, 64, torch.float32, seed=5)
+    sel = _selection(1, 2, lk, 16, counts=[29, 44], seed=2)
+    ref, ref_lse = paged_decode_attention(q, k, v, sel, return_lse=True)
+    monkeypatch.setenv("ATTNPATCH_DECODE_CONFIG", config)
+    out, lse = sparse_decode_attention(q, k, v, sel, return_lse=True)
+    _check(out, ref, torch.float32, lse, ref_lse)
+
+
 def test_rejects_unsupported_inputs():
     q, k, v = _qkv(1, 4, 2, 128, 48, torch.float32)
     sel = PageSelection.all_pages(1, 2, 128, 16)

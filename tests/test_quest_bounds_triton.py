@@ -38,6 +38,24 @@ def test_kernel_equals_the_torch_bound(hq, hkv, d, length, dtype):
     torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("config", ["16,2", "256,8"])
+def test_launch_override_keeps_the_bound(config, monkeypatch):
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(2, 4, 1, 32, generator=g)
+    lo, hi = key_page_bounds(torch.randn(2, 2, 1000, 32, generator=g), 16)
+    monkeypatch.setenv("ATTNPATCH_BOUNDS_CONFIG", config)
+    assert _pb.launch_config() == tuple(int(x) for x in config.split(","))
+    torch.testing.assert_close(_pb.page_upper_bounds_triton(q, lo, hi, lo.shape[2], 1.0),
+                               page_upper_bounds_torch(q, lo, hi), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", ["64", "48,4", "x,y"])
+def test_launch_override_is_checked(bad, monkeypatch):
+    monkeypatch.setenv("ATTNPATCH_BOUNDS_CONFIG", bad)
+    with pytest.raises(ValueError, match="ATTNPATCH_BOUNDS_CONFIG"):
+        _pb.launch_config()
+
+
 def test_strided_tables_and_declined_inputs():
     q, k = torch.randn(1, 4, 1, 32), torch.randn(1, 2, 96, 32)
     lo, hi = key_page_bounds(k, 16)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 
@@ -23,8 +24,29 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 
+def launch_override() -> tuple[int, int, int | None, int | None] | None:
+    """`ATTNPATCH_DECODE_CONFIG="warps,stages"` or `"warps,stages,splits,tile"` (0 = the default rule):
+    the split kernel's launch for benchmark sweeps, in place of the defaults; None when unset."""
+    value = os.environ.get("ATTNPATCH_DECODE_CONFIG")
+    if not value:
+        return None
+    try:
+        fields = [int(x) for x in value.split(",")]
+        if len(fields) not in (2, 4):
+            raise ValueError
+    except ValueError as e:
+        raise ValueError("ATTNPATCH_DECODE_CONFIG must read 'warps,stages' or 'warps,stages,splits,tile' "
+                         f"(e.g. '4,3' or '4,3,8,64'), got {value!r}") from e
+    warps, stages, splits, tile = (*fields, 0, 0)[:4]
+    return warps, stages, splits or None, tile or None
+
+
 def default_tile_size(page_size: int) -> int:
-    """Tokens per tile when none is given: ``max(page_size, 64)``."""
+    """Tokens per tile when none is given: ``max(page_size, 64)`` (or `launch_override`'s tile when it
+    holds whole pages)."""
+    override = launch_override()
+    if override is not None and override[3] is not None and override[3] % int(page_size) == 0:
+        return override[3]
     return max(int(page_size), MIN_DEFAULT_TILE)
 
 
@@ -61,6 +83,9 @@ def resolve_num_splits(
     tile_size: int | None = None,
 ) -> int:
     """The split count `sparse_decode_attention` uses for these arguments (no device sync)."""
+    override = launch_override()
+    if num_splits is None and override is not None and override[2] is not None:
+        num_splits = override[2]
     if num_splits is not None:
         if int(num_splits) < 1:
             raise ValueError(f"num_splits must be >= 1, got {num_splits}")

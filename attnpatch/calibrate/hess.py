@@ -94,7 +94,10 @@ class HessCalibration:
     def _profile(self, values: dict[int, list[float]], name: str, meta: dict[str, Any]) -> Profile:
         layers = {i: {"method": self.method, "prefill_options": {**self.base, self.knob.option: v}}
                   for i, v in values.items()}
-        full = {**self.meta, "method": self.method, "knob": self.knob.option, "options": dict(self.base), **meta}
+        k = self.knob
+        full = {**self.meta, "method": self.method, "knob": k.option,
+                "knob_range": {"low": k.low, "high": k.high, "denser": k.denser, "log": k.log},
+                "options": dict(self.base), **meta}
         return Profile(name, dict(self.fingerprint), layers, full)
 
     def redistribute(self, density: float, weights: tuple[float, float] = (1.0, 1.0), scope: str = "model",

@@ -14,6 +14,8 @@ kernel at 155 µs a call, 9.3 ms of a 21.2 ms decode step at 128K, batch 4, 32 l
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from attnpatch.backends.triton.utils import (
@@ -26,6 +28,22 @@ from attnpatch.backends.triton.utils import (
 __all__ = ["page_upper_bounds_triton", "unsupported_reason"]
 
 BLOCK_N = 64  # pages per program
+NUM_WARPS = 4
+
+
+def launch_config() -> tuple[int, int]:
+    """`(pages per program, num_warps)`; `ATTNPATCH_BOUNDS_CONFIG="block_n,warps"` overrides the
+    default (launch sweeps: bench/scripts/decode_layer.py --kernel-sweep)."""
+    value = os.environ.get("ATTNPATCH_BOUNDS_CONFIG")
+    if not value:
+        return BLOCK_N, NUM_WARPS
+    try:
+        block_n, warps = (int(x) for x in value.split(","))
+    except ValueError as e:
+        raise ValueError(f"ATTNPATCH_BOUNDS_CONFIG must read 'block_n,warps' (e.g. '64,4'), got {value!r}") from e
+    if block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"ATTNPATCH_BOUNDS_CONFIG: block_n must be a power of two >= 16, got {block_n}")
+    return block_n, warps
 
 
 if triton_available():
@@ -107,11 +125,12 @@ def page_upper_bounds_triton(query: torch.Tensor, page_min: torch.Tensor, page_m
     if q.stride(-1) != 1:
         q = q.contiguous()
     precision = "ieee" if page_min.dtype == torch.float32 else "tf32"
-    _page_bounds_kernel[(b * hkv, triton.cdiv(n, BLOCK_N))](
+    block_n, warps = launch_config()
+    _page_bounds_kernel[(b * hkv, triton.cdiv(n, block_n))](
         q, page_min, page_max, out, hkv, group, n, q.stride(0), q.stride(1),
         page_min.stride(0), page_min.stride(1), page_min.stride(2),
         page_max.stride(0), page_max.stride(1), page_max.stride(2), float(scale),
-        HEAD_D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=BLOCK_N,
-        DOT_PRECISION=precision, num_warps=4,
+        HEAD_D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
+        DOT_PRECISION=precision, num_warps=warps,
     )  # fmt: skip
     return out

@@ -134,6 +134,57 @@ def topk_rows(configs: list[str]) -> list[dict]:
     return rows
 
 
+SWEEP_LAUNCHES = ("4,2", "4,3", "4,4", "8,2", "8,3", "2,3")
+SWEEP_SPLITS = (None, 1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
+SWEEP_BOUNDS = ("32,4", "64,4", "128,4", "256,4", "64,2", "64,8", "128,8", "256,8")
+
+
+def kernel_sweep_rows(length: int, batch: int, fraction: float) -> list[dict]:
+    """The decode kernel over Quest's selection (1/16 of 64-token pages) by tile × warps,stages × splits,
+    and the page-bound kernel by pages per program × warps; µs per CUDA-graph replay."""
+    from attnpatch.backends.decode_plan import resolve_num_splits
+    from attnpatch.estimators.page_bounds_triton import page_upper_bounds_triton
+
+    g = torch.Generator(device="cuda").manual_seed(length + batch)
+    q = torch.randn(batch, HQ, 1, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(batch, HKV, length, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(batch, HKV, length, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    tables = _Tables(k, 64)
+    ctx = DecodeContext(0, D ** -0.5, KeyBounds(), None, tables)
+    sel = Quest(budget=int(length * fraction), dense_layers=0).select(q, k, ctx)
+    rows = []
+    for tile in (64, 128):
+        for launch in SWEEP_LAUNCHES:
+            os.environ["ATTNPATCH_DECODE_CONFIG"] = launch
+            for splits in SWEEP_SPLITS:
+                used = resolve_num_splits(sel, "cuda", splits, tile)
+                us = _graph_us(lambda s=splits, t=tile: sparse_decode_attention(q, k, v, sel, num_splits=s, tile_size=t))
+                rows.append({"kernel": "decode", "length": length, "batch": batch, "tile": tile, "launch": launch,
+                             "splits": used, "default_splits": splits is None, "us": us})
+                print(f"decode L={length} B={batch} tile={tile} warps,stages={launch} splits={used}: {us}", flush=True)
+    os.environ.pop("ATTNPATCH_DECODE_CONFIG", None)
+    page_min, page_max, _ = tables.tables
+    n = page_min.shape[2]
+    for launch in SWEEP_BOUNDS:
+        os.environ["ATTNPATCH_BOUNDS_CONFIG"] = launch
+        us = _graph_us(lambda: page_upper_bounds_triton(q, page_min, page_max, n, 1.0))
+        rows.append({"kernel": "page_bounds", "length": length, "batch": batch, "launch": launch, "us": us,
+                     "gb_per_s": None if not us else round(2 * page_min.numel() * 2 / us / 1e3, 1)})
+        print(f"bounds L={length} B={batch} block_n,warps={launch}: {us}", flush=True)
+    os.environ.pop("ATTNPATCH_BOUNDS_CONFIG", None)
+    return rows
+
+
+def _sweep_md(rows: list[dict]) -> str:
+    out = ["# Decode and page-bound kernels by launch configuration (µs, CUDA-graph replay)", "",
+           "| L | B | kernel | tile | warps,stages / block_n,warps | splits | µs |", "|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["length"], r["batch"], r["kernel"], r["us"] or 1e9)):
+        us = "–" if r["us"] is None else f"{r['us']:.1f}"
+        split = f"{r.get('splits', '')}{' (default)' if r.get('default_splits') else ''}"
+        out.append(f"| {r['length']} | {r['batch']} | {r['kernel']} | {r.get('tile', '')} | {r['launch']} | {split} | {us} |")
+    return "\n".join(out) + "\n"
+
+
 def _md(result: dict) -> str:
     out = [f"# One decode layer, Llama-3.1-8B shape ({HQ}/{HKV}/{D}), bf16 — {result['env'].get('gpu')}", "",
            f"`{result['command']}`", "", "CUDA-graph replay of each call (µs); Quest = page bounds + selection + "
@@ -160,8 +211,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fraction", type=float, default=1 / 16)
     p.add_argument("--topk-configs", default="0,4,1,4,0,8,1,8,0,2,1,2",
                    help="early_exit,warps pairs for the top-k sweep, flattened")
+    p.add_argument("--kernel-sweep", action="store_true",
+                   help="only sweep the decode / page-bound kernels' launch configurations over --cases")
     args = p.parse_args(argv)
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
+    if args.kernel_sweep:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        rows = []
+        for case in args.cases.split(","):
+            length, batch = (int(x) for x in case.split("x"))
+            rows += kernel_sweep_rows(length, batch, args.fraction)
+            torch.cuda.empty_cache()
+        (out / "kernel_sweep.json").write_text(json.dumps({"command": command, "env": environment(command),
+                                                           "rows": rows}, indent=1, default=str))
+        (out / "kernel_sweep.md").write_text(f"`{command}`\n\n" + _sweep_md(rows))
+        return 0
     flat = args.topk_configs.split(",")
     configs = [f"{flat[i]},{flat[i + 1]}" for i in range(0, len(flat), 2)]
     out = Path(args.out)

@@ -34,6 +34,7 @@ from attnpatch.eval.passkey import passkey_sample
 from attnpatch.eval.suite import RunSpec, run_one
 from attnpatch.models import load, resolve
 from attnpatch.profile import Profile
+from attnpatch.registry import get_method
 from attnpatch.spec import PatchSpec
 
 FIDELITY_SEED = 2000
@@ -70,6 +71,64 @@ def _heldout(model, tok, spec: PatchSpec, length: int, samples: int, model_name:
     return out
 
 
+def _first_value(profile: Profile) -> float:
+    """The knob value of a uniform profile (every head has the same)."""
+    name = profile.meta.get("knob")
+    entry = profile.for_layer(min(profile.layers))
+    holder = entry.get("prefill_options", entry)
+    return float(holder[name][0])
+
+
+def _heldout_density(model, tok, spec: PatchSpec, length: int, samples: int) -> float:
+    """Mean density of `spec` on the held-out fidelity prompts (what the table's held-out density is)."""
+    dens = []
+    for i in range(samples):
+        text = passkey_sample(tok, target_tokens=length - 16, depth=(i + 0.5) / samples, seed=FIDELITY_SEED + i).prompt
+        ids = tok(text, return_tensors="pt").input_ids[:, -length:]
+        report, _ = measure(model, ids, spec)
+        dens.append(report.summary()["density"])
+    return sum(dens) / len(dens)
+
+
+def match_heldout(model, tok, method: str, uniform: Profile, target: float, length: int, samples: int,
+                  tol: float = 0.002, steps: int = 7) -> tuple[Profile, list[tuple[float, float]]]:
+    """The uniform profile moved along its knob (`Profile.adjusted(shift)`, the same shift for every head, so
+    it stays uniform) until its held-out density is `target` (a HeSS profile's): bisection on the shift,
+    held-out density assumed to rise with it. Only densities are compared; accuracy plays no part."""
+    tried: list[tuple[float, float]] = []
+
+    knob = None if "knob_range" in uniform.meta else get_method(method, "prefill").cls.knob  # older profiles
+
+    def moved(shift: float) -> Profile:
+        return uniform.adjusted(shift=shift, knob=knob) if shift else uniform
+
+    def density(shift: float) -> float:
+        d = _heldout_density(model, tok, PatchSpec.build(method, profile=moved(shift)), length, samples)
+        tried.append((shift, d))
+        print(f"  match {method}: shift {shift:+.4f} -> held-out density {d:.4f} (target {target:.4f})", flush=True)
+        return d
+
+    lo, hi = -0.25, 0.25
+    d0 = density(0.0)
+    if abs(d0 - target) <= tol:
+        return uniform, tried
+    if d0 < target:
+        lo = 0.0
+    else:
+        hi = 0.0
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        d = density(mid)
+        if abs(d - target) <= tol:
+            break
+        if d < target:
+            lo = mid
+        else:
+            hi = mid
+    best = min(tried, key=lambda t: abs(t[1] - target))[0]
+    return moved(best), tried
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2")
@@ -88,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--spreads", nargs="+", default=["none"],
                    help="HeSS profiles to compare: grid steps each head may move from the uniform point "
                         "(`none`: anywhere); one 'hess' row per value (default: none)")
+    p.add_argument("--match-heldout", action="store_true",
+                   help="also move the uniform profile (one shift of its knob for every head) until its held-out "
+                        "density equals each HeSS profile's, and evaluate it: a comparison at equal held-out density")
     p.add_argument("--reuse", action="store_true",
                    help="evaluate the profiles already in OUT/profiles (from an earlier run) instead of calibrating")
     args = p.parse_args(argv)
@@ -123,6 +185,18 @@ def main(argv: list[str] | None = None) -> int:
             if kind == "uniform":
                 row[kind]["value"] = profile.meta["value"]
             print(method, kind, json.dumps(row[kind]), flush=True)
+        if args.match_heldout:
+            for kind in [k for k in row if k != "uniform"]:
+                target = row[kind]["heldout"]["density"]
+                matched, tried = match_heldout(model, tok, method, profiles["uniform"], target, args.length, args.samples)
+                spec = PatchSpec.build(method, profile=matched)
+                name = f"uniform-matched-{kind}"
+                row[name] = {"calibration": {**profiles["uniform"].meta["achieved"],
+                                             "seconds": profiles["uniform"].meta["seconds"]},
+                             "heldout": _heldout(model, tok, spec, args.length, args.samples, args.model),
+                             "value": float(_first_value(matched)), "shift": matched.meta.get("adjusted", {}).get("shift", 0.0),
+                             "matched_to": kind, "tried": tried}
+                print(method, name, json.dumps(row[name]), flush=True)
         results[method] = row
     data = {"what": "HeSS-redistributed vs uniform per-head budgets at equal average density",
             "command": "python bench/scripts/hess_vs_uniform.py " + " ".join(argv or sys.argv[1:]),
@@ -148,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     for method, row in results.items():
         for kind, r in row.items():
             c, h = r["calibration"], r["heldout"]
-            label = f"uniform ({r['value']:.4g})" if kind == "uniform" else kind
+            label = f"{kind} ({r['value']:.4g})" if kind.startswith("uniform") else kind
             lines.append(f"| {method} | {label} | {c['density']:.3f} | {c['predicted_cost']:.3g} | {h['density']:.3f} | "
                          f"{h['recall']:.4f} | {h['rel_error']:.4f} | {h['passkey']:.2f} | {h['perplexity']:.3f} | "
                          f"{h['prefill_density']:.3f} |")

@@ -70,6 +70,7 @@ from attnpatch.backends.decode_plan import (
     check_decode,
     decode_input_reason,
     empty_result,
+    launch_override,
 )
 from attnpatch.backends.partial_state import pack_results
 from attnpatch.backends.skip_bound import bound_per_head, bound_scalar
@@ -333,7 +334,11 @@ def unsupported_reason(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
 def _launch_config(tile: int, dv: int, dtype: torch.dtype) -> tuple[int, int]:
     """(num_warps, num_stages) of the split kernel. On the H200, for 128-token tiles of head dim 128,
     this default is within 0.3 µs of the best of warps 2/4/8 × stages 1–4 × splits
-    (bench/results/decode_tune.json); other tile shapes are not tuned."""
+    (bench/results/decode_tune.json); other tile shapes are not tuned. `ATTNPATCH_DECODE_CONFIG`
+    overrides it (`decode_plan.launch_override`; sweeps: bench/scripts/decode_layer.py --kernel-sweep)."""
+    override = launch_override()
+    if override is not None:
+        return override[0], override[1]
     stage_bytes = 2 * tile * dv * (4 if dtype == torch.float32 else 2)  # one K + one V tile
     stages = 3 if stage_bytes <= 32 * 1024 else 2
     return 4, stages
