@@ -178,3 +178,71 @@ def test_blasst_lambda_fit_over_lengths():
     assert all(0 <= s <= 1 for s in sparse.skipped_at_a.values())
     with pytest.raises(ValueError, match="exactly one"):
         fit_lambda(layers, grid, block=16)
+
+
+def _estimated_with_option_selector():
+    """Registered score-based methods whose selector reads one of their options (what may be cached)."""
+    from attnpatch.methods.estimated import EstimatedPrefill
+
+    out = []
+    for info in method_infos("prefill"):
+        selector = getattr(info.cls, "selector", None)
+        if issubclass(info.cls, EstimatedPrefill) and selector is not None and \
+                selector.param in {o.name for o in info.options}:
+            out.append(info.name)
+    return out
+
+
+@pytest.mark.parametrize("method", _estimated_with_option_selector())
+def test_estimate_ignores_the_selector_parameter(recorded, method):
+    """The rule `EstimatedPrefill.estimate_ignores` states: the estimate is the same whatever the value of
+    the option the selector reads (so calibration may reuse it)."""
+    from attnpatch.methods.base import PrefillContext
+
+    _, _, layers = recorded
+    info = get_method(method, "prefill")
+    param = info.cls.selector.param
+    assert info.cls.estimate_ignores(param)
+    layer = layers[1]
+    q, k = layer.query[0], layer.key[0]
+    ctx = PrefillContext(layer.layer, layer.scale, layer.bounds[0], layer.window)
+    knob = getattr(info.cls, "knob", None)
+    ends = [knob.value(torch.tensor([t])).item() for t in (0.0, 1.0)] if knob is not None and knob.option == param \
+        else [info.spec(param).default, 0.0 if info.spec(param).default else 0.5]
+    got = []
+    for value in ends:
+        method_obj = info.build({**_options(method), param: value}, q.shape[1])
+        if method_obj.dense_reason(q.shape[2], k.shape[2], ctx) is not None:
+            pytest.skip(f"{method} runs dense on the recorded prompt")
+        got.append(method_obj.estimate(q, k, ctx))
+    if got[0] is None:
+        assert got[1] is None
+    else:
+        torch.testing.assert_close(got[0].values, got[1].values, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", [m for m in calibratable_methods()
+                                    if getattr(get_method(m, "prefill").cls, "estimate_ignores", None)])
+def test_search_with_a_shared_estimate_equals_the_search_without(recorded, method, monkeypatch):
+    from attnpatch.calibrate import search
+
+    _, _, layers = recorded
+    info = get_method(method, "prefill")
+    calls = []
+    original = info.cls.estimate
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(info.cls, "estimate", counted)
+    shared = search_layer(info, info.cls.knob, _options(method), layers[1], 0.08, steps=4)
+    n_shared = len(calls)
+    monkeypatch.setattr(search, "reuses_estimate", lambda *a: False)
+    alone = search_layer(info, info.cls.knob, _options(method), layers[1], 0.08, steps=4)
+    assert shared == alone
+    n_alone = len(calls) - n_shared
+    if info.cls.estimate_ignores(info.cls.knob.option):
+        assert 0 < n_shared <= len(layers[1].query) < n_alone  # once per prompt, not once per bisection step
+    else:
+        assert n_shared == n_alone  # the knob feeds the estimate: nothing is shared

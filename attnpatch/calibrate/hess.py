@@ -221,7 +221,7 @@ def hess_measure(model, tokenizer, method: str, *, data: str = "text", samples: 
     settings = [{**base, knob.option: v} for v in values]
     curves = {}
     for i, layer in tqdm(layers.items(), desc=f"HeSS {method}", disable=not progress):
-        curves[i] = layer_curves(info, layer, grads[i], settings, form)
+        curves[i] = layer_curves(info, layer, grads[i], settings, form, varied=knob.option)
         del grads[i][:]
     meta = {"form": form, "data": data, "samples": samples, "lengths": [int(x) for x in lengths],
             "loss_on": "answers" if any(x.loss_from for x in prompts) else "every token",

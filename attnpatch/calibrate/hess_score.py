@@ -31,9 +31,10 @@ from typing import Any
 import torch
 
 from attnpatch.backends.reference import block_sparse_attention
+from attnpatch.calibrate.layer_select import EstimateCache, reuses_estimate, select_on
 from attnpatch.calibrate.record import LayerInputs
 from attnpatch.eval.fidelity import computed_block_mask, listed_key_mask
-from attnpatch.methods.base import DenseFallback, PrefillContext
+from attnpatch.methods.base import DenseFallback
 from attnpatch.registry import MethodInfo
 from attnpatch.sparsity import BlockSelection, KeyBounds, num_blocks
 
@@ -68,12 +69,13 @@ class Kept:
     block_k: int = 1
 
 
-def kept_by(info: MethodInfo, options: Mapping[str, Any], layer: LayerInputs, i: int) -> tuple[Kept, torch.Tensor]:
-    """What the method keeps on prompt `i` of the layer, and its `[Hq]` density (kept / causal pairs)."""
+def kept_by(info: MethodInfo, options: Mapping[str, Any], layer: LayerInputs, i: int,
+            cache: EstimateCache | None = None) -> tuple[Kept, torch.Tensor]:
+    """What the method keeps on prompt `i` of the layer, and its `[Hq]` density (kept / causal pairs);
+    `cache`: the prompt's block scores shared across settings (`attnpatch.calibrate.layer_select`)."""
     q, k, v, bounds = layer.query[i], layer.key[i], layer.value[i], layer.bounds[i]
     hq = q.shape[1]
-    method = info.build(options, hq, where=f" (layer {layer.layer})")
-    sel = method.select(q, k, PrefillContext(layer.layer, layer.scale, bounds, layer.window))
+    sel = select_on(info, options, layer, i, cache)
     if isinstance(sel, DenseFallback):
         return Kept(), torch.ones(hq, dtype=torch.float64)
     kept, total = sel.kept_and_total()
@@ -168,11 +170,13 @@ def _prompt_terms(layer: LayerInputs, i: int, grad: torch.Tensor, kept: list[Kep
 
 
 def layer_curves(info: MethodInfo, layer: LayerInputs, grads: Sequence[torch.Tensor],
-                 settings: Sequence[Mapping[str, Any]], form: str = "fisher") -> LayerCurves:
+                 settings: Sequence[Mapping[str, Any]], form: str = "fisher", varied: str | None = None
+                 ) -> LayerCurves:
     """The method's per-head density and sensitivity-weighted errors on the layer's recorded prompts, for
     each option setting in `settings` (complete option dicts; a per-head option may take one value per
     head). `grads[i]`: prompt i's `[B, Hq, L, D]` gradient of the loss with respect to the layer's
-    attention output."""
+    attention output. `varied`: the one option the settings differ in; when the method's estimate ignores
+    it, each prompt's block scores are estimated once."""
     if form not in FORMS:
         raise ValueError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
     if len(grads) != len(layer.query):
@@ -182,10 +186,12 @@ def layer_curves(info: MethodInfo, layer: LayerInputs, grads: Sequence[torch.Ten
     density = torch.zeros(len(settings), hq, dtype=torch.float64)
     sums = torch.zeros(5, len(settings), hq, dtype=torch.float64)
     rel = torch.zeros(len(settings), hq, dtype=torch.float64)
+    reuse = varied is not None and reuses_estimate(info, varied)
     for i in range(n):
         kept = []
+        cache: EstimateCache | None = {} if reuse else None
         for j, options in enumerate(settings):
-            x, den = kept_by(info, options, layer, i)
+            x, den = kept_by(info, options, layer, i, cache)
             kept.append(x)
             density[j] += den
         terms = _prompt_terms(layer, i, grads[i], kept, form).cpu()

@@ -17,9 +17,10 @@ import torch
 
 from attnpatch.backends import BACKENDS
 from attnpatch.backends.reference import block_sparse_attention
+from attnpatch.calibrate.layer_select import EstimateCache, reuses_estimate, select_on
 from attnpatch.calibrate.record import LayerInputs
 from attnpatch.eval.fidelity import exact_attention, relative_error
-from attnpatch.methods.base import DenseFallback, PrefillContext
+from attnpatch.methods.base import DenseFallback
 from attnpatch.options import Knob
 from attnpatch.registry import MethodInfo
 from attnpatch.sparsity import BlockSelection, KeyBounds
@@ -60,15 +61,15 @@ def dense_outputs(layer: LayerInputs) -> list[torch.Tensor]:
     return out
 
 
-def evaluate(info: MethodInfo, options: Mapping[str, Any], layer: LayerInputs, dense: list[torch.Tensor]
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`([Hq] mean relative error, [Hq] mean density)` of the method with `options` on the layer's prompts."""
+def evaluate(info: MethodInfo, options: Mapping[str, Any], layer: LayerInputs, dense: list[torch.Tensor],
+             cache: EstimateCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`([Hq] mean relative error, [Hq] mean density)` of the method with `options` on the layer's prompts
+    (`cache`: block scores shared across calls, `attnpatch.calibrate.layer_select`)."""
     hq = layer.query[0].shape[1]
-    method = info.build(options, hq, where=f"layer {layer.layer}")
     errors, densities = torch.zeros(hq, dtype=torch.float64), torch.zeros(hq, dtype=torch.float64)
-    for q, k, v, bounds, ref in zip(layer.query, layer.key, layer.value, layer.bounds, dense, strict=True):
-        ctx = PrefillContext(layer.layer, layer.scale, bounds, layer.window)
-        selection = method.select(q, k, ctx)
+    for i, (q, k, v, bounds, ref) in enumerate(zip(layer.query, layer.key, layer.value, layer.bounds, dense,
+                                                   strict=True)):
+        selection = select_on(info, options, layer, i, cache)
         if isinstance(selection, DenseFallback):
             densities += 1.0
             continue
@@ -98,18 +99,19 @@ def search_layer(info: MethodInfo, knob: Knob, base: Mapping[str, Any], layer: L
         raise ValueError("give exactly one of tolerance (output error) or density (kept share) to search_layer")
     hq = layer.query[0].shape[1]
     dense = dense_outputs(layer)
+    cache: EstimateCache | None = {} if reuses_estimate(info, knob.option) else None  # one estimate per prompt
     lo, hi = torch.zeros(hq, dtype=torch.float64), torch.ones(hq, dtype=torch.float64)
     best_err, best_den = torch.full_like(lo, float("nan")), torch.full_like(lo, float("nan"))
     lo_err, lo_den = torch.full_like(lo, float("nan")), torch.full_like(lo, float("nan"))
     for _ in range(steps):
         mid = (lo + hi) / 2
-        err, den = evaluate(info, {**base, knob.option: knob.value(mid).tolist()}, layer, dense)
+        err, den = evaluate(info, {**base, knob.option: knob.value(mid).tolist()}, layer, dense, cache)
         ok = err <= tolerance if tolerance is not None else den >= density
         hi, lo = torch.where(ok, mid, hi), torch.where(ok, lo, mid)
         best_err, best_den = torch.where(ok, err, best_err), torch.where(ok, den, best_den)
         lo_err, lo_den = torch.where(ok, lo_err, err), torch.where(ok, lo_den, den)
     if bool(torch.isnan(best_err).any()):  # heads never within the target: measure them at the densest end
-        err, den = evaluate(info, {**base, knob.option: knob.value(hi).tolist()}, layer, dense)
+        err, den = evaluate(info, {**base, knob.option: knob.value(hi).tolist()}, layer, dense, cache)
         missing = torch.isnan(best_err)
         best_err, best_den = torch.where(missing, err, best_err), torch.where(missing, den, best_den)
     coord = hi

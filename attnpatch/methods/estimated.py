@@ -62,18 +62,30 @@ class EstimatedPrefill(PrefillMethod):
         return (getattr(self, "sink_blocks", self.sink_blocks_default),
                 getattr(self, "local_blocks", self.local_blocks_default))
 
+    @classmethod
+    def estimate_ignores(cls, option: str) -> bool:
+        """Whether `estimate` ignores `option`: true of the selector's parameter, which only the selection
+        reads (a rule of this base; tested for every registered method). Calibration then estimates once
+        per prompt and reuses the scores for every value of that option it tries."""
+        return cls.selector is not None and cls.selector.param == option
+
     def select(self, query: torch.Tensor, key: torch.Tensor, ctx: PrefillContext) -> BlockSelection | DenseFallback:
-        b, hq, lq, _ = query.shape
-        hkv, lk = key.shape[1], key.shape[2]
-        reason = self.dense_reason(lq, lk, ctx)
+        reason = self.dense_reason(query.shape[2], key.shape[2], ctx)
         if reason is not None:
             return DenseFallback(reason)
+        return self.select_scores(query, key, ctx, self.estimate(query, key, ctx))
+
+    def select_scores(self, query: torch.Tensor, key: torch.Tensor, ctx: PrefillContext,
+                      scores: BlockScores | None) -> BlockSelection:
+        """Steps 2–4 of `select` on scores `estimate` returned for these inputs (not re-checked for a dense
+        fallback: `select` does that first)."""
+        b, hq, lq, _ = query.shape
+        hkv, lk = key.shape[1], key.shape[2]
         bs = self.block_size
         device = query.device
         allowed = allowed_blocks(b, lq, lk, bs, bs, ctx.bounds, device)  # [B, 1, R, C]
         sink, local = self.forced_regions()
         keep = forced_blocks(b, lq, lk, bs, bs, ctx.bounds, sink, local, device) & allowed
-        scores = self.estimate(query, key, ctx)
         if scores is None:
             sel = BlockSelection.from_block_mask(keep, bs, bs, lq, lk)
             return BlockSelection(sel.indices.expand(b, hq, -1, -1), sel.counts.expand(b, hq, -1), bs, bs, lq, lk)
