@@ -13,6 +13,7 @@ model back to the outer patch on exit). `unpatch_model(model)` removes them all.
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,7 @@ class Patch:
         heads = self.adapter.heads(model.config)[0]
         plans = [self._plan(i, windows[i], heads, num_layers) for i in range(num_layers)]
         self.state = PatchState(plans, resolve_backend(spec.backend))
+        self._warn_if_always_dense(model)
         self._own_cache = any(p.decode.keeps_own_cache for p in plans)
         # (method, why) of the first layer whose decode method cannot run on a static cache
         self._no_static = next(((p.decode.name, type(p.decode).static_cache_reason) for p in plans
@@ -116,6 +118,16 @@ class Patch:
                 stack[-1]._deactivate()
         stack.append(self)
         self._activate()
+
+    def _warn_if_always_dense(self, model) -> None:
+        """Backend "auto" on CUDA runs a method measured slower than dense at every length as dense
+        (`BackendPlan.speed_gate`): say so once, when patching, rather than only in the stats."""
+        device = next(model.parameters(), torch.empty(0)).device
+        for plan in self.state.plans:
+            reason = self.state.backends.speed_gate(plan.prefill.name, plan.prefill.fast_from, 1 << 62, device)
+            if reason is not None:
+                warnings.warn(f"{plan.prefill.name} will run its prefill dense here: {reason}", stacklevel=3)
+                return
 
     # -- plans ---------------------------------------------------------------------------------
     def _plan(self, layer: int, window: int | None, heads: int, layers: int) -> LayerPlan:

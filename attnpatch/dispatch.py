@@ -208,6 +208,10 @@ def _attend(state: PatchState, module, query, key, value, attention_mask, dropou
         stats.add_dense(b, hq, lq, lk, block, "sliding-window layer: runs its window (the method applies to "
                         "full-attention layers)")
         return dense(method.name)
+    gate = state.backends.speed_gate(method.name, method.fast_from, lk, query.device)
+    if gate is not None:
+        stats.add_dense(b, hq, lq, lk, block, gate)
+        return dense(method.name)
     selection = _timed_select(stats, method, query, key, PrefillContext(layer, scale, bounds, plan.sliding_window))
     if isinstance(selection, DenseFallback):
         stats.add_dense(b, hq, lq, lk, block, selection.reason)

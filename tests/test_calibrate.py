@@ -103,12 +103,25 @@ def test_calibration_data_is_checked(tmp_path):
     bad.write_text('{"question": 1}\n')
     with pytest.raises(ValueError, match="'text', or 'prompt'"):
         calibration_ids(_Tok(), str(bad), 1, 8)
-    with pytest.raises(ValueError, match="text, passkey or a JSONL file"):
+    with pytest.raises(ValueError, match="text, passkey, mixed or a JSONL file"):
         calibration_ids(_Tok(), "nothing-here", 1, 8)
     short = tmp_path / "short.jsonl"
     short.write_text('{"text": "abc"}\n')
     with pytest.raises(ValueError, match="of at least 8 tokens"):
         calibration_ids(_Tok(), str(short), 1, 8)
+
+
+def test_mixed_data_alternates_text_and_passkey_prompts():
+    from attnpatch.calibrate.data import calibration_samples
+
+    tok = _Tok()
+    mixed = calibration_ids(tok, "mixed", 3, 256)
+    text, passkey = calibration_ids(tok, "text", 2, 256), calibration_ids(tok, "passkey", 1, 256)
+    assert [m.shape for m in mixed] == [(1, 256)] * 3
+    assert torch.equal(mixed[0], text[0]) and torch.equal(mixed[1], passkey[0]) and torch.equal(mixed[2], text[1])
+    samples = calibration_samples(tok, "mixed", 2, 256)
+    assert samples[0].loss_from == 0 and samples[1].loss_from > 0  # the passkey prompt ends with its answer
+    assert len(calibration_ids(tok, "mixed", 1, 256)) == 1
 
 
 def test_blasst_density_counts_skipped_tiles(recorded):

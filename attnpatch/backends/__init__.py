@@ -32,6 +32,7 @@ AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "decode": ("triton", "reference"),
 }
 BACKEND_NAMES = ("auto", *BACKENDS)
+GATED_DEVICES = ("cuda",)  # where `BackendPlan.speed_gate` applies: the speed measurements are the H200's
 
 
 def backend_table() -> list[dict[str, str]]:
@@ -46,7 +47,24 @@ class BackendPlan:
     prefill_order: tuple[str, ...]
     decode_order: tuple[str, ...]
     dense_backend: str | None = None  # an explicit backend with a dense prefill path
+    prefill_auto: bool = False  # prefill backend "auto": the fastest measured, dense included (`speed_gate`)
     _unavailable: dict = field(default_factory=dict, repr=False)
+
+    def speed_gate(self, method: str, fast_from: int | None, kv_len: int, device: torch.device) -> str | None:
+        """Why an `auto` prefill on CUDA runs dense rather than `method` (None: run the method). `fast_from`:
+        the shortest input (keys) at which the method, estimate included, was measured faster than SDPA's
+        dense cuDNN kernel on the H200 (None: slower at every length measured; 0: no gate). An explicit
+        backend, or a device other than CUDA, always runs the method."""
+        if not self.prefill_auto or torch.device(device).type not in GATED_DEVICES or fast_from == 0:
+            return None
+        force = "backend='triton' (or 'flash') runs it anyway"
+        if fast_from is None:
+            return (f"backend 'auto': {method} was slower than dense SDPA at every length measured on the H200 "
+                    f"(bench/results/README.md), so dense is the fastest; {force}")
+        if kv_len < fast_from:
+            return (f"backend 'auto': {method} is measured faster than dense SDPA from {fast_from} keys on the H200; "
+                    f"below that ({kv_len} keys) dense is the fastest; {force}")
+        return None
 
     def _why_not(self, name: str, device: torch.device) -> str | None:
         key = (name, str(device))
@@ -135,7 +153,7 @@ def resolve_backend(backend: str | Mapping[str, str] = "auto") -> BackendPlan:
         return (name,) if name == "reference" else (name, "reference")
 
     dense = pre if pre not in ("auto", "reference") and type(BACKENDS[pre]).dense is not Backend.dense else None
-    return BackendPlan(order(pre, "prefill"), order(dec, "decode"), dense)
+    return BackendPlan(order(pre, "prefill"), order(dec, "decode"), dense, prefill_auto=pre == "auto")
 
 
-__all__ = ["AUTO_ORDER", "BACKENDS", "BACKEND_NAMES", "Backend", "BackendPlan", "backend_table", "resolve_backend"]
+__all__ = ["AUTO_ORDER", "BACKENDS", "BACKEND_NAMES", "GATED_DEVICES", "Backend", "BackendPlan", "backend_table", "resolve_backend"]

@@ -1,7 +1,8 @@
 """Calibration prompts: built-in offline sets or the user's JSONL, as token ids of a given length.
 
 Built-in sets are disjoint from the evaluation suite's prompts: `text` takes windows of Austen novels
-other than Pride and Prejudice (the suite's perplexity text), `passkey` uses seeds the suite never uses.
+other than Pride and Prejudice (the suite's perplexity text), `passkey` uses seeds the suite never uses,
+`mixed` alternates the two (text first), so thresholds are fitted on prose and on retrieval prompts alike.
 `calibration_ids` gives the prompts (what threshold calibration records Q/K/V on);
 `calibration_samples` also appends each prompt's answer (passkey, a JSONL row's `answer`) and marks it as
 what a loss should count (HeSS's gradients).
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-BUILT_IN = ("text", "passkey")
+BUILT_IN = ("text", "passkey", "mixed")
 _NOVELS = ("emma", "persuasion", "mansfieldpark", "sensesensibility", "northangerabbey")
 _PASSKEY_SEED = 90_000  # the suite uses 1000 + i and 7
 
@@ -63,10 +64,23 @@ def _with_answer(tokenizer, prompt_ids: torch.Tensor, answer: str, length: int) 
     return CalibrationSample(ids, ids.shape[1] - answer_ids.shape[1])
 
 
+def _interleave(first: list, second: list) -> list:
+    """first[0], second[0], first[1], ... (first may be one longer)."""
+    out = []
+    for i, x in enumerate(first):
+        out.append(x)
+        if i < len(second):
+            out.append(second[i])
+    return out
+
+
 def calibration_samples(tokenizer, data: str, samples: int, length: int) -> list[CalibrationSample]:
     """As `calibration_ids`, but a prompt with an answer (every `passkey` prompt, a JSONL row with
     `prompt` and `answer`) keeps its last tokens and ends with the answer, within `length` tokens, and
     `loss_from` marks the answer; other samples (`text`, JSONL `text`) count every token."""
+    if data == "mixed":
+        return _interleave(calibration_samples(tokenizer, "text", (samples + 1) // 2, length),
+                           calibration_samples(tokenizer, "passkey", samples // 2, length) if samples > 1 else [])
     if data == "passkey":
         from attnpatch.eval.passkey import passkey_sample
 
@@ -92,10 +106,13 @@ def calibration_samples(tokenizer, data: str, samples: int, length: int) -> list
 
 
 def calibration_ids(tokenizer, data: str, samples: int, length: int) -> list[torch.Tensor]:
-    """`samples` prompts of `length` tokens (`[1, length]` each) from `data`: "text", "passkey" or a
-    JSONL path (texts shorter than `length` are refused; longer ones are cut)."""
+    """`samples` prompts of `length` tokens (`[1, length]` each) from `data`: "text", "passkey", "mixed"
+    or a JSONL path (texts shorter than `length` are refused; longer ones are cut)."""
     if samples < 1 or length < 1:
         raise ValueError(f"samples and length must be positive, got {samples}, {length}")
+    if data == "mixed":
+        return _interleave(calibration_ids(tokenizer, "text", (samples + 1) // 2, length),
+                           calibration_ids(tokenizer, "passkey", samples // 2, length) if samples > 1 else [])
     if data == "passkey":
         from attnpatch.eval.passkey import passkey_sample
 

@@ -81,6 +81,11 @@ class PrefillMethod:
     granularity: ClassVar[str] = "block"
     # The per-head option calibration searches (`attnpatch.calibrate`); None: not calibratable that way.
     knob: ClassVar[Knob | None] = None
+    # The shortest input (keys) from which the method at its defaults, estimate included, was measured
+    # faster than SDPA's dense cuDNN kernel on the H200 (attention layer; bench/results/README.md).
+    # Backend "auto" on CUDA runs shorter prefills dense, with the reason (`BackendPlan.speed_gate`).
+    # None: slower at every length measured (auto always runs dense); 0: no gate (dense, or not measured).
+    fast_from: ClassVar[int | None] = 0
 
     def select(self, query: torch.Tensor, key: torch.Tensor, ctx: PrefillContext
                ) -> BlockSelection | TokenSelection | DenseFallback:

@@ -3,7 +3,8 @@
     python bench/scripts/make_profiles.py                      # smollm2 (4K) and gemma3-270m (16K), error 0.05
 
 For each model and method (`attnpatch.calibrate.run.calibratable_methods()`; blasst is the per-phase
-λ = a / L fit): `calibrate(...)` on the built-in `text` data (Austen novels the suite does not use),
+λ = a / L fit): `calibrate(...)` on `--data` (default `mixed`: Austen novels the suite does not use,
+alternated with passkey prompts of seeds the suite does not use; the first profiles used `text` only),
 then on held-out prompts (two passkey prompts of the suite's fidelity seeds 7 / 8 and a Pride and
 Prejudice window: neither the calibration texts nor its seeds) the achieved mean output error and
 density per head — measured exactly as calibration measures them (`calibrate.search.evaluate`;
@@ -147,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--length", type=int, default=None, help="calibration length (default: 4096 smollm2, 16384 gemma)")
     p.add_argument("--heldout-length", type=int, default=None, help="held-out prompt length (default: --length)")
     p.add_argument("--samples", type=int, default=4)
+    p.add_argument("--data", default="mixed", help="calibration data: text, passkey, mixed (default) or a JSONL file")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--root", default=str(REPO), help="where calibration/, recipes/ and bench/results/ are written")
     args = p.parse_args(argv)
@@ -164,18 +166,21 @@ def main(argv: list[str] | None = None) -> int:
         held_length = args.heldout_length or length
         model, tok = load(name)
         short = name.replace(":", "-")
+        summary_path = results / f"profiles_{short}.json"
+        earlier = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
         summary = {"model": name, "length": length, "target": args.target, "device": str(model.device),
                    "dtype": str(model.dtype), "torch": torch.__version__, "python": platform.python_version(),
                    "command": "python bench/scripts/make_profiles.py " + " ".join(argv or sys.argv[1:]),
-                   "methods": {}}
+                   # methods this run did not calibrate keep their earlier entry (each says how it was made)
+                   "methods": {m: e for m, e in earlier.get("methods", {}).items() if m not in methods}}
         for method in methods:
             stem = f"{short}-{method}-{target.label}"
             flag = {"error": "--target-error", "density": "--target-density", "accuracy": "--accuracy-floor"}[target.kind]
-            cmd = (f"attnpatch calibrate --model {name} --method {method} {flag} {target.value:g} --samples "
-                   f"{args.samples} --lengths {length} --steps {args.steps} --out calibration/{stem}.json")
+            cmd = (f"attnpatch calibrate --model {name} --method {method} {flag} {target.value:g} --data {args.data} "
+                   f"--samples {args.samples} --lengths {length} --steps {args.steps} --out calibration/{stem}.json")
             try:
-                profile = calibrate(model, tok, method, target=target, samples=args.samples, lengths=(length,),
-                                    steps=args.steps, name=stem)
+                profile = calibrate(model, tok, method, target=target, data=args.data, samples=args.samples,
+                                    lengths=(length,), steps=args.steps, name=stem)
             except (ValueError, RuntimeError, NotImplementedError) as e:
                 print(f"{name} {method}: skipped ({e})", flush=True)
                 summary["methods"][method] = {"skipped": str(e)}
@@ -187,12 +192,13 @@ def main(argv: list[str] | None = None) -> int:
             profile.save(folder / f"{stem}.json")
             (recipes / f"{stem}.yaml").write_text(recipe_text(name, method, stem, f"../calibration/{stem}.json",
                                                                held_length))
-            summary["methods"][method] = {"file": f"calibration/{stem}.json", "seconds": profile.meta["seconds"],
+            summary["methods"][method] = {"file": f"calibration/{stem}.json", "command": cmd, "data": args.data,
+                                          "seconds": profile.meta["seconds"],
                                           "achieved": profile.meta["achieved"], "heldout": profile.meta["heldout"],
                                           "machine": profile.meta["machine"]}
             print(f"{name} {method}: {profile.meta['seconds']} s; calibration {profile.meta['achieved']}; "
                   f"held out {profile.meta['heldout']}", flush=True)
-        (results / f"profiles_{short}.json").write_text(json.dumps(summary, indent=1))
+        summary_path.write_text(json.dumps(summary, indent=1))
         del model
     write_readme(folder, folder / "README.md")
     print(f"wrote {folder / 'README.md'}")

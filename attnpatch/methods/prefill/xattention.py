@@ -70,6 +70,7 @@ class XAttention(EstimatedPrefill):
     (they score only; the executor applies the causal rule).
     """
 
+    fast_from: ClassVar[int | None] = 32768  # H200: 1.34× SDPA cuDNN at 32K with the fused estimate (methods_h200_v3)
     selector: ClassVar = MassAfterSinkAndDiagonal("threshold")
     full_density: ClassVar[dict] = {"threshold": 1.0}
     knob: ClassVar = Knob("threshold", 0.5, 0.999, denser="higher")

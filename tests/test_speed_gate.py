@@ -1,0 +1,76 @@
+"""Backend "auto" runs a prefill dense where the method was measured slower than dense SDPA on the H200
+(`PrefillMethod.fast_from`, `BackendPlan.speed_gate`); an explicit backend, or a CPU, runs the method."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import attnpatch.backends as backends
+from attnpatch import patch_model
+from attnpatch.backends import resolve_backend
+from attnpatch.registry import method_infos
+from attnpatch.testing import tiny_model
+
+CUDA = torch.device("cuda")  # a device object only: nothing runs on it here
+PREFILL = [info for info in method_infos("prefill") if not info.cls.is_dense]
+
+
+@pytest.mark.parametrize("info", PREFILL, ids=lambda i: i.name)
+def test_every_method_declares_where_it_was_measured_faster(info):
+    fast_from = info.cls.fast_from
+    assert fast_from is None or (isinstance(fast_from, int) and fast_from > 0), (
+        f"{info.name}: set fast_from from an H200 measurement (None if slower than dense at every length)")
+
+
+@pytest.mark.parametrize("info", PREFILL, ids=lambda i: i.name)
+def test_no_method_runs_sparse_at_8k_under_auto_on_cuda(info):
+    """Issue 10: no method slower than dense at 8K; none was measured faster there, so each falls back."""
+    reason = resolve_backend("auto").speed_gate(info.name, info.cls.fast_from, 8192, CUDA)
+    assert reason is not None and info.name in reason and "backend 'auto'" in reason
+
+
+@pytest.mark.parametrize("info", PREFILL, ids=lambda i: i.name)
+def test_explicit_backends_and_cpu_are_never_gated(info):
+    for name in ("triton", "flash", "reference", "flex"):
+        assert resolve_backend(name).speed_gate(info.name, info.cls.fast_from, 8192, CUDA) is None
+    assert resolve_backend("auto").speed_gate(info.name, info.cls.fast_from, 8192, torch.device("cpu")) is None
+    assert resolve_backend({"prefill": "triton"}).speed_gate(info.name, info.cls.fast_from, 8192, CUDA) is None
+
+
+def test_the_gate_opens_at_the_measured_length():
+    plan = resolve_backend("auto")
+    assert plan.speed_gate("m", 32768, 32767, CUDA) is not None
+    assert plan.speed_gate("m", 32768, 32768, CUDA) is None
+    assert "every length measured" in plan.speed_gate("m", None, 1 << 20, CUDA)
+    assert plan.speed_gate("m", 0, 16, CUDA) is None  # 0: no gate
+
+
+def test_dispatch_runs_gated_prefills_dense_with_the_reason(monkeypatch):
+    monkeypatch.setattr(backends, "GATED_DEVICES", ("cpu",))  # gate the CPU as if it were the H200
+    model = tiny_model("llama")
+    ids = torch.randint(3, 200, (1, 96))
+    with torch.no_grad():
+        want = model(ids).logits
+        with patch_model(model, "xattention", backend="auto") as patch:
+            got = model(ids).logits
+            reasons = patch.stats().dense_fallbacks
+        assert any("backend 'auto'" in r and "32768" in r for r in reasons)
+        torch.testing.assert_close(got, want)  # dense is what ran
+        with patch_model(model, "xattention", backend="reference") as patch:
+            model(ids)
+            assert not any("backend 'auto'" in r for r in patch.stats().dense_fallbacks)
+
+
+def test_patching_warns_when_a_method_always_runs_dense(monkeypatch):
+    monkeypatch.setattr(backends, "GATED_DEVICES", ("cpu",))
+    model = tiny_model("llama")
+    always = next(i.name for i in PREFILL if i.cls.fast_from is None)
+    with pytest.warns(UserWarning, match=f"{always} will run its prefill dense here"):
+        patch_model(model, always).unpatch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        patch_model(model, always, backend="triton").unpatch()
+        patch_model(model, "xattention").unpatch()  # gated only below its measured length: no warning
