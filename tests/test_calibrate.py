@@ -154,6 +154,45 @@ def test_masked_block_attention_equals_the_reference(bounds):
     torch.testing.assert_close(got * rows, ref.float() * rows, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("bounds", ["plain", "window", "padding"])
+@pytest.mark.parametrize(("block_q", "block_k"), [(16, 16), (32, 16), (16, 32)])
+@pytest.mark.parametrize("rows", [16, 512])  # row chunks of `compute` (16: several, clipped at each diagonal)
+def test_block_partials_attend_like_the_reference(bounds, block_q, block_k, rows, monkeypatch):
+    from attnpatch.backends.reference import block_sparse_attention
+    from attnpatch.calibrate import block_partials
+    from attnpatch.calibrate.block_partials import BlockPartials
+    from attnpatch.sparsity import BlockSelection, KeyBounds, num_blocks
+
+    monkeypatch.setattr(block_partials, "ROWS", rows)
+
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, h, 70, 8, generator=g) for h in (4, 2, 2))
+    kb = {"plain": KeyBounds(), "window": KeyBounds(window=20),
+          "padding": KeyBounds(key_start=torch.tensor([0, 9]))}[bounds]
+    partials = BlockPartials.compute(q, k, v, 0.3, kb, block_k)
+    r, c = num_blocks(70, block_q), num_blocks(70, block_k)
+    rows = kb.dense_mask(2, 70, 70).any(-1, keepdim=True)
+    for _ in range(3):  # several selections from one set of partials
+        blocks = torch.rand(2, 4, r, c, generator=g) < 0.5
+        first_key = torch.arange(r).view(r, 1) * block_q // block_k  # the block holding each row block's first row
+        blocks |= torch.arange(c).view(1, c) >= first_key  # every row keeps its own and later (causal-clipped) blocks
+        sel = BlockSelection.from_block_mask(blocks, block_q, block_k, 70, 70)
+        ref = block_sparse_attention(q, k, v, sel, scale=0.3, bounds=kb)
+        torch.testing.assert_close(partials.attend(sel) * rows, ref.float() * rows, atol=1e-5, rtol=1e-5)
+
+
+def test_search_with_block_partials_equals_the_masked_search(recorded, monkeypatch):
+    from attnpatch.calibrate import block_partials
+
+    _, _, layers = recorded
+    info = get_method("xattention", "prefill")
+    fast = search_layer(info, info.cls.knob, _options("xattention"), layers[1], 0.08, steps=4)
+    monkeypatch.setattr(block_partials.BlockPartials, "fits", staticmethod(lambda *a: False))
+    slow = search_layer(info, info.cls.knob, _options("xattention"), layers[1], 0.08, steps=4)
+    assert fast.values == slow.values
+    torch.testing.assert_close(torch.tensor(fast.error), torch.tensor(slow.error), atol=1e-6, rtol=1e-5)
+
+
 def test_shipped_profiles_fit_their_checkpoint():
     from pathlib import Path
 

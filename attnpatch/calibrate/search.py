@@ -17,6 +17,7 @@ import torch
 
 from attnpatch.backends import BACKENDS
 from attnpatch.backends.reference import block_sparse_attention
+from attnpatch.calibrate.block_partials import BlockPartials
 from attnpatch.calibrate.layer_select import EstimateCache, reuses_estimate, select_on
 from attnpatch.calibrate.record import LayerInputs
 from attnpatch.eval.fidelity import exact_attention, relative_error
@@ -62,9 +63,10 @@ def dense_outputs(layer: LayerInputs) -> list[torch.Tensor]:
 
 
 def evaluate(info: MethodInfo, options: Mapping[str, Any], layer: LayerInputs, dense: list[torch.Tensor],
-             cache: EstimateCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             cache: EstimateCache | None = None, partials: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`([Hq] mean relative error, [Hq] mean density)` of the method with `options` on the layer's prompts
-    (`cache`: block scores shared across calls, `attnpatch.calibrate.layer_select`)."""
+    (`cache`: block scores shared across calls, `attnpatch.calibrate.layer_select`; `partials`: a dict in
+    which each prompt's `BlockPartials` are kept across calls, so block selections attend in O(Lq·C·D))."""
     hq = layer.query[0].shape[1]
     errors, densities = torch.zeros(hq, dtype=torch.float64), torch.zeros(hq, dtype=torch.float64)
     for i, (q, k, v, bounds, ref) in enumerate(zip(layer.query, layer.key, layer.value, layer.bounds, dense,
@@ -78,6 +80,11 @@ def evaluate(info: MethodInfo, options: Mapping[str, Any], layer: LayerInputs, d
             skipped = torch.zeros(selection.indices.shape, dtype=torch.bool, device=q.device)
             out = block_sparse_attention(q, k, v, selection, scale=layer.scale, bounds=bounds, skipped_out=skipped)
             kept = kept - skipped.sum(dim=(0, 2, 3)).to(kept)
+        elif isinstance(selection, BlockSelection) and partials is not None and \
+                BlockPartials.fits(q, k, v, selection.block_k):
+            if (i, selection.block_k) not in partials:
+                partials[(i, selection.block_k)] = BlockPartials.compute(q, k, v, layer.scale, bounds, selection.block_k)
+            out = partials[(i, selection.block_k)].attend(selection)
         elif isinstance(selection, BlockSelection) and q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] <= _MASKED_ELEMENTS:
             out = masked_block_attention(q, k, v, selection, layer.scale, bounds)
         else:
@@ -100,18 +107,19 @@ def search_layer(info: MethodInfo, knob: Knob, base: Mapping[str, Any], layer: L
     hq = layer.query[0].shape[1]
     dense = dense_outputs(layer)
     cache: EstimateCache | None = {} if reuses_estimate(info, knob.option) else None  # one estimate per prompt
+    partials: dict = {}  # each prompt's softmax partials per key block, shared by the bisection's steps
     lo, hi = torch.zeros(hq, dtype=torch.float64), torch.ones(hq, dtype=torch.float64)
     best_err, best_den = torch.full_like(lo, float("nan")), torch.full_like(lo, float("nan"))
     lo_err, lo_den = torch.full_like(lo, float("nan")), torch.full_like(lo, float("nan"))
     for _ in range(steps):
         mid = (lo + hi) / 2
-        err, den = evaluate(info, {**base, knob.option: knob.value(mid).tolist()}, layer, dense, cache)
+        err, den = evaluate(info, {**base, knob.option: knob.value(mid).tolist()}, layer, dense, cache, partials)
         ok = err <= tolerance if tolerance is not None else den >= density
         hi, lo = torch.where(ok, mid, hi), torch.where(ok, lo, mid)
         best_err, best_den = torch.where(ok, err, best_err), torch.where(ok, den, best_den)
         lo_err, lo_den = torch.where(ok, lo_err, err), torch.where(ok, lo_den, den)
     if bool(torch.isnan(best_err).any()):  # heads never within the target: measure them at the densest end
-        err, den = evaluate(info, {**base, knob.option: knob.value(hi).tolist()}, layer, dense, cache)
+        err, den = evaluate(info, {**base, knob.option: knob.value(hi).tolist()}, layer, dense, cache, partials)
         missing = torch.isnan(best_err)
         best_err, best_den = torch.where(missing, err, best_err), torch.where(missing, den, best_den)
     coord = hi

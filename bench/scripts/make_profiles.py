@@ -77,9 +77,9 @@ def measure_heldout(model, tok, method: str, profile: Profile, length: int) -> d
     errs = {"profile": [], "defaults": []}
     dens = {"profile": [], "defaults": []}
     for i, layer in layers.items():
-        dense = dense_outputs(layer)
+        dense, partials = dense_outputs(layer), {}
         for tag, options in (("profile", profile.layers[i]["prefill_options"]), ("defaults", base)):
-            e, d = evaluate(info, options, layer, dense)
+            e, d = evaluate(info, options, layer, dense, partials=partials)
             errs[tag].append(e)
             dens[tag].append(d)
         del layer.query[:], layer.key[:], layer.value[:]
