@@ -93,8 +93,9 @@ def _heldout_density(model, tok, spec: PatchSpec, length: int, samples: int) -> 
 def match_heldout(model, tok, method: str, uniform: Profile, target: float, length: int, samples: int,
                   tol: float = 0.002, steps: int = 7) -> tuple[Profile, list[tuple[float, float]]]:
     """The uniform profile moved along its knob (`Profile.adjusted(shift)`, the same shift for every head, so
-    it stays uniform) until its held-out density is `target` (a HeSS profile's): bisection on the shift,
-    held-out density assumed to rise with it. Only densities are compared; accuracy plays no part."""
+    it stays uniform) until its held-out density is `target` (a HeSS profile's): the target bracketed from
+    shift 0 outwards, then regula falsi (held-out density assumed to rise with the shift); at most `steps`
+    densities measured, the nearest kept. Only densities are compared; accuracy plays no part."""
     tried: list[tuple[float, float]] = []
 
     knob = None if "knob_range" in uniform.meta else get_method(method, "prefill").cls.knob  # older profiles
@@ -108,23 +109,27 @@ def match_heldout(model, tok, method: str, uniform: Profile, target: float, leng
         print(f"  match {method}: shift {shift:+.4f} -> held-out density {d:.4f} (target {target:.4f})", flush=True)
         return d
 
-    lo, hi = -0.25, 0.25
     d0 = density(0.0)
     if abs(d0 - target) <= tol:
         return uniform, tried
-    if d0 < target:
-        lo = 0.0
-    else:
-        hi = 0.0
-    for _ in range(steps):
-        mid = (lo + hi) / 2
-        d = density(mid)
-        if abs(d - target) <= tol:
+    # bracket the target from shift 0 outwards (density rises with the shift), then regula falsi
+    step = 0.02 if d0 < target else -0.02
+    a, da = 0.0, d0
+    b, db = step, density(step)
+    while (db - target) * (da - target) > 0 and abs(b) < 0.5 and len(tried) < steps:
+        a, da, b = b, db, b * 2
+        db = density(b)
+    for _ in range(steps - len(tried)):
+        if abs(db - target) <= tol or (db - target) * (da - target) > 0 or db == da:
             break
-        if d < target:
-            lo = mid
+        mid = a + (target - da) * (b - a) / (db - da)
+        dm = density(mid)
+        if abs(dm - target) <= tol:
+            break
+        if (dm - target) * (da - target) < 0:
+            b, db = mid, dm
         else:
-            hi = mid
+            a, da = mid, dm
     best = min(tried, key=lambda t: abs(t[1] - target))[0]
     return moved(best), tried
 
