@@ -26,6 +26,18 @@ def llama():
     return tiny_model("llama")
 
 
+@pytest.fixture(autouse=True)
+def _no_speed_gate_on_gpu_tests(request, monkeypatch):
+    """The GPU tests check backends and kernels against the reference on short inputs, where backend "auto"
+    would run a measured-slower method dense (`BackendPlan.speed_gate`): the gate is off there, except in
+    the test that checks it (`tests/gpu/test_speed_gate_cuda.py`)."""
+    node = request.node.nodeid
+    if "gpu/" in node and "speed_gate" not in node:
+        import attnpatch.backends as backends
+
+        monkeypatch.setattr(backends, "GATED_DEVICES", ())
+
+
 def random_ids(batch: int, length: int, seed: int = 0, vocab: int = 256) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (batch, length), generator=g)
