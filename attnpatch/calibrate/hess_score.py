@@ -75,7 +75,7 @@ def kept_by(info: MethodInfo, options: Mapping[str, Any], layer: LayerInputs, i:
     `cache`: the prompt's block scores shared across settings (`attnpatch.calibrate.layer_select`)."""
     q, k, v, bounds = layer.query[i], layer.key[i], layer.value[i], layer.bounds[i]
     hq = q.shape[1]
-    sel = select_on(info, options, layer, i, cache)
+    sel = select_on(info.build(options, hq, where=f" (layer {layer.layer})"), layer, i, cache)
     if isinstance(sel, DenseFallback):
         return Kept(), torch.ones(hq, dtype=torch.float64)
     kept, total = sel.kept_and_total()

@@ -7,11 +7,8 @@ scores of each prompt are computed once and kept in an `EstimateCache`; only the
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 from attnpatch.calibrate.record import LayerInputs
-from attnpatch.methods.base import DenseFallback, PrefillContext
+from attnpatch.methods.base import DenseFallback, PrefillContext, PrefillMethod
 from attnpatch.methods.estimated import BlockScores, EstimatedPrefill
 from attnpatch.registry import MethodInfo
 
@@ -20,16 +17,14 @@ EstimateCache = dict[int, BlockScores | None]  # prompt index -> the layer's blo
 
 def reuses_estimate(info: MethodInfo, option: str) -> bool:
     """Whether the method's estimate can be shared by every value of `option`."""
-    return isinstance(info.cls, type) and issubclass(info.cls, EstimatedPrefill) and info.cls.estimate_ignores(option)
+    return issubclass(info.cls, EstimatedPrefill) and info.cls.estimate_ignores(option)
 
 
-def select_on(info: MethodInfo, options: Mapping[str, Any], layer: LayerInputs, i: int,
-              cache: EstimateCache | None = None):
-    """The selection (or DenseFallback) of the method built with `options` on prompt `i` of the layer; with
-    a `cache`, the prompt's block scores are estimated once and reused (only pass one when
-    `reuses_estimate` holds for the option being varied)."""
+def select_on(method: PrefillMethod, layer: LayerInputs, i: int, cache: EstimateCache | None = None):
+    """The selection (or DenseFallback) of a built method on prompt `i` of the layer; with a `cache`, the
+    prompt's block scores are estimated once and reused (only pass one when `reuses_estimate` holds for
+    the option being varied)."""
     q, k, bounds = layer.query[i], layer.key[i], layer.bounds[i]
-    method = info.build(options, q.shape[1], where=f" (layer {layer.layer})")
     ctx = PrefillContext(layer.layer, layer.scale, bounds, layer.window)
     if cache is None or not isinstance(method, EstimatedPrefill):
         return method.select(q, k, ctx)

@@ -68,10 +68,11 @@ def evaluate(info: MethodInfo, options: Mapping[str, Any], layer: LayerInputs, d
     (`cache`: block scores shared across calls, `attnpatch.calibrate.layer_select`; `partials`: a dict in
     which each prompt's `BlockPartials` are kept across calls, so block selections attend in O(Lq·C·D))."""
     hq = layer.query[0].shape[1]
+    method = info.build(options, hq, where=f"layer {layer.layer}")
     errors, densities = torch.zeros(hq, dtype=torch.float64), torch.zeros(hq, dtype=torch.float64)
     for i, (q, k, v, bounds, ref) in enumerate(zip(layer.query, layer.key, layer.value, layer.bounds, dense,
                                                    strict=True)):
-        selection = select_on(info, options, layer, i, cache)
+        selection = select_on(method, layer, i, cache)
         if isinstance(selection, DenseFallback):
             densities += 1.0
             continue

@@ -54,16 +54,22 @@ def _options(items: list[str], methods: list[str]) -> dict[str, dict[str, str]]:
     return out
 
 
-def _heldout(model, tok, spec: PatchSpec, length: int, samples: int, model_name: str) -> dict:
-    """Fidelity on `samples` passkey prompts (seeds 2000+i), passkey accuracy (seeds 1000+i) and the
-    perplexity of one Pride and Prejudice window (the suite's tasks)."""
+def _fidelity(model, tok, spec: PatchSpec, length: int, samples: int) -> dict:
+    """Attention recall, output error and density of `spec`, averaged over `samples` passkey prompts
+    (seeds 2000+i)."""
     fid = []
     for i in range(samples):
         text = passkey_sample(tok, target_tokens=length - 16, depth=(i + 0.5) / samples, seed=FIDELITY_SEED + i).prompt
         ids = tok(text, return_tensors="pt").input_ids[:, -length:]
         report, _ = measure(model, ids, spec)
         fid.append(report.summary())
-    out = {k: sum(f[k] for f in fid) / len(fid) for k in fid[0]}
+    return {k: sum(f[k] for f in fid) / len(fid) for k in fid[0]}
+
+
+def _heldout(model, tok, spec: PatchSpec, length: int, samples: int, model_name: str) -> dict:
+    """`_fidelity`, passkey accuracy (seeds 1000+i) and the perplexity of one Pride and Prejudice window
+    (the suite's tasks)."""
+    out = _fidelity(model, tok, spec, length, samples)
     run = run_one(model, tok, RunSpec(spec, length), TASKS, samples, model_name, resolve(model_name),
                   measure_fidelity=False)
     out.update(run["scores"])
@@ -77,17 +83,6 @@ def _first_value(profile: Profile) -> float:
     entry = profile.for_layer(min(profile.layers))
     holder = entry.get("prefill_options", entry)
     return float(holder[name][0])
-
-
-def _heldout_density(model, tok, spec: PatchSpec, length: int, samples: int) -> float:
-    """Mean density of `spec` on the held-out fidelity prompts (what the table's held-out density is)."""
-    dens = []
-    for i in range(samples):
-        text = passkey_sample(tok, target_tokens=length - 16, depth=(i + 0.5) / samples, seed=FIDELITY_SEED + i).prompt
-        ids = tok(text, return_tensors="pt").input_ids[:, -length:]
-        report, _ = measure(model, ids, spec)
-        dens.append(report.summary()["density"])
-    return sum(dens) / len(dens)
 
 
 def match_heldout(model, tok, method: str, uniform: Profile, target: float, length: int, samples: int,
@@ -104,7 +99,7 @@ def match_heldout(model, tok, method: str, uniform: Profile, target: float, leng
         return uniform.adjusted(shift=shift, knob=knob) if shift else uniform
 
     def density(shift: float) -> float:
-        d = _heldout_density(model, tok, PatchSpec.build(method, profile=moved(shift)), length, samples)
+        d = _fidelity(model, tok, PatchSpec.build(method, profile=moved(shift)), length, samples)["density"]
         tried.append((shift, d))
         print(f"  match {method}: shift {shift:+.4f} -> held-out density {d:.4f} (target {target:.4f})", flush=True)
         return d
