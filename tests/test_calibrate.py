@@ -66,6 +66,7 @@ def test_search_meets_the_tolerance_per_head_or_ends_at_the_densest_value(record
     densest = knob.value(torch.ones(1)).item()
     for value, err in zip(fit.values, fit.error, strict=True):
         assert err <= tolerance + 1e-9 or value == pytest.approx(densest)
+        assert knob.low <= value <= knob.high or value == info.cls.full_density.get(knob.option)
     # the reported error is what the method really does with those values
     from attnpatch.calibrate.search import dense_outputs
 
@@ -179,6 +180,26 @@ def test_block_partials_attend_like_the_reference(bounds, block_q, block_k, rows
         sel = BlockSelection.from_block_mask(blocks, block_q, block_k, 70, 70)
         ref = block_sparse_attention(q, k, v, sel, scale=0.3, bounds=kb)
         torch.testing.assert_close(partials.attend(sel) * rows, ref.float() * rows, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", [m for m in calibratable_methods()
+                                    if get_method(m, "prefill").cls.knob.option in get_method(m, "prefill").cls.full_density])
+def test_heads_out_of_range_take_the_full_density_value(recorded, method):
+    """Searched over the sparsest tenth of its range only, with a tolerance (1e-5) that range misses,
+    every head ends at the knob's full-density value (e.g. s2o's τ = 0), measured there: within the
+    tolerance, at density 1."""
+    from dataclasses import replace
+
+    _, _, layers = recorded
+    info = get_method(method, "prefill")
+    knob = info.cls.knob
+    ends = sorted(knob.value(torch.tensor([0.0, 0.1], dtype=torch.float64)).tolist())
+    sparse = replace(knob, low=ends[0], high=ends[1])
+    full = info.cls.full_density[knob.option]
+    fit = search_layer(info, sparse, _options(method), layers[1], 1e-5, steps=2)
+    assert max(fit.error) <= 1e-5 and min(fit.density) == pytest.approx(1.0)
+    if method != "anchor":  # anchor keeps every key of these 192-token prompts even at its sparsest value
+        assert fit.values == [full] * len(fit.values)
 
 
 def test_search_with_block_partials_equals_the_masked_search(recorded, monkeypatch):

@@ -45,8 +45,8 @@ def test_suite_runs_offline_on_the_embedded_checkpoint(tmp_path):
     pytest.importorskip("lm_eval")
     from attnpatch.eval.suite import run_grid
 
-    files = run_grid("smollm2", ["a_shape"], ["passkey", "perplexity", "niah_single_1"], [1024], 2, tmp_path,
-                     {"a_shape": {"local_blocks": 4}})
+    files = run_grid("smollm2", ["a_shape"], ["passkey", "perplexity", "niah_single_1"], [1024], 1, tmp_path,
+                     {"a_shape": {"local_blocks": 4}}, max_gen_toks=16)
     assert [f.name for f in files] == ["a_shape_local_blocks4_L1024.json"]
     result = json.loads(files[0].read_text())
     assert result["spec"]["method"] == "a_shape" and result["spec"]["prefill_options"] == {"local_blocks": 4}

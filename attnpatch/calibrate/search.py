@@ -4,7 +4,9 @@ For every head at once: bisection on the knob's density coordinate t ∈ [0, 1] 
 its range, 1: the densest), keeping the sparsest t whose mean relative output error over the prompts
 (‖sparse − dense‖ / ‖dense‖ per head, the fidelity probe's measure) is within the tolerance. Heads are
 independent: a head's selection depends only on its own option value, and its error only on its
-selection. Assumes the error falls as t rises (true of thresholds and coverage targets up to ties).
+selection. Assumes the error falls as t rises (true of thresholds and coverage targets up to ties). A head
+over the tolerance even at the densest end of the knob's range gets the knob's full-density value (the
+method's `full_density`, e.g. s2o's τ = 0) where that value's measured error is within it.
 """
 
 from __future__ import annotations
@@ -128,4 +130,15 @@ def search_layer(info: MethodInfo, knob: Knob, base: Mapping[str, Any], layer: L
         use_lo = ~torch.isnan(lo_den) & ((lo_den - density).abs() < (best_den - density).abs())
         coord = torch.where(use_lo, lo, hi)
         best_err, best_den = torch.where(use_lo, lo_err, best_err), torch.where(use_lo, lo_den, best_den)
-    return HeadFit(knob.value(coord).tolist(), best_err.tolist(), best_den.tolist())
+    values = knob.value(coord)
+    full = info.cls.full_density.get(knob.option)
+    if tolerance is not None and full is not None and bool((best_err > tolerance).any()):
+        # Heads over the tolerance even at the densest end of the range: the knob's full-density value
+        # (e.g. s2o's τ = 0), kept where its measured error is within the tolerance.
+        over = best_err > tolerance
+        trial = torch.where(over, torch.full_like(values, float(full)), values)
+        err, den = evaluate(info, {**base, knob.option: trial.tolist()}, layer, dense, cache, partials)
+        take = over & (err <= tolerance)
+        values = torch.where(take, trial, values)
+        best_err, best_den = torch.where(take, err, best_err), torch.where(take, den, best_den)
+    return HeadFit(values.tolist(), best_err.tolist(), best_den.tolist())

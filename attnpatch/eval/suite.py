@@ -130,13 +130,14 @@ def _ruler(model, tok, task: str, length: int, limit: int, model_path: str, max_
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    from attnpatch.eval.haystack import offline_essays
+    from attnpatch.eval.haystack import offline_essays, ruler_task_manager
 
     lm = HFLM(pretrained=model, tokenizer=tok, max_length=length + 256, batch_size=1)
+    metadata = {"max_seq_lengths": [length], "pretrained": model_path, "tokenizer": model_path}
     with offline_essays():
-        out = simple_evaluate(model=lm, tasks=[task], limit=limit,
+        out = simple_evaluate(model=lm, tasks=[task], limit=limit, task_manager=ruler_task_manager(metadata),
                               gen_kwargs=None if max_gen_toks is None else {"max_gen_toks": max_gen_toks},
-                              metadata={"max_seq_lengths": [length], "pretrained": model_path, "tokenizer": model_path})
+                              metadata=metadata)
     scores = out["results"][task]
     key = next(k for k in scores if k.startswith(f"{length},"))
     return float(scores[key])

@@ -11,7 +11,7 @@ import argparse
 import torch
 
 import attnpatch
-from attnpatch.eval.haystack import offline_essays
+from attnpatch.eval.haystack import offline_essays, ruler_task_manager
 from attnpatch.models import load, resolve
 
 
@@ -31,9 +31,9 @@ def main() -> int:
         patch = attnpatch.patch_model(model, decode=spec) if spec != "dense" else None
         lm = HFLM(pretrained=model, tokenizer=tok, max_length=args.length + 256, batch_size=1)
         with offline_essays(), torch.no_grad():
+            metadata = {"max_seq_lengths": [args.length], "pretrained": path, "tokenizer": path}
             out = simple_evaluate(model=lm, tasks=["niah_single_1"], limit=args.limit, gen_kwargs={"max_gen_toks": 32},
-                                  log_samples=True, metadata={"max_seq_lengths": [args.length], "pretrained": path,
-                                                              "tokenizer": path})
+                                  log_samples=True, metadata=metadata, task_manager=ruler_task_manager(metadata))
         right = 0
         for s in out["samples"]["niah_single_1"]:
             answer, target = s["resps"][0][0], s["target"]

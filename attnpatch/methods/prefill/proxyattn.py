@@ -53,7 +53,7 @@ class ProxyAttn(EstimatedPrefill):
     """
 
     fast_from: ClassVar[int | None] = 131072  # H200, llama3-8b layer: 0.84× / 0.92× / 1.02× cuDNN at 32K / 64K / 128K
-    full_density: ClassVar[dict] = {"min_blocks": 1 << 20}
+    full_density: ClassVar[dict] = {"min_blocks": 1 << 20, "gamma": 1.0}
     knob: ClassVar = Knob("gamma", 0.5, 0.999, denser="higher")
     selector: ClassVar = Threshold("in_budget")
     in_budget: ClassVar[float] = 1.0  # keep blocks whose budget left (k - rank) is at least one
