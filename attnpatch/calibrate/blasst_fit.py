@@ -125,7 +125,7 @@ def _decode_measure(layers: dict[int, LayerInputs], i: int, a: float, page: int,
     for n, r in layers.items():
         q_all, k_all, v_all = r.query[i], r.key[i], r.value[i]
         hq, length = q_all.shape[1], k_all.shape[2]
-        method = info.build({"a": a, "page_size": page}, hq, where=f"layer {n}")
+        method = info.build({"a": a, "page_size": page}, hq, where=f" (layer {n})")
         for pos in range(max(0, length - steps), length):
             q, k, v = q_all[:, :, pos:pos + 1], k_all[:, :, :pos + 1], v_all[:, :, :pos + 1]
             ctx = DecodeContext(n, r.scale, KeyBounds(), r.window)

@@ -70,7 +70,7 @@ def evaluate(info: MethodInfo, options: Mapping[str, Any], layer: LayerInputs, d
     (`cache`: block scores shared across calls, `attnpatch.calibrate.layer_select`; `partials`: a dict in
     which each prompt's `BlockPartials` are kept across calls, so block selections attend in O(Lq·C·D))."""
     hq = layer.query[0].shape[1]
-    method = info.build(options, hq, where=f"layer {layer.layer}")
+    method = info.build(options, hq, where=f" (layer {layer.layer})")
     errors, densities = torch.zeros(hq, dtype=torch.float64), torch.zeros(hq, dtype=torch.float64)
     for i, (q, k, v, bounds, ref) in enumerate(zip(layer.query, layer.key, layer.value, layer.bounds, dense,
                                                    strict=True)):
@@ -132,10 +132,10 @@ def search_layer(info: MethodInfo, knob: Knob, base: Mapping[str, Any], layer: L
         best_err, best_den = torch.where(use_lo, lo_err, best_err), torch.where(use_lo, lo_den, best_den)
     values = knob.value(coord)
     full = info.cls.full_density.get(knob.option)
-    if tolerance is not None and full is not None and bool((best_err > tolerance).any()):
+    over = best_err > tolerance if tolerance is not None else torch.zeros_like(best_err, dtype=torch.bool)
+    if full is not None and bool(over.any()):
         # Heads over the tolerance even at the densest end of the range: the knob's full-density value
         # (e.g. s2o's τ = 0), kept where its measured error is within the tolerance.
-        over = best_err > tolerance
         trial = torch.where(over, torch.full_like(values, float(full)), values)
         err, den = evaluate(info, {**base, knob.option: trial.tolist()}, layer, dense, cache, partials)
         take = over & (err <= tolerance)
