@@ -326,7 +326,7 @@ def _calibrate_hess(args: argparse.Namespace, options: dict) -> None:
     cal = hess_measure(model, tok, args.method, data=args.data, samples=args.samples,
                        lengths=_ints(args.lengths, "--lengths"), options=options, grid=args.grid, form=args.form)
     command = "attnpatch " + " ".join(args.argv)
-    profile = cal.redistribute(density, scope=args.scope, name=args.name, spread=args.spread)
+    profile = cal.redistribute(density, scope=args.scope, name=args.name, spread=args.spread, damping=args.damping)
     profile.meta["command"] = command
     profile.save(args.out)
     print(f"wrote {args.out}: HeSS {args.method} in {profile.meta['seconds']} s; mean density "
@@ -494,6 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Fisher ½Σ(g·e)² or its diagonal ½Σg²e²")
     hs.add_argument("--spread", type=int, default=None, metavar="STEPS",
                     help="keep every head within STEPS grid points of the uniform setting (default: anywhere)")
+    hs.add_argument("--damping", type=float, default=0.0, metavar="DELTA",
+                    help="damp the Fisher to g gᵀ + λI, λ = DELTA × its mean diagonal (default 0: undamped)")
     hs.add_argument("--scope", default="model", choices=("model", "layer"),
                     help="the average density holds over the whole model or in every layer")
     hs.add_argument("--uniform-out", default=None, metavar="PATH",

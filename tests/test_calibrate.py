@@ -182,6 +182,54 @@ def test_block_partials_attend_like_the_reference(bounds, block_q, block_k, rows
         torch.testing.assert_close(partials.attend(sel) * rows, ref.float() * rows, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("bounds", ["plain", "window", "padding"])
+@pytest.mark.parametrize(("block_q", "block_k"), [(16, 16), (32, 16)])
+@pytest.mark.parametrize("shared", [True, False])  # one selection for every head (strided), or per head
+def test_block_partials_skip_like_the_reference(bounds, block_q, block_k, shared, monkeypatch):
+    """BLASST's run-time skips decided from the partials' row maxima: the same slots as the reference
+    executor skips and the same output, for one log threshold and for one per query head; and the same
+    again from partials computed one row chunk at a time, every selection in one pass."""
+    from attnpatch.backends.reference import block_sparse_attention
+    from attnpatch.calibrate import block_partials
+    from attnpatch.calibrate.block_partials import BlockPartials, attend_in_row_chunks
+    from attnpatch.sparsity import BlockSelection, KeyBounds, SkipRule, num_blocks
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, h, 70, 8, generator=g) * 2 for h in (4, 2, 2))
+    kb = {"plain": KeyBounds(), "window": KeyBounds(window=20),
+          "padding": KeyBounds(key_start=torch.tensor([0, 9]))}[bounds]
+    partials = BlockPartials.compute(q, k, v, 0.5, kb, block_k)
+    r, c = num_blocks(70, block_q), num_blocks(70, block_k)
+    first_key = torch.arange(r).view(r, 1) * block_q // block_k
+    causal = torch.arange(c).view(1, c) <= (torch.arange(r).view(r, 1) + 1) * block_q // block_k
+    blocks = (torch.rand(2, 1 if shared else 4, r, c, generator=g) < 0.7) | (torch.arange(c).view(1, c) >= first_key)
+    base = BlockSelection.from_block_mask((blocks & causal).expand(2, 4, r, c) if shared else blocks & causal,
+                                          block_q, block_k, 70, 70)
+    if shared:
+        base = BlockSelection(base.indices[:, :1].expand(2, 4, -1, -1), base.counts[:, :1].expand(2, 4, -1),
+                              block_q, block_k, 70, 70)
+    rows = kb.dense_mask(2, 70, 70).any(-1, keepdim=True)
+    seen, sels, refs = 0, [], []
+    for thr in (0.0, -1.0, torch.tensor([0.5, -1.0, -3.0, float("-inf")])):
+        sel = BlockSelection(base.indices, base.counts, block_q, block_k, 70, 70, SkipRule(thr))
+        want = torch.zeros(sel.indices.shape, dtype=torch.bool)
+        ref = block_sparse_attention(q, k, v, sel, scale=0.5, bounds=kb, skipped_out=want)
+        got = partials.skipped(sel)
+        assert torch.equal(got, want)
+        seen += int(got.sum())
+        torch.testing.assert_close(partials.attend(sel, got) * rows, ref.float() * rows, atol=1e-5, rtol=1e-5)
+        sels.append(sel)
+        refs.append((ref, want))
+    assert seen > 0  # some tiles were skipped
+    sels.append(base)  # and one selection without a skip rule
+    refs.append((block_sparse_attention(q, k, v, base, scale=0.5, bounds=kb), None))
+    monkeypatch.setattr(block_partials, "MAX_ELEMENTS", 2 * 4 * c * 10 * (block_q + 1))  # chunks of block_q rows
+    monkeypatch.setattr(block_partials, "ROWS", 8)  # inner chunks split a query block
+    for (out, skipped), (ref, want) in zip(attend_in_row_chunks(q, k, v, 0.5, kb, sels), refs, strict=True):
+        torch.testing.assert_close(out * rows, ref.float() * rows, atol=1e-5, rtol=1e-5)
+        assert (skipped is None) == (want is None) and (want is None or torch.equal(skipped, want))
+
+
 @pytest.mark.parametrize("method", [m for m in calibratable_methods()
                                     if get_method(m, "prefill").cls.knob.option in get_method(m, "prefill").cls.full_density])
 def test_heads_out_of_range_take_the_full_density_value(recorded, method):
@@ -200,6 +248,28 @@ def test_heads_out_of_range_take_the_full_density_value(recorded, method):
     assert max(fit.error) <= 1e-5 and min(fit.density) == pytest.approx(1.0)
     if method != "anchor":  # anchor keeps every key of these 192-token prompts even at its sparsest value
         assert fit.values == [full] * len(fit.values)
+
+
+@pytest.mark.parametrize("cached", [True, False])  # partials cached per prompt, or one row-chunked pass
+@pytest.mark.parametrize("method", calibratable_methods())
+def test_evaluate_many_equals_evaluate(recorded, method, cached, monkeypatch):
+    from attnpatch.calibrate import block_partials
+    from attnpatch.calibrate.search import dense_outputs, evaluate_many
+
+    _, _, layers = recorded
+    layer = layers[1]
+    info = get_method(method, "prefill")
+    knob = info.cls.knob
+    options = [{**_options(method), knob.option: float(knob.value(torch.tensor([t])))} for t in (0.1, 0.5, 0.9)]
+    dense = dense_outputs(layer)
+    want = [evaluate(info, o, layer, dense) for o in options]
+    if not cached:
+        monkeypatch.setattr(block_partials.BlockPartials, "fits", staticmethod(lambda *a: False))
+        monkeypatch.setattr(block_partials, "MAX_ELEMENTS", 4 * 12 * 18 * 40)  # row chunks of 32 rows (4 heads, d 16)
+    got = evaluate_many(info, options, layer, dense, partials={})
+    for (err, den), (e, d) in zip(got, want, strict=True):
+        torch.testing.assert_close(err, e, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(den, d, atol=1e-9, rtol=1e-9)
 
 
 def test_search_with_block_partials_equals_the_masked_search(recorded, monkeypatch):
@@ -244,8 +314,8 @@ def test_blasst_lambda_fit_over_lengths():
     fit = fit_lambda(layers, grid, tolerance=0.05, block=16)
     assert [n for n, _ in fit.points] == [96, 192] and all(lam in grid for _, lam in fit.points)
     lam = torch.tensor([x for _, x in fit.points], dtype=torch.float64)
-    inv = torch.tensor([1 / 96, 1 / 192], dtype=torch.float64)
-    assert fit.a == pytest.approx(float((lam * inv).sum() / (inv * inv).sum()))  # least squares of λ ≈ a / L
+    logs = lam.log() + torch.tensor([96.0, 192.0], dtype=torch.float64).log()
+    assert fit.a == pytest.approx(float(logs.mean().exp()))  # least squares of log λ ≈ log a − log L
     assert set(fit.skipped_at_a) == set(fit.skipped_at_fixed_lambda) == set(fit.error_at_a) == {96, 192}
     sparse = fit_lambda(layers, grid, target_skipped=0.2, block=16)
     assert all(0 <= s <= 1 for s in sparse.skipped_at_a.values())

@@ -88,6 +88,8 @@ def test_sensitivity_is_nonnegative_zero_at_full_density_and_matches_the_executo
     torch.testing.assert_close(curves.density[1], den, rtol=1e-6, atol=1e-9)
     method_obj = info.build(sparse, layer.query[0].shape[1])
     direct = torch.zeros_like(curves.output_term[1])
+    error_sq = torch.zeros_like(direct)
+    grad_sq = torch.cat([(g.float() ** 2).transpose(0, 1).reshape(g.shape[1], -1) for g in grads[1]], 1).mean(1)
     for q, k, v, bounds, g, ref in zip(layer.query, layer.key, layer.value, layer.bounds, grads[1],
                                        dense_outputs(layer), strict=True):
         sel = method_obj.select(q, k, PrefillContext(1, layer.scale, bounds, layer.window))
@@ -95,7 +97,10 @@ def test_sensitivity_is_nonnegative_zero_at_full_density_and_matches_the_executo
             continue
         out = BACKENDS["reference"].prefill(q, k, v, sel, scale=layer.scale, bounds=bounds).float()
         direct += 0.5 * ((g * (out - ref)).sum(-1) ** 2).sum((0, 2)).double()
+        error_sq += ((out - ref) ** 2).sum((0, 2, 3)).double()
     torch.testing.assert_close(curves.output_term[1], direct / len(layer.query), rtol=2e-3, atol=1e-16)
+    torch.testing.assert_close(curves.error_sq[1], error_sq / len(layer.query), rtol=2e-3, atol=1e-12)
+    torch.testing.assert_close(curves.grad_sq, grad_sq.double(), rtol=1e-4, atol=0)
 
 
 def test_diagonal_form_is_nonnegative_and_zero_at_full_density(recorded):
@@ -195,6 +200,27 @@ def test_a_more_sensitive_head_gets_more_density(measured, data):
     assert {v for i in bounded.layers for v in bounded.layers[i]["prefill_options"][cal.knob.option]} <= window
     with pytest.raises(ValueError, match="spread is a number of grid steps"):
         cal.redistribute(target, spread=-1)
+
+
+def test_damping_moves_the_cost_towards_the_raw_output_error(measured, data):
+    """δ = 0 is the plain Fisher; a very large δ leaves only the damping term `½ λ Σ ‖e‖²`, so the
+    allocation is the one that minimises the summed squared output error at the same density."""
+    cal = hess_measure(measured, _Tok(), "xattention", data=data, samples=2, lengths=(128,),
+                       options=_options("xattention"), grid=6, progress=False)
+    lo, hi = _reachable(cal)
+    target = lo + 0.4 * (hi - lo)
+    assert cal.fisher_mean() > 0
+    plain = cal.redistribute(target)
+    assert cal.redistribute(target, damping=0.0).layers == plain.layers and plain.meta["damping"] == 0.0
+    damped = cal.redistribute(target, damping=1e12)
+    dens = torch.cat([c.density.T for c in cal.curves.values()])
+    pick = allocate(dens, torch.cat([c.error_sq.T for c in cal.curves.values()]), target)
+    want = [cal.values[int(g)] for g in pick]
+    assert [v for i in sorted(damped.layers) for v in damped.layers[i]["prefill_options"][cal.knob.option]] == want
+    assert damped.meta["damping"] == 1e12
+    for bad in (-1.0, float("nan"), True):
+        with pytest.raises(ValueError, match="damping is a multiple of the mean Fisher diagonal"):
+            cal.redistribute(target, damping=bad)
 
 
 def test_bad_inputs_are_refused(measured, data):

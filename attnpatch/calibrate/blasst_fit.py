@@ -1,6 +1,6 @@
 """BLASST's λ = a / L fit (methods.md §1.2): per prompt, the largest λ on a grid whose mean relative
 attention-output error stays within the tolerance (or whose skipped share reaches a target), then
-the least-squares `a` of λ ≈ a / L over all prompts and lengths.
+the least-squares `a` of λ ≈ a / L over all prompts and lengths, fitted on log λ (`_least_squares_a`).
 
 Per phase (`lambda_table`): prefill skips key tiles of each recorded prompt; decode is measured on the
 recorded prompts' last positions, each query row a decode step over the keys up to it (exactly what
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from attnpatch.calibrate.record import LayerInputs
-from attnpatch.calibrate.search import dense_outputs, evaluate
+from attnpatch.calibrate.search import dense_outputs, evaluate_many
 from attnpatch.registry import get_method
 
 
@@ -40,15 +40,19 @@ def _one_prompt(layers: dict[int, LayerInputs], i: int) -> dict[int, LayerInputs
             for n, r in layers.items()}
 
 
-def _measure(layers: dict[int, LayerInputs], a: float, block: int, dense) -> tuple[float, float]:
-    """(mean error, mean skipped share) over every layer and head of one prompt."""
+def _measure(layers: dict[int, LayerInputs], a_values: Sequence[float], block: int, dense) -> list[tuple[float, float]]:
+    """Per `a` of `a_values`: (mean error, mean skipped share) over every layer and head of one prompt. Layer
+    by layer, so one layer's exact softmax partials (`BlockPartials`, cached or row-chunked on long prompts)
+    serve every `a` and are then freed."""
     info = get_method("blasst", "prefill")
-    errs, dens = [], []
+    errs = [[] for _ in a_values]
+    dens = [[] for _ in a_values]
     for n, layer in layers.items():
-        err, den = evaluate(info, {"a": a, "block_size": block}, layer, dense[n])
-        errs.append(err.mean())
-        dens.append(den.mean())
-    return float(torch.stack(errs).mean()), 1.0 - float(torch.stack(dens).mean())
+        results = evaluate_many(info, [{"a": a, "block_size": block} for a in a_values], layer, dense[n], partials={})
+        for j, (err, den) in enumerate(results):
+            errs[j].append(err.mean())
+            dens[j].append(den.mean())
+    return [(float(torch.stack(e).mean()), 1.0 - float(torch.stack(d).mean())) for e, d in zip(errs, dens, strict=True)]
 
 
 def fit_lambda(layers: dict[int, LayerInputs], grid: Sequence[float], tolerance: float | None = None,
@@ -69,8 +73,7 @@ def fit_lambda(layers: dict[int, LayerInputs], grid: Sequence[float], tolerance:
         dense = {n: dense_outputs(r) for n, r in one.items()}
         length = one[next(iter(one))].key[0].shape[2]
         best = grid[0]
-        for lam in grid:
-            err, skipped = _measure(one, lam * length, block, dense)
+        for lam, (err, skipped) in zip(grid, _measure(one, [lam * length for lam in grid], block, dense), strict=True):
             ok = err <= tolerance if tolerance is not None else skipped >= target_skipped
             if tolerance is not None and ok:
                 best = lam
@@ -79,15 +82,12 @@ def fit_lambda(layers: dict[int, LayerInputs], grid: Sequence[float], tolerance:
                 break
         points.append((length, best))
         per_prompt.append((one, dense, length))
-    inv = torch.tensor([1.0 / n for n, _ in points], dtype=torch.float64)
-    lam = torch.tensor([x for _, x in points], dtype=torch.float64)
-    a = float((lam * inv).sum() / (inv * inv).sum())
-    fixed = float(lam.median())
+    a = _least_squares_a(points)
+    fixed = float(torch.tensor([x for _, x in points], dtype=torch.float64).median())
     fit = LambdaFit(a, points, fixed_lambda=fixed)
     sums: dict[tuple[str, int], list[float]] = {}
     for one, dense, length in per_prompt:
-        for tag, value in (("a", a), ("fixed", fixed * length)):
-            err, skipped = _measure(one, value, block, dense)
+        for tag, (err, skipped) in zip(("a", "fixed"), _measure(one, [a, fixed * length], block, dense), strict=True):
             sums.setdefault((tag + "_skipped", length), []).append(skipped)
             sums.setdefault((tag + "_error", length), []).append(err)
     mean = {key: sum(v) / len(v) for key, v in sums.items()}
@@ -156,12 +156,9 @@ def lambda_table(layers: dict[int, LayerInputs], grid: Sequence[float], phase: s
         length = next(iter(layers.values())).key[i].shape[2]
         one = _one_prompt(layers, i) if phase == "prefill" else None
         dense = {n: dense_outputs(r) for n, r in one.items()} if one is not None else None
-        errs, skips = [], []
-        for lam in grid:
-            err, skipped = (_measure(one, lam * length, block, dense) if one is not None
-                            else _decode_measure(layers, i, lam * length, block, steps))
-            errs.append(err)
-            skips.append(skipped)
+        points = (_measure(one, [lam * length for lam in grid], block, dense) if one is not None
+                  else [_decode_measure(layers, i, lam * length, block, steps) for lam in grid])
+        errs, skips = [e for e, _ in points], [x for _, x in points]
         table.lengths.append(length)
         table.error.append(errs)
         table.skipped.append(skips)
@@ -182,9 +179,13 @@ def _lambda_for_share(grid: list[float], skipped: list[float], share: float) -> 
 
 
 def _least_squares_a(points: list[tuple[int, float]]) -> float:
-    inv = torch.tensor([1.0 / n for n, _ in points], dtype=torch.float64)
-    lam = torch.tensor([x for _, x in points], dtype=torch.float64)
-    return float((lam * inv).sum() / (inv * inv).sum())
+    """The least-squares `a` of `log λ = log a − log L` over the (length, λ) points: the geometric mean of
+    the per-prompt `λ · L`. Chosen over least squares on λ itself, which is a mean weighted towards the
+    largest λ: the per-prompt λs span decades (a log-spaced grid), and on SmolLM2 the linear fit let the
+    one loosest calibration prompt set `a` (text λ 0.1 against passkey λ 0.01: a = 217, held-out error
+    0.056 against the 0.05 target; seventh session, bench/results/README.md)."""
+    logs = torch.tensor([math.log(x * n) for n, x in points], dtype=torch.float64)
+    return float(logs.mean().exp())
 
 
 def fit_table(table: LambdaTable, tolerance: float | None = None, target_skipped: float | None = None
@@ -221,7 +222,7 @@ def measure_at(layers: dict[int, LayerInputs], a: float, phase: str, block: int 
     for i in range(prompts):
         if phase == "prefill":
             one = _one_prompt(layers, i)
-            err, skipped = _measure(one, a, block, {n: dense_outputs(r) for n, r in one.items()})
+            [(err, skipped)] = _measure(one, [a], block, {n: dense_outputs(r) for n, r in one.items()})
         else:
             err, skipped = _decode_measure(layers, i, a, block, steps)
         errs.append(err)

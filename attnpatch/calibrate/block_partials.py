@@ -5,12 +5,15 @@ block selections is a subset of key blocks per (head, query row), so the attenti
 to kept blocks `c` is the log-sum-exp merge of that row's softmax partials over each key block:
 `m_ic` (row max of the visible scores in block c), `l_ic = Σ exp(s − m_ic)` (`denom`) and `o_ic = Σ exp(s − m_ic) v`.
 `BlockPartials.compute` builds them once (one pass: the cost of dense attention) and `attend` merges any
-selection's kept blocks in `O(Lq · C · D)`, against a masked dense attention per selection before.
+selection's kept blocks in `O(Lq · C · D)`, against a masked dense attention per selection before. The
+partials' row maxima also decide BLASST's run-time skips (`skipped`), so a skip selection is measured
+without re-running the executor.
 Memory is `Hq · Lq · C · (D + 2)` floats, so `fits` bounds it and callers fall back above it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,12 +26,14 @@ ROWS = 512  # query rows per chunk of `compute`
 
 @dataclass
 class BlockPartials:
-    """Softmax partials of one prompt's exact float32 attention per (batch, query head, row, key block)."""
+    """Softmax partials of one prompt's exact float32 attention per (batch, query head, row, key block), for
+    all query rows or for the rows `row0 ..` of one row chunk (`compute(rows=...)`)."""
 
     m: torch.Tensor  # [B, Hq, Lq, C], -inf where the row sees no key of the block
     denom: torch.Tensor  # [B, Hq, Lq, C]
     o: torch.Tensor  # [B, Hq, Lq, C, D], un-normalised
     block_k: int
+    row0: int = 0  # the first query row these partials hold
 
     @staticmethod
     def fits(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_k: int) -> bool:
@@ -37,41 +42,122 @@ class BlockPartials:
 
     @classmethod
     def compute(cls, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, bounds: KeyBounds,
-                block_k: int) -> BlockPartials:
+                block_k: int, rows: tuple[int, int] | None = None) -> BlockPartials:
+        """The partials of every query row, or of rows `r0 .. r1` (`rows`) of the query. Only the key blocks
+        some row of an inner chunk may see (causal end, sliding-window start) are computed."""
         b, hq, lq, _ = query.shape
+        first, last = rows if rows is not None else (0, lq)
         hkv, lk, dv = key.shape[1], key.shape[2], value.shape[-1]
         g, c = hq // hkv, num_blocks(lk, block_k)
         pad = c * block_k - lk
-        visible = bounds.dense_mask(b, lq, lk, query.device)  # [B, 1, Lq, Lk]
-        visible = torch.nn.functional.pad(visible, (0, pad), value=False).view(b, 1, lq, c, block_k)
+        k = torch.nn.functional.pad(key.float(), (0, 0, 0, pad))
         v = torch.nn.functional.pad(value.float(), (0, 0, 0, pad)).view(b, hkv, c, block_k, dv)
-        m = torch.full((b, hq, lq, c), float("-inf"))
-        denom = torch.zeros(b, hq, lq, c)
-        o = torch.zeros(b, hq, lq, c, dv)
+        n = last - first
+        m = torch.full((b, hq, n, c), float("-inf"))
+        denom = torch.zeros(b, hq, n, c)
+        o = torch.zeros(b, hq, n, c, dv)
         causal = getattr(bounds, "causal", True)
-        for r0 in range(0, lq, ROWS):  # row chunks: key blocks past a chunk's last row are never visible
-            r1 = min(lq, r0 + ROWS)
+        window = bounds.window if causal and bounds.mask is None else None
+        for r0 in range(first, last, ROWS):  # row chunks: key blocks past a chunk's last row are never visible
+            r1 = min(last, r0 + ROWS)
             cend = num_blocks(min(lk, lk - lq + r1), block_k) if causal else c
-            seen = visible[:, 0, r0:r1, :cend]
-            for h in range(hq):  # one head at a time: the scores are [B, rows, cend · block_k]
-                s = torch.einsum("bid,bjd->bij", query[:, h, r0:r1].float(), key[:, h // g].float()) * scale
-                s = torch.nn.functional.pad(s, (0, c * block_k - lk))[..., :cend * block_k].view(b, r1 - r0, cend, block_k)
-                s = s.masked_fill(~seen, float("-inf"))
+            cstart = min(cend, max(0, lk - lq + r0 - window + 1) // block_k) if window else 0
+            k0, k1 = cstart * block_k, cend * block_k
+            seen = _visible(bounds, b, r0, r1, lq, lk, k0, k1).view(b, r1 - r0, cend - cstart, block_k)
+            i0, i1 = r0 - first, r1 - first
+            for h in range(hq):  # one head at a time: the scores are [B, rows, keys seen]
+                s = torch.einsum("bid,bjd->bij", query[:, h, r0:r1].float(), k[:, h // g, k0:k1]) * scale
+                s = s.view(b, r1 - r0, cend - cstart, block_k).masked_fill_(~seen, float("-inf"))
                 mh = s.amax(-1)
                 p = torch.exp(s - torch.where(torch.isinf(mh), 0.0, mh).unsqueeze(-1))  # exp(-inf) = 0 where unseen
-                m[:, h, r0:r1, :cend], denom[:, h, r0:r1, :cend] = mh, p.sum(-1)
-                o[:, h, r0:r1, :cend] = torch.einsum("bicj,bcjd->bicd", p, v[:, h // g, :cend])
-        return cls(m, denom, o, block_k)
+                m[:, h, i0:i1, cstart:cend], denom[:, h, i0:i1, cstart:cend] = mh, p.sum(-1)
+                o[:, h, i0:i1, cstart:cend] = torch.einsum("bicj,bcjd->bicd", p, v[:, h // g, cstart:cend])
+        return cls(m, denom, o, block_k, first)
 
-    def attend(self, selection: BlockSelection) -> torch.Tensor:
-        """`[B, Hq, Lq, D]` float32: attention over the selection's kept blocks (the bounds of `compute`)."""
+    def _rows(self, selection: BlockSelection) -> slice:
+        """The selection's query blocks these partials cover."""
+        bq = selection.block_q
+        if self.row0 % bq:
+            raise ValueError(f"partials from row {self.row0}: not the start of a query block of {bq}")
+        return slice(self.row0 // bq, self.row0 // bq + num_blocks(self.m.shape[2], bq))
+
+    def attend(self, selection: BlockSelection, skipped: torch.Tensor | None = None) -> torch.Tensor:
+        """`[B, Hq, Lq, D]` float32: attention over the selection's kept blocks (the bounds of `compute`);
+        `skipped` (`[B, Hq, R, K]`, as `skipped`) drops those selection slots too. Partials of a row
+        chunk give those rows (`[B, Hq, rows, D]`)."""
         if selection.block_k != self.block_k:
             raise ValueError(f"selection blocks of {selection.block_k} keys; partials of {self.block_k}")
-        lq = self.m.shape[2]
-        keep = selection.to_block_mask().repeat_interleave(selection.block_q, 2)[:, :, :lq]  # [B, Hq, Lq, C]
+        lq, rows = self.m.shape[2], self._rows(selection)
+        keep = selection.to_block_mask()[:, :, rows]  # [B, Hq, R, C]
+        if skipped is not None:
+            c = keep.shape[-1]
+            slots = selection.indices[:, :, rows].long().clamp(0, c - 1).expand(skipped.shape)
+            dropped = torch.zeros(keep.shape, dtype=torch.int32).scatter_add_(-1, slots, skipped.int())
+            keep = keep & (dropped == 0)
+        keep = keep.repeat_interleave(selection.block_q, 2)[:, :, :lq]  # [B, Hq, Lq, C]
         m = self.m.masked_fill(~keep, float("-inf"))
         top = m.amax(-1, keepdim=True)
         w = torch.exp(m - torch.where(torch.isinf(top), 0.0, top))  # 0 for dropped or unseen blocks
         total = (w * self.denom).sum(-1, keepdim=True)
         out = torch.einsum("bhic,bhicd->bhid", w, self.o)
         return out / torch.where(total > 0, total, 1.0)
+
+    def skipped(self, selection: BlockSelection) -> torch.Tensor:
+        """`[B, Hq, R, K]`: the slots BLASST's skip rule (`selection.skip`) drops, decided as the reference
+        executor decides them — slots in list order; a slot is dropped when every row of its (head, query
+        block) has its tile max below the running max of the earlier slots + the log threshold, and some
+        row sees a key of it — from the partials' row maxima, so no tile is recomputed (the query blocks of
+        a row chunk's partials only)."""
+        if selection.skip is None:
+            raise ValueError("the selection has no skip rule")
+        b, hq, lq, c = self.m.shape
+        rows, bq, kmax = self._rows(selection), selection.block_q, selection.indices.shape[-1]
+        indices, counts = selection.indices[:, :, rows], selection.counts[:, :, rows]
+        r = indices.shape[2]
+        m = torch.nn.functional.pad(self.m, (0, 0, 0, r * bq - lq), value=float("-inf")).view(b, hq, r, bq, c)
+        slots = indices.long().clamp(0, c - 1).expand(b, hq, r, kmax)
+        listed = torch.arange(kmax) < counts.unsqueeze(-1)  # [B, Hq, R, K]
+        tile_max = torch.gather(m, -1, slots.unsqueeze(3).expand(b, hq, r, bq, kmax))
+        tile_max = tile_max.masked_fill(~listed.unsqueeze(3), float("-inf"))
+        running = torch.cummax(tile_max, -1).values
+        running = torch.cat([torch.full_like(running[..., :1], float("-inf")), running[..., :-1]], -1)
+        thr = selection.skip.log_threshold
+        if isinstance(thr, torch.Tensor):
+            thr = thr.float().view(1, hq, 1, 1, 1)
+        negligible = (tile_max == float("-inf")) | (tile_max - running < thr)
+        return negligible.all(3) & (tile_max > float("-inf")).any(3) & listed
+
+
+def _visible(bounds: KeyBounds, batch: int, r0: int, r1: int, lq: int, lk: int, k0: int, k1: int) -> torch.Tensor:
+    """`[B, rows, k1 - k0]`: which keys k0..k1 (past `lk`: none) query rows r0..r1 (of `lq`) see."""
+    if bounds.mask is not None:
+        mask = torch.nn.functional.pad(bounds.mask[:, 0, r0:r1], (0, max(0, k1 - lk)), value=False)
+        return mask[..., k0:k1].expand(batch, r1 - r0, k1 - k0)
+    qpos = (torch.arange(r0, r1) + lk - lq).view(1, -1, 1)
+    kpos = torch.arange(k0, k1).view(1, 1, -1)
+    return bounds.visible(qpos, kpos, batch).expand(batch, r1 - r0, k1 - k0)
+
+
+def attend_in_row_chunks(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
+                         bounds: KeyBounds, selections: Sequence[BlockSelection]
+                         ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Each selection's `[B, Hq, Lq, D]` float32 output and, for a skip rule, its skipped slots `[B, Hq, R, K]`,
+    from partials computed one row chunk at a time (at most `MAX_ELEMENTS` floats): one exact pass over
+    the prompt serves every selection, whatever its length."""
+    if not selections or len({(s.block_q, s.block_k) for s in selections}) != 1:
+        raise ValueError("give one or more selections with the same query and key blocks")
+    b, hq, lq, _ = query.shape
+    bq, bk, dv = selections[0].block_q, selections[0].block_k, value.shape[-1]
+    per_row = b * hq * num_blocks(key.shape[2], bk) * (dv + 2)
+    rows = max(bq, MAX_ELEMENTS // per_row // bq * bq)
+    outs = [torch.zeros(b, hq, lq, dv) for _ in selections]
+    skips = [torch.zeros(s.indices.shape, dtype=torch.bool) if s.skip is not None else None for s in selections]
+    for r0 in range(0, lq, rows):
+        r1 = min(lq, r0 + rows)
+        part = BlockPartials.compute(query, key, value, scale, bounds, bk, rows=(r0, r1))
+        for sel, out, skip in zip(selections, outs, skips, strict=True):
+            dropped = part.skipped(sel) if skip is not None else None
+            out[:, :, r0:r1] = part.attend(sel, dropped)
+            if skip is not None:
+                skip[:, :, part._rows(sel)] = dropped
+    return list(zip(outs, skips, strict=True))

@@ -10,7 +10,8 @@ and one backward each, `hess_grad`) and evaluates every head on a grid of knob v
 every head, found by bisection. `hess(model, tokenizer, method, density=...)` does the first two.
 
 Choices (methods.md §4.2 leaves them open): the sensitivity is the Fisher form `½ Σ (g·e)²` by default
-(`form="diagonal"`: `½ Σ g² e²`), the sum of the output-error and dropped-mass terms (`weights`), per
+(`form="diagonal"`: `½ Σ g² e²`), optionally damped (`damping`: `g gᵀ + λ I`), the sum of the
+output-error and dropped-mass terms (`weights`), per
 head at each knob value (not only at one reference budget), so the allocation uses each head's whole
 error curve; the budget is shared across the whole model (`scope="model"`) or per layer
 (`scope="layer"`). The loss is the answer's cross-entropy where the calibration data has answers
@@ -77,16 +78,22 @@ class HessCalibration:
     def method(self) -> str:
         return self.info.name
 
-    def _stack(self, weights: tuple[float, float]) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    def fisher_mean(self) -> float:
+        """The mean Fisher diagonal `E[g_id²]` over every calibrated head: the scale of `damping`."""
+        return float(torch.cat([c.grad_sq for c in self.curves.values()]).mean())
+
+    def _stack(self, weights: tuple[float, float], damping: float = 0.0) -> tuple[list[int], torch.Tensor, torch.Tensor]:
         ids = list(self.curves)
+        lam = damping * self.fisher_mean() if damping else 0.0
         dens = torch.cat([self.curves[i].density.T for i in ids])  # [layers · Hq, G]
-        cost = torch.cat([self.curves[i].cost(weights).T for i in ids])
+        cost = torch.cat([self.curves[i].cost(weights, lam).T for i in ids])
         return ids, dens, cost
 
-    def sensitivity(self, density: float, weights: tuple[float, float] = (1.0, 1.0)) -> dict[int, list[float]]:
+    def sensitivity(self, density: float, weights: tuple[float, float] = (1.0, 1.0), damping: float = 0.0
+                    ) -> dict[int, list[float]]:
         """Per layer, each head's HeSS score: its sensitivity-weighted error at the grid point whose
         mean density over all heads is nearest `density` (the reference budget of methods.md §4.2)."""
-        ids, dens, cost = self._stack(weights)
+        ids, dens, cost = self._stack(weights, damping)
         g = int((dens.mean(0) - density).abs().argmin())
         hq = self.curves[ids[0]].density.shape[1]
         return {i: cost[n * hq:(n + 1) * hq, g].tolist() for n, i in enumerate(ids)}
@@ -101,12 +108,18 @@ class HessCalibration:
         return Profile(name, dict(self.fingerprint), layers, full)
 
     def redistribute(self, density: float, weights: tuple[float, float] = (1.0, 1.0), scope: str = "model",
-                     name: str = "", spread: int | None = None) -> Profile:
+                     name: str = "", spread: int | None = None, damping: float = 0.0) -> Profile:
         """The HeSS profile: per head the grid value the allocation picks so that the average density
         (over every calibrated head, or per layer with `scope="layer"`) is `density` and the summed
         sensitivity-weighted error is least. `spread`: every head stays within that many grid steps of
         the grid point whose mean density is nearest `density` (None: anywhere on the grid) — a bound on
-        how far the calibration prompts' sensitivities may move a head from the uniform setting."""
+        how far the calibration prompts' sensitivities may move a head from the uniform setting.
+        `damping` δ: the Gauss–Newton Hessian `g gᵀ` damped to `g gᵀ + λ I` with λ = δ × the mean Fisher
+        diagonal (`fisher_mean`), which adds `½ λ Σ ‖e‖²` to every head's cost: δ = 0 is the plain Fisher;
+        larger δ trusts the calibration prompts' few gradients less and weighs every head's raw output
+        error more (δ = 1: a head of average gradient counts its output error as much as its Fisher term)."""
+        if isinstance(damping, bool) or not isinstance(damping, int | float) or not damping >= 0:
+            raise ValueError(f"damping is a multiple of the mean Fisher diagonal, >= 0; got {damping!r}")
         if spread is not None and (isinstance(spread, bool) or not isinstance(spread, int) or spread < 0):
             raise ValueError(f"spread is a number of grid steps >= 0 (or None), got {spread!r}")
         density = _check_density(density)
@@ -115,7 +128,7 @@ class HessCalibration:
         if len(weights) != 2 or min(weights) < 0 or max(weights) <= 0:
             raise ValueError(f"weights are (output term, mass term), non-negative and not both 0; got {weights!r}")
         start = time.time()
-        ids, dens, cost = self._stack(weights)
+        ids, dens, cost = self._stack(weights, damping)
         hq = self.curves[ids[0]].density.shape[1]
         lo = 0
         if spread is not None:  # the grid window around the uniform point
@@ -136,10 +149,11 @@ class HessCalibration:
         got_d, got_c = dens[rows, pick], cost[rows, pick]
         pick = pick + lo
         values = {i: [self.values[int(g)] for g in pick[n * hq:(n + 1) * hq]] for n, i in enumerate(ids)}
-        scores = self.sensitivity(density, weights)
+        scores = self.sensitivity(density, weights, damping)
         flat = sorted(((s, i, h) for i, row in scores.items() for h, s in enumerate(row)), reverse=True)
         meta = {
             "mode": "hess", "target_density": density, "weights": list(weights), "scope": scope, "spread": spread,
+            "damping": damping,
             "achieved": {"density": float(got_d.mean()), "predicted_cost": float(got_c.sum())},
             "per_layer": {str(i): {"density": got_d[n * hq:(n + 1) * hq].tolist(),
                                    "sensitivity": scores[i]} for n, i in enumerate(ids)},
@@ -232,10 +246,11 @@ def hess_measure(model, tokenizer, method: str, *, data: str = "text", samples: 
 
 
 def hess(model, tokenizer, method: str, density: float, *, weights: tuple[float, float] = (1.0, 1.0),
-         scope: str = "model", name: str = "", **measure: Any) -> Profile:
+         scope: str = "model", name: str = "", spread: int | None = None, damping: float = 0.0,
+         **measure: Any) -> Profile:
     """A HeSS profile for `method` at average `density` (see the module docstring); `measure`:
     `hess_measure`'s keywords (data, samples, lengths, options, grid, form, checkpointing, progress)."""
     _check_density(density)
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}")
-    return hess_measure(model, tokenizer, method, **measure).redistribute(density, weights, scope, name)
+    return hess_measure(model, tokenizer, method, **measure).redistribute(density, weights, scope, name, spread, damping)

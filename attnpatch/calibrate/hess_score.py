@@ -45,7 +45,9 @@ _CHUNK_ELEMENTS = 1 << 24  # float32 elements of the largest per-chunk temporary
 @dataclass
 class LayerCurves:
     """One layer, `[G, Hq]` per option setting g and query head (means over prompts): density, the output
-    and mass terms (estimated loss increase, see the module docstring), relative output error and recall."""
+    and mass terms (estimated loss increase, see the module docstring), relative output error, recall and
+    the squared output error `Σ_i ‖e_i‖²`; `[Hq]` `grad_sq`: the mean `g_id²` of each head's gradient (its
+    share of the Fisher diagonal)."""
 
     layer: int
     density: torch.Tensor
@@ -53,10 +55,14 @@ class LayerCurves:
     mass_term: torch.Tensor
     rel_error: torch.Tensor
     recall: torch.Tensor
+    error_sq: torch.Tensor
+    grad_sq: torch.Tensor
 
-    def cost(self, weights: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
-        """`[G, Hq]` sensitivity-weighted error: `w_out · output_term + w_mass · mass_term`."""
-        return weights[0] * self.output_term + weights[1] * self.mass_term
+    def cost(self, weights: tuple[float, float] = (1.0, 1.0), damping: float = 0.0) -> torch.Tensor:
+        """`[G, Hq]` sensitivity-weighted error: `w_out · output_term + w_mass · mass_term`, plus with a
+        `damping` λ the damped Gauss–Newton term `½ λ Σ_i ‖e_i‖²` (the Hessian `g gᵀ + λ I`)."""
+        cost = weights[0] * self.output_term + weights[1] * self.mass_term
+        return cost + 0.5 * damping * self.error_sq if damping else cost
 
 
 @dataclass
@@ -103,14 +109,15 @@ def _visible(bounds: KeyBounds, b: int, batch: int, r0: int, r1: int, lq: int, l
 
 
 def _prompt_terms(layer: LayerInputs, i: int, grad: torch.Tensor, kept: list[Kept], form: str) -> torch.Tensor:
-    """`[5, G, Hq]` sums over prompt i: output term, mass term, ‖e‖², ‖o‖² (per head), kept mass per row."""
+    """`[6, G, Hq]` sums over prompt i: output term, mass term, ‖e‖², ‖o‖² (per head), kept mass per row,
+    and (the same for every setting) `Σ g²` of the head's gradient."""
     q, k, v, bounds = layer.query[i], layer.key[i], layer.value[i], layer.bounds[i]
     batch, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     grp = hq // hkv
     bk = next((x.block_k for x in kept if x.blocks is not None), 0)
     n_g = len(kept)
-    acc = torch.zeros(5, n_g, hq, dtype=torch.float64, device=q.device)
+    acc = torch.zeros(6, n_g, hq, dtype=torch.float64, device=q.device)
     width = max(lk * (1 + (d if bk else 0) // max(bk, 1)), 1)
     rows = max(1, min(lq, _CHUNK_ELEMENTS // (hq * width)))
     for b in range(batch):
@@ -129,6 +136,7 @@ def _prompt_terms(layer: LayerInputs, i: int, grad: torch.Tensor, kept: list[Kep
             out = torch.matmul(p, vb[:, None, :klen]).view(hq, r1 - r0, d)
             p = p.view(hq, r1 - r0, klen)
             g = grad[b, :, r0:r1].float()
+            acc[5] += (g * g).sum((-1, -2)).double()
             go = (g * out).sum(-1)  # [H, rows]
             g2o2 = (g * g * out * out).sum(-1)
             ref2 = (out * out).sum((-1, -2))
@@ -184,7 +192,8 @@ def layer_curves(info: MethodInfo, layer: LayerInputs, grads: Sequence[torch.Ten
     hq = layer.query[0].shape[1]
     n = len(layer.query)
     density = torch.zeros(len(settings), hq, dtype=torch.float64)
-    sums = torch.zeros(5, len(settings), hq, dtype=torch.float64)
+    sums = torch.zeros(6, len(settings), hq, dtype=torch.float64)
+    grad_elements = 0
     rel = torch.zeros(len(settings), hq, dtype=torch.float64)
     reuse = varied is not None and reuses_estimate(info, varied)
     for i in range(n):
@@ -197,4 +206,6 @@ def layer_curves(info: MethodInfo, layer: LayerInputs, grads: Sequence[torch.Ten
         terms = _prompt_terms(layer, i, grads[i], kept, form).cpu()
         sums += terms
         rel += (terms[2] / terms[3].clamp(min=1e-30)).sqrt()
-    return LayerCurves(layer.layer, density / n, sums[0] / n, sums[1] / n, rel / n, sums[4] / n)
+        grad_elements += grads[i].shape[0] * grads[i].shape[2] * grads[i].shape[3]
+    return LayerCurves(layer.layer, density / n, sums[0] / n, sums[1] / n, rel / n, sums[4] / n, sums[2] / n,
+                       sums[5, 0] / max(grad_elements, 1))

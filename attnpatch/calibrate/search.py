@@ -11,15 +11,14 @@ method's `full_density`, e.g. s2o's τ = 0) where that value's measured error is
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from attnpatch.backends import BACKENDS
-from attnpatch.backends.reference import block_sparse_attention
-from attnpatch.calibrate.block_partials import BlockPartials
+from attnpatch.calibrate.block_partials import BlockPartials, attend_in_row_chunks
 from attnpatch.calibrate.layer_select import EstimateCache, reuses_estimate, select_on
 from attnpatch.calibrate.record import LayerInputs
 from attnpatch.eval.fidelity import exact_attention, relative_error
@@ -72,30 +71,72 @@ def evaluate(info: MethodInfo, options: Mapping[str, Any], layer: LayerInputs, d
     hq = layer.query[0].shape[1]
     method = info.build(options, hq, where=f" (layer {layer.layer})")
     errors, densities = torch.zeros(hq, dtype=torch.float64), torch.zeros(hq, dtype=torch.float64)
-    for i, (q, k, v, bounds, ref) in enumerate(zip(layer.query, layer.key, layer.value, layer.bounds, dense,
-                                                   strict=True)):
-        selection = select_on(method, layer, i, cache)
-        if isinstance(selection, DenseFallback):
-            densities += 1.0
-            continue
-        kept, total = selection.kept_and_total()
-        if isinstance(selection, BlockSelection) and selection.skip is not None:  # skipped tiles are not computed
-            skipped = torch.zeros(selection.indices.shape, dtype=torch.bool, device=q.device)
-            out = block_sparse_attention(q, k, v, selection, scale=layer.scale, bounds=bounds, skipped_out=skipped)
-            kept = kept - skipped.sum(dim=(0, 2, 3)).to(kept)
-        elif isinstance(selection, BlockSelection) and partials is not None and \
-                BlockPartials.fits(q, k, v, selection.block_k):
+    for i in range(len(layer.query)):
+        err, den = _score(layer, i, select_on(method, layer, i, cache), dense[i], partials)
+        errors += err
+        densities += den
+    n = len(layer.query)
+    return errors / n, densities / n
+
+
+def evaluate_many(info: MethodInfo, options: Sequence[Mapping[str, Any]], layer: LayerInputs,
+                  dense: list[torch.Tensor], partials: dict | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`evaluate` for several option sets: on a prompt too long for cached `partials`, their block
+    selections share one row-chunked exact pass (`attend_in_row_chunks`) instead of one pass each."""
+    hq = layer.query[0].shape[1]
+    methods = [info.build(o, hq, where=f" (layer {layer.layer})") for o in options]
+    sums = torch.zeros(len(methods), 2, hq, dtype=torch.float64)
+    for i, (q, k, v, bounds) in enumerate(zip(layer.query, layer.key, layer.value, layer.bounds, strict=True)):
+        sels = [select_on(m, layer, i, None) for m in methods]
+        blocks = [j for j, sel in enumerate(sels) if isinstance(sel, BlockSelection)]
+        shared = len(blocks) > 1 and len({(sels[j].block_q, sels[j].block_k) for j in blocks}) == 1 and \
+            not (partials is not None and BlockPartials.fits(q, k, v, sels[blocks[0]].block_k))
+        done = {}
+        if shared:
+            outs = attend_in_row_chunks(q, k, v, layer.scale, bounds, [sels[j] for j in blocks])
+            done = {j: _scores_of(sels[j], out, dense[i], skipped) for j, (out, skipped) in zip(blocks, outs, strict=True)}
+        for j, sel in enumerate(sels):
+            sums[j] += torch.stack(done[j] if j in done else _score(layer, i, sel, dense[i], partials))
+    n = len(layer.query)
+    return [(row[0] / n, row[1] / n) for row in sums]
+
+
+def _scores_of(selection: BlockSelection, out: torch.Tensor, ref: torch.Tensor, skipped: torch.Tensor | None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`([Hq] relative error, [Hq] density)` of a block selection's output; skipped tiles are not computed."""
+    kept, total = selection.kept_and_total()
+    if skipped is not None:
+        kept = kept - skipped.sum(dim=(0, 2, 3)).to(kept)
+    return relative_error(out, ref).mean(0).double().cpu(), (kept / total).double().cpu()
+
+
+def _score(layer: LayerInputs, i: int, selection, ref: torch.Tensor, partials: dict | None
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`([Hq] relative error, [Hq] density)` of one selection on prompt `i`: through the prompt's cached
+    `BlockPartials` where they fit, a row-chunked exact pass for a skip rule, a masked or gathered
+    attention otherwise."""
+    q, k, v, bounds = layer.query[i], layer.key[i], layer.value[i], layer.bounds[i]
+    hq = q.shape[1]
+    if isinstance(selection, DenseFallback):
+        return torch.zeros(hq, dtype=torch.float64), torch.ones(hq, dtype=torch.float64)
+    if isinstance(selection, BlockSelection):
+        skipped = None
+        if partials is not None and BlockPartials.fits(q, k, v, selection.block_k):
             if (i, selection.block_k) not in partials:
                 partials[(i, selection.block_k)] = BlockPartials.compute(q, k, v, layer.scale, bounds, selection.block_k)
-            out = partials[(i, selection.block_k)].attend(selection)
-        elif isinstance(selection, BlockSelection) and q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] <= _MASKED_ELEMENTS:
+            part = partials[(i, selection.block_k)]
+            skipped = part.skipped(selection) if selection.skip is not None else None
+            out = part.attend(selection, skipped)
+        elif selection.skip is not None:  # which tiles are skipped follows from the exact row maxima
+            [(out, skipped)] = attend_in_row_chunks(q, k, v, layer.scale, bounds, [selection])
+        elif q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] <= _MASKED_ELEMENTS:
             out = masked_block_attention(q, k, v, selection, layer.scale, bounds)
         else:
             out = REFERENCE.prefill(q, k, v, selection, scale=layer.scale, bounds=bounds)
-        errors += relative_error(out, ref).mean(0).double().cpu()
-        densities += (kept / total).double().cpu()
-    n = len(layer.query)
-    return errors / n, densities / n
+        return _scores_of(selection, out, ref, skipped)
+    kept, total = selection.kept_and_total()
+    out = REFERENCE.prefill(q, k, v, selection, scale=layer.scale, bounds=bounds)
+    return relative_error(out, ref).mean(0).double().cpu(), (kept / total).double().cpu()
 
 
 def search_layer(info: MethodInfo, knob: Knob, base: Mapping[str, Any], layer: LayerInputs, tolerance: float | None,

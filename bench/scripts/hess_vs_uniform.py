@@ -129,6 +129,11 @@ def match_heldout(model, tok, method: str, uniform: Profile, target: float, leng
     return moved(best), tried
 
 
+def _kind(spread: str, damping: float) -> str:
+    """Profile label: `hess`, `hess-spread1`, `hess-spread1-damp0.5`."""
+    return ("hess" if spread == "none" else f"hess-spread{spread}") + (f"-damp{damping:g}" if damping else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2")
@@ -147,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--spreads", nargs="+", default=["none"],
                    help="HeSS profiles to compare: grid steps each head may move from the uniform point "
                         "(`none`: anywhere); one 'hess' row per value (default: none)")
+    p.add_argument("--dampings", nargs="+", type=float, default=[0.0],
+                   help="Fisher dampings δ (multiples of its mean diagonal): one HeSS profile per spread and damping")
     p.add_argument("--match-heldout", action="store_true",
                    help="also move the uniform profile (one shift of its knob for every head) until its held-out "
                         "density equals each HeSS profile's, and evaluate it: a comparison at equal held-out density")
@@ -163,14 +170,14 @@ def main(argv: list[str] | None = None) -> int:
                     args.model, resolve(args.model), measure_fidelity=False)
     results: dict = {}
     for method in args.methods:
-        spreads = {("hess" if v == "none" else f"hess-spread{v}"): (None if v == "none" else int(v)) for v in args.spreads}
+        spreads = {_kind(v, d): (None if v == "none" else int(v), d) for v in args.spreads for d in args.dampings}
         paths = {kind: out_dir / "profiles" / f"{method}-{kind}-d{args.density:g}.json" for kind in (*spreads, "uniform")}
         if args.reuse and all(p.is_file() for p in paths.values()):
             profiles = {kind: Profile.load(path) for kind, path in paths.items()}
         else:
             cal = hess_measure(model, tok, method, data=args.calib_data, samples=args.calib_samples, lengths=(args.length,),
                                options=options[method], grid=args.grid, form=args.form)
-            profiles = {kind: cal.redistribute(args.density, spread=v) for kind, v in spreads.items()}
+            profiles = {kind: cal.redistribute(args.density, spread=v, damping=d) for kind, (v, d) in spreads.items()}
             profiles["uniform"] = cal.uniform(args.density)
             for kind, profile in profiles.items():
                 profile.meta["command"] = "python bench/scripts/hess_vs_uniform.py " + " ".join(argv or sys.argv[1:])
