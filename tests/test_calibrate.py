@@ -272,6 +272,24 @@ def test_evaluate_many_equals_evaluate(recorded, method, cached, monkeypatch):
         torch.testing.assert_close(den, d, atol=1e-9, rtol=1e-9)
 
 
+@pytest.mark.parametrize("padding", [False, True])
+def test_dense_outputs_of_a_window_layer_equal_the_masked_attention(padding, monkeypatch):
+    from attnpatch.calibrate import search
+    from attnpatch.calibrate.record import LayerInputs
+    from attnpatch.eval.fidelity import exact_attention
+    from attnpatch.sparsity import KeyBounds
+
+    monkeypatch.setattr(search, "_WINDOW_ROWS", 16)  # several row chunks, each over its window's keys
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, h, 70, 8, generator=g) for h in (4, 2, 2))
+    kb = KeyBounds(window=20, key_start=torch.tensor([0, 9]) if padding else None)
+    [got] = search.dense_outputs(LayerInputs(0, 0.3, 20, [q], [k], [v], [kb]))
+    mask = kb.dense_mask(2, 70, 70)
+    want = exact_attention(q, k, v, 0.3, mask)
+    rows = mask.any(-1, keepdim=True)  # rows that see some key
+    torch.testing.assert_close(torch.where(rows, got, 0.0), torch.where(rows, want, 0.0), atol=1e-6, rtol=1e-5)
+
+
 def test_search_with_block_partials_equals_the_masked_search(recorded, monkeypatch):
     from attnpatch.calibrate import block_partials
 

@@ -29,11 +29,12 @@ class BlockPartials:
     """Softmax partials of one prompt's exact float32 attention per (batch, query head, row, key block), for
     all query rows or for the rows `row0 ..` of one row chunk (`compute(rows=...)`)."""
 
-    m: torch.Tensor  # [B, Hq, Lq, C], -inf where the row sees no key of the block
-    denom: torch.Tensor  # [B, Hq, Lq, C]
-    o: torch.Tensor  # [B, Hq, Lq, C, D], un-normalised
+    m: torch.Tensor  # [B, Hq, Lq, W], -inf where the row sees no key of the block
+    denom: torch.Tensor  # [B, Hq, Lq, W]
+    o: torch.Tensor  # [B, Hq, Lq, W, D], un-normalised
     block_k: int
     row0: int = 0  # the first query row these partials hold
+    col0: int = 0  # the first key block they hold (W blocks from it: those the rows may see)
 
     @staticmethod
     def fits(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_k: int) -> bool:
@@ -52,17 +53,24 @@ class BlockPartials:
         pad = c * block_k - lk
         k = torch.nn.functional.pad(key.float(), (0, 0, 0, pad))
         v = torch.nn.functional.pad(value.float(), (0, 0, 0, pad)).view(b, hkv, c, block_k, dv)
-        n = last - first
-        m = torch.full((b, hq, n, c), float("-inf"))
-        denom = torch.zeros(b, hq, n, c)
-        o = torch.zeros(b, hq, n, c, dv)
         causal = getattr(bounds, "causal", True)
         window = bounds.window if causal and bounds.mask is None else None
+
+        def blocks_seen(r0: int, r1: int) -> tuple[int, int]:  # key blocks rows r0..r1 may see: causal end, window start
+            cend = num_blocks(min(lk, lk - lq + r1), block_k) if causal else c
+            return (min(cend, max(0, lk - lq + r0 - window + 1) // block_k) if window else 0), cend
+
+        n = last - first
+        col0, width = blocks_seen(first, first + 1)[0], blocks_seen(last - 1, last)[1]
+        width -= col0
+        m = torch.full((b, hq, n, width), float("-inf"))
+        denom = torch.zeros(b, hq, n, width)
+        o = torch.zeros(b, hq, n, width, dv)
         for r0 in range(first, last, ROWS):  # row chunks: key blocks past a chunk's last row are never visible
             r1 = min(last, r0 + ROWS)
-            cend = num_blocks(min(lk, lk - lq + r1), block_k) if causal else c
-            cstart = min(cend, max(0, lk - lq + r0 - window + 1) // block_k) if window else 0
+            cstart, cend = blocks_seen(r0, r1)
             k0, k1 = cstart * block_k, cend * block_k
+            w0, w1 = cstart - col0, cend - col0
             seen = _visible(bounds, b, r0, r1, lq, lk, k0, k1).view(b, r1 - r0, cend - cstart, block_k)
             i0, i1 = r0 - first, r1 - first
             for h in range(hq):  # one head at a time: the scores are [B, rows, keys seen]
@@ -70,9 +78,9 @@ class BlockPartials:
                 s = s.view(b, r1 - r0, cend - cstart, block_k).masked_fill_(~seen, float("-inf"))
                 mh = s.amax(-1)
                 p = torch.exp(s - torch.where(torch.isinf(mh), 0.0, mh).unsqueeze(-1))  # exp(-inf) = 0 where unseen
-                m[:, h, i0:i1, cstart:cend], denom[:, h, i0:i1, cstart:cend] = mh, p.sum(-1)
-                o[:, h, i0:i1, cstart:cend] = torch.einsum("bicj,bcjd->bicd", p, v[:, h // g, cstart:cend])
-        return cls(m, denom, o, block_k, first)
+                m[:, h, i0:i1, w0:w1], denom[:, h, i0:i1, w0:w1] = mh, p.sum(-1)
+                o[:, h, i0:i1, w0:w1] = torch.einsum("bicj,bcjd->bicd", p, v[:, h // g, cstart:cend])
+        return cls(m, denom, o, block_k, first, col0)
 
     def _rows(self, selection: BlockSelection) -> slice:
         """The selection's query blocks these partials cover."""
@@ -81,18 +89,24 @@ class BlockPartials:
             raise ValueError(f"partials from row {self.row0}: not the start of a query block of {bq}")
         return slice(self.row0 // bq, self.row0 // bq + num_blocks(self.m.shape[2], bq))
 
+    def _slots(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Selection slots as positions in the held key blocks (clamped) and whether the block is held."""
+        local = indices.long() - self.col0
+        width = self.m.shape[3]
+        return local.clamp(0, width - 1), (local >= 0) & (local < width)
+
     def attend(self, selection: BlockSelection, skipped: torch.Tensor | None = None) -> torch.Tensor:
         """`[B, Hq, Lq, D]` float32: attention over the selection's kept blocks (the bounds of `compute`);
         `skipped` (`[B, Hq, R, K]`, as `skipped`) drops those selection slots too. Partials of a row
         chunk give those rows (`[B, Hq, rows, D]`)."""
         if selection.block_k != self.block_k:
             raise ValueError(f"selection blocks of {selection.block_k} keys; partials of {self.block_k}")
-        lq, rows = self.m.shape[2], self._rows(selection)
-        keep = selection.to_block_mask()[:, :, rows]  # [B, Hq, R, C]
+        lq, rows, width = self.m.shape[2], self._rows(selection), self.m.shape[3]
+        keep = selection.to_block_mask()[:, :, rows, self.col0:self.col0 + width]  # [B, Hq, R, W]
         if skipped is not None:
-            c = keep.shape[-1]
-            slots = selection.indices[:, :, rows].long().clamp(0, c - 1).expand(skipped.shape)
-            dropped = torch.zeros(keep.shape, dtype=torch.int32).scatter_add_(-1, slots, skipped.int())
+            slots, held = self._slots(selection.indices[:, :, rows])
+            dropped = torch.zeros(keep.shape, dtype=torch.int32).scatter_add_(-1, slots.expand(skipped.shape),
+                                                                             (skipped & held).int())
             keep = keep & (dropped == 0)
         keep = keep.repeat_interleave(selection.block_q, 2)[:, :, :lq]  # [B, Hq, Lq, C]
         m = self.m.masked_fill(~keep, float("-inf"))
@@ -110,15 +124,15 @@ class BlockPartials:
         a row chunk's partials only)."""
         if selection.skip is None:
             raise ValueError("the selection has no skip rule")
-        b, hq, lq, c = self.m.shape
+        b, hq, lq, width = self.m.shape
         rows, bq, kmax = self._rows(selection), selection.block_q, selection.indices.shape[-1]
         indices, counts = selection.indices[:, :, rows], selection.counts[:, :, rows]
         r = indices.shape[2]
-        m = torch.nn.functional.pad(self.m, (0, 0, 0, r * bq - lq), value=float("-inf")).view(b, hq, r, bq, c)
-        slots = indices.long().clamp(0, c - 1).expand(b, hq, r, kmax)
+        m = torch.nn.functional.pad(self.m, (0, 0, 0, r * bq - lq), value=float("-inf")).view(b, hq, r, bq, width)
+        slots, held = self._slots(indices)
         listed = torch.arange(kmax) < counts.unsqueeze(-1)  # [B, Hq, R, K]
-        tile_max = torch.gather(m, -1, slots.unsqueeze(3).expand(b, hq, r, bq, kmax))
-        tile_max = tile_max.masked_fill(~listed.unsqueeze(3), float("-inf"))
+        tile_max = torch.gather(m, -1, slots.expand(b, hq, r, kmax).unsqueeze(3).expand(b, hq, r, bq, kmax))
+        tile_max = tile_max.masked_fill(~(listed & held).unsqueeze(3), float("-inf"))  # blocks no row sees
         running = torch.cummax(tile_max, -1).values
         running = torch.cat([torch.full_like(running[..., :1], float("-inf")), running[..., :-1]], -1)
         thr = selection.skip.log_threshold

@@ -53,13 +53,35 @@ def masked_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, se
     return exact_attention(q, k, v, scale, mask & bounds.dense_mask(b, lq, lk, q.device))
 
 
+_WINDOW_ROWS = 1024  # query rows per chunk of a sliding-window layer's dense attention
+
+
 def dense_outputs(layer: LayerInputs) -> list[torch.Tensor]:
-    """Exact float32 attention of each recorded prompt of the layer (causal + its bounds)."""
+    """Exact float32 attention of each recorded prompt of the layer (causal + its bounds); a sliding-window
+    layer in row chunks over the keys each chunk's window reaches (O(L · window), no L × L mask)."""
     out = []
     for q, k, v, bounds in zip(layer.query, layer.key, layer.value, layer.bounds, strict=True):
         plain = bounds.is_plain and q.shape[2] == k.shape[2]
+        if bounds.window is not None and bounds.mask is None and bounds.causal:
+            out.append(_windowed_attention(q, k, v, layer.scale, bounds))
+            continue
         out.append(exact_attention(q, k, v, layer.scale, None if plain else
                                    bounds.dense_mask(q.shape[0], q.shape[2], k.shape[2], q.device)))
+    return out
+
+
+def _windowed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, bounds: KeyBounds
+                        ) -> torch.Tensor:
+    b, _, lq, _ = q.shape
+    lk = k.shape[2]
+    out = torch.empty(*q.shape[:3], v.shape[-1], device=q.device)
+    for r0 in range(0, lq, _WINDOW_ROWS):
+        r1 = min(lq, r0 + _WINDOW_ROWS)
+        k0, k1 = max(0, lk - lq + r0 - bounds.window + 1), lk - lq + r1
+        qpos = (torch.arange(r0, r1, device=q.device) + lk - lq).view(1, -1, 1)
+        kpos = torch.arange(k0, k1, device=q.device).view(1, 1, -1)
+        mask = bounds.visible(qpos, kpos, b).expand(b, r1 - r0, k1 - k0).unsqueeze(1)
+        out[:, :, r0:r1] = exact_attention(q[:, :, r0:r1], k[:, :, k0:k1], v[:, :, k0:k1], scale, mask)
     return out
 
 
