@@ -111,7 +111,7 @@ def match_heldout(model, tok, method: str, uniform: Profile, target: float, leng
     step = 0.02 if d0 < target else -0.02
     a, da = 0.0, d0
     b, db = step, density(step)
-    while (db - target) * (da - target) > 0 and abs(b) < 0.5 and len(tried) < steps:
+    while abs(db - target) > tol and (db - target) * (da - target) > 0 and abs(b) < 0.5 and len(tried) < steps:
         a, da, b = b, db, b * 2
         db = density(b)
     for _ in range(steps - len(tried)):
