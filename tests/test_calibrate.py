@@ -234,9 +234,11 @@ def test_block_partials_skip_like_the_reference(bounds, block_q, block_k, shared
                                     if get_method(m, "prefill").cls.knob.option in get_method(m, "prefill").cls.full_density])
 def test_heads_out_of_range_take_the_full_density_value(recorded, method):
     """Searched over the sparsest tenth of its range only, with a tolerance (1e-5) that range misses,
-    every head ends at the knob's full-density value (e.g. s2o's τ = 0), measured there: within the
-    tolerance, at density 1."""
+    every head ends at the method's full-density options (the knob's, e.g. s2o's τ = 0, and its other
+    per-head ones, e.g. ProxyAttn's min_blocks), measured there: within the tolerance, at density 1."""
     from dataclasses import replace
+
+    from attnpatch.calibrate.search import dense_outputs
 
     _, _, layers = recorded
     info = get_method(method, "prefill")
@@ -248,6 +250,11 @@ def test_heads_out_of_range_take_the_full_density_value(recorded, method):
     assert max(fit.error) <= 1e-5 and min(fit.density) == pytest.approx(1.0)
     if method != "anchor":  # anchor keeps every key of these 192-token prompts even at its sparsest value
         assert fit.values == [full] * len(fit.values)
+        others = {n: v for n, v in info.cls.full_density.items() if n != knob.option and info.spec(n).per_head}
+        assert fit.extra == {n: [float(v)] * len(fit.values) for n, v in others.items()}
+        options = {**_options(method), knob.option: fit.values, **fit.extra}  # what the profile holds
+        err, den = evaluate(info, options, layers[1], dense_outputs(layers[1]))
+        assert float(err.max()) <= 1e-5 and float(den.min()) == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("cached", [True, False])  # partials cached per prompt, or one row-chunked pass

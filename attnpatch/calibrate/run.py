@@ -52,7 +52,7 @@ def _knob_fitter(method: str, base: dict, layers: dict[int, LayerInputs], steps:
         for i, layer in tqdm(layers.items(), desc=f"calibrate {method} {target.label}", disable=not progress):
             f = search_layer(info, knob, base, layer, tol, steps, density=den)
             fits[i] = f
-            out[i] = {"method": method, "prefill_options": {**base, knob.option: f.values}}
+            out[i] = {"method": method, "prefill_options": {**base, knob.option: f.values, **f.extra}}
             if free:
                 del layer.query[:], layer.key[:], layer.value[:]
         n = max(1, sum(len(f.values) for f in fits.values()))

@@ -5,14 +5,15 @@ its range, 1: the densest), keeping the sparsest t whose mean relative output er
 (‖sparse − dense‖ / ‖dense‖ per head, the fidelity probe's measure) is within the tolerance. Heads are
 independent: a head's selection depends only on its own option value, and its error only on its
 selection. Assumes the error falls as t rises (true of thresholds and coverage targets up to ties). A head
-over the tolerance even at the densest end of the knob's range gets the knob's full-density value (the
-method's `full_density`, e.g. s2o's τ = 0) where that value's measured error is within it.
+over the tolerance even at the densest end of the knob's range gets the method's full-density options
+(`full_density`: the knob's value, e.g. s2o's τ = 0, and its other per-head options, e.g. ProxyAttn's
+min_blocks) where their measured error is within it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -37,6 +38,7 @@ class HeadFit:
     values: list[float]
     error: list[float]
     density: list[float]
+    extra: dict[str, list[float]] = field(default_factory=dict)  # other per-head options the fallback set
 
 
 _MASKED_ELEMENTS = 1 << 28  # up to this many (batch · head · query · key) elements, run the selection as a mask
@@ -196,12 +198,35 @@ def search_layer(info: MethodInfo, knob: Knob, base: Mapping[str, Any], layer: L
     values = knob.value(coord)
     full = info.cls.full_density.get(knob.option)
     over = best_err > tolerance if tolerance is not None else torch.zeros_like(best_err, dtype=torch.bool)
+    extra: dict[str, list[float]] = {}
     if full is not None and bool(over.any()):
-        # Heads over the tolerance even at the densest end of the range: the knob's full-density value
-        # (e.g. s2o's τ = 0), kept where its measured error is within the tolerance.
+        # Heads over the tolerance even at the densest end of the range: the method's full-density
+        # options (the knob's, e.g. s2o's τ = 0, and its other per-head ones, e.g. ProxyAttn's
+        # min_blocks), kept where their measured error is within the tolerance.
+        others = {name: torch.tensor([float(v)] * len(values), dtype=torch.float64)
+                  for name, v in _fixed_per_head(info, base, knob).items()}
         trial = torch.where(over, torch.full_like(values, float(full)), values)
-        err, den = evaluate(info, {**base, knob.option: trial.tolist()}, layer, dense, cache, partials)
+        trial_others = {name: torch.where(over, torch.full_like(v, float(info.cls.full_density[name])), v)
+                        for name, v in others.items()}
+        options = {**base, knob.option: trial.tolist(), **{n: v.tolist() for n, v in trial_others.items()}}
+        err, den = evaluate(info, options, layer, dense, cache, partials)
         take = over & (err <= tolerance)
         values = torch.where(take, trial, values)
         best_err, best_den = torch.where(take, err, best_err), torch.where(take, den, best_den)
-    return HeadFit(values.tolist(), best_err.tolist(), best_den.tolist())
+        if bool(take.any()):
+            extra = {n: torch.where(take, trial_others[n], others[n]).tolist() for n in others}
+    return HeadFit(values.tolist(), best_err.tolist(), best_den.tolist(), extra)
+
+
+def _fixed_per_head(info: MethodInfo, base: Mapping[str, Any], knob: Knob) -> dict[str, float]:
+    """The method's per-head options in `full_density` other than the knob, at their value in `base`
+    (or the default): what a fallback head changes besides the knob."""
+    out = {}
+    for name in info.cls.full_density:
+        if name == knob.option or not info.spec(name).per_head:
+            continue
+        value = base.get(name, info.spec(name).default)
+        if isinstance(value, list | tuple):
+            return {}  # already per head (a user's table): leave the fallback to the knob
+        out[name] = float(value)
+    return out
