@@ -111,6 +111,18 @@ def test_bounds_describe_the_dense_mask(window):
     assert KeyBounds(window=window).first_key(2, "cpu").tolist() == [0, 0]  # a window is not padding
 
 
+@pytest.mark.parametrize("kind", ["window", "padding", "tensor"])
+def test_rows_mask_is_a_window_of_the_dense_mask(kind):
+    valid = torch.arange(30)[None, :] >= torch.tensor([[0], [9]])
+    bounds = {"window": KeyBounds(window=5), "padding": KeyBounds(key_start=torch.tensor([0, 9]), window=7),
+              "tensor": KeyBounds(mask=_dense_mask(valid, 12, None))}[kind]
+    dense = bounds.dense_mask(2, 12, 30)[:, 0]
+    for rows, keys in (((0, 12), (0, 30)), ((3, 8), (10, 25)), ((4, 12), (16, 34))):  # the last reaches past the keys
+        got = bounds.rows_mask(2, 12, 30, rows, keys)
+        want = torch.nn.functional.pad(dense, (0, 4), value=False)[:, rows[0]:rows[1], keys[0]:keys[1]]
+        assert torch.equal(got, want)
+
+
 @torch.no_grad()
 def test_a_mask_that_sees_later_keys_runs_dense(llama):
     """Image tokens of a multimodal prompt attend within their image (a non-causal mask): sparse methods

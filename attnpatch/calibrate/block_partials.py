@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from attnpatch.backends.reference import negligible_rows
 from attnpatch.sparsity import BlockSelection, KeyBounds, num_blocks
 
 MAX_ELEMENTS = 1 << 28  # floats of partials kept for one prompt (1 GiB)
@@ -71,7 +72,7 @@ class BlockPartials:
             cstart, cend = blocks_seen(r0, r1)
             k0, k1 = cstart * block_k, cend * block_k
             w0, w1 = cstart - col0, cend - col0
-            seen = _visible(bounds, b, r0, r1, lq, lk, k0, k1).view(b, r1 - r0, cend - cstart, block_k)
+            seen = bounds.rows_mask(b, lq, lk, (r0, r1), (k0, k1)).view(b, r1 - r0, cend - cstart, block_k)
             i0, i1 = r0 - first, r1 - first
             for h in range(hq):  # one head at a time: the scores are [B, rows, keys seen]
                 s = torch.einsum("bid,bjd->bij", query[:, h, r0:r1].float(), k[:, h // g, k0:k1]) * scale
@@ -133,23 +134,10 @@ class BlockPartials:
         listed = torch.arange(kmax) < counts.unsqueeze(-1)  # [B, Hq, R, K]
         tile_max = torch.gather(m, -1, slots.expand(b, hq, r, kmax).unsqueeze(3).expand(b, hq, r, bq, kmax))
         tile_max = tile_max.masked_fill(~(listed & held).unsqueeze(3), float("-inf"))  # blocks no row sees
-        running = torch.cummax(tile_max, -1).values
-        running = torch.cat([torch.full_like(running[..., :1], float("-inf")), running[..., :-1]], -1)
         thr = selection.skip.log_threshold
         if isinstance(thr, torch.Tensor):
             thr = thr.float().view(1, hq, 1, 1, 1)
-        negligible = (tile_max == float("-inf")) | (tile_max - running < thr)
-        return negligible.all(3) & (tile_max > float("-inf")).any(3) & listed
-
-
-def _visible(bounds: KeyBounds, batch: int, r0: int, r1: int, lq: int, lk: int, k0: int, k1: int) -> torch.Tensor:
-    """`[B, rows, k1 - k0]`: which keys k0..k1 (past `lk`: none) query rows r0..r1 (of `lq`) see."""
-    if bounds.mask is not None:
-        mask = torch.nn.functional.pad(bounds.mask[:, 0, r0:r1], (0, max(0, k1 - lk)), value=False)
-        return mask[..., k0:k1].expand(batch, r1 - r0, k1 - k0)
-    qpos = (torch.arange(r0, r1) + lk - lq).view(1, -1, 1)
-    kpos = torch.arange(k0, k1).view(1, 1, -1)
-    return bounds.visible(qpos, kpos, batch).expand(batch, r1 - r0, k1 - k0)
+        return negligible_rows(tile_max, thr).all(3) & (tile_max > float("-inf")).any(3) & listed
 
 
 def attend_in_row_chunks(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,

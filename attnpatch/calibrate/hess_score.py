@@ -99,13 +99,10 @@ def kept_by(info: MethodInfo, options: Mapping[str, Any], layer: LayerInputs, i:
 def _visible(bounds: KeyBounds, b: int, batch: int, r0: int, r1: int, lq: int, lk: int, klen: int, device
              ) -> torch.Tensor:
     """`[rows, klen]`: which of the first `klen` of `lk` keys queries r0..r1 (of `lq`) of batch row b see."""
-    qpos = torch.arange(r0, r1, device=device).view(-1, 1) + (lk - lq)
-    kpos = torch.arange(klen, device=device).view(1, -1)
-    if bounds.mask is not None:
-        return bounds.mask[b, 0, r0:r1, :klen].to(device) & (kpos <= qpos)
-    if bounds.is_plain:
-        return kpos <= qpos
-    return bounds.visible(qpos.view(1, -1, 1), kpos.view(1, 1, -1), batch)[b if bounds.has_padding else 0]
+    seen = bounds.rows_mask(batch, lq, lk, (r0, r1), (0, klen), device)[b]
+    if bounds.mask is not None:  # a tensor mask is applied with the causal rule
+        seen = seen & (torch.arange(klen, device=device) <= torch.arange(r0, r1, device=device).view(-1, 1) + lk - lq)
+    return seen
 
 
 def _prompt_terms(layer: LayerInputs, i: int, grad: torch.Tensor, kept: list[Kept], form: str) -> torch.Tensor:

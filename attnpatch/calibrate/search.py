@@ -80,9 +80,7 @@ def _windowed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
     for r0 in range(0, lq, _WINDOW_ROWS):
         r1 = min(lq, r0 + _WINDOW_ROWS)
         k0, k1 = max(0, lk - lq + r0 - bounds.window + 1), lk - lq + r1
-        qpos = (torch.arange(r0, r1, device=q.device) + lk - lq).view(1, -1, 1)
-        kpos = torch.arange(k0, k1, device=q.device).view(1, 1, -1)
-        mask = bounds.visible(qpos, kpos, b).expand(b, r1 - r0, k1 - k0).unsqueeze(1)
+        mask = bounds.rows_mask(b, lq, lk, (r0, r1), (k0, k1), q.device).unsqueeze(1)
         out[:, :, r0:r1] = exact_attention(q[:, :, r0:r1], k[:, :, k0:k1], v[:, :, k0:k1], scale, mask)
     return out
 
@@ -92,26 +90,19 @@ def evaluate(info: MethodInfo, options: Mapping[str, Any], layer: LayerInputs, d
     """`([Hq] mean relative error, [Hq] mean density)` of the method with `options` on the layer's prompts
     (`cache`: block scores shared across calls, `attnpatch.calibrate.layer_select`; `partials`: a dict in
     which each prompt's `BlockPartials` are kept across calls, so block selections attend in O(Lq·C·D))."""
-    hq = layer.query[0].shape[1]
-    method = info.build(options, hq, where=f" (layer {layer.layer})")
-    errors, densities = torch.zeros(hq, dtype=torch.float64), torch.zeros(hq, dtype=torch.float64)
-    for i in range(len(layer.query)):
-        err, den = _score(layer, i, select_on(method, layer, i, cache), dense[i], partials)
-        errors += err
-        densities += den
-    n = len(layer.query)
-    return errors / n, densities / n
+    return evaluate_many(info, [options], layer, dense, partials, cache)[0]
 
 
 def evaluate_many(info: MethodInfo, options: Sequence[Mapping[str, Any]], layer: LayerInputs,
-                  dense: list[torch.Tensor], partials: dict | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                  dense: list[torch.Tensor], partials: dict | None = None, cache: EstimateCache | None = None
+                  ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """`evaluate` for several option sets: on a prompt too long for cached `partials`, their block
     selections share one row-chunked exact pass (`attend_in_row_chunks`) instead of one pass each."""
     hq = layer.query[0].shape[1]
     methods = [info.build(o, hq, where=f" (layer {layer.layer})") for o in options]
     sums = torch.zeros(len(methods), 2, hq, dtype=torch.float64)
     for i, (q, k, v, bounds) in enumerate(zip(layer.query, layer.key, layer.value, layer.bounds, strict=True)):
-        sels = [select_on(m, layer, i, None) for m in methods]
+        sels = [select_on(m, layer, i, cache) for m in methods]
         blocks = [j for j, sel in enumerate(sels) if isinstance(sel, BlockSelection)]
         shared = len(blocks) > 1 and len({(sels[j].block_q, sels[j].block_k) for j in blocks}) == 1 and \
             not (partials is not None and BlockPartials.fits(q, k, v, sels[blocks[0]].block_k))
@@ -125,9 +116,10 @@ def evaluate_many(info: MethodInfo, options: Sequence[Mapping[str, Any]], layer:
     return [(row[0] / n, row[1] / n) for row in sums]
 
 
-def _scores_of(selection: BlockSelection, out: torch.Tensor, ref: torch.Tensor, skipped: torch.Tensor | None
+def _scores_of(selection, out: torch.Tensor, ref: torch.Tensor, skipped: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`([Hq] relative error, [Hq] density)` of a block selection's output; skipped tiles are not computed."""
+    """`([Hq] relative error, [Hq] density)` of a selection's output; a block selection's `skipped` tiles
+    are not computed."""
     kept, total = selection.kept_and_total()
     if skipped is not None:
         kept = kept - skipped.sum(dim=(0, 2, 3)).to(kept)
@@ -158,9 +150,7 @@ def _score(layer: LayerInputs, i: int, selection, ref: torch.Tensor, partials: d
         else:
             out = REFERENCE.prefill(q, k, v, selection, scale=layer.scale, bounds=bounds)
         return _scores_of(selection, out, ref, skipped)
-    kept, total = selection.kept_and_total()
-    out = REFERENCE.prefill(q, k, v, selection, scale=layer.scale, bounds=bounds)
-    return relative_error(out, ref).mean(0).double().cpu(), (kept / total).double().cpu()
+    return _scores_of(selection, REFERENCE.prefill(q, k, v, selection, scale=layer.scale, bounds=bounds), ref)
 
 
 def search_layer(info: MethodInfo, knob: Knob, base: Mapping[str, Any], layer: LayerInputs, tolerance: float | None,

@@ -80,6 +80,18 @@ class KeyBounds:
             ok = ok & valid.view(flat.shape)
         return ok
 
+    def rows_mask(self, batch: int, q_len: int, kv_len: int, rows: tuple[int, int], keys: tuple[int, int],
+                  device=None) -> torch.Tensor:
+        """`[B, r1 - r0, k1 - k0]`: which keys k0..k1 (those past `kv_len`: none) queries r0..r1 (of `q_len`)
+        see — a window of `dense_mask` without its O(Lq · Lk) whole."""
+        (r0, r1), (k0, k1) = rows, keys
+        if self.mask is not None:
+            part = torch.nn.functional.pad(self.mask[:, 0, r0:r1], (0, max(0, k1 - kv_len)), value=False)
+            return part[..., k0:k1].to(device).expand(batch, r1 - r0, k1 - k0)
+        qpos = (torch.arange(r0, r1, device=device) + kv_len - q_len).view(1, -1, 1)
+        kpos = torch.arange(k0, k1, device=device).view(1, 1, -1)
+        return self.visible(qpos, kpos, batch).expand(batch, r1 - r0, k1 - k0)
+
     def dense_mask(self, batch: int, q_len: int, kv_len: int, device=None) -> torch.Tensor:
         """The boolean `[B, 1, Lq, Lk]` mask these bounds describe (tests and small inputs: O(Lq·Lk))."""
         if self.mask is not None:

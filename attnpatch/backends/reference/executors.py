@@ -157,7 +157,7 @@ def _exclusive_cummax(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.full_like(prev[..., :1], float("-inf")), prev[..., :-1]], dim=-1)
 
 
-def _negligible_rows(tile_max: torch.Tensor, threshold: torch.Tensor | float) -> torch.Tensor:
+def negligible_rows(tile_max: torch.Tensor, threshold: torch.Tensor | float) -> torch.Tensor:
     """Per row and tile: the tile cannot matter (all masked, or its max is below running max + threshold)."""
     running = _exclusive_cummax(tile_max)
     return (tile_max == float("-inf")) | (tile_max - running < threshold)
@@ -173,7 +173,7 @@ def _skip_tiles(scores, kept, log_threshold, shared, group, bq, kmax, bk) -> tor
         thr = thr.view(heads, group).repeat_interleave(bq, -1).view(1, heads, 1, rows, 1) if shared else \
             thr.view(1, heads, 1, 1, 1)
     groups = (b, heads, n, rows // bq if shared else 1, bq if shared else rows, kmax)
-    per_head = _negligible_rows(tile_max, thr).view(groups).all(-2)
+    per_head = negligible_rows(tile_max, thr).view(groups).all(-2)
     live = (tile_max > float("-inf")).view(groups).any(-2)  # fully masked tiles are not counted as skips
     return per_head & live & kept.unsqueeze(-2)  # [B, heads, n, G or 1, K]
 
@@ -298,7 +298,7 @@ def paged_decode_attention(
             thr = thr.to(device, scores.dtype).view(1, hkv, group, 1)
         tile_max = scores.view(b, hkv, group, pmax, ps).amax(-1)
         live = (tile_max > float("-inf")).any(-2)
-        skipped = _negligible_rows(tile_max, thr).all(-2) & live & page_kept  # [B,Hkv,P]
+        skipped = negligible_rows(tile_max, thr).all(-2) & live & page_kept  # [B,Hkv,P]
         scores = scores.masked_fill(skipped.repeat_interleave(ps, -1).unsqueeze(-2), float("-inf"))
         if tile_counts is not None:
             tile_counts += torch.stack([page_kept.sum(), skipped.sum()]).to(tile_counts)
