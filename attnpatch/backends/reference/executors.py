@@ -220,6 +220,7 @@ def token_gather_attention(
     if mask is not None:
         mask = pad_to(mask, n_qb * bq, 2).view(b, mask.shape[1], n_qb, bq, lk)
     per_qblock = 4 * b * hq * kmax * (2 * d + 2 * bq)  # fp32 keys and values, scores and probabilities
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     chunk = max(1, min(n_qb, _CHUNK_BYTES // max(per_qblock, 1)))
     outs, lses = [], []
     for r0 in range(0, n_qb, chunk):
@@ -237,12 +238,15 @@ def token_gather_attention(
             ok = ok & torch.gather(mrows, -1, pos.unsqueeze(-2).expand(b, hq, r1 - r0, bq, kmax))
         elif bounds is not None and not bounds.is_plain:
             ok = ok & bounds.visible(qpos.view(1, 1, r1 - r0, bq, 1), pos.unsqueeze(-2), b)
-        scores = scores.masked_fill(~ok, float("-inf"))
-        lses.append(torch.logsumexp(scores.detach(), -1))
-        outs.append(torch.matmul(safe_softmax(scores), vg).to(query.dtype))
+        scores = scores.masked_fill_(~ok, float("-inf")) if not grad else scores.masked_fill(~ok, float("-inf"))
+        if return_lse:
+            lses.append(torch.logsumexp(scores.detach(), -1))
+        probs = safe_softmax(scores) if grad else torch.softmax(scores, -1).nan_to_num_(0.0)
+        outs.append(torch.matmul(probs, vg).to(query.dtype))
     out = torch.cat(outs, 2).reshape(b, hq, n_qb * bq, -1)[:, :, :lq]
-    lse = torch.cat(lses, 2).reshape(b, hq, n_qb * bq)[:, :, :lq]
-    return (out, lse) if return_lse else out
+    if not return_lse:
+        return out
+    return out, torch.cat(lses, 2).reshape(b, hq, n_qb * bq)[:, :, :lq]
 
 
 def paged_decode_attention(
