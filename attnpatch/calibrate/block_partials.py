@@ -64,15 +64,16 @@ class BlockPartials:
         n = last - first
         col0, width = blocks_seen(first, first + 1)[0], blocks_seen(last - 1, last)[1]
         width -= col0
-        m = torch.full((b, hq, n, width), float("-inf"))
-        denom = torch.zeros(b, hq, n, width)
-        o = torch.zeros(b, hq, n, width, dv)
+        dev = query.device
+        m = torch.full((b, hq, n, width), float("-inf"), device=dev)
+        denom = torch.zeros(b, hq, n, width, device=dev)
+        o = torch.zeros(b, hq, n, width, dv, device=dev)
         for r0 in range(first, last, ROWS):  # row chunks: key blocks past a chunk's last row are never visible
             r1 = min(last, r0 + ROWS)
             cstart, cend = blocks_seen(r0, r1)
             k0, k1 = cstart * block_k, cend * block_k
             w0, w1 = cstart - col0, cend - col0
-            seen = bounds.rows_mask(b, lq, lk, (r0, r1), (k0, k1)).view(b, r1 - r0, cend - cstart, block_k)
+            seen = bounds.rows_mask(b, lq, lk, (r0, r1), (k0, k1), dev).view(b, r1 - r0, cend - cstart, block_k)
             i0, i1 = r0 - first, r1 - first
             for h in range(hq):  # one head at a time: the scores are [B, rows, keys seen]
                 s = torch.einsum("bid,bjd->bij", query[:, h, r0:r1].float(), k[:, h // g, k0:k1]) * scale
@@ -106,7 +107,7 @@ class BlockPartials:
         keep = selection.to_block_mask()[:, :, rows, self.col0:self.col0 + width]  # [B, Hq, R, W]
         if skipped is not None:
             slots, held = self._slots(selection.indices[:, :, rows])
-            dropped = torch.zeros(keep.shape, dtype=torch.int32).scatter_add_(-1, slots.expand(skipped.shape),
+            dropped = torch.zeros(keep.shape, dtype=torch.int32, device=keep.device).scatter_add_(-1, slots.expand(skipped.shape),
                                                                              (skipped & held).int())
             keep = keep & (dropped == 0)
         keep = keep.repeat_interleave(selection.block_q, 2)[:, :, :lq]  # [B, Hq, Lq, C]
@@ -131,12 +132,12 @@ class BlockPartials:
         r = indices.shape[2]
         m = torch.nn.functional.pad(self.m, (0, 0, 0, r * bq - lq), value=float("-inf")).view(b, hq, r, bq, width)
         slots, held = self._slots(indices)
-        listed = torch.arange(kmax) < counts.unsqueeze(-1)  # [B, Hq, R, K]
+        listed = torch.arange(kmax, device=counts.device) < counts.unsqueeze(-1)  # [B, Hq, R, K]
         tile_max = torch.gather(m, -1, slots.expand(b, hq, r, kmax).unsqueeze(3).expand(b, hq, r, bq, kmax))
         tile_max = tile_max.masked_fill(~(listed & held).unsqueeze(3), float("-inf"))  # blocks no row sees
         thr = selection.skip.log_threshold
         if isinstance(thr, torch.Tensor):
-            thr = thr.float().view(1, hq, 1, 1, 1)
+            thr = thr.to(tile_max.device, torch.float32).view(1, hq, 1, 1, 1)
         return negligible_rows(tile_max, thr).all(3) & (tile_max > float("-inf")).any(3) & listed
 
 
@@ -152,8 +153,9 @@ def attend_in_row_chunks(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     bq, bk, dv = selections[0].block_q, selections[0].block_k, value.shape[-1]
     per_row = b * hq * num_blocks(key.shape[2], bk) * (dv + 2)
     rows = max(bq, MAX_ELEMENTS // per_row // bq * bq)
-    outs = [torch.zeros(b, hq, lq, dv) for _ in selections]
-    skips = [torch.zeros(s.indices.shape, dtype=torch.bool) if s.skip is not None else None for s in selections]
+    outs = [torch.zeros(b, hq, lq, dv, device=query.device) for _ in selections]
+    skips = [torch.zeros(s.indices.shape, dtype=torch.bool, device=query.device) if s.skip is not None else None
+             for s in selections]
     for r0 in range(0, lq, rows):
         r1 = min(lq, r0 + rows)
         part = BlockPartials.compute(query, key, value, scale, bounds, bk, rows=(r0, r1))

@@ -190,6 +190,23 @@ def merge_partials(
     return out.to(out_a.dtype), lse
 
 
+def _token_chunks(counts: torch.Tensor, kmax: int, bytes_per_key: int) -> list[tuple[int, int, int]]:
+    """`(first, end, keys)` runs of query blocks for `token_gather_attention`: each run gathers only as many
+    key slots as its fullest block lists (`keys`; causal lists grow along the rows), and holds at most
+    `_CHUNK_BYTES` (`bytes_per_key` per query block and key slot) unless one block alone needs more."""
+    per_block = counts.amax(dim=(0, 1)).clamp(min=1, max=max(kmax, 1)).tolist() if counts.numel() else []
+    runs, r0, widest = [], 0, 0
+    for r, n in enumerate(per_block):
+        grown = max(widest, n)
+        if r > r0 and (r - r0 + 1) * grown * bytes_per_key > _CHUNK_BYTES:
+            runs.append((r0, r, widest))
+            r0, grown = r, n
+        widest = grown
+    if per_block:
+        runs.append((r0, len(per_block), widest))
+    return runs
+
+
 def token_gather_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -219,14 +236,11 @@ def token_gather_attention(
     mask = None if bounds is None else bounds.mask
     if mask is not None:
         mask = pad_to(mask, n_qb * bq, 2).view(b, mask.shape[1], n_qb, bq, lk)
-    per_qblock = 4 * b * hq * kmax * (2 * d + 2 * bq)  # fp32 keys and values, scores and probabilities
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-    chunk = max(1, min(n_qb, _CHUNK_BYTES // max(per_qblock, 1)))
     outs, lses = [], []
-    for r0 in range(0, n_qb, chunk):
-        r1 = min(n_qb, r0 + chunk)
-        pos = selection.indices[:, :, r0:r1].long().clamp(0, lk - 1)  # [B,H,r,K]
-        kept = torch.arange(kmax, device=device) < selection.counts[:, :, r0:r1].unsqueeze(-1)
+    for r0, r1, kc in _token_chunks(selection.counts, kmax, 4 * b * hq * (2 * d + 2 * bq)):
+        pos = selection.indices[:, :, r0:r1, :kc].long().clamp(0, lk - 1)  # [B,H,r,K]
+        kept = torch.arange(kc, device=device) < selection.counts[:, :, r0:r1].unsqueeze(-1)
         kg = key[bi, hi, pos].float()  # [B,H,r,K,D]
         vg = value[bi, hi, pos].float()
         scores = torch.matmul(q_all[:, :, r0:r1].float(), kg.transpose(-1, -2)) * scale  # [B,H,r,bq,K]
@@ -235,7 +249,7 @@ def token_gather_attention(
         ok = kept.unsqueeze(-2) & (pos.unsqueeze(-2) <= qpos.view(1, 1, r1 - r0, bq, 1))
         if mask is not None:
             mrows = mask[:, :, r0:r1].expand(b, hq, r1 - r0, bq, lk)
-            ok = ok & torch.gather(mrows, -1, pos.unsqueeze(-2).expand(b, hq, r1 - r0, bq, kmax))
+            ok = ok & torch.gather(mrows, -1, pos.unsqueeze(-2).expand(b, hq, r1 - r0, bq, kc))
         elif bounds is not None and not bounds.is_plain:
             ok = ok & bounds.visible(qpos.view(1, 1, r1 - r0, bq, 1), pos.unsqueeze(-2), b)
         scores = scores.masked_fill_(~ok, float("-inf")) if not grad else scores.masked_fill(~ok, float("-inf"))
