@@ -230,6 +230,26 @@ def test_block_partials_skip_like_the_reference(bounds, block_q, block_k, shared
         assert (skipped is None) == (want is None) and (want is None or torch.equal(skipped, want))
 
 
+@pytest.mark.parametrize("bounds", ["plain", "window"])
+def test_block_partials_stay_on_the_inputs_device(bounds):
+    """Partials, skip decisions and outputs are made on the query's device: the meta device stands in for
+    a GPU here (a tensor made on the CPU cannot mix with it), as the H200 calibration of blasst needs."""
+    from attnpatch.calibrate.block_partials import BlockPartials, attend_in_row_chunks
+    from attnpatch.sparsity import BlockSelection, KeyBounds, SkipRule
+
+    meta = torch.device("meta")
+    q, k, v = (torch.empty(2, h, 70, 8, device=meta) for h in (4, 2, 2))
+    kb = {"plain": KeyBounds(), "window": KeyBounds(window=20)}[bounds]
+    part = BlockPartials.compute(q, k, v, 0.5, kb, 16)
+    base = BlockSelection.from_block_mask(torch.ones(2, 4, 5, 5, dtype=torch.bool).tril(), 16, 16, 70, 70)
+    base = BlockSelection(base.indices.to(meta), base.counts.to(meta), 16, 16, 70, 70)
+    skip = BlockSelection(base.indices, base.counts, 16, 16, 70, 70, SkipRule(torch.tensor([0.5, -1.0, -3.0, 0.0])))
+    dropped = part.skipped(skip)
+    assert {part.m.device, dropped.device, part.attend(skip, dropped).device} == {meta}
+    outs = attend_in_row_chunks(q, k, v, 0.5, kb, [skip, base])
+    assert {t.device for out in outs for t in out if t is not None} == {meta}
+
+
 @pytest.mark.parametrize("method", [m for m in calibratable_methods()
                                     if get_method(m, "prefill").cls.knob.option in get_method(m, "prefill").cls.full_density])
 def test_heads_out_of_range_take_the_full_density_value(recorded, method):
