@@ -95,20 +95,28 @@ def _converted(target: Path) -> bool:
     return (target / "model.safetensors").exists() and (target / "config.json").exists()
 
 
-def _convert_gguf(gguf: Path, target: Path) -> None:
-    """Load a GGUF checkpoint (weights dequantised to float32); save it as a plain HF directory `target`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def save_gguf_weights(gguf: Path, target: Path, dtype: torch.dtype = torch.float32) -> None:
+    """Load a GGUF checkpoint's model (weights dequantised to `dtype`, no tokenizer) and save it into the
+    directory `target` (config + safetensors)."""
+    from transformers import AutoModelForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
     # A GGUF-loaded model is marked as quantized (not serialisable); the weights are already dense floats.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    model.save_pretrained(target)
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """Load a GGUF checkpoint (weights dequantised to float32); save it as a plain HF directory `target`."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
     try:
-        model.save_pretrained(tmp)
+        save_gguf_weights(gguf, tmp)
         tok.save_pretrained(tmp)
         if target.exists():
             shutil.rmtree(target)

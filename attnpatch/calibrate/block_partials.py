@@ -107,8 +107,8 @@ class BlockPartials:
         keep = selection.to_block_mask()[:, :, rows, self.col0:self.col0 + width]  # [B, Hq, R, W]
         if skipped is not None:
             slots, held = self._slots(selection.indices[:, :, rows])
-            dropped = torch.zeros(keep.shape, dtype=torch.int32, device=keep.device).scatter_add_(-1, slots.expand(skipped.shape),
-                                                                             (skipped & held).int())
+            dropped = torch.zeros_like(keep, dtype=torch.int32).scatter_add_(-1, slots.expand(skipped.shape),
+                                                                            (skipped & held).int())
             keep = keep & (dropped == 0)
         keep = keep.repeat_interleave(selection.block_q, 2)[:, :, :lq]  # [B, Hq, Lq, C]
         m = self.m.masked_fill(~keep, float("-inf"))

@@ -42,15 +42,11 @@ case "${1:-}" in
 import shutil, sys, time
 from pathlib import Path
 import torch
-from transformers import AutoModelForCausalLM
+from attnpatch.models import save_gguf_weights
 src, dst = Path(sys.argv[1]), Path(sys.argv[2])
 if not (dst / "model.safetensors").exists():
     t = time.time()
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file="gemma-3-270m-q4_k_m.gguf", dtype=torch.bfloat16)
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(dst)
+    save_gguf_weights(src / "gemma-3-270m-q4_k_m.gguf", dst, torch.bfloat16)
     for f in (src / "tok").iterdir():
         shutil.copy(f, dst / f.name)
     print(f"converted Gemma-3-270m into {dst} in {time.time() - t:.1f} s")

@@ -62,7 +62,7 @@ def block_sparse_attention(
             raise ValueError("pass a tensor mask either as `mask` or in `bounds`, not both")
         mask, bounds = bounds.mask, None
     closed = bounds if bounds is not None and not bounds.is_plain else None
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    grad = _needs_grad(query, key, value)
     bq, bk = selection.block_q, selection.block_k
     n_qb, n_kb = num_blocks(lq, bq), num_blocks(lk, bk)
     group = hq // hkv
@@ -133,7 +133,7 @@ def block_sparse_attention(
             tile_counts[0] += kept.sum() * (hq if shared else 1)
         if return_lse:
             lse[:, :, r0:r1] = torch.logsumexp(scores.detach(), dim=-1)
-        probs = safe_softmax(scores) if grad else torch.softmax(scores, dim=-1).nan_to_num_(0.0)
+        probs = _probabilities(scores, grad)
         out[:, :, r0:r1] = torch.matmul(probs, vg).to(out.dtype)
 
     if shared:
@@ -150,6 +150,15 @@ def safe_softmax(scores: torch.Tensor) -> torch.Tensor:
     executors use an in-place variant when no gradient is needed)."""
     seen = torch.isfinite(scores).any(-1, keepdim=True)
     return torch.softmax(scores.masked_fill(~seen, 0.0), dim=-1) * seen
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _probabilities(scores: torch.Tensor, grad: bool) -> torch.Tensor:
+    """`safe_softmax` when a gradient is needed; else the same values with the masked rows zeroed in place."""
+    return safe_softmax(scores) if grad else torch.softmax(scores, dim=-1).nan_to_num_(0.0)
 
 
 def _exclusive_cummax(x: torch.Tensor) -> torch.Tensor:
@@ -236,7 +245,7 @@ def token_gather_attention(
     mask = None if bounds is None else bounds.mask
     if mask is not None:
         mask = pad_to(mask, n_qb * bq, 2).view(b, mask.shape[1], n_qb, bq, lk)
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    grad = _needs_grad(query, key, value)
     outs, lses = [], []
     for r0, r1, kc in _token_chunks(selection.counts, kmax, 4 * b * hq * (2 * d + 2 * bq)):
         pos = selection.indices[:, :, r0:r1, :kc].long().clamp(0, lk - 1)  # [B,H,r,K]
@@ -252,10 +261,10 @@ def token_gather_attention(
             ok = ok & torch.gather(mrows, -1, pos.unsqueeze(-2).expand(b, hq, r1 - r0, bq, kc))
         elif bounds is not None and not bounds.is_plain:
             ok = ok & bounds.visible(qpos.view(1, 1, r1 - r0, bq, 1), pos.unsqueeze(-2), b)
-        scores = scores.masked_fill_(~ok, float("-inf")) if not grad else scores.masked_fill(~ok, float("-inf"))
+        scores = scores.masked_fill(~ok, float("-inf")) if grad else scores.masked_fill_(~ok, float("-inf"))
         if return_lse:
             lses.append(torch.logsumexp(scores.detach(), -1))
-        probs = safe_softmax(scores) if grad else torch.softmax(scores, -1).nan_to_num_(0.0)
+        probs = _probabilities(scores, grad)
         outs.append(torch.matmul(probs, vg).to(query.dtype))
     out = torch.cat(outs, 2).reshape(b, hq, n_qb * bq, -1)[:, :, :lq]
     if not return_lse:
@@ -323,7 +332,7 @@ def paged_decode_attention(
     elif tile_counts is not None:
         tile_counts[0] += page_kept.sum()
     lse = torch.logsumexp(scores.detach(), -1)
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-    probs = safe_softmax(scores) if grad else torch.softmax(scores, -1).nan_to_num_(0.0)
+    grad = _needs_grad(query, key, value)
+    probs = _probabilities(scores, grad)
     out = torch.matmul(probs, vg).view(b, hq, 1, -1).to(query.dtype)
     return (out, lse.view(b, hq, 1)) if return_lse else out
