@@ -1,7 +1,9 @@
 """Decode-method fidelity on SmolLM2 (dense prefill, each decode method vs dense decode).
 
-For each passkey prompt (attnpatch.eval.passkey, the suite's seeds and depths) one dense prefill is
-shared by every decode spec: its K/V are loaded into a fresh cache built from the spec's own cache
+For each prompt — passkey (attnpatch.eval.passkey, the suite's seeds and depths; `--task passkey`) or
+an lm-eval RULER generation task's own prompts, scored as lm-eval scores them (every target in the
+answer; e.g. `--task niah_single_1`: the first `--limit` documents, as `lm_eval --limit`) — one dense
+prefill is shared by every decode spec: its K/V are loaded into a fresh cache built from the spec's own cache
 layers (so Quest's page min / max and Recycled's state start exactly as after a real prefill), then
 
 * free run: greedy decoding of `--answer-tokens` tokens with the spec -> passkey accuracy;
@@ -12,24 +14,33 @@ layers (so Quest's page min / max and Recycled's state start exactly as after a 
 Also reports decode density (keys read / keys in the context, every layer and step; refresh steps and
 dense layers read everything) and the seconds per spec. Runs on CPU (float32) or CUDA (bfloat16).
 
+`--kv-dir DIR` keeps each prompt's prefill K/V there (float32 safetensors, ~190 MB per 4K prompt) and
+reuses them on the next run with the same task, length and sample, so a budget sweep pays the prefill once.
+
   nice -n 10 python bench/scripts/decode_fidelity_smollm2.py --limit 3 --lengths 4096
   python bench/scripts/decode_fidelity_smollm2.py --limit 20 --lengths 4096 8192 --out $OUT/decode_smollm2
+  python bench/scripts/decode_fidelity_smollm2.py --task niah_single_1 --limit 50 --answer-tokens 16 \
+      --forced-tokens 16 --kv-dir /tmp/kv --specs dense quest:budget=256 --out DIR
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import DynamicCache
 
 from attnpatch.api import patch_model
 from attnpatch.cache import install_layers
-from attnpatch.eval.passkey import passkey_sample
-from attnpatch.models import load
+from attnpatch.eval.passkey import PasskeySample, passkey_sample
+from attnpatch.models import load, resolve
 from attnpatch.registry import get_method
 from attnpatch.spec import PatchSpec
 
@@ -38,6 +49,71 @@ DEFAULT_SPECS = [
     "quest:budget=256,page_size=16", "quest:budget=1024,page_size=16", "quest:budget=256,page_size=16,group=max",
     "recycled:budget=256,stride=16", "recycled:budget=1024,stride=16",
 ]
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt of the run and how its greedy answer is scored."""
+
+    text: str
+    targets: tuple[str, ...]
+    depth: float | None
+    passkey: bool
+
+    def is_correct(self, answer: str) -> bool:
+        if self.passkey:
+            return PasskeySample(self.text, self.targets[0], self.depth or 0.0).is_correct(answer)
+        return all(t.lower() in answer.lower() for t in self.targets)  # lm-eval RULER's string_match_all
+
+
+def prompts(task: str, tok, length: int, limit: int, seed: int = 0) -> list[Prompt]:
+    """The run's prompts: passkey samples, or the first `limit` documents of an lm-eval RULER task, drawn
+    after `random.seed(seed)` (lm-eval's `simple_evaluate` seeds with 0: seed 0 gives its prompts)."""
+    if task == "passkey":
+        out = []
+        for i in range(limit):
+            s = passkey_sample(tok, target_tokens=length - 16, depth=(i + 0.5) / limit, seed=1000 + i)
+            out.append(Prompt(s.prompt, (s.passkey,), s.depth, True))
+        return out
+    from lm_eval.tasks import get_task_dict
+
+    from attnpatch.eval.haystack import offline_essays, ruler_task_manager
+
+    path = resolve("smollm2")
+    metadata = {"max_seq_lengths": [length], "pretrained": path, "tokenizer": path}
+    random.seed(seed)  # RULER draws needles from the global `random`
+    with offline_essays():
+        found = get_task_dict([task], ruler_task_manager(metadata))[task]
+        found.build_all_requests(limit=limit, rank=0, world_size=1)
+    return [Prompt(i.args[0], tuple(i.doc["outputs"]), None, False) for i in found.instances]
+
+
+def target_position(tok, sample: Prompt) -> int | None:
+    """Token index where the first target's first occurrence in the prompt starts (None if absent)."""
+    at = sample.text.find(sample.targets[0])
+    if at < 0:
+        return None
+    return len(tok(sample.text[:at], add_special_tokens=True).input_ids)
+
+
+def prefill(model, ids: torch.Tensor, kv_file: Path | None) -> tuple[list, list, torch.Tensor]:
+    """Dense prefill K/V per layer and the first generated token; read from / written to `kv_file`."""
+    if kv_file is not None and kv_file.exists():
+        t = load_file(str(kv_file), device=str(ids.device))
+        n = len(model.model.layers)
+        return [t[f"k{i}"] for i in range(n)], [t[f"v{i}"] for i in range(n)], t["first"]
+    with torch.no_grad():
+        dense_cache = DynamicCache(config=model.config)
+        out = model(input_ids=ids, past_key_values=dense_cache, use_cache=True)
+    first = out.logits[0, -1].argmax()
+    keys = [layer.keys for layer in dense_cache.layers]
+    values = [layer.values for layer in dense_cache.layers]
+    if kv_file is not None:
+        kv_file.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {f"k{i}": k.contiguous() for i, k in enumerate(keys)}
+        tensors.update({f"v{i}": v.contiguous() for i, v in enumerate(values)})
+        save_file({**tensors, "first": first.reshape(1)}, str(kv_file))
+    return keys, values, first.reshape(1)
 
 
 def prefilled_cache(model, spec: PatchSpec, keys: list, values: list) -> DynamicCache:
@@ -92,7 +168,10 @@ def decode_run(model, spec, cache, first: torch.Tensor, steps: int, forced: list
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--limit", type=int, default=3, help="passkey prompts per length")
+    ap.add_argument("--task", default="passkey", help="'passkey' or an lm-eval RULER generation task, e.g. niah_single_1")
+    ap.add_argument("--limit", type=int, default=3, help="prompts per length")
+    ap.add_argument("--seed", type=int, default=0, help="RULER tasks: seed of the prompts (0: lm-eval's own)")
+    ap.add_argument("--kv-dir", default=None, help="keep / reuse each prompt's prefill K/V in this folder")
     ap.add_argument("--lengths", type=int, nargs="+", default=[4096])
     ap.add_argument("--specs", nargs="+", default=DEFAULT_SPECS, help="decode specs 'name:k=v,...'")
     ap.add_argument("--answer-tokens", type=int, default=8)
@@ -108,16 +187,12 @@ def main() -> None:
     rows = []
     for length in args.lengths:
         per_spec: dict[str, list] = {name: [] for name in names}
-        for i in range(args.limit):
-            sample = passkey_sample(tok, target_tokens=length - 16, depth=(i + 0.5) / args.limit, seed=1000 + i)
-            ids = tok(sample.prompt, return_tensors="pt").input_ids.to(device)
+        for i, sample in enumerate(prompts(args.task, tok, length, args.limit, args.seed)):
+            ids = tok(sample.text, return_tensors="pt").input_ids.to(device)
             t0 = time.time()
-            with torch.no_grad():
-                dense_cache = DynamicCache(config=model.config)
-                out = model(input_ids=ids, past_key_values=dense_cache, use_cache=True)
-            first = out.logits[0, -1].argmax()
-            keys = [layer.keys for layer in dense_cache.layers]
-            values = [layer.values for layer in dense_cache.layers]
+            digest = hashlib.sha1(sample.text.encode()).hexdigest()[:12]  # the file belongs to this prompt
+            kv_file = Path(args.kv_dir) / f"{args.task}_L{length}_{i}_{digest}.safetensors" if args.kv_dir else None
+            keys, values, first = prefill(model, ids, kv_file)
             prefill_s = time.time() - t0
             reference = None
             for spec, name in zip(specs, per_spec, strict=True):
@@ -141,7 +216,9 @@ def main() -> None:
                 text = tok.decode([int(first)] + answer, skip_special_tokens=True)
                 logp_ref, logp = ref_logits.log_softmax(-1), logits.log_softmax(-1)
                 per_spec[name].append({
-                    "sample": i, "depth": sample.depth, "correct": sample.is_correct(text), "answer": text,
+                    "sample": i, "depth": sample.depth, "target": list(sample.targets), "tokens": ids.shape[1],
+                    "target_at": target_position(tok, sample),
+                    "correct": sample.is_correct(text), "answer": text,
                     "agreement": float((logits.argmax(-1) == ref_logits.argmax(-1)).float().mean()),
                     "kl": float((logp_ref.exp() * (logp_ref - logp)).sum(-1).mean()),
                     "recall": sum(recalls) / len(recalls) if recalls else 1.0,
@@ -170,15 +247,19 @@ def main() -> None:
 def write(rows: list[dict], args, device: str, dtype: str) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    command = ("python bench/scripts/decode_fidelity_smollm2.py --limit {} --lengths {} --answer-tokens {} "
-               "--forced-tokens {} --specs {}").format(args.limit, " ".join(map(str, args.lengths)), args.answer_tokens,
+    command = ("python bench/scripts/decode_fidelity_smollm2.py --task {} --seed {} --limit {} --lengths {} "
+               "--answer-tokens {} --forced-tokens {} --specs {}").format(args.task, args.seed, args.limit, " ".join(map(str, args.lengths)), args.answer_tokens,
                                                       args.forced_tokens, " ".join(args.specs))
     meta = {"model": "smollm2", "device": device, "dtype": dtype, "torch": torch.__version__, "command": command}
-    stem = f"decode_fidelity_{device.split(':')[0]}_n{args.limit}"
+    task = "" if args.task == "passkey" else f"{args.task}_"
+    seed = f"seed{args.seed}_" if args.task != "passkey" and args.seed else ""
+    stem = f"decode_fidelity_{task}{seed}{device.split(':')[0]}_n{args.limit}"
     (out / f"{stem}.json").write_text(json.dumps({**meta, "results": rows}, indent=1))
     lines = [f"# Decode fidelity, SmolLM2-135M-Instruct ({device}, {dtype}), dense prefill", "",
              f"`{command}`", "",
-             f"Passkey prompts ({args.limit} per length, depths (i + 0.5) / limit); accuracy: greedy answer of "
+             (f"Passkey prompts ({args.limit} per length, depths (i + 0.5) / limit)" if args.task == "passkey" else
+              f"lm-eval `{args.task}` prompts (its first {args.limit} documents per length; correct: every target "
+              "in the answer, as lm-eval scores it)") + "; accuracy: greedy answer of "
              f"{args.answer_tokens} tokens; agreement / KL(dense ‖ method): {args.forced_tokens} teacher-forced "
              "steps on dense decoding's tokens; recall: mean share of each decode call's softmax mass on the "
              "keys read (dense calls count 1); decode density: keys read / keys in the context (all layers, "

@@ -40,7 +40,10 @@ class Quest(DecodeMethod):
     numbers short (niah_single_1 0.60 at budget 1024 over 20 samples, dense 1.00; on 8 prompts 4/8 at
     page 16, 8/8 at page 64 with the same budget: bench/results/decode_smollm2/quest_page_size_niah.md)
     — the page holding the rest of the number is not chosen; budget 1024 at page 64 scores passkey 0.95,
-    niah_single_1 1.00 over 20 samples (dense 1.00 / 1.00). It is also the fastest: a compiled 128K
+    niah_single_1 1.00 over 20 samples (dense 1.00 / 1.00). At 1/16 of the cache, page 64: niah_single_1
+    0.94 at 4K (budget 256: two free pages beside the sink and current ones; 50 samples) and 1.00 at 8K
+    (budget 512, also 1.00 at 256; lm-eval's first 25 prompts; dense 1.00 both:
+    bench/results/decode_smollm2/decode_fidelity_niah_single_1_cpu_n25.md). It is also the fastest: a compiled 128K
     step at batch 4 (8B shape, budget 8192) takes 10.3 ms at page 64, 11.8 at 32, 13.0 at 16 on the
     H200 (fewer pages to bound and rank: bench/results/hf_decode_h200/quest_pages_2026-12-04/). Top-k:
     the Triton kernel by default (`topk="triton"`: one launch combines the group's bounds, masks the
