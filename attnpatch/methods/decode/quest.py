@@ -43,7 +43,10 @@ class Quest(DecodeMethod):
     niah_single_1 1.00 over 20 samples (dense 1.00 / 1.00). At 1/16 of the cache, page 64: niah_single_1
     0.94 at 4K (budget 256: two free pages beside the sink and current ones; 50 samples) and 1.00 at 8K
     (budget 512, also 1.00 at 256; lm-eval's first 25 prompts; dense 1.00 both:
-    bench/results/decode_smollm2/decode_fidelity_niah_single_1_cpu_n25.md). It is also the fastest: a compiled 128K
+    bench/results/decode_smollm2/decode_fidelity_niah_single_1_cpu_n25.md). The 4K misses are needle
+    numbers cut by a page boundary; ranking each page by max(U_p, U_{p-1}) so a chosen page's successor
+    comes with it answered 5 of 8 other prompts (seed 1) where this selection answered 8: with two free
+    pages it leaves one distinct choice. Not kept. It is also the fastest: a compiled 128K
     step at batch 4 (8B shape, budget 8192) takes 10.3 ms at page 64, 11.8 at 32, 13.0 at 16 on the
     H200 (fewer pages to bound and rank: bench/results/hf_decode_h200/quest_pages_2026-12-04/). Top-k:
     the Triton kernel by default (`topk="triton"`: one launch combines the group's bounds, masks the
