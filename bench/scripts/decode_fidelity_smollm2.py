@@ -30,6 +30,7 @@ import hashlib
 import json
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +40,7 @@ from transformers import DynamicCache
 
 from attnpatch.api import patch_model
 from attnpatch.cache import install_layers
-from attnpatch.eval.passkey import PasskeySample, passkey_sample
+from attnpatch.eval.passkey import passkey_sample
 from attnpatch.models import load, resolve
 from attnpatch.registry import get_method
 from attnpatch.spec import PatchSpec
@@ -53,27 +54,23 @@ DEFAULT_SPECS = [
 
 @dataclass(frozen=True)
 class Prompt:
-    """One prompt of the run and how its greedy answer is scored."""
+    """One prompt of the run, its targets, and how its greedy answer is scored."""
 
     text: str
     targets: tuple[str, ...]
     depth: float | None
-    passkey: bool
-
-    def is_correct(self, answer: str) -> bool:
-        if self.passkey:
-            return PasskeySample(self.text, self.targets[0], self.depth or 0.0).is_correct(answer)
-        return all(t.lower() in answer.lower() for t in self.targets)  # lm-eval RULER's string_match_all
+    is_correct: Callable[[str], bool]
 
 
 def prompts(task: str, tok, length: int, limit: int, seed: int = 0) -> list[Prompt]:
     """The run's prompts: passkey samples, or the first `limit` documents of an lm-eval RULER task, drawn
-    after `random.seed(seed)` (lm-eval's `simple_evaluate` seeds with 0: seed 0 gives its prompts)."""
+    after `random.seed(seed)` (lm-eval's `simple_evaluate` seeds with 0: seed 0 gives its prompts) and
+    scored by the task's own `process_results` (correct: score 1, every target in the answer)."""
     if task == "passkey":
         out = []
         for i in range(limit):
             s = passkey_sample(tok, target_tokens=length - 16, depth=(i + 0.5) / limit, seed=1000 + i)
-            out.append(Prompt(s.prompt, (s.passkey,), s.depth, True))
+            out.append(Prompt(s.prompt, (s.passkey,), s.depth, s.is_correct))
         return out
     from lm_eval.tasks import get_task_dict
 
@@ -85,7 +82,11 @@ def prompts(task: str, tok, length: int, limit: int, seed: int = 0) -> list[Prom
     with offline_essays():
         found = get_task_dict([task], ruler_task_manager(metadata))[task]
         found.build_all_requests(limit=limit, rank=0, world_size=1)
-    return [Prompt(i.args[0], tuple(i.doc["outputs"]), None, False) for i in found.instances]
+
+    def scorer(doc: dict) -> Callable[[str], bool]:
+        return lambda answer: found.process_results(doc, [answer])[str(doc["max_length"])] == 1.0
+
+    return [Prompt(i.args[0], tuple(i.doc["outputs"]), None, scorer(i.doc)) for i in found.instances]
 
 
 def target_position(tok, sample: Prompt) -> int | None:
@@ -100,7 +101,7 @@ def prefill(model, ids: torch.Tensor, kv_file: Path | None) -> tuple[list, list,
     """Dense prefill K/V per layer and the first generated token; read from / written to `kv_file`."""
     if kv_file is not None and kv_file.exists():
         t = load_file(str(kv_file), device=str(ids.device))
-        n = len(model.model.layers)
+        n = model.config.num_hidden_layers
         return [t[f"k{i}"] for i in range(n)], [t[f"v{i}"] for i in range(n)], t["first"]
     with torch.no_grad():
         dense_cache = DynamicCache(config=model.config)
@@ -194,6 +195,8 @@ def main() -> None:
             kv_file = Path(args.kv_dir) / f"{args.task}_L{length}_{i}_{digest}.safetensors" if args.kv_dir else None
             keys, values, first = prefill(model, ids, kv_file)
             prefill_s = time.time() - t0
+            about = {"sample": i, "depth": sample.depth, "target": list(sample.targets), "tokens": ids.shape[1],
+                     "target_at": target_position(tok, sample)}
             reference = None
             for spec, name in zip(specs, per_spec, strict=True):
                 t0 = time.time()
@@ -216,9 +219,7 @@ def main() -> None:
                 text = tok.decode([int(first)] + answer, skip_special_tokens=True)
                 logp_ref, logp = ref_logits.log_softmax(-1), logits.log_softmax(-1)
                 per_spec[name].append({
-                    "sample": i, "depth": sample.depth, "target": list(sample.targets), "tokens": ids.shape[1],
-                    "target_at": target_position(tok, sample),
-                    "correct": sample.is_correct(text), "answer": text,
+                    **about, "correct": sample.is_correct(text), "answer": text,
                     "agreement": float((logits.argmax(-1) == ref_logits.argmax(-1)).float().mean()),
                     "kl": float((logp_ref.exp() * (logp_ref - logp)).sum(-1).mean()),
                     "recall": sum(recalls) / len(recalls) if recalls else 1.0,
@@ -247,9 +248,9 @@ def main() -> None:
 def write(rows: list[dict], args, device: str, dtype: str) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    command = ("python bench/scripts/decode_fidelity_smollm2.py --task {} --seed {} --limit {} --lengths {} "
-               "--answer-tokens {} --forced-tokens {} --specs {}").format(args.task, args.seed, args.limit, " ".join(map(str, args.lengths)), args.answer_tokens,
-                                                      args.forced_tokens, " ".join(args.specs))
+    command = (f"python bench/scripts/decode_fidelity_smollm2.py --task {args.task} --seed {args.seed} "
+               f"--limit {args.limit} --lengths {' '.join(map(str, args.lengths))} --answer-tokens "
+               f"{args.answer_tokens} --forced-tokens {args.forced_tokens} --specs {' '.join(args.specs)}")
     meta = {"model": "smollm2", "device": device, "dtype": dtype, "torch": torch.__version__, "command": command}
     task = "" if args.task == "passkey" else f"{args.task}_"
     seed = f"seed{args.seed}_" if args.task != "passkey" and args.seed else ""
