@@ -282,7 +282,8 @@ def patch_model(model, method: str | PatchSpec = "dense", decode: str | None = N
     that declares it; one both declare goes in `prefill_options=` / `decode_options=`. `profile`: a
     `Profile` or its JSON path (per-layer / per-head parameters of this checkpoint), scaled at run time by
     `profile_shift` (knob profiles: + denser) or `profile_sparsity` (BLASST fits: skipped share). `backend`:
-    "auto" (the fastest measured that takes the input), "reference", "triton", "flex", "flash", or
+    "auto" (the fastest measured that takes the input; on CUDA, dense where dense was measured faster),
+    "sparse" ("auto" that always runs the method), "reference", "triton", "flex", "flash", or
     `{"prefill": ..., "decode": ...}`. Returns a `Patch` (context manager; `.unpatch()`, `.stats()`,
     `.observe(fn)`).
     """

@@ -33,7 +33,7 @@ patched by attnpatch. Every argument after `lm-eval` goes to lm-eval unchanged.
   OPTION=VALUE                    an option of the chosen methods (local_blocks=4, window=512, ...)
   prefill.OPTION=VALUE            an option both methods declare (blasst's a), for one phase
   decode.OPTION=VALUE
-  attn_backend=NAME               auto (default), reference, triton, flex or flash
+  attn_backend=NAME               auto (default; evaluations run it as sparse), sparse, reference, triton, flex, flash
                                   (`backend` is HFLM's own argument)
   profile=FILE.json               per-layer / per-head parameters from a calibration profile
   allow_other_weights=true        accept a profile made for other weights of the same architecture
@@ -174,7 +174,9 @@ def format_methods(verbose: bool = False, width: int = 100) -> str:
     from attnpatch.backends import backend_table
 
     infos = sorted(_tables().method_infos(), key=lambda m: m.name)
-    backends = [("auto", "per phase, the fastest backend that takes the call (dense prefill stays SDPA)")]
+    backends = [("auto", "per phase, the fastest backend that takes the call (dense prefill stays SDPA); on "
+                 "CUDA, a prefill where dense SDPA was measured faster runs dense"),
+                ("sparse", "auto without that speed gate: the method always runs (what eval and lm-eval use)")]
     backends += [(b["name"], b["description"]) for b in backend_table()]
     name_width = max(len(name) for name in [m.name for m in infos] + [b for b, _ in backends])
     key_width = max((len(f"{o.name}={o.default}") for m in infos for o in m.options), default=0)

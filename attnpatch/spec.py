@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from attnpatch.backends import BACKEND_NAMES
+from attnpatch.backends import BACKEND_NAMES, UNGATED_AUTO
 from attnpatch.profile import Profile
 from attnpatch.registry import MethodInfo, get_method
 
@@ -199,6 +199,17 @@ class PatchSpec:
         if self.profile_shift and made_for and "knob_range" not in self.profile.meta:
             knob = getattr(get_method(made_for, "prefill").cls, "knob", None)  # profiles older than knob_range
         return self.profile.adjusted(self.profile_shift, self.profile_sparsity, knob)
+
+    def for_evaluation(self) -> PatchSpec:
+        """This spec as an evaluation runs it: a prefill backend "auto" becomes "sparse" ("auto" without
+        its speed gate, which on CUDA runs a prefill dense where dense was measured faster), so that
+        the scores are the method's own. Explicit backends are kept."""
+        if isinstance(self.backend, str):
+            backend = UNGATED_AUTO if self.backend == "auto" else self.backend
+        else:
+            backend = {**self.backend, "prefill": UNGATED_AUTO} if self.backend.get("prefill", "auto") == "auto" \
+                else dict(self.backend)
+        return replace(self, backend=backend)
 
     @property
     def is_dense(self) -> bool:

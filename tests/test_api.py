@@ -45,7 +45,7 @@ def test_list_methods_describes_every_method():
         (dict(method="blasst", decode="blasst", a=2.0), r"declared by both.*prefill_options=.*decode_options="),
         (dict(method="a_shape:local_blocks"), r"must look like key=value"),
         (dict(method="a_shape:local_blocks=x"), r"local_blocks.*int >= 1, got 'x'"),
-        (dict(backend="cuda"), r"unknown backend 'cuda'; allowed: auto, reference, triton, flex, flash"),
+        (dict(backend="cuda"), r"unknown backend 'cuda'; allowed: auto, sparse, reference, triton, flex, flash"),
     ],
 )
 def test_bad_input_names_what_is_allowed(llama, kwargs, pattern):

@@ -140,7 +140,7 @@ def test_every_option_shows_its_help_and_default(capsys, command):
     assert out.count("(default: ") >= {"methods": 0, "report": 2}.get(command, 4)
     if command in ("demo", "eval"):
         assert f"one of {PREFILL_NAMES}" in out and f"one of {DECODE_NAMES}" in out
-        assert "{auto,reference,triton,flex,flash}" in out
+        assert "{auto,sparse,reference,triton,flex,flash}" in out
     if command == "eval":
         assert "niah_multivalue" in out
 

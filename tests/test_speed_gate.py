@@ -11,7 +11,7 @@ import torch
 import attnpatch.backends as backends
 from attnpatch import patch_model
 from attnpatch.backends import resolve_backend
-from attnpatch.registry import method_infos
+from attnpatch.registry import get_method, method_infos
 from attnpatch.testing import tiny_model
 
 CUDA = torch.device("cuda")  # a device object only: nothing runs on it here
@@ -74,3 +74,40 @@ def test_patching_warns_when_a_method_always_runs_dense(monkeypatch):
         warnings.simplefilter("error")
         patch_model(model, always, backend="triton").unpatch()
         patch_model(model, "xattention").unpatch()  # gated only below its measured length: no warning
+
+
+@pytest.mark.parametrize("info", PREFILL, ids=lambda i: i.name)
+def test_sparse_is_auto_without_the_gate(info):
+    sparse, auto = resolve_backend("sparse"), resolve_backend("auto")
+    assert sparse.speed_gate(info.name, info.cls.fast_from, 8192, CUDA) is None
+    assert (sparse.prefill_order, sparse.decode_order, sparse.dense_backend) == \
+        (auto.prefill_order, auto.decode_order, auto.dense_backend)
+
+
+def test_evaluations_run_auto_ungated():
+    from attnpatch.spec import PatchSpec
+
+    assert PatchSpec.build("xattention").for_evaluation().backend == "sparse"
+    assert PatchSpec.build("xattention", backend="triton").for_evaluation().backend == "triton"
+    assert PatchSpec.build("xattention", backend={"decode": "reference"}).for_evaluation().backend == \
+        {"decode": "reference", "prefill": "sparse"}
+    assert PatchSpec.build("xattention", backend={"prefill": "flex"}).for_evaluation().backend == {"prefill": "flex"}
+
+
+def test_the_suite_scores_the_method_where_auto_would_run_dense(monkeypatch):
+    """Gemma-3 at 16K on the H100 scored dense under backend auto (flexprefill is gated below 32K):
+    the suite's tasks now run the method (its density below 1) with the gate on."""
+    from attnpatch.eval.suite import RunSpec, run_one
+    from attnpatch.models import load, smollm2_dir
+    from attnpatch.spec import PatchSpec
+
+    monkeypatch.setattr(backends, "GATED_DEVICES", ("cpu",))
+    model, tok = load("tiny:llama", device="cpu")
+    spec = PatchSpec.build("a_shape:local_blocks=2")  # a fixed sink + local band: sparse at 512 keys
+    assert spec.method in {i.name for i in PREFILL} and get_method("a_shape", "prefill").cls.fast_from > 512
+    with patch_model(model, spec) as patch, torch.no_grad():
+        model(torch.randint(3, 200, (1, 512)))
+        assert patch.stats().density == 1.0  # what the suite measured before
+    run = run_one(model, tok, RunSpec(spec, 512), ["perplexity"], 1, "tiny:llama", str(smollm2_dir()),
+                  measure_fidelity=False)
+    assert run["density"] < 1.0 and not any("backend 'auto'" in r for r in run["dense_fallbacks"])

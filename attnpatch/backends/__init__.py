@@ -7,7 +7,9 @@ prefill selections go to flash-attn-4 (1.02–1.07 of cuDNN per kept block from 
 0.83–0.91 for the Triton kernel) when it is installed and the GPU is SM90/SM100, else to Triton,
 else to the exact PyTorch reference; decode goes to Triton (flash-attn-4 has no split-KV decode on
 SM90), else to the reference. Dense prefill stays transformers' SDPA under "auto" (bit-identical to
-the unpatched model); an explicit backend with a dense path (flash) runs it. A backend named
+the unpatched model); an explicit backend with a dense path (flash) runs it. On CUDA, "auto" also runs a
+prefill dense where the method was measured slower than dense SDPA (`BackendPlan.speed_gate`); "sparse"
+is "auto" without that gate: the method always runs, as an evaluation of its accuracy needs. A backend named
 explicitly runs what it can and leaves the rest to the reference, never to another fast backend.
 Every declined backend's reason is counted in the patch's stats.
 """
@@ -31,7 +33,8 @@ AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "prefill": ("flash", "triton", "reference"),
     "decode": ("triton", "reference"),
 }
-BACKEND_NAMES = ("auto", *BACKENDS)
+UNGATED_AUTO = "sparse"  # "auto" without the speed gate
+BACKEND_NAMES = ("auto", UNGATED_AUTO, *BACKENDS)
 GATED_DEVICES = ("cuda",)  # where `BackendPlan.speed_gate` applies: the speed measurements are the H200's
 
 
@@ -148,12 +151,12 @@ def resolve_backend(backend: str | Mapping[str, str] = "auto") -> BackendPlan:
     pre, dec = _check_name(pre, "prefill"), _check_name(dec, "decode")
 
     def order(name: str, phase: str) -> tuple[str, ...]:
-        if name == "auto":
+        if name in ("auto", UNGATED_AUTO):
             return AUTO_ORDER[phase]
         return (name,) if name == "reference" else (name, "reference")
 
-    dense = pre if pre not in ("auto", "reference") and type(BACKENDS[pre]).dense is not Backend.dense else None
+    dense = pre if pre in BACKENDS and pre != "reference" and type(BACKENDS[pre]).dense is not Backend.dense else None
     return BackendPlan(order(pre, "prefill"), order(dec, "decode"), dense, prefill_auto=pre == "auto")
 
 
-__all__ = ["AUTO_ORDER", "BACKENDS", "BACKEND_NAMES", "GATED_DEVICES", "Backend", "BackendPlan", "backend_table", "resolve_backend"]
+__all__ = ["AUTO_ORDER", "BACKENDS", "BACKEND_NAMES", "GATED_DEVICES", "UNGATED_AUTO", "Backend", "BackendPlan", "backend_table", "resolve_backend"]

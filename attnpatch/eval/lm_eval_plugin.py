@@ -8,7 +8,8 @@ registration happens in-process: `attnpatch lm-eval ...` imports it, then runs l
 * `method` / `decode`: prefill / decode method, `name` or `name:key=value` (default dense);
 * any option of the chosen methods (`local_blocks=4`, `window=512`), `prefill.X=` / `decode.X=` for
   an option both methods declare (blasst's `a`);
-* `attn_backend`: auto, reference, triton, flex or flash (HFLM already uses `backend`);
+* `attn_backend`: auto, sparse, reference, triton, flex or flash (HFLM already uses `backend`); an
+  evaluation runs "auto" as "sparse", without the speed gate that runs short prefills dense on CUDA;
 * `profile`: a Profile JSON path; `allow_other_weights=true` accepts one made for other weights;
 * everything else goes to HFLM (`dtype`, `device`, `batch_size`, `max_length`, `parallelize`, ...).
 
@@ -57,7 +58,7 @@ class AttnpatchLM(HFLM):
             kwargs.setdefault("tokenizer", pretrained)
         super().__init__(pretrained=pretrained, **kwargs)
         self.spec = spec
-        self.patch = patch_model(self.model, spec)
+        self.patch = patch_model(self.model, spec.for_evaluation())  # scores of the method, never gated
         device_map = getattr(self.model, "hf_device_map", None)
         if device_map and len(set(device_map.values())) > 1:  # parallelize=True spread the layers
             placed = sorted({str(v) for v in device_map.values()})

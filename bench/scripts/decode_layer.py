@@ -139,7 +139,7 @@ SWEEP_SPLITS = (None, 1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
 SWEEP_BOUNDS = ("32,4", "64,4", "128,4", "256,4", "64,2", "64,8", "128,8", "256,8")
 
 
-def kernel_sweep_rows(length: int, batch: int, fraction: float) -> list[dict]:
+def kernel_sweep_rows(length: int, batch: int, fraction: float, splits_list=SWEEP_SPLITS) -> list[dict]:
     """The decode kernel over Quest's selection (1/16 of 64-token pages) by tile × warps,stages × splits,
     and the page-bound kernel by pages per program × warps; µs per CUDA-graph replay."""
     from attnpatch.backends.decode_plan import resolve_num_splits
@@ -156,7 +156,7 @@ def kernel_sweep_rows(length: int, batch: int, fraction: float) -> list[dict]:
     for tile in (64, 128):
         for launch in SWEEP_LAUNCHES:
             os.environ["ATTNPATCH_DECODE_CONFIG"] = launch
-            for splits in SWEEP_SPLITS:
+            for splits in splits_list:
                 used = resolve_num_splits(sel, "cuda", splits, tile)
                 us = _graph_us(lambda s=splits, t=tile: sparse_decode_attention(q, k, v, sel, num_splits=s, tile_size=t))
                 rows.append({"kernel": "decode", "length": length, "batch": batch, "tile": tile, "launch": launch,
@@ -173,6 +173,17 @@ def kernel_sweep_rows(length: int, batch: int, fraction: float) -> list[dict]:
         print(f"bounds L={length} B={batch} block_n,warps={launch}: {us}", flush=True)
     os.environ.pop("ATTNPATCH_BOUNDS_CONFIG", None)
     return rows
+
+
+def best_launches(rows: list[dict]) -> dict[str, dict[str, str]]:
+    """Per `LENGTHxBATCH`, the fastest launch of each kernel in the form its override variable reads:
+    decode `"warps,stages,splits,tile"`, page bounds `"block_n,warps"`."""
+    best: dict[str, dict[str, str]] = {}
+    for kernel in ("decode", "page_bounds"):
+        for r in sorted((r for r in rows if r["kernel"] == kernel and r["us"]), key=lambda r: r["us"], reverse=True):
+            launch = f"{r['launch']},{r['splits']},{r['tile']}" if kernel == "decode" else r["launch"]
+            best.setdefault(f"{r['length']}x{r['batch']}", {})[kernel] = launch
+    return best
 
 
 def _sweep_md(rows: list[dict]) -> str:
@@ -213,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="early_exit,warps pairs for the top-k sweep, flattened")
     p.add_argument("--kernel-sweep", action="store_true",
                    help="only sweep the decode / page-bound kernels' launch configurations over --cases")
+    p.add_argument("--splits", type=lambda t: [None if x == "default" else int(x) for x in t.split(",")],
+                   default=list(SWEEP_SPLITS), help="--kernel-sweep: split counts ('default' = the rule's)")
     args = p.parse_args(argv)
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
     if args.kernel_sweep:
@@ -221,11 +234,16 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         for case in args.cases.split(","):
             length, batch = (int(x) for x in case.split("x"))
-            rows += kernel_sweep_rows(length, batch, args.fraction)
+            rows += kernel_sweep_rows(length, batch, args.fraction, args.splits)
             torch.cuda.empty_cache()
+        best = best_launches(rows)
         (out / "kernel_sweep.json").write_text(json.dumps({"command": command, "env": environment(command),
-                                                           "rows": rows}, indent=1, default=str))
+                                                           "best": best, "rows": rows}, indent=1, default=str))
         (out / "kernel_sweep.md").write_text(f"`{command}`\n\n" + _sweep_md(rows))
+        for case, launches in best.items():  # for a later run's ATTNPATCH_DECODE_CONFIG / ATTNPATCH_BOUNDS_CONFIG
+            for kernel, launch in launches.items():
+                (out / f"best_{kernel}_{case}.txt").write_text(launch + "\n")
+        print(json.dumps(best))
         return 0
     flat = args.topk_configs.split(",")
     configs = [f"{flat[i]},{flat[i + 1]}" for i in range(0, len(flat), 2)]
