@@ -27,12 +27,13 @@ case " $PARTS " in *" d128b4 "*) run d128b4 131072 4 ${T128:-400} quest:budget=8
   quest:budget=8192,topk=triton,dense_layers=0 quest:budget=8192,page_size=16;; esac
 case " $PARTS " in *" d128b1 "*) run d128b1 131072 1 ${T128B1:-200} quest:budget=8192 quest:budget=8192,topk=triton;; esac
 case " $PARTS " in *" d64b8 "*) run d64b8 65536 8 ${T64:-200} quest:budget=4096 quest:budget=4096,topk=triton;; esac
-case " $PARTS " in *" tune128b4 "*)
-  timeout ${TSWEEP:-200} python bench/scripts/decode_layer.py --kernel-sweep --cases 131072x4 --splits default,4,6,8,12,16,24 --out $OUT/sweep 2>&1 | tail -1
-  run d128b4_default 131072 4 ${T128:-230} quest:budget=8192,dense_layers=0
-  [ -f $OUT/sweep/best_decode_131072x4.txt ] && (
-    export ATTNPATCH_DECODE_CONFIG=$(cat $OUT/sweep/best_decode_131072x4.txt)
-    export ATTNPATCH_BOUNDS_CONFIG=$(cat $OUT/sweep/best_page_bounds_131072x4.txt)
+case " $PARTS " in *" tune128b4 "*)  # TL / TB: another length / batch (the H100 holds 128K batch 4 of this model only in part)
+  L=${TL:-131072} B=${TB:-4}; Q=quest:budget=$((L / 16)),dense_layers=0
+  timeout ${TSWEEP:-200} python bench/scripts/decode_layer.py --kernel-sweep --cases ${L}x${B} --splits default,4,6,8,12,16,24 --out $OUT/sweep 2>&1 | tail -1
+  run d${L}b${B}_default $L $B ${T128:-230} $Q
+  [ -f $OUT/sweep/best_decode_${L}x${B}.txt ] && (
+    export ATTNPATCH_DECODE_CONFIG=$(cat $OUT/sweep/best_decode_${L}x${B}.txt)
+    export ATTNPATCH_BOUNDS_CONFIG=$(cat $OUT/sweep/best_page_bounds_${L}x${B}.txt)
     echo "tuned: decode $ATTNPATCH_DECODE_CONFIG, bounds $ATTNPATCH_BOUNDS_CONFIG"
-    BASE=none run d128b4_tuned 131072 4 ${T128T:-150} quest:budget=8192,dense_layers=0);;
+    BASE=none run d${L}b${B}_tuned $L $B ${T128T:-150} $Q);;
 esac
