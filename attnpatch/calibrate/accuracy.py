@@ -24,7 +24,7 @@ def passkey_score(model, tokenizer, spec: PatchSpec | None, length: int, prompts
             if spec is None:
                 out = model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.eos_token_id)
             else:
-                with patch_model(model, spec):
+                with patch_model(model, spec.for_evaluation()):  # the method, never gated dense
                     out = model.generate(**ids, max_new_tokens=8, do_sample=False,
                                          pad_token_id=tokenizer.eos_token_id)
         correct += sample.is_correct(tokenizer.decode(out[0, ids.input_ids.shape[1]:], skip_special_tokens=True))
