@@ -111,3 +111,21 @@ def test_the_suite_scores_the_method_where_auto_would_run_dense(monkeypatch):
     run = run_one(model, tok, RunSpec(spec, 512), ["perplexity"], 1, "tiny:llama", str(smollm2_dir()),
                   measure_fidelity=False)
     assert run["density"] < 1.0 and not any("backend 'auto'" in r for r in run["dense_fallbacks"])
+
+
+def test_calibrations_accuracy_target_scores_the_method_ungated(monkeypatch):
+    import attnpatch.calibrate.accuracy as accuracy
+    from attnpatch.models import load
+    from attnpatch.spec import PatchSpec
+
+    seen = []
+    real = accuracy.patch_model
+
+    def spy(model, spec):
+        seen.append(spec.backend)
+        return real(model, spec)
+
+    monkeypatch.setattr(accuracy, "patch_model", spy)
+    model, tok = load("tiny:llama", device="cpu")
+    accuracy.passkey_score(model, tok, PatchSpec.build("a_shape"), 256, 1)
+    assert seen == ["sparse"]
