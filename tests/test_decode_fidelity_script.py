@@ -1,0 +1,60 @@
+"""The decode-fidelity harness (bench/scripts/decode_fidelity.py) restores one dense prefill into each decode
+method's cache: decoding from the restored cache must equal decoding after a real prefill, sliding-window
+layers (Gemma 3) included; its prompt files round-trip and refuse another run's prompts."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from attnpatch import patch_model
+from attnpatch.spec import PatchSpec
+from attnpatch.testing import tiny_model
+
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "scripts" / "decode_fidelity.py"
+
+
+@pytest.fixture(scope="module")
+def harness():
+    spec = importlib.util.spec_from_file_location("decode_fidelity", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+@pytest.mark.parametrize("decode", ["dense", "quest:budget=48,page_size=16,dense_layers=0"])
+@pytest.mark.parametrize("family", ["gemma3", "llama"])
+def test_a_restored_prefill_decodes_like_a_real_one(harness, family, decode):
+    model = tiny_model(family, sliding_window=16)  # gemma3: a sliding layer, then a full one
+    ids = torch.randint(3, 200, (1, 90), generator=torch.Generator().manual_seed(0))
+    spec = PatchSpec.build("dense", decode)
+    keys, values, first = harness.prefill(model, ids, None)
+    with patch_model(model, spec):
+        restored = harness.decode_run(model, spec, harness.prefilled_cache(model, spec, keys, values, 90), first, 6, None)
+        with torch.no_grad():
+            cache = DynamicCache(config=model.config)
+            model(input_ids=ids, past_key_values=cache, use_cache=True)
+        real = harness.decode_run(model, spec, cache, first, 6, None)
+    assert restored[0] == real[0]
+    torch.testing.assert_close(restored[1], real[1])
+
+
+def test_prompt_files_round_trip_and_refuse_other_runs(harness, tmp_path):
+    items = [harness.Prompt("text one", ("42",), None, None, {"outputs": ["42"], "max_length": 1024})]
+    path = tmp_path / "p.json"
+    harness.export_prompts(path, "niah_single_1", "gemma3-270m", 1024, 0, items)
+    back = harness.imported_prompts(path, "niah_single_1", "gemma3-270m", 1024, 0, 1)
+    assert [(p.text, p.targets, p.doc, p.is_correct) for p in back] == [("text one", ("42",), items[0].doc, None)]
+    with pytest.raises(SystemExit, match="not"):
+        harness.imported_prompts(path, "niah_single_1", "smollm2", 1024, 0, 1)
+    with pytest.raises(SystemExit, match="--limit asks for 2"):
+        harness.imported_prompts(path, "niah_single_1", "gemma3-270m", 1024, 0, 2)
+    assert harness.accuracy([{"correct": True}, {"correct": None}]) is None
+    assert harness.accuracy([{"correct": True}, {"correct": False}]) == 0.5
