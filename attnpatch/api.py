@@ -12,7 +12,6 @@ model back to the outer patch on exit). `unpatch_model(model)` removes them all.
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,6 +24,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 import attnpatch.methods  # noqa: F401  (registers the built-in methods)
 from attnpatch.adapters import get_adapter
+from attnpatch.adapters.cache_arg import cache_kwarg
 from attnpatch.backends import resolve_backend
 from attnpatch.cache import install_layers
 from attnpatch.dispatch import LayerPlan, PatchState
@@ -104,8 +104,7 @@ class Patch:
         # (method, why) of the first layer whose decode method cannot run on a static cache
         self._no_static = next(((p.decode.name, type(p.decode).static_cache_reason) for p in plans
                                 if type(p.decode).static_cache_reason is not None), None)
-        forward = inspect.signature(model.base_model.forward).parameters
-        self._cache_kw = "cache" if "cache" in forward else "past_key_values"
+        self._cache_kw = cache_kwarg(model)
         self.active = False
         stack = getattr(model, _STACK_ATTR, None)
         if stack is None:

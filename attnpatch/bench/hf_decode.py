@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 import json
 import statistics
 import sys
@@ -43,6 +42,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from attnpatch.adapters.cache_arg import cache_kwarg
 from attnpatch.bench.hf_prefill import LLAMA31_8B, TINY, build_model
 from attnpatch.methods.base import DecodeContext, DecodeMethod
 from attnpatch.sparsity import PageSelection
@@ -139,11 +139,6 @@ def kv_bytes(config, batch: int, slots: int, dtype: torch.dtype) -> int:
     d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     elem = torch.finfo(dtype).bits // 8
     return 2 * config.num_hidden_layers * batch * config.num_key_value_heads * slots * d * elem
-
-
-def cache_kwarg(model) -> str:
-    """The decoder's cache argument: `cache` (transformers >= 5.2x) or `past_key_values`."""
-    return "cache" if "cache" in inspect.signature(model.model.forward).parameters else "past_key_values"
 
 
 def cache_gib(cache) -> float:

@@ -14,6 +14,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from transformers.cache_utils import DynamicCache
 
+from attnpatch.adapters.cache_arg import cache_kwarg
 from attnpatch.cache.infiniretri_layer import InfiniRetriLayer
 from attnpatch.methods.base import DecodeContext, DecodeMethod
 from attnpatch.options import option
@@ -94,7 +95,7 @@ def _inv_freq(model) -> torch.Tensor:
 
 
 def _forward(model, ids: torch.Tensor, cache: DynamicCache) -> None:
-    model(input_ids=ids, past_key_values=cache, use_cache=True)
+    model(input_ids=ids, use_cache=True, **{cache_kwarg(model): cache})
 
 
 @torch.no_grad()
@@ -153,5 +154,5 @@ def generate_long(model, input_ids: torch.Tensor, question_ids: torch.Tensor | N
                   **generate_kwargs: Any) -> torch.Tensor:
     """`read_long`, then `model.generate` from what it kept; returns the new tokens only `[B, T]`."""
     read = read_long(model, input_ids, question_ids)
-    out = model.generate(read.input_ids, past_key_values=read.cache, **generate_kwargs)
+    out = model.generate(read.input_ids, **{cache_kwarg(model): read.cache}, **generate_kwargs)
     return out[:, read.input_ids.shape[1]:]
