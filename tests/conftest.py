@@ -50,3 +50,11 @@ def left_padded(batch: int, length: int, pads: list[int], seed: int = 0):
         mask[row, :p] = 0
         ids[row, :p] = 0
     return ids, mask
+
+
+def cache_arg(model, cache) -> dict:
+    """`{name: cache}` for a forward / generate call: `cache` on transformers 5.2x, `past_key_values`
+    before (the old name leaves model forwards in 5.40)."""
+    from attnpatch.adapters.cache_arg import cache_kwarg
+
+    return {cache_kwarg(model): cache}

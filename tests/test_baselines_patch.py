@@ -4,7 +4,7 @@ keys), per-layer options; the selection ran sparse on every full-attention call.
 
 import pytest
 import torch
-from conftest import left_padded
+from conftest import cache_arg, left_padded
 
 import attnpatch
 from attnpatch.testing import tiny_model
@@ -26,7 +26,7 @@ def test_padding_chunked_prefill_and_no_cache(name):
     with attnpatch.patch_model(model, method=name, **OPTIONS[name]) as patch:
         whole = model(ids, attention_mask=mask, use_cache=False).logits
         first = model(ids[:, :150], attention_mask=mask[:, :150], use_cache=True)
-        rest = model(ids[:, 150:], attention_mask=mask, past_key_values=first.past_key_values).logits
+        rest = model(ids[:, 150:], attention_mask=mask, **cache_arg(model, first.past_key_values)).logits
         stats = patch.stats()
     assert not stats.dense_fallbacks and stats.backends == {"prefill: reference": 6}
     assert 0 < stats.density < 1

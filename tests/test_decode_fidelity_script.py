@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import cache_arg
 from transformers import DynamicCache
 
 from attnpatch import patch_model
@@ -40,7 +41,7 @@ def test_a_restored_prefill_decodes_like_a_real_one(harness, family, decode):
         restored = harness.decode_run(model, spec, harness.prefilled_cache(model, spec, keys, values, 90), first, 6, None)
         with torch.no_grad():
             cache = DynamicCache(config=model.config)
-            model(input_ids=ids, past_key_values=cache, use_cache=True)
+            model(input_ids=ids, **cache_arg(model, cache), use_cache=True)
         real = harness.decode_run(model, spec, cache, first, 6, None)
     assert restored[0] == real[0]
     torch.testing.assert_close(restored[1], real[1])

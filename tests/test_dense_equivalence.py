@@ -1,7 +1,7 @@
 """`dense` must be bit-identical to the unpatched model: prefill, padded batch, greedy generate."""
 
 import torch
-from conftest import left_padded, random_ids
+from conftest import cache_arg, left_padded, random_ids
 
 import attnpatch
 
@@ -46,8 +46,8 @@ def test_chunked_prefill_identical(llama):
 
     def run():
         cache = DynamicCache(config=llama.config)
-        llama(ids[:, :30], past_key_values=cache, use_cache=True)
-        return llama(ids[:, 30:], past_key_values=cache, use_cache=True).logits
+        llama(ids[:, :30], **cache_arg(llama, cache), use_cache=True)
+        return llama(ids[:, 30:], **cache_arg(llama, cache), use_cache=True).logits
 
     ref = run()
     with attnpatch.patch_model(llama):

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import left_padded
+from conftest import cache_arg, left_padded
 
 import attnpatch
 from attnpatch.methods.base import DenseFallback, PrefillContext
@@ -136,7 +136,7 @@ def test_through_the_patch_with_padding_and_a_kv_cache(llama):
     with attnpatch.patch_model(llama, method="flexprefill", **opts) as patch:
         out = llama(ids, attention_mask=mask).logits
         first = llama(ids[:, :180], attention_mask=mask[:, :180], use_cache=True)
-        second = llama(ids[:, 180:], attention_mask=mask, past_key_values=first.past_key_values).logits
+        second = llama(ids[:, 180:], attention_mask=mask, **cache_arg(llama, first.past_key_values)).logits
         stats = patch.stats()
     valid = mask.bool()
     assert torch.isfinite(out[valid]).all() and torch.isfinite(second[valid[:, 180:]]).all()
@@ -144,5 +144,5 @@ def test_through_the_patch_with_padding_and_a_kv_cache(llama):
     assert (out[valid] - dense[valid]).abs().max() < 1.0
     with attnpatch.patch_model(llama, method="flexprefill", block_size=BS, **FlexPrefill.full_density):
         first = llama(ids[:, :180], attention_mask=mask[:, :180], use_cache=True)
-        exact = llama(ids[:, 180:], attention_mask=mask, past_key_values=first.past_key_values).logits
+        exact = llama(ids[:, 180:], attention_mask=mask, **cache_arg(llama, first.past_key_values)).logits
     torch.testing.assert_close(exact[valid[:, 180:]], dense[:, 180:][valid[:, 180:]], atol=2e-5, rtol=1e-4)

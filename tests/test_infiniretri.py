@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import random_ids
+from conftest import cache_arg, random_ids
 from transformers import DynamicCache
 
 import attnpatch
@@ -41,7 +41,7 @@ def test_an_input_longer_than_the_window_reads_with_a_bounded_cache_and_position
         with attnpatch.patch_model(model, decode="infiniretri", budget=budget, chunk_size=chunk, phrase=3):
             read = read_long(model, random_ids(2, 300, seed=3), random_ids(2, q, seed=4))
             lengths = {layer.keys.shape[2] for layer in read.cache.layers}
-            out = model.generate(read.input_ids, past_key_values=read.cache, attention_mask=torch.ones_like(
+            out = model.generate(read.input_ids, **cache_arg(model, read.cache), attention_mask=torch.ones_like(
                 read.input_ids), **GEN)
     finally:
         handle.remove()
@@ -58,8 +58,8 @@ def test_rerotated_keys_are_the_keys_encoded_at_the_new_positions(llama):
     ids = random_ids(1, 40, seed=5)
     keep = torch.tensor([[0, 3, 4, 10, 22, 23, 39]])
     cache, fresh = DynamicCache(config=llama.config), DynamicCache(config=llama.config)
-    llama(ids, past_key_values=cache, use_cache=True)
-    llama(ids[:, keep[0]], past_key_values=fresh, use_cache=True)
+    llama(ids, **cache_arg(llama, cache), use_cache=True)
+    llama(ids[:, keep[0]], **cache_arg(llama, fresh), use_cache=True)
     keys = cache.layers[0].keys[:, :, keep[0]]
     moved = rerotate(keys, torch.arange(7) - keep, _inv_freq(llama))
     torch.testing.assert_close(moved, fresh.layers[0].keys, atol=1e-5, rtol=1e-4)

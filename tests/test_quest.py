@@ -3,7 +3,7 @@ selection (size, forced pages, bound), static-cache generation, and option valid
 
 import pytest
 import torch
-from conftest import left_padded, random_ids
+from conftest import cache_arg, left_padded, random_ids
 from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import StaticLayer
 
@@ -114,7 +114,7 @@ def test_budget_covering_the_cache_or_dense_layers_run_dense():
 
 def _scores(model, ids, mask, cache=None, **kw):
     out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
-                         output_scores=True, return_dict_in_generate=True, past_key_values=cache, **kw)
+                         output_scores=True, return_dict_in_generate=True, **cache_arg(model, cache), **kw)
     return out.sequences, torch.stack(out.scores)
 
 

@@ -4,7 +4,7 @@ on the reference path, and option validation."""
 
 import pytest
 import torch
-from conftest import left_padded
+from conftest import cache_arg, left_padded
 from transformers import DynamicCache, StaticCache
 
 import attnpatch
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:
 def _generate(model, ids, mask, cache, new, **options):
     with attnpatch.patch_model(model, decode="recycled", page_size=PS, **options) as patch:
         out = model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                             pad_token_id=0, output_scores=True, return_dict_in_generate=True, past_key_values=cache)
+                             pad_token_id=0, output_scores=True, return_dict_in_generate=True, **cache_arg(model, cache))
         return out, patch.stats()
 
 

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import left_padded
+from conftest import cache_arg, left_padded
 from transformers import DynamicCache
 
 import attnpatch
@@ -19,8 +19,8 @@ def _prefill_and_step(model, ids, mask, **options):
     """Prompt = all but the last token, then one decode step; returns (cache, logits of the step)."""
     cache = DynamicCache(config=model.config)
     with attnpatch.patch_model(model, decode="retrieval", **options):
-        model(ids[:, :-1], attention_mask=mask[:, :-1], past_key_values=cache, use_cache=True)
-        out = model(ids[:, -1:], attention_mask=mask, past_key_values=cache, use_cache=True)
+        model(ids[:, :-1], attention_mask=mask[:, :-1], **cache_arg(model, cache), use_cache=True)
+        out = model(ids[:, -1:], attention_mask=mask, **cache_arg(model, cache), use_cache=True)
     return cache, out.logits[:, -1]
 
 
@@ -28,7 +28,7 @@ def _prefill_and_step(model, ids, mask, **options):
 def test_offloaded_part_and_gpu_part_are_the_full_kv_at_their_positions(llama):
     ids, mask = left_padded(2, 41, [0, 7], seed=1)
     dense = DynamicCache(config=llama.config)
-    llama(ids, attention_mask=mask, past_key_values=dense, use_cache=True)
+    llama(ids, attention_mask=mask, **cache_arg(llama, dense), use_cache=True)
     cache, _ = _prefill_and_step(llama, ids, mask, n_sink=3, window=5)
     for layer, full in zip(cache.layers, dense.layers, strict=True):
         assert isinstance(layer, RetrievalLayer)
@@ -147,7 +147,7 @@ def test_a_multi_token_forward_after_the_split_is_refused(llama):
     cache, _ = _prefill_and_step(llama, ids, mask, n_sink=2, window=4)
     with attnpatch.patch_model(llama, decode="retrieval", n_sink=2, window=4), \
             pytest.raises(NotImplementedError, match="offloaded"):
-        llama(ids[:, :3], past_key_values=cache, use_cache=True)
+        llama(ids[:, :3], **cache_arg(llama, cache), use_cache=True)
 
 
 @pytest.mark.parametrize(("options", "allowed"), [({"top_k": 0}, ">= 1"), ({"index": "hnsw"}, "'exact'"),

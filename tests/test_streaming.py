@@ -1,7 +1,7 @@
 """`streaming`: the cache really stays at sink + window, and decode equals dense attention over what is kept."""
 
 import torch
-from conftest import left_padded, random_ids
+from conftest import cache_arg, left_padded, random_ids
 
 import attnpatch
 from attnpatch.cache import SinkWindowLayer
@@ -54,10 +54,10 @@ def test_decode_equals_dense_attention_over_kept_tokens(llama):
         from transformers import DynamicCache
 
         cache = DynamicCache(config=llama.config)
-        llama(ids[:, :prompt], attention_mask=pad[:, :prompt], past_key_values=cache, use_cache=True)
+        llama(ids[:, :prompt], attention_mask=pad[:, :prompt], **cache_arg(llama, cache), use_cache=True)
         for t in range(steps):
             p = prompt + t
-            out = llama(ids[:, p : p + 1], attention_mask=pad[:, : p + 1], past_key_values=cache, use_cache=True)
+            out = llama(ids[:, p : p + 1], attention_mask=pad[:, : p + 1], **cache_arg(llama, cache), use_cache=True)
             got.append(out.logits[:, -1])
             assert max(_stored_lengths(cache)) <= N_SINK + WINDOW
     n = prompt + steps

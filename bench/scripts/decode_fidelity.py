@@ -48,6 +48,7 @@ from safetensors.torch import load_file, save_file
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicSlidingWindowLayer
 
+from attnpatch.adapters.cache_arg import cache_kwarg
 from attnpatch.api import patch_model
 from attnpatch.cache import install_layers
 from attnpatch.eval.passkey import passkey_sample
@@ -144,7 +145,7 @@ def prefill(model, ids: torch.Tensor, kv_file: Path | None) -> tuple[list, list,
         return [t[f"k{i}"] for i in range(n)], [t[f"v{i}"] for i in range(n)], t["first"]
     with torch.no_grad():
         dense_cache = DynamicCache(config=model.config)
-        out = model(input_ids=ids, past_key_values=dense_cache, use_cache=True)
+        out = model(input_ids=ids, use_cache=True, **{cache_kwarg(model): dense_cache})
     first = out.logits[0, -1].argmax()
     keys = [layer.keys for layer in dense_cache.layers]
     values = [layer.values for layer in dense_cache.layers]
@@ -201,7 +202,7 @@ def decode_run(model, spec, cache, first: torch.Tensor, steps: int, forced: list
     """Greedy (or teacher-forced) decoding from the prefill's token `first`; logits per step."""
     token, logits_out, tokens = first.view(1, 1), [], []
     for s in range(steps):
-        logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1].float()
+        logits = model(input_ids=token, use_cache=True, **{cache_kwarg(model): cache}).logits[:, -1].float()
         logits_out.append(logits)
         nxt = int(logits.argmax(-1)) if forced is None else forced[s]
         tokens.append(nxt)

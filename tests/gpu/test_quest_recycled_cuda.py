@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import cache_arg
 from transformers import DynamicCache
 
 import attnpatch
@@ -68,8 +69,8 @@ def test_triton_decode_agrees_with_reference(decode):
     for backend in ("reference", "triton"):  # the same tokens through both (teacher forcing)
         with attnpatch.patch_model(model, decode=decode, backend=backend) as patch:
             cache = DynamicCache(config=model.config)
-            model(ids[:, :300], past_key_values=cache, use_cache=True)
-            steps = [model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits[:, -1]
+            model(ids[:, :300], **cache_arg(model, cache), use_cache=True)
+            steps = [model(ids[:, t:t + 1], **cache_arg(model, cache), use_cache=True).logits[:, -1]
                      for t in range(300, 312)]
             ran = patch.stats().backends
         assert f"decode: {backend}" in ran, ran

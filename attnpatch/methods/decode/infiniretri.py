@@ -77,8 +77,8 @@ class InfiniRetri(DecodeMethod):
 
 class LongRead(NamedTuple):
     """What `read_long` leaves: the cache (holding all of `input_ids` but its last token) and the
-    ids to continue from (`model.generate(read.input_ids, past_key_values=read.cache, ...)`): the
-    retained tokens, the last chunk and the question."""
+    ids to continue from (`model.generate(read.input_ids, **{cache_kwarg(model): read.cache}, ...)`):
+    the retained tokens, the last chunk and the question."""
 
     cache: DynamicCache
     input_ids: torch.Tensor
