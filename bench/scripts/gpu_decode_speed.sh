@@ -5,8 +5,8 @@
 #                 the Triton top-k without dense layers; the earlier default of 16-token pages)
 #   128K batch 1 and 64K batch 8: Triton all pages, quest at 1/16 (torch.topk, the Triton top-k).
 # PARTS (default "d128b4 d128b1 d64b8") picks the parts, so that the run can be split over back-to-back calls.
-# Part "tune": the decode and page-bound kernels' launch sweep at 128K batch 4 (TL, TB: another length, batch) (decode_layer.py
-# --kernel-sweep, ~3 min), then the 128K batch-4 step with quest dense_layers=0 twice: the default launches (next to
+# Part "tune": the decode and page-bound kernels' launch sweep (decode_layer.py --kernel-sweep, ~3 min) at 128K
+# batch 4 (TL, TB: another length, batch; the H100 cannot hold 128K batch 4 of this model), then that step with quest dense_layers=0 twice: the default launches (next to
 # Triton all pages) and, in a second process, the sweep's fastest (ATTNPATCH_DECODE_CONFIG / _BOUNDS_CONFIG).
 # The unpatched compiled model (193 ms a step at 128K, batch 4: bench/results/hf_decode_h200/inductor_2026-12-04)
 # is left out to save device time; add UNPATCHED=1 for it.
@@ -27,7 +27,7 @@ case " $PARTS " in *" d128b4 "*) run d128b4 131072 4 ${T128:-400} quest:budget=8
   quest:budget=8192,topk=triton,dense_layers=0 quest:budget=8192,page_size=16;; esac
 case " $PARTS " in *" d128b1 "*) run d128b1 131072 1 ${T128B1:-200} quest:budget=8192 quest:budget=8192,topk=triton;; esac
 case " $PARTS " in *" d64b8 "*) run d64b8 65536 8 ${T64:-200} quest:budget=4096 quest:budget=4096,topk=triton;; esac
-case " $PARTS " in *" tune "*)  # TL / TB: another length / batch (the H100 holds 128K batch 4 of this model only in part)
+case " $PARTS " in *" tune "*)
   L=${TL:-131072} B=${TB:-4}; Q=quest:budget=$((L / 16)),dense_layers=0
   timeout ${TSWEEP:-200} python bench/scripts/decode_layer.py --kernel-sweep --cases ${L}x${B} --splits default,4,6,8,12,16,24 --out $OUT/sweep 2>&1 | tail -1
   run d${L}b${B}_default $L $B ${T128:-230} $Q
