@@ -58,6 +58,13 @@ def _graph_us(fn) -> float | None:
         return None
 
 
+def _graph_us_each(fns) -> float | None:
+    """µs per call of one CUDA graph that runs every `fns` in turn (distinct inputs, so no call reads
+    what the one before left in L2; the graph's launch is shared by all)."""
+    us = _graph_us(lambda: [fn() for fn in fns])
+    return None if us is None else us / len(fns)
+
+
 def layer_rows(length: int, batch: int, fraction: float) -> list[dict]:
     g = torch.Generator(device="cuda").manual_seed(length + batch)
     q = torch.randn(batch, HQ, 1, D, device="cuda", dtype=torch.bfloat16, generator=g)
@@ -136,13 +143,23 @@ def topk_rows(configs: list[str]) -> list[dict]:
 
 SWEEP_LAUNCHES = ("4,2", "4,3", "4,4", "8,2", "8,3", "2,3")
 SWEEP_SPLITS = (None, 1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
-SWEEP_BOUNDS = ("32,4", "64,4", "128,4", "256,4", "64,2", "64,8", "128,8", "256,8")
+SWEEP_BOUNDS = ("32,4", "64,4", "128,4", "64,8", "128,8",  # the tl.dot kernel: block_n,warps
+                "fma,16,2,1,1", "fma,16,4,1,1", "fma,32,4,1,1", "fma,32,8,1,1", "fma,64,8,1,1",
+                "fma,16,4,4,2", "fma,16,4,4,3", "fma,32,4,2,2", "fma,32,4,4,3", "fma,32,8,4,3", "fma,64,8,2,2",
+                "fma,16,2,8,3", "fma,32,4,8,3")  # the multiply-and-sum kernel: fma,block_n,warps,iters,stages
+SWEEP_TOPK = ("1,4", "1,8", "1,16")  # early_exit,warps
+SWEEP_KERNELS = ("decode", "page_bounds", "topk")
+COPIES = 8  # distinct inputs per graph for the per-call column
 
 
-def kernel_sweep_rows(length: int, batch: int, fraction: float, splits_list=SWEEP_SPLITS) -> list[dict]:
+def kernel_sweep_rows(length: int, batch: int, fraction: float, splits_list=SWEEP_SPLITS,
+                      kernels=SWEEP_KERNELS) -> list[dict]:
     """The decode kernel over Quest's selection (1/16 of 64-token pages) by tile × warps,stages × splits,
-    and the page-bound kernel by pages per program × warps; µs per CUDA-graph replay."""
+    the page-bound kernel by launch (`SWEEP_BOUNDS`) and the group top-k by early_exit,warps; µs per
+    CUDA-graph replay of one call (`us`) and, for the bounds and the top-k, per call in a graph of
+    `COPIES` calls on distinct inputs (`us_each`: no graph launch per call, cold L2 as in a step)."""
     from attnpatch.backends.decode_plan import resolve_num_splits
+    from attnpatch.estimators.page_bounds import page_upper_bounds_torch
     from attnpatch.estimators.page_bounds_triton import page_upper_bounds_triton
 
     g = torch.Generator(device="cuda").manual_seed(length + batch)
@@ -153,7 +170,7 @@ def kernel_sweep_rows(length: int, batch: int, fraction: float, splits_list=SWEE
     ctx = DecodeContext(0, D ** -0.5, KeyBounds(), None, tables)
     sel = Quest(budget=int(length * fraction), dense_layers=0).select(q, k, ctx)
     rows = []
-    for tile in (64, 128):
+    for tile in (64, 128) if "decode" in kernels else ():
         for launch in SWEEP_LAUNCHES:
             os.environ["ATTNPATCH_DECODE_CONFIG"] = launch
             for splits in splits_list:
@@ -165,22 +182,44 @@ def kernel_sweep_rows(length: int, batch: int, fraction: float, splits_list=SWEE
     os.environ.pop("ATTNPATCH_DECODE_CONFIG", None)
     page_min, page_max, _ = tables.tables
     n = page_min.shape[2]
-    for launch in SWEEP_BOUNDS:
+    copies = [(page_min.clone(), page_max.clone()) for _ in range(COPIES)]
+    reference = page_upper_bounds_torch(q, page_min, page_max)
+    for launch in SWEEP_BOUNDS if "page_bounds" in kernels else ():
         os.environ["ATTNPATCH_BOUNDS_CONFIG"] = launch
         us = _graph_us(lambda: page_upper_bounds_triton(q, page_min, page_max, n, 1.0))
+        each = _graph_us_each([lambda lo=lo, hi=hi: page_upper_bounds_triton(q, lo, hi, n, 1.0) for lo, hi in copies])
+        err = None if each is None else (page_upper_bounds_triton(q, page_min, page_max, n, 1.0) - reference).abs().max().item()
         rows.append({"kernel": "page_bounds", "length": length, "batch": batch, "launch": launch, "us": us,
-                     "gb_per_s": None if not us else round(2 * page_min.numel() * 2 / us / 1e3, 1)})
-        print(f"bounds L={length} B={batch} block_n,warps={launch}: {us}", flush=True)
+                     "us_each": each, "max_abs_err_vs_fp32": err, "gb_per_s": None if not each else round(2 * page_min.numel() * 2 / each / 1e3, 1)})
+        print(f"bounds L={length} B={batch} launch={launch}: {us} (in a graph of {COPIES}: {each}; error {err})",
+              flush=True)
     os.environ.pop("ATTNPATCH_BOUNDS_CONFIG", None)
+    del copies
+    if "topk" in kernels:
+        from attnpatch.backends.triton.topk_select import group_topk_ascending_triton
+
+        k_pages = max(int(length * fraction) // 64, 1)
+        bounds = [page_upper_bounds_triton(q * (1 + i / COPIES), page_min, page_max, n, D ** -0.5) for i in range(COPIES)]
+        first = torch.zeros(batch, dtype=torch.long, device="cuda")
+        end = torch.tensor(n, device="cuda")
+        for launch in SWEEP_TOPK:
+            os.environ["ATTNPATCH_TOPK_CONFIG"] = launch
+            us = _graph_us(lambda: group_topk_ascending_triton(bounds[0], k_pages, first, end))
+            each = _graph_us_each([lambda x=x: group_topk_ascending_triton(x, k_pages, first, end) for x in bounds])
+            rows.append({"kernel": "topk", "length": length, "batch": batch, "launch": launch, "us": us, "us_each": each})
+            print(f"topk L={length} B={batch} early_exit,warps={launch}: {us} (in a graph of {COPIES}: {each})", flush=True)
+        os.environ.pop("ATTNPATCH_TOPK_CONFIG", None)
     return rows
 
 
 def best_launches(rows: list[dict]) -> dict[str, dict[str, str]]:
     """Per `LENGTHxBATCH`, the fastest launch of each kernel in the form its override variable reads:
-    decode `"warps,stages,splits,tile"`, page bounds `"block_n,warps"`."""
+    decode `"warps,stages,splits,tile"` (by `us`), page bounds `"block_n,warps"` or
+    `"fma,block_n,warps,iters,stages"` and top-k `"early_exit,warps"` (by `us_each`, per call in a graph)."""
     best: dict[str, dict[str, str]] = {}
-    for kernel in ("decode", "page_bounds"):
-        for r in sorted((r for r in rows if r["kernel"] == kernel and r["us"]), key=lambda r: r["us"], reverse=True):
+    for kernel in SWEEP_KERNELS:
+        col = "us" if kernel == "decode" else "us_each"
+        for r in sorted((r for r in rows if r["kernel"] == kernel and r.get(col)), key=lambda r: r[col], reverse=True):
             launch = f"{r['launch']},{r['splits']},{r['tile']}" if kernel == "decode" else r["launch"]
             best.setdefault(f"{r['length']}x{r['batch']}", {})[kernel] = launch
     return best
@@ -188,11 +227,13 @@ def best_launches(rows: list[dict]) -> dict[str, dict[str, str]]:
 
 def _sweep_md(rows: list[dict]) -> str:
     out = ["# Decode and page-bound kernels by launch configuration (µs, CUDA-graph replay)", "",
-           "| L | B | kernel | tile | warps,stages / block_n,warps | splits | µs |", "|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["length"], r["batch"], r["kernel"], r["us"] or 1e9)):
+           f"`us`: one call per graph; `per call in a graph`: {COPIES} calls on distinct inputs in one graph.", "",
+           "| L | B | kernel | tile | launch | splits | µs | µs per call in a graph |", "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["length"], r["batch"], r["kernel"], r.get("us_each") or r["us"] or 1e9)):
         us = "–" if r["us"] is None else f"{r['us']:.1f}"
+        each = "" if r.get("us_each") is None else f"{r['us_each']:.1f}"
         split = f"{r.get('splits', '')}{' (default)' if r.get('default_splits') else ''}"
-        out.append(f"| {r['length']} | {r['batch']} | {r['kernel']} | {r.get('tile', '')} | {r['launch']} | {split} | {us} |")
+        out.append(f"| {r['length']} | {r['batch']} | {r['kernel']} | {r.get('tile', '')} | {r['launch']} | {split} | {us} | {each} |")
     return "\n".join(out) + "\n"
 
 
@@ -226,7 +267,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="only sweep the decode / page-bound kernels' launch configurations over --cases")
     p.add_argument("--splits", type=lambda t: [None if x == "default" else int(x) for x in t.split(",")],
                    default=list(SWEEP_SPLITS), help="--kernel-sweep: split counts ('default' = the rule's)")
+    p.add_argument("--kernels", type=lambda t: tuple(t.split(",")), default=SWEEP_KERNELS,
+                   help=f"--kernel-sweep: which kernels, a comma list of {', '.join(SWEEP_KERNELS)}")
     args = p.parse_args(argv)
+    if set(args.kernels) - set(SWEEP_KERNELS):
+        p.error(f"--kernels takes a comma list of {', '.join(SWEEP_KERNELS)}, got {','.join(args.kernels)!r}")
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
     if args.kernel_sweep:
         out = Path(args.out)
@@ -234,13 +279,13 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         for case in args.cases.split(","):
             length, batch = (int(x) for x in case.split("x"))
-            rows += kernel_sweep_rows(length, batch, args.fraction, args.splits)
+            rows += kernel_sweep_rows(length, batch, args.fraction, args.splits, args.kernels)
             torch.cuda.empty_cache()
         best = best_launches(rows)
         (out / "kernel_sweep.json").write_text(json.dumps({"command": command, "env": environment(command),
                                                            "best": best, "rows": rows}, indent=1, default=str))
         (out / "kernel_sweep.md").write_text(f"`{command}`\n\n" + _sweep_md(rows))
-        for case, launches in best.items():  # for a later run's ATTNPATCH_DECODE_CONFIG / ATTNPATCH_BOUNDS_CONFIG
+        for case, launches in best.items():  # for a later run's ATTNPATCH_{DECODE,BOUNDS,TOPK}_CONFIG
             for kernel, launch in launches.items():
                 (out / f"best_{kernel}_{case}.txt").write_text(launch + "\n")
         print(json.dumps(best))

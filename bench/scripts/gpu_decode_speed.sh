@@ -5,9 +5,11 @@
 #                 the Triton top-k without dense layers; the earlier default of 16-token pages)
 #   128K batch 1 and 64K batch 8: Triton all pages, quest at 1/16 (torch.topk, the Triton top-k).
 # PARTS (default "d128b4 d128b1 d64b8") picks the parts, so that the run can be split over back-to-back calls.
-# Part "tune": the decode and page-bound kernels' launch sweep (decode_layer.py --kernel-sweep, ~3 min) at 128K
+# Part "tune": the decode, page-bound and top-k kernels' launch sweep (decode_layer.py --kernel-sweep, ~3 min; KERNELS
+# picks kernels) at 128K
 # batch 4 (TL, TB: another length, batch; the H100 cannot hold 128K batch 4 of this model), then that step with quest dense_layers=0 twice: the default launches (next to
-# Triton all pages) and, in a second process, the sweep's fastest (ATTNPATCH_DECODE_CONFIG / _BOUNDS_CONFIG).
+# Triton all pages; SKIP_DEFAULT=1 leaves it out) and, in a second process, the sweep's fastest
+# (ATTNPATCH_DECODE_CONFIG / _BOUNDS_CONFIG / _TOPK_CONFIG; baselines TUNED_BASE, more quest settings TUNED_EXTRA).
 # The unpatched compiled model (193 ms a step at 128K, batch 4: bench/results/hf_decode_h200/inductor_2026-12-04)
 # is left out to save device time; add UNPATCHED=1 for it.
 #   OUT=DIR bash bench/scripts/gpu_decode_speed.sh
@@ -29,11 +31,14 @@ case " $PARTS " in *" d128b1 "*) run d128b1 131072 1 ${T128B1:-200} quest:budget
 case " $PARTS " in *" d64b8 "*) run d64b8 65536 8 ${T64:-200} quest:budget=4096 quest:budget=4096,topk=triton;; esac
 case " $PARTS " in *" tune "*)
   L=${TL:-131072} B=${TB:-4}; Q=quest:budget=$((L / 16)),dense_layers=0
-  timeout ${TSWEEP:-200} python bench/scripts/decode_layer.py --kernel-sweep --cases ${L}x${B} --splits default,4,6,8,12,16,24 --out $OUT/sweep 2>&1 | tail -1
-  run d${L}b${B}_default $L $B ${T128:-230} $Q
-  [ -f $OUT/sweep/best_decode_${L}x${B}.txt ] && (
-    export ATTNPATCH_DECODE_CONFIG=$(cat $OUT/sweep/best_decode_${L}x${B}.txt)
-    export ATTNPATCH_BOUNDS_CONFIG=$(cat $OUT/sweep/best_page_bounds_${L}x${B}.txt)
-    echo "tuned: decode $ATTNPATCH_DECODE_CONFIG, bounds $ATTNPATCH_BOUNDS_CONFIG"
-    BASE=none run d${L}b${B}_tuned $L $B ${T128T:-150} $Q);;
+  timeout ${TSWEEP:-200} python bench/scripts/decode_layer.py --kernel-sweep --cases ${L}x${B} \
+    --kernels ${KERNELS:-decode,page_bounds,topk} --splits default,4,6,8,12,16,24 --out $OUT/sweep 2>&1 | tail -1
+  [ -z "${SKIP_DEFAULT:-}" ] && run d${L}b${B}_default $L $B ${T128:-230} $Q
+  [ -d $OUT/sweep ] && (
+    best() { [ -f $OUT/sweep/best_$1_${L}x${B}.txt ] && cat $OUT/sweep/best_$1_${L}x${B}.txt; }
+    v=$(best decode) && export ATTNPATCH_DECODE_CONFIG=$v
+    v=$(best page_bounds) && export ATTNPATCH_BOUNDS_CONFIG=$v
+    v=$(best topk) && export ATTNPATCH_TOPK_CONFIG=$v
+    echo "tuned: decode ${ATTNPATCH_DECODE_CONFIG:-default}, bounds ${ATTNPATCH_BOUNDS_CONFIG:-default}, topk ${ATTNPATCH_TOPK_CONFIG:-default}"
+    BASE=${TUNED_BASE:-none} run d${L}b${B}_tuned $L $B ${T128T:-150} $Q ${TUNED_EXTRA:-});;
 esac
