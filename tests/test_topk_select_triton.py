@@ -25,10 +25,10 @@ def _expected(scores: torch.Tensor, k: int) -> list[list[int]]:
     return out
 
 
-@pytest.mark.parametrize("early", [0, 1])
+@pytest.mark.parametrize("early", ["0,4", "1,4", "0,4,4", "1,4,4"])
 @pytest.mark.parametrize(("rows", "n", "k"), [(6, 100, 7), (4, 513, 32), (3, 64, 64), (2, 1000, 1)])
 def test_the_k_largest_in_ascending_order(rows, n, k, early, monkeypatch):
-    monkeypatch.setenv("ATTNPATCH_TOPK_CONFIG", f"{early},4")
+    monkeypatch.setenv("ATTNPATCH_TOPK_CONFIG", early)
     g = torch.Generator().manual_seed(n + k)
     scores = torch.randn(rows, n, generator=g) * torch.logspace(-3, 3, rows).view(-1, 1)  # wide ranges, negatives
     scores[0, :5] = torch.finfo(torch.float32).max  # forced entries (as top_pages marks them)
@@ -72,11 +72,11 @@ def _group_reference(scores, k, first, end, combine, keep_last):
     return _expected(score.masked_fill(~valid.view(b, 1, n), float("-inf")), k)
 
 
-@pytest.mark.parametrize("early", [0, 1])
+@pytest.mark.parametrize("early", ["0,4", "1,4", "1,4,4"])
 @pytest.mark.parametrize("combine", ["softmax_sum", "max"])
 @pytest.mark.parametrize(("end", "keep_last"), [(140, 0), ([150, 90, 30], 2)])
 def test_group_kernel_combines_masks_and_forces_like_the_torch_path(combine, end, keep_last, early, monkeypatch):
-    monkeypatch.setenv("ATTNPATCH_TOPK_CONFIG", f"{early},4")
+    monkeypatch.setenv("ATTNPATCH_TOPK_CONFIG", early)
     g = torch.Generator().manual_seed(11)
     scores = torch.randn(3, 2, 3, 150, generator=g) * 4
     first = torch.tensor([0, 5, 17])
@@ -144,3 +144,10 @@ def test_methods_select_the_same_pages_with_the_kernel(method, monkeypatch):
         picked[kernel] = sel
     assert torch.equal(picked["torch"].counts, picked["triton"].counts)
     assert torch.equal(picked["torch"].indices, picked["triton"].indices)
+
+
+@pytest.mark.parametrize("bad", ["1", "1,8,3", "x,8", "1,8,4,0"])
+def test_launch_override_is_checked(bad, monkeypatch):
+    monkeypatch.setenv("ATTNPATCH_TOPK_CONFIG", bad)
+    with pytest.raises(ValueError, match="ATTNPATCH_TOPK_CONFIG"):
+        _ts.launch_config(2048)

@@ -147,7 +147,7 @@ SWEEP_BOUNDS = ("32,4", "64,4", "128,4", "64,8", "128,8",  # the tl.dot kernel: 
                 "fma,16,2,1,1", "fma,16,4,1,1", "fma,32,4,1,1", "fma,32,8,1,1", "fma,64,8,1,1",
                 "fma,16,4,4,2", "fma,16,4,4,3", "fma,32,4,2,2", "fma,32,4,4,3", "fma,32,8,4,3", "fma,64,8,2,2",
                 "fma,16,2,8,3", "fma,32,4,8,3")  # the multiply-and-sum kernel: fma,block_n,warps,iters,stages
-SWEEP_TOPK = ("1,4", "1,8", "1,16")  # early_exit,warps
+SWEEP_TOPK = ("1,4", "1,8", "1,16", "1,4,4", "1,8,4", "1,16,4")  # early_exit,warps[,bits per step]
 SWEEP_KERNELS = ("decode", "page_bounds", "topk")
 COPIES = 8  # distinct inputs per graph for the per-call column
 
