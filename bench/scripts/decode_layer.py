@@ -261,8 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="bench/results/decode_layer")
     p.add_argument("--cases", default="131072x1,131072x4,131072x8,65536x8", help="LENGTHxBATCH, comma separated")
     p.add_argument("--fraction", type=float, default=1 / 16)
-    p.add_argument("--topk-configs", default="0,4,1,4,0,8,1,8,0,2,1,2",
-                   help="early_exit,warps pairs for the top-k sweep, flattened")
+    p.add_argument("--topk-configs", nargs="+", default=["0,4", "1,4", "0,8", "1,8", "0,2", "1,2"],
+                   help="top-k launches to sweep, each 'early_exit,warps[,bits]' (the fastest at 128K, batch 4, "
+                        "is used by the layer rows)")
     p.add_argument("--kernel-sweep", action="store_true",
                    help="only sweep the decode / page-bound kernels' launch configurations over --cases")
     p.add_argument("--splits", type=lambda t: [None if x == "default" else int(x) for x in t.split(",")],
@@ -290,8 +291,7 @@ def main(argv: list[str] | None = None) -> int:
                 (out / f"best_{kernel}_{case}.txt").write_text(launch + "\n")
         print(json.dumps(best))
         return 0
-    flat = args.topk_configs.split(",")
-    configs = [f"{flat[i]},{flat[i + 1]}" for i in range(0, len(flat), 2)]
+    configs = args.topk_configs
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"command": command, "env": environment(command), "topk": topk_rows(configs), "layer": []}
