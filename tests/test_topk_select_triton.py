@@ -25,7 +25,7 @@ def _expected(scores: torch.Tensor, k: int) -> list[list[int]]:
     return out
 
 
-@pytest.mark.parametrize("early", ["0,4", "1,4", "0,4,4", "1,4,4"])
+@pytest.mark.parametrize("early", ["0,4", "1,4"])
 @pytest.mark.parametrize(("rows", "n", "k"), [(6, 100, 7), (4, 513, 32), (3, 64, 64), (2, 1000, 1)])
 def test_the_k_largest_in_ascending_order(rows, n, k, early, monkeypatch):
     monkeypatch.setenv("ATTNPATCH_TOPK_CONFIG", early)
@@ -72,7 +72,7 @@ def _group_reference(scores, k, first, end, combine, keep_last):
     return _expected(score.masked_fill(~valid.view(b, 1, n), float("-inf")), k)
 
 
-@pytest.mark.parametrize("early", ["0,4", "1,4", "1,4,4"])
+@pytest.mark.parametrize("early", ["0,4", "1,4"])
 @pytest.mark.parametrize("combine", ["softmax_sum", "max"])
 @pytest.mark.parametrize(("end", "keep_last"), [(140, 0), ([150, 90, 30], 2)])
 def test_group_kernel_combines_masks_and_forces_like_the_torch_path(combine, end, keep_last, early, monkeypatch):

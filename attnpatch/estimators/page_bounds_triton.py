@@ -8,6 +8,11 @@ models are exact to float rounding); the output is float32 `[B, Hkv, G, n]`. The
 two batched GEMMs of M = G rows: on the H200 (torch 2.11, bf16 tables) they dispatched to a MAGMA
 kernel at 155 µs a call, 9.3 ms of a 21.2 ms decode step at 128K, batch 4, 32 layers
 (bench/results/hf_decode_h200/); reading both tables once takes ≈ 30 µs at the memory bandwidth.
+At 128K, batch 4 the kernel reads the two 16.8 MB tables at 2.16 TB/s on an H100 (15.5 µs a call inside a
+graph of 8 calls, 64 % of its bandwidth) for every pages-per-program × warps launch tried. Measured and
+ruled out (twelfth session, bench/results/decode_layer/select_variants_h100_2026-12-05/): a
+multiply-and-sum variant without `tl.dot` or shared memory, one to eight software-pipelined page blocks
+per program — 17.2 µs at best (13 launches), 6.8 vs 7.7 µs at batch 1.
 
 `page_bounds_op` wraps it as a torch custom op for compiled decode steps.
 """
@@ -15,7 +20,6 @@ kernel at 155 µs a call, 9.3 ms of a 21.2 ms decode step at 128K, batch 4, 32 l
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch
 
@@ -32,55 +36,24 @@ BLOCK_N = 64  # pages per program
 NUM_WARPS = 4
 
 
-@dataclass(frozen=True)
-class BoundsLaunch:
-    """How the page bounds are launched: `kind` "dot" (the G query rows, zero-padded to 16, times the
-    page tables in `tl.dot`) or "fma" (each query row's bound as a float32 multiply-and-sum over the
-    head dim, no shared memory); `block_n` pages per loop step, `iters` steps per program (a
-    software-pipelined loop of `stages` stages; "fma" only)."""
-
-    kind: str = "dot"
-    block_n: int = BLOCK_N
-    warps: int = NUM_WARPS
-    iters: int = 1
-    stages: int = 1
-
-    def text(self) -> str:
-        """The form `ATTNPATCH_BOUNDS_CONFIG` reads."""
-        if self.kind == "dot":
-            return f"{self.block_n},{self.warps}"
-        return f"fma,{self.block_n},{self.warps},{self.iters},{self.stages}"
-
-
-def launch_config() -> BoundsLaunch:
-    """The launch; `ATTNPATCH_BOUNDS_CONFIG` overrides the default: `"block_n,warps"` (the dot kernel)
-    or `"fma,block_n,warps,iters,stages"` (launch sweeps: bench/scripts/decode_layer.py --kernel-sweep)."""
+def launch_config() -> tuple[int, int]:
+    """`(pages per program, num_warps)`; `ATTNPATCH_BOUNDS_CONFIG="block_n,warps"` overrides the
+    default (launch sweeps: bench/scripts/decode_layer.py --kernel-sweep)."""
     value = os.environ.get("ATTNPATCH_BOUNDS_CONFIG")
     if not value:
-        return BoundsLaunch()
-    fields = value.split(",")
-    kind = "fma" if fields[0] == "fma" else "dot"
-    numbers = fields[1:] if kind == "fma" else fields
+        return BLOCK_N, NUM_WARPS
     try:
-        ints = [int(x) for x in numbers]
-        if len(ints) != (4 if kind == "fma" else 2):
-            raise ValueError
+        block_n, warps = (int(x) for x in value.split(","))
     except ValueError as e:
-        raise ValueError("ATTNPATCH_BOUNDS_CONFIG must read 'block_n,warps' (e.g. '64,4') or "
-                         f"'fma,block_n,warps,iters,stages' (e.g. 'fma,32,4,2,2'), got {value!r}") from e
-    launch = BoundsLaunch(kind, *ints)
-    if launch.block_n < 16 or launch.block_n & (launch.block_n - 1):
-        raise ValueError(f"ATTNPATCH_BOUNDS_CONFIG: block_n must be a power of two >= 16, got {launch.block_n}")
-    if min(launch.warps, launch.iters, launch.stages) < 1:
-        raise ValueError(f"ATTNPATCH_BOUNDS_CONFIG: warps, iters and stages must be >= 1, got {value!r}")
-    return launch
+        raise ValueError(f"ATTNPATCH_BOUNDS_CONFIG must read 'block_n,warps' (e.g. '64,4'), got {value!r}") from e
+    if block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"ATTNPATCH_BOUNDS_CONFIG: block_n must be a power of two >= 16, got {block_n}")
+    return block_n, warps
 
 
 if triton_available():
     import triton
     import triton.language as tl
-
-    from attnpatch.backends.triton.combine import SUM_COMBINE as _SUM
 
     @triton.jit
     def _page_bounds_kernel(
@@ -114,34 +87,6 @@ if triton_available():
         acc += tl.dot(neg, tl.trans(lo), input_precision=DOT_PRECISION)
         out = OUT + ((pid.to(tl.int64) * group + offs_g.to(tl.int64))[:, None]) * n_pages + offs_n[None, :]
         tl.store(out, acc * scale, mask=g_ok[:, None] & n_ok[None, :])
-
-    @triton.jit
-    def _page_bounds_fma_kernel(
-        Q, MIN, MAX, OUT, hkv, n_pages, stride_qb, stride_qh,
-        stride_lb, stride_lh, stride_ln, stride_ub, stride_uh, stride_un, scale,
-        GROUP: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-        ITERS: tl.constexpr, STAGES: tl.constexpr,
-    ):  # fmt: skip
-        pid = tl.program_id(0)
-        b = pid // hkv
-        hk = pid % hkv
-        offs_d = tl.arange(0, BLOCK_D)
-        d_ok = offs_d < HEAD_D
-        q_row = Q + b.to(tl.int64) * stride_qb + (hk * GROUP).to(tl.int64) * stride_qh + offs_d
-        lo_base = MIN + b.to(tl.int64) * stride_lb + hk.to(tl.int64) * stride_lh + offs_d[None, :]
-        hi_base = MAX + b.to(tl.int64) * stride_ub + hk.to(tl.int64) * stride_uh + offs_d[None, :]
-        out_base = OUT + pid.to(tl.int64) * GROUP * n_pages
-        for it in tl.range(0, ITERS, num_stages=STAGES):
-            offs_n = (tl.program_id(1) * ITERS + it) * BLOCK_N + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < n_pages
-            rows = offs_n.to(tl.int64)[:, None]
-            tile_ok = n_ok[:, None] & d_ok[None, :]
-            hi = tl.load(hi_base + rows * stride_un, mask=tile_ok, other=0.0).to(tl.float32)
-            lo = tl.load(lo_base + rows * stride_ln, mask=tile_ok, other=0.0).to(tl.float32)
-            for g in tl.static_range(GROUP):
-                q = tl.load(q_row + g * stride_qh, mask=d_ok, other=0.0).to(tl.float32)[None, :]
-                bound = tl.reduce(tl.where(q > 0, q * hi, q * lo), 1, _SUM)
-                tl.store(out_base + g * n_pages + offs_n, bound * scale, mask=n_ok)
 
     _KERNEL_INTERPRETED = is_interpreted(_page_bounds_kernel)
 else:
@@ -181,27 +126,16 @@ def page_upper_bounds_triton(query: torch.Tensor, page_min: torch.Tensor, page_m
     out = torch.empty(b, hkv, group, n, dtype=torch.float32, device=query.device)
     if out.numel() == 0:
         return out
-    launch = launch_config()
-    if launch.kind == "fma":
-        per_program = launch.block_n * launch.iters
-        q = query if query.stride(-1) == 1 else query.contiguous()
-        _page_bounds_fma_kernel[(b * hkv, triton.cdiv(n, per_program))](
-            q, page_min, page_max, out, hkv, n, q.stride(0), q.stride(1),
-            page_min.stride(0), page_min.stride(1), page_min.stride(2),
-            page_max.stride(0), page_max.stride(1), page_max.stride(2), float(scale),
-            GROUP=group, HEAD_D=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_N=launch.block_n,
-            ITERS=launch.iters, STAGES=launch.stages, num_warps=launch.warps,
-        )  # fmt: skip
-        return out
     q = query.to(page_min.dtype)
     if q.stride(-1) != 1:
         q = q.contiguous()
     precision = "ieee" if page_min.dtype == torch.float32 else "tf32"
-    _page_bounds_kernel[(b * hkv, triton.cdiv(n, launch.block_n))](
+    block_n, warps = launch_config()
+    _page_bounds_kernel[(b * hkv, triton.cdiv(n, block_n))](
         q, page_min, page_max, out, hkv, group, n, q.stride(0), q.stride(1),
         page_min.stride(0), page_min.stride(1), page_min.stride(2),
         page_max.stride(0), page_max.stride(1), page_max.stride(2), float(scale),
-        HEAD_D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_G=max(16, triton.next_power_of_2(group)),
-        BLOCK_N=launch.block_n, DOT_PRECISION=precision, num_warps=launch.warps,
+        HEAD_D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
+        DOT_PRECISION=precision, num_warps=warps,
     )  # fmt: skip
     return out

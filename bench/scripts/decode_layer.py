@@ -143,11 +143,8 @@ def topk_rows(configs: list[str]) -> list[dict]:
 
 SWEEP_LAUNCHES = ("4,2", "4,3", "4,4", "8,2", "8,3", "2,3")
 SWEEP_SPLITS = (None, 1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
-SWEEP_BOUNDS = ("32,4", "64,4", "128,4", "64,8", "128,8",  # the tl.dot kernel: block_n,warps
-                "fma,16,2,1,1", "fma,16,4,1,1", "fma,32,4,1,1", "fma,32,8,1,1", "fma,64,8,1,1",
-                "fma,16,4,4,2", "fma,16,4,4,3", "fma,32,4,2,2", "fma,32,4,4,3", "fma,32,8,4,3", "fma,64,8,2,2",
-                "fma,16,2,8,3", "fma,32,4,8,3")  # the multiply-and-sum kernel: fma,block_n,warps,iters,stages
-SWEEP_TOPK = ("1,4", "1,8", "1,16", "1,4,4", "1,8,4", "1,16,4")  # early_exit,warps[,bits per step]
+SWEEP_BOUNDS = ("32,4", "64,4", "128,4", "64,8", "128,8")  # block_n,warps
+SWEEP_TOPK = ("1,4", "1,8", "1,16")  # early_exit,warps
 SWEEP_KERNELS = ("decode", "page_bounds", "topk")
 COPIES = 8  # distinct inputs per graph for the per-call column
 
@@ -214,8 +211,8 @@ def kernel_sweep_rows(length: int, batch: int, fraction: float, splits_list=SWEE
 
 def best_launches(rows: list[dict]) -> dict[str, dict[str, str]]:
     """Per `LENGTHxBATCH`, the fastest launch of each kernel in the form its override variable reads:
-    decode `"warps,stages,splits,tile"` (by `us`), page bounds `"block_n,warps"` or
-    `"fma,block_n,warps,iters,stages"` and top-k `"early_exit,warps"` (by `us_each`, per call in a graph)."""
+    decode `"warps,stages,splits,tile"` (by `us`), page bounds `"block_n,warps"` and top-k
+    `"early_exit,warps"` (by `us_each`, per call in a graph)."""
     best: dict[str, dict[str, str]] = {}
     for kernel in SWEEP_KERNELS:
         col = "us" if kernel == "decode" else "us_each"
@@ -262,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cases", default="131072x1,131072x4,131072x8,65536x8", help="LENGTHxBATCH, comma separated")
     p.add_argument("--fraction", type=float, default=1 / 16)
     p.add_argument("--topk-configs", nargs="+", default=["0,4", "1,4", "0,8", "1,8", "0,2", "1,2"],
-                   help="top-k launches to sweep, each 'early_exit,warps[,bits]' (the fastest at 128K, batch 4, "
+                   help="top-k launches to sweep, each 'early_exit,warps' (the fastest at 128K, batch 4, "
                         "is used by the layer rows)")
     p.add_argument("--kernel-sweep", action="store_true",
                    help="only sweep the decode / page-bound kernels' launch configurations over --cases")

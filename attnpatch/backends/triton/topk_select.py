@@ -23,10 +23,14 @@ slot). Slots past the number kept (fewer than k valid entries) hold 0. Exact: th
 Why: on the H200 `torch.topk` over 8192 pages took 47 µs a layer in a compiled 128K decode step
 (batch 4, 32 rows: one thread block per row, whatever the batch) — the largest part of Quest's
 selection after its page-bound kernel (bench/results/hf_decode_h200/quest_kernel_2026-12-04/).
-Rows longer than `MAX_N` entries are declined (the caller keeps the torch path).
+Rows longer than `MAX_N` entries are declined (the caller keeps the torch path). Measured and ruled out
+(twelfth session, H100, 128K: 32 and 8 rows of G = 4 × 2048 real page bounds;
+bench/results/decode_layer/select_variants_h100_2026-12-05/): four bits per step (fifteen counts in one
+block reduction, 8 steps at most) took 16.6 µs a call in a graph against 11.7 for two bits; 16 warps
+13.7 µs against 8 warps' 11.7.
 
-Launch: `ATTNPATCH_TOPK_CONFIG="early_exit,warps[,bits]"` (e.g. "1,4" or "1,8,4") overrides the defaults
-of `launch_config` for benchmarks.
+Launch: `ATTNPATCH_TOPK_CONFIG="early_exit,warps"` (e.g. "1,4") overrides the defaults of
+`launch_config` for benchmarks.
 """
 
 from __future__ import annotations
@@ -48,27 +52,20 @@ __all__ = ["COMBINES", "MAX_GROUP_N", "MAX_N", "group_topk_ascending_triton", "g
 MAX_N = 1 << 15  # entries per row held in one program's registers (512K tokens at 16-token pages)
 COMBINES = ("softmax_sum", "max")  # how `group_topk_ascending_triton` combines a row's G score rows
 MAX_GROUP_N = 1 << 16  # G·n entries a row of `group_topk_ascending_triton` holds in registers
-SEARCH_BITS = (2, 4)  # bits the k-th largest search settles per step (one block reduction each)
 
 
-def launch_config(n: int) -> tuple[bool, int, int]:
-    """`(early exit, num_warps, bits per search step)` for rows of `n` entries. On the H200 (G = 4 bound
-    rows, k = n/16, random bounds) early exit with 8 warps took 14.2 µs at n = 2048 (32 rows) and 12.4 µs
-    at n = 1024 (64 rows), against 17.4 / 16.0 µs for the full 16 steps with 4 warps
-    (bench/results/decode_layer/). `ATTNPATCH_TOPK_CONFIG="early_exit,warps[,bits]"` overrides it (bits 2:
-    three counts per step, 16 steps at most; 4: fifteen counts per step, 8 steps at most)."""
+def launch_config(n: int) -> tuple[bool, int]:
+    """`(early exit, num_warps)` for rows of `n` entries. On the H200 (G = 4 bound rows, k = n/16, random
+    bounds) early exit with 8 warps took 14.2 µs at n = 2048 (32 rows) and 12.4 µs at n = 1024 (64 rows),
+    against 17.4 / 16.0 µs for the full 16 steps with 4 warps (bench/results/decode_layer/)."""
     value = os.environ.get("ATTNPATCH_TOPK_CONFIG")
     if value:
         try:
-            fields = [int(x) for x in value.split(",")]
-            if len(fields) not in (2, 3) or (len(fields) == 3 and fields[2] not in SEARCH_BITS):
-                raise ValueError
+            early, warps = (int(x) for x in value.split(","))
         except ValueError as e:
-            raise ValueError("ATTNPATCH_TOPK_CONFIG must read 'early_exit,warps' or 'early_exit,warps,bits' with bits "
-                             f"in {SEARCH_BITS} (e.g. '1,4' or '1,8,4'), got {value!r}") from e
-        early, warps, bits = (*fields, 2)[:3]
-        return bool(early), warps, bits
-    return True, (8 if n >= 1024 else 4), 2
+            raise ValueError(f"ATTNPATCH_TOPK_CONFIG must read 'early_exit,warps' (e.g. '1,4'), got {value!r}") from e
+        return bool(early), warps
+    return True, (8 if n >= 1024 else 4)
 
 
 if triton_available():
@@ -86,37 +83,8 @@ if triton_available():
         return a0 + b0, a1 + b1, a2 + b2
 
     @triton.jit
-    def _add15(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14,
-               b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14):
-        return (a0 + b0, a1 + b1, a2 + b2, a3 + b3, a4 + b4, a5 + b5, a6 + b6, a7 + b7, a8 + b8, a9 + b9,
-                a10 + b10, a11 + b11, a12 + b12, a13 + b13, a14 + b14)
-
-    @triton.jit
-    def _count_at(key, ok, t):
-        return tl.where(key >= t.to(tl.int32), ok, 0)
-
-    @triton.jit
-    def _counts15(key, ok, found, unit, FUSED_COUNTS: tl.constexpr):
-        """`#(key >= found + j·unit)` for j = 1..15 (valid entries), one block reduction."""
-        h = (_count_at(key, ok, found + unit), _count_at(key, ok, found + 2 * unit),
-             _count_at(key, ok, found + 3 * unit), _count_at(key, ok, found + 4 * unit),
-             _count_at(key, ok, found + 5 * unit), _count_at(key, ok, found + 6 * unit),
-             _count_at(key, ok, found + 7 * unit), _count_at(key, ok, found + 8 * unit),
-             _count_at(key, ok, found + 9 * unit), _count_at(key, ok, found + 10 * unit),
-             _count_at(key, ok, found + 11 * unit), _count_at(key, ok, found + 12 * unit),
-             _count_at(key, ok, found + 13 * unit), _count_at(key, ok, found + 14 * unit),
-             _count_at(key, ok, found + 15 * unit))
-        if FUSED_COUNTS:
-            return tl.reduce(h, 0, _add15)
-        return (tl.reduce(h[0], 0, _SUM), tl.reduce(h[1], 0, _SUM), tl.reduce(h[2], 0, _SUM),
-                tl.reduce(h[3], 0, _SUM), tl.reduce(h[4], 0, _SUM), tl.reduce(h[5], 0, _SUM),
-                tl.reduce(h[6], 0, _SUM), tl.reduce(h[7], 0, _SUM), tl.reduce(h[8], 0, _SUM),
-                tl.reduce(h[9], 0, _SUM), tl.reduce(h[10], 0, _SUM), tl.reduce(h[11], 0, _SUM),
-                tl.reduce(h[12], 0, _SUM), tl.reduce(h[13], 0, _SUM), tl.reduce(h[14], 0, _SUM))
-
-    @triton.jit
     def _select_ascending(s, valid, offs, k, out_row, count_ptr, BLOCK_K: tl.constexpr, EARLY_EXIT: tl.constexpr,
-                          FUSED_COUNTS: tl.constexpr, BITS: tl.constexpr):
+                          FUSED_COUNTS: tl.constexpr):
         """Write the ascending indices of the k largest `s` among `valid` to `out_row`, their number to
         `count_ptr` (zeros in the slots past it)."""
         ok = valid.to(tl.int32)
@@ -128,35 +96,20 @@ if triton_available():
         found = tl.full([], -2147483648, tl.int64)
         cnt = tl.reduce(ok, 0, _SUM)
         stop = k if EARLY_EXIT else -1  # early exit: stop once exactly k entries are at or above `found`
-        if BITS == 4:  # fifteen thresholds per step: 8 steps at most
-            half = tl.full([], 7, tl.int64)
-            while (half >= 0) & (cnt > stop):
-                unit = tl.full([], 1, tl.int64) << (4 * half)
-                c = _counts15(key, ok, found, unit, FUSED_COUNTS)
-                step = tl.zeros([], tl.int64)
-                new_cnt = cnt
-                for j in tl.static_range(15):
-                    hit = c[j] >= k
-                    step += hit.to(tl.int64)
-                    new_cnt = tl.where(hit, c[j], new_cnt)
-                cnt = new_cnt
-                found = found + step * unit
-                half = half - 1
-        else:
-            half = tl.full([], 15, tl.int64)
-            while (half >= 0) & (cnt > stop):
-                unit = tl.full([], 1, tl.int64) << (2 * half)
-                h1 = tl.where(key >= (found + unit).to(tl.int32), ok, 0)
-                h2 = tl.where(key >= (found + 2 * unit).to(tl.int32), ok, 0)
-                h3 = tl.where(key >= (found + 3 * unit).to(tl.int32), ok, 0)
-                if FUSED_COUNTS:  # one block reduction of three counts (GPU)
-                    n1, n2, n3 = tl.reduce((h1, h2, h3), 0, _add3)
-                else:  # the interpreter runs tuple reductions element by element: three fast ones
-                    n1, n2, n3 = tl.reduce(h1, 0, _SUM), tl.reduce(h2, 0, _SUM), tl.reduce(h3, 0, _SUM)
-                step = (n1 >= k).to(tl.int64) + (n2 >= k).to(tl.int64) + (n3 >= k).to(tl.int64)
-                cnt = tl.where(step == 3, n3, tl.where(step == 2, n2, tl.where(step == 1, n1, cnt)))
-                found = found + step * unit
-                half = half - 1
+        half = tl.full([], 15, tl.int64)
+        while (half >= 0) & (cnt > stop):
+            unit = tl.full([], 1, tl.int64) << (2 * half)
+            h1 = tl.where(key >= (found + unit).to(tl.int32), ok, 0)
+            h2 = tl.where(key >= (found + 2 * unit).to(tl.int32), ok, 0)
+            h3 = tl.where(key >= (found + 3 * unit).to(tl.int32), ok, 0)
+            if FUSED_COUNTS:  # one block reduction of three counts (GPU)
+                n1, n2, n3 = tl.reduce((h1, h2, h3), 0, _add3)
+            else:  # the interpreter runs tuple reductions element by element: three fast ones
+                n1, n2, n3 = tl.reduce(h1, 0, _SUM), tl.reduce(h2, 0, _SUM), tl.reduce(h3, 0, _SUM)
+            step = (n1 >= k).to(tl.int64) + (n2 >= k).to(tl.int64) + (n3 >= k).to(tl.int64)
+            cnt = tl.where(step == 3, n3, tl.where(step == 2, n2, tl.where(step == 1, n1, cnt)))
+            found = found + step * unit
+            half = half - 1
         above = valid & (key > found)
         need = k - tl.reduce(above.to(tl.int32), 0, _SUM)
         tie = valid & (key == found)
@@ -171,19 +124,19 @@ if triton_available():
 
     @triton.jit
     def _topk_ascending_kernel(S, OUT, COUNTS, n, k, stride_s, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                               EARLY_EXIT: tl.constexpr, FUSED_COUNTS: tl.constexpr, BITS: tl.constexpr):
+                               EARLY_EXIT: tl.constexpr, FUSED_COUNTS: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK_N)
         s = tl.load(S + row * stride_s + offs, mask=offs < n, other=float("-inf"))
         _select_ascending(s, s > float("-inf"), offs, k, OUT + row * k, COUNTS + row, BLOCK_K, EARLY_EXIT,
-                          FUSED_COUNTS, BITS)
+                          FUSED_COUNTS)
 
     @triton.jit
     def _group_topk_kernel(
         S, FIRST, END, OUT, COUNTS, heads, group, n, k, keep_last,
         stride_sb, stride_sh, stride_sg, stride_first, stride_end,
         SOFTMAX_SUM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        EARLY_EXIT: tl.constexpr, FUSED_COUNTS: tl.constexpr, BITS: tl.constexpr,
+        EARLY_EXIT: tl.constexpr, FUSED_COUNTS: tl.constexpr,
     ):  # fmt: skip
         row = tl.program_id(0).to(tl.int64)
         b = row // heads
@@ -205,7 +158,7 @@ if triton_available():
         forced = valid & ((offs == first) | ((offs < end) & (offs >= end - 1 - keep_last)))
         s = tl.where(forced, 3.4028234663852886e38, score)
         _select_ascending(s, valid, offs, k, OUT + row * k, COUNTS + row, BLOCK_K, EARLY_EXIT,
-                          FUSED_COUNTS, BITS)
+                          FUSED_COUNTS)
 
     _KERNEL_INTERPRETED = is_interpreted(_topk_ascending_kernel)
 else:
@@ -261,10 +214,10 @@ def topk_ascending_triton(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, t
     out, counts = _outputs(flat.shape[0], k, scores.device)
     if flat.shape[0]:
         block_n, block_k = _block_sizes(n, k)
-        early, warps, bits = launch_config(n)
+        early, warps = launch_config(n)
         _topk_ascending_kernel[(flat.shape[0],)](flat, out, counts, n, k, flat.stride(0), BLOCK_N=block_n,
                                                  BLOCK_K=block_k, EARLY_EXIT=early, FUSED_COUNTS=not _KERNEL_INTERPRETED,
-                                                 BITS=bits, num_warps=warps)
+                                                 num_warps=warps)
     return out.view(*lead, k), counts.view(lead)
 
 
@@ -299,11 +252,11 @@ def group_topk_ascending_triton(scores: torch.Tensor, k: int, first: torch.Tenso
     out, counts = _outputs(b * h, k, scores.device)
     if b * h:
         block_n, block_k = _block_sizes(n, k)
-        early, warps, bits = launch_config(n)
+        early, warps = launch_config(n)
         _group_topk_kernel[(b * h,)](
             scores, first_t, end_t, out, counts, h, g, n, k, int(keep_last),
             scores.stride(0), scores.stride(1), scores.stride(2), stride_first, stride_end,
             SOFTMAX_SUM=combine == "softmax_sum", BLOCK_G=triton.next_power_of_2(g), BLOCK_N=block_n, BLOCK_K=block_k,
-            EARLY_EXIT=early, FUSED_COUNTS=not _KERNEL_INTERPRETED, BITS=bits, num_warps=warps,
+            EARLY_EXIT=early, FUSED_COUNTS=not _KERNEL_INTERPRETED, num_warps=warps,
         )  # fmt: skip
     return out.view(b, h, k), counts.view(b, h)
