@@ -196,7 +196,10 @@ def test_hf_decode_tiny_on_cpu(tmp_path):
         top = row["top_kernels"]
         assert top and all(k["ms_per_step"] > 0 and k["calls_per_step"] > 0 for k in top)
         assert [k["ms_per_step"] for k in top] == sorted((k["ms_per_step"] for k in top), reverse=True)
+        assert row["kernel_ms_per_step"] >= sum(k["ms_per_step"] for k in top) * 0.999  # all kernels, not the top
+        assert row["kernels_per_step"] >= sum(k["calls_per_step"] for k in top) - 1e-9
     assert "Top GPU kernels per step" in (tmp_path / "c" / "hf_decode.md").read_text()
+    assert "kernels per step" in (tmp_path / "c" / "hf_decode.md").read_text()
     with pytest.raises(SystemExit):
         hf_decode.main(["--device", "cpu", "--tiny", "--methods", "nope", "--out", str(tmp_path)])
 

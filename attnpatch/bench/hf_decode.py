@@ -96,6 +96,8 @@ class Row:
     dense_fallbacks: dict[str, int] = field(default_factory=dict)
     decode_skipped_fraction: float | None = None
     top_kernels: list[dict[str, Any]] = field(default_factory=list)  # --profile: GPU time per step by kernel
+    kernel_ms_per_step: float | None = None  # --profile: all kernels' GPU time per step
+    kernels_per_step: float | None = None  # --profile: kernel launches per step
     note: str = ""
 
 
@@ -213,9 +215,12 @@ def _time_steps(step, token: torch.Tensor, steps: int, repeats: int, device: tor
     return out
 
 
-def profile_steps(step, token: torch.Tensor, steps: int, device: torch.device, top: int = 12) -> list[dict]:
-    """The kernels that took the most GPU time over `steps` steps (torch.profiler), per step: where a
-    step's time goes (attention, weights' GEMMs, cache writes, mask building)."""
+def profile_steps(step, token: torch.Tensor, steps: int, device: torch.device, top: int = 20
+                  ) -> tuple[list[dict], float, float]:
+    """`(top kernels, kernel ms per step, kernels per step)`: the kernels that took the most GPU time over
+    `steps` steps (torch.profiler), per step — where a step's time goes (attention, weights' GEMMs, cache
+    writes, mask building) — and the sum and count of all of them (the rest of a step's wall time is
+    launch gaps)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
@@ -228,8 +233,9 @@ def profile_steps(step, token: torch.Tensor, steps: int, device: torch.device, t
     events = [e for e in prof.key_averages() if getattr(e, attr, 0) > 0]
     events.sort(key=lambda e: -getattr(e, attr))
     total = sum(getattr(e, attr) for e in events) or 1.0
-    return [{"kernel": e.key[:120], "ms_per_step": getattr(e, attr) / 1e3 / steps,
-             "calls_per_step": e.count / steps, "share": getattr(e, attr) / total} for e in events[:top]]
+    kernels = [{"kernel": e.key[:120], "ms_per_step": getattr(e, attr) / 1e3 / steps,
+                "calls_per_step": e.count / steps, "share": getattr(e, attr) / total} for e in events[:top]]
+    return kernels, total / 1e3 / steps, sum(e.count for e in events) / steps
 
 
 @dataclass
@@ -322,7 +328,8 @@ class Bench:
             if device.type == "cuda":
                 row.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
             if self.profile:
-                row.top_kernels = profile_steps(step, tok, self.steps, device)
+                row.top_kernels, row.kernel_ms_per_step, row.kernels_per_step = profile_steps(
+                    step, tok, self.steps, device)
             self.log(f"L={length} B={batch} {mode} {cfg.name}: {row.ms_per_token:.3f} ms/token "
                      f"{row.backends or ''}")
         except Exception as e:  # noqa: BLE001  (a failing configuration is a result, not a crash)
@@ -429,6 +436,11 @@ def markdown(data: dict) -> str:
             f"{_counts(r['backends'])} | {_counts(r['backend_declined'])} | {r['note'] or ''} |")
     profiled = [r for r in data["rows"] if r.get("top_kernels")]
     if profiled:
+        lines += ["", "GPU kernel time per step (`--profile`; the rest of the step is launch gaps):", "",
+                  "| L | B | mode | row | ms/step | kernels' ms/step | kernels per step |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['length']} | {r['batch']} | {r['mode']} | {r['name']} | {_fmt(r['ms_per_token'], '.3f')} | "
+                  f"{_fmt(r.get('kernel_ms_per_step'), '.3f')} | {_fmt(r.get('kernels_per_step'), '.0f')} |"
+                  for r in profiled]
         lines += ["", "Top GPU kernels per step (`--profile`: torch.profiler over one run of the steps):", "",
                   "| L | B | mode | row | kernel | ms/step | calls/step | share |", "|---|---|---|---|---|---|---|---|"]
         for r in profiled:
