@@ -5,6 +5,7 @@ keys), per-layer options; the selection ran sparse on every full-attention call.
 import pytest
 import torch
 from conftest import cache_arg, left_padded
+from transformers import DynamicCache
 
 import attnpatch
 from attnpatch.testing import tiny_model
@@ -25,8 +26,9 @@ def test_padding_chunked_prefill_and_no_cache(name):
     dense = model(ids, attention_mask=mask).logits
     with attnpatch.patch_model(model, method=name, **OPTIONS[name]) as patch:
         whole = model(ids, attention_mask=mask, use_cache=False).logits
-        first = model(ids[:, :150], attention_mask=mask[:, :150], use_cache=True)
-        rest = model(ids[:, 150:], attention_mask=mask, **cache_arg(model, first.past_key_values)).logits
+        cache = DynamicCache(config=model.config)  # passed in, not read back from the output (5.40 drops that)
+        model(ids[:, :150], attention_mask=mask[:, :150], **cache_arg(model, cache))
+        rest = model(ids[:, 150:], attention_mask=mask, **cache_arg(model, cache)).logits
         stats = patch.stats()
     assert not stats.dense_fallbacks and stats.backends == {"prefill: reference": 6}
     assert 0 < stats.density < 1

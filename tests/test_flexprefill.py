@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from conftest import cache_arg, left_padded
+from transformers import DynamicCache
 
 import attnpatch
 from attnpatch.methods.base import DenseFallback, PrefillContext
@@ -135,14 +136,16 @@ def test_through_the_patch_with_padding_and_a_kv_cache(llama):
     dense = llama(ids, attention_mask=mask).logits
     with attnpatch.patch_model(llama, method="flexprefill", **opts) as patch:
         out = llama(ids, attention_mask=mask).logits
-        first = llama(ids[:, :180], attention_mask=mask[:, :180], use_cache=True)
-        second = llama(ids[:, 180:], attention_mask=mask, **cache_arg(llama, first.past_key_values)).logits
+        cache = DynamicCache(config=llama.config)  # passed in, not read back from the output (5.40 drops that)
+        llama(ids[:, :180], attention_mask=mask[:, :180], **cache_arg(llama, cache))
+        second = llama(ids[:, 180:], attention_mask=mask, **cache_arg(llama, cache)).logits
         stats = patch.stats()
     valid = mask.bool()
     assert torch.isfinite(out[valid]).all() and torch.isfinite(second[valid[:, 180:]]).all()
     assert 0 < stats.density < 1 and not stats.dense_fallbacks
     assert (out[valid] - dense[valid]).abs().max() < 1.0
     with attnpatch.patch_model(llama, method="flexprefill", block_size=BS, **FlexPrefill.full_density):
-        first = llama(ids[:, :180], attention_mask=mask[:, :180], use_cache=True)
-        exact = llama(ids[:, 180:], attention_mask=mask, **cache_arg(llama, first.past_key_values)).logits
+        cache = DynamicCache(config=llama.config)
+        llama(ids[:, :180], attention_mask=mask[:, :180], **cache_arg(llama, cache))
+        exact = llama(ids[:, 180:], attention_mask=mask, **cache_arg(llama, cache)).logits
     torch.testing.assert_close(exact[valid[:, 180:]], dense[:, 180:][valid[:, 180:]], atol=2e-5, rtol=1e-4)
