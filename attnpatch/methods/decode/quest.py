@@ -34,12 +34,16 @@ class Quest(DecodeMethod):
     in proportion) or "max" (the group's largest bound: a page is kept when any head's bound is
     high). On SmolLM2 at 4K (3 passkey prompts, budget 256 = 1/16 of the keys; CPU run in
     bench/results/decode_smollm2/) "mass" answered 3/3 (KL to dense decoding 0.36, top-1 agreement
-    0.85) where "max" answered 2/3 (KL 0.42, agreement 0.79), lower KL on every prompt. Forcing
-    1–3 local pages before the current one did not lower the KL (one 2K prompt, budget 128;
+    0.85) where "max" answered 2/3 (KL 0.42, agreement 0.79), lower KL on every prompt; at 8K over 20
+    passkey prompts (budget 512 = 1/16, no dense layers) both answer as dense (0.75), KL 0.025 ("mass")
+    vs 0.034, recall 0.913 vs 0.907 (bench/results/decode_smollm2/decode_fidelity_passkey_8k_pages_cpu_n20.md).
+    Forcing 1–3 local pages before the current one did not lower the KL (one 2K prompt, budget 128;
     `local_pages`, default 0). Page size: 64, not the paper's 16. At 16 on SmolLM2 4K it cuts needle
     numbers short (niah_single_1 0.60 at budget 1024 over 20 samples, dense 1.00; on 8 prompts 4/8 at
     page 16, 8/8 at page 64 with the same budget: bench/results/decode_smollm2/quest_page_size_niah.md)
-    — the page holding the rest of the number is not chosen; budget 1024 at page 64 scores passkey 0.95,
+    — the page holding the rest of the number is not chosen; at 128 (8K, the 20 passkey prompts above) it
+    answers as dense too, with recall 0.896 and KL 0.042 against page 64's 0.913 / 0.025, and halves the
+    tables a step reads (speed not yet measured); budget 1024 at page 64 scores passkey 0.95,
     niah_single_1 1.00 over 20 samples (dense 1.00 / 1.00). At 1/16 of the cache, page 64: niah_single_1
     0.94 at 4K (budget 256: two free pages beside the sink and current ones; 50 samples) and 1.00 at 8K
     (budget 512, also 1.00 at 256; lm-eval's first 25 prompts; dense 1.00 both:
