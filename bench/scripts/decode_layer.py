@@ -223,7 +223,7 @@ def best_launches(rows: list[dict]) -> dict[str, dict[str, str]]:
 
 
 def _sweep_md(rows: list[dict]) -> str:
-    out = ["# Decode and page-bound kernels by launch configuration (µs, CUDA-graph replay)", "",
+    out = ["# Decode, page-bound and top-k kernels by launch configuration (µs, CUDA-graph replay)", "",
            f"`us`: one call per graph; `per call in a graph`: {COPIES} calls on distinct inputs in one graph.", "",
            "| L | B | kernel | tile | launch | splits | µs | µs per call in a graph |", "|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["length"], r["batch"], r["kernel"], r.get("us_each") or r["us"] or 1e9)):
@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="top-k launches to sweep, each 'early_exit,warps' (the fastest at 128K, batch 4, "
                         "is used by the layer rows)")
     p.add_argument("--kernel-sweep", action="store_true",
-                   help="only sweep the decode / page-bound kernels' launch configurations over --cases")
+                   help="only sweep the decode / page-bound / top-k kernels' launch configurations over --cases")
     p.add_argument("--splits", type=lambda t: [None if x == "default" else int(x) for x in t.split(",")],
                    default=list(SWEEP_SPLITS), help="--kernel-sweep: split counts ('default' = the rule's)")
     p.add_argument("--kernels", type=lambda t: tuple(t.split(",")), default=SWEEP_KERNELS,

@@ -5,11 +5,11 @@
 #                 the Triton top-k without dense layers; the earlier default of 16-token pages)
 #   128K batch 1 and 64K batch 8: Triton all pages, quest at 1/16 (torch.topk, the Triton top-k).
 # PARTS (default "d128b4 d128b1 d64b8") picks the parts, so that the run can be split over back-to-back calls.
-# Part "tune": the decode, page-bound and top-k kernels' launch sweep (decode_layer.py --kernel-sweep, ~3 min; KERNELS
-# picks kernels) at 128K
-# batch 4 (TL, TB: another length, batch; the H100 cannot hold 128K batch 4 of this model), then that step with quest dense_layers=0 twice: the default launches (next to
-# Triton all pages; SKIP_DEFAULT=1 leaves it out) and, in a second process, the sweep's fastest
-# (ATTNPATCH_DECODE_CONFIG / _BOUNDS_CONFIG / _TOPK_CONFIG; baselines TUNED_BASE, more quest settings TUNED_EXTRA).
+# Part "tune": the decode, page-bound and top-k kernels' launch sweep (decode_layer.py --kernel-sweep, ~3 min;
+# KERNELS picks kernels) at 128K batch 4 (TL, TB: another length, batch; the H100 cannot hold 128K batch 4 of
+# this model), then that step with quest dense_layers=0 twice: the default launches (next to Triton all pages;
+# SKIP_DEFAULT=1 leaves it out) and, in a second process, the sweep's fastest (ATTNPATCH_DECODE_CONFIG /
+# _BOUNDS_CONFIG / _TOPK_CONFIG; baselines TUNED_BASE, more quest settings TUNED_EXTRA).
 # The unpatched compiled model (193 ms a step at 128K, batch 4: bench/results/hf_decode_h200/inductor_2026-12-04)
 # is left out to save device time; add UNPATCHED=1 for it.
 #   OUT=DIR bash bench/scripts/gpu_decode_speed.sh
