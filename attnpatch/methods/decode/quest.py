@@ -42,7 +42,8 @@ class Quest(DecodeMethod):
     numbers short (niah_single_1 0.60 at budget 1024 over 20 samples, dense 1.00; on 8 prompts 4/8 at
     page 16, 8/8 at page 64 with the same budget: bench/results/decode_smollm2/quest_page_size_niah.md)
     — the page holding the rest of the number is not chosen; at 128 (8K, the 20 passkey prompts above) it
-    answers as dense too, with recall 0.896 and KL 0.042 against page 64's 0.913 / 0.025, and halves the
+    answers as dense too, with recall 0.896 and KL 0.042 against page 64's 0.913 / 0.025 (and niah_single_1
+    1.00 like dense over lm-eval's first 20 prompts at 8K, budget 512), and halves the
     tables a step reads (speed not yet measured); budget 1024 at page 64 scores passkey 0.95,
     niah_single_1 1.00 over 20 samples (dense 1.00 / 1.00). At 1/16 of the cache, page 64: niah_single_1
     0.94 at 4K (budget 256: two free pages beside the sink and current ones; 50 samples) and 1.00 at 8K
