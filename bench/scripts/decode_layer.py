@@ -179,9 +179,10 @@ def kernel_sweep_rows(length: int, batch: int, fraction: float, splits_list=SWEE
     os.environ.pop("ATTNPATCH_DECODE_CONFIG", None)
     page_min, page_max, _ = tables.tables
     n = page_min.shape[2]
-    copies = [(page_min.clone(), page_max.clone()) for _ in range(COPIES)]
-    reference = page_upper_bounds_torch(q, page_min, page_max)
-    for launch in SWEEP_BOUNDS if "page_bounds" in kernels else ():
+    sweep_bounds = "page_bounds" in kernels
+    copies = [(page_min.clone(), page_max.clone()) for _ in range(COPIES)] if sweep_bounds else []
+    reference = page_upper_bounds_torch(q, page_min, page_max) if sweep_bounds else None
+    for launch in SWEEP_BOUNDS if sweep_bounds else ():
         os.environ["ATTNPATCH_BOUNDS_CONFIG"] = launch
         us = _graph_us(lambda: page_upper_bounds_triton(q, page_min, page_max, n, 1.0))
         each = _graph_us_each([lambda lo=lo, hi=hi: page_upper_bounds_triton(q, lo, hi, n, 1.0) for lo, hi in copies])
