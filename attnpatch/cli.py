@@ -255,7 +255,8 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     model, tok = load(args.model)
     profile = calibrate(model, tok, args.method, target=target, data=args.data,
                         samples=args.samples, lengths=_ints(args.lengths, "--lengths"), options=options,
-                        steps=args.steps, name=args.name, accuracy_prompts=args.accuracy_prompts)
+                        steps=args.steps, name=args.name, accuracy_prompts=args.accuracy_prompts,
+                        lambda_fit=args.lambda_fit)
     profile.meta["command"] = "attnpatch " + " ".join(args.argv)
     profile.save(args.out)
     a = profile.meta["achieved"]
@@ -485,6 +486,9 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--samples", type=int, default=4, help="prompts per length")
     ca.add_argument("--lengths", nargs="+", default="4096", metavar="N", help="prompt lengths in tokens")
     ca.add_argument("--steps", type=int, default=8, help="bisection steps per layer")
+    ca.add_argument("--lambda-fit", default="geomean", choices=("geomean", "every"),
+                    help="blasst, error target: combine the prompts' best λ·L by their geometric mean (a typical "
+                         "prompt within the target) or their minimum (every calibration prompt within it)")
     ca.add_argument("-o", "--option", action="append", metavar="KEY=VALUE",
                     help="fix one of the method's other options (repeatable), e.g. block_size=64")
     hs = ca.add_argument_group("HeSS budgets", "--hess --target-density D: per-head sensitivity (LM-loss gradient × "

@@ -143,3 +143,42 @@ def test_calibrate_cli_checks_targets_before_loading(monkeypatch, capsys, argv, 
     monkeypatch.setattr(attnpatch.models, "load", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
     assert main(["calibrate", "--method", "xattention", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_blasst_every_fit_keeps_each_calibration_prompt_within_the_tolerance():
+    from attnpatch.calibrate.blasst_fit import LambdaTable, fit_table
+
+    grid = [1e-3, 1e-2, 0.1, 1.0]
+    # two prompts of 100 tokens: the first tolerates λ = 0.1, the second only λ = 1e-3 (error per grid λ)
+    table = LambdaTable("prefill", grid, [100, 100], [[0.0, 0.01, 0.04, 0.2], [0.03, 0.08, 0.2, 0.5]],
+                        [[0.0, 0.1, 0.3, 0.6], [0.0, 0.2, 0.4, 0.7]])
+    typical, points = fit_table(table, tolerance=0.05)
+    bound, same = fit_table(table, tolerance=0.05, rule="every")
+    assert points == same == [(100, 0.1), (100, 1e-3)]
+    assert typical == pytest.approx(100 * (0.1 * 1e-3) ** 0.5) and bound == pytest.approx(0.1)
+    for length, errs in zip(table.lengths, table.error, strict=True):  # every prompt within it at a / L
+        assert errs[grid.index(pytest.approx(bound / length))] <= 0.05
+    with pytest.raises(ValueError, match="must be one of geomean, every"):
+        fit_table(table, tolerance=0.05, rule="max")
+    with pytest.raises(ValueError, match="give a tolerance"):
+        fit_table(table, target_skipped=0.3, rule="every")
+
+
+def test_lambda_fit_is_checked(data):
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="lambda_fit must be one of geomean, every"):
+        calibrate(model, _Tok(), "blasst", data=data, samples=1, lengths=(64,), lambda_fit="median", progress=False)
+    with pytest.raises(ValueError, match="applies to blasst's λ = a / L fit only, not to 'xattention'"):
+        calibrate(model, _Tok(), "xattention", data=data, samples=1, lengths=(64,), lambda_fit="every", progress=False)
+
+
+def test_blasst_every_fit_is_recorded_in_the_profile(data):
+    model = tiny_model("llama")
+    kw = dict(target="error=0.05", data=data, samples=2, lengths=(96,), options={"block_size": 16}, progress=False,
+              lambda_grid=(1e-2, 0.1, 1.0), decode_steps=2)
+    typical = calibrate(model, _Tok(), "blasst", **kw)
+    bound = calibrate(model, _Tok(), "blasst", lambda_fit="every", **kw)
+    assert typical.meta["lambda_fit"] == "geomean" and bound.meta["lambda_fit"] == "every"
+    for phase in ("prefill", "decode"):
+        assert bound.meta["fit"][phase]["a"] == pytest.approx(min(lam * n for n, lam in bound.meta["fit"][phase]["points"]))
+        assert bound.meta["fit"][phase]["a"] <= typical.meta["fit"][phase]["a"] + 1e-9

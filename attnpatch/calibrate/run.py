@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from attnpatch.calibrate.blasst_fit import LAMBDA_FITS
 from attnpatch.calibrate.data import calibration_ids
 from attnpatch.calibrate.record import LayerInputs, record_layers
 from attnpatch.calibrate.search import search_layer
@@ -65,9 +66,9 @@ def _knob_fitter(method: str, base: dict, layers: dict[int, LayerInputs], steps:
 
 
 def _blasst_fitter(model, base: dict, layers: dict[int, LayerInputs], grid: Sequence[float],
-                   decode_steps: int, progress: bool) -> Fitter:
-    """BLASST: one a per phase (λ = a / L, least squares over prompts and lengths), in every layer, and
-    the a(S) tables; the λ tables are measured once and serve every target."""
+                   decode_steps: int, progress: bool, rule: str = "geomean") -> Fitter:
+    """BLASST: one a per phase (λ = a / L over prompts and lengths, combined by `rule`: `fit_table`), in
+    every layer, and the a(S) tables; the λ tables are measured once and serve every target."""
     from attnpatch.calibrate.blasst_fit import a_of_s, fit_table, lambda_table, measure_at
 
     block = int(base.get("block_size", 128))
@@ -79,7 +80,8 @@ def _blasst_fitter(model, base: dict, layers: dict[int, LayerInputs], grid: Sequ
     def fit(target: Target, free: bool):
         per_phase = {}
         for phase, table in tables.items():
-            kw = {"tolerance": target.value} if target.kind == "error" else {"target_skipped": 1 - target.value}
+            kw = ({"tolerance": target.value, "rule": rule} if target.kind == "error"
+                  else {"target_skipped": 1 - target.value})
             a, points = fit_table(table, **kw)
             per_phase[phase] = {"a": a, "points": points, **measure_at(layers, a, phase, block, decode_steps)}
         dec = {"a": per_phase["decode"]["a"], "page_size": block}
@@ -91,7 +93,7 @@ def _blasst_fitter(model, base: dict, layers: dict[int, LayerInputs], grid: Sequ
         meta = {"achieved": {"error": pre["error"], "density": 1 - pre["skipped"],
                              "decode_error": per_phase["decode"]["error"],
                              "decode_density": 1 - per_phase["decode"]["skipped"]},
-                "fit": per_phase, "grid": list(grid), "decode_steps": decode_steps,
+                "fit": per_phase, "grid": list(grid), "decode_steps": decode_steps, "lambda_fit": rule,
                 "a_of_s": {phase: a_of_s(table) for phase, table in tables.items()}}
         if free:
             for layer in layers.values():
@@ -137,7 +139,7 @@ def calibrate(model, tokenizer, method: str, *, target: Any = None, target_error
               data: str = "text", samples: int = 4, lengths: Sequence[int] = (4096,),
               options: Mapping[str, Any] | None = None, steps: int = 8, name: str = "", progress: bool = True,
               accuracy_prompts: int = 4, accuracy_steps: int = 4, lambda_grid: Sequence[float] = LAMBDA_GRID,
-              decode_steps: int = 16) -> Profile:
+              decode_steps: int = 16, lambda_fit: str = "geomean") -> Profile:
     """A Profile of `method` for this checkpoint meeting `target` (see the module docstring):
     "error=0.05" (default), "density=0.3", "accuracy=0.9", a `Target`, or a float (an error tolerance);
     `target_error=` is the older spelling of an error target. `options` fixes the method's other options.
@@ -145,7 +147,8 @@ def calibrate(model, tokenizer, method: str, *, target: Any = None, target_error
     Knob methods (e.g. xattention's `threshold`, sale's `tau`) get one value per layer and query head
     (`steps` bisection steps per layer, all heads at once). `blasst` gets λ = a / L fitted per phase
     (prefill key tiles; decode pages over the prompts' last `decode_steps` positions) on `lambda_grid`,
-    the same `a` in every layer, and a(S) tables for `profile_sparsity`.
+    the same `a` in every layer, and a(S) tables for `profile_sparsity`; `lambda_fit` = "geomean" (a typical
+    prompt within an error target) or "every" (each calibration prompt within it: `blasst_fit.fit_table`).
 
     data: "text" (Austen novels the evaluation suite does not use), "passkey" (prompts with seeds it
     does not use) or a JSONL file (`{"text": ...}` or `{"prompt": ...}` per line); one dense forward per
@@ -163,6 +166,10 @@ def calibrate(model, tokenizer, method: str, *, target: Any = None, target_error
     if goal.kind == "accuracy" and (accuracy_prompts < 1 or accuracy_steps < 1):
         raise ValueError(f"accuracy_prompts and accuracy_steps must be at least 1, got {accuracy_prompts}, "
                          f"{accuracy_steps}")
+    if lambda_fit not in LAMBDA_FITS:
+        raise ValueError(f"lambda_fit must be one of {', '.join(LAMBDA_FITS)}, got {lambda_fit!r}")
+    if lambda_fit != LAMBDA_FITS[0] and method != "blasst":
+        raise ValueError(f"lambda_fit applies to blasst's λ = a / L fit only, not to {method!r}")
     if not lengths or any(int(n) < 1 for n in lengths):
         raise ValueError(f"lengths must be positive integers, got {list(lengths)}")
     base = {k: info.spec(k).parse(v, f"prefill method {method!r}") for k, v in (options or {}).items()}
@@ -172,7 +179,7 @@ def calibrate(model, tokenizer, method: str, *, target: Any = None, target_error
     prompts = [ids for n in lengths for ids in calibration_ids(tokenizer, data, samples, int(n))]
     layers = record_layers(model, prompts)
     if method == "blasst":
-        fit = _blasst_fitter(model, base, layers, lambda_grid, decode_steps, progress)
+        fit = _blasst_fitter(model, base, layers, lambda_grid, decode_steps, progress, lambda_fit)
     else:
         fit = _knob_fitter(method, base, layers, steps, progress)
     if goal.kind == "accuracy":

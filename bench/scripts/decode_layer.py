@@ -34,6 +34,7 @@ from attnpatch.methods.decode.quest import Quest
 from attnpatch.sparsity import KeyBounds, PageSelection
 
 HQ, HKV, D = 32, 8, 128
+DEVICE, DTYPE = "cuda", torch.bfloat16  # per_call_rows' (a CPU smoke test sets "cpu", float32)
 SDPA = {"sdpa-cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa-flash": SDPBackend.FLASH_ATTENTION,
         "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION}
 
@@ -121,6 +122,96 @@ def layer_rows(length: int, batch: int, fraction: float) -> list[dict]:
     for r in rows:
         r["speedup_vs_best_dense"] = None if best is None or not r["us"] else round(best / r["us"], 2)
     return rows
+
+
+class _GivenTables:
+    """Stands in for Quest's cache layer inside a compiled function: tables passed as arguments."""
+
+    def __init__(self, page_min: torch.Tensor, page_max: torch.Tensor, written: torch.Tensor, page_size: int):
+        self.page_size = page_size
+        self.tables = (page_min, page_max, written)
+
+    def page_bounds(self):
+        return self.tables
+
+
+def per_call_rows(length: int, batch: int, fraction: float, page_size: int, copies: int = 8) -> list[dict]:
+    """Each row timed per call inside one CUDA graph of `copies` calls on distinct inputs (own Q, K, V and
+    page tables: nothing of one call is in L2 for the next, and the graph's launch is shared), as the
+    layers of a compiled decode step run: SDPA cuDNN / flash, the Triton kernel over all pages, Quest's
+    compiled step (bounds + selection + kernel) without and with the static cache's per-key validity
+    (what the HF path passes: `key_valid` read with each tile, the page lists clipped to `key_end`),
+    and the kernel alone over Quest's selection without / with `key_valid` / with `key_start`."""
+    g = torch.Generator(device=DEVICE).manual_seed(length + batch + page_size)
+    scale = D ** -0.5
+    budget = int(length * fraction)
+    inputs = []
+    for _ in range(copies):
+        q = torch.randn(batch, HQ, 1, D, device=DEVICE, dtype=DTYPE, generator=g)
+        k = torch.randn(batch, HKV, length, D, device=DEVICE, dtype=DTYPE, generator=g)
+        v = torch.randn(batch, HKV, length, D, device=DEVICE, dtype=DTYPE, generator=g)
+        lo, hi = key_page_bounds(k, page_size)
+        inputs.append((q, k, v, lo, hi))
+    written = torch.tensor(length, device=DEVICE)
+    valid = torch.ones(batch, length, dtype=torch.bool, device=DEVICE)
+    end = torch.full((batch,), length, dtype=torch.long, device=DEVICE)
+    first = torch.zeros(batch, dtype=torch.long, device=DEVICE)
+    method = Quest(budget=budget, page_size=page_size, dense_layers=0)
+    rows = []
+
+    def add(row: str, fns) -> None:
+        us = _graph_us_each(fns)
+        rows.append({"length": length, "batch": batch, "page_size": page_size, "row": row, "us_each": us})
+        print(f"per call L={length} B={batch} page={page_size} {row}: {us if us is None else round(us, 2)} us", flush=True)
+
+    for name, backend in SDPA.items():
+        def dense(q, k, v, backend=backend):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        add(name, [lambda x=x, f=dense: f(*x[:3]) for x in inputs])
+    every = PageSelection.all_pages(batch, HKV, length, 64, DEVICE)
+    add("triton all pages", [lambda x=x: sparse_decode_attention(*x[:3], every) for x in inputs])
+
+    def step(q, k, v, lo, hi, static: bool):
+        bounds = KeyBounds(key_valid=valid, key_end=end, key_first=first) if static else KeyBounds()
+        sel = method.select(q, k, DecodeContext(0, scale, bounds, None, _GivenTables(lo, hi, written, page_size)))
+        if static:
+            sel = sel.clipped(end)
+        return sparse_decode(q, k, v, sel, scale=scale, key_valid=bounds.key_valid)
+
+    for static in (False, True):
+        compiled = torch.compile(lambda *x, s=static: step(*x, s), fullgraph=True)
+        try:
+            compiled(*inputs[0])
+        except Exception as e:  # noqa: BLE001
+            print(f"  compiled quest failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            continue
+        label = "with key_valid + clip (HF static cache)" if static else "no validity"
+        add(f"quest compiled, {label} (budget {budget})", [lambda x=x, c=compiled: c(*x) for x in inputs])
+    ctx = [DecodeContext(0, scale, KeyBounds(), None, _GivenTables(x[3], x[4], written, page_size)) for x in inputs]
+    sels = [method.select(x[0], x[1], c) for x, c in zip(inputs, ctx, strict=True)]
+    add("quest kernel alone", [lambda x=x, s=s: sparse_decode_attention(*x[:3], s) for x, s in zip(inputs, sels, strict=True)])
+    add("quest kernel alone, key_valid", [lambda x=x, s=s: sparse_decode_attention(*x[:3], s, key_valid=valid)
+                                          for x, s in zip(inputs, sels, strict=True)])
+    add("quest kernel alone, key_start", [lambda x=x, s=s: sparse_decode_attention(*x[:3], s, key_start=first)
+                                          for x, s in zip(inputs, sels, strict=True)])
+    add("quest select alone", [lambda x=x, c=c: method.select(x[0], x[1], c) for x, c in zip(inputs, ctx, strict=True)])
+    best = min((r["us_each"] for r in rows if r["row"].startswith(("sdpa", "triton")) and r["us_each"]), default=None)
+    for r in rows:
+        r["speedup_vs_best_dense"] = None if best is None or not r["us_each"] else round(best / r["us_each"], 2)
+    del inputs, sels, ctx
+    return rows
+
+
+def _per_call_md(command: str, env: dict, rows: list[dict]) -> str:
+    out = [f"# One decode layer per call in a CUDA graph of distinct inputs — {env.get('gpu')}", "", f"`{command}`", "",
+           "Llama-3.1-8B attention shape, bf16, random Q/K/V; Quest at the budget shown (dense_layers=0).", "",
+           "| L | B | page | row | µs per call | × best dense |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        us = "–" if r["us_each"] is None else f"{r['us_each']:.1f}"
+        out.append(f"| {r['length']} | {r['batch']} | {r['page_size']} | {r['row']} | {us} | "
+                   f"{r['speedup_vs_best_dense'] or '–'} |")
+    return "\n".join(out) + "\n"
 
 
 def topk_rows(configs: list[str]) -> list[dict]:
@@ -268,10 +359,29 @@ def main(argv: list[str] | None = None) -> int:
                    default=list(SWEEP_SPLITS), help="--kernel-sweep: split counts ('default' = the rule's)")
     p.add_argument("--kernels", type=lambda t: tuple(t.split(",")), default=SWEEP_KERNELS,
                    help=f"--kernel-sweep: which kernels, a comma list of {', '.join(SWEEP_KERNELS)}")
+    p.add_argument("--per-call", action="store_true",
+                   help="only time each layer row per call inside a CUDA graph of --copies distinct inputs")
+    p.add_argument("--page-sizes", default="64", help="--per-call: Quest's page sizes (comma list)")
+    p.add_argument("--copies", type=int, default=COPIES, help="--per-call: distinct inputs per graph")
     args = p.parse_args(argv)
     if set(args.kernels) - set(SWEEP_KERNELS):
         p.error(f"--kernels takes a comma list of {', '.join(SWEEP_KERNELS)}, got {','.join(args.kernels)!r}")
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
+    if args.per_call:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        rows = []
+        for case in args.cases.split(","):
+            length, batch = (int(x) for x in case.split("x"))
+            for page_size in (int(x) for x in args.page_sizes.split(",")):
+                rows += per_call_rows(length, batch, args.fraction, page_size, args.copies)
+                torch.cuda.empty_cache()
+                env = environment(command)
+                (out / "per_call.json").write_text(json.dumps({"command": command, "env": env, "rows": rows},
+                                                              indent=1, default=str))
+                (out / "per_call.md").write_text(_per_call_md(command, env, rows))
+        print((out / "per_call.md").read_text())
+        return 0
     if args.kernel_sweep:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

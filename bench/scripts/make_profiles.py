@@ -150,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=4)
     p.add_argument("--data", default="mixed", help="calibration data: text, passkey, mixed (default) or a JSONL file")
     p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--lambda-fit", default="geomean", choices=("geomean", "every"),
+                   help="blasst: how the prompts' best λ·L combine (attnpatch calibrate --lambda-fit)")
     p.add_argument("--root", default=str(REPO), help="where calibration/, recipes/ and bench/results/ are written")
     args = p.parse_args(argv)
     target = Target.parse(args.target)
@@ -178,9 +180,12 @@ def main(argv: list[str] | None = None) -> int:
             flag = {"error": "--target-error", "density": "--target-density", "accuracy": "--accuracy-floor"}[target.kind]
             cmd = (f"attnpatch calibrate --model {name} --method {method} {flag} {target.value:g} --data {args.data} "
                    f"--samples {args.samples} --lengths {length} --steps {args.steps} --out calibration/{stem}.json")
+            fit = args.lambda_fit if method == "blasst" else "geomean"
+            if fit != "geomean":
+                cmd = cmd.replace(" --out ", f" --lambda-fit {fit} --out ")
             try:
                 profile = calibrate(model, tok, method, target=target, data=args.data, samples=args.samples,
-                                    lengths=(length,), steps=args.steps, name=stem)
+                                    lengths=(length,), steps=args.steps, name=stem, lambda_fit=fit)
             except (ValueError, RuntimeError, NotImplementedError) as e:
                 print(f"{name} {method}: skipped ({e})", flush=True)
                 summary["methods"][method] = {"skipped": str(e)}
