@@ -154,10 +154,16 @@ def test_blasst_every_fit_keeps_each_calibration_prompt_within_the_tolerance():
                         [[0.0, 0.1, 0.3, 0.6], [0.0, 0.2, 0.4, 0.7]])
     typical, points = fit_table(table, tolerance=0.05)
     bound, same = fit_table(table, tolerance=0.05, rule="every")
-    assert points == same == [(100, 0.1), (100, 1e-3)]
-    assert typical == pytest.approx(100 * (0.1 * 1e-3) ** 0.5) and bound == pytest.approx(0.1)
-    for length, errs in zip(table.lengths, table.error, strict=True):  # every prompt within it at a / L
-        assert errs[grid.index(pytest.approx(bound / length))] <= 0.05
+    # each prompt's limit, interpolated in log λ where its error crosses 0.05: 0.04 → 0.2 over 0.1 → 1,
+    # and 0.03 → 0.08 over 1e-3 → 1e-2
+    limits = [0.1 * 10 ** ((0.05 - 0.04) / (0.2 - 0.04)), 1e-3 * 10 ** ((0.05 - 0.03) / (0.08 - 0.03))]
+    assert points == same and [n for n, _ in points] == [100, 100]
+    assert [lam for _, lam in points] == pytest.approx(limits)
+    assert typical == pytest.approx(100 * (limits[0] * limits[1]) ** 0.5) and bound == pytest.approx(100 * limits[1])
+    hull = LambdaTable("prefill", grid, [100], [[0.06, 0.01, 0.2, 0.3]], [[0.0, 0.1, 0.3, 0.6]])
+    assert fit_table(hull, tolerance=0.05)[1] == [(100, 1e-3)]  # the running max: never past a failing λ
+    loose = LambdaTable("prefill", grid, [100], [[0.0, 0.0, 0.01, 0.02]], [[0.0, 0.1, 0.3, 0.6]])
+    assert fit_table(loose, tolerance=0.05)[1] == [(100, 1.0)]
     with pytest.raises(ValueError, match="must be one of geomean, every"):
         fit_table(table, tolerance=0.05, rule="max")
     with pytest.raises(ValueError, match="give a tolerance"):
