@@ -405,6 +405,26 @@ def test_key_valid_masks_any_keys(num_splits, skip):
     assert torch.equal(out0.float(), torch.zeros_like(out0.float())) and bool(torch.isinf(lse0).all())
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_key_valid_ignores_what_invalid_slots_hold(num_splits):
+    """Keys are read under the position mask and scores masked by validity afterwards: invalid slots
+    holding NaN / inf (never-written memory) change nothing, in K or in V."""
+    lk = 300
+    q, k, v = _qkv(2, 4, 2, lk, 64, torch.float16, seed=5)
+    sel = PageSelection.all_pages(2, 2, lk, 16)
+    pos = torch.arange(lk)
+    valid = torch.stack([pos < 150, (pos >= 20) & (pos % 5 != 0)])
+    dirty_k, dirty_v = k.clone(), v.clone()
+    for row in range(2):
+        dirty_k[row, :, ~valid[row]] = float("nan")
+        dirty_v[row, :, ~valid[row]] = float("inf")
+    out, lse = sparse_decode_attention(q, dirty_k, dirty_v, sel, key_valid=valid, num_splits=num_splits,
+                                       return_lse=True)
+    ref, ref_lse = paged_decode_attention(q, k, v, sel, key_mask=valid, return_lse=True)
+    assert bool(torch.isfinite(out).all())
+    _check(out, ref, torch.float16, lse, ref_lse)
+
+
 def test_key_valid_rejects_wrong_shape():
     q, k, v = _qkv(2, 4, 2, 64, 16, torch.float32)
     sel = PageSelection.all_pages(2, 2, 64, 16)

@@ -138,11 +138,14 @@ if triton_available():
             page = tl.load(idx_row + entry, mask=entry_ok, other=0)
             pos = page.to(tl.int64) * PAGE + (offs_n % PAGE)
             ok = entry_ok & (pos >= k_lo) & (pos < kv_len)
-        if HAS_KEY_VALID:  # per-key validity (padding anywhere, empty slots of a static cache)
-            ok = ok & (tl.load(valid_row + pos, mask=ok, other=0) != 0)
+        # K is loaded under the position mask only, so its load does not wait for the validity load (two
+        # dependent memory round trips per tile otherwise); invalid keys' scores are masked below, and V
+        # (loaded under the full mask) is never read for them.
         k = tl.load(
             k_base + pos[:, None] * stride_kn + tl.arange(0, HEAD_D)[None, :], mask=ok[:, None], other=0.0
         )
+        if HAS_KEY_VALID:  # per-key validity (padding anywhere, empty slots of a static cache)
+            ok = ok & (tl.load(valid_row + pos, mask=ok, other=0) != 0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         s = tl.where(ok[None, :], s, float("-inf"))
         return s, pos, ok
