@@ -110,6 +110,9 @@ def _compiled_decode(state: PatchState, plan: LayerPlan, module, query, key, val
         raise RuntimeError("attnpatch observers (calibration, fidelity probes) see eager calls only: run the decode "
                            "steps they should observe without torch.compile")
     method = plan.decode
+    reason = type(method).compiled_step_reason
+    if reason is not None:
+        raise RuntimeError(f"decode method {method.name!r} cannot run in a compiled decode step: {reason}")
     pages = None
     if not method.is_dense:
         pages = _select_pages(method, query, key, DecodeContext(module.layer_idx, scale, bounds, plan.sliding_window,

@@ -214,3 +214,28 @@ def test_decode_kernel_custom_op_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(sys.path))
     res = subprocess.run([sys.executable, "-c", _OP_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
+
+
+COMPILE_REFUSED = [m for m in DECODE if m.cls.compiled_step_reason is not None and m.cls.static_cache_reason is None]
+
+
+@pytest.mark.parametrize("info", COMPILE_REFUSED, ids=[m.name for m in COMPILE_REFUSED])
+def test_a_compiled_step_refuses_a_method_that_cannot_compile(info):
+    """A decode method whose step cannot be compiled (e.g. `recycled`'s host-side schedule, which
+    recompiled at every token) names its reason from inside `torch.compile`, where eager runs."""
+    from transformers.cache_utils import StaticCache
+
+    model = tiny_model("llama")
+    ck = _cache_kw(model)
+    ids = torch.randint(3, 256, (2, 20), generator=torch.Generator().manual_seed(0))
+    with attnpatch.patch_model(model, decode=info.name, **small_options(info)):
+        cache = StaticCache(config=model.config, max_cache_len=24)
+        with torch.no_grad():
+            tok = model(ids, **{ck: cache}).logits[:, -1:].argmax(-1)
+            model(input_ids=tok, **{ck: cache})  # eager decode runs
+            torch._dynamo.reset()
+            try:
+                with pytest.raises(Exception, match=f"decode method '{info.name}' cannot run in a compiled decode step"):
+                    torch.compile(model, backend="eager", fullgraph=True)(input_ids=tok, **{ck: cache})
+            finally:
+                torch._dynamo.reset()

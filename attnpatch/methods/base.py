@@ -107,6 +107,9 @@ class DecodeMethod:
     # Why the method cannot run on a static (preallocated, compileable) cache, or None when it can:
     # a patch refuses `cache_implementation="static"` with this reason instead of silently running dense.
     static_cache_reason: ClassVar[str | None] = None
+    # Why a decode step of the method cannot be compiled (`torch.compile` of the model), or None when it
+    # can: a compiled step raises this reason instead of recompiling at every step.
+    compiled_step_reason: ClassVar[str | None] = None
 
     def select(self, query: torch.Tensor, key: torch.Tensor, ctx: DecodeContext
                ) -> PageSelection | DecodeOutput | None:

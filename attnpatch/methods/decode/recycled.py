@@ -49,10 +49,17 @@ class Recycled(DecodeMethod):
     kept: the row's first real token's page (sinks; each row's own under left padding) and the page of
     the refresh's query (local context). The refresh schedule is decided on the host (a per-layer
     step counter in the cache layer). Sliding-window layers run their window; caches shorter than
-    `min_length` run dense.
+    `min_length` run dense. That host schedule (measured: a `torch.compile(fullgraph=True)` step hit the
+    recompile limit at 32K, batch 4, H100) is why a compiled step refuses the method
+    (`compiled_step_reason`); a device-side schedule (fixed-width recent pages, the refresh decided on the
+    GPU) would lift it.
     """
 
     full_density: ClassVar[dict] = {"budget": 1 << 30}
+    compiled_step_reason: ClassVar[str | None] = (
+        "recycled decides its refresh schedule on the host (a per-layer step counter and the cache length as "
+        "Python ints, and as many recent pages as tokens generated since the refresh), so a compiled step "
+        "would recompile at every token; run its decode steps eager")
 
     budget: int = option(1024, "keys recycled per KV head at a refresh (a multiple of page_size, >= 3 pages)",
                          min=48, max=1 << 30)
