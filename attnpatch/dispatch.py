@@ -94,9 +94,10 @@ def _timed_select(stats: LayerStats, method: PrefillMethod, query, key, ctx: Pre
 
 
 def _select_pages(method: DecodeMethod, query, key, ctx: DecodeContext):
-    """The method's page lists, stopped at the written length of a static cache (`bounds.key_end`)."""
+    """The method's page lists, stopped at the written length of a static cache (`bounds.key_end`) unless
+    they already stop there (`PageSelection.within_written`: one fused kernel less per layer and step)."""
     pages = method.select(query, key, ctx)
-    if isinstance(pages, PageSelection) and ctx.bounds.key_end is not None:
+    if isinstance(pages, PageSelection) and ctx.bounds.key_end is not None and not pages.within_written:
         pages = pages.clipped(ctx.bounds.key_end)
     return pages
 

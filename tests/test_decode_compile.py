@@ -239,3 +239,24 @@ def test_a_compiled_step_refuses_a_method_that_cannot_compile(info):
                     torch.compile(model, backend="eager", fullgraph=True)(input_ids=tok, **{ck: cache})
             finally:
                 torch._dynamo.reset()
+
+
+def test_quest_lists_skip_the_written_length_clip(monkeypatch):
+    """Quest's page lists stop at its cache layer's written count already (`within_written`): a static-cache
+    step runs no clip, and generates what it generates with the clip."""
+    import attnpatch.methods.decode.quest as quest_module
+
+    model = tiny_model("llama")
+    ids, mask = left_padded(2, 120, [0, 5])  # 8 pages of 16: sparse at budget 48
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0, cache_implementation="static")
+    clips = []
+    clipped = PageSelection.clipped
+    monkeypatch.setattr(PageSelection, "clipped", lambda self, end: clips.append(1) or clipped(self, end))
+    options = dict(budget=48, page_size=16, dense_layers=0)
+    with attnpatch.patch_model(model, decode="quest", **options):
+        out = model.generate(ids, **kw)
+    assert not clips
+    monkeypatch.setattr(quest_module, "replace", lambda sel, **_: sel)  # the lists as before: clipped by dispatch
+    with attnpatch.patch_model(model, decode="quest", **options):
+        ref = model.generate(ids, **kw)
+    assert clips and torch.equal(out, ref)

@@ -165,6 +165,9 @@ class PageSelection:
     page_size: int
     kv_len: int
     skip: SkipRule | None = None  # tiles are pages; the G query heads of a KV head skip jointly
+    # The lists hold no page at or past the cache's written length (the method masked them itself, e.g.
+    # Quest from its cache layer's count): a clip to the static cache's written keys would change nothing.
+    within_written: bool = False
 
     @classmethod
     def all_pages(cls, batch: int, kv_heads: int, kv_len: int, page_size: int, device=None,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch
@@ -104,11 +104,12 @@ class Quest(DecodeMethod):
             end = (written + ps - 1) // ps
             sel = group_top_pages(bound, k, first, end, self.local_pages, combine, lk, ps)
             if sel is not None:
-                return sel
+                return replace(sel, within_written=found is not None)
         pages = torch.arange(n, device=device)
         valid = ((pages * ps < written) & (pages.view(1, n) >= first.view(b, 1))).view(b, 1, 1, n)
         last = (written - 1) // ps
         forced = (pages.view(1, n) == first.view(b, 1)) | ((pages <= last) & (pages >= last - self.local_pages))
         bound = bound.masked_fill(~valid, float("-inf"))
         score = bound.amax(2) if self.group == "max" else torch.softmax(bound, -1).sum(2)
-        return top_pages(score, k, valid.squeeze(2), forced.unsqueeze(1), lk, ps, self.topk)
+        sel = top_pages(score, k, valid.squeeze(2), forced.unsqueeze(1), lk, ps, self.topk)
+        return replace(sel, within_written=found is not None)  # pages past the layer's written count: masked
