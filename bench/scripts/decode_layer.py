@@ -175,7 +175,7 @@ def per_call_rows(length: int, batch: int, fraction: float, page_size: int, copi
     def step(q, k, v, lo, hi, static: bool):
         bounds = KeyBounds(key_valid=valid, key_end=end, key_first=first) if static else KeyBounds()
         sel = method.select(q, k, DecodeContext(0, scale, bounds, None, _GivenTables(lo, hi, written, page_size)))
-        if static:
+        if static and not sel.within_written:  # as the dispatcher does (attnpatch.dispatch._select_pages)
             sel = sel.clipped(end)
         return sparse_decode(q, k, v, sel, scale=scale, key_valid=bounds.key_valid)
 
@@ -186,7 +186,7 @@ def per_call_rows(length: int, batch: int, fraction: float, page_size: int, copi
         except Exception as e:  # noqa: BLE001
             print(f"  compiled quest failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
             continue
-        label = "with key_valid + clip (HF static cache)" if static else "no validity"
+        label = "with the HF static cache's key_valid (and clip)" if static else "no validity"
         add(f"quest compiled, {label} (budget {budget})", [lambda x=x, c=compiled: c(*x) for x in inputs])
     ctx = [DecodeContext(0, scale, KeyBounds(), None, _GivenTables(x[3], x[4], written, page_size)) for x in inputs]
     sels = [method.select(x[0], x[1], c) for x, c in zip(inputs, ctx, strict=True)]
