@@ -175,6 +175,8 @@ def test_hf_decode_tiny_on_cpu(tmp_path):
             row = rows[(mode, name)]
             if m.cls.static_cache_reason is not None:
                 assert "cannot run on a static cache" in row["note"]
+            elif mode == "compiled" and m.cls.compiled_step_reason is not None:
+                assert row["note"] == f"skipped: {m.cls.compiled_step_reason}"
             else:
                 assert row["ms_per_token"] > 0 and row["kv_cache_gib"] > 0, row["note"]
                 assert sum(row["backends"].values()) == 2  # the eager stats step: 2 layers

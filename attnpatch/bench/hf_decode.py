@@ -136,6 +136,15 @@ def parse_decode_options(items: list[str] | None) -> dict[str, list[str]]:
     return out
 
 
+def _compiled_step_reason(spec: str | None) -> str | None:
+    """Why the decode method of `spec` refuses a compiled step (`DecodeMethod.compiled_step_reason`)."""
+    if spec is None:
+        return None
+    from attnpatch.registry import get_method
+
+    return get_method(spec.partition(":")[0], "decode").cls.compiled_step_reason
+
+
 def kv_bytes(config, batch: int, slots: int, dtype: torch.dtype) -> int:
     """Bytes of a static K/V cache of `slots` tokens for every layer of `config`."""
     d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -271,6 +280,10 @@ class Bench:
         left = self.budget_s - self.elapsed()
         if left <= 0 or (mode == "compiled" and left < self.compile_estimate_s):
             row.note = f"skipped: time budget (--budget-s {self.budget_s:g}, {self.elapsed():.0f} s used)"
+            return row
+        reason = _compiled_step_reason(cfg.decode) if mode == "compiled" else None
+        if reason is not None:  # said plainly, not as dynamo's wrapper of the error the compiled step raises
+            row.note = f"skipped: {reason}"
             return row
         model, device = self.model, self.device
         patch = None
