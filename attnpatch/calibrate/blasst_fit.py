@@ -209,15 +209,15 @@ def fit_table(table: LambdaTable, tolerance: float | None = None, target_skipped
               rule: str = "geomean") -> tuple[float, list[tuple[int, float]]]:
     """`(a, [(length, λ) per prompt])`: per prompt the largest λ whose error is within `tolerance`
     (`_lambda_within`: interpolated between grid points, the smallest grid λ where none qualifies), or the
-    λ reaching `target_skipped`; then λ ≈ a / L. Interpolated: on the grid's 3× steps the grid λ
-    kept was up to 3× below the prompt's limit (Gemma-3-270m's passkey prompts: the
-    grid's 0.003 where the method's default a = 128, λ ≈ 0.008, held the target on held-out prompts).
+    λ reaching `target_skipped`; then λ ≈ a / L. Interpolated because the grid's 3× steps kept a grid λ up
+    to 3× below the prompt's limit (Gemma-3-270m's passkey prompts at 16K: grid 0.003, interpolated 0.0046).
 
     `rule` combines the prompts' λ · L: "geomean" (`_least_squares_a`, a typical prompt: about half the
     calibration prompts end above the tolerance) or "every" (their minimum, for a tolerance only: every
-    calibration prompt within it on the grid — a bound rather than a typical value, at a higher density).
-    On Gemma-3-270m at 16K the two prompt kinds' best λ differ tenfold (text 0.03, passkey 0.003) and the
-    geometric mean left held-out prompts (two passkey, one text) at error 0.057 for a 0.05 target."""
+    calibration prompt within it — a bound rather than a typical value, at a higher density). On
+    Gemma-3-270m at 16K the two prompt kinds' limits differ tenfold (text 0.03, passkey 0.003 on the grid),
+    and the geometric mean left held-out prompts (two passkey, one text) at error 0.057 for a 0.05 target;
+    "every" held them at 0.027 (bench/results/README.md, thirteenth session)."""
     if (tolerance is None) == (target_skipped is None):
         raise ValueError("give exactly one of tolerance (output error) or target_skipped (a share in (0, 1))")
     if rule not in LAMBDA_FITS:
