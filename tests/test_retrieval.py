@@ -155,3 +155,20 @@ def test_a_multi_token_forward_after_the_split_is_refused(llama):
 def test_bad_options_name_the_allowed_range(llama, options, allowed):
     with pytest.raises(ValueError, match=allowed):
         attnpatch.patch_model(llama, decode="retrieval", **options)
+
+
+@torch.no_grad()
+def test_a_one_token_first_forward_then_a_prompt_then_decoding(llama):
+    """A first forward of one token (an empty cache: nothing to offload yet), then more prompt tokens, then a
+    decode step that offloads: the same logits as dense decoding at full coverage."""
+    ids = torch.randint(3, 256, (2, 30), generator=torch.Generator().manual_seed(3))
+    dense = DynamicCache(config=llama.config)
+    ref = [llama(part, **cache_arg(llama, dense), use_cache=True).logits[:, -1]
+           for part in (ids[:, :1], ids[:, 1:-1], ids[:, -1:])]
+    cache = DynamicCache(config=llama.config)
+    with attnpatch.patch_model(llama, decode="retrieval", n_sink=2, window=4, top_k=1 << 20):
+        out = [llama(part, **cache_arg(llama, cache), use_cache=True).logits[:, -1]
+               for part in (ids[:, :1], ids[:, 1:-1], ids[:, -1:])]
+    assert cache.layers[0].offloaded is not None  # the decode step split the cache
+    for got, want in zip(out, ref, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -136,13 +136,13 @@ def parse_decode_options(items: list[str] | None) -> dict[str, list[str]]:
     return out
 
 
-def _compiled_step_reason(spec: str | None) -> str | None:
-    """Why the decode method of `spec` refuses a compiled step (`DecodeMethod.compiled_step_reason`)."""
+def _method_class(spec: str | None) -> type[DecodeMethod] | None:
+    """The decode method class a row's spec names (None: an unpatched row)."""
     if spec is None:
         return None
     from attnpatch.registry import get_method
 
-    return get_method(spec.partition(":")[0], "decode").cls.compiled_step_reason
+    return get_method(spec.partition(":")[0], "decode").cls
 
 
 def kv_bytes(config, batch: int, slots: int, dtype: torch.dtype) -> int:
@@ -281,7 +281,13 @@ class Bench:
         if left <= 0 or (mode == "compiled" and left < self.compile_estimate_s):
             row.note = f"skipped: time budget (--budget-s {self.budget_s:g}, {self.elapsed():.0f} s used)"
             return row
-        reason = _compiled_step_reason(cfg.decode) if mode == "compiled" else None
+        cls = _method_class(cfg.decode)
+        dynamic = cls is not None and cls.static_cache_reason is not None  # evicts / offloads: a DynamicCache
+        reason = None
+        if mode == "compiled" and dynamic:
+            reason = f"{cls.static_cache_reason} (a compiled step needs the static cache)"
+        elif mode == "compiled" and cls is not None:
+            reason = cls.compiled_step_reason
         if reason is not None:  # said plainly, not as dynamo's wrapper of the error the compiled step raises
             row.note = f"skipped: {reason}"
             return row
@@ -293,7 +299,8 @@ class Bench:
                 if cfg.all_pages:
                     for plan in patch.state.plans:
                         plan.decode = AllPages(self.page_size)
-            cache = self._cache(length, batch, shared, own=bool(patch is not None and patch._own_cache))
+            cache = self._cache(length, batch, shared, own=bool(patch is not None and patch._own_cache),
+                                dynamic=dynamic)
             token = shared["token"]
             row.kv_cache_gib = cache_gib(cache)
             kw = {cache_kwarg(model): cache, "use_cache": True}
@@ -361,22 +368,25 @@ class Bench:
                 torch.cuda.empty_cache()
         return row
 
-    def _cache(self, length: int, batch: int, shared: dict, own: bool):
+    def _cache(self, length: int, batch: int, shared: dict, own: bool, dynamic: bool = False):
         """The shared static cache of this (L, B) rewound to L, or (a method with its own cache
-        layers) a fresh one filled under the patch."""
-        from transformers.cache_utils import StaticCache
+        layers) a fresh one filled under the patch: a DynamicCache for a method that cannot run on a
+        static one (`streaming` evicts, `retrieval` offloads; eager rows only, each timed run appends
+        its few tokens)."""
+        from transformers.cache_utils import DynamicCache, StaticCache
 
         key = "own" if own else "plain"
-        if key in shared:
+        if key in shared and not dynamic:
             rewind(shared[key], length)
             return shared[key]
         for other in ("plain", "own"):
             shared.pop(other, None)  # one cache alive at a time
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        cache = StaticCache(config=self.model.config, max_cache_len=length + self.headroom())
+        cache = DynamicCache(config=self.model.config) if dynamic else \
+            StaticCache(config=self.model.config, max_cache_len=length + self.headroom())
         shared["token"] = fill_cache(self.model, cache, length, batch, seed=length + batch)
-        if not own:
+        if not own and not dynamic:
             shared[key] = cache
         return cache
 
@@ -431,7 +441,8 @@ def markdown(data: dict) -> str:
              f"torch {env['torch']}, CUDA {env['cuda']}, transformers {env['transformers']}, triton {env['triton']}, "
              f"{env['dtype']}, {env['date']}", "",
              f"Command: `{env['command']}`", "",
-             f"Static cache filled to L with random K/V (no prefill run); greedy decode steps with the LM head; "
+             f"Static cache filled to L with random K/V (no prefill run; methods that cannot use a static cache: a "
+             f"DynamicCache, eager only); greedy decode steps with the LM head; "
              f"median over {env['repeats']} runs of {env['steps']} steps of ms per step (= per generated token "
              f"of each row of the batch), CUDA events. Compiled: `torch.compile(model, backend="
              f"{env['compile_backend']!r}, mode={env['compile_mode']!r}, fullgraph={env['fullgraph']})`, "

@@ -105,7 +105,7 @@ class RetrievalLayer(DynamicLayer):
                 "the retrieval cache offloaded its prompt at the first decode step; a later multi-token "
                 "forward (chunked continuation, assisted decoding) would not see the offloaded keys: "
                 "use a new cache for a new prompt, or decode='dense'")
-        if self.offloaded is None and new == 1 and self.keys.shape[-2] > self.n_sink + self.window:
+        if self.offloaded is None and new == 1 and self.cumulative_length > self.n_sink + self.window:
             self._offload()
         new_pos = torch.arange(self.cumulative_length, self.cumulative_length + new, device=self.device)
         self.keys = torch.cat([self.keys, key_states], dim=-2)
