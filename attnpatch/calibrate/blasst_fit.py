@@ -165,31 +165,33 @@ def lambda_table(layers: dict[int, LayerInputs], grid: Sequence[float], phase: s
     return table
 
 
-def _lambda_for_share(grid: list[float], skipped: list[float], share: float) -> float:
-    """The λ where the skipped share reaches `share`, interpolated in log λ on the (monotone hull of
-    the) measured shares; the grid's end where the share is never / always reached."""
-    hull = torch.tensor(skipped, dtype=torch.float64).cummax(0).values.tolist()
-    if hull[0] >= share:
+def _hull_crossing(grid: list[float], values: list[float], level: float, strict: bool) -> float:
+    """The λ where the monotone hull (running max) of `values` measured on `grid` crosses `level`: first
+    exceeds it (`strict`) or first reaches it, interpolated in log λ from the grid point before; the grid's
+    first λ where the first value is already past, its last where none is."""
+    hull = torch.tensor(values, dtype=torch.float64).cummax(0).values.tolist()
+
+    def past(x: float) -> bool:
+        return x > level if strict else x >= level
+
+    if past(hull[0]):
         return grid[0]
     for j in range(1, len(grid)):
-        if hull[j] >= share:
-            w = (share - hull[j - 1]) / max(hull[j] - hull[j - 1], 1e-12)
+        if past(hull[j]):
+            w = (level - hull[j - 1]) / max(hull[j] - hull[j - 1], 1e-12)
             return math.exp(math.log(grid[j - 1]) + w * (math.log(grid[j]) - math.log(grid[j - 1])))
     return grid[-1]
+
+
+def _lambda_for_share(grid: list[float], skipped: list[float], share: float) -> float:
+    """The smallest λ whose skipped share reaches `share` (`_hull_crossing` on the shares)."""
+    return _hull_crossing(grid, skipped, share, strict=False)
 
 
 def _lambda_within(grid: list[float], errors: list[float], tolerance: float) -> float:
-    """The largest λ whose error is within `tolerance`: on the monotone hull (running max) of the measured
-    errors, interpolated in log λ between the last grid λ within it and the next one; the grid's first λ
-    where none is, its last where all are."""
-    hull = torch.tensor(errors, dtype=torch.float64).cummax(0).values.tolist()
-    if hull[0] > tolerance:
-        return grid[0]
-    for j in range(1, len(grid)):
-        if hull[j] > tolerance:
-            w = (tolerance - hull[j - 1]) / max(hull[j] - hull[j - 1], 1e-12)
-            return math.exp(math.log(grid[j - 1]) + w * (math.log(grid[j]) - math.log(grid[j - 1])))
-    return grid[-1]
+    """The largest λ whose error is within `tolerance` (`_hull_crossing` on the errors: where they first
+    exceed it); the grid's first λ where none is, its last where all are."""
+    return _hull_crossing(grid, errors, tolerance, strict=True)
 
 
 def _least_squares_a(points: list[tuple[int, float]]) -> float:

@@ -135,71 +135,72 @@ class _GivenTables:
         return self.tables
 
 
-def per_call_rows(length: int, batch: int, fraction: float, page_size: int, copies: int = 8) -> list[dict]:
+def per_call_rows(length: int, batch: int, fraction: float, page_sizes: list[int], copies: int = 8) -> list[dict]:
     """Each row timed per call inside one CUDA graph of `copies` calls on distinct inputs (own Q, K, V and
     page tables: nothing of one call is in L2 for the next, and the graph's launch is shared), as the
-    layers of a compiled decode step run: SDPA cuDNN / flash, the Triton kernel over all pages, Quest's
-    compiled step (bounds + selection + kernel) without and with the static cache's per-key validity
-    (what the HF path passes: `key_valid` read with each tile, the page lists clipped to `key_end`),
-    and the kernel alone over Quest's selection without / with `key_valid` / with `key_start`."""
-    g = torch.Generator(device=DEVICE).manual_seed(length + batch + page_size)
+    layers of a compiled decode step run: SDPA cuDNN / flash and the Triton kernel over all pages (timed
+    once, listed under every page size), then per page size Quest's compiled step (bounds + selection +
+    kernel) without and with the static cache's per-key validity (what the HF path passes: `key_valid`
+    read with each tile, the page lists clipped to `key_end` unless they stop there), the kernel alone
+    over Quest's selection without / with `key_valid` / with `key_start`, and the selection alone."""
+    g = torch.Generator(device=DEVICE).manual_seed(length + batch)
     scale = D ** -0.5
     budget = int(length * fraction)
-    inputs = []
-    for _ in range(copies):
-        q = torch.randn(batch, HQ, 1, D, device=DEVICE, dtype=DTYPE, generator=g)
-        k = torch.randn(batch, HKV, length, D, device=DEVICE, dtype=DTYPE, generator=g)
-        v = torch.randn(batch, HKV, length, D, device=DEVICE, dtype=DTYPE, generator=g)
-        lo, hi = key_page_bounds(k, page_size)
-        inputs.append((q, k, v, lo, hi))
+    qkv = [tuple(torch.randn(batch, h, n, D, device=DEVICE, dtype=DTYPE, generator=g)
+                 for h, n in ((HQ, 1), (HKV, length), (HKV, length))) for _ in range(copies)]
     written = torch.tensor(length, device=DEVICE)
     valid = torch.ones(batch, length, dtype=torch.bool, device=DEVICE)
     end = torch.full((batch,), length, dtype=torch.long, device=DEVICE)
     first = torch.zeros(batch, dtype=torch.long, device=DEVICE)
-    method = Quest(budget=budget, page_size=page_size, dense_layers=0)
-    rows = []
+    timed: list[tuple[str, float | None]] = []
 
     def add(row: str, fns) -> None:
         us = _graph_us_each(fns)
-        rows.append({"length": length, "batch": batch, "page_size": page_size, "row": row, "us_each": us})
-        print(f"per call L={length} B={batch} page={page_size} {row}: {us if us is None else round(us, 2)} us", flush=True)
+        timed.append((row, us))
+        print(f"per call L={length} B={batch} {row}: {us if us is None else round(us, 2)} us", flush=True)
 
     for name, backend in SDPA.items():
         def dense(q, k, v, backend=backend):
             with sdpa_kernel(backend):
                 return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-        add(name, [lambda x=x, f=dense: f(*x[:3]) for x in inputs])
+        add(name, [lambda x=x, f=dense: f(*x) for x in qkv])
     every = PageSelection.all_pages(batch, HKV, length, 64, DEVICE)
-    add("triton all pages", [lambda x=x: sparse_decode_attention(*x[:3], every) for x in inputs])
+    add("triton all pages", [lambda x=x: sparse_decode_attention(*x, every) for x in qkv])
+    dense_rows = list(timed)
+    rows = []
+    for page_size in page_sizes:
+        timed[:] = []
+        method = Quest(budget=budget, page_size=page_size, dense_layers=0)
+        inputs = [(*x, *key_page_bounds(x[1], page_size)) for x in qkv]
 
-    def step(q, k, v, lo, hi, static: bool):
-        bounds = KeyBounds(key_valid=valid, key_end=end, key_first=first) if static else KeyBounds()
-        sel = method.select(q, k, DecodeContext(0, scale, bounds, None, _GivenTables(lo, hi, written, page_size)))
-        if static and not sel.within_written:  # as the dispatcher does (attnpatch.dispatch._select_pages)
-            sel = sel.clipped(end)
-        return sparse_decode(q, k, v, sel, scale=scale, key_valid=bounds.key_valid)
+        def step(q, k, v, lo, hi, static: bool, method=method, page_size=page_size):
+            bounds = KeyBounds(key_valid=valid, key_end=end, key_first=first) if static else KeyBounds()
+            sel = method.select(q, k, DecodeContext(0, scale, bounds, None, _GivenTables(lo, hi, written, page_size)))
+            if static and not sel.within_written:  # as the dispatcher does (attnpatch.dispatch._select_pages)
+                sel = sel.clipped(end)
+            return sparse_decode(q, k, v, sel, scale=scale, key_valid=bounds.key_valid)
 
-    for static in (False, True):
-        compiled = torch.compile(lambda *x, s=static: step(*x, s), fullgraph=True)
-        try:
-            compiled(*inputs[0])
-        except Exception as e:  # noqa: BLE001
-            print(f"  compiled quest failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
-            continue
-        label = "with the HF static cache's key_valid (and clip)" if static else "no validity"
-        add(f"quest compiled, {label} (budget {budget})", [lambda x=x, c=compiled: c(*x) for x in inputs])
-    ctx = [DecodeContext(0, scale, KeyBounds(), None, _GivenTables(x[3], x[4], written, page_size)) for x in inputs]
-    sels = [method.select(x[0], x[1], c) for x, c in zip(inputs, ctx, strict=True)]
-    add("quest kernel alone", [lambda x=x, s=s: sparse_decode_attention(*x[:3], s) for x, s in zip(inputs, sels, strict=True)])
-    add("quest kernel alone, key_valid", [lambda x=x, s=s: sparse_decode_attention(*x[:3], s, key_valid=valid)
-                                          for x, s in zip(inputs, sels, strict=True)])
-    add("quest kernel alone, key_start", [lambda x=x, s=s: sparse_decode_attention(*x[:3], s, key_start=first)
-                                          for x, s in zip(inputs, sels, strict=True)])
-    add("quest select alone", [lambda x=x, c=c: method.select(x[0], x[1], c) for x, c in zip(inputs, ctx, strict=True)])
-    best = min((r["us_each"] for r in rows if r["row"].startswith(("sdpa", "triton")) and r["us_each"]), default=None)
+        for static in (False, True):
+            compiled = torch.compile(lambda *x, s=static, f=step: f(*x, s), fullgraph=True)
+            try:
+                compiled(*inputs[0])
+            except Exception as e:  # noqa: BLE001
+                print(f"  compiled quest failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                continue
+            label = "with the HF static cache's key_valid (and clip)" if static else "no validity"
+            add(f"quest compiled, {label} (budget {budget})", [lambda x=x, c=compiled: c(*x) for x in inputs])
+        ctx = [DecodeContext(0, scale, KeyBounds(), None, _GivenTables(x[3], x[4], written, page_size)) for x in inputs]
+        pairs = [(x, method.select(x[0], x[1], c), c) for x, c in zip(inputs, ctx, strict=True)]
+        for label, extra in (("", {}), (", key_valid", {"key_valid": valid}), (", key_start", {"key_start": first})):
+            add(f"quest kernel alone{label}",
+                [lambda x=x, s=s, kw=extra: sparse_decode_attention(*x[:3], s, **kw) for x, s, _ in pairs])
+        add("quest select alone", [lambda x=x, c=c, m=method: m.select(x[0], x[1], c) for x, _, c in pairs])
+        rows += [{"length": length, "batch": batch, "page_size": page_size, "row": row, "us_each": us}
+                 for row, us in dense_rows + timed]
+        del inputs, ctx, pairs
+    best = min((us for row, us in dense_rows if us), default=None)
     for r in rows:
         r["speedup_vs_best_dense"] = None if best is None or not r["us_each"] else round(best / r["us_each"], 2)
-    del inputs, sels, ctx
     return rows
 
 
@@ -367,27 +368,23 @@ def main(argv: list[str] | None = None) -> int:
     if set(args.kernels) - set(SWEEP_KERNELS):
         p.error(f"--kernels takes a comma list of {', '.join(SWEEP_KERNELS)}, got {','.join(args.kernels)!r}")
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
+    cases = [tuple(int(x) for x in case.split("x")) for case in args.cases.split(",")]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     if args.per_call:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        rows = []
-        for case in args.cases.split(","):
-            length, batch = (int(x) for x in case.split("x"))
-            for page_size in (int(x) for x in args.page_sizes.split(",")):
-                rows += per_call_rows(length, batch, args.fraction, page_size, args.copies)
-                torch.cuda.empty_cache()
-                env = environment(command)
-                (out / "per_call.json").write_text(json.dumps({"command": command, "env": env, "rows": rows},
-                                                              indent=1, default=str))
-                (out / "per_call.md").write_text(_per_call_md(command, env, rows))
+        env, rows = environment(command), []
+        page_sizes = [int(x) for x in args.page_sizes.split(",")]
+        for length, batch in cases:
+            rows += per_call_rows(length, batch, args.fraction, page_sizes, args.copies)
+            torch.cuda.empty_cache()
+            (out / "per_call.json").write_text(json.dumps({"command": command, "env": env, "rows": rows},
+                                                          indent=1, default=str))
+            (out / "per_call.md").write_text(_per_call_md(command, env, rows))
         print((out / "per_call.md").read_text())
         return 0
     if args.kernel_sweep:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
         rows = []
-        for case in args.cases.split(","):
-            length, batch = (int(x) for x in case.split("x"))
+        for length, batch in cases:
             rows += kernel_sweep_rows(length, batch, args.fraction, args.splits, args.kernels)
             torch.cuda.empty_cache()
         best = best_launches(rows)
@@ -400,16 +397,13 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(best))
         return 0
     configs = args.topk_configs
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     result = {"command": command, "env": environment(command), "topk": topk_rows(configs), "layer": []}
     timed = [r for r in result["topk"] if r["n"] == 2048 and r["rows"] == 32 and r["us"]]
     if timed:  # the fastest launch at 128K, batch 4: what the layer rows (and a later run) use
         best = min(timed, key=lambda r: r["us"])["config"]
         os.environ["ATTNPATCH_TOPK_CONFIG"] = result["best_topk_config"] = best
         (out / "best_topk_config.txt").write_text(best + "\n")
-    for case in args.cases.split(","):
-        length, batch = (int(x) for x in case.split("x"))
+    for length, batch in cases:
         result["layer"] += layer_rows(length, batch, args.fraction)
         torch.cuda.empty_cache()
     (out / "decode_layer.json").write_text(json.dumps(result, indent=1, default=str))
