@@ -216,6 +216,51 @@ def test_decode_kernel_custom_op_under_the_interpreter():
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
 
 
+# Options under which a decode method reads fewer keys than the tiny caches below hold (64 tokens, pages of
+# 16); a new method is tested with `small_options` alone.
+SPARSE_DECODE = {"quest": {"budget": 48, "dense_layers": 0}, "streaming": {"n_sink": 2, "window": 6},
+                 "blasst": {"a": 1.0}, "recycled": {"budget": 48, "stride": 2}}
+COMPILABLE = [m for m in DECODE if not m.cls.is_dense and m.cls.compiled_step_reason is None
+              and m.cls.static_cache_reason is None]
+
+
+@pytest.mark.parametrize("family,window", [("llama", None), ("gemma3", 8)], ids=["llama", "gemma3"])
+@pytest.mark.parametrize("info", COMPILABLE, ids=[m.name for m in COMPILABLE])
+def test_every_compilable_decode_method_compiles_to_its_eager_step(family, window, info):
+    """Every decode method that runs on a static cache and in a compiled step, at a setting that reads a
+    part of the cache: three steps compiled with fullgraph=True (no graph break) give eager's logits, on
+    a left-padded batch."""
+    from transformers.cache_utils import StaticCache
+
+    model = tiny_model(family, sliding_window=window)
+    ck = _cache_kw(model)
+    ids, mask = left_padded(2, 60, [0, 5])
+    full = torch.cat([mask, torch.ones(2, 3, dtype=mask.dtype)], dim=1)
+
+    def decode(step_fn):
+        cache = StaticCache(config=model.config, max_cache_len=64)
+        with torch.no_grad():
+            tok = model(ids, attention_mask=mask, **{ck: cache}).logits[:, -1:].argmax(-1)
+            logits = []
+            for i in range(3):
+                n = 61 + i
+                pos = full[:, :n].cumsum(-1)[:, -1:] - 1
+                out = step_fn(input_ids=tok, attention_mask=full[:, :n], position_ids=pos, **{ck: cache})
+                logits.append(out.logits[:, -1])
+                tok = logits[-1].argmax(-1, keepdim=True)
+        return torch.stack(logits)
+
+    options = small_options(info) | SPARSE_DECODE.get(info.name, {})
+    with attnpatch.patch_model(model, decode=info.name, **options):
+        eager = decode(model)
+        torch._dynamo.reset()
+        try:
+            compiled = decode(torch.compile(model, backend="eager", fullgraph=True, dynamic=False))
+        finally:
+            torch._dynamo.reset()
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
+
+
 COMPILE_REFUSED = [m for m in DECODE if m.cls.compiled_step_reason is not None and m.cls.static_cache_reason is None]
 
 

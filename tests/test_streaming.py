@@ -1,10 +1,12 @@
 """`streaming`: the cache really stays at sink + window, and decode equals dense attention over what is kept."""
 
+import pytest
 import torch
 from conftest import cache_arg, left_padded, random_ids
 
 import attnpatch
 from attnpatch.cache import SinkWindowLayer
+from attnpatch.testing import tiny_model
 
 N_SINK, WINDOW = 4, 8
 
@@ -80,3 +82,44 @@ def test_streaming_composes_with_sparse_prefill(llama):
     assert out.shape[1] == 106
     assert d["prefill_method"] == "a_shape" and d["decode_method"] == "streaming"
     assert d["density"] < 1 and d["max_decode_keys"] == 37
+
+
+@pytest.mark.parametrize("family,window", [("llama", None), ("qwen2", 8), ("gemma3", 8)], ids=["llama", "qwen2", "gemma3"])
+@torch.no_grad()
+def test_a_static_cache_reads_what_the_evicting_cache_keeps(family, window):
+    """On a static cache (which cannot evict) each decode step reads the sinks + window it would have
+    kept: the tokens and scores of the evicting cache, on a left-padded batch; the steps report the
+    gather, the window layers their own window."""
+    model = tiny_model(family, sliding_window=window)
+    ids, mask = left_padded(2, 40, [0, 5], seed=3)
+    kw = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0, output_scores=True,
+              return_dict_in_generate=True)
+    with attnpatch.patch_model(model, decode="streaming", n_sink=N_SINK, window=WINDOW) as patch:
+        evicting = model.generate(ids, **kw)
+        static = model.generate(ids, cache_implementation="static", **kw)
+        stats = patch.stats()
+    assert torch.equal(static.sequences, evicting.sequences)
+    for a, b in zip(static.scores, evicting.scores, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    full_layers = sum(d["sliding_window"] is None for d in stats.layers)
+    assert stats.backends["decode: sink-window gather"] == 11 * full_layers
+
+
+def test_sink_window_gather_hides_what_the_bounds_hide():
+    """The gathered keys are each row's first real ones and its last written ones; a left-padded row's
+    padding and a static cache's unwritten slots are never attended, and short rows repeat no key."""
+    from attnpatch.methods.decode.streaming import sink_window_decode
+    from attnpatch.sparsity import KeyBounds
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 4, 1, 8, generator=g), torch.randn(2, 2, 40, 8, generator=g), torch.randn(2, 2, 40, 8, generator=g)
+    end = torch.tensor([30, 9])
+    start = torch.tensor([0, 3])
+    valid = (torch.arange(40) < end[:, None]) & (torch.arange(40) >= start[:, None])
+    k[~valid.view(2, 1, 40, 1).expand_as(k)] = float("nan")  # unwritten / padding slots are never read
+    bounds = KeyBounds(key_valid=valid, key_end=end, key_first=start)
+    out = sink_window_decode(q, k, v, bounds, n_sink=2, window=4, scale=0.35)
+    for b, keep in enumerate([[0, 1, 25, 26, 27, 28, 29], [3, 4, 5, 6, 7, 8]]):
+        kk, vv = k[b, :, keep].repeat_interleave(2, 0), v[b, :, keep].repeat_interleave(2, 0)
+        ref = torch.softmax(q[b] @ kk.transpose(-1, -2) * 0.35, -1) @ vv
+        torch.testing.assert_close(out[b], ref, atol=1e-6, rtol=1e-5)

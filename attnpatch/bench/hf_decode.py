@@ -21,7 +21,8 @@ and flash through `sdpa_kernel`; flash takes no mask, which a static cache alway
 the reason), `dense` through attnpatch's dispatch (→ SDPA), the Triton decode kernel over every page
 (`dense` kernel rows: `triton all pages`), and every registered decode method (`--methods all`, or a
 list; options through `--decode-options name:key=value,...`). A method that cannot run on a static
-cache (streaming evicts) is a row with its reason. Speedups: over the best dense row of the same
+cache (retrieval offloads, infiniretri rebuilds its store) runs its eager rows on a DynamicCache and its
+compiled rows are skipped with the reason. Speedups: over the best dense row of the same
 (L, B) over both modes, and over the best dense row of the same mode. KV cache memory is reported per
 row; a (L, B) whose cache does not fit in free GPU memory is skipped with the reason. `--budget-s`:
 rows that would start after that many seconds are skipped (noted), so a subset finishes in one call.

@@ -26,8 +26,8 @@ class SinkWindowLayer(DynamicLayer):
 
     is_sliding = False
     is_croppable = False
-    static_unsupported = ("the streaming cache evicts tokens, so it needs a growing DynamicLayer: generate "
-                          "without cache_implementation='static'")
+    static_unsupported = ("a static cache cannot evict: it keeps every token, and each streaming decode step "
+                          "reads the sinks + window from it")
 
     def __init__(self, n_sink: int, window: int):
         super().__init__()
