@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from attnpatch.estimators import proxy_triton
 from attnpatch.estimators.visibility import visible
 from attnpatch.sparsity import KeyBounds, num_blocks
 
@@ -35,6 +36,16 @@ def sampled_rows(q_len: int, block: int, sample: int, device=None) -> torch.Tens
 
 def proxy_scores(query: torch.Tensor, key: torch.Tensor, bounds: KeyBounds, scale: float, block: int,
                  sample: int, chunk_elements: int = CHUNK_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
+    """`proxy_scores_torch`'s outputs, from the fused Triton kernel (`proxy_triton`: the row × key scores
+    never written) where it takes the inputs, else from the torch path."""
+    if proxy_triton.unsupported_reason(query, key, bounds, block) is None:
+        rows = sampled_rows(query.shape[2], block, sample, query.device)
+        return proxy_triton.proxy_scores_triton(query, key, bounds, scale, block, rows)
+    return proxy_scores_torch(query, key, bounds, scale, block, sample, chunk_elements)
+
+
+def proxy_scores_torch(query: torch.Tensor, key: torch.Tensor, bounds: KeyBounds, scale: float, block: int,
+                       sample: int, chunk_elements: int = CHUNK_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
     """`(proxy [B, Hkv, R, C], mass [B, Hq, R, C])` (fp32).
 
     `proxy[b, g, r, c]`: max over the sampled rows `i` of block `r` and the keys `j` of block `c` of
