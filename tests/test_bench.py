@@ -36,6 +36,49 @@ def test_hf_prefill_tiny_on_cpu(tmp_path):
     assert "| 64 | a_shape (auto) |" in (tmp_path / "hf_prefill.md").read_text()
 
 
+def test_planted_attention_replaces_query_and_key_for_sdpa_and_a_patch():
+    """Under `planted_attention` every attention call of the model (unpatched SDPA, or attnpatch's
+    patch) computes with the planted Q/K, the registry is as before afterwards, and a method's selection
+    follows the planted structure."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    import attnpatch
+    from attnpatch.bench import hf_prefill
+    from attnpatch.bench.synthetic import planted_qkv
+
+    model = hf_prefill.build_model(True, torch.device("cpu"), torch.float32)
+    c = model.config
+    ids = torch.randint(0, c.vocab_size, (1, 128), generator=torch.Generator().manual_seed(0))
+    q, k, _ = planted_qkv(1, c.num_attention_heads, c.num_key_value_heads, 128, c.head_dim, device="cpu",
+                          dtype=torch.float32, band=16, stripes=2, slashes=2, needles=2)
+    sdpa, seen = ALL_ATTENTION_FUNCTIONS["sdpa"], []
+
+    def spy(module, query, key, *args, **kwargs):
+        seen.append((query, key))
+        return sdpa(module, query, key, *args, **kwargs)
+
+    with torch.no_grad():
+        plain = model.model(ids).last_hidden_state
+        ALL_ATTENTION_FUNCTIONS["sdpa"] = spy  # what the planted wrapper delegates to
+        try:
+            with hf_prefill.planted_attention(model, q, k):
+                planted = model.model(ids).last_hidden_state
+            assert ALL_ATTENTION_FUNCTIONS["sdpa"] is spy
+        finally:
+            del ALL_ATTENTION_FUNCTIONS["sdpa"]
+        assert ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa
+        with attnpatch.patch_model(model, "xattention", block_size=16, stride=4, threshold=0.9) as patch:
+            model.model(ids)
+            flat = patch.stats().density
+        with attnpatch.patch_model(model, "xattention", block_size=16, stride=4, threshold=0.9) as patch:
+            with hf_prefill.planted_attention(model, q, k):
+                model.model(ids)
+            structured = patch.stats().density
+    assert len(seen) == c.num_hidden_layers and all(a is q and b is k for a, b in seen)
+    assert not torch.allclose(plain, planted)
+    assert structured < flat  # planted Q/K: fewer blocks than the random model's near-uniform attention
+
+
 def test_kernels_prefill_rows_on_cpu(tmp_path, monkeypatch):
     from attnpatch.bench import kernels
 

@@ -12,6 +12,13 @@ block 128 and 16 local blocks, `blasst`) on `--sparse-backends` (default "auto")
 backends that ran and why faster ones declined (`patch.stats()`). Median of `--repeats` runs timed
 with CUDA events after `--warmup` runs (flash-attn-4 and Triton compile at first use). Writes
 `hf_prefill.json` and `hf_prefill.md`. `--device cpu --tiny` runs a tiny config (tests).
+
+`--planted`: random weights give near-uniform attention, on which score-based methods keep most blocks
+(the time then measures their overhead, not their savings); with this flag every attention call computes
+with planted synthetic Q/K (`attnpatch.bench.synthetic.planted_qkv`: sinks, local band, vertical
+stripes, slashes, needles; the same tensors in every layer) in place of its own, so each method chooses
+the densities of the layer-level benchmark `attnpatch.bench.methods` and the time to first token shows
+what they save end to end. Dense rows cost the same on either input.
 """
 
 from __future__ import annotations
@@ -161,8 +168,10 @@ def configs(device: torch.device, tiny: bool, sparse_backends: list[str],
             yield Config(f"{name} ({backend})", "sparse", method=method, backend=backend, options=options)
 
 
-def run_row(model, ids: torch.Tensor, cfg: Config, repeats: int, warmup: int, log=print) -> Row:
-    """Time `model.model(ids)` under `cfg`; never raises (a failure is a row with a note)."""
+def run_row(model, ids: torch.Tensor, cfg: Config, repeats: int, warmup: int, log=print,
+            planted: tuple[torch.Tensor, torch.Tensor] | None = None) -> Row:
+    """Time `model.model(ids)` under `cfg`; never raises (a failure is a row with a note). `planted`:
+    (query, key) every attention call sees instead of its own (`planted_attention`)."""
     import attnpatch
 
     device = ids.device
@@ -177,10 +186,14 @@ def run_row(model, ids: torch.Tensor, cfg: Config, repeats: int, warmup: int, lo
             return model.model(input_ids=ids, use_cache=False)
 
     try:
+        def planting():
+            return contextlib.nullcontext() if planted is None else planted_attention(model, *planted)
+
         if cfg.method is None:
-            row.times_ms, row.peak_gib = time_calls(call, repeats, warmup, device)
+            with planting():
+                row.times_ms, row.peak_gib = time_calls(call, repeats, warmup, device)
         else:
-            with attnpatch.patch_model(model, cfg.method, backend=cfg.backend, **cfg.options) as patch:
+            with attnpatch.patch_model(model, cfg.method, backend=cfg.backend, **cfg.options) as patch, planting():
                 row.times_ms, row.peak_gib = time_calls(call, repeats, warmup, device)
                 stats = patch.stats()
             row.backends, row.backend_declined = stats.backends, stats.backend_declined
@@ -197,6 +210,36 @@ def run_row(model, ids: torch.Tensor, cfg: Config, repeats: int, warmup: int, lo
                 torch.cuda.synchronize(device)
             torch.cuda.empty_cache()
     return row
+
+
+@contextlib.contextmanager
+def planted_attention(model, query: torch.Tensor, key: torch.Tensor) -> Iterator[None]:
+    """Every attention call of `model` sees `query` / `key` (e.g. `attnpatch.bench.synthetic.planted_qkv`'s,
+    with the sinks, local band, stripes, slashes and needles of real attention) instead of its own
+    post-RoPE query and key, whatever function runs it (SDPA, attnpatch's patch): the attention function
+    registered under the model's current implementation name is wrapped while the context lasts. Random
+    weights give near-uniform attention, on which score-based methods keep most blocks; with planted Q/K
+    a method chooses the densities of `attnpatch.bench.methods`, and the time to first token shows them."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    name = model.config._attn_implementation
+    had_local = name in ALL_ATTENTION_FUNCTIONS._local_mapping
+    inner = ALL_ATTENTION_FUNCTIONS[name]
+
+    def attend(module, q, k, v, *args, **kwargs):
+        if q.shape != query.shape or k.shape != key.shape:
+            raise ValueError(f"planted Q/K are {tuple(query.shape)} / {tuple(key.shape)}, the call's "
+                             f"{tuple(q.shape)} / {tuple(k.shape)}")
+        return inner(module, query, key, v, *args, **kwargs)
+
+    ALL_ATTENTION_FUNCTIONS[name] = attend
+    try:
+        yield
+    finally:
+        if had_local:
+            ALL_ATTENTION_FUNCTIONS[name] = inner
+        else:
+            del ALL_ATTENTION_FUNCTIONS[name]
 
 
 def add_speedups(rows: list[Row]) -> None:
@@ -254,7 +297,8 @@ def markdown(data: dict) -> str:
              "`model.model(input_ids)` (no LM head, no cache), median of the timed runs (CUDA events; wall clock "
              "off CUDA). "
              "Speedups: over the unpatched model and over the fastest dense row at that length. "
-             "Backends / declined: counts of attention calls over warm-up and timed runs.", "",
+             "Backends / declined: counts of attention calls over warm-up and timed runs. Attention inputs: "
+             f"{env.get('attention_inputs', 'the model’s own Q/K')}.", "",
              "| L | row | ms | vs unpatched | vs best dense | peak GiB | density | skipped | backends that ran "
              "| declined | note |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
@@ -288,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiny", action="store_true", help="a tiny config (CPU tests), not the 8B-shaped one")
     p.add_argument("--layers", type=int, default=None,
                    help="decoder layers (default 2; 32 = Llama-3.1-8B's depth, time to first token)")
+    p.add_argument("--planted", action="store_true",
+                   help="every attention call sees planted synthetic Q/K (attnpatch.bench.synthetic) instead of "
+                        "the random model's near-uniform ones, so score-based methods choose realistic densities")
     p.add_argument("--methods", nargs="+", default=None,
                    help="sparse rows as method specs, e.g. a_shape:block_size=128,local_blocks=16 xattention")
     args = p.parse_args(argv)
@@ -302,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     command = "python -m attnpatch.bench.hf_prefill " + " ".join(sys.argv[1:] if argv is None else argv)
     data: dict[str, Any] = {"environment": environment(command, device, dtype, args.tiny, args.layers), "rows": []}
+    if args.planted:
+        data["environment"]["attention_inputs"] = ("planted synthetic Q/K (attnpatch.bench.synthetic.planted_qkv), "
+                                                   "the same in every layer, instead of the random model's own")
     model = build_model(args.tiny, device, dtype, layers=args.layers)
     vocab = model.config.vocab_size
     rows: list[Row] = []
@@ -309,8 +359,16 @@ def main(argv: list[str] | None = None) -> int:
         g = torch.Generator(device="cpu").manual_seed(length)
         ids = torch.randint(0, vocab, (args.batch, length), generator=g).to(device)
         repeats = args.repeats or default_repeats(length)
+        planted = None
+        if args.planted:
+            from attnpatch.bench.synthetic import planted_qkv
+
+            c = model.config
+            q, k, _ = planted_qkv(args.batch, c.num_attention_heads, c.num_key_value_heads, length, c.head_dim,
+                                  device=device, dtype=dtype)
+            planted = (q, k)
         for cfg in configs(device, args.tiny, sparse_backends, args.methods):
-            rows.append(run_row(model, ids, cfg, repeats, args.warmup))
+            rows.append(run_row(model, ids, cfg, repeats, args.warmup, planted=planted))
             add_speedups(rows)
             data["rows"] = [asdict(r) for r in rows]
             write(data, Path(args.out))  # results so far survive a time limit
