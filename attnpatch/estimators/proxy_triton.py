@@ -9,14 +9,17 @@ while its dot products are ≈ 4 % of a dense `Q·Kᵀ`: the time was memory tra
 
 What the kernel computes: for each scored row `i` (absolute position `p_i`) and key block `c`, over the
 keys `j` of the block that the row may see (`j <= p_i`, a real key, inside the sliding window):
-`top[i, c] = max_j σ·q_i·k_j` (`-inf`: none) and `sums[i, c] = Σ_j exp(σ·q_i·k_j − top[i, c])` — the
-torch path's `block_stats`. One pass, no atomics: a program owns a tile of `BLOCK_M` rows of one
-(batch, KV head) and walks the key blocks its rows may see (up to the block of its last row's position,
-from its first row's window start), one `[BLOCK_M, D] × [D, block]` `tl.dot` per block (float32
-accumulation, exp2 in log2 units), and stores the two `[BLOCK_M]` columns. The outputs are laid out
-`[B, Hkv, C, rows]` so those stores are contiguous; blocks a tile never visits keep `-inf` / 0. The
-per-row normalisation (row max, denominator) and the pooling into `proxy` / `mass` stay torch ops over
-`[rows, C]` statistics, `block`× smaller than the scores.
+`top[i, c] = max_j σ·q_i·k_j` and `sums[i, c] = Σ_j exp(σ·q_i·k_j − top[i, c])` — the torch path's
+`block_stats` — and from them the row's softmax over all its keys, block by block: the block's largest
+probability `exp(top − m) / Z` for a proxy row, its probability mass (that times `sums`) for a head's row.
+A program owns a tile of `BLOCK_M` rows of one (batch, KV head) and walks the key blocks its rows may
+see (up to the block of its last row's position, from its first row's window start). Pass 1: one
+`[BLOCK_M, D] × [D, block]` `tl.dot` per block (float32 accumulation, exp2 in log2 units), `top` and
+`sums` stored, the row max `m` and denominator `Z` kept online. Pass 2 reads the tile's own `top` /
+`sums` back (no dots) and writes the per-block value in place of `top`. No atomics; the outputs are laid
+out `[B, Hkv, C, rows]` so the stores are contiguous; blocks a tile never visits stay 0. Pooling the
+proxy rows of a query block (max) and reshaping the heads' rows stay torch ops over `[rows, C]`, `block`×
+smaller than the scores.
 
 Rows are ordered by query block (each block's `sample` proxy rows, then its heads' last rows), so a
 tile's rows have close positions and see nearly the same key blocks. The proxy row is the group's mean
@@ -65,7 +68,7 @@ if triton_available():
 
     @triton.jit
     def _block_stats_kernel(
-        Q, K, POS, REAL, TOP, SUMS, hkv, n_rows, lk, n_cols, window,
+        Q, K, POS, REAL, VAL, SUMS, hkv, n_rows, lk, n_cols, window, sample, per_block,
         stride_qb, stride_qh, stride_qr, stride_kb, stride_kh, stride_kl, qk_scale,
         HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         HAS_PAD: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -90,6 +93,10 @@ if triton_available():
             low = -tl.reduce(tl.where(row_ok, -pos, -(1 << 30)), 0, _MAX)  # the tile's first row
             c_start = tl.maximum(low - window + 1, 0) // BLOCK_N
         out_base = bh.to(tl.int64) * n_cols * n_rows
+        # Pass 1: per key block, the block's max score and sum of exp2 (log2 units), stored; the row's max
+        # and softmax denominator over all its blocks, kept online.
+        m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        z = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
         for c in range(c_start, c_end):
             kpos = c * BLOCK_N + tl.arange(0, BLOCK_N)
             k_ok = kpos < lk
@@ -105,9 +112,24 @@ if triton_available():
             top = tl.reduce(s, 1, _MAX)
             top_use = tl.where(top == float("-inf"), 0.0, top)
             sums = tl.reduce(tl.exp2(s - top_use[:, None]), 1, _SUM)
+            m_new = tl.maximum(m, top)
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            z = z * tl.exp2(m - m_use) + sums * tl.exp2(top - m_use)
+            m = m_new
             at = out_base + c * n_rows + rows
-            tl.store(TOP + at, top * 0.6931471805599453, mask=row_ok)
+            tl.store(VAL + at, top, mask=row_ok)
             tl.store(SUMS + at, sums, mask=row_ok)
+        # Pass 2 over the tile's own statistics (read back): each block's largest probability
+        # exp2(top − m) / z for a proxy row, its probability mass (that times its sum) for a head's row.
+        m_use = tl.where(m == float("-inf"), 0.0, m)
+        inv_z = tl.where(z > 0, 1.0 / tl.where(z > 0, z, 1.0), 0.0)
+        is_proxy = (rows % per_block) < sample
+        for c in range(c_start, c_end):
+            at = out_base + c * n_rows + rows
+            top = tl.load(VAL + at, mask=row_ok, other=float("-inf"))
+            sums = tl.load(SUMS + at, mask=row_ok, other=0.0)
+            peak = tl.exp2(top - m_use) * inv_z
+            tl.store(VAL + at, tl.where(is_proxy, peak, peak * sums), mask=row_ok)
 
     _KERNEL_INTERPRETED = is_interpreted(_block_stats_kernel)
 else:
@@ -193,21 +215,17 @@ def proxy_scores_triton(query: torch.Tensor, key: torch.Tensor, bounds: KeyBound
         q = with_contiguous_last_dim(q)
         n = index.numel()
         pos = (index + (lk - lq)).to(torch.int32).contiguous()
-        top = torch.full((b, hkv, cc, n), float("-inf"), dtype=torch.float32, device=device)
-        sums = torch.zeros(b, hkv, cc, n, dtype=torch.float32, device=device)
+        val = torch.zeros(b, hkv, cc, n, dtype=torch.float32, device=device)  # blocks never visited: 0
+        sums = torch.empty(b, hkv, cc, n, dtype=torch.float32, device=device)  # visited blocks only
         _block_stats_kernel[(triton.cdiv(n, tile), b * hkv)](
-            q, k, pos, real8, top, sums, hkv, n, lk, cc, 0 if bounds.window is None else int(bounds.window),
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), float(scale) * _LOG2E,
+            q, k, pos, real8, val, sums, hkv, n, lk, cc, 0 if bounds.window is None else int(bounds.window),
+            s, per_block, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            float(scale) * _LOG2E,
             HEAD_D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=tile, BLOCK_N=block,
             HAS_PAD=real is not None, HAS_WINDOW=bounds.window is not None,
             DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=stages,
         )  # fmt: skip
-        # Each block's largest probability, exp(top − m) / Z, over the row's blocks (dim -2 here).
-        m = top.amax(-2, keepdim=True)
-        w = top.sub_(torch.where(torch.isfinite(m), m, 0.0)).exp_()
-        z = (w * sums).sum(-2, keepdim=True)
-        peak = torch.where(z > 0, w.div_(z), 0.0).view(b, hkv, cc, r1 - r0, per_block)
-        proxy[:, :, r0:r1] = peak[..., :s].amax(-1).transpose(-1, -2)
-        heads = peak[..., s:].mul_(sums.view(b, hkv, cc, r1 - r0, per_block)[..., s:])  # [B, Hkv, C, r, G]
-        mass[:, :, r0:r1] = heads.permute(0, 1, 4, 3, 2).reshape(b, hq, r1 - r0, cc)
+        val = val.view(b, hkv, cc, r1 - r0, per_block)
+        proxy[:, :, r0:r1] = val[..., :s].amax(-1).transpose(-1, -2)
+        mass[:, :, r0:r1] = val[..., s:].permute(0, 1, 4, 3, 2).reshape(b, hq, r1 - r0, cc)
     return proxy, mass
