@@ -151,9 +151,14 @@ def test_bad_budgets_are_rejected_with_the_allowed_range(llama):
 
 
 @torch.no_grad()
-def test_streaming_refuses_a_static_cache_and_says_why(llama):
-    with attnpatch.patch_model(llama, decode="streaming", window=8), pytest.raises(ValueError, match="evicts tokens"):
-        llama.generate(random_ids(1, 20), max_new_tokens=3, do_sample=False, cache_implementation="static")
+def test_streaming_on_a_static_cache_keeps_every_token_and_says_so(llama):
+    """A static cache cannot evict: streaming keeps its default layers there (the stats say why) and reads
+    the sinks + window of them at every step."""
+    with attnpatch.patch_model(llama, decode="streaming", window=8) as patch:
+        llama.generate(random_ids(1, 40), max_new_tokens=3, do_sample=False, cache_implementation="static")
+        stats = patch.stats()
+    assert any("cannot evict" in note for note in stats.layers[0]["notes"])
+    assert stats.backends["decode: sink-window gather"] == 2 * len(stats.layers)
 
 
 def test_local_pages_are_always_kept():
