@@ -26,9 +26,9 @@ tile's rows have close positions and see nearly the same key blocks. The proxy r
 query (as the torch path; computed in torch and passed in as a row). GQA: rows are per KV head, K is
 read once per tile and never repeated.
 
-Choices: tiles of 128 rows, 8 warps, 3 stages where a row of Q is at most 256 bytes (D ≤ 128 in 16 bits;
-untuned), else 64 rows with 4 warps; chunks of whole query blocks keep each output under 2^28 elements
-(1 GiB). Declined (the torch path runs): other devices or dtypes, Q and K of different dtypes, head dims
+Choices: tiles of 128 rows, 8 warps, 2 stages where a row of Q is at most 256 bytes (D ≤ 128 in 16 bits;
+the best of 8 configurations at 128K on the H200), else 64 rows with 4 warps (untuned); chunks of whole
+query blocks keep each output under 2^28 elements (1 GiB). Declined (the torch path runs): other devices or dtypes, Q and K of different dtypes, head dims
 above 256, Hq not a multiple of Hkv, a tensor mask (no closed form), blocks that are not powers of two.
 """
 
@@ -53,9 +53,11 @@ OUT_ELEMENTS = 1 << 28  # elements of each statistic per chunk of query blocks (
 
 
 def launch_config(head_dim: int, elem_size: int) -> tuple[int, tuple[int, int]]:
-    """`(rows per tile, (num_warps, num_stages))`."""
+    """`(rows per tile, (num_warps, num_stages))`. H200, llama3-8b layer at 128K (bench/scripts/tune_proxy.py,
+    bench/results/methods_h200_v4/two_pass/tune_proxy.json; the whole `proxy_scores_triton`): 128 rows, 8 warps,
+    2 stages 13.1 ms, the best of 8; 3 stages 15.4 ms; 64 rows 13.6–16.4 ms."""
     if head_dim * elem_size <= 256:
-        return 128, (8, 3)
+        return 128, (8, 2)
     return 64, (4, 2)
 
 
