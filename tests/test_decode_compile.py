@@ -219,7 +219,7 @@ def test_decode_kernel_custom_op_under_the_interpreter():
 # Options under which a decode method reads fewer keys than the tiny caches below hold (64 tokens, pages of
 # 16); a new method is tested with `small_options` alone.
 SPARSE_DECODE = {"quest": {"budget": 48, "dense_layers": 0}, "streaming": {"n_sink": 2, "window": 6},
-                 "blasst": {"a": 1.0}, "recycled": {"budget": 48, "stride": 2}}
+                 "blasst": {"a": 1.0}}
 COMPILABLE = [m for m in DECODE if not m.cls.is_dense and m.cls.compiled_step_reason is None
               and m.cls.static_cache_reason is None]
 
