@@ -130,36 +130,43 @@ def test_page_lists_stop_at_the_written_length():
     assert sparse.clipped(torch.tensor([81])).counts.tolist() == [[3]]  # pages 0, 2, 5 start below 81
 
 
-def test_compiled_decode_step_equals_eager_without_graph_breaks():
-    """A patched decode step on a static cache of Gemma 3 (a sliding and a full layer, left padding),
-    compiled with fullgraph=True (which fails on any graph break): eager's logits, and no stats kept."""
+def _eager_and_compiled_steps(model, prompt: int, steps: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of `steps` greedy decode steps after a left-padded prompt of `prompt` tokens on a static cache
+    of `prompt + 4` slots, run eager, then compiled with fullgraph=True (any graph break fails)."""
     from transformers.cache_utils import StaticCache
 
-    model = tiny_model("gemma3", sliding_window=8)
     ck = _cache_kw(model)
-    ids, mask = left_padded(2, 20, [0, 5])
-    full = torch.cat([mask, torch.ones(2, 3, dtype=mask.dtype)], dim=1)
+    ids, mask = left_padded(2, prompt, [0, 5])
+    full = torch.cat([mask, torch.ones(2, steps, dtype=mask.dtype)], dim=1)
 
     def decode(step_fn):
-        cache = StaticCache(config=model.config, max_cache_len=24)
+        cache = StaticCache(config=model.config, max_cache_len=prompt + 4)
         with torch.no_grad():
             tok = model(ids, attention_mask=mask, **{ck: cache}).logits[:, -1:].argmax(-1)
             logits = []
-            for i in range(3):
-                n = 21 + i
+            for i in range(steps):
+                n = prompt + 1 + i
                 pos = full[:, :n].cumsum(-1)[:, -1:] - 1
                 out = step_fn(input_ids=tok, attention_mask=full[:, :n], position_ids=pos, **{ck: cache})
                 logits.append(out.logits[:, -1])
                 tok = logits[-1].argmax(-1, keepdim=True)
         return torch.stack(logits)
 
-    with attnpatch.patch_model(model, decode="blasst", page_size=16, a=1.0) as patch:
-        eager = decode(model)
+    eager = decode(model)
+    torch._dynamo.reset()
+    try:
+        compiled = decode(torch.compile(model, backend="eager", fullgraph=True, dynamic=False))
+    finally:
         torch._dynamo.reset()
-        try:
-            compiled = decode(torch.compile(model, backend="eager", fullgraph=True, dynamic=False))
-        finally:
-            torch._dynamo.reset()
+    return eager, compiled
+
+
+def test_compiled_decode_step_equals_eager_without_graph_breaks():
+    """A patched decode step on a static cache of Gemma 3 (a sliding and a full layer, left padding),
+    compiled with fullgraph=True (which fails on any graph break): eager's logits, and no stats kept."""
+    model = tiny_model("gemma3", sliding_window=8)
+    with attnpatch.patch_model(model, decode="blasst", page_size=16, a=1.0) as patch:
+        eager, compiled = _eager_and_compiled_steps(model, 20)
         stats = patch.stats()
     torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
     assert stats.layers[0]["decode_calls"] == 3  # the compiled steps keep no stats
@@ -230,34 +237,10 @@ def test_every_compilable_decode_method_compiles_to_its_eager_step(family, windo
     """Every decode method that runs on a static cache and in a compiled step, at a setting that reads a
     part of the cache: three steps compiled with fullgraph=True (no graph break) give eager's logits, on
     a left-padded batch."""
-    from transformers.cache_utils import StaticCache
-
     model = tiny_model(family, sliding_window=window)
-    ck = _cache_kw(model)
-    ids, mask = left_padded(2, 60, [0, 5])
-    full = torch.cat([mask, torch.ones(2, 3, dtype=mask.dtype)], dim=1)
-
-    def decode(step_fn):
-        cache = StaticCache(config=model.config, max_cache_len=64)
-        with torch.no_grad():
-            tok = model(ids, attention_mask=mask, **{ck: cache}).logits[:, -1:].argmax(-1)
-            logits = []
-            for i in range(3):
-                n = 61 + i
-                pos = full[:, :n].cumsum(-1)[:, -1:] - 1
-                out = step_fn(input_ids=tok, attention_mask=full[:, :n], position_ids=pos, **{ck: cache})
-                logits.append(out.logits[:, -1])
-                tok = logits[-1].argmax(-1, keepdim=True)
-        return torch.stack(logits)
-
     options = small_options(info) | SPARSE_DECODE.get(info.name, {})
     with attnpatch.patch_model(model, decode=info.name, **options):
-        eager = decode(model)
-        torch._dynamo.reset()
-        try:
-            compiled = decode(torch.compile(model, backend="eager", fullgraph=True, dynamic=False))
-        finally:
-            torch._dynamo.reset()
+        eager, compiled = _eager_and_compiled_steps(model, 60)
     torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
 
 

@@ -38,8 +38,9 @@ import torch
 
 from attnpatch.backends.triton.utils import (
     is_interpreted,
+    is_pow2,
     on_input_device,
-    tensor_device_ok,
+    scorer_input_reason,
     triton_available,
     with_contiguous_last_dim,
 )
@@ -138,33 +139,15 @@ else:
     _KERNEL_INTERPRETED = False
 
 
-def _pow2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
-
 
 def unsupported_reason(query: torch.Tensor, key: torch.Tensor, bounds: KeyBounds, block: int) -> str | None:
     """Why the kernel cannot score these inputs (None when it can): the caller runs the torch path."""
-    if not triton_available():
-        return "triton is not installed"
-    if not tensor_device_ok(query, _KERNEL_INTERPRETED) or key.device != query.device:
-        return f"device {query.device} (need CUDA, or CPU with TRITON_INTERPRET=1 set before import)"
-    if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"dtype {query.dtype}; allowed: float16, bfloat16, float32"
-    if key.dtype != query.dtype:
-        return f"query dtype {query.dtype} and key dtype {key.dtype} differ"
-    if query.dim() != 4 or key.dim() != 4 or query.shape[-1] != key.shape[-1]:
-        return f"shapes {tuple(query.shape)} / {tuple(key.shape)} (need [B, H, L, D] with one head dim)"
-    if query.shape[-1] > 256:
-        return f"head dim {query.shape[-1]} above 256"
-    if query.shape[1] % key.shape[1]:
-        return f"{query.shape[1]} query heads are not a multiple of {key.shape[1]} KV heads"
-    if query.shape[2] > key.shape[2]:
-        return f"more queries ({query.shape[2]}) than keys ({key.shape[2]})"
-    if bounds.mask is not None:
-        return "a tensor attention mask (no closed form)"
-    if not _pow2(block) or block < 16:
-        return f"block {block} (need a power of two >= 16)"
-    return None
+    reason = scorer_input_reason(query, key, _KERNEL_INTERPRETED)
+    if reason is None and bounds.mask is not None:
+        reason = "a tensor attention mask (no closed form)"
+    if reason is None and (not is_pow2(block) or block < 16):
+        reason = f"block {block} (need a power of two >= 16)"
+    return reason
 
 
 def scored_rows(query: torch.Tensor, kv_heads: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

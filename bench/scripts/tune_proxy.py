@@ -12,24 +12,13 @@ import json
 from pathlib import Path
 
 import torch
+from tune_antidiagonal import timed  # this folder's timing: CUDA events after one warm-up call
 
 from attnpatch.bench.methods import SHAPES
 from attnpatch.bench.synthetic import planted_qkv
 from attnpatch.estimators import proxy_triton
 from attnpatch.estimators.proxy import proxy_scores_torch, sampled_rows
 from attnpatch.sparsity import KeyBounds
-
-
-def timed(fn, reps: int = 5) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
 
 
 def main() -> None:
@@ -49,11 +38,11 @@ def main() -> None:
     results = []
     if a.torch_path:
         results.append({"config": "torch path", "ms": timed(lambda: proxy_scores_torch(q, k, bounds, scale, block,
-                                                                                       sample), reps=2)})
+                                                                                       sample), 2)})
     for tile, warps, stages in itertools.product(*(map(int, x.split(",")) for x in (a.tiles, a.warps, a.stages))):
         try:
             ms = timed(lambda t=tile, w=warps, s=stages: proxy_triton.proxy_scores_triton(
-                q, k, bounds, scale, block, rows, tile_rows=t, launch=(w, s)))
+                q, k, bounds, scale, block, rows, tile_rows=t, launch=(w, s)), 5)
         except Exception as e:  # noqa: BLE001  (a config that does not fit is a result)
             results.append({"config": f"{tile} rows, {warps} warps, {stages} stages", "error": str(e)[:200]})
             continue

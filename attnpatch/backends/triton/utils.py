@@ -44,6 +44,33 @@ def tensor_device_ok(t: torch.Tensor, interpreted: bool) -> bool:
     return t.is_cuda or (t.device.type == "cpu" and interpreted)
 
 
+def is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def scorer_input_reason(query: torch.Tensor, key: torch.Tensor, interpreted: bool, max_head_dim: int = 256
+                        ) -> str | None:
+    """Why a Triton block scorer (an estimator's kernel) cannot read `query [B, Hq, Lq, D]` and `key
+    [B, Hkv, Lk, D]` (queries aligned to the end of the keys), or None; the caller adds its own limits."""
+    if not triton_available():
+        return "triton is not installed"
+    if not tensor_device_ok(query, interpreted) or key.device != query.device:
+        return f"device {query.device} (need CUDA, or CPU with TRITON_INTERPRET=1 set before import)"
+    if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {query.dtype}; allowed: float16, bfloat16, float32"
+    if key.dtype != query.dtype:
+        return f"query dtype {query.dtype} and key dtype {key.dtype} differ"
+    if query.dim() != 4 or key.dim() != 4 or query.shape[-1] != key.shape[-1]:
+        return f"shapes {tuple(query.shape)} / {tuple(key.shape)} (need [B, H, L, D] with one head dim)"
+    if query.shape[-1] > max_head_dim:
+        return f"head dim {query.shape[-1]} above {max_head_dim}"
+    if query.shape[1] % key.shape[1]:
+        return f"{query.shape[1]} query heads are not a multiple of {key.shape[1]} KV heads"
+    if query.shape[2] > key.shape[2]:
+        return f"more queries ({query.shape[2]}) than keys ({key.shape[2]})"
+    return None
+
+
 def with_contiguous_last_dim(t: torch.Tensor) -> torch.Tensor:
     """`t` itself when its last dimension has unit stride, else a contiguous copy."""
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
