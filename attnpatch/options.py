@@ -172,10 +172,15 @@ def option(default: Any, help: str = "", *, min: float | None = None, max: float
 
 
 def option_specs(cls: type) -> tuple[OptionSpec, ...]:
-    """The options a method dataclass declares (its init fields), in declaration order."""
+    """The options a method dataclass declares (its init fields): the class's own in declaration order,
+    then those it inherits (a base's shared options, e.g. `dense_tail`, come last)."""
     hints = typing.get_type_hints(cls)
     specs = []
-    for f in dataclasses.fields(cls):
+
+    def declared_at(f: dataclasses.Field) -> int:
+        return next(i for i, k in enumerate(cls.__mro__) if f.name in vars(k).get("__annotations__", {}))
+
+    for f in sorted(dataclasses.fields(cls), key=declared_at):
         if not f.init:
             continue
         meta = f.metadata

@@ -7,12 +7,13 @@ from typing import ClassVar
 import pytest
 import torch
 import torch.nn.functional as F
-from method_cases import random_qkv
+from method_cases import calibration_options, random_qkv
 
 from attnpatch.backends.reference import block_sparse_attention
-from attnpatch.methods.base import PrefillContext
+from attnpatch.methods.base import DenseFallback, PrefillContext
 from attnpatch.methods.estimated import BlockScores, EstimatedPrefill
 from attnpatch.options import option
+from attnpatch.registry import get_method, method_infos
 from attnpatch.sparsity import KeyBounds, num_blocks
 from attnpatch.sparsity.regions import allowed_blocks, forced_blocks
 from attnpatch.sparsity.selectors import CumulativeMass, TopK
@@ -185,3 +186,43 @@ def test_window_layers_run_their_window_and_select_time_is_counted():
         assert stats.select_ms == full["select_ms"] + window["select_ms"] and window["select_ms"] == 0
     finally:
         _TABLES["prefill"].pop("test_toy", None)
+
+
+ESTIMATED = [m for m in method_infos("prefill") if issubclass(m.cls, EstimatedPrefill)]
+
+
+@pytest.mark.parametrize("lq", [200, 90], ids=["prefill", "chunked"])
+@pytest.mark.parametrize("bounds_name", ["plain", "left-padded", "window"])
+@pytest.mark.parametrize("info", ESTIMATED, ids=[m.name for m in ESTIMATED])
+def test_dense_tail_keeps_every_allowed_key_for_the_last_queries_only(info, bounds_name, lq):
+    """`dense_tail` (every score-based method): the query blocks holding the call's last `dense_tail`
+    queries keep every key block they may see; the other blocks keep the method's own selection."""
+    bounds = {"plain": KeyBounds(), "left-padded": KeyBounds(key_start=torch.tensor([0, 50])),
+              "window": KeyBounds(window=120)}[bounds_name]
+    options = calibration_options(info.name) | ({"local_blocks": 1} if "local_blocks" in info.option_names else {})
+    q, k, _ = _inputs(lq=lq, lk=200, planted=True)
+    ctx = PrefillContext(0, 0.25, bounds, bounds.window)
+    plain = info.build(options).select(q, k, ctx)
+    tailed = info.build(options | {"dense_tail": 20}).select(q, k, ctx)
+    assert not isinstance(plain, DenseFallback) and not isinstance(tailed, DenseFallback)
+    bs = plain.block_q
+    first_tail = (lq - 20) // bs
+    allowed = allowed_blocks(2, lq, 200, bs, bs, bounds).expand(-1, q.shape[1], -1, -1)
+    got, own = tailed.to_block_mask(), plain.to_block_mask()
+    assert torch.equal(got[:, :, first_tail:], allowed[:, :, first_tail:])
+    assert torch.equal(got[:, :, :first_tail], own[:, :, :first_tail])
+
+
+def test_dense_tail_rounds_up_to_whole_query_blocks():
+    q, k, _ = _inputs()
+    ctx = PrefillContext(0, 0.25, KeyBounds(), None)
+    own = ToyTopK(budget=0.0).select(q, k, ctx).to_block_mask()
+    got = ToyTopK(budget=0.0, dense_tail=14).select(q, k, ctx).to_block_mask()  # 77 tokens: rows 4 (13) and 3
+    allowed = allowed_blocks(2, 77, 77, 16, 16, KeyBounds()).expand(-1, 4, -1, -1)
+    assert not torch.equal(own[:, :, 3:], allowed[:, :, 3:])
+    assert torch.equal(got[:, :, 3:], allowed[:, :, 3:]) and torch.equal(got[:, :, :3], own[:, :, :3])
+
+
+def test_dense_tail_is_checked():
+    with pytest.raises(ValueError, match="dense_tail"):
+        get_method("proxyattn", "prefill").build({"dense_tail": -1})

@@ -129,14 +129,15 @@ def test_infiniretri_passkey_reads_chunk_by_chunk_and_other_tasks_say_they_do_no
     real = infiniretri.generate_long
 
     def counted(*args, **kwargs):
-        calls.append(args[1].shape)
+        calls.append((args[1].shape, args[2].shape))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(infiniretri, "generate_long", counted)
     files = run_grid("tiny:llama", ["dense"], ["passkey"], [256], 2, tmp_path,
                      decode="infiniretri:budget=64,chunk_size=64")
     result = json.loads(files[0].read_text())
-    assert len(calls) == 2 and all(shape[1] > 200 for shape in calls)  # each prompt read in chunks
+    # each prompt's context read in chunks, scored with the question apart
+    assert len(calls) == 2 and all(context[1] > 3 * 64 and 5 < question[1] < 20 for context, question in calls)
     assert 0 <= result["scores"]["passkey"] <= 1 and result["notes"] == []
     files = run_grid("tiny:llama", ["dense"], ["passkey"], [256], 1, tmp_path / "b")
     assert json.loads(files[0].read_text())["notes"] == [] and len(calls) == 2

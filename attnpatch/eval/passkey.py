@@ -19,6 +19,15 @@ class PasskeySample:
     passkey: str
     depth: float
 
+    @property
+    def context(self) -> str:
+        """The prompt without its closing question (what a reader that takes the question apart reads)."""
+        return self.prompt[: -len(_QUESTION)]
+
+    @property
+    def question(self) -> str:
+        return _QUESTION
+
     def is_correct(self, answer: str) -> bool:
         """True when the first number in the answer is the passkey."""
         digits = "".join(ch if ch.isdigit() else " " for ch in answer).split()

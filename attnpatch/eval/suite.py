@@ -107,8 +107,9 @@ def grid_specs(methods: Sequence[str | PatchSpec], options: Mapping[str, Mapping
 
 
 def _passkey(model, tok, length: int, limit: int, long_read: bool = False) -> float:
-    """Passkey accuracy; `long_read` (decode `infiniretri`): the prompt is read chunk by chunk
-    (`generate_long`, scoring with each chunk's last tokens), then the answer is generated."""
+    """Passkey accuracy; `long_read` (decode `infiniretri`): the context is read chunk by chunk with
+    the question appended to each chunk to score what is kept (`generate_long`, as InfiniRetri reads a
+    question-answering input), then the answer is generated after the question."""
     correct = 0
     for i in range(limit):
         sample = passkey_sample(tok, target_tokens=length - 16, depth=(i + 0.5) / limit, seed=1000 + i)
@@ -117,7 +118,9 @@ def _passkey(model, tok, length: int, limit: int, long_read: bool = False) -> fl
             if long_read:
                 from attnpatch.methods.decode.infiniretri import generate_long
 
-                new = generate_long(model, ids.input_ids, max_new_tokens=8, do_sample=False,
+                context = tok(sample.context, return_tensors="pt").input_ids
+                question = tok(sample.question, add_special_tokens=False, return_tensors="pt").input_ids
+                new = generate_long(model, context, question, max_new_tokens=8, do_sample=False,
                                     pad_token_id=tok.eos_token_id)[0]
             else:
                 new = model.generate(**ids, max_new_tokens=8, do_sample=False,

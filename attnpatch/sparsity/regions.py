@@ -1,6 +1,6 @@
 """Block-level regions every prefill method shares: where keys may be seen at all (causal, sliding
 window, padding) and the regions methods force in (sinks from each row's first real token, the local
-band up to the diagonal). All masks are `[B, 1, R, C]` booleans over blocks, never over tokens."""
+band up to the diagonal, the dense tail of the last query rows). All masks are `[B, 1, R, C]` booleans over blocks, never over tokens."""
 
 from __future__ import annotations
 
@@ -56,3 +56,11 @@ def forced_blocks(batch: int, q_len: int, kv_len: int, block_q: int, block_k: in
         sink = (c >= start // block_k) & (c <= (start + sink_blocks * block_k - 1) // block_k)
         keep = keep | sink
     return (keep & (c <= hi)).expand(batch, 1, hi.shape[2], c.shape[-1])
+
+
+def tail_blocks(q_len: int, block_q: int, tail: int, device=None) -> torch.Tensor:
+    """`[1, 1, R, 1]`: the query blocks holding any of the last `tail` queries (each keeps every key
+    block it may see once combined with `allowed_blocks`)."""
+    rows = num_blocks(q_len, block_q)
+    first = max(q_len - tail, 0) // block_q if tail > 0 else rows
+    return (torch.arange(rows, device=device) >= first).view(1, 1, -1, 1)
