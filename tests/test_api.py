@@ -16,7 +16,8 @@ def test_list_methods_describes_every_method():
     methods = {(m["phase"], m["name"]): m for m in attnpatch.list_methods()}
     assert {("prefill", "dense"), ("decode", "dense"), ("prefill", "blasst"), ("decode", "blasst"),
             ("prefill", "a_shape"), ("decode", "streaming")} <= set(methods)
-    assert methods["prefill", "a_shape"]["options"] == {"block_size": 64, "sink_blocks": 1, "local_blocks": 8}
+    assert methods["prefill", "a_shape"]["options"] == {"block_size": 64, "sink_blocks": 1, "local_blocks": 8,
+                                                     "dense_tail": 0}
     assert methods["decode", "streaming"]["options"] == {"n_sink": 4, "window": 512}
     assert methods["prefill", "blasst"]["options"] == {"a": 128.0, "convention": "scaled", "block_size": 128}
     assert methods["decode", "blasst"]["options"] == {"a": 1.0, "convention": "scaled", "page_size": 128}
@@ -31,7 +32,7 @@ def test_list_methods_describes_every_method():
         (dict(method="streaming"), r"decode='streaming'"),
         (dict(decode="a_shape"), r"method='a_shape'"),
         (dict(decode="nope"), r"available decode methods: blasst, dense, (\w+, )*streaming"),
-        (dict(method="a_shape", blocksize=64), r"unknown option 'blocksize'.*block_size, local_blocks, sink_blocks"),
+        (dict(method="a_shape", blocksize=64), r"unknown option 'blocksize'.*block_size, dense_tail, local_blocks, sink_blocks"),
         (dict(method="dense", window=4), r"unknown option 'window'.*allowed options: none"),
         (dict(method="a_shape", block_size="48"), r"block_size.*one of 16, 32, 64, 128, got 48"),
         (dict(method="a_shape", block_size=64.0), r"block_size.*one of 16, 32, 64, 128.*\(float\)"),
