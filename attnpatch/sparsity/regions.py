@@ -1,6 +1,7 @@
 """Block-level regions every prefill method shares: where keys may be seen at all (causal, sliding
 window, padding) and the regions methods force in (sinks from each row's first real token, the local
-band up to the diagonal, the dense tail of the last query rows). All masks are `[B, 1, R, C]` booleans over blocks, never over tokens."""
+band up to the diagonal, the dense tail of the last query rows). All masks are `[B, 1, R, C]` booleans
+over blocks, never over tokens."""
 
 from __future__ import annotations
 
