@@ -51,3 +51,9 @@ def passkey_sample(tokenizer, target_tokens: int = 4096, depth: float = 0.5, see
     before = round(reps * depth)
     prompt = _INTRO + _FILLER * before + needle + _FILLER * (reps - before) + _QUESTION
     return PasskeySample(prompt, key, depth)
+
+
+def suite_passkey_sample(tokenizer, length: int, index: int, limit: int) -> PasskeySample:
+    """Prompt `index` of the evaluation suite's `limit` passkey prompts for a `length`-token context:
+    seed `1000 + index`, needle depth `(index + 0.5) / limit`, 16 tokens left for the answer."""
+    return passkey_sample(tokenizer, target_tokens=length - 16, depth=(index + 0.5) / limit, seed=1000 + index)

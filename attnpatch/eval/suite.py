@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from attnpatch.api import patch_model
-from attnpatch.eval.passkey import passkey_sample
+from attnpatch.eval.passkey import passkey_sample, suite_passkey_sample
 from attnpatch.eval.perplexity import window_perplexity
 from attnpatch.models import load, resolve
 from attnpatch.spec import PatchSpec
@@ -112,8 +112,7 @@ def _passkey(model, tok, length: int, limit: int, long_read: bool = False) -> fl
     question-answering input), then the answer is generated after the question."""
     correct = 0
     for i in range(limit):
-        sample = passkey_sample(tok, target_tokens=length - 16, depth=(i + 0.5) / limit, seed=1000 + i)
-        ids = tok(sample.prompt, return_tensors="pt").to(model.device)
+        sample = suite_passkey_sample(tok, length, i, limit)
         with torch.no_grad():
             if long_read:
                 from attnpatch.methods.decode.infiniretri import generate_long
@@ -123,6 +122,7 @@ def _passkey(model, tok, length: int, limit: int, long_read: bool = False) -> fl
                 new = generate_long(model, context, question, max_new_tokens=8, do_sample=False,
                                     pad_token_id=tok.eos_token_id)[0]
             else:
+                ids = tok(sample.prompt, return_tensors="pt").to(model.device)
                 new = model.generate(**ids, max_new_tokens=8, do_sample=False,
                                      pad_token_id=tok.eos_token_id)[0, ids.input_ids.shape[1]:]
         correct += sample.is_correct(tok.decode(new, skip_special_tokens=True))

@@ -51,7 +51,7 @@ from transformers.cache_utils import DynamicSlidingWindowLayer
 from attnpatch.adapters.cache_arg import cache_kwarg
 from attnpatch.api import patch_model
 from attnpatch.cache import install_layers
-from attnpatch.eval.passkey import passkey_sample
+from attnpatch.eval.passkey import suite_passkey_sample
 from attnpatch.models import load, resolve
 from attnpatch.registry import get_method
 from attnpatch.spec import PatchSpec
@@ -102,7 +102,7 @@ def prompts(task: str, tok, length: int, limit: int, seed: int = 0, model: str =
     if task == "passkey":
         out = []
         for i in range(limit):
-            s = passkey_sample(tok, target_tokens=length - 16, depth=(i + 0.5) / limit, seed=1000 + i)
+            s = suite_passkey_sample(tok, length, i, limit)
             out.append(Prompt(s.prompt, (s.passkey,), s.depth, s.is_correct))
         return out
     found = ruler_task(task, model, length, limit, seed)

@@ -2,7 +2,7 @@
 
     python bench/scripts/passkey_pairs.py 4096 20 proxyattn:gamma=0.95 proxyattn:gamma=0.95,dense_tail=1 [OUT.json]
 
-Same prompts as `attnpatch eval --tasks passkey` (seeds 1000+i, depths (i+0.5)/limit), greedy 8 tokens,
+Same prompts as `attnpatch eval --tasks passkey` (`suite_passkey_sample`), greedy 8 tokens,
 the reference backend (CPU), the embedded SmolLM2. Prints one row per prompt: A's answer and density,
 and B's where A failed. A quick way to ask "does B rescue what A loses" at half the cost of two full runs;
 B's accuracy on A's successes needs a full `attnpatch eval` of B.
@@ -14,7 +14,7 @@ import sys
 import torch
 
 from attnpatch import patch_model
-from attnpatch.eval.passkey import passkey_sample
+from attnpatch.eval.passkey import suite_passkey_sample
 from attnpatch.models import load
 
 
@@ -24,7 +24,7 @@ def main() -> None:
     model, tok = load("smollm2")
 
     def run(spec: str, i: int) -> tuple[int, str, float]:
-        s = passkey_sample(tok, target_tokens=length - 16, depth=(i + 0.5) / limit, seed=1000 + i)
+        s = suite_passkey_sample(tok, length, i, limit)
         ids = tok(s.prompt, return_tensors="pt").to(model.device)
         with patch_model(model, spec, backend="reference") as p, torch.no_grad():
             new = model.generate(**ids, max_new_tokens=8, do_sample=False,
