@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from attnpatch import PatchSpec
 from attnpatch.eval.report import load_runs, nominal, pareto, runs_table, write_report
@@ -143,3 +144,29 @@ def test_infiniretri_passkey_reads_chunk_by_chunk_and_other_tasks_say_they_do_no
     assert json.loads(files[0].read_text())["notes"] == [] and len(calls) == 2
     run = SimpleNamespace(spec=SimpleNamespace(decode="infiniretri"))
     assert "perplexity" in _notes(run, ["passkey", "perplexity"])[0]
+
+
+def test_a_stopped_run_keeps_its_finished_tasks_and_a_fidelity_oom_keeps_the_scores(tmp_path, monkeypatch):
+    import attnpatch.eval.suite as suite
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt  # what a deadline's kill looks like from inside: the run ends mid-task
+
+    monkeypatch.setattr(suite, "window_perplexity", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        suite.run_grid("tiny:llama", ["a_shape:block_size=32"], ["passkey", "perplexity"], [256], 1, tmp_path)
+    partial = json.loads((tmp_path / "a_shape_block_size32_L256.json").read_text())
+    assert partial["complete"] is False and set(partial["scores"]) == {"passkey"}
+    assert set(partial["task_seconds"]) == {"passkey"} and partial["fidelity"] is None
+    assert "(stopped before its end)" in runs_table(load_runs(tmp_path))
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9 GiB")
+
+    monkeypatch.undo()
+    monkeypatch.setattr(suite, "_fidelity", out_of_memory)
+    files = suite.run_grid("tiny:llama", ["a_shape:block_size=32"], ["passkey"], [256], 1, tmp_path / "b")
+    done = json.loads(files[0].read_text())
+    assert done["complete"] is True and set(done["scores"]) == {"passkey"}
+    assert done["fidelity"] == {"error": "out of memory: CUDA out of memory. Tried to allocate 9 GiB"}
+    assert "| 256 | a_shape(block_size=32) | " in runs_table(load_runs(tmp_path / "b"))

@@ -71,8 +71,9 @@ def runs_table(runs: list[dict]) -> str:
         skip = "-" if r.get("skipped_fraction") is None else f"{r['skipped_fraction']:.3f}"
         dens = f"{computed_density(r):.3f}"
         cells = [f"{r['scores'][t]:.3f}" if t in r["scores"] else "-" for t in tasks]
-        recall = f"{r['fidelity']['recall']:.3f}" if r.get("fidelity") else "-"
-        row = f"| {r['length']} | {_label(r)} | {dens} | {skip} | {recall} | " + " | ".join(cells) + " |"
+        recall = f"{r['fidelity']['recall']:.3f}" if (r.get("fidelity") or {}).get("recall") is not None else "-"
+        label = _label(r) + (" (stopped before its end)" if r.get("complete") is False else "")
+        row = f"| {r['length']} | {label} | {dens} | {skip} | {recall} | " + " | ".join(cells) + " |"
         lines.append(row + (f" {_setting(r)} |" if mixed else ""))
     return "\n".join(lines)
 

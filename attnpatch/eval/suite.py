@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -165,15 +165,36 @@ def _notes(run: RunSpec, tasks) -> list[str]:
 
 
 def run_one(model, tok, run: RunSpec, tasks, limit: int, model_name: str, model_path: str,
-            measure_fidelity: bool = True, max_gen_toks: int | None = None) -> dict:
+            measure_fidelity: bool = True, max_gen_toks: int | None = None,
+            on_task: Callable[[dict], None] | None = None) -> dict:
     """One (spec, length) run over `tasks` (the patch is active for all of them), plus the fidelity of
     the same prefill method on one prompt (attention recall, output error, density). `max_gen_toks`
     caps the RULER tasks' generation (their own setting otherwise: 128 tokens for the NIAH tasks,
-    whose answers are a few tokens and scored by inclusion)."""
+    whose answers are a few tokens and scored by inclusion). `on_task` receives the result so far
+    (`"complete": False`, the finished tasks' scores) after each task, so a caller can keep the tasks
+    of a run that is stopped before its end. The fidelity measurement builds dense attention maps; when
+    it runs out of GPU memory its entry records that instead of losing the run's scores."""
     scores: dict[str, float] = {}
+    task_seconds: dict[str, float] = {}
     start = time.time()
+
+    def result(stats, fidelity, complete: bool) -> dict:
+        return {"model": model_name, "method": run.method, "options": run.options, "decode": run.spec.decode,
+                "decode_options": dict(run.spec.decode_options), "spec": run.spec.to_dict(), "length": run.length,
+                "limit": limit, "max_gen_toks": max_gen_toks, "scores": dict(scores), "complete": complete,
+                "density": stats.density, "skipped_fraction": stats.skipped_fraction,
+                "decode_density": stats.decode_density, "dense_fallbacks": stats.dense_fallbacks,
+                "backends": stats.backends, "backend_declined": stats.backend_declined,
+                "density_per_layer": [d["density"] for d in stats.layers],
+                "skipped_per_layer": [d["skipped_tiles"] / d["visited_tiles"] if d["visited_tiles"] else 0.0
+                                      for d in stats.layers],
+                "fidelity": fidelity, "notes": _notes(run, tasks), "seconds": round(time.time() - start, 1),
+                "task_seconds": dict(task_seconds), "device": str(model.device), "dtype": str(model.dtype),
+                "torch": torch.__version__}
+
     with patch_model(model, run.spec.for_evaluation()) as patch:  # the method's scores, never gated
         for task in tasks:
+            t0 = time.time()
             if task == "passkey":
                 scores[task] = _passkey(model, tok, run.length, limit, long_read=run.spec.decode == "infiniretri")
             elif task == "perplexity":
@@ -182,19 +203,18 @@ def run_one(model, tok, run: RunSpec, tasks, limit: int, model_name: str, model_
                 scores[task] = window_perplexity(model, tok, austen(), run.length)
             else:
                 scores[task] = _ruler(model, tok, task, run.length, limit, model_path, max_gen_toks)
+            task_seconds[task] = round(time.time() - t0, 1)
+            if on_task is not None:
+                on_task(result(patch.stats(), None, complete=False))
         stats = patch.stats()
-    fidelity = _fidelity(model, tok, run) if measure_fidelity else None
-    return {"model": model_name, "method": run.method, "options": run.options, "decode": run.spec.decode,
-            "decode_options": dict(run.spec.decode_options), "spec": run.spec.to_dict(), "length": run.length,
-            "limit": limit, "max_gen_toks": max_gen_toks, "scores": scores, "density": stats.density,
-            "skipped_fraction": stats.skipped_fraction, "decode_density": stats.decode_density,
-            "dense_fallbacks": stats.dense_fallbacks, "backends": stats.backends,
-            "backend_declined": stats.backend_declined,
-            "density_per_layer": [d["density"] for d in stats.layers],
-            "skipped_per_layer": [d["skipped_tiles"] / d["visited_tiles"] if d["visited_tiles"] else 0.0
-                                  for d in stats.layers],
-            "fidelity": fidelity, "notes": _notes(run, tasks), "seconds": round(time.time() - start, 1),
-            "device": str(model.device), "dtype": str(model.dtype), "torch": torch.__version__}
+    fidelity = None
+    if measure_fidelity:
+        try:
+            fidelity = _fidelity(model, tok, run)
+        except torch.OutOfMemoryError as err:
+            torch.cuda.empty_cache()
+            fidelity = {"error": f"out of memory: {str(err).splitlines()[0]}"}
+    return result(stats, fidelity, complete=True)
 
 
 def run_grid(model_name: str, methods: Sequence[str | PatchSpec], tasks: Sequence[str], lengths: Sequence[int],
@@ -223,9 +243,14 @@ def run_grid(model_name: str, methods: Sequence[str | PatchSpec], tasks: Sequenc
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for run in tqdm(runs, desc="attnpatch eval"):
-        result = run_one(model, tok, run, tasks, limit, model_name, resolve(model_name), max_gen_toks=max_gen_toks)
         path = out / f"{run.name}.json"
-        path.write_text(json.dumps(result, indent=1))
+
+        def save(result: dict, path: Path = path) -> None:
+            path.write_text(json.dumps(result, indent=1))
+
+        result = run_one(model, tok, run, tasks, limit, model_name, resolve(model_name), max_gen_toks=max_gen_toks,
+                         on_task=save)
+        save(result)
         written.append(path)
         tqdm.write(f"{run.name}: {result['scores']} density {result['density']} on {result['backends']}")
     return written
