@@ -106,7 +106,8 @@ def _compiled_decode(state: PatchState, plan: LayerPlan, module, query, key, val
                      bounds, scale, dropout, scaling, cache_layer, kwargs):
     """A decode step inside `torch.compile`: the same method and backend choice as eager, without the
     per-call statistics and observers (Python counters read back every step would be guarded on and
-    recompile; tile counters would be outputs a CUDA graph mutates). `Patch.stats()` counts eager steps."""
+    recompile; tile counters would be outputs a CUDA graph mutates). `Patch.stats()` counts eager steps.
+    The method's `compiled_step` decides what to read; `attend` runs it (None: a dense decode)."""
     if state.observers:
         raise RuntimeError("attnpatch observers (calibration, fidelity probes) see eager calls only: run the decode "
                            "steps they should observe without torch.compile")
@@ -114,21 +115,27 @@ def _compiled_decode(state: PatchState, plan: LayerPlan, module, query, key, val
     reason = type(method).compiled_step_reason
     if reason is not None:
         raise RuntimeError(f"decode method {method.name!r} cannot run in a compiled decode step: {reason}")
-    pages = None
-    if not method.is_dense:
-        pages = _select_pages(method, query, key, DecodeContext(module.layer_idx, scale, bounds, plan.sliding_window,
-                                                                cache_layer))
-    if pages is None:
-        out = None
-        if not method.is_dense and dropout == 0.0:
-            out, _ = state.backends.dense_decode(query, key, value, scale=scale, bounds=bounds, declined=[])
-        if out is not None:
-            return out.transpose(1, 2).contiguous(), None
-        mask = _dense_mask(attention_mask, positions, key.shape[2])
-        return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
-    if isinstance(pages, DecodeOutput):
-        return pages.out.transpose(1, 2).contiguous(), None
-    out, _ = state.backends.decode(query, key, value, pages, scale=scale, bounds=bounds, declined=[])
+
+    def attend(pages: PageSelection | None) -> torch.Tensor:
+        if pages is None:
+            if not method.is_dense and dropout == 0.0:
+                out, _ = state.backends.dense_decode(query, key, value, scale=scale, bounds=bounds, declined=[])
+                if out is not None:
+                    return out
+            mask = _dense_mask(attention_mask, positions, key.shape[2])
+            return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling,
+                                          **kwargs)[0].transpose(1, 2)
+        if bounds.key_end is not None and not pages.within_written:
+            pages = pages.clipped(bounds.key_end)
+        out, _ = state.backends.decode(query, key, value, pages, scale=scale, bounds=bounds, declined=[])
+        return out
+
+    if method.is_dense:
+        out = attend(None)
+    else:
+        state.backends.resolve_decode_devices(query.device)
+        ctx = DecodeContext(module.layer_idx, scale, bounds, plan.sliding_window, cache_layer)
+        out = method.compiled_step(query, key, ctx, attend)
     return out.transpose(1, 2).contiguous(), None
 
 

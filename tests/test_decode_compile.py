@@ -288,3 +288,79 @@ def test_quest_lists_skip_the_written_length_clip(monkeypatch):
     with attnpatch.patch_model(model, decode="quest", **options):
         ref = model.generate(ids, **kw)
     assert clips and torch.equal(out, ref)
+
+
+def test_recycled_compiled_steps_keep_its_schedule_on_the_device_without_recompiling():
+    """`recycled` compiled (fullgraph, aot_eager: traced and functionalised, no code generation): refreshes
+    and recycled steps over 8 decode steps at stride 3 give eager's logits without recompiling from step to
+    step, and the device schedule ends where eager's host one does."""
+    from transformers.cache_utils import StaticCache
+
+    from attnpatch.cache import StaticRecycledLayer
+
+    model = tiny_model("llama")
+    ck = _cache_kw(model)
+    ids, mask = left_padded(2, 60, [0, 5])
+    steps = 8
+    full = torch.cat([mask, torch.ones(2, steps, dtype=mask.dtype)], dim=1)
+    graphs = []
+
+    def counting(gm, inputs):  # functionalised as inductor would (cond branches must not alias their inputs)
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, inputs)
+
+    def decode(step_fn, cache):
+        with torch.no_grad():
+            tok = model(ids, attention_mask=mask, **{ck: cache}).logits[:, -1:].argmax(-1)
+            logits = []
+            for i in range(steps):
+                n = 60 + 1 + i
+                pos = full[:, :n].cumsum(-1)[:, -1:] - 1
+                # the whole static length's mask (one shape for every step, as generate's static path passes)
+                out = step_fn(input_ids=tok, attention_mask=full, position_ids=pos, **{ck: cache})
+                logits.append(out.logits[:, -1])
+                tok = logits[-1].argmax(-1, keepdim=True)
+                after.append(len(graphs))
+        return torch.stack(logits)
+
+    after: list[int] = []
+    with attnpatch.patch_model(model, decode="recycled", budget=48, stride=3, page_size=16):
+        eager_cache = StaticCache(config=model.config, max_cache_len=60 + steps)
+        eager = decode(model, eager_cache)
+        compiled_cache = StaticCache(config=model.config, max_cache_len=60 + steps)
+        torch._dynamo.reset()
+        try:
+            after.clear()
+            compiled = decode(torch.compile(model, backend=counting, fullgraph=True, dynamic=False), compiled_cache)
+        finally:
+            torch._dynamo.reset()
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
+    # the schedule's counters are tensors: no compilation after the first steps (a second graph may come from
+    # transformers' own state after the first call), through refreshes (steps 1, 4, 7) and recycled steps
+    assert after[1] <= 2 and after[-1] == after[1], after
+    for host, device in zip(eager_cache.layers, compiled_cache.layers, strict=True):
+        assert isinstance(host, StaticRecycledLayer) and host.refreshes == 3  # steps 1, 4, 7
+        schedule = device.device_schedule
+        assert int(schedule.refresh_at) == host.refresh_length == 60 + 7 and int(schedule.steps) == 1
+        for b in range(2):
+            for h in range(host.pages.shape[1]):
+                n = int(host.counts[b, h])
+                assert schedule.pages[b, h, :n].tolist() == host.pages[b, h, :n].tolist()
+
+
+def test_recycled_compiled_step_on_a_dynamic_cache_says_it_needs_a_static_one():
+    from transformers import DynamicCache
+
+    model = tiny_model("llama")
+    ck = _cache_kw(model)
+    ids = torch.randint(3, 256, (2, 40), generator=torch.Generator().manual_seed(0))
+    with attnpatch.patch_model(model, decode="recycled", budget=48, page_size=16):
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            tok = model(ids, **{ck: cache}).logits[:, -1:].argmax(-1)
+            torch._dynamo.reset()
+            try:
+                with pytest.raises(Exception, match="keeps its schedule in a static cache's layers"):
+                    torch.compile(model, backend="eager", fullgraph=True)(input_ids=tok, **{ck: cache})
+            finally:
+                torch._dynamo.reset()

@@ -69,6 +69,12 @@ class BackendPlan:
                     f"below that ({kv_len} keys) dense is the fastest; {force}")
         return None
 
+    def resolve_decode_devices(self, device: torch.device) -> None:
+        """Look up now whether each decode backend runs on `device` (cached): a compiled decode step
+        must not fill that cache inside a conditional branch (`torch.cond` refuses outside mutation)."""
+        for name in self.decode_order:
+            self._why_not(name, device)
+
     def _why_not(self, name: str, device: torch.device) -> str | None:
         key = (name, str(device))
         if key not in self._unavailable:

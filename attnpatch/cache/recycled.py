@@ -1,10 +1,45 @@
 """Cache layers for Recycled Attention: the full KV cache plus, per KV head, the pages the last full
-attention step found most attended (the "recycled" set) and when that step ran."""
+attention step found most attended (the "recycled" set) and when that step ran.
+
+Eager steps keep that state on the host side (`RecycledState`: Python ints, tensors replaced at each
+refresh). The static layer also keeps a device copy for compiled steps (`DeviceSchedule`: preallocated
+tensors at static addresses, updated in place), which a CUDA graph can replay."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from transformers.cache_utils import DynamicLayer, StaticLayer
+
+from attnpatch.sparsity import num_blocks
+
+
+@dataclass
+class DeviceSchedule:
+    """Recycled Attention's state for compiled decode steps, on the cache's device: `pages`
+    `[B, Hkv, K]` int32 (ascending, entries past `counts` `[B, Hkv]` unused), `refresh_at` (0-dim
+    long: the cache length at the last refresh, 0 = none yet) and `steps` (0-dim long: decode steps
+    since). A reset or crop zeroes `refresh_at`, so the next compiled step refreshes."""
+
+    pages: torch.Tensor
+    counts: torch.Tensor
+    refresh_at: torch.Tensor
+    steps: torch.Tensor
+
+    @classmethod
+    def allocate(cls, batch: int, kv_heads: int, width: int, device) -> DeviceSchedule:
+        schedule = cls(torch.zeros(batch, kv_heads, width, dtype=torch.int32, device=device),
+                       torch.zeros(batch, kv_heads, dtype=torch.int32, device=device),
+                       torch.zeros((), dtype=torch.long, device=device), torch.zeros((), dtype=torch.long, device=device))
+        if not torch.compiler.is_compiling():
+            for t in (schedule.pages, schedule.counts, schedule.refresh_at, schedule.steps):
+                torch._dynamo.mark_static_address(t)
+        return schedule
+
+    def clear(self) -> None:
+        self.refresh_at.zero_()
+        self.steps.zero_()
 
 
 class RecycledState:
@@ -41,9 +76,9 @@ class RecycledState:
 class RecycledLayer(RecycledState, DynamicLayer):
     """A DynamicLayer carrying Recycled Attention's state (`RecycledState`)."""
 
-    def __init__(self, page_size: int):
+    def __init__(self, page_size: int, kept_pages: int = 0):
         super().__init__()
-        self.page_size = page_size
+        self.page_size, self.kept_pages = page_size, kept_pages
         self._clear_recycled()
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -77,26 +112,36 @@ class RecycledLayer(RecycledState, DynamicLayer):
             self.pages, self.counts = self.pages[indices], self.counts[indices]
 
     def static_variant(self, max_cache_len: int) -> StaticRecycledLayer:
-        return StaticRecycledLayer(max_cache_len, self.page_size)
+        return StaticRecycledLayer(max_cache_len, self.page_size, self.kept_pages)
 
 
 class StaticRecycledLayer(RecycledState, StaticLayer):
-    """A StaticLayer carrying Recycled Attention's state (eager generation: the refresh schedule
-    is decided on the host)."""
+    """A StaticLayer carrying Recycled Attention's state: on the host for eager steps
+    (`RecycledState`), on the device for compiled ones (`device_schedule`, allocated with the keys;
+    its page lists are `min(kept_pages, pages of the cache)` wide)."""
 
-    def __init__(self, max_cache_len: int, page_size: int, **kwargs):
+    def __init__(self, max_cache_len: int, page_size: int, kept_pages: int = 0, **kwargs):
         super().__init__(max_cache_len=max_cache_len)
-        self.page_size = page_size
+        self.page_size, self.kept_pages = page_size, kept_pages
+        self.device_schedule: DeviceSchedule | None = None
         self._clear_recycled()
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        width = max(1, min(self.kept_pages, num_blocks(self.max_cache_len, self.page_size)))
+        self.device_schedule = DeviceSchedule.allocate(self.batch_size, self.num_heads, width, self.device)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         out = super().update(key_states, value_states, *args, **kwargs)
-        self.length += key_states.shape[-2]
+        if not torch.compiler.is_compiling():  # a host count; compiled steps read `cumulative_length`
+            self.length += key_states.shape[-2]
         return out
 
     def reset(self) -> None:
         super().reset()
         self._clear_recycled()
+        if self.device_schedule is not None:
+            self.device_schedule.clear()
 
     def crop(self, tokens_to_remove: int) -> None:
         if not hasattr(StaticLayer, "crop"):
@@ -105,7 +150,11 @@ class StaticRecycledLayer(RecycledState, StaticLayer):
         length, refreshes = self.length - abs(tokens_to_remove), self.refreshes
         self._clear_recycled()
         self.refreshes, self.length = refreshes, length
+        if self.device_schedule is not None:
+            self.device_schedule.clear()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
         self._reorder_recycled(beam_idx)
+        if self.device_schedule is not None:
+            self.device_schedule.clear()  # the next compiled step refreshes

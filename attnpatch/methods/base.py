@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
@@ -119,6 +120,15 @@ class DecodeMethod:
         query `[B, Hq, 1, D]`, key `[B, Hkv, L, D]` as returned by the cache.
         """
         return None
+
+    def compiled_step(self, query: torch.Tensor, key: torch.Tensor, ctx: DecodeContext,
+                      attend: Callable[[PageSelection | None], torch.Tensor]) -> torch.Tensor:
+        """One decode step inside `torch.compile`: the output `[B, Hq, 1, Dv]`. `attend(pages)` runs a
+        page list on the patch's decode backend (None: every visible key, as a dense decode). By default
+        the step is `select`'s; a method whose eager schedule is kept on the host (Python counters a
+        compiled step would be guarded on and recompile) overrides it with a schedule on the device."""
+        pages = self.select(query, key, ctx)
+        return pages.out if isinstance(pages, DecodeOutput) else attend(pages)
 
     def observe_prefill(self, query: torch.Tensor, key: torch.Tensor, ctx: DecodeContext) -> None:
         """Called on every prefill call (`Lq > 1`) of the layer, before its attention runs, with the

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from attnpatch.cache import RecycledLayer, RecycledState
+from attnpatch.cache import RecycledLayer, RecycledState, StaticRecycledLayer
 from attnpatch.methods.base import DecodeContext, DecodeMethod
 from attnpatch.methods.decode.pages import check_budget, compact, top_pages, topk_option, visible_keys
 from attnpatch.options import option
@@ -49,17 +49,21 @@ class Recycled(DecodeMethod):
     kept: the row's first real token's page (sinks; each row's own under left padding) and the page of
     the refresh's query (local context). The refresh schedule is decided on the host (a per-layer
     step counter in the cache layer). Sliding-window layers run their window; caches shorter than
-    `min_length` run dense. That host schedule (measured: a `torch.compile(fullgraph=True)` step hit the
-    recompile limit at 32K, batch 4, H100) is why a compiled step refuses the method
-    (`compiled_step_reason`); a device-side schedule (fixed-width recent pages, the refresh decided on the
-    GPU) would lift it.
+    `min_length` run dense.
+
+    Compiled steps (`torch.compile` of the model on a static cache): the same schedule decided on the
+    device (`compiled_step`). The cache layer keeps the recycled pages, the refresh length and the
+    steps since in preallocated tensors; each layer's step is one `torch.cond` on "refresh now" (no
+    refresh yet, `stride` steps since, or the cache grew by more than one token), whose branches are
+    the dense step plus the page ranking, and the read of the recycled pages plus a fixed number of
+    recent pages (`ceil(stride / page_size) + 1`, those past the written length dropped). Host
+    counters, which a compiled step would be guarded on (it recompiled at every token, measured at
+    32K, batch 4, H100), are not read there. Inductor runs the `cond` outside its CUDA graphs (a
+    graph partition per layer, the predicate read on the host); its cost is in the hf_decode rows.
+    `min_length` compares with the static cache's capacity in a compiled step (as `quest`).
     """
 
     full_density: ClassVar[dict] = {"budget": 1 << 30}
-    compiled_step_reason: ClassVar[str | None] = (
-        "recycled decides its refresh schedule on the host (a per-layer step counter and the cache length as "
-        "Python ints, and as many recent pages as tokens generated since the refresh), so a compiled step "
-        "would recompile at every token; run its decode steps eager")
 
     budget: int = option(1024, "keys recycled per KV head at a refresh (a multiple of page_size, >= 3 pages)",
                          min=48, max=1 << 30)
@@ -72,13 +76,16 @@ class Recycled(DecodeMethod):
         check_budget("recycled", self.budget, self.page_size)
 
     def cache_layer(self, layer_idx: int, config: Any) -> RecycledLayer:
-        return RecycledLayer(self.page_size)
+        return RecycledLayer(self.page_size, self.budget // self.page_size)
 
     def select(self, query: torch.Tensor, key: torch.Tensor, ctx: DecodeContext) -> PageSelection | None:
         state = ctx.cache_layer
         lk = key.shape[2]
         if ctx.sliding_window is not None or not isinstance(state, RecycledState) or state.page_size != self.page_size:
             return None
+        if getattr(state, "host_stale", False):  # compiled steps ran since: resume from the written length
+            state._clear_recycled()
+            state.length, state.host_stale = int(state.cumulative_length), False
         length = state.length
         if length < self.min_length:
             return None
@@ -90,15 +97,7 @@ class Recycled(DecodeMethod):
         return self._recycled_pages(state, length, lk, query.device)
 
     def _refresh(self, query, key, ctx: DecodeContext, state: RecycledState, length: int) -> None:
-        b, ps, lk = query.shape[0], self.page_size, key.shape[2]
-        visible = visible_keys(ctx.bounds, b, lk, query.device)
-        mass = page_mass(query, key, visible, ctx.scale, ps)
-        n = mass.shape[-1]
-        pages = torch.arange(n, device=query.device)
-        seen = torch.nn.functional.pad(visible, (0, n * ps - lk)).view(b, n, ps).any(-1)  # [B, n]
-        first = ctx.bounds.first_key(b, query.device) // ps
-        forced = (pages.view(1, n) == first.view(b, 1)) | (pages == (length - 1) // ps)
-        sel = top_pages(mass, min(self.budget // ps, n), seen.unsqueeze(1), forced.unsqueeze(1), lk, ps, self.topk)
+        sel = self._ranked_pages(query, key, ctx, length)
         state.record_refresh(sel.indices.long(), sel.counts, length)
 
     def _recycled_pages(self, state: RecycledState, length: int, lk: int, device) -> PageSelection:
@@ -110,3 +109,65 @@ class Recycled(DecodeMethod):
         candidates = torch.cat([kept, recent.expand(b, hkv, -1)], -1)
         ok = torch.cat([listed, torch.ones(b, hkv, recent.numel(), dtype=torch.bool, device=device)], -1)
         return compact(candidates, ok, num_blocks(lk, ps), lk, ps)
+
+    def compiled_step(self, query: torch.Tensor, key: torch.Tensor, ctx: DecodeContext, attend) -> torch.Tensor:
+        """The schedule of `select` decided on the device (see the class docstring): one `torch.cond`."""
+        state = ctx.cache_layer
+        lk = key.shape[2]
+        if ctx.sliding_window is not None or lk < self.min_length:
+            return attend(None)
+        if not isinstance(state, StaticRecycledLayer) or state.device_schedule is None \
+                or state.page_size != self.page_size:
+            raise RuntimeError("recycled's compiled decode step keeps its schedule in a static cache's layers: "
+                               "generate with cache_implementation='static' (or a StaticCache) under the patch")
+        state.host_stale = True  # eager steps after these resume from the cache's written length
+        schedule = state.device_schedule
+        written = state.cumulative_length.reshape(()).to(torch.long)
+        steps = schedule.steps + 1
+        refresh_now = (schedule.refresh_at == 0) | (steps >= self.stride) | (written != schedule.refresh_at + steps)
+
+        def refresh(pages, counts, refresh_at, steps):  # query, key (and attend's tensors) are closed over
+            # every page on the decode backend (the best dense decode): SDPA would also close over the
+            # attention mask, which aliases the key bounds, and a cond branch's inputs must not alias
+            out = attend(PageSelection.all_pages(query.shape[0], key.shape[1], lk, self.page_size, query.device))
+            sel = self._ranked_pages(query, key, ctx, written)
+            return (out.contiguous(), sel.indices.to(pages.dtype), sel.counts.to(counts.dtype), written.clone(),
+                    torch.zeros_like(steps))
+
+        def recycle(pages, counts, refresh_at, steps):
+            sel = self._device_recycled_pages(pages, counts, refresh_at, written, lk)
+            return attend(sel).contiguous(), pages.clone(), counts.clone(), refresh_at.clone(), steps + 1
+
+        out, pages, counts, refresh_at, steps = torch.cond(
+            refresh_now, refresh, recycle, (schedule.pages, schedule.counts, schedule.refresh_at, schedule.steps))
+        schedule.pages.copy_(pages)
+        schedule.counts.copy_(counts)
+        schedule.refresh_at.copy_(refresh_at)
+        schedule.steps.copy_(steps)
+        return out
+
+    def _ranked_pages(self, query, key, ctx: DecodeContext, written: int | torch.Tensor) -> PageSelection:
+        """A refresh's page list: the `budget / page_size` pages of most attention mass among the visible
+        ones, the sink page and the current one (`written - 1`: a host int or a device tensor) forced in."""
+        b, ps, lk = query.shape[0], self.page_size, key.shape[2]
+        visible = visible_keys(ctx.bounds, b, lk, query.device)
+        mass = page_mass(query, key, visible, ctx.scale, ps)
+        n = mass.shape[-1]
+        pages = torch.arange(n, device=query.device)
+        seen = torch.nn.functional.pad(visible, (0, n * ps - lk)).view(b, n, ps).any(-1)
+        first = ctx.bounds.first_key(b, query.device) // ps
+        forced = (pages.view(1, n) == first.view(b, 1)) | (pages == (written - 1) // ps)
+        return top_pages(mass, min(self.budget // ps, n), seen.unsqueeze(1), forced.unsqueeze(1), lk, ps, self.topk)
+
+    def _device_recycled_pages(self, pages, counts, refresh_at, written, lk: int) -> PageSelection:
+        """The recycled pages ∪ the pages written since the refresh, a fixed width (no host value)."""
+        ps = self.page_size
+        n = num_blocks(lk, ps)
+        b, hkv, width = pages.shape
+        device = pages.device
+        recent_width = min(n, -(-self.stride // ps) + 1)
+        recent = refresh_at // ps + torch.arange(recent_width, device=device)
+        listed = torch.arange(width, device=device) < counts.unsqueeze(-1)
+        fresh = (recent <= (written - 1) // ps).expand(b, hkv, recent_width)
+        candidates = torch.cat([pages.long(), recent.clamp(max=n - 1).expand(b, hkv, recent_width)], -1)
+        return compact(candidates, torch.cat([listed, fresh], -1), n, lk, ps)
