@@ -302,7 +302,7 @@ def test_recycled_compiled_steps_keep_its_schedule_on_the_device_without_recompi
     ck = _cache_kw(model)
     ids, mask = left_padded(2, 60, [0, 5])
     steps = 8
-    full = torch.cat([mask, torch.ones(2, steps, dtype=mask.dtype)], dim=1)
+    full = torch.cat([mask, torch.ones(2, steps + 1, dtype=mask.dtype)], dim=1)  # one more: an eager step
     graphs = []
 
     def counting(gm, inputs):  # functionalised as inductor would (cond branches must not alias their inputs)
@@ -325,9 +325,9 @@ def test_recycled_compiled_steps_keep_its_schedule_on_the_device_without_recompi
 
     after: list[int] = []
     with attnpatch.patch_model(model, decode="recycled", budget=48, stride=3, page_size=16):
-        eager_cache = StaticCache(config=model.config, max_cache_len=60 + steps)
+        eager_cache = StaticCache(config=model.config, max_cache_len=61 + steps)
         eager = decode(model, eager_cache)
-        compiled_cache = StaticCache(config=model.config, max_cache_len=60 + steps)
+        compiled_cache = StaticCache(config=model.config, max_cache_len=61 + steps)
         torch._dynamo.reset()
         try:
             after.clear()
@@ -346,6 +346,13 @@ def test_recycled_compiled_steps_keep_its_schedule_on_the_device_without_recompi
             for h in range(host.pages.shape[1]):
                 n = int(host.counts[b, h])
                 assert schedule.pages[b, h, :n].tolist() == host.pages[b, h, :n].tolist()
+    # an eager step after compiled ones resumes from the written length (and refreshes)
+    with attnpatch.patch_model(model, decode="recycled", budget=48, stride=3, page_size=16), torch.no_grad():
+        layer = compiled_cache.layers[0]
+        assert layer.host_stale and layer.refreshes == 0
+        model(input_ids=torch.ones(2, 1, dtype=torch.long), attention_mask=full,
+              position_ids=torch.full((2, 1), 60 + steps), **{ck: compiled_cache})
+        assert not layer.host_stale and layer.length == 61 + steps and layer.refreshes == 1
 
 
 def test_recycled_compiled_step_on_a_dynamic_cache_says_it_needs_a_static_one():

@@ -124,6 +124,7 @@ class StaticRecycledLayer(RecycledState, StaticLayer):
         super().__init__(max_cache_len=max_cache_len)
         self.page_size, self.kept_pages = page_size, kept_pages
         self.device_schedule: DeviceSchedule | None = None
+        self.host_stale = False  # compiled steps ran since the last eager one (they update the device schedule only)
         self._clear_recycled()
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -136,6 +137,13 @@ class StaticRecycledLayer(RecycledState, StaticLayer):
         if not torch.compiler.is_compiling():  # a host count; compiled steps read `cumulative_length`
             self.length += key_states.shape[-2]
         return out
+
+    def resync_host(self) -> None:
+        """The host state after compiled steps: the count from the written length, no recycled pages
+        (the next eager step refreshes)."""
+        refreshes = self.refreshes
+        self._clear_recycled()
+        self.refreshes, self.length, self.host_stale = refreshes, int(self.cumulative_length), False
 
     def reset(self) -> None:
         super().reset()

@@ -83,9 +83,8 @@ class Recycled(DecodeMethod):
         lk = key.shape[2]
         if ctx.sliding_window is not None or not isinstance(state, RecycledState) or state.page_size != self.page_size:
             return None
-        if getattr(state, "host_stale", False):  # compiled steps ran since: resume from the written length
-            state._clear_recycled()
-            state.length, state.host_stale = int(state.cumulative_length), False
+        if isinstance(state, StaticRecycledLayer) and state.host_stale:  # compiled steps ran since
+            state.resync_host()
         length = state.length
         if length < self.min_length:
             return None
