@@ -59,7 +59,8 @@ class Recycled(DecodeMethod):
     recent pages (`ceil(stride / page_size) + 1`, those past the written length dropped). Host
     counters, which a compiled step would be guarded on (it recompiled at every token, measured at
     32K, batch 4, H100), are not read there. Inductor runs the `cond` outside its CUDA graphs (a
-    graph partition per layer, the predicate read on the host); its cost is in the hf_decode rows.
+    graph partition per layer, the predicate read on the host); its cost per step is not measured yet
+    (equal to eager under reduce-overhead on an H100; the 32-layer row did not finish in the call).
     `min_length` compares with the static cache's capacity in a compiled step (as `quest`).
     """
 
