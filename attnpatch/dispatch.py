@@ -93,13 +93,18 @@ def _timed_select(stats: LayerStats, method: PrefillMethod, query, key, ctx: Pre
     return selection
 
 
-def _select_pages(method: DecodeMethod, query, key, ctx: DecodeContext):
-    """The method's page lists, stopped at the written length of a static cache (`bounds.key_end`) unless
-    they already stop there (`PageSelection.within_written`: one fused kernel less per layer and step)."""
-    pages = method.select(query, key, ctx)
-    if isinstance(pages, PageSelection) and ctx.bounds.key_end is not None and not pages.within_written:
-        pages = pages.clipped(ctx.bounds.key_end)
+def _within_written(pages: PageSelection, bounds) -> PageSelection:
+    """Page lists stopped at the written length of a static cache (`bounds.key_end`) unless they already
+    stop there (`PageSelection.within_written`: one fused kernel less per layer and step)."""
+    if bounds.key_end is not None and not pages.within_written:
+        return pages.clipped(bounds.key_end)
     return pages
+
+
+def _select_pages(method: DecodeMethod, query, key, ctx: DecodeContext):
+    """The method's page lists (`_within_written`), None or its own output."""
+    pages = method.select(query, key, ctx)
+    return _within_written(pages, ctx.bounds) if isinstance(pages, PageSelection) else pages
 
 
 def _compiled_decode(state: PatchState, plan: LayerPlan, module, query, key, value, attention_mask, positions,
@@ -125,9 +130,8 @@ def _compiled_decode(state: PatchState, plan: LayerPlan, module, query, key, val
             mask = _dense_mask(attention_mask, positions, key.shape[2])
             return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling,
                                           **kwargs)[0].transpose(1, 2)
-        if bounds.key_end is not None and not pages.within_written:
-            pages = pages.clipped(bounds.key_end)
-        out, _ = state.backends.decode(query, key, value, pages, scale=scale, bounds=bounds, declined=[])
+        out, _ = state.backends.decode(query, key, value, _within_written(pages, bounds), scale=scale,
+                                       bounds=bounds, declined=[])
         return out
 
     if method.is_dense:

@@ -94,21 +94,11 @@ class Recycled(DecodeMethod):
             self._refresh(query, key, ctx, state, length)
             return None
         state.steps_since_refresh = steps
-        return self._recycled_pages(state, length, lk, query.device)
+        return self._recycled_pages(state.pages, state.counts, state.refresh_length, length, lk)
 
     def _refresh(self, query, key, ctx: DecodeContext, state: RecycledState, length: int) -> None:
         sel = self._ranked_pages(query, key, ctx, length)
         state.record_refresh(sel.indices.long(), sel.counts, length)
-
-    def _recycled_pages(self, state: RecycledState, length: int, lk: int, device) -> PageSelection:
-        ps = self.page_size
-        kept = state.pages
-        b, hkv, width = kept.shape
-        listed = torch.arange(width, device=device) < state.counts.unsqueeze(-1)
-        recent = torch.arange(state.refresh_length // ps, (length - 1) // ps + 1, device=device)
-        candidates = torch.cat([kept, recent.expand(b, hkv, -1)], -1)
-        ok = torch.cat([listed, torch.ones(b, hkv, recent.numel(), dtype=torch.bool, device=device)], -1)
-        return compact(candidates, ok, num_blocks(lk, ps), lk, ps)
 
     def compiled_step(self, query: torch.Tensor, key: torch.Tensor, ctx: DecodeContext, attend) -> torch.Tensor:
         """The schedule of `select` decided on the device (see the class docstring): one `torch.cond`."""
@@ -135,7 +125,7 @@ class Recycled(DecodeMethod):
                     torch.zeros_like(steps))
 
         def recycle(pages, counts, refresh_at, steps):
-            sel = self._device_recycled_pages(pages, counts, refresh_at, written, lk)
+            sel = self._recycled_pages(pages, counts, refresh_at, written, lk)
             return attend(sel).contiguous(), pages.clone(), counts.clone(), refresh_at.clone(), steps + 1
 
         out, pages, counts, refresh_at, steps = torch.cond(
@@ -159,8 +149,11 @@ class Recycled(DecodeMethod):
         forced = (pages.view(1, n) == first.view(b, 1)) | (pages == (written - 1) // ps)
         return top_pages(mass, min(self.budget // ps, n), seen.unsqueeze(1), forced.unsqueeze(1), lk, ps, self.topk)
 
-    def _device_recycled_pages(self, pages, counts, refresh_at, written, lk: int) -> PageSelection:
-        """The recycled pages ∪ the pages written since the refresh, a fixed width (no host value)."""
+    def _recycled_pages(self, pages, counts, refresh_at: int | torch.Tensor, written: int | torch.Tensor,
+                        lk: int) -> PageSelection:
+        """The recycled pages ∪ the pages written since the refresh (`refresh_at`, `written`: host ints in an
+        eager step, device tensors in a compiled one), a fixed width: `ceil(stride / page_size) + 1` recent
+        pages, those past the written length dropped."""
         ps = self.page_size
         n = num_blocks(lk, ps)
         b, hkv, width = pages.shape
