@@ -100,6 +100,8 @@ CASES = [
     pytest.param(1, 4, 2, 90, 250, 64, 64, 128, id="bq64-bk128-chunked"),
     pytest.param(1, 4, 1, 77, 77, 32, 32, 16, id="small-blocks-mqa"),
     pytest.param(1, 2, 1, 200, 300, 128, 128, 128, id="d128-b128-chunked"),
+    pytest.param(1, 4, 1, 150, 200, 256, 128, 128, id="d256-b128-subtiles-chunked"),
+    pytest.param(1, 2, 1, 130, 130, 256, 64, 64, id="d256-b64"),
 ]
 
 
@@ -312,7 +314,7 @@ def test_unsupported_inputs_raise():
     q, k, v = _qkv(1, 2, 1, 64, 64, 96, torch.float16)
     sel = _selection(1, 2, 64, 64, 64, 64, density=1.0)
     assert "head dim" in unsupported_reason(q, k, v, sel)
-    with pytest.raises(ValueError, match=r"allowed: \(16, 32, 64, 128\)"):
+    with pytest.raises(ValueError, match=r"allowed: \(16, 32, 64, 128, 256\)"):
         block_sparse_attention_triton(q, k, v, sel)
     q, k, v = _qkv(1, 2, 1, 64, 64, 64, torch.float16)
     with pytest.raises(ValueError, match="NaN"):

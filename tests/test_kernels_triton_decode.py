@@ -184,6 +184,17 @@ def test_out_of_range_pages_and_counts_are_masked():
         _check(out_r, ref, torch.float32, lse_r, ref_lse)
 
 
+@pytest.mark.parametrize("page", [16, 128])
+def test_head_dim_256_gemma_group(page):
+    """Gemma-3's shape: head dim 256, one KV head shared by four query heads, tiles of one or more pages."""
+    lk = 520
+    q, k, v = _qkv(2, 4, 1, lk, 256, torch.float16, seed=page)
+    sel = _selection(2, 1, lk, page, counts=[3, 2] if page == 128 else [17, 9], seed=4)
+    ref, ref_lse = paged_decode_attention(q, k, v, sel, return_lse=True)
+    out, lse = sparse_decode_attention(q, k, v, sel, return_lse=True, num_splits=2)
+    _check(out, ref, torch.float16, lse, ref_lse)
+
+
 def test_head_dim_128_and_empty_head():
     lk = 200
     q, k, v = _qkv(1, 2, 2, lk, 128, torch.float16, seed=9)
@@ -333,7 +344,7 @@ def test_launch_override_keeps_results(config, monkeypatch):
 def test_rejects_unsupported_inputs():
     q, k, v = _qkv(1, 4, 2, 128, 48, torch.float32)
     sel = PageSelection.all_pages(1, 2, 128, 16)
-    with pytest.raises(ValueError, match=r"allowed head dims: \(16, 32, 64, 128\)"):
+    with pytest.raises(ValueError, match=r"allowed head dims: \(16, 32, 64, 128, 256\)"):
         sparse_decode_attention(q, k, v, sel)
     q, k, v = _qkv(1, 4, 2, 128, 64, torch.float32)
     with pytest.raises(ValueError, match="allowed page sizes"):

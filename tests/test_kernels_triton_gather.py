@@ -152,6 +152,7 @@ CASES = [
     pytest.param(2, 4, 2, 100, 230, 64, 32, 64, id="gqa-chunked-b2-bq32"),
     pytest.param(1, 4, 2, 130, 300, 128, 128, 128, id="d128-bq128-c128-chunked"),
     pytest.param(1, 4, 1, 77, 77, 32, 16, 16, id="small-mqa-d32"),
+    pytest.param(1, 4, 1, 150, 200, 256, 64, 64, id="d256-mqa-bq64-c64-chunked"),
 ]
 
 
@@ -324,7 +325,7 @@ def test_block_sparse_pass_then_gather_pass(dtype):
 def test_rejects_unsupported_inputs():
     q, k, v = _qkv(1, 2, 1, 40, 40, 48, torch.float32)
     sel = _from_position_mask(_random_mask(1, 2, 40, 40, 16, 0.5), 16, 40, 40)
-    with pytest.raises(ValueError, match=r"head dim 48.*allowed head dims: \(16, 32, 64, 128\)"):
+    with pytest.raises(ValueError, match=r"head dim 48.*allowed head dims: \(16, 32, 64, 128, 256\)"):
         _gather(q, k, v, sel)
     q, k, v = _qkv(1, 2, 1, 40, 40, 32, torch.float32)
     with pytest.raises(ValueError, match=r"chunk 48 not supported; allowed: \(16, 32, 64, 128\)"):

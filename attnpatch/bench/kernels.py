@@ -29,7 +29,9 @@ from attnpatch.bench.selections import random_block_selection, random_page_selec
 from attnpatch.methods.prefill.blasst import lambda_bound
 from attnpatch.sparsity import BlockSelection, KeyBounds, SkipRule, causal_block_limit
 
-SHAPES = {"llama3-8b": (32, 8, 128), "qwen2.5-7b": (28, 4, 128), "smollm2": (9, 3, 64)}
+SHAPES = {"llama3-8b": (32, 8, 128), "qwen2.5-7b": (28, 4, 128), "smollm2": (9, 3, 64),
+          "gemma3-12b": (16, 8, 256), "gemma3-270m": (4, 1, 256)}  # (Hq, Hkv, D)
+DEFAULT_SHAPES = ("llama3-8b", "qwen2.5-7b", "smollm2")
 LENGTHS = (8192, 32768, 65536, 131072)
 DENSITIES = (1.0, 0.5, 0.2, 0.1, 0.05, 0.02)
 # Row labels of the table's backends (kept from earlier results: "attnpatch-triton", "flex").
@@ -599,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="attnpatch bench kernels", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="bench/results", help="output folder")
-    p.add_argument("--shapes", default=",".join(SHAPES),
+    p.add_argument("--shapes", default=",".join(DEFAULT_SHAPES),
                    help=f"attention shapes, comma separated; of {', '.join(SHAPES)}")
     p.add_argument("--lengths", default=",".join(str(x) for x in LENGTHS), help="sequence lengths, comma separated")
     p.add_argument("--densities", default=",".join(str(x) for x in DENSITIES),
@@ -608,10 +610,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch-tokens", type=int, default=131072, help="skip B·L above this")
     p.add_argument("--parts", default="prefill,skip,decode", help="what to measure, comma separated; of prefill, "
                    "skip (BLASST's skip rule), decode")
+    p.add_argument("--decode-shapes", default="llama3-8b",
+                   help=f"shapes of the skip and decode parts, comma separated; of {', '.join(SHAPES)}")
+    p.add_argument("--decode-lengths", default="32768,131072", help="lengths of the decode part, comma separated")
     p.add_argument("--backends", type=_backend_list, default=default_backends(),
                    help=f"table backends timed in prefill (comma list of {', '.join(BACKENDS)}; "
                         "the reference is slow at long context)")
     args = p.parse_args(argv)
+    unknown = [s for s in (*args.shapes.split(","), *args.decode_shapes.split(",")) if s not in SHAPES]
+    if unknown:
+        p.error(f"unknown shape(s) {', '.join(unknown)}; allowed: {', '.join(SHAPES)}")
     if not torch.cuda.is_available():
         print("attnpatch bench kernels needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -628,10 +636,12 @@ def main(argv: list[str] | None = None) -> int:
                       [float(x) for x in args.densities.split(",")], [int(x) for x in args.batches.split(",")],
                       max_batch_tokens=args.max_batch_tokens, rows=rows, checkpoint=checkpoint,
                       backends=args.backends)
-    if "skip" in parts:
-        rows += bench_skip()
-    if "decode" in parts:
-        rows += bench_decode()
+    for shape in args.decode_shapes.split(","):
+        if "skip" in parts:
+            rows += bench_skip(shape)
+        if "decode" in parts:
+            rows += bench_decode(shape, lengths=[int(x) for x in args.decode_lengths.split(",")])
+        checkpoint()
     write_results(rows, env, Path(args.out))
     print((Path(args.out) / "kernels.md").read_text())
     return 0

@@ -7,7 +7,8 @@ token selections; a backend that declines an input skips with its reason, except
 found on the host, BLASST skip rules against the tiled oracle. Decode: each backend with a decode
 path, with and without skip rules and padding. Model: a tiny bf16 Llama patched with a_shape and
 blasst on each backend against the reference backend. Error: ‖out − ref‖ / ‖ref‖ over the query
-rows that see a key, within `TOL` (bf16 2e-2, fp16 5e-3).
+rows that see a key, within `TOL` (bf16 2e-2, fp16 5e-3). Gemma-3's head dim 256 (4:1 grouping) in each
+of prefill, token selections, skip rules and decode.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ PREFILL = [n for n, b in BACKENDS.items() if n != "reference" and type(b).prefil
 DECODE = [n for n, b in BACKENDS.items() if n != "reference" and type(b).decode is not Backend.decode]
 # Inputs a backend must take on CUDA (declining fails); any other decline skips with the reason.
 MUST_TAKE = {
-    "triton": {"plain", "gqa", "chunked", "left-padding", "chunked-left-padding", "token", "skip", "decode"},
+    "triton": {"plain", "gqa", "chunked", "left-padding", "chunked-left-padding", "token", "skip", "decode",
+               "gemma-d256", "gemma-d256-b64-chunked-left-padding"},
     "flex": {"plain", "gqa", "chunked", "left-padding", "chunked-left-padding", "window"},
 }
 
@@ -49,8 +51,10 @@ PREFILL_CASES = {
     "left-padding": (2, 8, 2, 2000, 2000, 128, 128, (0, 700), None),
     "chunked-left-padding": (2, 8, 2, 500, 2000, 128, 128, (0, 300), None),
     "window": (1, 8, 2, 3000, 3000, 128, 128, None, 1000),
+    "gemma-d256": (1, 4, 1, 3000, 3000, 256, 128, None, None),  # Gemma-3's head dim and 4:1 grouping
+    "gemma-d256-b64-chunked-left-padding": (2, 4, 1, 700, 2000, 256, 64, (0, 300), None),
 }
-DENSITIES = {"plain": (1.0, 0.3), "gqa": (1.0, 0.3)}  # other cases: 0.3 only (flex compiles per shape)
+DENSITIES = {"plain": (1.0, 0.3), "gqa": (1.0, 0.3), "gemma-d256": (1.0, 0.3)}  # other cases: 0.3 only (flex compiles per shape)
 
 
 def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -125,10 +129,11 @@ def test_prefill_matches_reference(name: str, case: str, density: float, dtype: 
 
 
 @DTYPES
+@pytest.mark.parametrize("d,block", [(128, 64), (256, 64), (256, 128)])
 @pytest.mark.parametrize("name", PREFILL)
-def test_token_selection_matches_reference(name: str, dtype: torch.dtype):
-    lq, lk, block, kept = 1000, 3000, 64, 640
-    q, k, v = qkv(1, 8, 2, lq, lk, 128, dtype, seed=4)
+def test_token_selection_matches_reference(name: str, d: int, block: int, dtype: torch.dtype):
+    lq, lk, kept = 1000, 3000, 640
+    q, k, v = qkv(1, 8, 2, lq, lk, d, dtype, seed=4)
     r = num_blocks(lq, block)
     g = torch.Generator(device=DEVICE).manual_seed(4)
     pos = torch.randperm(lk, device=DEVICE, generator=g)[:kept].sort().values.to(torch.int32)
@@ -156,20 +161,24 @@ def test_triton_main_loops_with_prefix_on_host(case: str, variant: int, dtype: t
     assert rel(out, ref) <= TOL[dtype]
 
 
-def _skip_inputs(dtype: torch.dtype, lam: float):
-    hq, hkv, length, d, block = 8, 2, 2048, 128, 128
-    q, k, v = skip_qkv(1, hq, hkv, length, d, sink=24.0, block=block, seed=3, device=DEVICE, dtype=dtype)
+def _skip_inputs(dtype: torch.dtype, lam: float, d: int = 128):
+    hq, hkv, length, block = 8, 2, 2048, 128
+    # the sink's scaled score (∝ sink / sqrt(d)) as at head dim 128, so λ skips a like share of tiles
+    q, k, v = skip_qkv(1, hq, hkv, length, d, sink=24.0 * (d / 128) ** 0.5, block=block, seed=3, device=DEVICE,
+                       dtype=dtype)
     bound = lambda_bound(lam, d ** -0.5)
     sel = BlockSelection.causal(1, hq, length, length, block, block, DEVICE, SkipRule(bound))
     return q, k, v, sel, bound
 
 
 @DTYPES
+@pytest.mark.parametrize("d", [128, 256])
 @pytest.mark.parametrize("lam", [1e-3, 0.1])
 @pytest.mark.parametrize("name", PREFILL)
-def test_skip_rule_matches_tiled_oracle(name: str, lam: float, dtype: torch.dtype):
-    """BLASST skip mode: same tiles skipped as the kernels' tiled oracle (float32), same output."""
-    q, k, v, sel, bound = _skip_inputs(dtype, lam)
+def test_skip_rule_matches_tiled_oracle(name: str, lam: float, d: int, dtype: torch.dtype):
+    """BLASST skip mode: same tiles skipped as the kernels' tiled oracle (float32), same output
+    (head dim 256: whole 128×128 tiles in one pipeline stage)."""
+    q, k, v, sel, bound = _skip_inputs(dtype, lam, d)
     tiles = torch.zeros(2, dtype=torch.int64, device=DEVICE)
     out = run_prefill(name, "skip", q, k, v, sel, KeyBounds(), tile_counts=tiles)
     ref, (ref_visited, ref_skipped) = reference.block_sparse_attention_tiled_reference(
@@ -200,6 +209,9 @@ DECODE_CASES = {
     "d128-sixteenth": (3, 32, 8, 50_000, 128, 128, 1 / 16, None, None),
     "left-padding": (2, 32, 8, 20_000, 128, 64, 1 / 4, None, (0, 5000)),
     "skip": (2, 32, 8, 20_000, 128, 128, 1.0, 0.05, None),
+    "d256-quarter": (2, 4, 1, 20_000, 256, 64, 1 / 4, None, None),  # Gemma-3's head dim and grouping
+    "d256-page128": (2, 4, 1, 20_000, 256, 128, 1 / 16, None, None),
+    "d256-skip": (2, 4, 1, 20_000, 256, 128, 1.0, 0.05, None),
 }
 
 

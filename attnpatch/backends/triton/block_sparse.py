@@ -59,7 +59,7 @@ __all__ = [
     "unsupported_reason",
 ]
 
-ALLOWED_HEAD_DIMS = (16, 32, 64, 128)
+ALLOWED_HEAD_DIMS = (16, 32, 64, 128, 256)  # 256: Gemma 2/3
 ALLOWED_BLOCK_SIZES = (16, 32, 64, 128)  # 64 and 128 are the production sizes; 16/32 for small tests
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
@@ -72,13 +72,20 @@ _LAUNCH_CONFIGS: dict[int, dict[tuple[int, int], tuple[int, int]]] = {
     64: {(64, 64): (4, 3), (64, 128): (4, 3), (128, 64): (4, 3), (128, 128): (8, 3)},
     32: {(64, 64): (4, 3), (64, 128): (4, 3), (128, 64): (4, 3), (128, 128): (8, 3)},
     16: {(64, 64): (4, 3), (64, 128): (4, 3), (128, 64): (4, 3), (128, 128): (8, 3)},
+    # D=256: 128×64 kernel tiles (`_SUB_TILES`), one stage (two are out of shared memory on an H200):
+    # 0.55 of cuDNN at density 1, 0.48 per kept block at 0.1 (bench/results/tune_d256_gemma3-12b.json).
+    256: {(64, 64): (4, 2), (64, 128): (4, 1), (128, 64): (8, 1), (128, 128): (8, 1)},
 }
 
 
 # Sub-tiles (rows per program, keys per inner step) for a selection's (block_q, block_k), keyed by
 # head dim. A 128×128 selection block runs as SUB_M×SUB_N kernel tiles. Skip mode and tile counting
 # always use whole blocks (the BLASST tile is the selection block).
-_SUB_TILES: dict[int, dict[tuple[int, int], tuple[int, int]]] = {}
+_SUB_TILES: dict[int, dict[tuple[int, int], tuple[int, int]]] = {
+    256: {(64, 128): (64, 64), (128, 128): (128, 64)},
+}
+# Head dims whose float32 tiles exceed a GPU's shared memory (the interpreter has no such limit).
+_NO_FP32_ON_GPU = (256,)
 # Fold the softmax scale into Q (rounded to the input dtype) instead of scaling every score tile.
 # Off: no measurable gain on the H200 (23.22 vs 23.19 ms at 32K, bench/results/ablate.json).
 _PRESCALE_Q = False
@@ -139,6 +146,8 @@ def unsupported_reason(
     lk = key.shape[2]
     if not tensor_device_ok(query, _KERNEL_INTERPRETED):
         return f"device {query.device} (need CUDA, or CPU with TRITON_INTERPRET=1 set before import)"
+    if query.is_cuda and d in _NO_FP32_ON_GPU and query.dtype == torch.float32:
+        return f"float32 at head dim {d} (its tiles exceed the GPU's shared memory; run bf16 or fp16)"
     if selection.block_q not in ALLOWED_BLOCK_SIZES or selection.block_k not in ALLOWED_BLOCK_SIZES:
         return f"blocks {selection.block_q}×{selection.block_k} not supported; allowed: {ALLOWED_BLOCK_SIZES}"
     if (selection.q_len, selection.kv_len) != (lq, lk):

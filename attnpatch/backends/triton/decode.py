@@ -323,6 +323,8 @@ def _kernel_reason(query: torch.Tensor) -> str | None:
         return "triton is not installed"
     if not tensor_device_ok(query, _KERNEL_INTERPRETED):
         return f"device {query.device} (need CUDA, or CPU with TRITON_INTERPRET=1 set before import)"
+    if query.is_cuda and query.shape[-1] >= 256 and query.dtype == torch.float32:
+        return f"float32 at head dim {query.shape[-1]} (its tiles exceed the GPU's shared memory; run bf16 or fp16)"
     return None
 
 
@@ -343,7 +345,7 @@ def _launch_config(tile: int, dv: int, dtype: torch.dtype) -> tuple[int, int]:
     if override is not None:
         return override[0], override[1]
     stage_bytes = 2 * tile * dv * (4 if dtype == torch.float32 else 2)  # one K + one V tile
-    stages = 3 if stage_bytes <= 32 * 1024 else 2
+    stages = 3 if stage_bytes <= 32 * 1024 else 2 if stage_bytes <= 64 * 1024 else 1
     return 4, stages
 
 

@@ -59,7 +59,7 @@ __all__ = [
     "unsupported_reason",
 ]
 
-ALLOWED_HEAD_DIMS = (16, 32, 64, 128)  # 64 and 128 are the production sizes; 16/32 for small tests
+ALLOWED_HEAD_DIMS = (16, 32, 64, 128, 256)  # 64, 128 and 256 (Gemma 2/3) in production; 16/32 for small tests
 ALLOWED_BLOCK_Q = (16, 32, 64, 128)  # 64 and 128 in production; 16/32 for small tests
 ALLOWED_CHUNKS = (16, 32, 64, 128)  # 64 and 128 in production; 16/32 for small tests
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -70,7 +70,9 @@ _LOG2E = 1.4426950408889634
 _LAUNCH_CONFIGS: dict[int, dict[tuple[int, int], tuple[int, int]]] = {
     128: {(64, 64): (4, 3), (64, 128): (8, 2), (128, 64): (8, 3), (128, 128): (8, 2)},
     64: {(64, 64): (4, 3), (64, 128): (4, 3), (128, 64): (4, 3), (128, 128): (8, 3)},
+    256: {(64, 64): (4, 2), (64, 128): (8, 1), (128, 64): (8, 1), (128, 128): (8, 1)},
 }
+_NO_FP32_ON_GPU = (256,)  # head dims whose float32 tiles exceed a GPU's shared memory
 
 
 def launch_config(
@@ -100,6 +102,8 @@ def unsupported_reason(
     lk = key.shape[2]
     if not tensor_device_ok(query, _KERNEL_INTERPRETED):
         return f"device {query.device} (need CUDA, or CPU with TRITON_INTERPRET=1 set before import)"
+    if query.is_cuda and d in _NO_FP32_ON_GPU and query.dtype == torch.float32:
+        return f"float32 at head dim {d} (its tiles exceed the GPU's shared memory; run bf16 or fp16)"
     if selection.block_q not in ALLOWED_BLOCK_Q:
         return f"block_q {selection.block_q} not supported; allowed: {ALLOWED_BLOCK_Q}"
     if chunk not in ALLOWED_CHUNKS:

@@ -59,8 +59,10 @@ class Recycled(DecodeMethod):
     recent pages (`ceil(stride / page_size) + 1`, those past the written length dropped). Host
     counters, which a compiled step would be guarded on (it recompiled at every token, measured at
     32K, batch 4, H100), are not read there. Inductor runs the `cond` outside its CUDA graphs (a
-    graph partition per layer, the predicate read on the host); its cost per step is not measured yet
-    (equal to eager under reduce-overhead on an H100; the 32-layer row did not finish in the call).
+    graph partition per layer, the predicate read on the host): measured on the H200 (32K, batch 4,
+    32-layer 8B shape, reduce-overhead) 24.2 ms a token against 10.5 ms for the Triton kernel over every
+    page, so a compiled `recycled` step is slower than dense (bench/results/hf_decode_h200/
+    recycled_compiled_32k_b4_2026-12-06/).
     `min_length` compares with the static cache's capacity in a compiled step (as `quest`).
     """
 
