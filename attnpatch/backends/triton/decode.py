@@ -75,6 +75,7 @@ from attnpatch.backends.decode_plan import (
 from attnpatch.backends.partial_state import pack_results
 from attnpatch.backends.skip_bound import bound_per_head, bound_scalar
 from attnpatch.backends.triton.utils import (
+    fp32_tiles_reason,
     is_interpreted,
     on_input_device,
     tensor_device_ok,
@@ -323,9 +324,7 @@ def _kernel_reason(query: torch.Tensor) -> str | None:
         return "triton is not installed"
     if not tensor_device_ok(query, _KERNEL_INTERPRETED):
         return f"device {query.device} (need CUDA, or CPU with TRITON_INTERPRET=1 set before import)"
-    if query.is_cuda and query.shape[-1] >= 256 and query.dtype == torch.float32:
-        return f"float32 at head dim {query.shape[-1]} (its tiles exceed the GPU's shared memory; run bf16 or fp16)"
-    return None
+    return fp32_tiles_reason(query)
 
 
 def unsupported_reason(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, selection: PageSelection,

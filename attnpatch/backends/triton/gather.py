@@ -39,6 +39,7 @@ import torch
 from attnpatch.backends.inputs import qkv_reason
 from attnpatch.backends.partial_state import check_state, finalize_state, state_from_output
 from attnpatch.backends.triton.utils import (
+    fp32_tiles_reason,
     is_interpreted,
     on_input_device,
     tensor_device_ok,
@@ -72,7 +73,6 @@ _LAUNCH_CONFIGS: dict[int, dict[tuple[int, int], tuple[int, int]]] = {
     64: {(64, 64): (4, 3), (64, 128): (4, 3), (128, 64): (4, 3), (128, 128): (8, 3)},
     256: {(64, 64): (4, 2), (64, 128): (8, 1), (128, 64): (8, 1), (128, 128): (8, 1)},
 }
-_NO_FP32_ON_GPU = (256,)  # head dims whose float32 tiles exceed a GPU's shared memory
 
 
 def launch_config(
@@ -102,8 +102,8 @@ def unsupported_reason(
     lk = key.shape[2]
     if not tensor_device_ok(query, _KERNEL_INTERPRETED):
         return f"device {query.device} (need CUDA, or CPU with TRITON_INTERPRET=1 set before import)"
-    if query.is_cuda and d in _NO_FP32_ON_GPU and query.dtype == torch.float32:
-        return f"float32 at head dim {d} (its tiles exceed the GPU's shared memory; run bf16 or fp16)"
+    if (why := fp32_tiles_reason(query)) is not None:
+        return why
     if selection.block_q not in ALLOWED_BLOCK_Q:
         return f"block_q {selection.block_q} not supported; allowed: {ALLOWED_BLOCK_Q}"
     if chunk not in ALLOWED_CHUNKS:

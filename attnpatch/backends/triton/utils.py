@@ -95,3 +95,15 @@ def on_input_device(fn: F) -> F:
         return fn(first, *args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
+
+
+FP32_MAX_GPU_HEAD_DIM = 128  # float32 tiles of larger head dims (256) exceed a GPU's shared memory
+
+
+def fp32_tiles_reason(query: torch.Tensor) -> str | None:
+    """Why float32 `query` cannot run on a GPU kernel at its head dim (None when it can): its tiles would
+    exceed the shared memory; the interpreter (CPU) has no such limit."""
+    d = query.shape[-1]
+    if query.is_cuda and query.dtype == torch.float32 and d > FP32_MAX_GPU_HEAD_DIM:
+        return f"float32 at head dim {d} (its tiles exceed the GPU's shared memory; run bf16 or fp16)"
+    return None
