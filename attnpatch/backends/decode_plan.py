@@ -9,11 +9,11 @@ import os
 
 import torch
 
-from attnpatch.backends.inputs import qkv_reason
+from attnpatch.backends.inputs import KERNEL_HEAD_DIMS, qkv_reason
 from attnpatch.backends.partial_state import pack_results
 from attnpatch.sparsity import PageSelection, num_blocks
 
-ALLOWED_HEAD_DIMS = (16, 32, 64, 128, 256)  # 64, 128 and 256 (Gemma 2/3) in production; 16/32 for small tests
+ALLOWED_HEAD_DIMS = KERNEL_HEAD_DIMS
 ALLOWED_PAGE_SIZES = (16, 32, 64, 128)
 ALLOWED_TILE_SIZES = (16, 32, 64, 128)  # tokens per tile; a multiple of the page size
 MIN_DEFAULT_TILE = 64  # default tile = max(page_size, 64): loads of >= 64 rows × D

@@ -7,6 +7,10 @@ from collections.abc import Sequence
 
 import torch
 
+# Head dims of the Triton kernels (block-sparse, token gather, split-KV decode and its PyTorch twin):
+# 64, 128 and 256 (Gemma 2/3) in production; 16/32 for small tests.
+KERNEL_HEAD_DIMS = (16, 32, 64, 128, 256)
+
 
 def qkv_reason(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, selection,
                head_dims: Sequence[int], dtypes: Sequence[torch.dtype], allowed_label: str = "allowed",

@@ -617,7 +617,8 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"table backends timed in prefill (comma list of {', '.join(BACKENDS)}; "
                         "the reference is slow at long context)")
     args = p.parse_args(argv)
-    unknown = [s for s in (*args.shapes.split(","), *args.decode_shapes.split(",")) if s not in SHAPES]
+    shapes, decode_shapes = args.shapes.split(","), args.decode_shapes.split(",")
+    unknown = [s for s in (*shapes, *decode_shapes) if s not in SHAPES]
     if unknown:
         p.error(f"unknown shape(s) {', '.join(unknown)}; allowed: {', '.join(SHAPES)}")
     if not torch.cuda.is_available():
@@ -632,15 +633,16 @@ def main(argv: list[str] | None = None) -> int:
         write_results(rows, env, Path(args.out))
 
     if "prefill" in parts:
-        bench_prefill(args.shapes.split(","), [int(x) for x in args.lengths.split(",")],
+        bench_prefill(shapes, [int(x) for x in args.lengths.split(",")],
                       [float(x) for x in args.densities.split(",")], [int(x) for x in args.batches.split(",")],
                       max_batch_tokens=args.max_batch_tokens, rows=rows, checkpoint=checkpoint,
                       backends=args.backends)
-    for shape in args.decode_shapes.split(","):
+    decode_lengths = [int(x) for x in args.decode_lengths.split(",")]
+    for shape in decode_shapes:
         if "skip" in parts:
             rows += bench_skip(shape)
         if "decode" in parts:
-            rows += bench_decode(shape, lengths=[int(x) for x in args.decode_lengths.split(",")])
+            rows += bench_decode(shape, lengths=decode_lengths)
         checkpoint()
     write_results(rows, env, Path(args.out))
     print((Path(args.out) / "kernels.md").read_text())

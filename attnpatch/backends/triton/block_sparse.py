@@ -38,7 +38,7 @@ from collections.abc import Sequence
 
 import torch
 
-from attnpatch.backends.inputs import qkv_reason
+from attnpatch.backends.inputs import KERNEL_HEAD_DIMS, qkv_reason
 from attnpatch.backends.partial_state import check_state, pack_results
 from attnpatch.backends.skip_bound import bound_per_head
 from attnpatch.backends.triton.utils import (
@@ -60,7 +60,7 @@ __all__ = [
     "unsupported_reason",
 ]
 
-ALLOWED_HEAD_DIMS = (16, 32, 64, 128, 256)  # 256: Gemma 2/3
+ALLOWED_HEAD_DIMS = KERNEL_HEAD_DIMS
 ALLOWED_BLOCK_SIZES = (16, 32, 64, 128)  # 64 and 128 are the production sizes; 16/32 for small tests
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634

@@ -36,7 +36,7 @@ from collections.abc import Sequence
 
 import torch
 
-from attnpatch.backends.inputs import qkv_reason
+from attnpatch.backends.inputs import KERNEL_HEAD_DIMS, qkv_reason
 from attnpatch.backends.partial_state import check_state, finalize_state, state_from_output
 from attnpatch.backends.triton.utils import (
     fp32_tiles_reason,
@@ -60,7 +60,7 @@ __all__ = [
     "unsupported_reason",
 ]
 
-ALLOWED_HEAD_DIMS = (16, 32, 64, 128, 256)  # 64, 128 and 256 (Gemma 2/3) in production; 16/32 for small tests
+ALLOWED_HEAD_DIMS = KERNEL_HEAD_DIMS
 ALLOWED_BLOCK_Q = (16, 32, 64, 128)  # 64 and 128 in production; 16/32 for small tests
 ALLOWED_CHUNKS = (16, 32, 64, 128)  # 64 and 128 in production; 16/32 for small tests
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
