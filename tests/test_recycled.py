@@ -9,7 +9,7 @@ from transformers import DynamicCache, StaticCache
 
 import attnpatch
 from attnpatch.cache import RecycledLayer, StaticRecycledLayer
-from attnpatch.methods.decode.recycled import page_mass
+from attnpatch.estimators.page_lse import page_lse_torch
 
 PS = 16
 pytestmark = pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
@@ -51,12 +51,14 @@ def test_equals_dense_when_the_recycled_pages_cover_the_cache(llama):
     torch.testing.assert_close(torch.stack(out.scores), torch.stack(dense.scores), atol=2e-5, rtol=1e-4)
 
 
-def test_page_mass_is_the_group_summed_attention_probability_per_page():
+def test_page_lse_softmaxed_is_the_group_summed_attention_probability_per_page():
+    """What a refresh ranks by: each head's per-page log-sum-exp, softmaxed over the pages, summed over
+    the KV group = the step's attention probabilities summed per page and group."""
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(2, 4, 1, 8, generator=g), torch.randn(2, 2, 40, 8, generator=g)
     visible = torch.ones(2, 40, dtype=torch.bool)
     visible[1, :20] = False
-    mass = page_mass(q, k, visible, 0.3, PS)
+    mass = torch.softmax(page_lse_torch(q, k, PS, 0.3, visible), -1).sum(2)
     probs = torch.softmax((q @ k.repeat_interleave(2, 1).transpose(-1, -2)).squeeze(2) * 0.3
                           + torch.where(visible, 0.0, float("-inf")).unsqueeze(1), -1)  # [B, Hq, L]
     per_page = torch.nn.functional.pad(probs, (0, 8)).view(2, 4, 3, PS).sum(-1).view(2, 2, 2, 3).sum(2)

@@ -89,6 +89,20 @@ def test_group_kernel_combines_masks_and_forces_like_the_torch_path(combine, end
     assert all(first[i // 2].item() in got[i] for i in range(6))  # the sink page is always in
 
 
+def test_group_kernel_selects_only_where_its_flag_is_set(monkeypatch):
+    """A compiled Recycled step launches the selection every step with the device flag "refresh now": set,
+    the same lists as without a flag; clear, the kernel returns at once and leaves both outputs unwritten."""
+    g = torch.Generator().manual_seed(12)
+    scores, first = torch.randn(2, 2, 3, 64, generator=g), torch.tensor([0, 3])
+    plain = _ts.group_topk_ascending_triton(scores, 8, first, 60)
+    flagged = _ts.group_topk_ascending_triton(scores, 8, first, 60, flag=torch.tensor([1], dtype=torch.int32))
+    assert all(torch.equal(a, b) for a, b in zip(plain, flagged, strict=True))
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: empty(*a, **kw).fill_(-7))  # marks unwritten entries
+    idx, counts = _ts.group_topk_ascending_triton(scores, 8, first, 60, flag=torch.tensor([0], dtype=torch.int32))
+    assert idx.eq(-7).all() and counts.eq(-7).all()
+
+
 def test_group_kernel_rejects_bad_arguments():
     with pytest.raises(ValueError, match="combine must be one of"):
         _ts.group_topk_ascending_triton(torch.zeros(1, 1, 2, 8), 2, 0, 8, "mean")

@@ -80,6 +80,13 @@ class KeyBounds:
             ok = ok & valid.view(flat.shape)
         return ok
 
+    def decode_visible(self, batch: int, kv_len: int, device=None) -> torch.Tensor:
+        """`[B, kv_len]` bool: the keys a decode query (position `kv_len - 1`) may see."""
+        if self.mask is not None:
+            return self.mask[:, 0, -1, :].to(device).expand(batch, kv_len)
+        kpos = torch.arange(kv_len, device=device).view(1, kv_len)
+        return self.visible(torch.tensor(kv_len - 1, device=device), kpos, batch).expand(batch, kv_len)
+
     def rows_mask(self, batch: int, q_len: int, kv_len: int, rows: tuple[int, int], keys: tuple[int, int],
                   device=None) -> torch.Tensor:
         """`[B, r1 - r0, k1 - k0]`: which keys k0..k1 (those past `kv_len`: none) queries r0..r1 (of `q_len`)

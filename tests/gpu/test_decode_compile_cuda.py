@@ -57,8 +57,10 @@ def test_static_decode_step_has_no_host_sync(decode, options):
     # near-tied page bounds and so its page choice (a different, equally valid selection)
     ("quest", torch.float32, {"budget": 128, "page_size": 16, "dense_layers": 0, "topk": "triton"}),
     ("quest", torch.float32, {"budget": 128, "page_size": 16, "dense_layers": 0}),
-    # refreshes at steps 1 and 4 and recycled steps between: its device schedule's torch.cond in the graph
-    ("recycled", torch.float32, {"budget": 128, "page_size": 16, "stride": 3})])
+    # refreshes at steps 1 and 4 and recycled steps between, branch-free: the page-mass and top-k kernels
+    # run every step and skip their work unless the device flag "refresh now" is set
+    ("recycled", torch.float32, {"budget": 128, "page_size": 16, "stride": 3}),
+    ("recycled", torch.float32, {"budget": 128, "page_size": 16, "stride": 3, "topk": "triton"})])
 def test_reduce_overhead_decode_equals_eager(decode, dtype, options):
     model, patch, cache, kw, tok = _setup(decode, dtype, **options)
     steps = []

@@ -125,3 +125,24 @@ def test_group_topk_kernel_matches_the_torch_path(combine, early, monkeypatch):
     score = torch.where(forced.view(b, 1, n), torch.finfo(torch.float32).max, score.masked_fill(~valid.view(b, 1, n), float("-inf")))
     ref = score.topk(k, dim=-1).indices.sort(-1).values.int()
     assert counts.eq(k).all() and torch.equal(idx, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("hq", "hkv", "d", "page"), [(32, 8, 128, 16), (9, 3, 64, 64), (4, 1, 256, 128)])
+def test_page_lse_kernel_equals_the_torch_reference(hq, hkv, d, page, dtype):
+    """Recycled's ranking kernel, compiled, with left padding and a static cache's unwritten slots (a set
+    flag changes nothing; a clear one is tested under the interpreter)."""
+    from attnpatch.estimators.page_lse import page_lse_torch
+    from attnpatch.estimators.page_lse_triton import page_lse_triton
+
+    g = torch.Generator(device=DEVICE).manual_seed(hq + d)
+    q = torch.randn(2, hq, 1, d, device=DEVICE, dtype=dtype, generator=g)
+    k = torch.randn(2, hkv, 5000, d, device=DEVICE, dtype=dtype, generator=g)
+    start = torch.tensor([0, 333], device=DEVICE)
+    valid = torch.arange(5000, device=DEVICE).view(1, -1) < torch.tensor([[4000], [4500]], device=DEVICE)
+    out = page_lse_triton(q, k, page, d ** -0.5, key_start=start, key_valid=valid)
+    visible = valid & (torch.arange(5000, device=DEVICE) >= start.view(2, 1))
+    torch.testing.assert_close(out, page_lse_torch(q, k, page, d ** -0.5, visible), rtol=1e-3, atol=1e-3)
+    flagged = page_lse_triton(q, k, page, d ** -0.5, key_start=start, key_valid=valid,
+                              flag=torch.ones(1, dtype=torch.int32, device=DEVICE))
+    assert torch.equal(flagged, out)

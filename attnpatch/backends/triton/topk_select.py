@@ -133,32 +133,37 @@ if triton_available():
 
     @triton.jit
     def _group_topk_kernel(
-        S, FIRST, END, OUT, COUNTS, heads, group, n, k, keep_last,
+        S, FIRST, END, OUT, COUNTS, FLAG, heads, group, n, k, keep_last,
         stride_sb, stride_sh, stride_sg, stride_first, stride_end,
         SOFTMAX_SUM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        EARLY_EXIT: tl.constexpr, FUSED_COUNTS: tl.constexpr,
+        EARLY_EXIT: tl.constexpr, FUSED_COUNTS: tl.constexpr, HAS_FLAG: tl.constexpr,
     ):  # fmt: skip
-        row = tl.program_id(0).to(tl.int64)
-        b = row // heads
-        offs = tl.arange(0, BLOCK_N)
-        first = tl.load(FIRST + b * stride_first).to(tl.int32)
-        end = tl.load(END + b * stride_end).to(tl.int32)
-        valid = (offs < n) & (offs >= first) & (offs < end)
-        offs_g = tl.arange(0, BLOCK_G)
-        inside = (offs_g < group)[:, None] & valid[None, :]
-        x = tl.load(S + b * stride_sb + (row % heads) * stride_sh + offs_g[:, None] * stride_sg + offs[None, :],
-                    mask=inside, other=float("-inf")).to(tl.float32)
-        if SOFTMAX_SUM:  # the G rows at once: one max, one sum, one sum over the group
-            top = tl.reduce(x, 1, _MAX)
-            e = tl.where(inside, tl.exp(x - tl.where(top > float("-inf"), top, 0.0)[:, None]), 0.0)
-            total = tl.reduce(e, 1, _SUM)
-            score = tl.reduce(e / tl.where(total > 0, total, 1.0)[:, None], 0, _SUM)
+        if HAS_FLAG:  # noqa: SIM108  (constexpr branch kept explicit)
+            go = tl.load(FLAG)
         else:
-            score = tl.reduce(x, 0, _MAX)
-        forced = valid & ((offs == first) | ((offs < end) & (offs >= end - 1 - keep_last)))
-        s = tl.where(forced, 3.4028234663852886e38, score)
-        _select_ascending(s, valid, offs, k, OUT + row * k, COUNTS + row, BLOCK_K, EARLY_EXIT,
-                          FUSED_COUNTS)
+            go = 1
+        if go != 0:
+            row = tl.program_id(0).to(tl.int64)
+            b = row // heads
+            offs = tl.arange(0, BLOCK_N)
+            first = tl.load(FIRST + b * stride_first).to(tl.int32)
+            end = tl.load(END + b * stride_end).to(tl.int32)
+            valid = (offs < n) & (offs >= first) & (offs < end)
+            offs_g = tl.arange(0, BLOCK_G)
+            inside = (offs_g < group)[:, None] & valid[None, :]
+            x = tl.load(S + b * stride_sb + (row % heads) * stride_sh + offs_g[:, None] * stride_sg + offs[None, :],
+                        mask=inside, other=float("-inf")).to(tl.float32)
+            if SOFTMAX_SUM:  # the G rows at once: one max, one sum, one sum over the group
+                top = tl.reduce(x, 1, _MAX)
+                e = tl.where(inside, tl.exp(x - tl.where(top > float("-inf"), top, 0.0)[:, None]), 0.0)
+                total = tl.reduce(e, 1, _SUM)
+                score = tl.reduce(e / tl.where(total > 0, total, 1.0)[:, None], 0, _SUM)
+            else:
+                score = tl.reduce(x, 0, _MAX)
+            forced = valid & ((offs == first) | ((offs < end) & (offs >= end - 1 - keep_last)))
+            s = tl.where(forced, 3.4028234663852886e38, score)
+            _select_ascending(s, valid, offs, k, OUT + row * k, COUNTS + row, BLOCK_K, EARLY_EXIT,
+                              FUSED_COUNTS)
 
     _KERNEL_INTERPRETED = is_interpreted(_topk_ascending_kernel)
 else:
@@ -233,12 +238,15 @@ def _per_row(t: torch.Tensor | int, batch: int, device) -> tuple[torch.Tensor, i
 
 @on_input_device
 def group_topk_ascending_triton(scores: torch.Tensor, k: int, first: torch.Tensor | int, end: torch.Tensor | int,
-                                combine: str = "softmax_sum", keep_last: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                                combine: str = "softmax_sum", keep_last: int = 0,
+                                flag: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`(indices [B, H, k], counts [B, H])` int32: per (b, h) the k best entries `j` of
     `combine(scores[b, h, :, j])` (`scores` `[B, H, G, n]` float32) among `first[b] <= j < end[b]`
     (`first`, `end`: `[B]`, 0-dim or int), `first[b]` and the `keep_last + 1` last valid entries
     always in, in ascending order (zeros past `counts`). `combine`: "softmax_sum" (each of the G rows
-    softmaxed over the valid entries, then summed) or "max" (the largest of the G)."""
+    softmaxed over the valid entries, then summed) or "max" (the largest of the G). `flag` (1-element int
+    tensor on the device, optional): when it reads 0 the kernel returns at once and both outputs are left
+    unwritten (a compiled step that needs the selection only on some steps discards them with `torch.where`)."""
     if combine not in COMBINES:
         raise ValueError(f"group_topk_ascending_triton: combine must be one of {COMBINES}, got {combine!r}")
     reason = group_unsupported_reason(scores, k)
@@ -254,9 +262,9 @@ def group_topk_ascending_triton(scores: torch.Tensor, k: int, first: torch.Tenso
         block_n, block_k = _block_sizes(n, k)
         early, warps = launch_config(n)
         _group_topk_kernel[(b * h,)](
-            scores, first_t, end_t, out, counts, h, g, n, k, int(keep_last),
+            scores, first_t, end_t, out, counts, flag if flag is not None else counts, h, g, n, k, int(keep_last),
             scores.stride(0), scores.stride(1), scores.stride(2), stride_first, stride_end,
             SOFTMAX_SUM=combine == "softmax_sum", BLOCK_G=triton.next_power_of_2(g), BLOCK_N=block_n, BLOCK_K=block_k,
-            EARLY_EXIT=early, FUSED_COUNTS=not _KERNEL_INTERPRETED, num_warps=warps,
+            EARLY_EXIT=early, FUSED_COUNTS=not _KERNEL_INTERPRETED, HAS_FLAG=flag is not None, num_warps=warps,
         )  # fmt: skip
     return out.view(b, h, k), counts.view(b, h)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from attnpatch.options import option
-from attnpatch.sparsity import KeyBounds, PageSelection
+from attnpatch.sparsity import PageSelection
 
 
 def check_budget(method: str, budget: int, page_size: int, local_pages: int = 0) -> None:
@@ -20,14 +20,6 @@ def check_budget(method: str, budget: int, page_size: int, local_pages: int = 0)
         raise ValueError(f"option 'budget' of decode method {method!r} must be a multiple of page_size "
                          f"({page_size}) of at least {low} tokens ({pages} pages: the sink page, the current "
                          f"page{local} and one chosen page), e.g. {low}, {low + page_size}, ...; got {budget}")
-
-
-def visible_keys(bounds: KeyBounds, batch: int, kv_len: int, device) -> torch.Tensor:
-    """`[B, kv_len]` bool: the keys the decode query (position `kv_len - 1`) may see."""
-    if bounds.mask is not None:
-        return bounds.mask[:, 0, -1, :].to(device).expand(batch, kv_len)
-    kpos = torch.arange(kv_len, device=device).view(1, kv_len)
-    return bounds.visible(torch.tensor(kv_len - 1, device=device), kpos, batch).expand(batch, kv_len)
 
 
 def compact(pages: torch.Tensor, ok: torch.Tensor, n_pages: int, kv_len: int, page_size: int) -> PageSelection:
@@ -83,12 +75,13 @@ def top_pages(score: torch.Tensor, k: int, valid: torch.Tensor, forced: torch.Te
 
 
 def group_top_pages(bound: torch.Tensor, k: int, first: torch.Tensor, end: torch.Tensor, keep_last: int,
-                    combine: str, kv_len: int, page_size: int) -> PageSelection | None:
+                    combine: str, kv_len: int, page_size: int, flag: torch.Tensor | None = None) -> PageSelection | None:
     """One Triton launch (`attnpatch.backends.triton.topk_select.group_topk_ascending_triton`) that
     combines the G bound rows of each KV head (`combine`: "softmax_sum" or "max"), masks the pages
     outside `first[b] <= page < end`, forces `first[b]` and the `keep_last + 1` last pages, and selects
     the `k` best in ascending order; None where the kernel declines the input (the caller keeps the
-    torch path). `bound` `[B, Hkv, G, n]` float32, `first` `[B]`, `end` 0-dim or `[B]`."""
+    torch path). `bound` `[B, Hkv, G, n]` float32, `first` `[B]`, `end` 0-dim or `[B]`; `flag` (1-element
+    int tensor): the kernel selects only when it reads nonzero, else the lists are left unwritten."""
     from attnpatch.backends.triton import topk_select
 
     if topk_select.group_unsupported_reason(bound, k) is not None:
@@ -96,7 +89,7 @@ def group_top_pages(bound: torch.Tensor, k: int, first: torch.Tensor, end: torch
     if torch.compiler.is_compiling():
         from attnpatch.backends.triton.topk_select_op import group_topk_ascending_op
 
-        indices, counts = group_topk_ascending_op(bound, k, first, end, combine, keep_last)
+        indices, counts = group_topk_ascending_op(bound, k, first, end, combine, keep_last, flag)
     else:
-        indices, counts = topk_select.group_topk_ascending_triton(bound, k, first, end, combine, keep_last)
+        indices, counts = topk_select.group_topk_ascending_triton(bound, k, first, end, combine, keep_last, flag)
     return PageSelection(indices, counts, page_size, kv_len)

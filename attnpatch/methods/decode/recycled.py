@@ -9,25 +9,12 @@ from typing import Any, ClassVar
 import torch
 
 from attnpatch.cache import RecycledLayer, RecycledState, StaticRecycledLayer
+from attnpatch.estimators.page_lse import page_lse
 from attnpatch.methods.base import DecodeContext, DecodeMethod
-from attnpatch.methods.decode.pages import check_budget, compact, top_pages, topk_option, visible_keys
+from attnpatch.methods.decode.pages import check_budget, compact, group_top_pages, top_pages, topk_option
 from attnpatch.options import option
 from attnpatch.registry import register_decode
 from attnpatch.sparsity import PageSelection, num_blocks
-
-
-def page_mass(query: torch.Tensor, key: torch.Tensor, visible: torch.Tensor, scale: float,
-              page_size: int) -> torch.Tensor:
-    """Attention mass per page of one decode query, summed over each KV head's query heads:
-    query `[B, Hq, 1, D]`, key `[B, Hkv, L, D]`, visible `[B, L]` -> `[B, Hkv, pages]` (float32).
-    The probabilities are `[B, Hq, L]` (one query row; never L × L)."""
-    b, hq, _, d = query.shape
-    hkv, lk = key.shape[1], key.shape[2]
-    q = query.reshape(b, hkv, hq // hkv, d)
-    scores = (q @ key.transpose(-1, -2)).float() * scale  # [B, Hkv, G, L]
-    probs = torch.softmax(scores.masked_fill(~visible.view(b, 1, 1, lk), float("-inf")), -1).sum(2)
-    n = num_blocks(lk, page_size)
-    return torch.nn.functional.pad(probs, (0, n * page_size - lk)).view(b, hkv, n, page_size).sum(-1)
 
 
 @register_decode("recycled")
@@ -38,8 +25,8 @@ class Recycled(DecodeMethod):
 
     Per layer: a refresh step (the first decode step, then every `stride` steps, and whenever the
     cache grew by more than one token since the last step, e.g. a new prompt chunk) runs dense
-    attention and computes the same step's probabilities once more (`[B, Hq, L]`, one extra q·Kᵀ
-    GEMV; never L × L) to rank the pages. The steps after it read the recycled pages ∪ the pages
+    attention and ranks the pages from the same step's scores (one extra pass over the keys; never
+    L × L). The steps after it read the recycled pages ∪ the pages
     holding tokens generated since that refresh.
 
     Choices: page granularity (pages of `page_size`, 16 by default — the smallest page of the split-KV
@@ -51,18 +38,25 @@ class Recycled(DecodeMethod):
     step counter in the cache layer). Sliding-window layers run their window; caches shorter than
     `min_length` run dense.
 
+    Ranking: each query head's per-page log-sum-exp of the step's scores (`attnpatch.estimators.page_lse`,
+    a fused Triton kernel on the GPU: one pass over the keys, no `[B, Hq, L]` probabilities), softmaxed
+    over the row's pages and summed over the KV group — each page's share of the group's attention mass;
+    top-k by `topk` ("triton", the default: one launch that combines, masks, forces and selects).
+
     Compiled steps (`torch.compile` of the model on a static cache): the same schedule decided on the
-    device (`compiled_step`). The cache layer keeps the recycled pages, the refresh length and the
-    steps since in preallocated tensors; each layer's step is one `torch.cond` on "refresh now" (no
-    refresh yet, `stride` steps since, or the cache grew by more than one token), whose branches are
-    the dense step plus the page ranking, and the read of the recycled pages plus a fixed number of
-    recent pages (`ceil(stride / page_size) + 1`, those past the written length dropped). Host
-    counters, which a compiled step would be guarded on (it recompiled at every token, measured at
-    32K, batch 4, H100), are not read there. Inductor runs the `cond` outside its CUDA graphs (a
-    graph partition per layer, the predicate read on the host): measured on the H200 (32K, batch 4,
-    32-layer 8B shape, reduce-overhead) 24.2 ms a token against 10.5 ms for the Triton kernel over every
-    page, so a compiled `recycled` step is slower than dense (bench/results/hf_decode_h200/
-    recycled_compiled_32k_b4_2026-12-06/).
+    device, without a branch (`compiled_step`). The cache layer keeps the recycled pages, the refresh
+    length and the steps since in preallocated tensors. Every step reads one page list of fixed width:
+    every page when "refresh now" (no refresh yet, `stride` steps since, or the cache grew by more than
+    one token), else the recycled pages and a fixed number of recent pages (`ceil(stride / page_size) + 1`,
+    those past the written length dropped) — chosen by `torch.where`, so the Triton decode kernel does the
+    work of the list's count. The ranking's two kernels (page log-sum-exp, top-k) run every step with
+    "refresh now" as a device flag and return at once when it is clear; their unwritten outputs are
+    dropped by `torch.where`. The step is one graph that CUDA graphs replay. Host counters, which a
+    compiled step would be guarded on (it recompiled at every token, measured at 32K, batch 4, H100), are
+    not read there. (The earlier design, one `torch.cond` per layer, ran each `cond` outside inductor's
+    CUDA graphs: 24.2 ms a token against 10.5 ms for the Triton kernel over every page, H200, 32K, batch 4,
+    bench/results/hf_decode_h200/recycled_compiled_32k_b4_2026-12-06/.) With `topk="torch"` the compiled
+    step runs torch.topk and a sort at every step (no flag to skip them).
     `min_length` compares with the static cache's capacity in a compiled step (as `quest`).
     """
 
@@ -72,7 +66,7 @@ class Recycled(DecodeMethod):
                          min=48, max=1 << 30)
     stride: int = option(16, "decode steps from one full-attention refresh to the next (1: every step)", min=1)
     page_size: int = option(16, "tokens per recycled page", choices=(16, 32, 64, 128))
-    topk: str = topk_option()
+    topk: str = topk_option("triton")
     min_length: int = option(0, "caches shorter than this run dense", min=0)
 
     def __post_init__(self) -> None:
@@ -103,13 +97,13 @@ class Recycled(DecodeMethod):
         state.record_refresh(sel.indices.long(), sel.counts, length)
 
     def compiled_step(self, query: torch.Tensor, key: torch.Tensor, ctx: DecodeContext, attend) -> torch.Tensor:
-        """The schedule of `select` decided on the device (see the class docstring): one `torch.cond`."""
+        """The schedule of `select` decided on the device, without a branch (see the class docstring)."""
         state = ctx.cache_layer
-        lk = key.shape[2]
+        lk, ps = key.shape[2], self.page_size
         if ctx.sliding_window is not None or lk < self.min_length:
             return attend(None)
         if not isinstance(state, StaticRecycledLayer) or state.device_schedule is None \
-                or state.page_size != self.page_size:
+                or state.page_size != ps:
             raise RuntimeError("recycled's compiled decode step keeps its schedule in a static cache's layers: "
                                "generate with cache_implementation='static' (or a StaticCache) under the patch")
         state.host_stale = True  # eager steps after these resume from the cache's written length
@@ -117,39 +111,45 @@ class Recycled(DecodeMethod):
         written = state.cumulative_length.reshape(()).to(torch.long)
         steps = schedule.steps + 1
         refresh_now = (schedule.refresh_at == 0) | (steps >= self.stride) | (written != schedule.refresh_at + steps)
-
-        def refresh(pages, counts, refresh_at, steps):  # query, key (and attend's tensors) are closed over
-            # every page on the decode backend (the best dense decode): SDPA would also close over the
-            # attention mask, which aliases the key bounds, and a cond branch's inputs must not alias
-            out = attend(PageSelection.all_pages(query.shape[0], key.shape[1], lk, self.page_size, query.device))
-            sel = self._ranked_pages(query, key, ctx, written)
-            return (out.contiguous(), sel.indices.to(pages.dtype), sel.counts.to(counts.dtype), written.clone(),
-                    torch.zeros_like(steps))
-
-        def recycle(pages, counts, refresh_at, steps):
-            sel = self._recycled_pages(pages, counts, refresh_at, written, lk)
-            return attend(sel).contiguous(), pages.clone(), counts.clone(), refresh_at.clone(), steps + 1
-
-        out, pages, counts, refresh_at, steps = torch.cond(
-            refresh_now, refresh, recycle, (schedule.pages, schedule.counts, schedule.refresh_at, schedule.steps))
-        schedule.pages.copy_(pages)
-        schedule.counts.copy_(counts)
-        schedule.refresh_at.copy_(refresh_at)
-        schedule.steps.copy_(steps)
+        # one page list of a fixed width: every page on a refresh, else the recycled ones and those written since
+        n = num_blocks(lk, ps)
+        recycled = self._recycled_pages(schedule.pages, schedule.counts, schedule.refresh_at, written, lk)
+        width = recycled.indices.shape[-1]
+        listed = recycled.indices[..., :n] if width >= n else torch.nn.functional.pad(recycled.indices, (0, n - width))
+        every = torch.arange(n, dtype=torch.int32, device=query.device)
+        counts = torch.where(refresh_now, n, recycled.counts).to(torch.int32)
+        out = attend(PageSelection(torch.where(refresh_now, every, listed), counts, ps, lk))
+        # the ranking's kernels run every step and skip their work unless refreshing; unwritten lists are dropped
+        ranked = self._ranked_pages(query, key, ctx, written, flag=refresh_now.to(torch.int32).reshape(1))
+        schedule.pages.copy_(torch.where(refresh_now, ranked.indices.to(schedule.pages.dtype), schedule.pages))
+        schedule.counts.copy_(torch.where(refresh_now, ranked.counts.to(schedule.counts.dtype), schedule.counts))
+        schedule.refresh_at.copy_(torch.where(refresh_now, written, schedule.refresh_at))
+        schedule.steps.copy_(torch.where(refresh_now, torch.zeros_like(steps), steps))
         return out
 
-    def _ranked_pages(self, query, key, ctx: DecodeContext, written: int | torch.Tensor) -> PageSelection:
-        """A refresh's page list: the `budget / page_size` pages of most attention mass among the visible
-        ones, the sink page and the current one (`written - 1`: a host int or a device tensor) forced in."""
+    def _ranked_pages(self, query, key, ctx: DecodeContext, written: int | torch.Tensor,
+                      flag: torch.Tensor | None = None) -> PageSelection:
+        """A refresh's page list: the `budget / page_size` pages of most attention mass (each query head's
+        share per page, `page_lse` softmaxed over the pages, summed over the KV group) among the row's
+        pages, the sink page and the current one (`written - 1`: a host int or a device tensor) forced in.
+        `flag`: the kernels skip their work where it reads 0 (lists then unwritten)."""
         b, ps, lk = query.shape[0], self.page_size, key.shape[2]
-        visible = visible_keys(ctx.bounds, b, lk, query.device)
-        mass = page_mass(query, key, visible, ctx.scale, ps)
-        n = mass.shape[-1]
-        pages = torch.arange(n, device=query.device)
-        seen = torch.nn.functional.pad(visible, (0, n * ps - lk)).view(b, n, ps).any(-1)
-        first = ctx.bounds.first_key(b, query.device) // ps
-        forced = (pages.view(1, n) == first.view(b, 1)) | (pages == (written - 1) // ps)
-        return top_pages(mass, min(self.budget // ps, n), seen.unsqueeze(1), forced.unsqueeze(1), lk, ps, self.topk)
+        device = query.device
+        n = num_blocks(lk, ps)
+        k = min(self.budget // ps, n)
+        lse = page_lse(query, key, ps, ctx.scale, ctx.bounds, flag)  # [B, Hkv, G, n]
+        first = ctx.bounds.first_key(b, device) // ps
+        written = torch.as_tensor(written, device=device)
+        end = (written + ps - 1) // ps
+        if self.topk == "triton":  # group combine, masks and top-k in one launch where the kernel runs
+            sel = group_top_pages(lse, k, first, end, 0, "softmax_sum", lk, ps, flag)
+            if sel is not None:
+                return sel
+        pages = torch.arange(n, device=device)
+        valid = (pages.view(1, n) < end) & (pages.view(1, n) >= first.view(b, 1))
+        mass = torch.softmax(lse.masked_fill(~valid.view(b, 1, 1, n), float("-inf")), -1).sum(2)
+        forced = (pages.view(1, n) == first.view(b, 1)) | (pages == end - 1)
+        return top_pages(mass, k, valid.unsqueeze(1), forced.unsqueeze(1), lk, ps, self.topk)
 
     def _recycled_pages(self, pages, counts, refresh_at: int | torch.Tensor, written: int | torch.Tensor,
                         lk: int) -> PageSelection:
