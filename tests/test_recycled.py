@@ -97,3 +97,22 @@ def test_bad_options_are_rejected_with_the_allowed_range(llama):
         attnpatch.patch_model(llama, decode="recycled", budget=100)
     with pytest.raises(ValueError, match="stride.*>= 1"):
         attnpatch.patch_model(llama, decode="recycled", stride=0)
+
+
+@pytest.mark.parametrize(("refresh_at", "written", "stride"), [(100, 101, 16), (96, 111, 16), (100, 140, 40), (65, 66, 1)])
+def test_recycled_list_is_the_ascending_union_of_kept_and_new_pages(refresh_at, written, stride):
+    """A recycled step's list, built without a sort: the pages a refresh kept (always with the refresh's
+    current page) and every page written since, ascending, each once; entries past the count unread."""
+    from attnpatch.methods.decode.recycled import Recycled
+
+    m = Recycled(budget=64, page_size=PS, stride=stride)
+    current = (refresh_at - 1) // PS
+    kept = [[0, 2, current], [1, current, 0]]  # row 1 kept 2 pages (counts 2; its last entry is unused)
+    pages = torch.tensor([[row, row] for row in kept])  # [B=2, Hkv=2, 3]
+    counts = torch.tensor([[3, 3], [2, 2]])
+    sel = m._recycled_pages(pages, counts, refresh_at, written, 256)
+    for b in range(2):
+        for h in range(2):
+            got = sel.indices[b, h, :sel.counts[b, h]].tolist()
+            want = sorted(set(kept[b][:counts[b, h]]) | set(range(refresh_at // PS, (written - 1) // PS + 1)))
+            assert got == want

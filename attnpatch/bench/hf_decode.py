@@ -271,7 +271,8 @@ class Bench:
         return time.perf_counter() - self.started
 
     def headroom(self) -> int:
-        return (self.warmup + 4) + self.repeats * self.steps + 8
+        """Cache slots past L: warm-up, the timed runs, `--profile`'s run of the steps, and a margin."""
+        return (self.warmup + 4) + (self.repeats + int(self.profile)) * self.steps + 8
 
     def run(self, cfg: Config, mode: str, length: int, batch: int, shared: dict) -> Row:
         """One row; never raises (a failure is a row with a note)."""

@@ -22,19 +22,6 @@ def check_budget(method: str, budget: int, page_size: int, local_pages: int = 0)
                          f"page{local} and one chosen page), e.g. {low}, {low + page_size}, ...; got {budget}")
 
 
-def compact(pages: torch.Tensor, ok: torch.Tensor, n_pages: int, kv_len: int, page_size: int) -> PageSelection:
-    """A PageSelection from candidate page numbers `pages` `[B, Hkv, P]` (long) of which `ok` are
-    wanted: duplicates and unwanted entries dropped, the rest ascending first; width stays `P`."""
-    width = pages.shape[-1]
-    key = torch.where(ok, pages, n_pages).sort(-1).values
-    dup = torch.zeros_like(ok)
-    dup[..., 1:] = key[..., 1:] == key[..., :-1]
-    good = (key < n_pages) & ~dup
-    order = torch.where(good, key, n_pages + torch.arange(width, device=key.device)).sort(-1).values
-    indices = torch.where(order < n_pages, order, 0).to(torch.int32)
-    return PageSelection(indices, good.sum(-1, dtype=torch.int32), page_size, kv_len)
-
-
 TOPK_KERNELS = ("torch", "triton")
 
 

@@ -11,7 +11,7 @@ import torch
 from attnpatch.cache import RecycledLayer, RecycledState, StaticRecycledLayer
 from attnpatch.estimators.page_lse import page_lse
 from attnpatch.methods.base import DecodeContext, DecodeMethod
-from attnpatch.methods.decode.pages import check_budget, compact, group_top_pages, top_pages, topk_option
+from attnpatch.methods.decode.pages import check_budget, group_top_pages, top_pages, topk_option
 from attnpatch.options import option
 from attnpatch.registry import register_decode
 from attnpatch.sparsity import PageSelection, num_blocks
@@ -155,14 +155,19 @@ class Recycled(DecodeMethod):
                         lk: int) -> PageSelection:
         """The recycled pages ∪ the pages written since the refresh (`refresh_at`, `written`: host ints in an
         eager step, device tensors in a compiled one), a fixed width: `ceil(stride / page_size) + 1` recent
-        pages, those past the written length dropped."""
+        pages, those past the written length dropped. No sort: the refresh's current page
+        (`(refresh_at - 1) // page_size`) is always among the recycled ones, so the recent pages start after
+        it, above every recycled page, and are written right after each list's `counts` entries (the list
+        stays ascending, without duplicates)."""
         ps = self.page_size
         n = num_blocks(lk, ps)
         b, hkv, width = pages.shape
         device = pages.device
         recent_width = min(n, -(-self.stride // ps) + 1)
-        recent = refresh_at // ps + torch.arange(recent_width, device=device)
-        listed = torch.arange(width, device=device) < counts.unsqueeze(-1)
-        fresh = (recent <= (written - 1) // ps).expand(b, hkv, recent_width)
-        candidates = torch.cat([pages.long(), recent.clamp(max=n - 1).expand(b, hkv, recent_width)], -1)
-        return compact(candidates, torch.cat([listed, fresh], -1), n, lk, ps)
+        recent = (refresh_at + ps - 1) // ps + torch.arange(recent_width, device=device)
+        fresh = (recent <= (written - 1) // ps).sum(dtype=torch.int32)  # a prefix of `recent`
+        slots = (counts.long().unsqueeze(-1) + torch.arange(recent_width, device=device)).clamp(
+            max=width + recent_width - 1)
+        indices = torch.nn.functional.pad(pages.to(torch.int32), (0, recent_width)).scatter(
+            -1, slots, recent.clamp(max=n - 1).to(torch.int32).expand(b, hkv, recent_width))
+        return PageSelection(indices, counts.to(torch.int32) + fresh, ps, lk)
