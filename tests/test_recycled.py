@@ -93,7 +93,7 @@ def test_static_cache_equals_dynamic(llama):
 
 
 def test_bad_options_are_rejected_with_the_allowed_range(llama):
-    with pytest.raises(ValueError, match=r"multiple of page_size \(16\) of at least 48"):
+    with pytest.raises(ValueError, match=r"multiple of page_size \(64\) of at least 192"):
         attnpatch.patch_model(llama, decode="recycled", budget=100)
     with pytest.raises(ValueError, match="stride.*>= 1"):
         attnpatch.patch_model(llama, decode="recycled", stride=0)
