@@ -26,22 +26,23 @@ class Recycled(DecodeMethod):
     Per layer: a refresh step (the first decode step, then every `stride` steps, and whenever the
     cache grew by more than one token since the last step, e.g. a new prompt chunk) runs dense
     attention and ranks the pages from the same step's scores (one extra pass over the keys; never
-    L × L). The steps after it read the recycled pages ∪ the pages
-    holding tokens generated since that refresh.
+    L × L). The steps after it read the recycled pages ∪ the pages holding tokens generated since that
+    refresh.
 
     Choices: page granularity (pages of `page_size`, 64 by default, the split-KV Triton decode kernel
-    running every recycled step; token granularity would need a gathered K/V copy per refresh). At
-    16-token pages (the default until the eighteenth session) 1/16 of SmolLM2's 8K context (budget 512)
-    scored niah_single_1 0.92 over lm-eval's first 25 prompts against dense's 1.00: both misses dropped the
-    needle's last digit, the page holding it not kept (as Quest at 16-token pages); at 64-token pages
-    1.00, KL 0.008 against 0.021; passkey (20 prompts, 8K) 0.75 like dense at both, KL 0.052 at 64 against
-    0.043 (bench/results/decode_smollm2/decode_fidelity_*_recycled_*).
-    The compiled speeds in the README were measured at 16-token pages. A page ranked by the attention mass of its tokens; GQA — one
-    page list per KV head, the group's query heads' probabilities summed (§0.3 option 2); always
-    kept: the row's first real token's page (sinks; each row's own under left padding) and the page of
-    the refresh's query (local context). The refresh schedule is decided on the host (a per-layer
-    step counter in the cache layer). Sliding-window layers run their window; caches shorter than
-    `min_length` run dense.
+    running every recycled step; token granularity would need a gathered K/V copy per refresh); a page
+    ranked by the attention mass of its tokens; GQA — one page list per KV head, the group's query heads'
+    probabilities summed (§0.3 option 2); always kept: the row's first real token's page (sinks; each
+    row's own under left padding) and the page of the refresh's query (local context). The refresh
+    schedule is decided on the host (a per-layer step counter in the cache layer). Sliding-window layers
+    run their window; caches shorter than `min_length` run dense.
+
+    Page size, measured: at 16-token pages (the default until the eighteenth session) 1/16 of SmolLM2's
+    8K context (budget 512) scored niah_single_1 0.92 over lm-eval's first 25 prompts against dense's
+    1.00 — both misses dropped the needle's last digit, its page not kept (as Quest at 16-token pages);
+    at 64-token pages 1.00, KL 0.008 against 0.021; passkey (20 prompts, 8K) 0.75 like dense at both, KL
+    0.052 at 64 against 0.043 (bench/results/decode_smollm2/decode_fidelity_*_recycled_*). The compiled
+    speeds in the README were measured at 16-token pages.
 
     Ranking: each query head's per-page log-sum-exp of the step's scores (`attnpatch.estimators.page_lse`,
     a fused Triton kernel on the GPU: one pass over the keys, no `[B, Hq, L]` probabilities), softmaxed
