@@ -21,16 +21,16 @@ from __future__ import annotations
 
 import torch
 
+from attnpatch.backends.decode_plan import ALLOWED_PAGE_SIZES
 from attnpatch.backends.triton.utils import (
     is_interpreted,
     on_input_device,
-    tensor_device_ok,
+    scorer_input_reason,
     triton_available,
 )
 
 __all__ = ["ALLOWED_PAGE_SIZES", "page_lse_triton", "unsupported_reason"]
 
-ALLOWED_PAGE_SIZES = (16, 32, 64, 128)
 TILES_PER_PROGRAM = 8
 NUM_WARPS = 4
 _LOG2E = 1.4426950408889634
@@ -101,20 +101,13 @@ else:
 
 def unsupported_reason(query: torch.Tensor, key: torch.Tensor, page_size: int) -> str | None:
     """Why the kernel cannot take these inputs (None when it can): the caller runs the torch path."""
-    if not triton_available():
-        return "triton is not installed"
-    if not tensor_device_ok(query, _KERNEL_INTERPRETED) or key.device != query.device:
-        return f"device {query.device} (need CUDA, or CPU with TRITON_INTERPRET=1 set before import)"
-    if key.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"keys of dtype {key.dtype}; allowed: float16, bfloat16, float32"
+    reason = scorer_input_reason(query, key, _KERNEL_INTERPRETED)
+    if reason is not None:
+        return reason
     if query.shape[2] != 1:
         return f"{query.shape[2]} query positions (a decode step has 1)"
-    if query.shape[1] % key.shape[1]:
-        return f"{query.shape[1]} query heads are not a multiple of {key.shape[1]} KV heads"
     if page_size not in ALLOWED_PAGE_SIZES:
         return f"page size {page_size}; allowed: {ALLOWED_PAGE_SIZES}"
-    if query.shape[-1] > 256:
-        return f"head dim {query.shape[-1]} above 256"
     if key.stride(-1) != 1:
         return "keys without unit stride along the head dim"
     return None
