@@ -15,6 +15,8 @@ exponentials (`block_stats`), one fp32 pass over the scores of a chunk.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -42,6 +44,24 @@ def proxy_scores(query: torch.Tensor, key: torch.Tensor, bounds: KeyBounds, scal
         rows = sampled_rows(query.shape[2], block, sample, query.device)
         return proxy_triton.proxy_scores_triton(query, key, bounds, scale, block, rows)
     return proxy_scores_torch(query, key, bounds, scale, block, sample, chunk_elements)
+
+
+def proxy_block_scores(query: torch.Tensor, key: torch.Tensor, bounds: KeyBounds, scale: float, block: int,
+                       sample: int, allowed: torch.Tensor, gamma: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                       chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+    """`[B, Hq, R, C]` float32: each query head's budget left at each key block, `k_{h,r} − rank_{g,r}(c)` —
+    `k_{h,r}` the head's `coverage_budget` (`gamma`, `lo`, `hi`: `[Hq]`) and the rank the block's among the
+    allowed blocks (`allowed` `[B, 1, R, C]`) by its group's proxy score. On CUDA (or the interpreter) two
+    fused kernels (`proxy_triton`: statistics, `proxy_budget_triton`: budgets and ranks); else the torch path
+    (`proxy_scores`, `coverage_budget`, `rank_blocks`). `ATTNPATCH_PROXY_FUSED=0` keeps the budgets and ranks
+    on torch ops (benchmarks: the same run with and without the second kernel)."""
+    fused = os.environ.get("ATTNPATCH_PROXY_FUSED", "1") != "0"
+    if fused and proxy_triton.block_scores_unsupported_reason(query, key, bounds, block) is None:
+        rows = sampled_rows(query.shape[2], block, sample, query.device)
+        return proxy_triton.proxy_block_scores_triton(query, key, bounds, scale, block, rows, allowed, gamma, lo, hi)
+    proxy, mass = proxy_scores(query, key, bounds, scale, block, sample, chunk_elements)
+    rank = rank_blocks(proxy, allowed).repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+    return coverage_budget(mass, gamma, lo, hi).unsqueeze(-1) - rank.float()
 
 
 def proxy_scores_torch(query: torch.Tensor, key: torch.Tensor, bounds: KeyBounds, scale: float, block: int,

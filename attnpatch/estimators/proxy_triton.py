@@ -45,9 +45,12 @@ from attnpatch.backends.triton.utils import (
     with_contiguous_last_dim,
 )
 from attnpatch.estimators.keys import real_keys
+from attnpatch.estimators.proxy_budget_triton import budget_scores_triton
+from attnpatch.estimators.proxy_budget_triton import unsupported_reason as budget_unsupported_reason
 from attnpatch.sparsity import KeyBounds, num_blocks
 
-__all__ = ["proxy_scores_triton", "unsupported_reason"]
+__all__ = ["block_scores_unsupported_reason", "proxy_block_scores_triton", "proxy_scores_triton",
+           "unsupported_reason"]
 
 _LOG2E = 1.4426950408889634
 OUT_ELEMENTS = 1 << 28  # elements of each statistic per chunk of query blocks (1 GiB in float32)
@@ -150,6 +153,13 @@ def unsupported_reason(query: torch.Tensor, key: torch.Tensor, bounds: KeyBounds
     return reason
 
 
+def block_scores_unsupported_reason(query: torch.Tensor, key: torch.Tensor, bounds: KeyBounds, block: int
+                                    ) -> str | None:
+    """Why `proxy_block_scores_triton` cannot take these inputs (None when it can)."""
+    return unsupported_reason(query, key, bounds, block) or budget_unsupported_reason(
+        num_blocks(key.shape[2], block), query)
+
+
 def scored_rows(query: torch.Tensor, kv_heads: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`(q [B, Hkv, R · (S + G), D], index [R · (S + G)])`: per query block `r`, the `S` proxy rows (the
     group's mean query at `rows[r]`) then the last row `rows[r, 0]` of each of the group's `G` heads;
@@ -164,6 +174,41 @@ def scored_rows(query: torch.Tensor, kv_heads: int, rows: torch.Tensor) -> tuple
     return q, index
 
 
+def _chunk_statistics(query: torch.Tensor, key: torch.Tensor, bounds: KeyBounds, scale: float, block: int,
+                      rows: torch.Tensor, tile_rows: int | None, launch: tuple[int, int] | None, out_elements: int):
+    """Yield `(r0, r1, val)` per chunk of query blocks `r0 .. r1`: `val` `[B, Hkv, C, (r1 − r0) · (S + G)]`
+    the kernel's per-block values of the chunk's scored rows (`scored_rows` order; 0 where no tile visits)."""
+    b, hq, lq, d = query.shape
+    hkv, lk = key.shape[1], key.shape[2]
+    rr, cc = num_blocks(lq, block), num_blocks(lk, block)
+    per_block = rows.shape[1] + hq // hkv
+    device = query.device
+    default_tile, default_launch = launch_config(d, query.element_size())
+    tile = tile_rows or default_tile
+    warps, stages = launch or default_launch
+    real = real_keys(bounds, b, lk, device)
+    real8 = torch.ones(1, dtype=torch.int8, device=device) if real is None else real.to(torch.int8).contiguous()
+    k = with_contiguous_last_dim(key)
+    step = max(1, out_elements // max(1, b * hkv * cc * per_block))
+    for r0 in range(0, rr, step):
+        r1 = min(rr, r0 + step)
+        q, index = scored_rows(query, hkv, rows[r0:r1])
+        q = with_contiguous_last_dim(q)
+        n = index.numel()
+        pos = (index + (lk - lq)).to(torch.int32).contiguous()
+        val = torch.zeros(b, hkv, cc, n, dtype=torch.float32, device=device)  # blocks never visited: 0
+        sums = torch.empty(b, hkv, cc, n, dtype=torch.float32, device=device)  # visited blocks only
+        _block_stats_kernel[(triton.cdiv(n, tile), b * hkv)](
+            q, k, pos, real8, val, sums, hkv, n, lk, cc, 0 if bounds.window is None else int(bounds.window),
+            rows.shape[1], per_block, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            float(scale) * _LOG2E,
+            HEAD_D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=tile, BLOCK_N=block,
+            HAS_PAD=real is not None, HAS_WINDOW=bounds.window is not None,
+            DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=stages,
+        )  # fmt: skip
+        yield r0, r1, val
+
+
 @on_input_device
 def proxy_scores_triton(query: torch.Tensor, key: torch.Tensor, bounds: KeyBounds, scale: float, block: int,
                         rows: torch.Tensor, *, tile_rows: int | None = None, launch: tuple[int, int] | None = None,
@@ -176,41 +221,38 @@ def proxy_scores_triton(query: torch.Tensor, key: torch.Tensor, bounds: KeyBound
     reason = unsupported_reason(query, key, bounds, block)
     if reason is not None:
         raise ValueError(f"proxy_scores_triton: {reason}")
-    b, hq, lq, d = query.shape
+    b, hq, lq, _ = query.shape
     hkv, lk = key.shape[1], key.shape[2]
-    g = hq // hkv
     rr, cc = num_blocks(lq, block), num_blocks(lk, block)
     s = rows.shape[1]
-    device = query.device
-    proxy = torch.zeros(b, hkv, rr, cc, dtype=torch.float32, device=device)
-    mass = torch.zeros(b, hq, rr, cc, dtype=torch.float32, device=device)
+    proxy = torch.zeros(b, hkv, rr, cc, dtype=torch.float32, device=query.device)
+    mass = torch.zeros(b, hq, rr, cc, dtype=torch.float32, device=query.device)
     if proxy.numel() == 0:
         return proxy, mass
-    default_tile, default_launch = launch_config(d, query.element_size())
-    tile = tile_rows or default_tile
-    warps, stages = launch or default_launch
-    real = real_keys(bounds, b, lk, device)
-    real8 = torch.ones(1, dtype=torch.int8, device=device) if real is None else real.to(torch.int8).contiguous()
-    k = with_contiguous_last_dim(key)
-    per_block = s + g
-    step = max(1, out_elements // max(1, b * hkv * cc * per_block))
-    for r0 in range(0, rr, step):
-        r1 = min(rr, r0 + step)
-        q, index = scored_rows(query, hkv, rows[r0:r1])
-        q = with_contiguous_last_dim(q)
-        n = index.numel()
-        pos = (index + (lk - lq)).to(torch.int32).contiguous()
-        val = torch.zeros(b, hkv, cc, n, dtype=torch.float32, device=device)  # blocks never visited: 0
-        sums = torch.empty(b, hkv, cc, n, dtype=torch.float32, device=device)  # visited blocks only
-        _block_stats_kernel[(triton.cdiv(n, tile), b * hkv)](
-            q, k, pos, real8, val, sums, hkv, n, lk, cc, 0 if bounds.window is None else int(bounds.window),
-            s, per_block, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            float(scale) * _LOG2E,
-            HEAD_D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=tile, BLOCK_N=block,
-            HAS_PAD=real is not None, HAS_WINDOW=bounds.window is not None,
-            DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=stages,
-        )  # fmt: skip
-        val = val.view(b, hkv, cc, r1 - r0, per_block)
+    for r0, r1, val in _chunk_statistics(query, key, bounds, scale, block, rows, tile_rows, launch, out_elements):
+        val = val.view(b, hkv, cc, r1 - r0, s + hq // hkv)
         proxy[:, :, r0:r1] = val[..., :s].amax(-1).transpose(-1, -2)
         mass[:, :, r0:r1] = val[..., s:].permute(0, 1, 4, 3, 2).reshape(b, hq, r1 - r0, cc)
     return proxy, mass
+
+
+@on_input_device
+def proxy_block_scores_triton(query: torch.Tensor, key: torch.Tensor, bounds: KeyBounds, scale: float, block: int,
+                              rows: torch.Tensor, allowed: torch.Tensor, gamma: torch.Tensor, lo: torch.Tensor,
+                              hi: torch.Tensor, *, tile_rows: int | None = None,
+                              launch: tuple[int, int] | None = None, out_elements: int = OUT_ELEMENTS) -> torch.Tensor:
+    """`[B, Hq, R, C]` float32 ProxyAttn block scores `k_{h,r} − rank` (`attnpatch.estimators.proxy.
+    proxy_block_scores`): the statistics kernel, then `proxy_budget_triton`'s kernel per chunk — no
+    `[B, H, R, C]` temporaries besides the output. `allowed` `[B, 1, R, C]`; `gamma`, `lo`, `hi` `[Hq]`.
+    Raises ValueError on inputs either kernel declines."""
+    reason = block_scores_unsupported_reason(query, key, bounds, block)
+    if reason is not None:
+        raise ValueError(f"proxy_block_scores_triton: {reason}")
+    b, hq, lq, _ = query.shape
+    cc = num_blocks(key.shape[2], block)
+    out = torch.empty(b, hq, num_blocks(lq, block), cc, dtype=torch.float32, device=query.device)
+    if out.numel() == 0:
+        return out
+    for r0, _, val in _chunk_statistics(query, key, bounds, scale, block, rows, tile_rows, launch, out_elements):
+        budget_scores_triton(val, allowed, gamma, lo, hi, out, r0, rows.shape[1])
+    return out

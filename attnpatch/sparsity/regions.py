@@ -1,9 +1,17 @@
 """Block-level regions every prefill method shares: where keys may be seen at all (causal, sliding
 window, padding) and the regions methods force in (sinks from each row's first real token, the local
 band up to the diagonal, the dense tail of the last query rows). All masks are `[B, 1, R, C]` booleans
-over blocks, never over tokens."""
+over blocks, never over tokens.
+
+The parts that depend only on lengths, block sizes and the window (the causal / window region, the local
+band, the sinks of unpadded rows) are kept per shape and device (`_shape_cache`): a score-based method asks
+for them once in its estimate and again in the base's selection, every layer, and each build is a dozen
+small index ops — host time that showed between the GPU kernels of a 32K prefill.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -19,17 +27,44 @@ def query_block_span(q_len: int, kv_len: int, block_q: int, device=None) -> tupl
     return offset + r * block_q, offset + torch.clamp((r + 1) * block_q, max=q_len) - 1
 
 
+_CACHE_SIZE = 64
+_shape_cache: dict[tuple, torch.Tensor] = {}
+
+
+def _cached(key: tuple, build: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """`build()`, kept under `key` (a few recent shapes; not while torch.compile traces). Callers never
+    modify the tensor in place."""
+    if torch.compiler.is_compiling():
+        return build()
+    hit = _shape_cache.get(key)
+    if hit is None:
+        if len(_shape_cache) >= _CACHE_SIZE:
+            _shape_cache.pop(next(iter(_shape_cache)))
+        hit = _shape_cache[key] = build()
+    return hit
+
+
+def _visible_region(q_len: int, kv_len: int, block_q: int, block_k: int, window: int | None, device
+                    ) -> torch.Tensor:
+    """`[1, 1, R, C]` the causal (and window) part of `allowed_blocks`."""
+    first_q, last_q = query_block_span(q_len, kv_len, block_q, device)
+    c = torch.arange(num_blocks(kv_len, block_k), device=device)
+    hi_key = torch.clamp((c + 1) * block_k, max=kv_len) - 1
+    ok = (c * block_k).view(1, -1) <= last_q.view(-1, 1)  # [R, C]
+    if window is not None:
+        ok &= first_q.view(-1, 1) - hi_key.view(1, -1) < window
+    return ok.view(1, 1, *ok.shape)
+
+
 def allowed_blocks(batch: int, q_len: int, kv_len: int, block_q: int, block_k: int, bounds: KeyBounds,
                    device=None) -> torch.Tensor:
     """`[B, 1, R, C]`: key blocks holding at least one key that some query of the block may see under
     the causal rule, the sliding window and the padding (a tensor mask is clipped causally only)."""
-    first_q, last_q = query_block_span(q_len, kv_len, block_q, device)
-    c = torch.arange(num_blocks(kv_len, block_k), device=device)
-    lo_key, hi_key = c * block_k, torch.clamp((c + 1) * block_k, max=kv_len) - 1
-    ok = lo_key.view(1, -1) <= last_q.view(-1, 1)  # [R, C]
-    if bounds.window is not None:
-        ok &= first_q.view(-1, 1) - hi_key.view(1, -1) < bounds.window
-    ok = ok.view(1, 1, *ok.shape)
+    window = None if bounds.window is None else int(bounds.window)
+    ok = _cached(("visible", q_len, kv_len, block_q, block_k, window, torch.device(device or "cpu")),
+                 lambda: _visible_region(q_len, kv_len, block_q, block_k, window, device))
+    if bounds.key_start is not None or bounds.key_valid is not None:
+        hi_key = torch.clamp((torch.arange(ok.shape[-1], device=device) + 1) * block_k, max=kv_len) - 1
     if bounds.key_start is not None:
         ok = ok & (hi_key.view(1, 1, 1, -1) >= bounds.key_start.to(device).view(-1, 1, 1, 1))
     if bounds.key_valid is not None:
@@ -45,6 +80,18 @@ def forced_blocks(batch: int, q_len: int, kv_len: int, block_q: int, block_k: in
     from a window's start) and the local band (`local_blocks` key blocks ending at the block of the
     query block's last token, widened to the block of its first token when a chunked-prefill offset
     misaligns them), limited to the causally reachable blocks."""
+    if bounds.mask is None and bounds.key_start is None and bounds.key_first is None and bounds.key_valid is None:
+        # every row's first real key is key 0: the same region for every row
+        keep = _cached(("forced", q_len, kv_len, block_q, block_k, sink_blocks, local_blocks,
+                        torch.device(device or "cpu")),
+                       lambda: _forced_region(1, q_len, kv_len, block_q, block_k, bounds, sink_blocks, local_blocks,
+                                              device))
+        return keep.expand(batch, *keep.shape[1:])
+    return _forced_region(batch, q_len, kv_len, block_q, block_k, bounds, sink_blocks, local_blocks, device)
+
+
+def _forced_region(batch: int, q_len: int, kv_len: int, block_q: int, block_k: int, bounds: KeyBounds,
+                   sink_blocks: int, local_blocks: int, device) -> torch.Tensor:
     first_q, last_q = query_block_span(q_len, kv_len, block_q, device)
     c = torch.arange(num_blocks(kv_len, block_k), device=device).view(1, 1, 1, -1)
     hi = (last_q // block_k).view(1, 1, -1, 1)

@@ -76,10 +76,12 @@ class BlockSelection:
         c = mask.shape[-1]
         counts = mask.sum(-1, dtype=torch.int32)
         k = max(int(counts.max().item()) if counts.numel() else 0, 1)
-        # Sort kept columns first (stable keeps them ascending), then take the first k.
-        key = torch.where(mask, torch.arange(c, device=mask.device), c + torch.arange(c, device=mask.device))
-        order = key.argsort(dim=-1)[..., :k].to(torch.int32)
-        return cls(order, counts, block_q, block_k, q_len, kv_len)
+        # Each kept column goes to its slot among the kept ones (a running count: ascending, no sort); the
+        # others to a spare slot k, dropped. Slots past a row's count hold 0.
+        slot = torch.where(mask, mask.cumsum(-1, dtype=torch.int32) - 1, k).long()
+        cols = torch.arange(c, dtype=torch.int32, device=mask.device).expand(mask.shape)
+        order = torch.zeros(*mask.shape[:-1], k + 1, dtype=torch.int32, device=mask.device).scatter_(-1, slot, cols)
+        return cls(order[..., :k].contiguous(), counts, block_q, block_k, q_len, kv_len)
 
     def to_block_mask(self) -> torch.Tensor:
         """Boolean `[B, H, R, C]` block mask (for tests and plots; R×C blocks)."""

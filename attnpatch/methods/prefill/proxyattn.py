@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from attnpatch.estimators.proxy import coverage_budget, proxy_scores, rank_blocks
+from attnpatch.estimators.proxy import proxy_block_scores
 from attnpatch.methods.base import PrefillContext
 from attnpatch.methods.estimated import BlockScores, EstimatedPrefill
 from attnpatch.options import Knob, option
@@ -56,8 +56,9 @@ class ProxyAttn(EstimatedPrefill):
     `2 · B · Hq · (Lq / bs) · Lk · d` for the heads' signal, both halved by clipping each chunk of query
     blocks to the keys it may see: `(Hkv · S + Hq) / (Hq · bs)` of a dense `Q·Kᵀ` (3.9 % for 32/8 heads,
     S = 16, bs = 128). On CUDA one fused Triton kernel computes the block statistics without writing the
-scores (`estimators/proxy_triton.py`; temporaries `O(rows · C)`), elsewhere the torch path (`O(chunk rows ·
-Lk)`).
+scores (`estimators/proxy_triton.py`; temporaries `O(rows · C)`) and a second one turns them into each
+head's `k_{h,r} − rank` (`estimators/proxy_budget_triton.py`: the proxy pooling, both sorts and the coverage
+count in one launch); elsewhere the torch path (`O(chunk rows · Lk)`).
     """
 
     # H200, fused estimate (bench/results/methods_h200_v4/): llama3-8b layer 0.42× / 1.31× / 2.55× / 3.29× cuDNN
@@ -89,12 +90,8 @@ Lk)`).
 
     def estimate(self, query, key, ctx: PrefillContext) -> BlockScores:
         b, hq, lq, _ = query.shape
-        hkv, lk = key.shape[1], key.shape[2]
         bs, device = self.block_size, query.device
-        proxy, mass = proxy_scores(query, key, ctx.bounds, ctx.scale, bs, self.sample)
-        allowed = allowed_blocks(b, lq, lk, bs, bs, ctx.bounds, device)
-        budget = coverage_budget(mass, self.head_parameter("gamma", hq, device),
-                                 self.head_parameter("min_blocks", hq, device),
-                                 self.head_parameter("max_blocks", hq, device))
-        rank = rank_blocks(proxy, allowed).repeat_interleave(hq // hkv, dim=1)
-        return BlockScores(budget.unsqueeze(-1) - rank.float())
+        allowed = allowed_blocks(b, lq, key.shape[2], bs, bs, ctx.bounds, device)
+        return BlockScores(proxy_block_scores(
+            query, key, ctx.bounds, ctx.scale, bs, self.sample, allowed, self.head_parameter("gamma", hq, device),
+            self.head_parameter("min_blocks", hq, device), self.head_parameter("max_blocks", hq, device)))
