@@ -14,6 +14,8 @@ import sys
 import textwrap
 from typing import TYPE_CHECKING, Any, NoReturn
 
+DEMO_SPEC = "proxyattn:dense_tail=1"  # attnpatch.demo.DEFAULT_SPEC (kept here: `--help` imports no torch)
+
 if TYPE_CHECKING:
     from types import ModuleType
 
@@ -443,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
              "Passkey retrieval on one prompt: dense, then the given spec; prints answers, density, "
              "prefill time and the backends that ran.")
     d.add_argument("--model", default="smollm2", help="'smollm2' (embedded), a local HF directory or a hub id")
-    _add_spec_args(d, "a_shape", decode=True, backend=True)
+    _add_spec_args(d, DEMO_SPEC, decode=True, backend=True)
     d.add_argument("--length", type=int, default=4096, help="prompt length in tokens (about)")
     d.add_argument("--depth", type=float, default=0.5, help="needle depth in [0, 1]")
     d.add_argument("--seed", type=int, default=0, help="seed of the passkey and the filler")

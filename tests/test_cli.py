@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from attnpatch.backends import BACKEND_NAMES
-from attnpatch.cli import LM_EVAL_HELP, format_methods, main, split_methods
+from attnpatch.cli import LM_EVAL_HELP, build_parser, format_methods, main, split_methods
 from attnpatch.registry import method_infos
 from attnpatch.spec import MODEL_ARG_KEYS
 
@@ -109,6 +109,23 @@ def test_demo_table_says_which_backend_ran(monkeypatch, capsys):
     assert "patch: a_shape:block_size=16,local_blocks=2 + decode streaming:window=64" in out
     assert "ran on: decode: sdpa" in out and "prefill: reference" in out
     assert "executor" not in out and "prefill time ratio a_shape/dense" in out
+    assert "note: on a CPU the sparse prefill runs the reference backend" in out
+    if not rows[1].correct:  # the tiny random model answers nothing right: the lost-passkey note says why
+        assert "note: the patched model lost the passkey" in out
+
+
+def test_demo_defaults_to_the_best_method():
+    """`attnpatch demo` and `attnpatch.demo.demo` compare dense with the same spec by default: ProxyAttn with
+    the dense tail (issue 10's best measured method that keeps passkey)."""
+    import inspect
+
+    import attnpatch.cli
+    import attnpatch.demo
+
+    assert attnpatch.cli.DEMO_SPEC == attnpatch.demo.DEFAULT_SPEC == "proxyattn:dense_tail=1"
+    assert inspect.signature(attnpatch.demo.demo).parameters["spec"].default == attnpatch.demo.DEFAULT_SPEC
+    args = build_parser().parse_args(["demo"])
+    assert args.method == attnpatch.cli.DEMO_SPEC
 
 
 def test_methods_table_is_aligned_and_lists_backends():

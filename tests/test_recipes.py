@@ -27,7 +27,7 @@ def test_every_shipped_profile_has_a_recipe_and_the_quickstart_is_one():
     for profile in (ROOT / "calibration").glob("*.json"):
         assert profile.name in named, f"no recipe in recipes/ uses {profile.name}"
     quick = load_recipe(ROOT / "recipes" / "quickstart.yaml")
-    assert (quick.model, quick.spec.method, quick.spec.decode) == ("smollm2", "a_shape", "streaming")
+    assert (quick.model, quick.spec.method, quick.spec.decode) == ("smollm2", "proxyattn", "streaming")
 
 
 BASE = {"model": "tiny:llama", "patch": {"method": "a_shape"}, "eval": {"tasks": ["passkey"], "lengths": [128]}}

@@ -129,9 +129,10 @@ def match_heldout(model, tok, method: str, uniform: Profile, target: float, leng
     return moved(best), tried
 
 
-def _kind(spread: str, damping: float) -> str:
-    """Profile label: `hess`, `hess-spread1`, `hess-spread1-damp0.5`."""
-    return ("hess" if spread == "none" else f"hess-spread{spread}") + (f"-damp{damping:g}" if damping else "")
+def _kind(spread: str, damping: float, weights: tuple[float, float] = (1.0, 1.0)) -> str:
+    """Profile label: `hess`, `hess-spread1`, `hess-spread1-damp0.5`, `hess-spread1-w0,1` (term weights)."""
+    label = ("hess" if spread == "none" else f"hess-spread{spread}") + (f"-damp{damping:g}" if damping else "")
+    return label + ("" if tuple(weights) == (1.0, 1.0) else f"-w{weights[0]:g},{weights[1]:g}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
                         "(`none`: anywhere); one 'hess' row per value (default: none)")
     p.add_argument("--dampings", nargs="+", type=float, default=[0.0],
                    help="Fisher dampings δ (multiples of its mean diagonal): one HeSS profile per spread and damping")
+    p.add_argument("--weights", nargs=2, type=float, default=[1.0, 1.0], metavar=("OUTPUT", "MASS"),
+                   help="weights of HeSS's two error terms (output error, dropped mass); 0 1: the mass term only")
     p.add_argument("--match-heldout", action="store_true",
                    help="also move the uniform profile (one shift of its knob for every head) until its held-out "
                         "density equals each HeSS profile's, and evaluate it: a comparison at equal held-out density")
@@ -170,14 +173,15 @@ def main(argv: list[str] | None = None) -> int:
                     args.model, resolve(args.model), measure_fidelity=False)
     results: dict = {}
     for method in args.methods:
-        spreads = {_kind(v, d): (None if v == "none" else int(v), d) for v in args.spreads for d in args.dampings}
+        weights = (float(args.weights[0]), float(args.weights[1]))
+        spreads = {_kind(v, d, weights): (None if v == "none" else int(v), d) for v in args.spreads for d in args.dampings}
         paths = {kind: out_dir / "profiles" / f"{method}-{kind}-d{args.density:g}.json" for kind in (*spreads, "uniform")}
         if args.reuse and all(p.is_file() for p in paths.values()):
             profiles = {kind: Profile.load(path) for kind, path in paths.items()}
         else:
             cal = hess_measure(model, tok, method, data=args.calib_data, samples=args.calib_samples, lengths=(args.length,),
                                options=options[method], grid=args.grid, form=args.form)
-            profiles = {kind: cal.redistribute(args.density, spread=v, damping=d) for kind, (v, d) in spreads.items()}
+            profiles = {kind: cal.redistribute(args.density, weights, spread=v, damping=d) for kind, (v, d) in spreads.items()}
             profiles["uniform"] = cal.uniform(args.density)
             for kind, profile in profiles.items():
                 profile.meta["command"] = "python bench/scripts/hess_vs_uniform.py " + " ".join(argv or sys.argv[1:])

@@ -1,8 +1,13 @@
-"""The reference backend as a `Backend`: takes every input (any device, any mask), exact."""
+"""The reference backend as a `Backend`: takes every input (any device, any mask), exact. On the CPU, block
+selections without a skip rule run as chunked token masks through SDPA (`masked_sdpa`): the same result,
+about as fast as dense SDPA instead of several times slower."""
 
 from __future__ import annotations
 
+import torch
+
 from attnpatch.backends.base import Backend
+from attnpatch.backends.reference import masked_sdpa
 from attnpatch.backends.reference.executors import (
     block_sparse_attention,
     paged_decode_attention,
@@ -11,9 +16,16 @@ from attnpatch.backends.reference.executors import (
 from attnpatch.sparsity import BlockSelection, TokenSelection
 
 
+def _needs_grad(*tensors) -> bool:
+    """Whether autograd will differentiate through the call (the gather executor's zero-gradient rows for
+    rows that see no key are kept)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 class ReferenceBackend(Backend):
     name = "reference"
-    description = "exact PyTorch, any device and mask, memory O(L · kept blocks), differentiable"
+    description = ("exact PyTorch, any device and mask, memory O(L · kept blocks), differentiable; on the CPU, "
+                   "block selections as chunked token masks through SDPA")
 
     def prefill_reason(self, query, key, value, selection, bounds):
         return None
@@ -24,6 +36,10 @@ class ReferenceBackend(Backend):
                 tile_counts[0] += selection.counts.sum()
             return token_gather_attention(query, key, value, selection, scale=scale, bounds=bounds)
         assert isinstance(selection, BlockSelection)
+        if masked_sdpa.unsupported_reason(query, selection) is None and not _needs_grad(query, key, value):
+            if tile_counts is not None:
+                tile_counts[0] += selection.counts.sum()
+            return masked_sdpa.masked_sdpa_attention(query, key, value, selection, scale, bounds)
         return block_sparse_attention(query, key, value, selection, scale=scale, bounds=bounds,
                                       tile_counts=tile_counts)
 
