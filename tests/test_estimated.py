@@ -226,3 +226,24 @@ def test_dense_tail_rounds_up_to_whole_query_blocks():
 def test_dense_tail_is_checked():
     with pytest.raises(ValueError, match="dense_tail"):
         get_method("proxyattn", "prefill").build({"dense_tail": -1})
+
+
+def test_shape_only_regions_are_kept_per_shape():
+    """`allowed_blocks` / `forced_blocks` reuse the shape-only part (same tensor for the same lengths and
+    blocks), give each row its own region when the rows are padded, and keep nothing under inference mode."""
+    from attnpatch.sparsity import regions
+
+    regions._shape_cache.clear()
+    a = allowed_blocks(2, 100, 100, 16, 16, KeyBounds(), None)
+    b = allowed_blocks(3, 100, 100, 16, 16, KeyBounds(), None)
+    assert a.shape[0] == 2 and b.shape[0] == 3 and a.data_ptr() == b.data_ptr()
+    assert allowed_blocks(1, 100, 100, 16, 16, KeyBounds(window=30), None).data_ptr() != a.data_ptr()
+    f = forced_blocks(2, 100, 100, 16, 16, KeyBounds(), 1, 2, None)
+    assert f.data_ptr() == forced_blocks(2, 100, 100, 16, 16, KeyBounds(), 1, 2, None).data_ptr()
+    padded = forced_blocks(2, 100, 100, 16, 16, KeyBounds(key_start=torch.tensor([0, 40])), 1, 2, None)
+    assert not torch.equal(padded[0], padded[1])  # the sink follows each row's first real key
+    assert torch.equal(padded[0], f[0])
+    n = len(regions._shape_cache)
+    with torch.inference_mode():
+        allowed_blocks(1, 200, 200, 16, 16, KeyBounds(), None)
+    assert len(regions._shape_cache) == n

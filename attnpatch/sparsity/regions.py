@@ -27,14 +27,15 @@ def query_block_span(q_len: int, kv_len: int, block_q: int, device=None) -> tupl
     return offset + r * block_q, offset + torch.clamp((r + 1) * block_q, max=q_len) - 1
 
 
-_CACHE_SIZE = 64
+_CACHE_SIZE = 16  # at 128K with 64-token blocks an entry is 4 MiB
 _shape_cache: dict[tuple, torch.Tensor] = {}
 
 
 def _cached(key: tuple, build: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """`build()`, kept under `key` (a few recent shapes; not while torch.compile traces). Callers never
-    modify the tensor in place."""
-    if torch.compiler.is_compiling():
+    """`build()`, kept under `key` (a few recent shapes). Not kept while torch.compile traces, nor under
+    `torch.inference_mode` (an inference tensor could not be saved for backward by a later call). Callers
+    never modify the tensor in place."""
+    if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():
         return build()
     hit = _shape_cache.get(key)
     if hit is None:
