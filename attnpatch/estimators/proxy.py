@@ -50,7 +50,7 @@ def proxy_block_scores(query: torch.Tensor, key: torch.Tensor, bounds: KeyBounds
                        sample: int, allowed: torch.Tensor, gamma: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
                        chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
     """`[B, Hq, R, C]` float32: each query head's budget left at each key block, `k_{h,r} − rank_{g,r}(c)` —
-    `k_{h,r}` the head's `coverage_budget` (`gamma`, `lo`, `hi`: `[Hq]`) and the rank the block's among the
+    `k_{h,r}` the head's `coverage_budget` (`gamma`, `lo`, `hi`: `[Hq]`) and the block's rank among the
     allowed blocks (`allowed` `[B, 1, R, C]`) by its group's proxy score. On CUDA (or the interpreter) two
     fused kernels (`proxy_triton`: statistics, `proxy_budget_triton`: budgets and ranks); else the torch path
     (`proxy_scores`, `coverage_budget`, `rank_blocks`). `ATTNPATCH_PROXY_FUSED=0` keeps the budgets and ranks
