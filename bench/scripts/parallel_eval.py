@@ -8,7 +8,9 @@ Each line of a spec file is one job (one process: the model loads once, then eve
 prefill method spec, optionally followed by more `attnpatch eval` arguments for that job alone, e.g.
 `dense --decode quest:budget=256` (decode fidelity); arguments after `--` go to every `attnpatch eval`. No job starts after `--deadline-s`; running ones
 are stopped at `--deadline-s` + `--grace-s` (a finished length has already written its JSON).
-Each job logs to DIR/logs/.
+Each job logs to DIR/logs/. A job that fails with a GPU out-of-memory error (its log says `OutOfMemoryError`)
+is run once more after the others, alone on the machine (`--no-retry-oom` turns that off; logs/NAME.retry.log):
+long contexts with many processes on one GPU ran out of memory before (Gemma-3-270m at 32K with 10 processes).
 """
 
 from __future__ import annotations
@@ -41,32 +43,53 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--deadline-s", type=float, default=500.0)
     p.add_argument("--grace-s", type=float, default=30.0)
+    p.add_argument("--no-retry-oom", dest="retry_oom", action="store_false",
+                   help="do not run a job that ran out of GPU memory once more, alone")
     args = p.parse_args(argv)
     queue = [j for text in args.job for j in jobs_of(text)]
     out = Path(args.out)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     start = time.time()
-    running: list[tuple[subprocess.Popen, str]] = []
-    while queue or running:
-        running = [(proc, name) for proc, name in running if proc.poll() is None]
+    running: list[tuple[subprocess.Popen, str, tuple[str, str, str], Path]] = []
+    retry: list[tuple[str, str, str]] = []  # jobs that ran out of GPU memory: once more, alone
+    retried: set[tuple[str, str, str]] = set()
+
+    def launch(job: tuple[str, str, str], now: float, suffix: str = "") -> None:
+        model, lengths, spec = job
+        name = f"{model}__{re.sub(r'[^A-Za-z0-9._-]', '_', spec)}"
+        path = out / "logs" / f"{name}{suffix}.log"
+        log = open(path, "w")  # noqa: SIM115  (closed with the process)
+        method, *own = shlex.split(spec)
+        cmd = [sys.executable, "-m", "attnpatch.cli", "eval", "--model", model, "--methods", method,
+               "--lengths", lengths, "--out", str(out / f"eval_{model}"), *extra, *own]
+        running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), name + suffix, job, path))
+        print(f"{now:6.0f}s start {name}{suffix}", flush=True)
+
+    while queue or running or retry:
+        still = []
+        for proc, name, job, path in running:
+            if proc.poll() is None:
+                still.append((proc, name, job, path))
+            elif (proc.returncode and args.retry_oom and job not in retried
+                  and "OutOfMemoryError" in path.read_text(errors="replace")):
+                retry.append(job)
+                retried.add(job)
+                print(f"{time.time() - start:6.0f}s out of GPU memory, to run again alone: {name}", flush=True)
+        running = still
         now = time.time() - start
         if now > args.deadline_s + args.grace_s:
-            for proc, name in running:
+            for proc, name, _, _ in running:
                 proc.kill()
                 print(f"stopped at the deadline: {name}", flush=True)
             break
         while queue and len(running) < args.workers and now < args.deadline_s:
-            model, lengths, spec = queue.pop(0)
-            name = f"{model}__{re.sub(r'[^A-Za-z0-9._-]', '_', spec)}"
-            log = open(out / "logs" / f"{name}.log", "w")  # noqa: SIM115  (closed with the process)
-            method, *own = shlex.split(spec)
-            cmd = [sys.executable, "-m", "attnpatch.cli", "eval", "--model", model, "--methods", method,
-                   "--lengths", lengths, "--out", str(out / f"eval_{model}"), *extra, *own]
-            running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), name))
-            print(f"{now:6.0f}s start {name}", flush=True)
-        if queue and now >= args.deadline_s:
-            print(f"deadline: {len(queue)} job(s) not started: {[s for _, _, s in queue]}", flush=True)
-            queue = []
+            launch(queue.pop(0), now)
+        if not queue and not running and retry and now < args.deadline_s:
+            launch(retry.pop(0), now, ".retry")
+        if (queue or retry) and now >= args.deadline_s:
+            print(f"deadline: {len(queue) + len(retry)} job(s) not started: {[s for _, _, s in queue + retry]}",
+                  flush=True)
+            queue, retry = [], []
         time.sleep(2)
     print(f"done in {time.time() - start:.0f}s", flush=True)
     return 0
