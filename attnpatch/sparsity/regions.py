@@ -64,7 +64,7 @@ def allowed_blocks(batch: int, q_len: int, kv_len: int, block_q: int, block_k: i
     window = None if bounds.window is None else int(bounds.window)
     ok = _cached(("visible", q_len, kv_len, block_q, block_k, window, torch.device(device or "cpu")),
                  lambda: _visible_region(q_len, kv_len, block_q, block_k, window, device))
-    if bounds.key_start is not None or bounds.key_valid is not None:
+    if bounds.has_padding:
         hi_key = torch.clamp((torch.arange(ok.shape[-1], device=device) + 1) * block_k, max=kv_len) - 1
     if bounds.key_start is not None:
         ok = ok & (hi_key.view(1, 1, 1, -1) >= bounds.key_start.to(device).view(-1, 1, 1, 1))

@@ -84,7 +84,7 @@ class BlockSelection:
         return cls(order[..., :k].contiguous(), counts, block_q, block_k, q_len, kv_len)
 
     def to_block_mask(self) -> torch.Tensor:
-        """Boolean `[B, H, R, C]` block mask (for tests and plots; R×C blocks)."""
+        """Boolean `[B, H, R, C]` block mask (tests, plots, the reference backend's CPU path; R×C blocks)."""
         c = num_blocks(self.kv_len, self.block_k)
         b, h, r, k = self.indices.shape
         valid = torch.arange(k, device=self.indices.device) < self.counts.unsqueeze(-1)

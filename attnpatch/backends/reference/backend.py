@@ -1,6 +1,6 @@
 """The reference backend as a `Backend`: takes every input (any device, any mask), exact. On the CPU, block
-selections without a skip rule run as chunked token masks through SDPA (`masked_sdpa`): the same result, about
-2× faster than the gather executor."""
+selections without a skip rule run as chunked token masks through SDPA (`masked_sdpa`): the same result, 2–3×
+faster than the gather executor."""
 
 from __future__ import annotations
 

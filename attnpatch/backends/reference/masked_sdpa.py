@@ -1,14 +1,15 @@
 """Block-sparse attention on the CPU as chunks of boolean token masks through torch SDPA.
 
 The reference executor (`executors.block_sparse_attention`) gathers each query block's key blocks and runs
-its softmax as separate float32 passes. On a CPU those passes cost far more than the arithmetic. Measured on
-the 2-core CPU, one SmolLM2 layer at 4K tokens (9 / 3 heads, d 64), `proxyattn` with `dense_tail=1`: 2.65 s,
-against 0.20 s for dense SDPA. The `dense_tail` row widens every gather to the full row. This path expands
-the block selection into a token mask for a chunk of query rows, joins it with causality, padding and the
-window, and calls SDPA with that mask. The arithmetic is that of dense SDPA: every key up to the causal limit
-is computed. Building the masks, and SDPA's conversion of them to float, add the rest. That layer takes 1.1 s,
-about 2× faster than the gather and 5× slower than dense SDPA. It is exact, up to float rounding. Rows that see
-no key return 0, as the reference does.
+its softmax as separate float32 passes. On a CPU those passes cost far more than the arithmetic. This path
+expands the block selection into a token mask for a chunk of query rows, joins it with causality, padding and
+the window, and calls SDPA with that mask. The arithmetic is that of dense SDPA: every key up to the causal
+limit is computed. Building the masks, and SDPA's conversion of them to float, add the rest.
+
+Measured on the idle 2-core CPU: one SmolLM2 layer at 4K tokens (9 / 3 heads, d 64), `proxyattn` with
+`dense_tail=1` (whose tail row widens every gather to the full row). This path took 0.32–0.45 s, the gather
+0.94–1.02 s, and dense SDPA 0.10 s. The result is exact up to float rounding. Rows that see no key return 0,
+as the reference does.
 
 Memory: one `[B, Hq, rows, Lk]` boolean mask per chunk, with `rows` chosen to keep it under `CHUNK_BYTES`. No
 L×L tensor is built at once. This is a CPU path only: on a GPU the Triton and flash-attn-4 kernels run the
@@ -36,16 +37,6 @@ def unsupported_reason(query: torch.Tensor, selection: BlockSelection, return_ls
     return None
 
 
-def _block_rows(selection: BlockSelection, r0: int, r1: int) -> torch.Tensor:
-    """`[B, H, r1 − r0, C]` bool: the selected key blocks of query blocks `r0 .. r1`."""
-    n_cols = num_blocks(selection.kv_len, selection.block_k)
-    idx, counts = selection.indices[:, :, r0:r1].long(), selection.counts[:, :, r0:r1]
-    kept = torch.arange(idx.shape[-1], device=idx.device) < counts.unsqueeze(-1)
-    slots = torch.where(kept, idx.clamp(0, n_cols - 1), n_cols)
-    mask = torch.zeros(*slots.shape[:-1], n_cols + 1, dtype=torch.bool, device=idx.device)
-    return mask.scatter_(-1, slots, True)[..., :n_cols]
-
-
 def masked_sdpa_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, selection: BlockSelection,
                           scale: float, bounds: KeyBounds | None = None) -> torch.Tensor:
     """Causal attention of each query block over its selected key blocks (`[B, Hq, Lq, D]` in the query's dtype),
@@ -59,10 +50,11 @@ def masked_sdpa_attention(query: torch.Tensor, key: torch.Tensor, value: torch.T
     per_row = b * max(hq, heads) * lk
     chunk_blocks = max(1, CHUNK_BYTES // max(1, per_row * bq))
     out = torch.empty(b, hq, lq, value.shape[-1], dtype=query.dtype, device=query.device)
+    block_mask = selection.to_block_mask()  # [B, H, R, C]: blocks, not tokens
     for r0 in range(0, num_blocks(lq, bq), chunk_blocks):
         t0, t1 = r0 * bq, min(lq, (r0 + chunk_blocks) * bq)
         kend = lk - lq + t1  # keys past the chunk's last query are never seen: not computed
-        blocks = _block_rows(selection, r0, num_blocks(t1, bq))  # [B, H, n, C]
+        blocks = block_mask[:, :, r0:num_blocks(t1, bq)]
         rows = torch.arange(t0, t1, device=query.device)
         kpos = torch.arange(kend, device=query.device).view(1, 1, 1, -1)
         allowed = blocks[:, :, (rows // bq - r0).view(-1, 1), kpos.view(1, -1) // bk]  # one gather: [B, H, rows, keys]
