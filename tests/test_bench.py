@@ -250,6 +250,25 @@ def test_hf_decode_tiny_on_cpu(tmp_path):
         hf_decode.main(["--device", "cpu", "--tiny", "--methods", "nope", "--out", str(tmp_path)])
 
 
+def test_hf_decode_rows_of_methods_that_offload_or_read_in_chunks(tmp_path):
+    """`retrieval`'s KV column counts what stays in the cache after its offload and, apart, what went to CPU
+    memory; `infiniretri` decodes over the tokens its reading keeps (budget + chunk), eager and compiled."""
+    from attnpatch.bench import hf_decode
+
+    assert hf_decode.main(["--device", "cpu", "--tiny", "--layers", "2", "--lengths", "96", "--batches", "2",
+                           "--modes", "eager,compiled", "--compile-backend", "eager", "--baselines", "none",
+                           "--methods", "retrieval,infiniretri", "--steps", "2", "--repeats", "1", "--warmup", "0",
+                           "--decode-options", "retrieval:n_sink=4,window=8,top_k=16",
+                           "infiniretri:budget=16,chunk_size=16", "--out", str(tmp_path)]) == 0
+    rows = {(r["mode"], r["name"].split(":")[0]): r for r in json.loads((tmp_path / "hf_decode.json").read_text())["rows"]}
+    offload = rows[("eager", "retrieval")]
+    assert 0 < offload["kv_cache_gib"] < offload["kv_cpu_gib"]  # 12 of ~100 tokens stay in the cache
+    for mode in ("eager", "compiled"):
+        row = rows[(mode, "infiniretri")]
+        assert row["ms_per_token"] > 0 and row["note"] == "reads 96 tokens; its decode steps' cache holds 32"
+    assert "(+" in (tmp_path / "hf_decode.md").read_text()  # the CPU part of the KV column
+
+
 def test_hf_decode_options_give_a_row_per_setting():
     from attnpatch.bench import hf_decode
 

@@ -106,3 +106,67 @@ def test_a_score_layer_past_the_model_is_refused(llama):
     with attnpatch.patch_model(llama, decode="infiniretri", score_layer=50), \
             pytest.raises(ValueError, match="score_layer"):
         llama.generate(random_ids(1, 10), **GEN)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_static_generation_after_reading_equals_dynamic(family):
+    """`generate_long(..., cache_implementation="static")` copies what the reading kept into a static
+    cache sized for the generation and generates the tokens the dynamic cache does (an input 4× the
+    budget, so the reading really dropped tokens)."""
+    model = tiny_model(family)
+    ids, question = random_ids(2, 160, seed=8), random_ids(2, 4, seed=9)
+    with attnpatch.patch_model(model, decode="infiniretri", budget=24, chunk_size=32, phrase=3):
+        dynamic = generate_long(model, ids, question, **GEN)
+        static = generate_long(model, ids, question, cache_implementation="static", **GEN)
+    assert torch.equal(static, dynamic)
+
+
+@torch.no_grad()
+def test_a_compiled_step_on_the_static_copy_equals_eager():
+    """The static copy of what was read decodes in a compiled step (fullgraph) as it does eagerly."""
+    from attnpatch.cache.static_copy import static_copy
+
+    model = tiny_model("llama")
+    with attnpatch.patch_model(model, decode="infiniretri", budget=24, chunk_size=32, phrase=3):
+        read = read_long(model, random_ids(2, 120, seed=10))
+        logits = {}
+        for mode in ("eager", "compiled"):
+            cache = static_copy(read.cache, model.config, read.input_ids.shape[1] + 4)
+            forward = model
+            if mode == "compiled":
+                torch._dynamo.reset()
+                forward = torch.compile(model, backend="eager", fullgraph=True)
+            tok, out = read.input_ids[:, -1:], []
+            for _ in range(3):
+                step = forward(input_ids=tok, use_cache=True, **cache_arg(model, cache)).logits[:, -1]
+                out.append(step)
+                tok = step.argmax(-1, keepdim=True)
+            logits[mode] = torch.stack(out)
+        torch._dynamo.reset()
+    torch.testing.assert_close(logits["compiled"], logits["eager"], rtol=0, atol=1e-5)
+
+
+def test_static_generation_needs_its_length_and_a_known_cache(llama):
+    ids = random_ids(1, 40, seed=11)
+    with attnpatch.patch_model(llama, decode="infiniretri", budget=16, chunk_size=16):
+        with pytest.raises(ValueError, match="needs max_new_tokens"):
+            generate_long(llama, ids, cache_implementation="static", do_sample=False)
+        with pytest.raises(ValueError, match="'dynamic' or 'static'"):
+            generate_long(llama, ids, cache_implementation="offloaded", max_new_tokens=2)
+
+
+def test_static_copy_refuses_what_it_cannot_hold(llama):
+    from attnpatch.cache.static_copy import static_copy
+
+    cache = DynamicCache(config=llama.config)
+    with torch.no_grad():
+        llama(random_ids(1, 12, seed=12), **cache_arg(llama, cache), use_cache=True)
+    with pytest.raises(ValueError, match="below the 12 tokens"):
+        static_copy(cache, llama.config, 8)
+    gemma = tiny_model("gemma3", sliding_window=8)
+    with pytest.raises(ValueError, match="layers hold|sliding"):
+        gcache = DynamicCache(config=gemma.config)
+        with torch.no_grad():
+            gemma(random_ids(1, 12, seed=12), **cache_arg(gemma, gcache), use_cache=True)
+        static_copy(gcache, gemma.config, 40)

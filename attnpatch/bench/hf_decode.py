@@ -21,8 +21,10 @@ and flash through `sdpa_kernel`; flash takes no mask, which a static cache alway
 the reason), `dense` through attnpatch's dispatch (→ SDPA), the Triton decode kernel over every page
 (`dense` kernel rows: `triton all pages`), and every registered decode method (`--methods all`, or a
 list; options through `--decode-options name:key=value,...`). A method that cannot run on a static
-cache (retrieval offloads, infiniretri rebuilds its store) runs its eager rows on a DynamicCache and its
-compiled rows are skipped with the reason. Speedups: over the best dense row of the same
+cache (retrieval offloads) runs its eager rows on a DynamicCache and its compiled rows are skipped with the
+reason; its KV column adds what it moved to CPU memory. A method whose reading keeps fewer tokens than it
+read (infiniretri: `DecodeMethod.decode_cache_tokens`) decodes over a cache of that many tokens, said in the
+row's note. Speedups: over the best dense row of the same
 (L, B) over both modes, and over the best dense row of the same mode. KV cache memory is reported per
 row; a (L, B) whose cache does not fit in free GPU memory is skipped with the reason. `--budget-s`:
 rows that would start after that many seconds are skipped (noted), so a subset finishes in one call.
@@ -45,6 +47,7 @@ import torch
 
 from attnpatch.adapters.cache_arg import cache_kwarg
 from attnpatch.bench.hf_prefill import LLAMA31_8B, TINY, build_model
+from attnpatch.cache.retrieval_layer import retrieval_report
 from attnpatch.methods.base import DecodeContext, DecodeMethod
 from attnpatch.sparsity import PageSelection
 
@@ -87,7 +90,8 @@ class Row:
     ms_per_token: float = float("nan")
     times_ms: list[float] = field(default_factory=list)
     tokens_per_s: float | None = None
-    kv_cache_gib: float | None = None
+    kv_cache_gib: float | None = None  # K/V tensors the cache layers hold (on the GPU when run there)
+    kv_cpu_gib: float | None = None  # K/V moved to CPU memory (retrieval)
     peak_gib: float | None = None
     compile_s: float | None = None
     speedup_vs_best_dense: float | None = None
@@ -301,8 +305,11 @@ class Bench:
                 if cfg.all_pages:
                     for plan in patch.state.plans:
                         plan.decode = AllPages(self.page_size)
-            cache = self._cache(length, batch, shared, own=bool(patch is not None and patch._own_cache),
-                                dynamic=dynamic)
+            held = _tokens_held(patch, length)
+            if held != length:
+                row.note = f"reads {length} tokens; its decode steps' cache holds {held}"
+            cache = self._cache(held, batch, shared, own=bool(patch is not None and patch._own_cache),
+                                dynamic=dynamic, shared_length=held == length)
             token = shared["token"]
             row.kv_cache_gib = cache_gib(cache)
             kw = {cache_kwarg(model): cache, "use_cache": True}
@@ -333,7 +340,7 @@ class Bench:
                 layers = [d for d in stats.layers if d.get("decode_skipped_fraction") is not None]
                 if layers:
                     row.decode_skipped_fraction = statistics.fmean(d["decode_skipped_fraction"] for d in layers)
-            rewind(cache, length)
+            rewind(cache, held)
             t0 = time.perf_counter()
             tok = token
             for _ in range(self.warmup + (3 if mode == "compiled" else 0)):
@@ -346,6 +353,10 @@ class Bench:
                 self.compile_estimate_s = max(self.compile_estimate_s, row.compile_s)
             row.times_ms = _time_steps(step, tok, self.steps, self.repeats, device)
             row.ms_per_token = statistics.median(row.times_ms)
+            row.kv_cache_gib = cache_gib(cache)  # after the steps: a method that offloads holds less now
+            offloaded = retrieval_report(cache)
+            if offloaded["layers"]:
+                row.kv_cpu_gib = offloaded["cpu_bytes"] / 2**30
             row.tokens_per_s = 1e3 * batch / row.ms_per_token
             if device.type == "cuda":
                 row.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
@@ -370,27 +381,36 @@ class Bench:
                 torch.cuda.empty_cache()
         return row
 
-    def _cache(self, length: int, batch: int, shared: dict, own: bool, dynamic: bool = False):
+    def _cache(self, length: int, batch: int, shared: dict, own: bool, dynamic: bool = False,
+               shared_length: bool = True):
         """The shared static cache of this (L, B) rewound to L, or (a method with its own cache
         layers) a fresh one filled under the patch: a DynamicCache for a method that cannot run on a
-        static one (`streaming` evicts, `retrieval` offloads; eager rows only, each timed run appends
-        its few tokens)."""
+        static one (`retrieval` offloads; eager rows only, each timed run appends its few tokens).
+        `shared_length=False` (a method that decodes over fewer tokens than it read): a fresh cache of
+        `length` tokens that leaves the shared full-length cache in place."""
         from transformers.cache_utils import DynamicCache, StaticCache
 
         key = "own" if own else "plain"
-        if key in shared and not dynamic:
+        if key in shared and not dynamic and shared_length:
             rewind(shared[key], length)
             return shared[key]
-        for other in ("plain", "own"):
+        for other in ("plain", "own") if shared_length else ():
             shared.pop(other, None)  # one cache alive at a time
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         cache = DynamicCache(config=self.model.config) if dynamic else \
             StaticCache(config=self.model.config, max_cache_len=length + self.headroom())
         shared["token"] = fill_cache(self.model, cache, length, batch, seed=length + batch)
-        if not own and not dynamic:
+        if not own and not dynamic and shared_length:
             shared[key] = cache
         return cache
+
+
+def _tokens_held(patch, length: int) -> int:
+    """Tokens the decode steps' cache holds after the patch's decode method read `length` (`length`
+    unpatched)."""
+    methods = [] if patch is None else [p.decode for p in patch.state.plans if p.decode is not None]
+    return methods[0].decode_cache_tokens(length) if methods else length
 
 
 def fits(config, batch: int, slots: int, dtype: torch.dtype, device: torch.device) -> str | None:
@@ -433,6 +453,11 @@ def _fmt(x: float | None, spec: str = ".2f") -> str:
     return "–" if x is None or x != x else format(x, spec)
 
 
+def _kv(r: dict) -> str:
+    cpu = r.get("kv_cpu_gib")
+    return _fmt(r["kv_cache_gib"]) + (f" (+{cpu:.2f} CPU)" if cpu is not None else "")
+
+
 def _counts(d: dict[str, int]) -> str:
     return "; ".join(f"{k} ×{v}" for k, v in d.items()) or "–"
 
@@ -457,7 +482,7 @@ def markdown(data: dict) -> str:
         lines.append(
             f"| {r['length']} | {r['batch']} | {r['mode']} | {r['name']} | {_fmt(r['ms_per_token'], '.3f')} | "
             f"{_fmt(r['tokens_per_s'], '.0f')} | {_fmt(r['speedup_vs_best_dense'])} | "
-            f"{_fmt(r['speedup_vs_best_dense_same_mode'])} | {_fmt(r['kv_cache_gib'])} | {_fmt(r['peak_gib'])} | "
+            f"{_fmt(r['speedup_vs_best_dense_same_mode'])} | {_kv(r)} | {_fmt(r['peak_gib'])} | "
             f"{_fmt(r['compile_s'], '.1f')} | {_fmt(r['decode_skipped_fraction'], '.3f')} | "
             f"{_counts(r['backends'])} | {_counts(r['backend_declined'])} | {r['note'] or ''} |")
     profiled = [r for r in data["rows"] if r.get("top_kernels")]

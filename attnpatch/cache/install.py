@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 
 DYNAMIC_ONLY = "the decode method's cache layer applies to DynamicLayer only"
@@ -26,6 +27,14 @@ def _replacement(layer: object, make_layer: Callable[[int], object | None], i: i
     return static(layer.max_cache_len), "installed"
 
 
+def _holds_tokens(cache: Cache) -> bool:
+    """Whether `cache` holds tokens. Inside a compiled region (a compiled first step on a cache filled
+    elsewhere) a layer's count is a tensor a branch cannot read: an initialized layer counts as holding."""
+    if torch.compiler.is_compiling():
+        return any(getattr(layer, "is_initialized", False) for layer in cache.layers)
+    return cache.get_seq_length() > 0
+
+
 def install_layers(cache: Cache, make_layer: Callable[[int], object | None], num_layers: int) -> list[str]:
     """Replace the empty full-attention layers of `cache` by the decode method's layers, in place.
 
@@ -36,7 +45,7 @@ def install_layers(cache: Cache, make_layer: Callable[[int], object | None], num
     ("installed" or why the default layer was kept). Only an empty cache is changed, so an ongoing
     generation is never altered midway.
     """
-    if cache.get_seq_length() > 0:
+    if _holds_tokens(cache):
         return ["cache already holds tokens: kept as is"] * num_layers
     if not cache.layers and getattr(cache, "layer_class_to_replicate", None) is DynamicLayer:
         cache.layers = [DynamicLayer() for _ in range(num_layers)]

@@ -141,6 +141,12 @@ class DecodeMethod:
         """Whether the method overrides `observe_prefill` (so the dispatch must call it)."""
         return type(self).observe_prefill is not DecodeMethod.observe_prefill
 
+    def decode_cache_tokens(self, context: int) -> int:
+        """How many tokens the decode steps' cache holds once the method has read a context of `context`
+        tokens (what a decode benchmark fills its cache to): all of them, unless the method's reading
+        keeps fewer (`infiniretri`)."""
+        return context
+
     def cache_layer(self, layer_idx: int, config: Any):
         """A transformers cache layer for a full-attention layer, or None for the default.
 

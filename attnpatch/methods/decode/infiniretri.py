@@ -2,8 +2,10 @@
 by chunk, keeping between chunks only the tokens the model's own attention retrieves.
 
 `read_long(model, ids, question_ids)` drives the reading on a model patched with
-`decode="infiniretri"`; `generate_long(...)` reads and then generates. A plain `generate` on the
-patched model is dense (the cache is only compressed by the reader).
+`decode="infiniretri"`; `generate_long(...)` reads and then generates, from a dynamic cache or
+(`cache_implementation="static"`) from a static copy of what was kept, whose fixed-shape decode steps
+compile. A plain `generate` on the patched model is dense, on either cache (the cache is only
+compressed by the reader).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from transformers.cache_utils import DynamicCache
 
 from attnpatch.adapters.cache_arg import cache_kwarg
 from attnpatch.cache.infiniretri_layer import InfiniRetriLayer
+from attnpatch.cache.static_copy import static_copy
 from attnpatch.methods.base import DecodeContext, DecodeMethod
 from attnpatch.options import option
 from attnpatch.registry import register_decode
@@ -47,18 +50,24 @@ class InfiniRetri(DecodeMethod):
       compressed: generation sees the retained tokens + the last chunk + the question.
     * Needs every layer to carry its cache layer (full-attention models): a sliding-window layer's
       own cache would keep original positions and disagree with the compacted ones.
+    * Static cache: the reading needs its own dynamic layers (the kept set changes per chunk), so
+      `read_long` always reads into a `DynamicCache`; what generation needs afterwards is fixed, so
+      `generate_long(..., cache_implementation="static")` copies it into a `StaticCache` of the
+      tokens kept + `max_new_tokens` slots and generates from that (compiled decode steps). A plain
+      `generate` with a static cache keeps transformers' static layers and is dense.
     """
 
     full_density: ClassVar[dict] = {}  # plain generation is dense; `read_long` is what compresses
-    static_cache_reason: ClassVar[str | None] = (
-        "infiniretri keeps a changing set of retrieved tokens per chunk, which a fixed-shape static cache "
-        "cannot hold; use the default dynamic cache (and read_long / generate_long)")
 
     budget: int = option(1024, "tokens kept between chunks", min=1)
     chunk_size: int = option(2048, "tokens read per chunk", min=8)
     phrase: int = option(5, "width of the box convolution that scores phrases", min=1)
     n_query: int = option(32, "without a question: the chunk's last tokens whose attention scores", min=1)
     score_layer: int = option(-1, "layer whose attention scores the tokens (-1: the last)", min=-1)
+
+    def decode_cache_tokens(self, context: int) -> int:
+        """After `read_long`, generation sees at most the kept tokens and the last chunk (plus the question)."""
+        return min(context, self.budget + self.chunk_size)
 
     def cache_layer(self, layer_idx: int, config: Any) -> InfiniRetriLayer:
         layers = _text_config(config).num_hidden_layers
@@ -152,7 +161,21 @@ def read_long(model, input_ids: torch.Tensor, question_ids: torch.Tensor | None 
 @torch.no_grad()
 def generate_long(model, input_ids: torch.Tensor, question_ids: torch.Tensor | None = None,
                   **generate_kwargs: Any) -> torch.Tensor:
-    """`read_long`, then `model.generate` from what it kept; returns the new tokens only `[B, T]`."""
+    """`read_long`, then `model.generate` from what it kept; returns the new tokens only `[B, T]`.
+
+    `cache_implementation="static"` (with `max_new_tokens`): generation runs from a `StaticCache` copy
+    of the kept tokens with `max_new_tokens` free slots (fixed-shape decode steps: transformers compiles
+    them on CUDA); the tokens are those of the dynamic cache. Other cache implementations are refused."""
+    implementation = generate_kwargs.pop("cache_implementation", None)
+    if implementation not in (None, "dynamic", "static"):
+        raise ValueError(f"generate_long: cache_implementation must be 'dynamic' or 'static', got {implementation!r}")
+    new_tokens = generate_kwargs.get("max_new_tokens")
+    if implementation == "static" and not isinstance(new_tokens, int):
+        raise ValueError("generate_long with cache_implementation='static' needs max_new_tokens (an int): it sizes "
+                         "the static cache")
     read = read_long(model, input_ids, question_ids)
-    out = model.generate(read.input_ids, **{cache_kwarg(model): read.cache}, **generate_kwargs)
+    cache = read.cache
+    if implementation == "static":
+        cache = static_copy(cache, model.config, read.input_ids.shape[1] + new_tokens)
+    out = model.generate(read.input_ids, **{cache_kwarg(model): cache}, **generate_kwargs)
     return out[:, read.input_ids.shape[1]:]
