@@ -278,3 +278,18 @@ def test_hf_decode_options_give_a_row_per_setting():
     assert sparse == ["quest:budget=4096", "quest:budget=8192,dense_layers=0", "recycled"]
     with pytest.raises(ValueError, match="name:key=value"):
         hf_decode.parse_decode_options(["quest"])
+
+
+def test_long_read_tiny_on_cpu(tmp_path):
+    """The long-read benchmark times a dense prefill and InfiniRetri's chunked reading of the same input and
+    reports what each leaves in the cache (every token; budget + the last chunk)."""
+    from attnpatch.bench import long_read
+
+    assert long_read.main(["--device", "cpu", "--tiny", "--layers", "2", "--lengths", "300", "--options", "budget=32",
+                           "chunk_size=64", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path)]) == 0
+    rows = {r["kind"]: r for r in json.loads((tmp_path / "long_read.json").read_text())["rows"]}
+    assert rows["dense"]["cache_tokens"] == 300 and rows["dense"]["ms"] > 0
+    assert rows["infiniretri"]["cache_tokens"] == 32 + 300 - 256 - 1 and rows["infiniretri"]["note"] == "4 compressions"
+    assert rows["infiniretri"]["speedup_vs_best_dense"] > 0
+    with pytest.raises(SystemExit):
+        long_read.main(["--device", "cpu", "--tiny", "--options", "budget", "--out", str(tmp_path)])

@@ -10,6 +10,7 @@ compressed by the reader).
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
@@ -104,7 +105,9 @@ def _inv_freq(model) -> torch.Tensor:
 
 
 def _forward(model, ids: torch.Tensor, cache: DynamicCache) -> None:
-    model(input_ids=ids, use_cache=True, **{cache_kwarg(model): cache})
+    """One chunk into the cache; the reader needs no logits, so a model that can is asked for one row."""
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    model(input_ids=ids, use_cache=True, **{cache_kwarg(model): cache}, **extra)
 
 
 @torch.no_grad()
