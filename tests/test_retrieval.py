@@ -172,3 +172,27 @@ def test_a_one_token_first_forward_then_a_prompt_then_decoding(llama):
     assert cache.layers[0].offloaded is not None  # the decode step split the cache
     for got, want in zip(out, ref, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+def test_a_compiled_model_decodes_as_eager_with_graph_breaks_at_the_cpu_search(llama):
+    """`torch.compile(model)` (not fullgraph: the step hands the query to the CPU search, a graph break)
+    decodes what the eager model does, on retrieval's own dynamic cache, after the offload."""
+    ids = torch.randint(3, 200, (2, 80), generator=torch.Generator().manual_seed(3))
+    logits = {}
+    with attnpatch.patch_model(llama, decode="retrieval", n_sink=4, window=8, top_k=16):
+        for mode in ("eager", "compiled"):
+            cache = DynamicCache(config=llama.config)
+            forward = llama
+            if mode == "compiled":
+                torch._dynamo.reset()
+                forward = torch.compile(llama, backend="eager")
+            tok = llama(ids, **cache_arg(llama, cache)).logits[:, -1:].argmax(-1)
+            steps = []
+            for _ in range(3):
+                steps.append(forward(input_ids=tok, **cache_arg(llama, cache)).logits[:, -1])
+                tok = steps[-1].argmax(-1, keepdim=True)
+            logits[mode] = torch.stack(steps)
+            assert retrieval_report(cache)["cpu_tokens"] > 0
+        torch._dynamo.reset()
+    torch.testing.assert_close(logits["compiled"], logits["eager"], rtol=0, atol=1e-5)

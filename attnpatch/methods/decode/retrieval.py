@@ -43,6 +43,9 @@ class Retrieval(DecodeMethod):
       (the GPU on CUDA: k-means and the training queries' top keys), then moved to the CPU. Recall@top_k against exact search: `track_recall=True`, read with
       `attnpatch.cache.retrieval_report(cache)` (also bytes per part for the memory claim).
     * Defaults follow the MInference port: 128 sinks + 512 recent tokens, top_k 2000.
+    * No static cache: a preallocated GPU cache would hold the KV this method moves to CPU memory. Under
+      `torch.compile` (not fullgraph) the step runs on this method's dynamic cache with a graph break
+      where the query goes to the CPU search (tested equal to eager); a CUDA graph cannot hold that wait.
 
     `full_density` (what the matrix test checks against dense): exact index with `top_k` above any
     length, and a tiny GPU part, so short test prompts really go through the offload and the merge.
@@ -51,7 +54,7 @@ class Retrieval(DecodeMethod):
     full_density: ClassVar[dict] = {"top_k": 1 << 30, "index": "exact", "n_sink": 1, "window": 2}
     static_cache_reason: ClassVar[str | None] = (
         "retrieval moves most of the KV cache to CPU memory after the prefill, which a fixed-shape static "
-        "cache cannot do; use the default dynamic cache")
+        "cache cannot do; use the default dynamic cache (torch.compile without fullgraph runs on it)")
 
     n_sink: int = option(128, "first real tokens kept on the GPU", min=0)
     window: int = option(512, "most recent prompt tokens kept on the GPU (generated tokens are all kept)", min=1)
