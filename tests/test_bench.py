@@ -276,8 +276,11 @@ def test_hf_decode_options_give_a_row_per_setting():
     assert options == {"quest": ["budget=4096", "budget=8192,dense_layers=0"]}
     sparse = [c.name for c in hf_decode.decode_configs(["quest", "recycled"], options) if c.kind == "sparse"]
     assert sparse == ["quest:budget=4096", "quest:budget=8192,dense_layers=0", "recycled"]
+    both = hf_decode.parse_decode_options(["retrieval", "retrieval:index=key_ivf"])  # a bare name: the defaults
+    assert [c.name for c in hf_decode.decode_configs(["retrieval"], both) if c.kind == "sparse"] == \
+        ["retrieval", "retrieval:index=key_ivf"]
     with pytest.raises(ValueError, match="name:key=value"):
-        hf_decode.parse_decode_options(["quest"])
+        hf_decode.parse_decode_options(["quest:"])
 
 
 def test_long_read_tiny_on_cpu(tmp_path):

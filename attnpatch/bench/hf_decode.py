@@ -20,7 +20,7 @@ Rows per (L, B) and mode: the unpatched model (SDPA as torch picks it, then forc
 and flash through `sdpa_kernel`; flash takes no mask, which a static cache always has, so it fails with
 the reason), `dense` through attnpatch's dispatch (→ SDPA), the Triton decode kernel over every page
 (`dense` kernel rows: `triton all pages`), and every registered decode method (`--methods all`, or a
-list; options through `--decode-options name:key=value,...`). A method that cannot run on a static
+list; options through `--decode-options name:key=value,...`, a bare name for the defaults). A method that cannot run on a static
 cache (retrieval offloads) runs its eager rows on a DynamicCache and its compiled rows are skipped with the
 reason; its KV column adds what it moved to CPU memory. A method whose reading keeps fewer tokens than it
 read (infiniretri: `DecodeMethod.decode_cache_tokens`) decodes over a cache of that many tokens, said in the
@@ -114,7 +114,7 @@ def decode_configs(methods: list[str], options: dict[str, list[str]]) -> list[Co
     rows += [Config("dense (attnpatch dispatch → SDPA)", "dense", decode="dense", key="dense"),
              Config(AllPages.name, "dense", decode="dense", all_pages=True, key="triton")]
     for name in methods:
-        for setting in options.get(name) or [""]:
+        for setting in options.get(name, [""]):
             spec = f"{name}:{setting}" if setting else name
             rows.append(Config(spec, "sparse", decode=spec))
     return rows
@@ -129,14 +129,15 @@ def registered_methods() -> list[str]:
 
 def parse_decode_options(items: list[str] | None) -> dict[str, list[str]]:
     """["quest:budget=4096", "quest:budget=8192", ...] → {"quest": ["budget=4096", "budget=8192"]} (a
-    method named twice gets a row per setting); names checked against the registry."""
+    method named twice gets a row per setting; a bare name, "quest", is a row at its defaults, ""); names
+    checked against the registry."""
     from attnpatch.registry import get_method
 
     out: dict[str, list[str]] = {}
     for item in items or []:
         name, sep, rest = item.partition(":")
-        if not sep or not rest:
-            raise ValueError(f"--decode-options entries look like name:key=value[,key=value], got {item!r}")
+        if sep and not rest.strip():
+            raise ValueError(f"--decode-options entries look like name or name:key=value[,key=value], got {item!r}")
         out.setdefault(get_method(name.strip(), "decode").name, []).append(rest.strip())
     return out
 
@@ -526,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=32, help="decoder layers (32: Llama-3.1-8B's depth)")
     p.add_argument("--methods", default="all", help="decode methods (comma list of registered names, or 'all')")
     p.add_argument("--decode-options", nargs="+", default=None, metavar="NAME:K=V,...",
-                   help="options of a method's row, e.g. quest:budget=4096 blasst:a=16")
+                   help="a row per setting, e.g. quest:budget=4096 blasst:a=16 (a bare name: its defaults)")
     p.add_argument("--modes", default="eager,compiled", help=f"comma list of {', '.join(MODES)}")
     p.add_argument("--baselines", default="all",
                    help=f"dense rows: 'all', 'none', or a comma list of {', '.join(BASELINE_KEYS)}")
