@@ -10,22 +10,12 @@ import torch
 from attnpatch.backends.reference import masked_sdpa
 from attnpatch.backends.reference.backend import ReferenceBackend
 from attnpatch.backends.reference.executors import block_sparse_attention
-from attnpatch.sparsity import BlockSelection, KeyBounds, SkipRule, num_blocks
-from attnpatch.sparsity.selection import causal_block_limit
+from attnpatch.bench.selections import bernoulli_block_selection
+from attnpatch.sparsity import BlockSelection, KeyBounds, SkipRule
 
 
 def _selection(b, h, lq, lk, bq, bk, density, seed, shared=False) -> BlockSelection:
-    g = torch.Generator().manual_seed(seed)
-    r, c = num_blocks(lq, bq), num_blocks(lk, bk)
-    limit = causal_block_limit(lq, lk, bq, bk).view(1, 1, r, 1)
-    col = torch.arange(c)
-    keep = (torch.rand(b, 1 if shared else h, r, c, generator=g) < density) | (col == limit - 1)
-    keep &= col < limit
-    keep[0, 0, min(1, r - 1)] = False  # a query block that sees nothing
-    sel = BlockSelection.from_block_mask(keep, bq, bk, lq, lk)
-    if shared:
-        sel = BlockSelection(sel.indices.expand(b, h, -1, -1), sel.counts.expand(b, h, -1), bq, bk, lq, lk)
-    return sel
+    return bernoulli_block_selection(b, h, lq, lk, bq, bk, density, seed, shared)
 
 
 def _key_valid(b, lk):

@@ -37,8 +37,8 @@ from attnpatch.backends.flash import (
     unsupported_reason,
 )
 from attnpatch.backends.reference import block_sparse_attention
-from attnpatch.bench.selections import random_block_selection
-from attnpatch.sparsity import BlockSelection, causal_block_limit, num_blocks
+from attnpatch.bench.selections import bernoulli_block_selection, random_block_selection
+from attnpatch.sparsity import BlockSelection
 
 SHAPES = {"llama3.1-8b": (32, 8, 128), "smollm2": (9, 3, 64)}
 LENGTHS = (8192, 32768, 131072)
@@ -68,18 +68,7 @@ def _qkv(b, hq, hkv, lq, lk, d, seed=0):
 
 def _random_selection(b, h, lq, lk, block, density, seed, shared=False):
     """Random causal selection for any (lq, lk), keeping block 0 and the diagonal."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    r, c = num_blocks(lq, block), num_blocks(lk, block)
-    limit = causal_block_limit(lq, lk, block, block, "cuda").view(1, 1, r, 1)
-    col = torch.arange(c, device="cuda")
-    hh = 1 if shared else h
-    keep = (torch.rand(b, hh, r, c, device="cuda", generator=g) < density) | (col == 0) | (col == limit - 1)
-    keep &= col < limit
-    keep[0, 0, min(1, r - 1)] = False  # one query block that sees nothing
-    sel = BlockSelection.from_block_mask(keep, block, block, lq, lk)
-    if shared:
-        sel = BlockSelection(sel.indices.expand(b, h, -1, -1), sel.counts.expand(b, h, -1), block, block, lq, lk)
-    return sel
+    return bernoulli_block_selection(b, h, lq, lk, block, block, density, seed, shared, keep_first=True, device="cuda")
 
 
 def _visibility(b, lq, lk, key_start, window):

@@ -26,6 +26,27 @@ def random_block_selection(batch: int, heads: int, length: int, block: int, dens
     return BlockSelection.from_block_mask(keep, block, block, lq, length)
 
 
+def bernoulli_block_selection(batch: int, heads: int, q_len: int, length: int, block_q: int, block_k: int,
+                              density: float, seed: int, shared: bool = False, keep_first: bool = False,
+                              device=None) -> BlockSelection:
+    """Each causally valid block kept with probability `density`, plus the diagonal (and block 0 with
+    `keep_first`); query block 1 of row 0, head 0 keeps nothing (a row that sees no key). `shared`: one
+    selection expanded over the heads (a KV group's shared list)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    r, c = num_blocks(q_len, block_q), num_blocks(length, block_k)
+    limit = causal_block_limit(q_len, length, block_q, block_k, device).view(1, 1, r, 1)
+    col = torch.arange(c, device=device)
+    forced = (col == limit - 1) | ((col == 0) if keep_first else False)
+    keep = (torch.rand(batch, 1 if shared else heads, r, c, device=device, generator=g) < density) | forced
+    keep &= col < limit
+    keep[0, 0, min(1, r - 1)] = False
+    sel = BlockSelection.from_block_mask(keep, block_q, block_k, q_len, length)
+    if shared:
+        sel = BlockSelection(sel.indices.expand(batch, heads, -1, -1), sel.counts.expand(batch, heads, -1),
+                             block_q, block_k, q_len, length)
+    return sel
+
+
 def random_page_selection(batch: int, kv_heads: int, length: int, page: int, fraction: float,
                           seed: int = 0, device=None) -> PageSelection:
     """Per (batch, KV head) the first and last pages plus random others: `fraction` of all pages."""

@@ -104,10 +104,13 @@ def _inv_freq(model) -> torch.Tensor:
     return distinct[0]
 
 
-def _forward(model, ids: torch.Tensor, cache: DynamicCache) -> None:
-    """One chunk into the cache; the reader needs no logits, so a model that can is asked for one row."""
-    extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-    model(input_ids=ids, use_cache=True, **{cache_kwarg(model): cache}, **extra)
+def _chunk_kwargs(model, cache: DynamicCache) -> dict[str, Any]:
+    """Keyword arguments of every chunk's forward: the cache, and (the reader needs no logits) one row of
+    logits where the model can be asked for it."""
+    kwargs = {"use_cache": True, cache_kwarg(model): cache}
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        kwargs["logits_to_keep"] = 1
+    return kwargs
 
 
 @torch.no_grad()
@@ -123,7 +126,8 @@ def read_long(model, input_ids: torch.Tensor, question_ids: torch.Tensor | None 
     if question.dim() != 2 or question.shape[0] != ids.shape[0]:
         raise ValueError(f"question_ids must be [batch, length] with batch {ids.shape[0]}, got {tuple(question.shape)}")
     cache = DynamicCache(config=model.config)
-    _forward(model, ids[:, :1], cache)  # installs the method's cache layers (the first chunk goes on below)
+    chunk_kwargs = _chunk_kwargs(model, cache)
+    model(input_ids=ids[:, :1], **chunk_kwargs)  # installs the method's cache layers (the first chunk goes on below)
     layers = cache.layers
     if not layers or not all(isinstance(layer, InfiniRetriLayer) for layer in layers):
         kinds = sorted({type(layer).__name__ for layer in layers})
@@ -145,11 +149,11 @@ def read_long(model, input_ids: torch.Tensor, question_ids: torch.Tensor | None 
         piece = torch.cat([ids[:, start:end], question], 1)
         if last:
             if piece.shape[1] > 1:
-                _forward(model, piece[:, :-1], cache)
+                model(input_ids=piece[:, :-1], **chunk_kwargs)
             return LongRead(cache, torch.cat([cached, piece], 1), retained)
         for layer in scorer:
             layer.score_queries = nq
-        _forward(model, piece, cache)
+        model(input_ids=piece, **chunk_kwargs)
         for layer in scorer:
             layer.score_queries = 0
         scores = scorer[0].scores[:, : cached.shape[1] + end - start]  # the question is no candidate
