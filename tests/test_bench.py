@@ -235,7 +235,7 @@ def test_hf_decode_tiny_on_cpu(tmp_path):
     assert row["note"].startswith("skipped: time budget")
     assert hf_decode.main(["--device", "cpu", "--tiny", "--layers", "2", "--lengths", "64", "--batches", "1",
                            "--modes", "eager", "--methods", "quest", "--decode-options", "quest:page_size=16,budget=48",
-                           "--baselines", "dense", "--steps", "2", "--repeats", "1", "--profile",
+                           "--baselines", "dense", "--steps", "2", "--repeats", "1", "--profile", "--host-profile",
                            "--out", str(tmp_path / "c")]) == 0
     rows = json.loads((tmp_path / "c" / "hf_decode.json").read_text())["rows"]
     for row in rows:  # --profile: where each row's step time goes, largest first
@@ -246,6 +246,12 @@ def test_hf_decode_tiny_on_cpu(tmp_path):
         assert row["kernels_per_step"] >= sum(k["calls_per_step"] for k in top) - 1e-9
     assert "Top GPU kernels per step" in (tmp_path / "c" / "hf_decode.md").read_text()
     assert "kernels per step" in (tmp_path / "c" / "hf_decode.md").read_text()
+    for row in rows:  # --host-profile: the Python functions with the most own time per step, largest first
+        host = row["host_functions"]
+        assert host and row["host_ms_per_step"] > 0
+        assert [f["own_ms_per_step"] for f in host] == sorted((f["own_ms_per_step"] for f in host), reverse=True)
+        assert all(f["cum_ms_per_step"] >= f["own_ms_per_step"] - 1e-9 for f in host)
+    assert "Host time per eager step" in (tmp_path / "c" / "hf_decode.md").read_text()
     with pytest.raises(SystemExit):
         hf_decode.main(["--device", "cpu", "--tiny", "--methods", "nope", "--out", str(tmp_path)])
 

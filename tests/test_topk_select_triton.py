@@ -25,10 +25,10 @@ def _expected(scores: torch.Tensor, k: int) -> list[list[int]]:
     return out
 
 
-@pytest.mark.parametrize("early", ["0,4", "1,4"])
+@pytest.mark.parametrize("search", ["0,4", "1,4"])
 @pytest.mark.parametrize(("rows", "n", "k"), [(6, 100, 7), (4, 513, 32), (3, 64, 64), (2, 1000, 1)])
-def test_the_k_largest_in_ascending_order(rows, n, k, early, monkeypatch):
-    monkeypatch.setenv("ATTNPATCH_TOPK_CONFIG", early)
+def test_the_k_largest_in_ascending_order(rows, n, k, search, monkeypatch):
+    monkeypatch.setenv("ATTNPATCH_TOPK_CONFIG", search)
     g = torch.Generator().manual_seed(n + k)
     scores = torch.randn(rows, n, generator=g) * torch.logspace(-3, 3, rows).view(-1, 1)  # wide ranges, negatives
     scores[0, :5] = torch.finfo(torch.float32).max  # forced entries (as top_pages marks them)
@@ -72,11 +72,11 @@ def _group_reference(scores, k, first, end, combine, keep_last):
     return _expected(score.masked_fill(~valid.view(b, 1, n), float("-inf")), k)
 
 
-@pytest.mark.parametrize("early", ["0,4", "1,4"])
+@pytest.mark.parametrize("search", ["0,4", "1,4"])
 @pytest.mark.parametrize("combine", ["softmax_sum", "max"])
 @pytest.mark.parametrize(("end", "keep_last"), [(140, 0), ([150, 90, 30], 2)])
-def test_group_kernel_combines_masks_and_forces_like_the_torch_path(combine, end, keep_last, early, monkeypatch):
-    monkeypatch.setenv("ATTNPATCH_TOPK_CONFIG", early)
+def test_group_kernel_combines_masks_and_forces_like_the_torch_path(combine, end, keep_last, search, monkeypatch):
+    monkeypatch.setenv("ATTNPATCH_TOPK_CONFIG", search)
     g = torch.Generator().manual_seed(11)
     scores = torch.randn(3, 2, 3, 150, generator=g) * 4
     first = torch.tensor([0, 5, 17])
@@ -160,8 +160,53 @@ def test_methods_select_the_same_pages_with_the_kernel(method, monkeypatch):
     assert torch.equal(picked["torch"].indices, picked["triton"].indices)
 
 
-@pytest.mark.parametrize("bad", ["1", "1,8,3", "x,8", "1,8,4,0"])
+@pytest.mark.parametrize("bad", ["1", "1,8,3", "x,8", "1,8,4,0", "3,8", "2,6"])
 def test_launch_override_is_checked(bad, monkeypatch):
     monkeypatch.setenv("ATTNPATCH_TOPK_CONFIG", bad)
     with pytest.raises(ValueError, match="ATTNPATCH_TOPK_CONFIG"):
         _ts.launch_config(2048)
+
+
+_BITONIC_CHECK = """
+import os
+os.environ["TRITON_INTERPRET"] = "1"  # before triton's import: tl.topk is a library @jit helper
+os.environ["ATTNPATCH_TOPK_CONFIG"] = "2,4"
+import torch
+from attnpatch.backends.triton import topk_select as ts
+g = torch.Generator().manual_seed(5)
+for rows, n, k in [(4, 100, 7), (3, 513, 32), (2, 64, 64), (2, 300, 1)]:
+    s = torch.randn(rows, n, generator=g) * torch.logspace(-3, 3, rows).view(-1, 1)
+    s[0, :5] = torch.finfo(torch.float32).max
+    s[1, ::3] = float("-inf")
+    idx, counts = ts.topk_ascending_triton(s, k)
+    for r in range(rows):
+        ok = s[r] > float("-inf")
+        want = sorted(s[r].topk(min(k, int(ok.sum()))).indices.tolist())
+        assert idx[r, :counts[r]].tolist() == want and counts[r] == len(want), (rows, n, k, r)
+short = torch.full((2, 40), float("-inf"))
+short[0, [3, 17, 30]] = torch.tensor([1.0, -2.0, 0.5])
+idx, counts = ts.topk_ascending_triton(short, 5)
+assert counts.tolist() == [3, 0] and idx[0].tolist() == [3, 17, 30, 0, 0], idx
+ties = torch.zeros(1, 50)
+ties[0, 7] = 2.0
+assert ts.topk_ascending_triton(ties, 4)[0][0].tolist() == [0, 1, 2, 7]
+sc = torch.randn(2, 3, 4, 200, generator=g)
+args = (sc, 16, torch.tensor([0, 3]), torch.tensor([200, 150]), "softmax_sum", 1)
+bitonic = ts.group_topk_ascending_triton(*args)
+os.environ["ATTNPATCH_TOPK_CONFIG"] = "0,4"
+radix = ts.group_topk_ascending_triton(*args)
+assert torch.equal(bitonic[0], radix[0]) and torch.equal(bitonic[1], radix[1])
+"""
+
+
+def test_bitonic_search_selects_what_the_radix_search_does():
+    """Search 2 (`tl.topk`'s bitonic network finds the k-th largest): the same lists as torch.topk and as the
+    radix search, with -inf never chosen, short rows padded and ties kept at the lowest indices. A fresh
+    process with TRITON_INTERPRET set before triton's import, which library helpers such as tl.topk need."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    res = subprocess.run([sys.executable, "-c", _BITONIC_CHECK], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]

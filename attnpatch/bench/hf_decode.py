@@ -103,6 +103,8 @@ class Row:
     top_kernels: list[dict[str, Any]] = field(default_factory=list)  # --profile: GPU time per step by kernel
     kernel_ms_per_step: float | None = None  # --profile: all kernels' GPU time per step
     kernels_per_step: float | None = None  # --profile: kernel launches per step
+    host_functions: list[dict[str, Any]] = field(default_factory=list)  # --host-profile: Python time per step
+    host_ms_per_step: float | None = None  # --host-profile: the profiled steps' wall time, per step
     note: str = ""
 
 
@@ -253,6 +255,32 @@ def profile_steps(step, token: torch.Tensor, steps: int, device: torch.device, t
     return kernels, total / 1e3 / steps, sum(e.count for e in events) / steps
 
 
+def host_profile_steps(step, token: torch.Tensor, steps: int, device: torch.device, top: int = 25
+                       ) -> tuple[list[dict], float]:
+    """`(top functions, ms per step)`: where an eager step's host time goes — cProfile over `steps` steps,
+    the `top` functions by their own time per step (calls per step, own and cumulative ms; cProfile's own
+    overhead inflates every figure, the ranking is what it is for) and the profiled wall time per step."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    for _ in range(steps):
+        token = step(token)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    prof.disable()
+    wall = (time.perf_counter() - t0) * 1e3 / steps
+    rows = []
+    for (path, line, fn), (_, calls, own, cum, _) in pstats.Stats(prof).stats.items():
+        where = "/".join(Path(path).parts[-2:]) if path != "~" else "builtin"
+        rows.append({"function": f"{where}:{line}({fn})", "calls_per_step": calls / steps,
+                     "own_ms_per_step": own * 1e3 / steps, "cum_ms_per_step": cum * 1e3 / steps})
+    rows.sort(key=lambda r: -r["own_ms_per_step"])
+    return rows[:top], wall
+
+
 @dataclass
 class Bench:
     """Shared state of one run: the model, options, the time budget."""
@@ -268,6 +296,7 @@ class Bench:
     budget_s: float
     page_size: int
     profile: bool = False
+    host_profile: bool = False
     started: float = field(default_factory=time.perf_counter)
     compile_estimate_s: float = 0.0
     log: Any = print
@@ -277,7 +306,7 @@ class Bench:
 
     def headroom(self) -> int:
         """Cache slots past L: warm-up, the timed runs, `--profile`'s run of the steps, and a margin."""
-        return (self.warmup + 4) + (self.repeats + int(self.profile)) * self.steps + 8
+        return (self.warmup + 4) + (self.repeats + int(self.profile) + int(self.host_profile)) * self.steps + 8
 
     def run(self, cfg: Config, mode: str, length: int, batch: int, shared: dict) -> Row:
         """One row; never raises (a failure is a row with a note)."""
@@ -364,6 +393,8 @@ class Bench:
             if self.profile:
                 row.top_kernels, row.kernel_ms_per_step, row.kernels_per_step = profile_steps(
                     step, tok, self.steps, device)
+            if self.host_profile and mode == "eager":
+                row.host_functions, row.host_ms_per_step = host_profile_steps(step, tok, self.steps, device)
             self.log(f"L={length} B={batch} {mode} {cfg.name}: {row.ms_per_token:.3f} ms/token "
                      f"{row.backends or ''}")
         except Exception as e:  # noqa: BLE001  (a failing configuration is a result, not a crash)
@@ -499,6 +530,17 @@ def markdown(data: dict) -> str:
             for k in r["top_kernels"]:
                 lines.append(f"| {r['length']} | {r['batch']} | {r['mode']} | {r['name']} | `{k['kernel'][:70]}` | "
                              f"{k['ms_per_step']:.3f} | {k['calls_per_step']:.1f} | {k['share']:.2f} |")
+    hosted = [r for r in data["rows"] if r.get("host_functions")]
+    if hosted:
+        lines += ["", "Host time per eager step by Python function (`--host-profile`: cProfile over one run of the "
+                  "steps; its own overhead inflates the figures):", "",
+                  "| L | B | row | profiled ms/step | function | calls/step | own ms/step | cumulative ms/step |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in hosted:
+            for f in r["host_functions"][:12]:
+                lines.append(f"| {r['length']} | {r['batch']} | {r['name']} | {_fmt(r.get('host_ms_per_step'), '.1f')} | "
+                             f"`{f['function'][:80]}` | {f['calls_per_step']:.0f} | {f['own_ms_per_step']:.3f} | "
+                             f"{f['cum_ms_per_step']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -542,6 +584,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-s", type=float, default=540.0, help="start no row after this many seconds")
     p.add_argument("--profile", action="store_true",
                    help="after timing, profile each row's steps: its top GPU kernels go into the JSON and a table")
+    p.add_argument("--host-profile", action="store_true",
+                   help="after timing, cProfile each eager row's steps: the Python functions taking the most host "
+                        "time per step go into the JSON and a table")
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"),
                    help="default: bfloat16 on CUDA, float32 on CPU")
@@ -581,7 +626,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m attnpatch.bench.hf_decode " + " ".join(sys.argv[1:] if argv is None else argv)
     model = build_model(args.tiny, device, dtype, layers=args.layers)
     bench = Bench(model, device, args.steps, args.repeats, args.warmup, args.compile_mode, args.compile_backend,
-                  not args.no_fullgraph, args.budget_s, args.page_size, args.profile)
+                  not args.no_fullgraph, args.budget_s, args.page_size, args.profile, args.host_profile)
     data: dict[str, Any] = {"environment": environment(command, device, dtype, args.tiny, args.layers, bench),
                             "rows": []}
     rows: list[Row] = []

@@ -228,7 +228,7 @@ def topk_rows(configs: list[str]) -> list[dict]:
             os.environ["ATTNPATCH_TOPK_CONFIG"] = config
             us = _graph_us(lambda b=bounds, k=n // 16, f=first, e=end: group_topk_ascending_triton(b, k, f, e))
             rows.append({"n": n, "rows": hrows, "config": config, "us": us})
-            print(f"topk n={n} rows={hrows} early_exit,warps={config}: {us} us", flush=True)
+            print(f"topk n={n} rows={hrows} search,warps={config}: {us} us", flush=True)
         os.environ.pop("ATTNPATCH_TOPK_CONFIG", None)
     return rows
 
@@ -236,7 +236,7 @@ def topk_rows(configs: list[str]) -> list[dict]:
 SWEEP_LAUNCHES = ("4,2", "4,3", "4,4", "8,2", "8,3", "2,3")
 SWEEP_SPLITS = (None, 1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
 SWEEP_BOUNDS = ("32,4", "64,4", "128,4", "64,8", "128,8")  # block_n,warps
-SWEEP_TOPK = ("1,4", "1,8", "1,16")  # early_exit,warps
+SWEEP_TOPK = ("1,4", "1,8", "1,16", "2,4", "2,8", "2,16")  # search,warps (topk_select.SEARCHES)
 SWEEP_KERNELS = ("decode", "page_bounds", "topk")
 COPIES = 8  # distinct inputs per graph for the per-call column
 
@@ -244,7 +244,7 @@ COPIES = 8  # distinct inputs per graph for the per-call column
 def kernel_sweep_rows(length: int, batch: int, fraction: float, splits_list=SWEEP_SPLITS,
                       kernels=SWEEP_KERNELS) -> list[dict]:
     """The decode kernel over Quest's selection (1/16 of 64-token pages) by tile × warps,stages × splits,
-    the page-bound kernel by launch (`SWEEP_BOUNDS`) and the group top-k by early_exit,warps; µs per
+    the page-bound kernel by launch (`SWEEP_BOUNDS`) and the group top-k by search,warps; µs per
     CUDA-graph replay of one call (`us`) and, for the bounds and the top-k, per call in a graph of
     `COPIES` calls on distinct inputs (`us_each`: no graph launch per call, cold L2 as in a step)."""
     from attnpatch.backends.decode_plan import resolve_num_splits
@@ -291,13 +291,19 @@ def kernel_sweep_rows(length: int, batch: int, fraction: float, splits_list=SWEE
         k_pages = max(int(length * fraction) // 64, 1)
         bounds = [page_upper_bounds_triton(q * (1 + i / COPIES), page_min, page_max, n, D ** -0.5) for i in range(COPIES)]
         first = torch.zeros(batch, dtype=torch.long, device="cuda")
-        end = torch.tensor(n, device="cuda")
-        for launch in SWEEP_TOPK:
-            os.environ["ATTNPATCH_TOPK_CONFIG"] = launch
-            us = _graph_us(lambda: group_topk_ascending_triton(bounds[0], k_pages, first, end))
-            each = _graph_us_each([lambda x=x: group_topk_ascending_triton(x, k_pages, first, end) for x in bounds])
-            rows.append({"kernel": "topk", "length": length, "batch": batch, "launch": launch, "us": us, "us_each": each})
-            print(f"topk L={length} B={batch} early_exit,warps={launch}: {us} (in a graph of {COPIES}: {each})", flush=True)
+        # 64-token pages, and the first half of each row as the page count of 128-token pages
+        for pages, kp in ((n, k_pages), (n // 2, max(k_pages // 2, 1))):
+            rows_in = [x[..., :pages].contiguous() for x in bounds]
+            stop = torch.tensor(pages, device="cuda")
+            for launch in SWEEP_TOPK:
+                os.environ["ATTNPATCH_TOPK_CONFIG"] = launch
+                us = _graph_us(lambda r=rows_in[0], kp=kp, e=stop: group_topk_ascending_triton(r, kp, first, e))
+                each = _graph_us_each([lambda x=x, kp=kp, e=stop: group_topk_ascending_triton(x, kp, first, e)
+                                       for x in rows_in])
+                rows.append({"kernel": "topk", "length": length, "batch": batch, "pages": pages, "k": kp,
+                             "launch": launch, "us": us, "us_each": each})
+                print(f"topk L={length} B={batch} pages={pages} k={kp} search,warps={launch}: {us} "
+                      f"(in a graph of {COPIES}: {each})", flush=True)
         os.environ.pop("ATTNPATCH_TOPK_CONFIG", None)
     return rows
 
@@ -305,25 +311,27 @@ def kernel_sweep_rows(length: int, batch: int, fraction: float, splits_list=SWEE
 def best_launches(rows: list[dict]) -> dict[str, dict[str, str]]:
     """Per `LENGTHxBATCH`, the fastest launch of each kernel in the form its override variable reads:
     decode `"warps,stages,splits,tile"` (by `us`), page bounds `"block_n,warps"` and top-k
-    `"early_exit,warps"` (by `us_each`, per call in a graph)."""
+    `"search,warps"` (by `us_each`, per call in a graph)."""
     best: dict[str, dict[str, str]] = {}
     for kernel in SWEEP_KERNELS:
         col = "us" if kernel == "decode" else "us_each"
         for r in sorted((r for r in rows if r["kernel"] == kernel and r.get(col)), key=lambda r: r[col], reverse=True):
             launch = f"{r['launch']},{r['splits']},{r['tile']}" if kernel == "decode" else r["launch"]
-            best.setdefault(f"{r['length']}x{r['batch']}", {})[kernel] = launch
+            pages = f"_p{r['pages']}" if "pages" in r else ""
+            best.setdefault(f"{r['length']}x{r['batch']}", {})[kernel + pages] = launch
     return best
 
 
 def _sweep_md(rows: list[dict]) -> str:
     out = ["# Decode, page-bound and top-k kernels by launch configuration (µs, CUDA-graph replay)", "",
            f"`us`: one call per graph; `per call in a graph`: {COPIES} calls on distinct inputs in one graph.", "",
-           "| L | B | kernel | tile | launch | splits | µs | µs per call in a graph |", "|---|---|---|---|---|---|---|---|"]
+           "| L | B | kernel | tile (top-k: row) | launch | splits | µs | µs per call in a graph |", "|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["length"], r["batch"], r["kernel"], r.get("us_each") or r["us"] or 1e9)):
         us = "–" if r["us"] is None else f"{r['us']:.1f}"
         each = "" if r.get("us_each") is None else f"{r['us_each']:.1f}"
         split = f"{r.get('splits', '')}{' (default)' if r.get('default_splits') else ''}"
-        out.append(f"| {r['length']} | {r['batch']} | {r['kernel']} | {r.get('tile', '')} | {r['launch']} | {split} | {us} | {each} |")
+        tile = r.get("tile", f"{r['pages']} pages, k {r['k']}" if "pages" in r else "")
+        out.append(f"| {r['length']} | {r['batch']} | {r['kernel']} | {tile} | {r['launch']} | {split} | {us} | {each} |")
     return "\n".join(out) + "\n"
 
 
@@ -331,7 +339,7 @@ def _md(result: dict) -> str:
     out = [f"# One decode layer, Llama-3.1-8B shape ({HQ}/{HKV}/{D}), bf16 — {result['env'].get('gpu')}", "",
            f"`{result['command']}`", "", "CUDA-graph replay of each call (µs); Quest = page bounds + selection + "
            "sparse decode kernel, budget 1/16 of the keys, 64-token pages, random keys; top-k launch "
-           f"`early_exit,warps` = {result.get('best_topk_config', 'default')}.", "",
+           f"`search,warps` = {result.get('best_topk_config', 'default')}.", "",
            "| L | B | row | µs | select µs | kernel µs | × best dense |", "|---|---|---|---|---|---|---|"]
 
     def f(x):
@@ -340,8 +348,8 @@ def _md(result: dict) -> str:
     for r in result["layer"]:
         out.append(f"| {r['length']} | {r['batch']} | {r['row']} | {f(r['us'])} | {f(r.get('select_us'))} | "
                    f"{f(r.get('kernel_us'))} | {r['speedup_vs_best_dense'] or '–'} |")
-    out += ["", "Top-k kernel (group combine + masks + selection, G = 4, k = n/16), µs by `early_exit,warps`:", "",
-            "| n | rows | early_exit,warps | µs |", "|---|---|---|---|"]
+    out += ["", "Top-k kernel (group combine + masks + selection, G = 4, k = n/16), µs by `search,warps`:", "",
+            "| n | rows | search,warps | µs |", "|---|---|---|---|"]
     out += [f"| {r['n']} | {r['rows']} | {r['config']} | {f(r['us'])} |" for r in result["topk"]]
     return "\n".join(out) + "\n"
 
@@ -352,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cases", default="131072x1,131072x4,131072x8,65536x8", help="LENGTHxBATCH, comma separated")
     p.add_argument("--fraction", type=float, default=1 / 16)
     p.add_argument("--topk-configs", nargs="+", default=["0,4", "1,4", "0,8", "1,8", "0,2", "1,2"],
-                   help="top-k launches to sweep, each 'early_exit,warps' (the fastest at 128K, batch 4, "
+                   help="top-k launches to sweep, each 'search,warps' (the fastest at 128K, batch 4, "
                         "is used by the layer rows)")
     p.add_argument("--kernel-sweep", action="store_true",
                    help="only sweep the decode / page-bound / top-k kernels' launch configurations over --cases")

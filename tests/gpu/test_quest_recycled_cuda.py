@@ -104,13 +104,13 @@ def test_topk_kernel_selects_the_torch_topk_set(rows, n, k):
     assert counts.eq(k).all() and torch.equal(idx, ref)
 
 
-@pytest.mark.parametrize("early", [0, 1])
+@pytest.mark.parametrize("search", [0, 1, 2])
 @pytest.mark.parametrize("combine", ["softmax_sum", "max"])
-def test_group_topk_kernel_matches_the_torch_path(combine, early, monkeypatch):
+def test_group_topk_kernel_matches_the_torch_path(combine, search, monkeypatch):
     """The fused combine + masks + top-k (Quest's default path) picks Quest's torch-path pages."""
     from attnpatch.backends.triton.topk_select import group_topk_ascending_triton
 
-    monkeypatch.setenv("ATTNPATCH_TOPK_CONFIG", f"{early},4")
+    monkeypatch.setenv("ATTNPATCH_TOPK_CONFIG", f"{search},4")
     g = torch.Generator(device=DEVICE).manual_seed(5)
     b, h, grp, n, k = 4, 8, 4, 2048, 128
     scores = torch.randn(b, h, grp, n, device=DEVICE, generator=g) * 3

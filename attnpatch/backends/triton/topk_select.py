@@ -13,9 +13,11 @@ Two entry points share the selection (`_select_ascending`):
   ones) applied there too, so the combine, the masks and the selection are one launch.
 
 Selection: every score maps to an int32 with the same order (the float's bits, negatives' magnitude
-bits flipped); the k-th largest is found by a search on that integer that settles two bits per step
-(16 steps, each one block reduction of three in-register counts; `early_exit` stops once exactly k
-entries are at or above the bound found so far). Then the entries above it are kept and, among those equal to it, the lowest indices until
+bits flipped); the k-th largest is found on that integer by one of three searches (`SEARCHES`):
+"radix" settles two bits per step (16 steps, each one block reduction of three in-register counts),
+"radix_early" stops it once exactly k entries are at or above the bound found so far, "bitonic" takes
+the smallest of `tl.topk`'s `next_pow2(k)` largest keys at position k - 1 (a bitonic top-k network in
+registers, no serial steps). Then the entries above it are kept and, among those equal to it, the lowest indices until
 k are kept; their indices are written in ascending order (a prefix sum gives each kept entry its
 slot). Slots past the number kept (fewer than k valid entries) hold 0. Exact: the same set as
 `torch.topk` up to the choice among ties.
@@ -29,8 +31,8 @@ bench/results/decode_layer/select_variants_h100_2026-12-05/): four bits per step
 block reduction, 8 steps at most) took 16.6 µs a call in a graph against 11.7 for two bits; 16 warps
 13.7 µs against 8 warps' 11.7.
 
-Launch: `ATTNPATCH_TOPK_CONFIG="early_exit,warps"` (e.g. "1,4") overrides the defaults of
-`launch_config` for benchmarks.
+Launch: `ATTNPATCH_TOPK_CONFIG="search,warps"` (search 0 "radix", 1 "radix_early", 2 "bitonic"; e.g.
+"1,4") overrides the defaults of `launch_config` for benchmarks.
 """
 
 from __future__ import annotations
@@ -46,26 +48,31 @@ from attnpatch.backends.triton.utils import (
     triton_available,
 )
 
-__all__ = ["COMBINES", "MAX_GROUP_N", "MAX_N", "group_topk_ascending_triton", "group_unsupported_reason",
+__all__ = ["COMBINES", "MAX_GROUP_N", "MAX_N", "SEARCHES", "group_topk_ascending_triton", "group_unsupported_reason",
            "launch_config", "topk_ascending_triton", "unsupported_reason"]
 
 MAX_N = 1 << 15  # entries per row held in one program's registers (512K tokens at 16-token pages)
 COMBINES = ("softmax_sum", "max")  # how `group_topk_ascending_triton` combines a row's G score rows
 MAX_GROUP_N = 1 << 16  # G·n entries a row of `group_topk_ascending_triton` holds in registers
+SEARCHES = ("radix", "radix_early", "bitonic")  # how the k-th largest is found (index = the config's number)
 
 
-def launch_config(n: int) -> tuple[bool, int]:
-    """`(early exit, num_warps)` for rows of `n` entries. On the H200 (G = 4 bound rows, k = n/16, random
-    bounds) early exit with 8 warps took 14.2 µs at n = 2048 (32 rows) and 12.4 µs at n = 1024 (64 rows),
-    against 17.4 / 16.0 µs for the full 16 steps with 4 warps (bench/results/decode_layer/)."""
+def launch_config(n: int) -> tuple[int, int]:
+    """`(search, num_warps)` for rows of `n` entries (`search` indexes `SEARCHES`). On the H200 (G = 4
+    bound rows, k = n/16, random bounds) the early-exit radix search with 8 warps took 14.2 µs at n = 2048
+    (32 rows) and 12.4 µs at n = 1024 (64 rows), against 17.4 / 16.0 µs for the full 16 steps with 4 warps
+    (bench/results/decode_layer/)."""
     value = os.environ.get("ATTNPATCH_TOPK_CONFIG")
     if value:
         try:
-            early, warps = (int(x) for x in value.split(","))
+            search, warps = (int(x) for x in value.split(","))
         except ValueError as e:
-            raise ValueError(f"ATTNPATCH_TOPK_CONFIG must read 'early_exit,warps' (e.g. '1,4'), got {value!r}") from e
-        return bool(early), warps
-    return True, (8 if n >= 1024 else 4)
+            raise ValueError(f"ATTNPATCH_TOPK_CONFIG must read 'search,warps' (e.g. '1,4'), got {value!r}") from e
+        if not 0 <= search < len(SEARCHES) or warps not in (1, 2, 4, 8, 16, 32):
+            raise ValueError(f"ATTNPATCH_TOPK_CONFIG: search must be 0..{len(SEARCHES) - 1} {SEARCHES} and warps a "
+                             f"power of 2 up to 32, got {value!r}")
+        return search, warps
+    return 1, (8 if n >= 1024 else 4)
 
 
 if triton_available():
@@ -83,7 +90,7 @@ if triton_available():
         return a0 + b0, a1 + b1, a2 + b2
 
     @triton.jit
-    def _select_ascending(s, valid, offs, k, out_row, count_ptr, BLOCK_K: tl.constexpr, EARLY_EXIT: tl.constexpr,
+    def _select_ascending(s, valid, offs, k, out_row, count_ptr, BLOCK_K: tl.constexpr, SEARCH: tl.constexpr,
                           FUSED_COUNTS: tl.constexpr):
         """Write the ascending indices of the k largest `s` among `valid` to `out_row`, their number to
         `count_ptr` (zeros in the slots past it)."""
@@ -91,25 +98,29 @@ if triton_available():
         raw = s.to(tl.int32, bitcast=True)
         # order-preserving signed int32: negative floats have their magnitude bits flipped
         key = tl.where(raw < 0, raw ^ 0x7FFFFFFF, raw)
-        # the k-th largest key: the largest t with #(key >= t) >= k, two bits per step (thresholds stay
-        # below 2^31: each step's top threshold is under the previous step's next one)
-        found = tl.full([], -2147483648, tl.int64)
-        cnt = tl.reduce(ok, 0, _SUM)
-        stop = k if EARLY_EXIT else -1  # early exit: stop once exactly k entries are at or above `found`
-        half = tl.full([], 15, tl.int64)
-        while (half >= 0) & (cnt > stop):
-            unit = tl.full([], 1, tl.int64) << (2 * half)
-            h1 = tl.where(key >= (found + unit).to(tl.int32), ok, 0)
-            h2 = tl.where(key >= (found + 2 * unit).to(tl.int32), ok, 0)
-            h3 = tl.where(key >= (found + 3 * unit).to(tl.int32), ok, 0)
-            if FUSED_COUNTS:  # one block reduction of three counts (GPU)
-                n1, n2, n3 = tl.reduce((h1, h2, h3), 0, _add3)
-            else:  # the interpreter runs tuple reductions element by element: three fast ones
-                n1, n2, n3 = tl.reduce(h1, 0, _SUM), tl.reduce(h2, 0, _SUM), tl.reduce(h3, 0, _SUM)
-            step = (n1 >= k).to(tl.int64) + (n2 >= k).to(tl.int64) + (n3 >= k).to(tl.int64)
-            cnt = tl.where(step == 3, n3, tl.where(step == 2, n2, tl.where(step == 1, n1, cnt)))
-            found = found + step * unit
-            half = half - 1
+        if SEARCH == 2:  # bitonic: the k-th of the BLOCK_K largest keys (invalid entries below every valid one)
+            top = tl.topk(tl.where(valid, key, -2147483648), BLOCK_K)
+            found = tl.reduce(tl.where(tl.arange(0, BLOCK_K) == k - 1, top, 0), 0, _SUM).to(tl.int64)
+        else:
+            # the k-th largest key: the largest t with #(key >= t) >= k, two bits per step (thresholds stay
+            # below 2^31: each step's top threshold is under the previous step's next one)
+            found = tl.full([], -2147483648, tl.int64)
+            cnt = tl.reduce(ok, 0, _SUM)
+            stop = k if SEARCH == 1 else -1  # early exit: stop once exactly k entries are at or above `found`
+            half = tl.full([], 15, tl.int64)
+            while (half >= 0) & (cnt > stop):
+                unit = tl.full([], 1, tl.int64) << (2 * half)
+                h1 = tl.where(key >= (found + unit).to(tl.int32), ok, 0)
+                h2 = tl.where(key >= (found + 2 * unit).to(tl.int32), ok, 0)
+                h3 = tl.where(key >= (found + 3 * unit).to(tl.int32), ok, 0)
+                if FUSED_COUNTS:  # one block reduction of three counts (GPU)
+                    n1, n2, n3 = tl.reduce((h1, h2, h3), 0, _add3)
+                else:  # the interpreter runs tuple reductions element by element: three fast ones
+                    n1, n2, n3 = tl.reduce(h1, 0, _SUM), tl.reduce(h2, 0, _SUM), tl.reduce(h3, 0, _SUM)
+                step = (n1 >= k).to(tl.int64) + (n2 >= k).to(tl.int64) + (n3 >= k).to(tl.int64)
+                cnt = tl.where(step == 3, n3, tl.where(step == 2, n2, tl.where(step == 1, n1, cnt)))
+                found = found + step * unit
+                half = half - 1
         above = valid & (key > found)
         need = k - tl.reduce(above.to(tl.int32), 0, _SUM)
         tie = valid & (key == found)
@@ -124,11 +135,11 @@ if triton_available():
 
     @triton.jit
     def _topk_ascending_kernel(S, OUT, COUNTS, n, k, stride_s, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                               EARLY_EXIT: tl.constexpr, FUSED_COUNTS: tl.constexpr):
+                               SEARCH: tl.constexpr, FUSED_COUNTS: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK_N)
         s = tl.load(S + row * stride_s + offs, mask=offs < n, other=float("-inf"))
-        _select_ascending(s, s > float("-inf"), offs, k, OUT + row * k, COUNTS + row, BLOCK_K, EARLY_EXIT,
+        _select_ascending(s, s > float("-inf"), offs, k, OUT + row * k, COUNTS + row, BLOCK_K, SEARCH,
                           FUSED_COUNTS)
 
     @triton.jit
@@ -136,7 +147,7 @@ if triton_available():
         S, FIRST, END, OUT, COUNTS, FLAG, heads, group, n, k, keep_last,
         stride_sb, stride_sh, stride_sg, stride_first, stride_end,
         SOFTMAX_SUM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        EARLY_EXIT: tl.constexpr, FUSED_COUNTS: tl.constexpr, HAS_FLAG: tl.constexpr,
+        SEARCH: tl.constexpr, FUSED_COUNTS: tl.constexpr, HAS_FLAG: tl.constexpr,
     ):  # fmt: skip
         if HAS_FLAG:  # noqa: SIM108  (constexpr branch kept explicit)
             go = tl.load(FLAG)
@@ -162,7 +173,7 @@ if triton_available():
                 score = tl.reduce(x, 0, _MAX)
             forced = valid & ((offs == first) | ((offs < end) & (offs >= end - 1 - keep_last)))
             s = tl.where(forced, 3.4028234663852886e38, score)
-            _select_ascending(s, valid, offs, k, OUT + row * k, COUNTS + row, BLOCK_K, EARLY_EXIT,
+            _select_ascending(s, valid, offs, k, OUT + row * k, COUNTS + row, BLOCK_K, SEARCH,
                               FUSED_COUNTS)
 
     _KERNEL_INTERPRETED = is_interpreted(_topk_ascending_kernel)
@@ -219,9 +230,9 @@ def topk_ascending_triton(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, t
     out, counts = _outputs(flat.shape[0], k, scores.device)
     if flat.shape[0]:
         block_n, block_k = _block_sizes(n, k)
-        early, warps = launch_config(n)
+        search, warps = launch_config(n)
         _topk_ascending_kernel[(flat.shape[0],)](flat, out, counts, n, k, flat.stride(0), BLOCK_N=block_n,
-                                                 BLOCK_K=block_k, EARLY_EXIT=early, FUSED_COUNTS=not _KERNEL_INTERPRETED,
+                                                 BLOCK_K=block_k, SEARCH=search, FUSED_COUNTS=not _KERNEL_INTERPRETED,
                                                  num_warps=warps)
     return out.view(*lead, k), counts.view(lead)
 
@@ -260,11 +271,11 @@ def group_topk_ascending_triton(scores: torch.Tensor, k: int, first: torch.Tenso
     out, counts = _outputs(b * h, k, scores.device)
     if b * h:
         block_n, block_k = _block_sizes(n, k)
-        early, warps = launch_config(n)
+        search, warps = launch_config(n)
         _group_topk_kernel[(b * h,)](
             scores, first_t, end_t, out, counts, flag if flag is not None else counts, h, g, n, k, int(keep_last),
             scores.stride(0), scores.stride(1), scores.stride(2), stride_first, stride_end,
             SOFTMAX_SUM=combine == "softmax_sum", BLOCK_G=triton.next_power_of_2(g), BLOCK_N=block_n, BLOCK_K=block_k,
-            EARLY_EXIT=early, FUSED_COUNTS=not _KERNEL_INTERPRETED, HAS_FLAG=flag is not None, num_warps=warps,
+            SEARCH=search, FUSED_COUNTS=not _KERNEL_INTERPRETED, HAS_FLAG=flag is not None, num_warps=warps,
         )  # fmt: skip
     return out.view(b, h, k), counts.view(b, h)
