@@ -134,6 +134,12 @@ def _compiled_decode(state: PatchState, plan: LayerPlan, module, query, key, val
                                        bounds=bounds, declined=[])
         return out
 
+    def with_page_lse(pages: PageSelection) -> tuple[torch.Tensor, torch.Tensor | None]:
+        got, _ = state.backends.decode_page_lse(query, key, value, _within_written(pages, bounds), scale=scale,
+                                                bounds=bounds, declined=[])
+        return got if got is not None else (attend(pages), None)
+
+    attend.with_page_lse = with_page_lse
     if method.is_dense:
         out = attend(None)
     else:

@@ -187,6 +187,17 @@ _OP_SCRIPT = textwrap.dedent("""
     valid = torch.arange(96)[None, :] < torch.tensor([[70], [96]])
     args = (q, k, v, sel.indices.contiguous(), sel.counts, 16, 0.25, -3.0, None, None, valid)
     torch.library.opcheck(sparse_decode_op, args)
+    # the decode kernel's per-page log-sum-exp (a Recycled refresh's ranking): the op, and its values
+    from attnpatch.backends.reference.page_lse import listed_page_lse
+    from attnpatch.backends.triton.decode_op import sparse_decode_page_lse_op
+    part = PageSelection(torch.tensor([0, 2, 5], dtype=torch.int32).expand(2, 2, 3).contiguous(),
+                         torch.tensor([[3, 2], [1, 3]], dtype=torch.int32), 16, 96)
+    lse_args = (q, k, v, part.indices, part.counts, 16, 0.25, None, valid)
+    torch.library.opcheck(sparse_decode_page_lse_op, lse_args)
+    out, lse = sparse_decode_page_lse_op(*lse_args)
+    want = listed_page_lse(q, k, part, 0.25, valid)
+    assert torch.equal(torch.isinf(lse), torch.isinf(want)), (lse, want)
+    torch.testing.assert_close(lse[torch.isfinite(want)], want[torch.isfinite(want)], rtol=1e-5, atol=1e-5)
 
     model = tiny_model("llama")
     ck = "cache" if "cache" in __import__("inspect").signature(model.model.forward).parameters else "past_key_values"
@@ -290,13 +301,15 @@ def test_quest_lists_skip_the_written_length_clip(monkeypatch):
     assert clips and torch.equal(out, ref)
 
 
-def test_recycled_compiled_steps_keep_its_schedule_on_the_device_without_recompiling():
+def test_recycled_compiled_steps_keep_its_schedule_on_the_device_without_recompiling(monkeypatch):
     """`recycled` compiled (fullgraph, aot_eager: traced and functionalised, no code generation): refreshes
     and recycled steps over 8 decode steps at stride 3 give eager's logits without recompiling from step to
-    step, and the device schedule ends where eager's host one does."""
+    step, and the device schedule ends where eager's host one does. The compiled refreshes rank pages by the
+    log-sum-exp the step's attention wrote (`attend.with_page_lse`), with no second pass (`page_lse`)."""
     from transformers.cache_utils import StaticCache
 
     from attnpatch.cache import StaticRecycledLayer
+    from attnpatch.methods.decode import recycled as recycled_module
 
     model = tiny_model("llama")
     ck = _cache_kw(model)
@@ -329,12 +342,17 @@ def test_recycled_compiled_steps_keep_its_schedule_on_the_device_without_recompi
         eager = decode(model, eager_cache)
         compiled_cache = StaticCache(config=model.config, max_cache_len=61 + steps)
         torch._dynamo.reset()
+        second_pass = []
+        real = recycled_module.page_lse
+        monkeypatch.setattr(recycled_module, "page_lse", lambda *a, **k: second_pass.append(1) or real(*a, **k))
         try:
             after.clear()
             compiled = decode(torch.compile(model, backend=counting, fullgraph=True, dynamic=False), compiled_cache)
         finally:
             torch._dynamo.reset()
+            monkeypatch.setattr(recycled_module, "page_lse", real)
     torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
+    assert second_pass == []
     # the schedule's counters are tensors: no compilation after the first steps (a second graph may come from
     # transformers' own state after the first call), through refreshes (steps 1, 4, 7) and recycled steps
     assert after[1] <= 2 and after[-1] == after[1], after

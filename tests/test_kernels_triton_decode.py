@@ -441,3 +441,53 @@ def test_key_valid_rejects_wrong_shape():
     sel = PageSelection.all_pages(2, 2, 64, 16)
     with pytest.raises(ValueError, match="key_valid must be bool"):
         sparse_decode_attention(q, k, v, sel, key_valid=torch.ones(2, 63, dtype=torch.bool))
+
+
+# ----------------------------------------------------------------------------------------------
+# per-page log-sum-exp written in the same pass (a Recycled refresh's ranking)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("page,tile,splits", [(16, 64, 3), (64, 64, 1), (128, 128, 2), (32, 64, 4)])
+@pytest.mark.parametrize("masking", ["none", "key_start", "key_valid"])
+def test_page_lse_of_the_listed_pages(page, tile, splits, masking):
+    """`page_lse=` holds each listed page's log-sum-exp of its visible keys (the reference's), -inf for a
+    page with none, and leaves the pages not listed as they were; the output is the plain decode's."""
+    from attnpatch.backends.reference.page_lse import listed_page_lse
+
+    lk = 700
+    q, k, v = _qkv(2, 4, 2, lk, 64, torch.float32, seed=page)
+    sel = _selection(2, 2, lk, page, counts=[3, 6, 2, 5], seed=page)
+    n = num_blocks(lk, page)
+    bounds = {}
+    visible = None
+    if masking == "key_start":
+        bounds["key_start"] = torch.tensor([0, 150])
+        visible = torch.arange(lk)[None, :] >= bounds["key_start"][:, None]
+    elif masking == "key_valid":
+        visible = torch.ones(2, lk, dtype=torch.bool)
+        visible[0, 3:40] = False
+        visible[1, 600:] = False
+        bounds["key_valid"] = visible
+    buf = torch.full((2, 4, n), 7.0)  # unlisted pages keep what was there
+    out = sparse_decode_attention(q, k, v, sel, num_splits=splits, tile_size=tile, page_lse=buf, **bounds)
+    torch.testing.assert_close(out, sparse_decode_attention(q, k, v, sel, num_splits=splits, tile_size=tile, **bounds))
+    want = listed_page_lse(q, k, sel, 64 ** -0.5, visible)
+    listed = torch.zeros(2, 2, n, dtype=torch.bool)
+    for b in range(2):
+        for h in range(2):
+            listed[b, h, sel.indices[b, h, :int(sel.counts[b, h])].long()] = True
+    listed = listed.repeat_interleave(2, dim=1)  # the KV head's query heads
+    assert torch.equal(buf[~listed], torch.full_like(buf[~listed], 7.0))
+    got, ref = buf[listed], want[listed]
+    assert torch.equal(torch.isinf(got), torch.isinf(ref))
+    torch.testing.assert_close(got[torch.isfinite(ref)], ref[torch.isfinite(ref)], atol=LSE_ATOL, rtol=0)
+
+
+def test_page_lse_is_refused_in_skip_mode_and_with_a_wrong_buffer():
+    q, k, v = _qkv(1, 2, 1, 100, 64, torch.float32)
+    sel = PageSelection.all_pages(1, 1, 100, 16)
+    with pytest.raises(ValueError, match="skip mode"):
+        sparse_decode_attention(q, k, v, sel, skip_bound=-3.0, page_lse=torch.zeros(1, 2, 7))
+    with pytest.raises(ValueError, match=r"page_lse must be a contiguous float32 \[B=1, Hq=2, pages=7\]"):
+        sparse_decode_attention(q, k, v, sel, page_lse=torch.zeros(1, 2, 6))

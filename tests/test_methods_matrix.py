@@ -78,3 +78,30 @@ def test_the_matrix_is_built_from_a_filled_registry():
     """Guard: an empty table would make every test above vanish at collection instead of failing."""
     assert {"a_shape", "blasst"} <= {m.name for m in PREFILL} and {"streaming", "blasst"} <= {m.name for m in DECODE}
     assert {"reference", "triton", "flex", "flash"} <= set(BACKENDS)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_every_backend_writes_page_lse_or_says_why_not(backend):
+    """`BackendPlan.decode_page_lse` on a plan of one backend (and the reference after it): the backend's
+    `(out, page_lse)` equal the reference's, or it declined with a reason and the reference ran."""
+    from attnpatch.backends import resolve_backend
+    from attnpatch.backends.reference.executors import paged_decode_attention
+    from attnpatch.backends.reference.page_lse import listed_page_lse
+    from attnpatch.sparsity import KeyBounds, PageSelection
+
+    g = torch.Generator().manual_seed(4)
+    q, k, v = torch.randn(2, 4, 1, 16, generator=g), torch.randn(2, 2, 70, 16, generator=g), torch.randn(2, 2, 70, 16, generator=g)
+    sel = PageSelection(torch.tensor([0, 2, 4], dtype=torch.int32).expand(2, 2, 3).contiguous(),
+                        torch.tensor([[3, 1], [2, 3]], dtype=torch.int32), 16, 70)
+    bounds = KeyBounds(key_start=torch.tensor([0, 5]))
+    declined: list[str] = []
+    (out, lse), ran = resolve_backend({"decode": backend}).decode_page_lse(q, k, v, sel, scale=0.25, bounds=bounds,
+                                                                         declined=declined)
+    if ran != backend:
+        assert ran == "reference" and any(d.startswith(f"decode with page log-sum-exp: {backend}: ") for d in declined)
+    visible = torch.arange(70)[None, :] >= torch.tensor([[0], [5]])
+    torch.testing.assert_close(out, paged_decode_attention(q, k, v, sel, scale=0.25, bounds=bounds))
+    want = listed_page_lse(q, k, sel, 0.25, visible)
+    assert torch.equal(torch.isinf(lse), torch.isinf(want))
+    torch.testing.assert_close(lse[torch.isfinite(want)], want[torch.isfinite(want)])

@@ -138,6 +138,20 @@ class BackendPlan:
             query.device, declined)
 
 
+    def decode_page_lse(self, query, key, value, selection: PageSelection, *, scale: float, bounds: KeyBounds,
+                        declined: list[str]):
+        """`((out, page_lse), backend name)` from the first decode backend that also writes each listed page's
+        log-sum-exp (`Backend.decode_page_lse`), or `(None, None)`: the caller ranks pages with its own pass."""
+        for name in self.decode_order:
+            b = BACKENDS[name]
+            why = (self._why_not(name, query.device) or b.decode_reason(query, key, value, selection, bounds)
+                   or b.decode_page_lse_reason(query, key, value, selection, bounds))
+            if why is None:
+                return b.decode_page_lse(query, key, value, selection, scale=scale, bounds=bounds), name
+            declined.append(f"decode with page log-sum-exp: {name}: {why}")
+        return None, None
+
+
 def _check_name(name, phase: str) -> str:
     if not isinstance(name, str) or name not in BACKEND_NAMES:
         raise ValueError(f"unknown {phase} backend {name!r}; allowed: {', '.join(BACKEND_NAMES)}")

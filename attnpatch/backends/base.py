@@ -22,6 +22,11 @@ def needs_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+def page_lse_skip_reason(selection: PageSelection) -> str | None:
+    """Per-page log-sum-exp needs every listed tile's scores: none in skip mode."""
+    return "skip mode (BLASST) leaves skipped tiles without scores" if selection.skip is not None else None
+
+
 class Backend:
     """Base class: every capability declined until a backend implements it."""
 
@@ -58,6 +63,17 @@ class Backend:
 
     def decode(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, selection: PageSelection,
                *, scale: float, bounds: KeyBounds, tile_counts: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode_page_lse_reason(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                               selection: PageSelection, bounds: KeyBounds) -> str | None:
+        """Why `decode_page_lse` cannot take the call (None when it can; `decode_reason` is asked first)."""
+        return "does not write per-page log-sum-exp"
+
+    def decode_page_lse(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, selection: PageSelection,
+                        *, scale: float, bounds: KeyBounds) -> tuple[torch.Tensor, torch.Tensor]:
+        """`decode` without skipping, and `[B, Hq, ceil(L / page_size)]` float32: each listed page's
+        natural-log log-sum-exp of its visible keys' scaled scores per query head, -inf on pages not listed."""
         raise NotImplementedError
 
     def __repr__(self) -> str:

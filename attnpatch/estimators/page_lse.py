@@ -2,32 +2,18 @@
 for every page `p` and each of a KV head's G query heads. Softmaxed over the pages, a head's row is each
 page's share of its attention mass (Recycled Attention's ranking). The fused Triton kernel
 (`page_lse_triton`) runs where it can (under torch.compile as the custom op `attnpatch::page_lse`); the
-torch path is its reference and the fallback."""
+torch path (`attnpatch.backends.reference.page_lse`) is its reference and the fallback."""
 
 from __future__ import annotations
 
 import torch
 
+from attnpatch.backends.reference.page_lse import page_lse_torch
 from attnpatch.estimators import page_lse_triton
 from attnpatch.estimators.page_lse_op import page_lse_op
 from attnpatch.sparsity import KeyBounds
 
 __all__ = ["page_lse", "page_lse_torch"]
-
-
-def page_lse_torch(query: torch.Tensor, key: torch.Tensor, page_size: int, scale: float,
-                   visible: torch.Tensor | None = None) -> torch.Tensor:
-    """The float32 reference: query `[B, Hq, 1, D]`, key `[B, Hkv, L, D]`, `visible` `[B, L]` bool (None:
-    every key) -> `[B, Hkv, G, ceil(L / page_size)]`. Builds the `[B, Hq, L]` scores (one query row)."""
-    b, hq, _, d = query.shape
-    hkv, length = key.shape[1], key.shape[2]
-    q = query.reshape(b, hkv, hq // hkv, d).float()
-    scores = (q @ key.float().transpose(-1, -2)) * scale  # [B, Hkv, G, L]
-    if visible is not None:
-        scores = scores.masked_fill(~visible.view(b, 1, 1, length), float("-inf"))
-    n = -(-length // page_size)
-    scores = torch.nn.functional.pad(scores, (0, n * page_size - length), value=float("-inf"))
-    return torch.logsumexp(scores.view(b, hkv, hq // hkv, n, page_size), -1)
 
 
 def _kernel_reason(query: torch.Tensor, key: torch.Tensor, page_size: int, bounds: KeyBounds) -> str | None:

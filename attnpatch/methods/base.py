@@ -11,9 +11,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 import torch
 
@@ -94,6 +93,18 @@ class PrefillMethod:
         raise NotImplementedError
 
 
+class Attend(Protocol):
+    """What a compiled decode step runs its page lists with (the dispatcher's, on the patch's backends)."""
+
+    def __call__(self, pages: PageSelection | None) -> torch.Tensor:
+        """`[B, Hq, 1, Dv]`: attention over `pages` (None: every visible key)."""
+
+    def with_page_lse(self, pages: PageSelection) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`(out, page_lse)`: `page_lse` `[B, Hq, ceil(L / page_size)]` float32 holds each listed page's
+        natural-log log-sum-exp of its visible keys' scaled scores per query head (-inf on the others),
+        written in the same pass over K; None where the decode backend cannot (the caller ranks itself)."""
+
+
 @dataclass
 class DecodeMethod:
     """Base of decode methods: what the KV cache keeps (`cache_layer`) and what each step reads (`select`).
@@ -121,10 +132,10 @@ class DecodeMethod:
         """
         return None
 
-    def compiled_step(self, query: torch.Tensor, key: torch.Tensor, ctx: DecodeContext,
-                      attend: Callable[[PageSelection | None], torch.Tensor]) -> torch.Tensor:
+    def compiled_step(self, query: torch.Tensor, key: torch.Tensor, ctx: DecodeContext, attend: Attend) -> torch.Tensor:
         """One decode step inside `torch.compile`: the output `[B, Hq, 1, Dv]`. `attend(pages)` runs a
-        page list on the patch's decode backend (None: every visible key, as a dense decode). By default
+        page list on the patch's decode backend (None: every visible key, as a dense decode);
+        `attend.with_page_lse(pages)` also returns each listed page's log-sum-exp (`Attend`). By default
         the step is `select`'s; a method whose eager schedule is kept on the host (Python counters a
         compiled step would be guarded on and recompile) overrides it with a schedule on the device."""
         pages = self.select(query, key, ctx)

@@ -146,3 +146,28 @@ def test_page_lse_kernel_equals_the_torch_reference(hq, hkv, d, page, dtype):
     flagged = page_lse_triton(q, k, page, d ** -0.5, key_start=start, key_valid=valid,
                               flag=torch.ones(1, dtype=torch.int32, device=DEVICE))
     assert torch.equal(flagged, out)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("hq", "hkv", "d", "page"), [(32, 8, 128, 16), (9, 3, 64, 64), (4, 1, 256, 128)])
+def test_decode_kernel_page_lse_equals_the_separate_kernel(hq, hkv, d, page, dtype):
+    """The decode kernel's per-page log-sum-exp over every page (a Recycled refresh in a compiled step) is
+    the separate ranking kernel's, and its output the plain decode's."""
+    from attnpatch.backends.triton.decode import sparse_decode_attention
+    from attnpatch.backends.triton.decode_op import page_lse_buffer
+    from attnpatch.estimators.page_lse_triton import page_lse_triton
+    from attnpatch.sparsity import PageSelection
+
+    g = torch.Generator(device=DEVICE).manual_seed(hq + d + 1)
+    q = torch.randn(2, hq, 1, d, device=DEVICE, dtype=dtype, generator=g)
+    k, v = (torch.randn(2, hkv, 5000, d, device=DEVICE, dtype=dtype, generator=g) for _ in range(2))
+    start = torch.tensor([0, 333], device=DEVICE)
+    valid = torch.arange(5000, device=DEVICE).view(1, -1) < torch.tensor([[4000], [4500]], device=DEVICE)
+    sel = PageSelection.all_pages(2, hkv, 5000, page, DEVICE)
+    buf = page_lse_buffer(q, k, page)
+    out = sparse_decode_attention(q, k, v, sel, key_start=start, key_valid=valid, page_lse=buf)
+    assert torch.equal(out, sparse_decode_attention(q, k, v, sel, key_start=start, key_valid=valid))
+    ref = page_lse_triton(q, k, page, d ** -0.5, key_start=start, key_valid=valid).reshape(buf.shape)
+    assert torch.equal(torch.isinf(buf), torch.isinf(ref))
+    fin = torch.isfinite(ref)
+    torch.testing.assert_close(buf[fin], ref[fin], rtol=1e-3, atol=1e-3)

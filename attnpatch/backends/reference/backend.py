@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import torch
 
-from attnpatch.backends.base import Backend
+from attnpatch.backends.base import Backend, page_lse_skip_reason
 from attnpatch.backends.reference import masked_sdpa
 from attnpatch.backends.reference.executors import (
     block_sparse_attention,
     paged_decode_attention,
     token_gather_attention,
 )
+from attnpatch.backends.reference.page_lse import listed_page_lse
 from attnpatch.sparsity import BlockSelection, TokenSelection
 
 
@@ -49,3 +50,11 @@ class ReferenceBackend(Backend):
     def decode(self, query, key, value, selection, *, scale, bounds, tile_counts=None):
         return paged_decode_attention(query, key, value, selection, scale=scale, bounds=bounds,
                                       tile_counts=tile_counts)
+
+    def decode_page_lse_reason(self, query, key, value, selection, bounds):
+        return page_lse_skip_reason(selection)
+
+    def decode_page_lse(self, query, key, value, selection, *, scale, bounds):
+        out = paged_decode_attention(query, key, value, selection, scale=scale, bounds=bounds)
+        visible = None if bounds.is_plain else bounds.decode_visible(query.shape[0], key.shape[2], query.device)
+        return out, listed_page_lse(query, key, selection, scale, visible)

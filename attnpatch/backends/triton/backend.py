@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from attnpatch.backends.base import Backend, needs_grad
+from attnpatch.backends.base import Backend, needs_grad, page_lse_skip_reason
 from attnpatch.backends.triton.utils import interpreter_enabled, triton_available
 from attnpatch.sparsity import TokenSelection
 
@@ -93,3 +93,19 @@ class TritonBackend(Backend):
         return _add_tiles(tile_counts, sparse_decode_attention(
             query, key, value, selection, scale=scale, skip_bound=skip, key_start=bounds.key_start,
             key_valid=bounds.key_valid, count_tiles=tile_counts is not None))
+
+    def decode_page_lse_reason(self, query, key, value, selection, bounds):
+        return page_lse_skip_reason(selection)
+
+    def decode_page_lse(self, query, key, value, selection, *, scale, bounds):
+        from attnpatch.backends.triton.decode_op import page_lse_buffer, sparse_decode_page_lse_op
+
+        if torch.compiler.is_compiling():
+            return sparse_decode_page_lse_op(query, key, value, selection.indices, selection.counts,
+                                             selection.page_size, float(scale), bounds.key_start, bounds.key_valid)
+        from attnpatch.backends.triton.decode import sparse_decode_attention
+
+        page_lse = page_lse_buffer(query, key, selection.page_size)
+        out = sparse_decode_attention(query, key, value, selection, scale=scale, key_start=bounds.key_start,
+                                      key_valid=bounds.key_valid, page_lse=page_lse)
+        return out, page_lse

@@ -169,6 +169,26 @@ if triton_available():
         return acc, l_i, m_new
 
     @triton.jit
+    def _store_page_lse(
+        PageLse, rows, g_ok, s, idx_row, n_sel, t, n_pages,
+        PAGE: tl.constexpr, TILE: tl.constexpr, BLOCK_G: tl.constexpr,
+    ):  # fmt: skip
+        # Each listed page's natural-log log-sum-exp of the tile's base-2 scores `s` [BLOCK_G, TILE], per
+        # query row: PageLse[row, page] (-inf where no key of the page is visible).
+        per: tl.constexpr = TILE // PAGE
+        s3 = tl.reshape(s, [BLOCK_G, per, PAGE])
+        m = tl.reduce(s3, 2, _max_combine)
+        m_ref = tl.where(m == float("-inf"), 0.0, m)
+        total = tl.reduce(tl.exp2(s3 - m_ref[:, :, None]), 2, _sum_combine)
+        seen = m > float("-inf")
+        lse = tl.where(seen, (m_ref + tl.log2(tl.where(seen, total, 1.0))) * 0.6931471805599453, float("-inf"))
+        entry = t * per + tl.arange(0, per)
+        listed = entry < n_sel
+        page = tl.load(idx_row + entry, mask=listed, other=0).to(tl.int64)
+        tl.store(PageLse + rows[:, None] * n_pages + page[None, :], lse,
+                 mask=g_ok[:, None] & (listed & (page < n_pages))[None, :])
+
+    @triton.jit
     def _decode_seed_kernel(
         Q, K, Idx, Cnt, Seed, KeyStart, KeyValid,
         stride_qb, stride_qh, stride_kb, stride_kh, stride_kn,
@@ -201,15 +221,15 @@ if triton_available():
 
     @triton.jit
     def _decode_split_kernel(
-        Q, K, V, Idx, Cnt, Seed, Thr, Ws, Out, Lse, Tiles, KeyStart, KeyValid,
+        Q, K, V, Idx, Cnt, Seed, Thr, Ws, Out, Lse, Tiles, KeyStart, KeyValid, PageLse,
         stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
         stride_ib, stride_ih, stride_cb, stride_ch, stride_ob, stride_oh, stride_valid_b,
-        n_kv_heads, group, kv_len, max_pages, num_splits, ws_rows, qk_scale, thr_all,
+        n_kv_heads, group, kv_len, max_pages, num_splits, ws_rows, qk_scale, thr_all, n_pages,
         PAGE: tl.constexpr, TILE: tl.constexpr, BLOCK_G: tl.constexpr,
         HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
         SKIP: tl.constexpr, PER_HEAD_THR: tl.constexpr, SEEDED: tl.constexpr, DIRECT: tl.constexpr,
         WRITE_LSE: tl.constexpr, COUNT: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_KEY_START: tl.constexpr,
-        HAS_KEY_VALID: tl.constexpr,
+        HAS_KEY_VALID: tl.constexpr, WRITE_PAGE_LSE: tl.constexpr,
     ):  # fmt: skip
         pid_bh = tl.program_id(0)
         split = tl.program_id(1)
@@ -262,6 +282,9 @@ if triton_available():
                         acc, l_i, m_i, s, m_tile, v_base, pos, ok, stride_vn, HEAD_DV, DOT_PRECISION
                     )
             else:
+                if WRITE_PAGE_LSE:
+                    _store_page_lse(PageLse, pid_bh.to(tl.int64) * group + offs_g, g_ok, s, idx_row, n_sel, t,
+                                    n_pages, PAGE, TILE, BLOCK_G)
                 acc, l_i, m_i = _accumulate(
                     acc, l_i, m_i, s, m_tile, v_base, pos, ok, stride_vn, HEAD_DV, DOT_PRECISION
                 )
@@ -376,6 +399,7 @@ def sparse_decode_attention(
     tile_size: int | None = None,
     key_start: torch.Tensor | None = None,
     key_valid: torch.Tensor | None = None,
+    page_lse: torch.Tensor | None = None,
 ):
     """Single-token attention over the selected pages of each KV head (split-KV, GQA-packed).
 
@@ -391,6 +415,11 @@ def sparse_decode_attention(
     * ``key_start``: int ``[B]``, left padding — cache positions before ``key_start[b]`` are masked.
     * ``key_valid``: bool ``[B, L]`` (unit stride along L), per-key validity — keys where it is False
       are masked (padding anywhere, the empty slots of a static cache); read with the keys of a tile.
+    * ``page_lse``: float32 ``[B, Hq, ceil(L / page_size)]`` (unit stride along the pages), written
+      with each listed page's natural-log log-sum-exp of its visible keys' scaled scores per query head
+      (``-inf`` for a page without one); the pages not listed are left as they are. What a Recycled
+      refresh ranks pages by, from the same pass over K (`attnpatch.estimators.page_lse` reads K again).
+      Not with ``skip_bound`` (a skipped tile has no scores).
     * ``num_splits``: splits per KV head (None: `resolve_num_splits`); ``tile_size``: tokens per
       tile, a multiple of the page size in `ALLOWED_TILE_SIZES` (None: ``max(page_size, 64)``).
 
@@ -429,6 +458,15 @@ def sparse_decode_attention(
         key_valid = key_valid.view(torch.uint8)
     valid_ptr = key_valid if key_valid is not None else counts  # unused pointer when absent: any tensor
     valid_stride = key_valid.stride(0) if key_valid is not None else 0
+    n_pages = -(-lk // selection.page_size)
+    if page_lse is not None:
+        if skip:
+            raise ValueError("sparse_decode_attention: page_lse cannot be written in skip mode (skipped tiles have "
+                             "no scores); pass skip_bound=None")
+        if (page_lse.dtype != torch.float32 or tuple(page_lse.shape) != (b, hq, n_pages)
+                or page_lse.device != device or not page_lse.is_contiguous()):
+            raise ValueError(f"page_lse must be a contiguous float32 [B={b}, Hq={hq}, pages={n_pages}] tensor on "
+                             f"{device}, got {page_lse.dtype} {tuple(page_lse.shape)} on {page_lse.device}")
     # A float λ travels as a kernel scalar (no per-call tensor); a tensor λ as [Hq] thresholds.
     thr, thr_all = None, 0.0
     if skip and isinstance(skip_bound, torch.Tensor):
@@ -465,15 +503,16 @@ def sparse_decode_attention(
         seed if seed is not None else out, thr if thr is not None else out,  # unused pointers: any tensor
         ws if ws is not None else out, out, lse if lse is not None else out,
         tiles if tiles is not None else out, key_start if key_start is not None else counts, valid_ptr,
+        page_lse if page_lse is not None else out,
         query.stride(0), query.stride(1),
         key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2),
         *idx_strides, *cnt_strides, out.stride(0), out.stride(1), valid_stride,
-        hkv, group, lk, indices.shape[-1], splits, ws_rows, qk_scale, thr_all,
+        hkv, group, lk, indices.shape[-1], splits, ws_rows, qk_scale, thr_all, n_pages,
         PAGE=selection.page_size, TILE=tile, BLOCK_G=block_g, HEAD_D=d, HEAD_DV=dv,
         SKIP=skip, PER_HEAD_THR=thr is not None, SEEDED=seeded, DIRECT=direct, WRITE_LSE=return_lse, COUNT=count_tiles,
         DOT_PRECISION=precision, HAS_KEY_START=key_start is not None, HAS_KEY_VALID=key_valid is not None,
-        num_warps=warps, num_stages=stages,
+        WRITE_PAGE_LSE=page_lse is not None, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     if not direct:
         _decode_merge_kernel[(b * hq,)](

@@ -55,9 +55,11 @@ class Recycled(DecodeMethod):
     every page when "refresh now" (no refresh yet, `stride` steps since, or the cache grew by more than
     one token), else the recycled pages and a fixed number of recent pages (`ceil(stride / page_size) + 1`,
     those past the written length dropped) — chosen by `torch.where`, so the Triton decode kernel does the
-    work of the list's count. The ranking's two kernels (page log-sum-exp, top-k) run every step with
-    "refresh now" as a device flag and return at once when it is clear; their unwritten outputs are
-    dropped by `torch.where`. The step is one graph that CUDA graphs replay. Host counters, which a
+    work of the list's count. That kernel also writes each listed page's log-sum-exp
+    (`attend.with_page_lse`), so a refresh ranks the pages from the same pass over K (before the twenty-first
+    session a second kernel read K again for them; a backend without that output still does). The top-k
+    kernel runs every step with "refresh now" as a device flag and returns at once when it is clear; its
+    unwritten outputs are dropped by `torch.where`. The step is one graph that CUDA graphs replay. Host counters, which a
     compiled step would be guarded on (it recompiled at every token, measured at 32K, batch 4, H100), are
     not read there. (The earlier design, one `torch.cond` per layer, ran each `cond` outside inductor's
     CUDA graphs: 24.2 ms a token against 10.5 ms for the Triton kernel over every page, H200, 32K, batch 4,
@@ -124,9 +126,12 @@ class Recycled(DecodeMethod):
         listed = recycled.indices[..., :n] if width >= n else torch.nn.functional.pad(recycled.indices, (0, n - width))
         every = torch.arange(n, dtype=torch.int32, device=query.device)
         counts = torch.where(refresh_now, n, recycled.counts).to(torch.int32)
-        out = attend(PageSelection(torch.where(refresh_now, every, listed), counts, ps, lk))
+        # the decode kernel writes each listed page's log-sum-exp: on a refresh (every page listed) the ranking
+        # needs no second pass over K; a backend that cannot leaves it to `page_lse`
+        out, lse = attend.with_page_lse(PageSelection(torch.where(refresh_now, every, listed), counts, ps, lk))
         # the ranking's kernels run every step and skip their work unless refreshing; unwritten lists are dropped
-        ranked = self._ranked_pages(query, key, ctx, written, flag=refresh_now.to(torch.int32).reshape(1))
+        ranked = self._ranked_pages(query, key, ctx, written, flag=refresh_now.to(torch.int32).reshape(1),
+                                    lse=None if lse is None else lse.view(*lse.shape[:1], key.shape[1], -1, n))
         schedule.pages.copy_(torch.where(refresh_now, ranked.indices.to(schedule.pages.dtype), schedule.pages))
         schedule.counts.copy_(torch.where(refresh_now, ranked.counts.to(schedule.counts.dtype), schedule.counts))
         schedule.refresh_at.copy_(torch.where(refresh_now, written, schedule.refresh_at))
@@ -134,16 +139,18 @@ class Recycled(DecodeMethod):
         return out
 
     def _ranked_pages(self, query, key, ctx: DecodeContext, written: int | torch.Tensor,
-                      flag: torch.Tensor | None = None) -> PageSelection:
+                      flag: torch.Tensor | None = None, lse: torch.Tensor | None = None) -> PageSelection:
         """A refresh's page list: the `budget / page_size` pages of most attention mass (each query head's
         share per page, `page_lse` softmaxed over the pages, summed over the KV group) among the row's
         pages, the sink page and the current one (`written - 1`: a host int or a device tensor) forced in.
-        `flag`: the kernels skip their work where it reads 0 (lists then unwritten)."""
+        `flag`: the kernels skip their work where it reads 0 (lists then unwritten). `lse` `[B, Hkv, G, n]`:
+        the per-page log-sum-exp when the step's attention wrote it (else `page_lse` computes it)."""
         b, ps, lk = query.shape[0], self.page_size, key.shape[2]
         device = query.device
         n = num_blocks(lk, ps)
         k = min(self.budget // ps, n)
-        lse = page_lse(query, key, ps, ctx.scale, ctx.bounds, flag)  # [B, Hkv, G, n]
+        if lse is None:
+            lse = page_lse(query, key, ps, ctx.scale, ctx.bounds, flag)  # [B, Hkv, G, n]
         first = ctx.bounds.first_key(b, device) // ps
         written = torch.as_tensor(written, device=device)
         end = (written + ps - 1) // ps
