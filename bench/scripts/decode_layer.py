@@ -234,7 +234,7 @@ def topk_rows(configs: list[str]) -> list[dict]:
 
 
 SWEEP_LAUNCHES = ("4,2", "4,3", "4,4", "8,2", "8,3", "2,3")
-SWEEP_SPLITS = (None, 1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
+SWEEP_SPLITS = (None, 1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128)
 SWEEP_BOUNDS = ("32,4", "64,4", "128,4", "64,8", "128,8")  # block_n,warps
 SWEEP_TOPK = ("1,4", "1,8", "1,16", "2,4", "2,8", "2,16")  # search,warps (topk_select.SEARCHES)
 SWEEP_KERNELS = ("decode", "page_bounds", "topk")
@@ -245,8 +245,9 @@ def kernel_sweep_rows(length: int, batch: int, fraction: float, splits_list=SWEE
                       kernels=SWEEP_KERNELS) -> list[dict]:
     """The decode kernel over Quest's selection (1/16 of 64-token pages) by tile × warps,stages × splits,
     the page-bound kernel by launch (`SWEEP_BOUNDS`) and the group top-k by search,warps; µs per
-    CUDA-graph replay of one call (`us`) and, for the bounds and the top-k, per call in a graph of
-    `COPIES` calls on distinct inputs (`us_each`: no graph launch per call, cold L2 as in a step)."""
+    CUDA-graph replay of one call (`us`: at batch 1 the 1/16 of a 128K cache it reads stays in the H200's
+    L2 from one replay to the next) and per call in a graph of `COPIES` calls on distinct inputs
+    (`us_each`: no graph launch per call, cold L2 as in a step; the launches are ranked by it)."""
     from attnpatch.backends.decode_plan import resolve_num_splits
     from attnpatch.estimators.page_bounds import page_upper_bounds_torch
     from attnpatch.estimators.page_bounds_triton import page_upper_bounds_triton
@@ -259,16 +260,23 @@ def kernel_sweep_rows(length: int, batch: int, fraction: float, splits_list=SWEE
     ctx = DecodeContext(0, D ** -0.5, KeyBounds(), None, tables)
     sel = Quest(budget=int(length * fraction), dense_layers=0).select(q, k, ctx)
     rows = []
+    # cold inputs for `us_each`: COPIES distinct Q/K/V (the selection of the first), none left in L2 by the last call
+    cold = [(q, k, v)] + [tuple(torch.randn_like(x) for x in (q, k, v)) for _ in range(COPIES - 1)] \
+        if "decode" in kernels else []
     for tile in (64, 128) if "decode" in kernels else ():
         for launch in SWEEP_LAUNCHES:
             os.environ["ATTNPATCH_DECODE_CONFIG"] = launch
             for splits in splits_list:
                 used = resolve_num_splits(sel, "cuda", splits, tile)
                 us = _graph_us(lambda s=splits, t=tile: sparse_decode_attention(q, k, v, sel, num_splits=s, tile_size=t))
+                each = None if us is None else _graph_us_each(
+                    [lambda x=x, s=splits, t=tile: sparse_decode_attention(*x, sel, num_splits=s, tile_size=t) for x in cold])
                 rows.append({"kernel": "decode", "length": length, "batch": batch, "tile": tile, "launch": launch,
-                             "splits": used, "default_splits": splits is None, "us": us})
-                print(f"decode L={length} B={batch} tile={tile} warps,stages={launch} splits={used}: {us}", flush=True)
+                             "splits": used, "default_splits": splits is None, "us": us, "us_each": each})
+                print(f"decode L={length} B={batch} tile={tile} warps,stages={launch} splits={used}: {us} "
+                      f"(cold, in a graph of {COPIES}: {each})", flush=True)
     os.environ.pop("ATTNPATCH_DECODE_CONFIG", None)
+    del cold
     page_min, page_max, _ = tables.tables
     n = page_min.shape[2]
     sweep_bounds = "page_bounds" in kernels
@@ -310,11 +318,11 @@ def kernel_sweep_rows(length: int, batch: int, fraction: float, splits_list=SWEE
 
 def best_launches(rows: list[dict]) -> dict[str, dict[str, str]]:
     """Per `LENGTHxBATCH`, the fastest launch of each kernel in the form its override variable reads:
-    decode `"warps,stages,splits,tile"` (by `us`), page bounds `"block_n,warps"` and top-k
-    `"search,warps"` (by `us_each`, per call in a graph)."""
+    decode `"warps,stages,splits,tile"`, page bounds `"block_n,warps"` and top-k
+    `"search,warps"` (by `us_each`, per call in a graph of distinct inputs)."""
     best: dict[str, dict[str, str]] = {}
     for kernel in SWEEP_KERNELS:
-        col = "us" if kernel == "decode" else "us_each"
+        col = "us_each"
         for r in sorted((r for r in rows if r["kernel"] == kernel and r.get(col)), key=lambda r: r[col], reverse=True):
             launch = f"{r['launch']},{r['splits']},{r['tile']}" if kernel == "decode" else r["launch"]
             pages = f"_p{r['pages']}" if "pages" in r else ""
