@@ -58,9 +58,12 @@ SEARCHES = ("radix", "radix_early", "bitonic")  # how the k-th largest is found 
 
 
 def launch_config(n: int) -> tuple[int, int]:
-    """`(search, num_warps)` for rows of `n` entries (`search` indexes `SEARCHES`). On the H200 (G = 4
-    bound rows, k = n/16, random bounds) the early-exit radix search with 8 warps took 14.2 µs at n = 2048
-    (32 rows) and 12.4 µs at n = 1024 (64 rows), against 17.4 / 16.0 µs for the full 16 steps with 4 warps
+    """`(search, num_warps)` for rows of `n` entries (`search` indexes `SEARCHES`). Measured per call in a
+    graph of 8 distinct inputs (G = 4 bound rows, k = n/16, real page bounds of random keys; H100,
+    bench/results/decode_layer/topk_search_h100_2026-12-06/): at n = 1024 the bitonic search with 8 warps
+    took 7.6 / 7.9 µs (batch 1 / 4) against 8.4 / 9.0 for the early-exit radix search; at n = 2048 the radix
+    search with 8 warps 11.3 / 11.7 against the bitonic one's best 12.4 / 12.6 (16 warps). Earlier, on the
+    H200, early exit with 8 warps took 14.2 µs at n = 2048 against 17.4 for the full 16 steps with 4 warps
     (bench/results/decode_layer/)."""
     value = os.environ.get("ATTNPATCH_TOPK_CONFIG")
     if value:
@@ -72,6 +75,8 @@ def launch_config(n: int) -> tuple[int, int]:
             raise ValueError(f"ATTNPATCH_TOPK_CONFIG: search must be 0..{len(SEARCHES) - 1} {SEARCHES} and warps a "
                              f"power of 2 up to 32, got {value!r}")
         return search, warps
+    if n <= 1024 and not _KERNEL_INTERPRETED:  # bitonic: fewer stages the shorter the row (faster at 1024)
+        return 2, (8 if n >= 512 else 4)  # (the interpreter runs tl.topk only when set before triton's import)
     return 1, (8 if n >= 1024 else 4)
 
 
