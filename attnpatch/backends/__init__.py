@@ -137,7 +137,6 @@ class BackendPlan:
             lambda b: b.decode(query, key, value, selection, scale=scale, bounds=bounds, tile_counts=tile_counts),
             query.device, declined)
 
-
     def decode_page_lse(self, query, key, value, selection: PageSelection, *, scale: float, bounds: KeyBounds,
                         declined: list[str]):
         """`((out, page_lse), backend name)` from the first decode backend that also writes each listed page's
