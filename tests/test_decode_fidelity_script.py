@@ -59,3 +59,24 @@ def test_prompt_files_round_trip_and_refuse_other_runs(harness, tmp_path):
         harness.imported_prompts(path, "niah_single_1", "gemma3-270m", 1024, 0, 2)
     assert harness.accuracy([{"correct": True}, {"correct": None}]) is None
     assert harness.accuracy([{"correct": True}, {"correct": False}]) == 0.5
+
+
+def test_a_method_that_reads_prefill_queries_gets_an_observed_prefill(harness):
+    """`retrieval` with the query-IVF index builds it from the prefill's queries: the harness runs the prompt
+    through the patched model for it (restoring the K/V alone, it raised that no queries were observed), and
+    decodes as a real patched prefill does."""
+    model = tiny_model("llama")
+    ids = torch.randint(3, 200, (1, 120), generator=torch.Generator().manual_seed(1))
+    spec = PatchSpec.build("dense", "retrieval:n_sink=4,window=16,top_k=24,index=query_ivf,cluster_size=8,n_probe=4")
+    keys, values, first = harness.prefill(model, ids, None)
+    with patch_model(model, spec):
+        with pytest.raises(RuntimeError, match="prefill queries"):
+            harness.decode_run(model, spec, harness.prefilled_cache(model, spec, keys, values, 120), first, 2, None)
+        restored = harness.decode_run(model, spec, harness.prefilled_cache(model, spec, keys, values, 120, ids),
+                                      first, 6, None)
+        with torch.no_grad():
+            cache = DynamicCache(config=model.config)
+            model(input_ids=ids, **cache_arg(model, cache), use_cache=True)
+        real = harness.decode_run(model, spec, cache, first, 6, None)
+    assert restored[0] == real[0]
+    torch.testing.assert_close(restored[1], real[1])

@@ -4,12 +4,15 @@ For each prompt — passkey (attnpatch.eval.passkey, the suite's seeds and depth
 an lm-eval RULER generation task's own prompts, scored as lm-eval scores them (every target in the
 answer; e.g. `--task niah_single_1`: the first `--limit` documents, as `lm_eval --limit`) — one dense
 prefill is shared by every decode spec: its K/V are loaded into a fresh cache built from the spec's own cache
-layers (so Quest's page min / max and Recycled's state start exactly as after a real prefill), then
+layers (so Quest's page min / max and Recycled's state start exactly as after a real prefill; a method that
+reads the prefill's queries, such as `retrieval` with `index=query_ivf`, gets the same dense prefill run again
+under its patch), then
 
 * free run: greedy decoding of `--answer-tokens` tokens with the spec -> passkey accuracy;
 * teacher forcing: `--forced-tokens` steps fed dense decoding's own tokens -> per-step top-1 agreement
   with dense, KL(dense ‖ spec) of the next-token distribution, and attention recall (the share of
-  each decode call's true softmax mass on the keys the selection read; dense calls count 1).
+  each decode call's true softmax mass on the keys the selection read; calls that ran SDPA count 1, the
+  Triton all-pages calls of a method's declined steps, e.g. sliding-window layers, are left out).
 
 Also reports decode density (keys read / keys in the context, every layer and step; refresh steps and
 dense layers read everything) and the seconds per spec. Runs on CPU (float32) or CUDA (bfloat16).
@@ -157,17 +160,25 @@ def prefill(model, ids: torch.Tensor, kv_file: Path | None) -> tuple[list, list,
     return keys, values, first.reshape(1)
 
 
-def prefilled_cache(model, spec: PatchSpec, keys: list, values: list, tokens: int) -> DynamicCache:
+def prefilled_cache(model, spec: PatchSpec, keys: list, values: list, tokens: int,
+                    ids: torch.Tensor | None = None) -> DynamicCache:
     """A cache of the spec's decode layers holding the given prefill K/V (per layer) of a `tokens`-long
-    prompt; a sliding-window layer, which holds only its window, is told the prompt's length."""
+    prompt; a sliding-window layer, which holds only its window, is told the prompt's length. A decode method
+    that reads the prefill's queries (`observes_prefill`, e.g. retrieval's query-IVF index) gets the prompt
+    `ids` run through the patched model instead (call it inside the spec's patch): the same dense prefill,
+    observed."""
     method = get_method(spec.decode, "decode").build(dict(spec.decode_options))
     cache = DynamicCache(config=model.config)
     install_layers(cache, lambda i: method.cache_layer(i, model.config), len(keys))
+    cache._attnpatch_installed = True
+    if method.observes_prefill and ids is not None:
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=True, **{cache_kwarg(model): cache})
+        return cache
     for layer, k, v in zip(cache.layers, keys, values, strict=True):
         layer.update(k, v)
         if isinstance(layer, DynamicSlidingWindowLayer):
             layer.cumulative_length = tokens
-    cache._attnpatch_installed = True
     return cache
 
 
@@ -268,8 +279,8 @@ def main() -> None:
                 t0 = time.time()
                 recalls: list[float] = []
 
-                def fresh(spec=spec, keys=keys, values=values, tokens=ids.shape[1]):
-                    return prefilled_cache(model, spec, keys, values, tokens)
+                def fresh(spec=spec, keys=keys, values=values, ids=ids):
+                    return prefilled_cache(model, spec, keys, values, ids.shape[1], ids)
 
                 with patch_model(model, spec) as patch:
                     answer, _ = decode_run(model, spec, fresh(), first, args.answer_tokens - 1, None)
