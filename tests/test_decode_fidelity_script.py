@@ -80,3 +80,14 @@ def test_a_method_that_reads_prefill_queries_gets_an_observed_prefill(harness):
         real = harness.decode_run(model, spec, cache, first, 6, None)
     assert restored[0] == real[0]
     torch.testing.assert_close(restored[1], real[1])
+
+
+def test_a_method_without_read_counts_is_tabled_with_a_dash(harness, tmp_path):
+    """`retrieval` computes its steps itself and reports no decode density: the table says so, not a crash."""
+    runs = [{"agreement": 1.0, "kl": 0.0, "recall": 1.0, "decode_density": None, "correct": True}]
+    row = {"spec": "retrieval", "length": 64, "accuracy": 1.0, "agreement": 1.0, "kl": 0.0, "recall": 1.0,
+           "decode_density": None, "runs": runs}
+    meta = {"task": "passkey", "limit": 1, "model": "smollm2", "device": "cpu", "dtype": "float32", "command": "c",
+            "answer_tokens": 4, "forced_tokens": 4}
+    harness.write(tmp_path / "run", meta, [row])
+    assert "| 64 | `retrieval` | 1.00 | 1.000 | 0.0000 | 1.0000 | – |" in (tmp_path / "run.md").read_text()

@@ -308,12 +308,13 @@ def main() -> None:
                 per_spec[name].append(run)
                 print(f"L={length} sample {i} {name}: {text!r} correct={run['correct']} "
                       f"agree={run['agreement']:.3f} kl={run['kl']:.4f} recall={run['recall']:.4f} "
-                      f"density={stats.decode_density:.3f}", flush=True)
+                      f"density={_fmt(stats.decode_density)}", flush=True)
         for spec, name in zip(specs, per_spec, strict=True):
             runs = per_spec[name]
 
-            def mean(key, runs=runs):
-                return sum(r[key] for r in runs) / len(runs)
+            def mean(key, runs=runs):  # None where a method reports no reads (retrieval computes its own steps)
+                values = [r[key] for r in runs]
+                return None if any(v is None for v in values) else sum(values) / len(values)
 
             rows.append({
                 "spec": name, "decode": spec.decode, "decode_options": dict(spec.decode_options), "length": length,
@@ -333,6 +334,10 @@ def main() -> None:
     name = "" if args.model == "smollm2" else f"{args.model}_"
     write(Path(args.out) / f"decode_fidelity_{name}{task}{seed}{str(device).split(':')[0]}_n{args.limit}",
           meta, rows)
+
+
+def _fmt(x: float | None) -> str:
+    return "–" if x is None else f"{x:.3f}"
 
 
 def accuracy(runs: list[dict]) -> float | None:
@@ -374,14 +379,14 @@ def write(stem: Path, meta: dict, rows: list[dict]) -> None:
               "in the answer, as lm-eval scores it" + (", scored afterwards" if meta.get("scored") else "") + ")")
              + f"; accuracy: greedy answer of {meta['answer_tokens']} tokens; agreement / KL(dense ‖ method): "
              f"{meta['forced_tokens']} teacher-forced steps on dense decoding's tokens; recall: mean share of each "
-             "decode call's softmax mass on the keys read (dense calls count 1); decode density: keys read / keys "
-             "in the context (all layers, steps, KV heads).", "",
+             "decode call's softmax mass on the keys read (SDPA calls count 1); decode density: keys read / keys "
+             "in the context (all layers, steps, KV heads; – where a method computes its steps itself).", "",
              "| length | decode spec | accuracy | top-1 agreement | KL | recall | decode density |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         acc = "unscored" if r["accuracy"] is None else f"{r['accuracy']:.2f}"
         lines.append(f"| {r['length']} | `{r['spec']}` | {acc} | {r['agreement']:.3f} | "
-                     f"{r['kl']:.4f} | {r['recall']:.4f} | {r['decode_density']:.3f} |")
+                     f"{r['kl']:.4f} | {r['recall']:.4f} | {_fmt(r['decode_density'])} |")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
