@@ -30,6 +30,17 @@ def harness():
     del sys.modules[spec.name]
 
 
+def _assert_decodes_like_a_real_prefill(harness, model, spec, ids, first, restored) -> None:
+    """`restored` (tokens, logits of 6 greedy steps) equals decoding after a real prefill of `ids` under the
+    patch the caller holds."""
+    with torch.no_grad():
+        cache = DynamicCache(config=model.config)
+        model(input_ids=ids, **cache_arg(model, cache), use_cache=True)
+    real = harness.decode_run(model, spec, cache, first, 6, None)
+    assert restored[0] == real[0]
+    torch.testing.assert_close(restored[1], real[1])
+
+
 @pytest.mark.parametrize("decode", ["dense", "quest:budget=48,page_size=16,dense_layers=0"])
 @pytest.mark.parametrize("family", ["gemma3", "llama"])
 def test_a_restored_prefill_decodes_like_a_real_one(harness, family, decode):
@@ -39,12 +50,7 @@ def test_a_restored_prefill_decodes_like_a_real_one(harness, family, decode):
     keys, values, first = harness.prefill(model, ids, None)
     with patch_model(model, spec):
         restored = harness.decode_run(model, spec, harness.prefilled_cache(model, spec, keys, values, 90), first, 6, None)
-        with torch.no_grad():
-            cache = DynamicCache(config=model.config)
-            model(input_ids=ids, **cache_arg(model, cache), use_cache=True)
-        real = harness.decode_run(model, spec, cache, first, 6, None)
-    assert restored[0] == real[0]
-    torch.testing.assert_close(restored[1], real[1])
+        _assert_decodes_like_a_real_prefill(harness, model, spec, ids, first, restored)
 
 
 def test_prompt_files_round_trip_and_refuse_other_runs(harness, tmp_path):
@@ -74,12 +80,7 @@ def test_a_method_that_reads_prefill_queries_gets_an_observed_prefill(harness):
             harness.decode_run(model, spec, harness.prefilled_cache(model, spec, keys, values, 120), first, 2, None)
         restored = harness.decode_run(model, spec, harness.prefilled_cache(model, spec, keys, values, 120, ids),
                                       first, 6, None)
-        with torch.no_grad():
-            cache = DynamicCache(config=model.config)
-            model(input_ids=ids, **cache_arg(model, cache), use_cache=True)
-        real = harness.decode_run(model, spec, cache, first, 6, None)
-    assert restored[0] == real[0]
-    torch.testing.assert_close(restored[1], real[1])
+        _assert_decodes_like_a_real_prefill(harness, model, spec, ids, first, restored)
 
 
 def test_a_method_without_read_counts_is_tabled_with_a_dash(harness, tmp_path):

@@ -154,7 +154,7 @@ def test_decode_kernel_page_lse_equals_the_separate_kernel(hq, hkv, d, page, dty
     """The decode kernel's per-page log-sum-exp over every page (a Recycled refresh in a compiled step) is
     the separate ranking kernel's, and its output the plain decode's."""
     from attnpatch.backends.triton.decode import sparse_decode_attention
-    from attnpatch.backends.triton.decode_op import page_lse_buffer
+    from attnpatch.backends.triton.decode_op import sparse_decode_with_page_lse
     from attnpatch.estimators.page_lse_triton import page_lse_triton
     from attnpatch.sparsity import PageSelection
 
@@ -164,8 +164,7 @@ def test_decode_kernel_page_lse_equals_the_separate_kernel(hq, hkv, d, page, dty
     start = torch.tensor([0, 333], device=DEVICE)
     valid = torch.arange(5000, device=DEVICE).view(1, -1) < torch.tensor([[4000], [4500]], device=DEVICE)
     sel = PageSelection.all_pages(2, hkv, 5000, page, DEVICE)
-    buf = page_lse_buffer(q, k, page)
-    out = sparse_decode_attention(q, k, v, sel, key_start=start, key_valid=valid, page_lse=buf)
+    out, buf = sparse_decode_with_page_lse(q, k, v, sel, scale=d ** -0.5, key_start=start, key_valid=valid)
     assert torch.equal(out, sparse_decode_attention(q, k, v, sel, key_start=start, key_valid=valid))
     ref = page_lse_triton(q, k, page, d ** -0.5, key_start=start, key_valid=valid).reshape(buf.shape)
     assert torch.equal(torch.isinf(buf), torch.isinf(ref))

@@ -98,14 +98,10 @@ class TritonBackend(Backend):
         return page_lse_skip_reason(selection)
 
     def decode_page_lse(self, query, key, value, selection, *, scale, bounds):
-        from attnpatch.backends.triton.decode_op import page_lse_buffer, sparse_decode_page_lse_op
+        from attnpatch.backends.triton.decode_op import sparse_decode_page_lse_op, sparse_decode_with_page_lse
 
         if torch.compiler.is_compiling():
             return sparse_decode_page_lse_op(query, key, value, selection.indices, selection.counts,
                                              selection.page_size, float(scale), bounds.key_start, bounds.key_valid)
-        from attnpatch.backends.triton.decode import sparse_decode_attention
-
-        page_lse = page_lse_buffer(query, key, selection.page_size)
-        out = sparse_decode_attention(query, key, value, selection, scale=scale, key_start=bounds.key_start,
-                                      key_valid=bounds.key_valid, page_lse=page_lse)
-        return out, page_lse
+        return sparse_decode_with_page_lse(query, key, value, selection, scale=scale, key_start=bounds.key_start,
+                                           key_valid=bounds.key_valid)

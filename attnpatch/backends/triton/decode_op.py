@@ -18,7 +18,7 @@ import torch
 from attnpatch.backends.triton.decode import sparse_decode_attention
 from attnpatch.sparsity import PageSelection
 
-__all__ = ["page_lse_buffer", "sparse_decode", "sparse_decode_op", "sparse_decode_page_lse_op"]
+__all__ = ["sparse_decode", "sparse_decode_op", "sparse_decode_page_lse_op", "sparse_decode_with_page_lse"]
 
 
 @torch.library.custom_op("attnpatch::sparse_decode", mutates_args=())
@@ -61,26 +61,31 @@ def sparse_decode_page_lse_op(
     key_start: Optional[torch.Tensor],  # noqa: UP045  (custom_op schema inference)
     key_valid: Optional[torch.Tensor],  # noqa: UP045
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sparse_decode_with_page_lse` as one op (compiled steps)."""
+    return sparse_decode_with_page_lse(query, key, value, PageSelection(indices, counts, page_size, key.shape[2]),
+                                       scale=scale, key_start=key_start, key_valid=key_valid)
+
+
+def _pages(key: torch.Tensor, page_size: int) -> int:
+    return -(-key.shape[2] // page_size)
+
+
+def sparse_decode_with_page_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, selection: PageSelection,
+                                *, scale: float, key_start: torch.Tensor | None = None,
+                                key_valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`sparse_decode_attention(..., page_lse=...)` without skipping: `(out [B, Hq, 1, Dv], page_lse [B, Hq,
-    ceil(L / page_size)])`, the listed pages' log-sum-exp (the others -inf)."""
-    selection = PageSelection(indices, counts, page_size, key.shape[2])
-    page_lse = page_lse_buffer(query, key, page_size)
+    ceil(L / page_size)])`, the listed pages' log-sum-exp in a buffer of -inf (the others stay -inf)."""
+    page_lse = torch.full((query.shape[0], query.shape[1], _pages(key, selection.page_size)), float("-inf"),
+                          dtype=torch.float32, device=query.device)
     out = sparse_decode_attention(query, key, value, selection, scale=scale, key_start=key_start,
                                   key_valid=key_valid, page_lse=page_lse)
     return out, page_lse
 
 
-def page_lse_buffer(query: torch.Tensor, key: torch.Tensor, page_size: int) -> torch.Tensor:
-    """The `[B, Hq, ceil(L / page_size)]` float32 buffer of -inf the kernel writes the listed pages into."""
-    n = -(-key.shape[2] // page_size)
-    return torch.full((query.shape[0], query.shape[1], n), float("-inf"), dtype=torch.float32, device=query.device)
-
-
 @sparse_decode_page_lse_op.register_fake
 def _sparse_decode_page_lse_fake(query, key, value, indices, counts, page_size, scale, key_start, key_valid):
     b, hq = query.shape[0], query.shape[1]
-    n = -(-key.shape[2] // page_size)
-    return query.new_empty(b, hq, 1, value.shape[-1]), query.new_empty(b, hq, n, dtype=torch.float32)
+    return query.new_empty(b, hq, 1, value.shape[-1]), query.new_empty(b, hq, _pages(key, page_size), dtype=torch.float32)
 
 
 def sparse_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, selection: PageSelection, *,

@@ -137,7 +137,7 @@ class Recycled(DecodeMethod):
         out, lse = attend.with_page_lse(PageSelection(torch.where(refresh_now, every, listed), counts, ps, lk))
         # the ranking's kernels run every step and skip their work unless refreshing; unwritten lists are dropped
         ranked = self._ranked_pages(query, key, ctx, written, flag=refresh_now.to(torch.int32).reshape(1),
-                                    lse=None if lse is None else lse.view(*lse.shape[:1], key.shape[1], -1, n))
+                                    lse=None if lse is None else lse.view(lse.shape[0], key.shape[1], -1, n))
         schedule.pages.copy_(torch.where(refresh_now, ranked.indices.to(schedule.pages.dtype), schedule.pages))
         schedule.counts.copy_(torch.where(refresh_now, ranked.counts.to(schedule.counts.dtype), schedule.counts))
         schedule.refresh_at.copy_(torch.where(refresh_now, written, schedule.refresh_at))
