@@ -204,9 +204,11 @@ def _attend(state: PatchState, module, query, key, value, attention_mask, dropou
         if isinstance(pages, DecodeOutput):  # the method computed the step itself (e.g. GPU + CPU parts)
             finish(pages.out, None, method.name, pages.backend)
             return pages.out.transpose(1, 2).contiguous(), None
+        # tiles are counted where they can be skipped (a skip rule): elsewhere every listed tile is read
+        # and counting would only add device work to the step
+        counter = stats.tile_counter("decode", query.device) if pages.skip is not None else None
         out, backend = state.backends.decode(query, key, value, pages, scale=scale, bounds=bounds,
-                                             tile_counts=stats.tile_counter("decode", query.device),
-                                             declined=declined)
+                                             tile_counts=counter, declined=declined)
         finish(out, pages, method.name, backend)
         return out.transpose(1, 2).contiguous(), None
 

@@ -137,3 +137,14 @@ def test_validate_tokens_rejects_bad_lists():
         bad = TokenSelection(torch.tensor([[[idx]]], dtype=torch.int32), good.counts, 8, 8, 8)
         with pytest.raises(ValueError, match=msg):
             validate_tokens(bad)
+
+
+@pytest.mark.parametrize("key_end", [[70, 96], [0, 17], [96]])
+def test_all_pages_up_to_key_end_equals_clipping_them(key_end):
+    from attnpatch.sparsity import PageSelection
+
+    end = torch.tensor(key_end)
+    short = PageSelection.all_pages(2, 3, 96, 16, key_end=end)
+    clipped = PageSelection.all_pages(2, 3, 96, 16).clipped(end)
+    assert torch.equal(short.counts, clipped.counts.expand(2, 3))
+    assert torch.equal(short.indices, clipped.indices) and short.kv_len == clipped.kv_len == 96

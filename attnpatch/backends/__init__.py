@@ -118,9 +118,8 @@ class BackendPlan:
         fast = [name for name in self.decode_order if name != "reference"]
         if not fast:
             return None, None
-        pages = PageSelection.all_pages(query.shape[0], key.shape[1], key.shape[2], page_size, query.device)
-        if bounds.key_end is not None:
-            pages = pages.clipped(bounds.key_end)
+        pages = PageSelection.all_pages(query.shape[0], key.shape[1], key.shape[2], page_size, query.device,
+                                        key_end=bounds.key_end)
         for name in fast:
             b = BACKENDS[name]
             why = self._why_not(name, query.device) or b.decode_reason(query, key, value, pages, bounds)

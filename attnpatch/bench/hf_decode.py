@@ -65,7 +65,8 @@ class AllPages(DecodeMethod):
     page_size: int = 64
 
     def select(self, query: torch.Tensor, key: torch.Tensor, ctx: DecodeContext) -> PageSelection:
-        return PageSelection.all_pages(query.shape[0], key.shape[1], key.shape[2], self.page_size, query.device)
+        return PageSelection.all_pages(query.shape[0], key.shape[1], key.shape[2], self.page_size, query.device,
+                                       key_end=ctx.bounds.key_end)  # a static cache: its written pages
 
 
 @dataclass

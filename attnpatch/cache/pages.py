@@ -59,7 +59,8 @@ def _merge_into(page_min: torch.Tensor, page_max: torch.Tensor, key_states: torc
 
 class PageBoundsLayer(DynamicLayer):
     """A DynamicLayer that also keeps each page's key min / max (Quest), updated incrementally: a
-    prefill fills its pages, a decode token folds into the last page only."""
+    prefill fills its pages, a decode token folds into the last page only (two in-place ops: eager decode
+    steps are host-bound, `hf_decode --host-profile`)."""
 
     def __init__(self, page_size: int):
         super().__init__()
@@ -82,6 +83,17 @@ class PageBoundsLayer(DynamicLayer):
             b, h, _, d = self.page_min.shape
             self.page_min = torch.cat([self.page_min, self.page_min.new_zeros(b, h, grow, d)], 2)
             self.page_max = torch.cat([self.page_max, self.page_max.new_zeros(b, h, grow, d)], 2)
+        if new - old == 1:  # a decode token: its position is known on the host, so two in-place ops
+            page = old // self.page_size
+            src = key_states.to(self.page_min.dtype)
+            lo, hi = self.page_min[:, :, page:page + 1], self.page_max[:, :, page:page + 1]
+            if old % self.page_size:
+                torch.minimum(lo, src, out=lo)
+                torch.maximum(hi, src, out=hi)
+            else:
+                lo.copy_(src)
+                hi.copy_(src)
+            return keys, values
         positions = torch.arange(old, new, device=keys.device)
         _merge_into(self.page_min, self.page_max, key_states, positions, self.page_size)
         return keys, values

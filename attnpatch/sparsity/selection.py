@@ -173,11 +173,17 @@ class PageSelection:
 
     @classmethod
     def all_pages(cls, batch: int, kv_heads: int, kv_len: int, page_size: int, device=None,
-                  skip: SkipRule | None = None) -> PageSelection:
+                  skip: SkipRule | None = None, key_end: torch.Tensor | None = None) -> PageSelection:
+        """Every page of `kv_len` keys; with `key_end` (`[B]` int: the keys a static cache has written)
+        only the pages before it (what `clipped` would leave, in fewer tensor ops)."""
         n = num_blocks(kv_len, page_size)
         idx = torch.arange(n, dtype=torch.int32, device=device).expand(batch, kv_heads, n)
-        counts = torch.full((batch, kv_heads), n, dtype=torch.int32, device=device)
-        return cls(idx, counts, page_size, kv_len, skip)
+        if key_end is None:
+            counts = torch.full((batch, kv_heads), n, dtype=torch.int32, device=device)
+        else:
+            written = (key_end.to(idx.device, torch.int64) + page_size - 1) // page_size
+            counts = written.clamp(0, n).to(torch.int32).view(-1, 1).expand(batch, kv_heads)
+        return cls(idx, counts, page_size, kv_len, skip, within_written=key_end is not None)
 
     def clipped(self, key_end: torch.Tensor) -> PageSelection:
         """The same lists without the pages that start at or past `key_end[b]` (`[B]` int: the keys a

@@ -60,7 +60,7 @@ def test_quest_update_and_select_replay_in_a_cuda_graph():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("decode", ["quest:budget=64,page_size=16,dense_layers=0", "recycled:budget=64,stride=4"])
+@pytest.mark.parametrize("decode", ["quest:budget=64,page_size=16,dense_layers=0", "recycled:budget=64,page_size=16,stride=4"])
 def test_triton_decode_agrees_with_reference(decode):
     model = tiny_model("llama", num_attention_heads=8, num_key_value_heads=2, head_dim=32,
                        hidden_size=256).to(DEVICE, torch.bfloat16)

@@ -189,4 +189,5 @@ class Recycled(DecodeMethod):
             max=width + recent_width - 1)
         indices = torch.nn.functional.pad(pages.to(torch.int32), (0, recent_width)).scatter(
             -1, slots, recent.clamp(max=n - 1).to(torch.int32).expand(b, hkv, recent_width))
-        return PageSelection(indices, counts.to(torch.int32) + fresh, ps, lk)
+        # every listed page starts before `written` (the cache's count): a static cache's clip would change nothing
+        return PageSelection(indices, counts.to(torch.int32) + fresh, ps, lk, within_written=True)
