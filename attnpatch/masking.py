@@ -201,18 +201,12 @@ def _decode_bounds(mask: Any, kv_len: int, positions: torch.Tensor | None) -> Ke
 
 def _validity_bounds(valid: torch.Tensor, window: int | None, kv_len: int, with_first: bool = False
                      ) -> KeyBounds | None:
-    """Bounds from one row of per-key validity; `with_first` precomputes each row's first valid key and its
-    `key_span` (worth it where the bounds are shared by every layer of the step, else `first_key` derives the
-    first key on demand)."""
+    """Bounds from one row of per-key validity; `with_first` precomputes each row's first valid key (worth
+    it where the bounds are shared by every layer of the step, else `first_key` derives it on demand)."""
     if valid.shape[-1] != kv_len:
         return None
-    end = valid_key_end(valid)
-    if not with_first:
-        return KeyBounds(key_valid=valid, window=window, key_end=end)
-    first = valid.to(torch.int8).argmax(-1)
-    one_range = valid.sum(-1) == end - first  # no hole between the first and the last valid key
-    span = torch.stack([first.long(), torch.where(one_range, end.long(), -1)], -1)
-    return KeyBounds(key_valid=valid, window=window, key_end=end, key_first=first, key_span=span)
+    first = valid.to(torch.int8).argmax(-1) if with_first else None
+    return KeyBounds(key_valid=valid, window=window, key_end=valid_key_end(valid), key_first=first)
 
 
 def _take_keys(t: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -436,44 +436,6 @@ def test_key_valid_ignores_what_invalid_slots_hold(num_splits):
     _check(out, ref, torch.float16, lse, ref_lse)
 
 
-@pytest.mark.parametrize("num_splits,skip", [(1, False), (3, False), (2, True)])
-def test_key_span_rows_are_masked_by_their_range(num_splits, skip):
-    """Rows whose visible keys are one range `[first, end)` are masked by those bounds, not by their
-    validity bytes: the same result, what lies outside the range (NaN / inf here) is never read, and a
-    row with holes (`end = -1`) keeps its per-key validity."""
-    lk = 300
-    q, k, v = _qkv(3, 4, 2, lk, 64, torch.float16, seed=13)
-    sel = PageSelection.all_pages(3, 2, lk, 16)
-    pos = torch.arange(lk)
-    valid = torch.stack([pos < 130, (pos >= 40) & (pos < 201), (pos % 7 != 3) & (pos >= 20)])
-    span = torch.tensor([[0, 130], [40, 201], [0, -1]])
-    dirty_k, dirty_v = k.clone(), v.clone()
-    for row in range(3):
-        dirty_k[row, :, ~valid[row]] = float("nan")
-        dirty_v[row, :, ~valid[row]] = float("inf")
-    bound = _bound(1e-30, 64) if skip else None  # seeded skip mode that skips nothing: still exact
-    out, lse = sparse_decode_attention(q, dirty_k, dirty_v, sel, key_valid=valid, key_span=span, num_splits=num_splits,
-                                       return_lse=True, skip_bound=bound)
-    ref, ref_lse = paged_decode_attention(q, k, v, sel, key_mask=valid, return_lse=True)
-    assert bool(torch.isfinite(out).all())
-    _check(out, ref, torch.float16, lse, ref_lse)
-    # a ranged row's validity bytes are not read: its span alone decides (here wider than its validity)
-    wide = torch.tensor([[0, 150], [40, 201], [0, -1]])
-    out_w = sparse_decode_attention(q, k, v, sel, key_valid=valid, key_span=wide, num_splits=num_splits)
-    ref_w = paged_decode_attention(q, k, v, sel, key_mask=valid | ((pos < 150) & (torch.arange(3) == 0)[:, None]))
-    _check(out_w, ref_w, torch.float16)
-
-
-def test_key_span_needs_key_valid_and_its_shape():
-    q, k, v = _qkv(2, 4, 2, 64, 16, torch.float32)
-    sel = PageSelection.all_pages(2, 2, 64, 16)
-    with pytest.raises(ValueError, match="pass it with key_valid"):
-        sparse_decode_attention(q, k, v, sel, key_span=torch.zeros(2, 2, dtype=torch.int64))
-    with pytest.raises(ValueError, match=r"key_span must be int64 \[B=2, 2\]"):
-        sparse_decode_attention(q, k, v, sel, key_valid=torch.ones(2, 64, dtype=torch.bool),
-                                key_span=torch.zeros(2, 3, dtype=torch.int64))
-
-
 def test_key_valid_rejects_wrong_shape():
     q, k, v = _qkv(2, 4, 2, 64, 16, torch.float32)
     sel = PageSelection.all_pages(2, 2, 64, 16)

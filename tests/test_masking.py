@@ -100,18 +100,6 @@ def test_a_decode_mask_gives_every_layer_the_same_bounds():
     assert KeyBounds(key_valid=valid).first_key(2, "cpu").tolist() == [0, 6]
 
 
-def test_a_decode_mask_says_which_rows_are_one_range_of_keys():
-    """`key_span`: (first, end) for a row whose valid keys are exactly that range (left padding, the unwritten
-    tail of a static cache), (first, -1) for a row with a hole, (0, 0) for a row with none."""
-    valid = torch.ones(3, 30, dtype=torch.bool)
-    valid[0, :6] = False
-    valid[:, 25:] = False
-    valid[1, 10] = False  # a hole
-    valid[2] = False
-    bounds = key_bounds(AttnMask(1, 30, valid, None, {}), 1, 30, None)
-    assert bounds.key_span.tolist() == [[6, 25], [0, -1], [0, 0]] and bounds.key_span.dtype == torch.int64
-
-
 @pytest.mark.parametrize("window", [None, 5])
 def test_bounds_describe_the_dense_mask(window):
     valid = torch.arange(30)[None, :] >= torch.tensor([[0], [9]])

@@ -29,9 +29,7 @@ class KeyBounds:
     each row: with a static cache the keys are the whole preallocated buffer and the slots from
     `key_end` on are not written yet. It only bounds what is worth reading (decode page lists are
     clipped to it on device); visibility is decided by the fields above. `key_first` (`[B]`, likewise)
-    is each row's first valid key, what `first_key` returns (computed once per decode step, not per layer);
-    `key_span` (`[B, 2]`, likewise) is `(key_first, key_end)` for a row whose valid keys are exactly that
-    range (left padding, a static cache's unwritten tail), `(key_first, -1)` for a row with holes.
+    is each row's first valid key, what `first_key` returns (computed once per decode step, not per layer).
     """
 
     key_start: torch.Tensor | None = None  # [B] int
@@ -41,9 +39,6 @@ class KeyBounds:
     causal: bool = True  # False: the tensor mask lets some query see a later key (e.g. image tokens)
     key_end: torch.Tensor | None = None  # [B] int: one past each row's last valid key (informative)
     key_first: torch.Tensor | None = None  # [B] int: each row's first valid key (set with key_valid: `first_key`)
-    # [B, 2] int64 (set with key_valid for a decode step): (key_first, key_end) where the row's valid keys are
-    # exactly that range, (key_first, -1) where they have holes; lets a decode kernel skip reading `key_valid`
-    key_span: torch.Tensor | None = None
 
     @property
     def is_plain(self) -> bool:

@@ -140,10 +140,9 @@ def per_call_rows(length: int, batch: int, fraction: float, page_sizes: list[int
     page tables: nothing of one call is in L2 for the next, and the graph's launch is shared), as the
     layers of a compiled decode step run: SDPA cuDNN / flash and the Triton kernel over all pages (timed
     once, listed under every page size), then per page size Quest's compiled step (bounds + selection +
-    kernel) without and with the static cache's per-key validity (what the HF path passes: `key_valid` with
-    its `key_span`, every row one range here, the page lists clipped to `key_end` unless they stop there), the
-    kernel alone over Quest's selection without / with `key_valid` (read with each tile) / with `key_start` /
-    with `key_valid` + `key_span` (no validity bytes read), and the selection alone."""
+    kernel) without and with the static cache's per-key validity (what the HF path passes: `key_valid`
+    read with each tile, the page lists clipped to `key_end` unless they stop there), the kernel alone
+    over Quest's selection without / with `key_valid` / with `key_start`, and the selection alone."""
     g = torch.Generator(device=DEVICE).manual_seed(length + batch)
     scale = D ** -0.5
     budget = int(length * fraction)
@@ -153,7 +152,6 @@ def per_call_rows(length: int, batch: int, fraction: float, page_sizes: list[int
     valid = torch.ones(batch, length, dtype=torch.bool, device=DEVICE)
     end = torch.full((batch,), length, dtype=torch.long, device=DEVICE)
     first = torch.zeros(batch, dtype=torch.long, device=DEVICE)
-    span = torch.stack([first, end], -1)  # every row one range of keys, as masking derives it for a static cache
     timed: list[tuple[str, float | None]] = []
 
     def add(row: str, fns) -> None:
@@ -176,7 +174,7 @@ def per_call_rows(length: int, batch: int, fraction: float, page_sizes: list[int
         inputs = [(*x, *key_page_bounds(x[1], page_size)) for x in qkv]
 
         def step(q, k, v, lo, hi, static: bool, method=method, page_size=page_size):
-            bounds = KeyBounds(key_valid=valid, key_end=end, key_first=first, key_span=span) if static else KeyBounds()
+            bounds = KeyBounds(key_valid=valid, key_end=end, key_first=first) if static else KeyBounds()
             sel = method.select(q, k, DecodeContext(0, scale, bounds, None, _GivenTables(lo, hi, written, page_size)))
             if static and not sel.within_written:  # as the dispatcher does (attnpatch.dispatch._select_pages)
                 sel = sel.clipped(end)
@@ -193,8 +191,7 @@ def per_call_rows(length: int, batch: int, fraction: float, page_sizes: list[int
             add(f"quest compiled, {label} (budget {budget})", [lambda x=x, c=compiled: c(*x) for x in inputs])
         ctx = [DecodeContext(0, scale, KeyBounds(), None, _GivenTables(x[3], x[4], written, page_size)) for x in inputs]
         pairs = [(x, method.select(x[0], x[1], c), c) for x, c in zip(inputs, ctx, strict=True)]
-        for label, extra in (("", {}), (", key_valid", {"key_valid": valid}), (", key_start", {"key_start": first}),
-                             (", key_valid + key_span", {"key_valid": valid, "key_span": span})):
+        for label, extra in (("", {}), (", key_valid", {"key_valid": valid}), (", key_start", {"key_start": first})):
             add(f"quest kernel alone{label}",
                 [lambda x=x, s=s, kw=extra: sparse_decode_attention(*x[:3], s, **kw) for x, s, _ in pairs])
         add("quest select alone", [lambda x=x, c=c, m=method: m.select(x[0], x[1], c) for x, _, c in pairs])

@@ -27,12 +27,6 @@ def _add_tiles(tile_counts: torch.Tensor | None, result):
     return out
 
 
-def _span(bounds) -> torch.Tensor | None:
-    """`KeyBounds.key_span` where it describes `key_valid`'s rows (the decode kernel then skips the validity
-    bytes of rows that are one range), else None."""
-    return bounds.key_span if bounds.key_valid is not None else None
-
-
 class TritonBackend(Backend):
     name = "triton"
     description = "attnpatch's Triton kernels: block-sparse (TMA on Hopper), token gather, split-KV decode"
@@ -93,12 +87,12 @@ class TritonBackend(Backend):
             from attnpatch.backends.triton.decode_op import sparse_decode
 
             return sparse_decode(query, key, value, selection, scale=scale, skip_bound=skip,
-                                 key_start=bounds.key_start, key_valid=bounds.key_valid, key_span=_span(bounds))
+                                 key_start=bounds.key_start, key_valid=bounds.key_valid)
         from attnpatch.backends.triton.decode import sparse_decode_attention
 
         return _add_tiles(tile_counts, sparse_decode_attention(
             query, key, value, selection, scale=scale, skip_bound=skip, key_start=bounds.key_start,
-            key_valid=bounds.key_valid, key_span=_span(bounds), count_tiles=tile_counts is not None))
+            key_valid=bounds.key_valid, count_tiles=tile_counts is not None))
 
     def decode_page_lse_reason(self, query, key, value, selection, bounds):
         return page_lse_skip_reason(selection)
@@ -108,7 +102,6 @@ class TritonBackend(Backend):
 
         if torch.compiler.is_compiling():
             return sparse_decode_page_lse_op(query, key, value, selection.indices, selection.counts,
-                                             selection.page_size, float(scale), bounds.key_start, bounds.key_valid,
-                                             _span(bounds))
+                                             selection.page_size, float(scale), bounds.key_start, bounds.key_valid)
         return sparse_decode_with_page_lse(query, key, value, selection, scale=scale, key_start=bounds.key_start,
-                                           key_valid=bounds.key_valid, key_span=_span(bounds))
+                                           key_valid=bounds.key_valid)

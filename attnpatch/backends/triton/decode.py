@@ -220,41 +220,8 @@ if triton_available():
         tl.store(Seed + pid_bh * BLOCK_G + offs_g, m0)
 
     @triton.jit
-    def _split_loop(
-        acc, l_i, m_i, n_skip, q, k_base, v_base, idx_row, n_sel, t_begin, t_end, stride_kn, stride_vn,
-        kv_len, k_lo, valid_row, qk_scale, thr, PageLse, pid_bh, group, offs_g, g_ok, n_pages,
-        PAGE: tl.constexpr, TILE: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
-        SKIP: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_KEY_VALID: tl.constexpr, WRITE_PAGE_LSE: tl.constexpr,
-    ):  # fmt: skip
-        # The split's tiles t_begin..t_end-1, folded into the running state (acc, l_i, m_i); n_skip counts
-        # the tiles skipped in skip mode.
-        for t in range(t_begin, t_end):
-            s, pos, ok = _tile_scores(
-                q, k_base, idx_row, n_sel, t, stride_kn, kv_len, k_lo, valid_row, qk_scale,
-                PAGE, TILE, HEAD_D, DOT_PRECISION, HAS_KEY_VALID,
-            )
-            m_tile = tl.reduce(s, 1, _max_combine)
-            if SKIP:
-                row_skip = ((m_tile - m_i) < thr) | (m_tile == float("-inf")) | (offs_g >= group)
-                n_keep = tl.reduce((row_skip == 0).to(tl.int32), 0, _sum_combine)
-                visit = (n_keep > 0) | (t == 0)
-                n_skip += (visit == 0).to(tl.int32)
-                if visit:
-                    acc, l_i, m_i = _accumulate(
-                        acc, l_i, m_i, s, m_tile, v_base, pos, ok, stride_vn, HEAD_DV, DOT_PRECISION
-                    )
-            else:
-                if WRITE_PAGE_LSE:
-                    _store_page_lse(PageLse, pid_bh.to(tl.int64) * group + offs_g, g_ok, s, idx_row, n_sel, t,
-                                    n_pages, PAGE, TILE, BLOCK_G)
-                acc, l_i, m_i = _accumulate(
-                    acc, l_i, m_i, s, m_tile, v_base, pos, ok, stride_vn, HEAD_DV, DOT_PRECISION
-                )
-        return acc, l_i, m_i, n_skip
-
-    @triton.jit
     def _decode_split_kernel(
-        Q, K, V, Idx, Cnt, Seed, Thr, Ws, Out, Lse, Tiles, KeyStart, KeyValid, KeySpan, PageLse,
+        Q, K, V, Idx, Cnt, Seed, Thr, Ws, Out, Lse, Tiles, KeyStart, KeyValid, PageLse,
         stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
         stride_ib, stride_ih, stride_cb, stride_ch, stride_ob, stride_oh, stride_valid_b,
         n_kv_heads, group, kv_len, max_pages, num_splits, ws_rows, qk_scale, thr_all, n_pages,
@@ -262,7 +229,7 @@ if triton_available():
         HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
         SKIP: tl.constexpr, PER_HEAD_THR: tl.constexpr, SEEDED: tl.constexpr, DIRECT: tl.constexpr,
         WRITE_LSE: tl.constexpr, COUNT: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_KEY_START: tl.constexpr,
-        HAS_KEY_VALID: tl.constexpr, HAS_KEY_SPAN: tl.constexpr, WRITE_PAGE_LSE: tl.constexpr,
+        HAS_KEY_VALID: tl.constexpr, WRITE_PAGE_LSE: tl.constexpr,
     ):  # fmt: skip
         pid_bh = tl.program_id(0)
         split = tl.program_id(1)
@@ -299,30 +266,28 @@ if triton_available():
                 thr = thr_all
         n_skip = tl.full([], 0, tl.int32)
 
-        if not SKIP:
-            thr = 0.0
-        valid_row = KeyValid + b * stride_valid_b
-        if HAS_KEY_SPAN:  # a row whose visible keys are one range [first, end) reads no per-key validity
-            span_end = tl.load(KeySpan + b * 2 + 1)
-            if span_end >= 0:
-                acc, l_i, m_i, n_skip = _split_loop(
-                    acc, l_i, m_i, n_skip, q, k_base, v_base, idx_row, n_sel, t_begin, t_end, stride_kn, stride_vn,
-                    tl.minimum(span_end, kv_len), tl.maximum(tl.load(KeySpan + b * 2), k_lo), valid_row, qk_scale,
-                    thr, PageLse, pid_bh, group, offs_g, g_ok, n_pages,
-                    PAGE, TILE, BLOCK_G, HEAD_D, HEAD_DV, SKIP, DOT_PRECISION, False, WRITE_PAGE_LSE,
-                )
-            else:
-                acc, l_i, m_i, n_skip = _split_loop(
-                    acc, l_i, m_i, n_skip, q, k_base, v_base, idx_row, n_sel, t_begin, t_end, stride_kn, stride_vn,
-                    kv_len, k_lo, valid_row, qk_scale, thr, PageLse, pid_bh, group, offs_g, g_ok, n_pages,
-                    PAGE, TILE, BLOCK_G, HEAD_D, HEAD_DV, SKIP, DOT_PRECISION, HAS_KEY_VALID, WRITE_PAGE_LSE,
-                )
-        else:
-            acc, l_i, m_i, n_skip = _split_loop(
-                acc, l_i, m_i, n_skip, q, k_base, v_base, idx_row, n_sel, t_begin, t_end, stride_kn, stride_vn,
-                kv_len, k_lo, valid_row, qk_scale, thr, PageLse, pid_bh, group, offs_g, g_ok, n_pages,
-                PAGE, TILE, BLOCK_G, HEAD_D, HEAD_DV, SKIP, DOT_PRECISION, HAS_KEY_VALID, WRITE_PAGE_LSE,
+        for t in range(t_begin, t_end):
+            s, pos, ok = _tile_scores(
+                q, k_base, idx_row, n_sel, t, stride_kn, kv_len, k_lo, KeyValid + b * stride_valid_b, qk_scale,
+                PAGE, TILE, HEAD_D, DOT_PRECISION, HAS_KEY_VALID,
             )
+            m_tile = tl.reduce(s, 1, _max_combine)
+            if SKIP:
+                row_skip = ((m_tile - m_i) < thr) | (m_tile == float("-inf")) | (offs_g >= group)
+                n_keep = tl.reduce((row_skip == 0).to(tl.int32), 0, _sum_combine)
+                visit = (n_keep > 0) | (t == 0)
+                n_skip += (visit == 0).to(tl.int32)
+                if visit:
+                    acc, l_i, m_i = _accumulate(
+                        acc, l_i, m_i, s, m_tile, v_base, pos, ok, stride_vn, HEAD_DV, DOT_PRECISION
+                    )
+            else:
+                if WRITE_PAGE_LSE:
+                    _store_page_lse(PageLse, pid_bh.to(tl.int64) * group + offs_g, g_ok, s, idx_row, n_sel, t,
+                                    n_pages, PAGE, TILE, BLOCK_G)
+                acc, l_i, m_i = _accumulate(
+                    acc, l_i, m_i, s, m_tile, v_base, pos, ok, stride_vn, HEAD_DV, DOT_PRECISION
+                )
 
         rows = pid_bh.to(tl.int64) * group + offs_g  # = b·Hq + query head
         if DIRECT:
@@ -435,7 +400,6 @@ def sparse_decode_attention(
     key_start: torch.Tensor | None = None,
     key_valid: torch.Tensor | None = None,
     page_lse: torch.Tensor | None = None,
-    key_span: torch.Tensor | None = None,
 ):
     """Single-token attention over the selected pages of each KV head (split-KV, GQA-packed).
 
@@ -451,11 +415,6 @@ def sparse_decode_attention(
     * ``key_start``: int ``[B]``, left padding — cache positions before ``key_start[b]`` are masked.
     * ``key_valid``: bool ``[B, L]`` (unit stride along L), per-key validity — keys where it is False
       are masked (padding anywhere, the empty slots of a static cache); read with the keys of a tile.
-    * ``key_span``: int64 ``[B, 2]`` with ``key_valid``: ``(first, end)`` where row ``b``'s visible keys
-      are exactly ``first <= j < end`` (then that row's tiles are masked by those bounds, without loading
-      its validity bytes: each tile's V load waits for them, 16 % of the kernel at 128K, batch 8, H100),
-      ``end = -1`` where the row has holes (its validity is read). `attnpatch.masking` derives it once
-      per decode step (`KeyBounds.key_span`).
     * ``page_lse``: float32 ``[B, Hq, ceil(L / page_size)]`` (unit stride along the pages), written
       with each listed page's natural-log log-sum-exp of its visible keys' scaled scores per query head
       (``-inf`` for a page without one); the pages not listed are left as they are. What a Recycled
@@ -497,13 +456,6 @@ def sparse_decode_attention(
         if key_valid.stride(-1) != 1:
             key_valid = key_valid.contiguous()
         key_valid = key_valid.view(torch.uint8)
-    if key_span is not None:
-        if key_valid is None:
-            raise ValueError("key_span describes key_valid's rows: pass it with key_valid")
-        if tuple(key_span.shape) != (b, 2) or key_span.dtype != torch.int64:
-            raise ValueError(f"key_span must be int64 [B={b}, 2] (first, end or -1), got {key_span.dtype} "
-                             f"{tuple(key_span.shape)}")
-        key_span = key_span.to(device).contiguous()
     valid_ptr = key_valid if key_valid is not None else counts  # unused pointer when absent: any tensor
     valid_stride = key_valid.stride(0) if key_valid is not None else 0
     n_pages = -(-lk // selection.page_size)
@@ -551,7 +503,7 @@ def sparse_decode_attention(
         seed if seed is not None else out, thr if thr is not None else out,  # unused pointers: any tensor
         ws if ws is not None else out, out, lse if lse is not None else out,
         tiles if tiles is not None else out, key_start if key_start is not None else counts, valid_ptr,
-        key_span if key_span is not None else counts, page_lse if page_lse is not None else out,
+        page_lse if page_lse is not None else out,
         query.stride(0), query.stride(1),
         key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2),
@@ -560,7 +512,7 @@ def sparse_decode_attention(
         PAGE=selection.page_size, TILE=tile, BLOCK_G=block_g, HEAD_D=d, HEAD_DV=dv,
         SKIP=skip, PER_HEAD_THR=thr is not None, SEEDED=seeded, DIRECT=direct, WRITE_LSE=return_lse, COUNT=count_tiles,
         DOT_PRECISION=precision, HAS_KEY_START=key_start is not None, HAS_KEY_VALID=key_valid is not None,
-        HAS_KEY_SPAN=key_span is not None, WRITE_PAGE_LSE=page_lse is not None, num_warps=warps, num_stages=stages,
+        WRITE_PAGE_LSE=page_lse is not None, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     if not direct:
         _decode_merge_kernel[(b * hq,)](

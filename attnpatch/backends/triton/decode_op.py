@@ -34,18 +34,17 @@ def sparse_decode_op(
     skip_bound_heads: Optional[torch.Tensor],  # noqa: UP045
     key_start: Optional[torch.Tensor],  # noqa: UP045
     key_valid: Optional[torch.Tensor],  # noqa: UP045
-    key_span: Optional[torch.Tensor] = None,  # noqa: UP045
 ) -> torch.Tensor:
     """`sparse_decode_attention` over `PageSelection(indices, counts, page_size, L)`; out `[B, Hq, 1, Dv]`."""
     selection = PageSelection(indices, counts, page_size, key.shape[2])
     bound = skip_bound_heads if skip_bound_heads is not None else skip_bound
     return sparse_decode_attention(query, key, value, selection, scale=scale, skip_bound=bound,
-                                   key_start=key_start, key_valid=key_valid, key_span=key_span)
+                                   key_start=key_start, key_valid=key_valid)
 
 
 @sparse_decode_op.register_fake
 def _sparse_decode_fake(query, key, value, indices, counts, page_size, scale, skip_bound, skip_bound_heads,
-                        key_start, key_valid, key_span=None):
+                        key_start, key_valid):
     b, hq = query.shape[0], query.shape[1]
     return query.new_empty(b, hq, 1, value.shape[-1])
 
@@ -61,11 +60,10 @@ def sparse_decode_page_lse_op(
     scale: float,
     key_start: Optional[torch.Tensor],  # noqa: UP045  (custom_op schema inference)
     key_valid: Optional[torch.Tensor],  # noqa: UP045
-    key_span: Optional[torch.Tensor] = None,  # noqa: UP045
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`sparse_decode_with_page_lse` as one op (compiled steps)."""
     return sparse_decode_with_page_lse(query, key, value, PageSelection(indices, counts, page_size, key.shape[2]),
-                                       scale=scale, key_start=key_start, key_valid=key_valid, key_span=key_span)
+                                       scale=scale, key_start=key_start, key_valid=key_valid)
 
 
 def _pages(key: torch.Tensor, page_size: int) -> int:
@@ -74,30 +72,27 @@ def _pages(key: torch.Tensor, page_size: int) -> int:
 
 def sparse_decode_with_page_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, selection: PageSelection,
                                 *, scale: float, key_start: torch.Tensor | None = None,
-                                key_valid: torch.Tensor | None = None,
-                                key_span: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                                key_valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`sparse_decode_attention(..., page_lse=...)` without skipping: `(out [B, Hq, 1, Dv], page_lse [B, Hq,
     ceil(L / page_size)])`, the listed pages' log-sum-exp in a buffer of -inf (the others stay -inf)."""
     page_lse = torch.full((query.shape[0], query.shape[1], _pages(key, selection.page_size)), float("-inf"),
                           dtype=torch.float32, device=query.device)
     out = sparse_decode_attention(query, key, value, selection, scale=scale, key_start=key_start,
-                                  key_valid=key_valid, page_lse=page_lse, key_span=key_span)
+                                  key_valid=key_valid, page_lse=page_lse)
     return out, page_lse
 
 
 @sparse_decode_page_lse_op.register_fake
-def _sparse_decode_page_lse_fake(query, key, value, indices, counts, page_size, scale, key_start, key_valid,
-                                 key_span=None):
+def _sparse_decode_page_lse_fake(query, key, value, indices, counts, page_size, scale, key_start, key_valid):
     b, hq = query.shape[0], query.shape[1]
     return query.new_empty(b, hq, 1, value.shape[-1]), query.new_empty(b, hq, _pages(key, page_size), dtype=torch.float32)
 
 
 def sparse_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, selection: PageSelection, *,
                   scale: float, skip_bound: float | torch.Tensor | None = None,
-                  key_start: torch.Tensor | None = None, key_valid: torch.Tensor | None = None,
-                  key_span: torch.Tensor | None = None) -> torch.Tensor:
+                  key_start: torch.Tensor | None = None, key_valid: torch.Tensor | None = None) -> torch.Tensor:
     """The op with `sparse_decode_attention`'s arguments (a selection, a float or tensor skip bound)."""
     heads = skip_bound if isinstance(skip_bound, torch.Tensor) else None
     scalar = None if skip_bound is None or heads is not None else float(skip_bound)
     return sparse_decode_op(query, key, value, selection.indices, selection.counts, selection.page_size,
-                            float(scale), scalar, heads, key_start, key_valid, key_span)
+                            float(scale), scalar, heads, key_start, key_valid)
