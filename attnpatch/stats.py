@@ -11,6 +11,7 @@ import torch
 from attnpatch.sparsity import BlockSelection, PageSelection, TokenSelection, causal_block_limit
 
 PENDING_CALLS = 64  # page-selecting decode calls a layer holds before summing their reads in one batch
+PENDING_ENTRIES = 1 << 18  # ... or list entries (2 MB as int64 per layer: long lists, e.g. every page, sum sooner)
 
 
 @dataclass
@@ -37,6 +38,7 @@ class LayerStats:
     decode_budget: int | None = None  # the decode method's `budget` option (keys per KV head), if it has one
     _dense_keys: list = field(default_factory=lambda: [0, 0])  # host-counted part of `decode_keys`
     _pending: list = field(default_factory=list)  # page-selecting decode calls not yet summed (`add_decode`)
+    _pending_entries: int = 0  # list entries they hold
     select_events: list = field(default_factory=list)  # (start, end) CUDA events around `select`, resolved lazily
     select_seconds: float = 0.0  # host-timed `select` calls (CPU)
     _kept: torch.Tensor | None = None  # [H] kept block pairs (summed over batch and calls)
@@ -66,7 +68,7 @@ class LayerStats:
         The context length is the cache layer's (`get_seq_length()`: the written length of a static
         cache, every token seen by an evicting one), else the key length. Device-side, no sync. A page
         selection is copied (its lists may be reused and changed in place later) and summed with up to
-        `PENDING_CALLS` others in one batch: a handful of tensor ops per layer and step cost an eager
+        `PENDING_CALLS` others (or `PENDING_ENTRIES` list entries) in one batch: a handful of tensor ops per layer and step cost an eager
         decode step more than its attention (`hf_decode --host-profile`: 7.9 of 54 ms a step at 32K,
         batch 1, 32 layers, H100, before this)."""
         if selection is not None and not isinstance(selection, PageSelection):
@@ -94,7 +96,8 @@ class LayerStats:
             host_context = int(seen)
         packed = torch.cat(parts)  # one op: a copy (whatever the lists do next), dtypes promoted
         self._pending.append((packed, tuple(selection.indices.shape), selection.page_size, host_context))
-        if len(self._pending) >= PENDING_CALLS:
+        self._pending_entries += packed.numel()
+        if len(self._pending) >= PENDING_CALLS or self._pending_entries >= PENDING_ENTRIES:
             self._sum_pending()
 
     def _sum_pending(self) -> None:
@@ -103,7 +106,7 @@ class LayerStats:
         for packed, shape, page_size, host_context in self._pending:
             key = (shape, page_size, host_context is None, packed.device)  # (int32 and int64 rows stack as int64)
             groups.setdefault(key, []).append((packed, host_context))
-        self._pending = []
+        self._pending, self._pending_entries = [], 0
         for (shape, ps, device_context, device), items in groups.items():
             b, hkv, width = shape
             n, lists = len(items), b * hkv * width

@@ -6,7 +6,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from attnpatch.sparsity import PageSelection
-from attnpatch.stats import PENDING_CALLS, LayerStats
+from attnpatch.stats import PENDING_CALLS, PENDING_ENTRIES, LayerStats
 
 
 class _Layer:
@@ -82,3 +82,16 @@ def test_counting_a_page_selecting_call_costs_about_two_tensor_ops():
             for _ in range(4 * PENDING_CALLS):
                 stats.add_decode(sel, key, _Layer(seen))
         assert counter.ops / (4 * PENDING_CALLS) < 2.5, counter.ops
+
+
+def test_long_lists_are_summed_before_they_hold_much_memory():
+    """Every page of a long cache per call: the held copies stay under `PENDING_ENTRIES` entries."""
+    n = 4096
+    sel = PageSelection(torch.arange(n, dtype=torch.int32).expand(2, 8, n), torch.full((2, 8), n, dtype=torch.int32),
+                        16, 16 * n)
+    stats = LayerStats(0, "dense", "blasst")
+    for _ in range(40):
+        stats.add_decode(sel, torch.zeros(2, 8, 16 * n, 1), _Layer(16 * n))
+        assert sum(p.numel() for p, *_ in stats._pending) < PENDING_ENTRIES
+    d = stats.as_dict()
+    assert d["decode_keys_read"] == d["decode_keys_total"] == 40 * 16 * n * 2 * 8
