@@ -57,6 +57,25 @@ def _merge_into(page_min: torch.Tensor, page_max: torch.Tensor, key_states: torc
     page_max.scatter_reduce_(2, index, torch.cat([old_max, src], 2), "amax", include_self=False)
 
 
+def _fold_token(page_min: torch.Tensor, page_max: torch.Tensor, key: torch.Tensor, page, fresh) -> None:
+    """Fold one decode token's key `[B, H, 1, D]` into page `page` of the bounds, in place; `fresh`: the page
+    starts with this token (its bounds restart). `page` / `fresh` are host values (two in-place ops) or 0-dim
+    device tensors (fixed shapes, no sync: index_copy_ stays in place under torch.compile)."""
+    src = key.to(page_min.dtype)
+    if not isinstance(page, torch.Tensor):
+        lo, hi = page_min[:, :, page:page + 1], page_max[:, :, page:page + 1]
+        if fresh:
+            lo.copy_(src)
+            hi.copy_(src)
+        else:
+            torch.minimum(lo, src, out=lo)
+            torch.maximum(hi, src, out=hi)
+        return
+    index = page.reshape(1)
+    page_min.index_copy_(2, index, torch.where(fresh, src, torch.minimum(page_min.index_select(2, index), src)))
+    page_max.index_copy_(2, index, torch.where(fresh, src, torch.maximum(page_max.index_select(2, index), src)))
+
+
 class PageBoundsLayer(DynamicLayer):
     """A DynamicLayer that also keeps each page's key min / max (Quest), updated incrementally: a
     prefill fills its pages, a decode token folds into the last page only (two in-place ops: eager decode
@@ -84,15 +103,7 @@ class PageBoundsLayer(DynamicLayer):
             self.page_min = torch.cat([self.page_min, self.page_min.new_zeros(b, h, grow, d)], 2)
             self.page_max = torch.cat([self.page_max, self.page_max.new_zeros(b, h, grow, d)], 2)
         if new - old == 1:  # a decode token: its position is known on the host, so two in-place ops
-            page = old // self.page_size
-            src = key_states.to(self.page_min.dtype)
-            lo, hi = self.page_min[:, :, page:page + 1], self.page_max[:, :, page:page + 1]
-            if old % self.page_size:
-                torch.minimum(lo, src, out=lo)
-                torch.maximum(hi, src, out=hi)
-            else:
-                lo.copy_(src)
-                hi.copy_(src)
+            _fold_token(self.page_min, self.page_max, key_states, old // self.page_size, old % self.page_size == 0)
             return keys, values
         positions = torch.arange(old, new, device=keys.device)
         _merge_into(self.page_min, self.page_max, key_states, positions, self.page_size)
@@ -159,6 +170,12 @@ class StaticPageBoundsLayer(StaticLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if key_states.shape[-2] == 1:  # a decode token: one page folded in, fewer ops than the general path
+            written = self.cumulative_length  # its position (read before `update` advances it)
+            page, fresh = written // self.page_size, written % self.page_size == 0
+            keys, values = super().update(key_states, value_states, *args, **kwargs)
+            _fold_token(self.page_min, self.page_max, key_states, page, fresh)
+            return keys, values
         positions = torch.arange(key_states.shape[-2], device=self.device) + self.cumulative_length
         keys, values = super().update(key_states, value_states, *args, **kwargs)
         _merge_into(self.page_min, self.page_max, key_states, positions, self.page_size)
