@@ -68,9 +68,9 @@ class LayerStats:
         The context length is the cache layer's (`get_seq_length()`: the written length of a static
         cache, every token seen by an evicting one), else the key length. Device-side, no sync. A page
         selection is copied (its lists may be reused and changed in place later) and summed with up to
-        `PENDING_CALLS` others (or `PENDING_ENTRIES` list entries) in one batch: a handful of tensor ops per layer and step cost an eager
-        decode step more than its attention (`hf_decode --host-profile`: 7.9 of 54 ms a step at 32K,
-        batch 1, 32 layers, H100, before this)."""
+        `PENDING_CALLS` others (or `PENDING_ENTRIES` list entries) in one batch: a handful of tensor ops per
+        layer and step cost an eager decode step more than its attention (`hf_decode --host-profile`: 7.9 of
+        54 ms a step at 32K, batch 1, 32 layers, H100, before this)."""
         if selection is not None and not isinstance(selection, PageSelection):
             return  # the method computed the step itself (a DecodeOutput): its reads are its own to report
         b, hkv, lk = key.shape[0], key.shape[1], key.shape[2]

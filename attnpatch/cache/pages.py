@@ -34,8 +34,8 @@ def key_page_bounds(key: torch.Tensor, page_size: int, length: int | None = None
 
 def _merge_into(page_min: torch.Tensor, page_max: torch.Tensor, key_states: torch.Tensor,
                 positions: torch.Tensor, page_size: int) -> None:
-    """Fold new keys at `positions` (`[n]` long, consecutive, on the keys' device) into the page bounds,
-    in place: a page whose first position is among them restarts from these keys, the page the chunk
+    """Fold new keys (a chunk; one decode token goes through `_fold_token`) at `positions` (`[n]` long,
+    consecutive, on the keys' device) into the page bounds, in place: a page whose first position is among them restarts from these keys, the page the chunk
     continues (its first position is earlier) keeps its previous bounds too. Fixed shapes, no sync."""
     b, h, n, d = key_states.shape
     page = positions // page_size
@@ -47,22 +47,19 @@ def _merge_into(page_min: torch.Tensor, page_max: torch.Tensor, key_states: torc
     old_min = old_min.masked_fill(fresh, float("inf"))
     old_max = old_max.masked_fill(fresh, float("-inf"))
     src = key_states.to(page_min.dtype)
-    if n == 1:  # a decode token: one page rewritten with index_copy_ (kept in place under torch.compile,
-        # where a scatter_reduce_ into the static table became a copy of the whole table every step)
-        page_min.index_copy_(2, first, torch.minimum(old_min, src))
-        page_max.index_copy_(2, first, torch.maximum(old_max, src))
-        return
     index = torch.cat([first, page]).view(1, 1, n + 1, 1).expand(b, h, n + 1, d)
     page_min.scatter_reduce_(2, index, torch.cat([old_min, src], 2), "amin", include_self=False)
     page_max.scatter_reduce_(2, index, torch.cat([old_max, src], 2), "amax", include_self=False)
 
 
-def _fold_token(page_min: torch.Tensor, page_max: torch.Tensor, key: torch.Tensor, page, fresh) -> None:
-    """Fold one decode token's key `[B, H, 1, D]` into page `page` of the bounds, in place; `fresh`: the page
-    starts with this token (its bounds restart). `page` / `fresh` are host values (two in-place ops) or 0-dim
-    device tensors (fixed shapes, no sync: index_copy_ stays in place under torch.compile)."""
+def _fold_token(page_min: torch.Tensor, page_max: torch.Tensor, key: torch.Tensor, position, page_size: int) -> None:
+    """Fold one decode token's key `[B, H, 1, D]` at `position` into its page's bounds, in place (a page's first
+    position restarts them). `position` a host int: two in-place ops on the page's slice; a 0-dim device tensor
+    (a static cache's count): fixed shapes, no sync, the page rewritten with index_copy_ (kept in place under
+    torch.compile, where a scatter_reduce_ into the static table became a copy of the whole table every step)."""
     src = key.to(page_min.dtype)
-    if not isinstance(page, torch.Tensor):
+    page, fresh = position // page_size, position % page_size == 0
+    if not isinstance(position, torch.Tensor):
         lo, hi = page_min[:, :, page:page + 1], page_max[:, :, page:page + 1]
         if fresh:
             lo.copy_(src)
@@ -103,7 +100,7 @@ class PageBoundsLayer(DynamicLayer):
             self.page_min = torch.cat([self.page_min, self.page_min.new_zeros(b, h, grow, d)], 2)
             self.page_max = torch.cat([self.page_max, self.page_max.new_zeros(b, h, grow, d)], 2)
         if new - old == 1:  # a decode token: its position is known on the host, so two in-place ops
-            _fold_token(self.page_min, self.page_max, key_states, old // self.page_size, old % self.page_size == 0)
+            _fold_token(self.page_min, self.page_max, key_states, old, self.page_size)
             return keys, values
         positions = torch.arange(old, new, device=keys.device)
         _merge_into(self.page_min, self.page_max, key_states, positions, self.page_size)
@@ -170,12 +167,9 @@ class StaticPageBoundsLayer(StaticLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        if key_states.shape[-2] == 1:  # a decode token: one page folded in, fewer ops than the general path
-            written = self.cumulative_length  # its position (read before `update` advances it)
-            page, fresh = written // self.page_size, written % self.page_size == 0
-            keys, values = super().update(key_states, value_states, *args, **kwargs)
-            _fold_token(self.page_min, self.page_max, key_states, page, fresh)
-            return keys, values
+        if key_states.shape[-2] == 1:  # a decode token at the written count (before `update` advances it)
+            _fold_token(self.page_min, self.page_max, key_states, self.cumulative_length, self.page_size)
+            return super().update(key_states, value_states, *args, **kwargs)
         positions = torch.arange(key_states.shape[-2], device=self.device) + self.cumulative_length
         keys, values = super().update(key_states, value_states, *args, **kwargs)
         _merge_into(self.page_min, self.page_max, key_states, positions, self.page_size)

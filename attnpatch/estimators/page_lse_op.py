@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 
 from attnpatch.estimators.page_lse_triton import page_lse_triton
+from attnpatch.sparsity import num_blocks
 
 __all__ = ["page_lse_op"]
 
@@ -24,4 +25,4 @@ def page_lse_op(query: torch.Tensor, key: torch.Tensor, page_size: int, scale: f
 def _page_lse_fake(query, key, page_size, scale, key_start, key_valid, flag):
     b, hq = query.shape[0], query.shape[1]
     hkv = key.shape[1]
-    return query.new_empty(b, hkv, hq // hkv, -(-key.shape[2] // page_size), dtype=torch.float32)
+    return query.new_empty(b, hkv, hq // hkv, num_blocks(key.shape[2], page_size), dtype=torch.float32)

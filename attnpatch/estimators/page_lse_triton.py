@@ -28,6 +28,7 @@ from attnpatch.backends.triton.utils import (
     scorer_input_reason,
     triton_available,
 )
+from attnpatch.sparsity import num_blocks
 
 __all__ = ["ALLOWED_PAGE_SIZES", "page_lse_triton", "unsupported_reason"]
 
@@ -127,7 +128,7 @@ def page_lse_triton(query: torch.Tensor, key: torch.Tensor, page_size: int, scal
     b, hq, _, d = query.shape
     hkv, length = key.shape[1], key.shape[2]
     group = hq // hkv
-    n = -(-length // page_size)
+    n = num_blocks(length, page_size)
     out = torch.empty(b, hkv, group, n, dtype=torch.float32, device=query.device)
     if out.numel() == 0:
         return out

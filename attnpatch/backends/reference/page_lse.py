@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from attnpatch.sparsity import PageSelection
+from attnpatch.sparsity import PageSelection, num_blocks
 
 __all__ = ["listed_page_lse", "page_lse_torch"]
 
@@ -22,7 +22,7 @@ def page_lse_torch(query: torch.Tensor, key: torch.Tensor, page_size: int, scale
     scores = (q @ key.float().transpose(-1, -2)) * scale  # [B, Hkv, G, L]
     if visible is not None:
         scores = scores.masked_fill(~visible.view(b, 1, 1, length), float("-inf"))
-    n = -(-length // page_size)
+    n = num_blocks(length, page_size)
     scores = torch.nn.functional.pad(scores, (0, n * page_size - length), value=float("-inf"))
     return torch.logsumexp(scores.view(b, hkv, hq // hkv, n, page_size), -1)
 

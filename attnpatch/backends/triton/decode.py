@@ -82,7 +82,7 @@ from attnpatch.backends.triton.utils import (
     triton_available,
     with_contiguous_last_dim,
 )
-from attnpatch.sparsity import PageSelection
+from attnpatch.sparsity import PageSelection, num_blocks
 
 __all__ = [
     "ALLOWED_HEAD_DIMS",
@@ -458,7 +458,7 @@ def sparse_decode_attention(
         key_valid = key_valid.view(torch.uint8)
     valid_ptr = key_valid if key_valid is not None else counts  # unused pointer when absent: any tensor
     valid_stride = key_valid.stride(0) if key_valid is not None else 0
-    n_pages = -(-lk // selection.page_size)
+    n_pages = num_blocks(lk, selection.page_size)
     if page_lse is not None:
         if skip:
             raise ValueError("sparse_decode_attention: page_lse cannot be written in skip mode (skipped tiles have "

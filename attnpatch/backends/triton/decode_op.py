@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from attnpatch.backends.triton.decode import sparse_decode_attention
-from attnpatch.sparsity import PageSelection
+from attnpatch.sparsity import PageSelection, num_blocks
 
 __all__ = ["sparse_decode", "sparse_decode_op", "sparse_decode_page_lse_op", "sparse_decode_with_page_lse"]
 
@@ -66,16 +66,12 @@ def sparse_decode_page_lse_op(
                                        scale=scale, key_start=key_start, key_valid=key_valid)
 
 
-def _pages(key: torch.Tensor, page_size: int) -> int:
-    return -(-key.shape[2] // page_size)
-
-
 def sparse_decode_with_page_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, selection: PageSelection,
                                 *, scale: float, key_start: torch.Tensor | None = None,
                                 key_valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`sparse_decode_attention(..., page_lse=...)` without skipping: `(out [B, Hq, 1, Dv], page_lse [B, Hq,
     ceil(L / page_size)])`, the listed pages' log-sum-exp in a buffer of -inf (the others stay -inf)."""
-    page_lse = torch.full((query.shape[0], query.shape[1], _pages(key, selection.page_size)), float("-inf"),
+    page_lse = torch.full((query.shape[0], query.shape[1], num_blocks(key.shape[2], selection.page_size)), float("-inf"),
                           dtype=torch.float32, device=query.device)
     out = sparse_decode_attention(query, key, value, selection, scale=scale, key_start=key_start,
                                   key_valid=key_valid, page_lse=page_lse)
@@ -85,7 +81,7 @@ def sparse_decode_with_page_lse(query: torch.Tensor, key: torch.Tensor, value: t
 @sparse_decode_page_lse_op.register_fake
 def _sparse_decode_page_lse_fake(query, key, value, indices, counts, page_size, scale, key_start, key_valid):
     b, hq = query.shape[0], query.shape[1]
-    return query.new_empty(b, hq, 1, value.shape[-1]), query.new_empty(b, hq, _pages(key, page_size), dtype=torch.float32)
+    return query.new_empty(b, hq, 1, value.shape[-1]), query.new_empty(b, hq, num_blocks(key.shape[2], page_size), dtype=torch.float32)
 
 
 def sparse_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, selection: PageSelection, *,
