@@ -55,6 +55,22 @@ AttentionInterface.register(IMPLEMENTATION, _attention)
 AttentionMaskInterface.register(IMPLEMENTATION, attnpatch_mask)
 
 
+def _first_real(mask) -> torch.Tensor | None:
+    """Each row's first non-padding position `[B]` from a forward's `attention_mask`: a 2-D padding mask, or
+    the full-attention mask `generate` builds before the forward with a static cache (an `AttnMask`'s key
+    validity, or a 4-D mask's last query row, which sees every real key). None: no padding information."""
+    if isinstance(mask, dict):
+        mask = mask.get("full_attention")
+    if isinstance(mask, AttnMask):
+        return None if mask.key_valid is None else mask.key_valid.to(torch.int8).argmax(-1)
+    if not isinstance(mask, torch.Tensor) or mask.dim() not in (2, 4):
+        return None
+    visible = mask if mask.dim() == 2 else mask[:, 0, -1]
+    if visible.is_floating_point():
+        visible = visible == 0 if mask.dim() == 4 else visible != 0
+    return visible.to(torch.int8).argmax(-1)
+
+
 def _dense_premade_masks(kwargs: dict) -> list[tuple[torch.Tensor, AttnMask]]:
     """`generate` with a static cache builds the masks before the forward (our mask function may answer
     with an `AttnMask`) and passes them as `attention_mask`; the model's own mask creation then only
@@ -198,8 +214,7 @@ class Patch:
                 cache._attnpatch_installed = True
             padded_layers = [layer for layer in cache.layers if hasattr(layer, "set_first_real")]
             if padded_layers:
-                mask = kwargs.get("attention_mask")
-                start = mask.to(torch.int8).argmax(-1) if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+                start = _first_real(kwargs.get("attention_mask"))
                 for layer in padded_layers:
                     layer.set_first_real(start)
         self.state.set_cache(cache if isinstance(cache, Cache) else None)

@@ -221,6 +221,8 @@ def test_hf_decode_tiny_on_cpu(tmp_path):
                 assert row["note"].startswith(f"skipped: {m.cls.static_cache_reason}")
             elif mode == "compiled" and m.cls.compiled_step_reason is not None:
                 assert row["note"] == f"skipped: {m.cls.compiled_step_reason}"
+            elif mode == "compiled" and m.cls.fullgraph_reason is not None:  # fullgraph=True by default
+                assert row["note"].startswith(f"skipped: {m.cls.fullgraph_reason}")
             else:
                 assert row["ms_per_token"] > 0 and row["kv_cache_gib"] > 0, row["note"]
                 assert sum(row["backends"].values()) == 2  # the eager stats step: 2 layers

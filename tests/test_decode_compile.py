@@ -237,9 +237,9 @@ def test_decode_kernel_custom_op_under_the_interpreter():
 # Options under which a decode method reads fewer keys than the tiny caches below hold (64 tokens, pages of
 # 16); a new method is tested with `small_options` alone.
 SPARSE_DECODE = {"quest": {"budget": 48, "dense_layers": 0}, "streaming": {"n_sink": 2, "window": 6},
-                 "blasst": {"a": 1.0}}
+                 "blasst": {"a": 1.0}, "retrieval": {"n_sink": 4, "window": 8, "top_k": 16}}
 COMPILABLE = [m for m in DECODE if not m.cls.is_dense and m.cls.compiled_step_reason is None
-              and m.cls.static_cache_reason is None]
+              and m.cls.static_cache_reason is None and m.cls.fullgraph_reason is None]
 
 
 @pytest.mark.parametrize("family,window", [("llama", None), ("gemma3", 8)], ids=["llama", "gemma3"])
@@ -253,6 +253,64 @@ def test_every_compilable_decode_method_compiles_to_its_eager_step(family, windo
     with attnpatch.patch_model(model, decode=info.name, **options):
         eager, compiled = _eager_and_compiled_steps(model, 60)
     torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
+
+
+GRAPH_BREAKING = [m for m in DECODE if m.cls.fullgraph_reason is not None and m.cls.static_cache_reason is None]
+
+
+@pytest.mark.parametrize("info", GRAPH_BREAKING, ids=[m.name for m in GRAPH_BREAKING])
+def test_a_method_with_graph_breaks_compiles_once_on_a_static_cache(info):
+    """A decode method whose compiled step is not one graph (`fullgraph_reason`, e.g. `retrieval`'s wait for
+    the CPU search), at a setting that reads a part of the cache: compiled without fullgraph on a static
+    cache, its steps give eager's logits on a left-padded batch, and after the second step (the first one
+    changes the cache's layout) no step compiles again. The padding mask has the cache's fixed width (as
+    `generate` passes it), and the recompile limit is raised so that dynamo never gives up and runs eagerly;
+    a DynamicCache recompiles at every step under the same conditions."""
+    from transformers.cache_utils import DynamicCache, StaticCache
+
+    model = tiny_model("llama")
+    ck = _cache_kw(model)
+    prompt, steps = 60, 6
+    ids, mask = left_padded(2, prompt, [0, 5])
+    wide = torch.cat([mask, torch.ones(2, steps + 2, dtype=mask.dtype)], dim=1)  # max_cache_len columns
+    compiles = []
+
+    def backend(gm, inputs):
+        compiles.append(gm)
+        return gm.forward
+
+    def decode(step_fn, cache, after=None):
+        with torch.no_grad():
+            tok = model(ids, attention_mask=mask, **{ck: cache}).logits[:, -1:].argmax(-1)
+            logits = []
+            for i in range(steps):
+                pos = torch.tensor([[prompt + i], [prompt - 5 + i]])
+                logits.append(step_fn(input_ids=tok, attention_mask=wide, position_ids=pos, **{ck: cache}).logits[:, -1])
+                tok = logits[-1].argmax(-1, keepdim=True)
+                if i == 1 and after is not None:
+                    after()
+        return torch.stack(logits)
+
+    options = small_options(info) | SPARSE_DECODE.get(info.name, {})
+    static = StaticCache(config=model.config, max_cache_len=wide.shape[1])
+    with attnpatch.patch_model(model, decode=info.name, **options), \
+            torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=4096):
+        eager = decode(model, StaticCache(config=model.config, max_cache_len=wide.shape[1]))
+        counts = {}
+        for name, cache in (("static", static), ("dynamic", DynamicCache(config=model.config))):
+            torch._dynamo.reset()
+            compiles.clear()
+            try:
+                out = decode(torch.compile(model, backend=backend, dynamic=False), cache,
+                             after=lambda n=name: counts.setdefault(n, len(compiles)))
+            finally:
+                torch._dynamo.reset()
+            counts[name] = (counts[name], len(compiles))
+            if name == "static":
+                torch.testing.assert_close(out, eager, rtol=0, atol=1e-5)
+    assert counts["static"][0] > 0 and counts["static"][1] == counts["static"][0], counts
+    assert counts["dynamic"][1] > counts["dynamic"][0], counts  # the check can see a recompilation
+    assert all(type(layer).__name__.startswith("Static") for layer in static.layers)
 
 
 COMPILE_REFUSED = [m for m in DECODE if m.cls.compiled_step_reason is not None and m.cls.static_cache_reason is None]

@@ -196,3 +196,39 @@ def test_a_compiled_model_decodes_as_eager_with_graph_breaks_at_the_cpu_search(l
             assert retrieval_report(cache)["cpu_tokens"] > 0
         torch._dynamo.reset()
     torch.testing.assert_close(logits["compiled"], logits["eager"], rtol=0, atol=1e-5)
+
+
+@torch.no_grad()
+def test_a_static_cache_generates_what_the_dynamic_one_does_holding_a_fixed_gpu_part(llama):
+    """`generate(cache_implementation="static")` under `retrieval` (a part of the offloaded keys retrieved,
+    left padding): the tokens of its dynamic cache; after the split each layer's GPU part is the kept
+    tokens plus one slot per position the cache can still take, not `max_cache_len` slots."""
+    from attnpatch.cache.retrieval_layer import StaticRetrievalLayer
+
+    ids, mask = left_padded(2, 50, [0, 6], seed=4)
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    options = dict(n_sink=3, window=5, top_k=6, index="exact")
+    with attnpatch.patch_model(llama, decode="retrieval", **options):
+        dynamic = llama.generate(ids, **kw)
+        static = llama.generate(ids, cache_implementation="static", **kw)
+    assert torch.equal(static.sequences, dynamic.sequences)
+    cache = static.past_key_values
+    room = cache.layers[0].max_cache_len - 50
+    for layer in cache.layers:
+        assert isinstance(layer, StaticRetrievalLayer) and layer.offloaded is not None
+        assert layer.keys.shape[2] == 3 + 5 + room and int(layer.get_seq_length()) == 50 + 5
+    report = retrieval_report(cache)
+    assert report["gpu_tokens"] == len(cache.layers) * (8 + room)
+    assert report["cpu_tokens"] == len(cache.layers) * (50 - 8)
+
+
+def test_a_static_cache_without_room_for_a_generated_token_is_refused():
+    from attnpatch.cache.retrieval_layer import StaticRetrievalLayer
+
+    layer = StaticRetrievalLayer(10, 2, 3, 4, IndexConfig())
+    k = torch.randn(1, 2, 10, 8)
+    layer.update(k, k)
+    with pytest.raises(ValueError, match="no slot left for a generated token"):
+        layer.update(k[:, :, :1], k[:, :, :1])
+    with pytest.raises(ValueError, match="holds 10 tokens per row"):
+        StaticRetrievalLayer(10, 2, 3, 4, IndexConfig()).update(torch.randn(1, 2, 11, 8), torch.randn(1, 2, 11, 8))

@@ -319,12 +319,14 @@ class Bench:
             row.note = f"skipped: time budget (--budget-s {self.budget_s:g}, {self.elapsed():.0f} s used)"
             return row
         cls = _method_class(cfg.decode)
-        dynamic = cls is not None and cls.static_cache_reason is not None  # evicts / offloads: a DynamicCache
+        dynamic = cls is not None and cls.static_cache_reason is not None  # a method refusing a static cache
         reason = None
         if mode == "compiled" and dynamic:
             reason = f"{cls.static_cache_reason} (a compiled step needs the static cache)"
         elif mode == "compiled" and cls is not None:
             reason = cls.compiled_step_reason
+            if reason is None and cls.fullgraph_reason is not None and self.fullgraph:
+                reason = f"{cls.fullgraph_reason} (--no-fullgraph times it)"
         if reason is not None:  # said plainly, not as dynamo's wrapper of the error the compiled step raises
             row.note = f"skipped: {reason}"
             return row

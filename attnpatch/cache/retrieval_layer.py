@@ -18,6 +18,9 @@ from attnpatch.cache.retrieval_index import (
 )
 
 INDEX_KINDS = ("exact", "query_ivf", "key_ivf")
+_AFTER_SPLIT = ("the retrieval cache offloaded its prompt at the first decode step; a later multi-token forward "
+                "(chunked continuation, assisted decoding) would not see the offloaded keys: use a new cache for "
+                "a new prompt, or decode='dense'")
 
 
 @dataclass(frozen=True)
@@ -101,10 +104,7 @@ class RetrievalLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         b, new = key_states.shape[0], key_states.shape[-2]
         if self.offloaded is not None and new > 1:
-            raise NotImplementedError(
-                "the retrieval cache offloaded its prompt at the first decode step; a later multi-token "
-                "forward (chunked continuation, assisted decoding) would not see the offloaded keys: "
-                "use a new cache for a new prompt, or decode='dense'")
+            raise NotImplementedError(_AFTER_SPLIT)
         if self.offloaded is None and new == 1 and self.cumulative_length > self.n_sink + self.window:
             self._offload()
         new_pos = torch.arange(self.cumulative_length, self.cumulative_length + new, device=self.device)
@@ -134,6 +134,10 @@ class RetrievalLayer(DynamicLayer):
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("the retrieval cache offloads tokens and cannot be cropped; use decode='dense' "
                                   "for assisted or speculative decoding")
+
+    def static_variant(self, max_cache_len: int) -> StaticRetrievalLayer:
+        return StaticRetrievalLayer(max_cache_len, self.n_sink, self.window, self.top_k, self.config,
+                                    self.track_recall)
 
     # -- prefill queries -------------------------------------------------------------------------
     def observe_queries(self, query: torch.Tensor) -> None:
@@ -244,6 +248,107 @@ class RetrievalLayer(DynamicLayer):
             "mean_retrieved": c["retrieved"] / steps, "mean_scanned": c["scanned"] / steps,
             "recall": c["recall_sum"] / c["recall_n"] if c["recall_n"] else None,
         }
+
+
+class StaticRetrievalLayer(RetrievalLayer):
+    """`RetrievalLayer` on a static cache (`cache_implementation="static"`, a `StaticCache`): fixed shapes
+    for compiled decode steps.
+
+    The prompt is written into a preallocated buffer of `max_cache_len` slots, as transformers'
+    `StaticLayer` does (while reading the prompt the device holds its whole KV, as a dynamic cache does).
+    At the first decode step the prompt is split as the dynamic layer splits it, and the buffer is
+    replaced by the GPU part at a fixed size: the `n_sink + window` kept tokens, then one slot for each
+    position the cache can still take (`max_cache_len` minus the prompt), at that position
+    (`returned_positions`, fixed from then on). A step writes its slot in place from a device counter
+    and returns the whole part; the slots not written yet sit at later positions, which the causal mask
+    hides. So every step after the split has the same shapes and reads no host counter (no
+    recompilation). The split and the CPU part run outside compiled graphs (`torch.compiler.disable`):
+    a compiled step breaks its graph where it waits for the CPU search, which no CUDA graph can hold.
+    `cumulative_length` counts the prompt; `get_seq_length` adds the device count of generated tokens.
+    """
+
+    is_compileable = True
+
+    def __init__(self, max_cache_len: int, n_sink: int, window: int, top_k: int, index: IndexConfig,
+                 track_recall: bool = False):
+        super().__init__(n_sink, window, top_k, index, track_recall)
+        self.max_cache_len = max_cache_len
+        self.generated: torch.Tensor | None = None  # [] long on the device: tokens written since the split
+        self.first_slot = 0  # the GPU part's slot of the first generated token
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        b, h = key_states.shape[:2]
+        self.keys = key_states.new_zeros(b, h, self.max_cache_len, key_states.shape[-1])
+        self.values = value_states.new_zeros(b, h, self.max_cache_len, value_states.shape[-1])
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        new, start = key_states.shape[-2], self.cumulative_length
+        if self.offloaded is not None:
+            if new > 1:
+                raise NotImplementedError(_AFTER_SPLIT)
+            return self._write(key_states, value_states)
+        if new == 1 and start > self.n_sink + self.window:
+            self._split(key_states, value_states)
+            return self.keys, self.values
+        if start + new > self.max_cache_len:
+            raise ValueError(f"the static cache holds {self.max_cache_len} tokens per row; writing {new} after "
+                             f"{start} needs {start + new} (a larger max_cache_len)")
+        at = torch.arange(start, start + new, device=self.device)
+        self.keys.index_copy_(2, at, key_states)
+        self.values.index_copy_(2, at, value_states)
+        self.cumulative_length += new
+        return self.keys, self.values
+
+    @torch.compiler.disable
+    def _split(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Offload the prompt, allocate the fixed GPU part, write the decode token into its first free slot."""
+        length = self.cumulative_length
+        room = self.max_cache_len - length
+        if room < 1:
+            raise ValueError(f"the static cache holds {self.max_cache_len} tokens per row, all taken by the "
+                             f"prompt: no slot left for a generated token (a larger max_cache_len)")
+        b = key_states.shape[0]
+        self.keys, self.values = self.keys[:, :, :length], self.values[:, :, :length]
+        self.positions = torch.arange(length, device=self.device).expand(b, length)
+        self._offload()  # the buffer is released: keys / values / positions are the kept tokens
+        self.first_slot = self.keys.shape[2]
+
+        def grow(t: torch.Tensor) -> torch.Tensor:
+            return torch.cat([t, t.new_zeros(*t.shape[:2], room, t.shape[-1])], 2)
+
+        self.keys, self.values = grow(self.keys), grow(self.values)
+        later = torch.arange(length, self.max_cache_len, device=self.device).expand(b, room)
+        self.positions = self.returned_positions = torch.cat([self.positions, later], 1)
+        self.generated = torch.zeros((), dtype=torch.long, device=self.device)
+        for t in (self.keys, self.values, self.generated, self.positions):
+            torch._dynamo.mark_static_address(t)
+        self._write(key_states, value_states)
+
+    def _write(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        slot = (self.generated + self.first_slot).view(1)
+        self.keys.index_copy_(2, slot, key_states)
+        self.values.index_copy_(2, slot, value_states)
+        self.generated.add_(1)
+        return self.keys, self.values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.max_cache_len, 0
+
+    def get_seq_length(self) -> int | torch.Tensor:
+        return self.cumulative_length if self.generated is None else self.generated + self.cumulative_length
+
+    def get_max_length(self) -> int:
+        return self.max_cache_len
+
+    def reset(self) -> None:
+        self.keys = self.values = self.generated = None
+        self.is_initialized = False
+        self.cumulative_length, self.first_slot = 0, 0
+        self.positions = self.returned_positions = self.offloaded = None
+        self._train = []
 
 
 def _index_to_host(index: ExactIndex | IvfIndex) -> ExactIndex | IvfIndex:

@@ -122,6 +122,9 @@ class DecodeMethod:
     # Why a decode step of the method cannot be compiled (`torch.compile` of the model), or None when it
     # can: a compiled step raises this reason instead of recompiling at every step.
     compiled_step_reason: ClassVar[str | None] = None
+    # Why a compiled decode step of the method is not one graph (it compiles without fullgraph, and no
+    # CUDA graph replays it), or None when it is.
+    fullgraph_reason: ClassVar[str | None] = None
 
     def select(self, query: torch.Tensor, key: torch.Tensor, ctx: DecodeContext
                ) -> PageSelection | DecodeOutput | None:

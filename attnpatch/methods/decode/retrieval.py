@@ -43,18 +43,22 @@ class Retrieval(DecodeMethod):
       (the GPU on CUDA: k-means and the training queries' top keys), then moved to the CPU. Recall@top_k against exact search: `track_recall=True`, read with
       `attnpatch.cache.retrieval_report(cache)` (also bytes per part for the memory claim).
     * Defaults follow the MInference port: 128 sinks + 512 recent tokens, top_k 2000.
-    * No static cache: a preallocated GPU cache would hold the KV this method moves to CPU memory. Under
-      `torch.compile` (not fullgraph) the step runs on this method's dynamic cache with a graph break
-      where the query goes to the CPU search (tested equal to eager); a CUDA graph cannot hold that wait.
+    * Static cache (`cache_implementation="static"`): the prompt fills the preallocated buffer; at the
+      split the buffer gives way to a fixed-size GPU part (the kept tokens, then one slot per position
+      the cache can still take), so GPU memory after the split is that part, not `max_cache_len` slots
+      (`StaticRetrievalLayer`). Under `torch.compile` (not fullgraph) each step is compiled once and
+      breaks its graph where the query goes to the CPU search, which runs eagerly
+      (`torch.compiler.disable`; tested equal to eager, no recompilation per step); a CUDA graph cannot
+      hold that wait (`fullgraph_reason`).
 
     `full_density` (what the matrix test checks against dense): exact index with `top_k` above any
     length, and a tiny GPU part, so short test prompts really go through the offload and the merge.
     """
 
     full_density: ClassVar[dict] = {"top_k": 1 << 30, "index": "exact", "n_sink": 1, "window": 2}
-    static_cache_reason: ClassVar[str | None] = (
-        "retrieval moves most of the KV cache to CPU memory after the prefill, which a fixed-shape static "
-        "cache cannot do; use the default dynamic cache (torch.compile without fullgraph runs on it)")
+    fullgraph_reason: ClassVar[str | None] = (
+        "each step hands the query to the CPU search and waits for it: a graph break (torch.compile without "
+        "fullgraph runs it), which no CUDA graph can hold")
 
     n_sink: int = option(128, "first real tokens kept on the GPU", min=0)
     window: int = option(512, "most recent prompt tokens kept on the GPU (generated tokens are all kept)", min=1)
@@ -82,14 +86,26 @@ class Retrieval(DecodeMethod):
         value = layer.values
         if value is None or value.shape[2] != key.shape[2]:
             raise RuntimeError("retrieval: the keys of this step are not the ones its cache layer returned")
-        q_host = query[:, :, 0].float().cpu()  # one sync; the GPU part's kernels are queued after it
+        q_host = _query_to_host(query)  # one sync; the GPU part's kernels are queued after it
         b, hkv, lk = key.shape[0], key.shape[1], key.shape[2]
         pages = PageSelection.all_pages(b, hkv, lk, 64, query.device)
         out_gpu, lse_gpu = paged_decode_attention(query, key, value, pages, ctx.scale, return_lse=True,
                                                   bounds=ctx.bounds)
-        out_cpu, lse_cpu = layer.attend_offloaded(q_host, ctx.scale)
-        device = query.device
-        out_cpu = out_cpu.to(device, non_blocking=True).unsqueeze(2)
-        lse_cpu = lse_cpu.to(device, non_blocking=True).unsqueeze(2)
+        out_cpu, lse_cpu = _offloaded_part(layer, q_host, ctx.scale, query.device)
         out, _ = merge_partials(out_gpu, lse_gpu, out_cpu, lse_cpu)
         return DecodeOutput(out, f"retrieval: gpu part + {self.index} cpu part")
+
+
+@torch.compiler.disable
+def _query_to_host(query: torch.Tensor) -> torch.Tensor:
+    """`[B, Hq, D]` float32 in CPU memory (outside compiled graphs: the step's one sync)."""
+    return query[:, :, 0].float().cpu()
+
+
+@torch.compiler.disable
+def _offloaded_part(layer: RetrievalLayer, q_host: torch.Tensor, scale: float, device: torch.device
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CPU part's `(out [B, Hq, 1, Dv], lse [B, Hq, 1])` on `device`, computed eagerly (the index
+    search has data-dependent shapes and host counters a compiled graph would be guarded on)."""
+    out, lse = layer.attend_offloaded(q_host, scale)
+    return out.to(device, non_blocking=True).unsqueeze(2), lse.to(device, non_blocking=True).unsqueeze(2)
