@@ -91,8 +91,10 @@ class Retrieval(DecodeMethod):
         pages = PageSelection.all_pages(b, hkv, lk, 64, query.device)
         out_gpu, lse_gpu = paged_decode_attention(query, key, value, pages, ctx.scale, return_lse=True,
                                                   bounds=ctx.bounds)
-        out_cpu, lse_cpu = _offloaded_part(layer, q_host, ctx.scale, query.device)
-        out, _ = merge_partials(out_gpu, lse_gpu, out_cpu, lse_cpu)
+        out_cpu, lse_cpu = _offloaded_part(layer, q_host, ctx.scale)
+        device = query.device  # moved in the step's traced code (`_offloaded_part`)
+        out, _ = merge_partials(out_gpu, lse_gpu, out_cpu.to(device, non_blocking=True),
+                                lse_cpu.to(device, non_blocking=True))
         return DecodeOutput(out, f"retrieval: gpu part + {self.index} cpu part")
 
 
@@ -103,9 +105,13 @@ def _query_to_host(query: torch.Tensor) -> torch.Tensor:
 
 
 @torch.compiler.disable
-def _offloaded_part(layer: RetrievalLayer, q_host: torch.Tensor, scale: float, device: torch.device
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The CPU part's `(out [B, Hq, 1, Dv], lse [B, Hq, 1])` on `device`, computed eagerly (the index
-    search has data-dependent shapes and host counters a compiled graph would be guarded on)."""
+def _offloaded_part(layer: RetrievalLayer, q_host: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CPU part's `(out [B, Hq, 1, Dv], lse [B, Hq, 1])` in CPU memory, computed eagerly (the index
+    search has data-dependent shapes and host counters a compiled graph would be guarded on).
+
+    Returned on the CPU and moved to the device in the step's traced code: with the move in here, a compiled
+    128K step (H100, inductor `reduce-overhead`) failed in the CUDA-graph trees ("graph recording observed an
+    input tensor deallocate during graph recording that did not occur during replay"); with it there, it ran
+    (bench/results/hf_decode_h100/retrieval_static_2026-12-06/)."""
     out, lse = layer.attend_offloaded(q_host, scale)
-    return out.to(device, non_blocking=True).unsqueeze(2), lse.to(device, non_blocking=True).unsqueeze(2)
+    return out.unsqueeze(2), lse.unsqueeze(2)
