@@ -92,3 +92,33 @@ def test_a_method_without_read_counts_is_tabled_with_a_dash(harness, tmp_path):
             "answer_tokens": 4, "forced_tokens": 4}
     harness.write(tmp_path / "run", meta, [row])
     assert "| 64 | `retrieval` | 1.00 | 1.000 | 0.0000 | 1.0000 | – |" in (tmp_path / "run.md").read_text()
+
+
+def test_a_stopped_run_is_rebuilt_from_its_lines(harness, tmp_path):
+    """`--from-log`: the prompts every spec finished, with their printed figures and the prompt file's targets;
+    a prompt only some specs reached is left out; answers stay unscored until `--rescore`."""
+    import argparse
+    import json
+
+    lines = [
+        "L=16384 sample 0 dense: ': 123.\\nThe' correct=None agree=1.000 kl=0.0000 recall=1.0000 density=0.194",
+        "L=16384 sample 0 quest:budget=1024: \": it's 124\" correct=None agree=0.938 kl=0.0019 recall=0.9623 density=0.038",
+        "L=16384 sample 1 dense: ': 77' correct=None agree=1.000 kl=0.0000 recall=1.0000 density=0.200",
+        "some other output",
+        "L=16384 sample 1 quest:budget=1024: ': 77' correct=None agree=1.000 kl=0.0010 recall=0.9000 density=0.040",
+        "L=16384 sample 2 dense: ': 5' correct=None agree=1.000 kl=0.0000 recall=1.0000 density=0.194",
+    ]
+    log = tmp_path / "run.log"
+    log.write_text("\n".join(lines) + "\n")
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps({"prompts": [{"targets": ["123"]}, {"targets": ["77"]}, {"targets": ["5"]}]}))
+    args = argparse.Namespace(model="gemma3-270m", task="niah_single_1", seed=0, answer_tokens=16, forced_tokens=16,
+                              out=str(tmp_path / "out"))
+    path = harness.runs_from_log(log, args, prompts)
+    data = json.loads(path.read_text())
+    assert data["limit"] == 2
+    rows = {r["spec"]: r for r in data["results"]}
+    assert [r["answer"] for r in rows["quest:budget=1024"]["runs"]] == [": it's 124", ": 77"]
+    assert [r["target"] for r in rows["dense"]["runs"]] == [["123"], ["77"]]
+    assert rows["quest:budget=1024"]["kl"] == pytest.approx(0.00145) and rows["dense"]["accuracy"] is None
+    assert "unscored" in path.with_suffix(".md").read_text()

@@ -22,7 +22,9 @@ layers only), restored with the prompt's length so positions and masks are those
 Where lm-eval is not installed (the GPU machine), RULER prompts travel as a file: `--export-prompts FILE`
 writes them here (text, targets and lm-eval's document), `--prompts FILE` reads them there, and the answers
 come back unscored; `--rescore RUN.json` then scores them here with the task's own `process_results` and
-rewrites the run's JSON and table.
+rewrites the run's JSON and table. The JSON and table are written after every prompt, so a run stopped by a
+time limit keeps the prompts it finished; `--from-log LOG` rebuilds them from the printed lines of a run that
+stopped before this script wrote as it went.
 
 `--kv-dir DIR` keeps each prompt's prefill K/V there (float32 safetensors, ~190 MB per 4K prompt) and
 reuses them on the next run with the same task, length and sample, so a budget sweep pays the prefill once.
@@ -38,9 +40,11 @@ reuses them on the next run with the same task, length and sample, so a budget s
 from __future__ import annotations
 
 import argparse
+import ast
 import hashlib
 import json
 import random
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -241,7 +245,16 @@ def main() -> None:
                     "(written by --export-prompts; answers left unscored for --rescore)")
     ap.add_argument("--rescore", default=None, metavar="RUN_JSON",
                     help="score an unscored run's answers with lm-eval (rewrites its JSON and table) and stop")
+    ap.add_argument("--from-log", default=None, metavar="LOG",
+                    help="rebuild a run's JSON (--out) from its printed lines, the prompts every spec finished "
+                         "(a run stopped by a time limit before this script wrote after every prompt); with "
+                         "--prompts, scored as --rescore scores")
     args = ap.parse_args()
+    if args.from_log:
+        run_path = runs_from_log(Path(args.from_log), args, Path(args.prompts) if args.prompts else None)
+        if args.prompts:
+            rescore(run_path, Path(args.prompts))
+        return
     if args.rescore:
         rescore(Path(args.rescore), Path(args.prompts) if args.prompts else None)
         return
@@ -259,6 +272,17 @@ def main() -> None:
     specs = [PatchSpec.build("dense", s, backend=args.backend) for s in names]  # validated before loading
     model, tok = load(args.model, device=args.device)
     device = model.device
+    command = ("python bench/scripts/decode_fidelity.py " + (f"--model {args.model} " if args.model != "smollm2" else "")
+               + f"--task {args.task} --seed {args.seed} --limit {args.limit} --lengths "
+               f"{' '.join(map(str, args.lengths))} --answer-tokens {args.answer_tokens} --forced-tokens "
+               f"{args.forced_tokens} --specs {' '.join(args.specs)}" + (f" --prompts {args.prompts}" if args.prompts else ""))
+    meta = {"model": args.model, "task": args.task, "seed": args.seed, "limit": args.limit,
+            "answer_tokens": args.answer_tokens, "forced_tokens": args.forced_tokens, "device": str(device),
+            "dtype": str(model.dtype), "torch": torch.__version__, "command": command}
+    task = "" if args.task == "passkey" else f"{args.task}_"
+    seed = f"seed{args.seed}_" if args.task != "passkey" and args.seed else ""
+    name = "" if args.model == "smollm2" else f"{args.model}_"
+    stem = Path(args.out) / f"decode_fidelity_{name}{task}{seed}{str(device).split(':')[0]}_n{args.limit}"
     rows = []
     for length in args.lengths:
         per_spec: dict[str, list] = {name: [] for name in names}
@@ -309,31 +333,30 @@ def main() -> None:
                 print(f"L={length} sample {i} {name}: {text!r} correct={run['correct']} "
                       f"agree={run['agreement']:.3f} kl={run['kl']:.4f} recall={run['recall']:.4f} "
                       f"density={_fmt(stats.decode_density)}", flush=True)
-        for spec, name in zip(specs, per_spec, strict=True):
-            runs = per_spec[name]
+            # after every prompt: a run stopped by a time limit keeps the prompts it finished
+            write(stem, {**meta, "finished": f"{i + 1} of {len(items)} prompts at L={length}"},
+                  rows + spec_rows(specs, per_spec, length), quiet=True)
+        rows += spec_rows(specs, per_spec, length)
+    write(stem, meta, rows)
 
-            def mean(key, runs=runs):  # None where a method reports no reads (retrieval computes its own steps)
-                values = [r[key] for r in runs]
-                return None if any(v is None for v in values) else sum(values) / len(values)
 
-            rows.append({
-                "spec": name, "decode": spec.decode, "decode_options": dict(spec.decode_options), "length": length,
-                "samples": len(runs), "accuracy": accuracy(runs), "agreement": mean("agreement"),
-                "kl": mean("kl"), "recall": mean("recall"), "decode_density": mean("decode_density"),
-                "seconds_per_sample": mean("seconds"), "runs": runs,
-            })
-    command = ("python bench/scripts/decode_fidelity.py " + (f"--model {args.model} " if args.model != "smollm2" else "")
-               + f"--task {args.task} --seed {args.seed} --limit {args.limit} --lengths "
-               f"{' '.join(map(str, args.lengths))} --answer-tokens {args.answer_tokens} --forced-tokens "
-               f"{args.forced_tokens} --specs {' '.join(args.specs)}" + (f" --prompts {args.prompts}" if args.prompts else ""))
-    meta = {"model": args.model, "task": args.task, "seed": args.seed, "limit": args.limit,
-            "answer_tokens": args.answer_tokens, "forced_tokens": args.forced_tokens, "device": str(device),
-            "dtype": str(model.dtype), "torch": torch.__version__, "command": command}
-    task = "" if args.task == "passkey" else f"{args.task}_"
-    seed = f"seed{args.seed}_" if args.task != "passkey" and args.seed else ""
-    name = "" if args.model == "smollm2" else f"{args.model}_"
-    write(Path(args.out) / f"decode_fidelity_{name}{task}{seed}{str(device).split(':')[0]}_n{args.limit}",
-          meta, rows)
+def spec_rows(specs: list[PatchSpec], per_spec: dict[str, list], length: int) -> list[dict]:
+    """One row per spec at `length`: its runs and their means."""
+    rows = []
+    for spec, name in zip(specs, per_spec, strict=True):
+        runs = per_spec[name]
+
+        def mean(key, runs=runs):  # None where a method reports no reads (retrieval computes its own steps)
+            values = [r[key] for r in runs]
+            return None if not values or any(v is None for v in values) else sum(values) / len(values)
+
+        rows.append({
+            "spec": name, "decode": spec.decode, "decode_options": dict(spec.decode_options), "length": length,
+            "samples": len(runs), "accuracy": accuracy(runs), "agreement": mean("agreement"),
+            "kl": mean("kl"), "recall": mean("recall"), "decode_density": mean("decode_density"),
+            "seconds_per_sample": mean("seconds"), "runs": runs,
+        })
+    return rows
 
 
 def _fmt(x: float | None) -> str:
@@ -345,6 +368,43 @@ def accuracy(runs: list[dict]) -> float | None:
     if any(r["correct"] is None for r in runs):
         return None
     return sum(r["correct"] for r in runs) / len(runs)
+
+
+_LOG_LINE = re.compile(r"L=(\d+) sample (\d+) (\S+): (.*) correct=\S+ agree=(\S+) kl=(\S+) recall=(\S+) density=(\S+)$")
+
+
+def runs_from_log(log: Path, args, prompts_path: Path | None) -> Path:
+    """A run's JSON rebuilt from its per-prompt lines (answers unscored; targets from `prompts_path`): the
+    prompts for which every spec printed a line. Returns the JSON's path (under `--out`)."""
+    found: dict[tuple[int, str], dict[int, dict]] = {}
+    for line in log.read_text().splitlines():
+        m = _LOG_LINE.match(line)
+        if m:
+            length, i, spec = int(m[1]), int(m[2]), m[3]
+            found.setdefault((length, spec), {})[i] = {
+                "sample": i, "answer": ast.literal_eval(m[4]), "correct": None, "agreement": float(m[5]),
+                "kl": float(m[6]), "recall": float(m[7]), "decode_density": None if m[8] == "–" else float(m[8])}
+    if not found:
+        raise SystemExit(f"{log} holds no per-prompt lines of this script")
+    targets = ([p["targets"] for p in json.loads(prompts_path.read_text())["prompts"]] if prompts_path else None)
+    rows = []
+    for length in sorted({k[0] for k in found}):
+        by_spec = {spec: runs for (n, spec), runs in found.items() if n == length}
+        done = sorted(set.intersection(*(set(runs) for runs in by_spec.values())))
+        for spec, runs in by_spec.items():
+            kept = [dict(runs[i], target=targets[i] if targets else None) for i in done]
+            rows.append({"spec": spec, "length": length, "samples": len(kept), "accuracy": None, "runs": kept,
+                         **{k: sum(r[k] for r in kept) / len(kept) if kept and all(r[k] is not None for r in kept)
+                            else None for k in ("agreement", "kl", "recall", "decode_density")}})
+    meta = {"model": args.model, "task": args.task, "seed": args.seed, "limit": min(r["samples"] for r in rows),
+            "answer_tokens": args.answer_tokens, "forced_tokens": args.forced_tokens, "device": "see the log",
+            "dtype": "see the log", "torch": "see the log",
+            "command": f"python bench/scripts/decode_fidelity.py --from-log {log.name} (rebuilt from a stopped run's lines)",
+            "finished": "the prompts every spec printed (rebuilt from the log)"}
+    name = "" if args.model == "smollm2" else f"{args.model}_"
+    stem = Path(args.out) / f"decode_fidelity_{name}{args.task}_from_log_n{meta['limit']}"
+    write(stem, meta, rows)
+    return stem.with_suffix(".json")
 
 
 def rescore(run_path: Path, prompts_path: Path | None) -> None:
@@ -366,8 +426,8 @@ def rescore(run_path: Path, prompts_path: Path | None) -> None:
 MODEL_TITLES = {"smollm2": "SmolLM2-135M-Instruct", "gemma3-270m": "Gemma-3-270m"}
 
 
-def write(stem: Path, meta: dict, rows: list[dict]) -> None:
-    """`stem.json` (meta + rows) and `stem.md` (the table)."""
+def write(stem: Path, meta: dict, rows: list[dict], quiet: bool = False) -> None:
+    """`stem.json` (meta + rows) and `stem.md` (the table, also printed unless `quiet`)."""
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps({**meta, "results": rows}, indent=1))
     task, limit = meta["task"], meta["limit"]
@@ -380,7 +440,8 @@ def write(stem: Path, meta: dict, rows: list[dict]) -> None:
              + f"; accuracy: greedy answer of {meta['answer_tokens']} tokens; agreement / KL(dense ‖ method): "
              f"{meta['forced_tokens']} teacher-forced steps on dense decoding's tokens; recall: mean share of each "
              "decode call's softmax mass on the keys read (SDPA calls count 1); decode density: keys read / keys "
-             "in the context (all layers, steps, KV heads; – where a method computes its steps itself).", "",
+             "in the context (all layers, steps, KV heads; – where a method computes its steps itself)."
+             + (f" Written after {meta['finished']}." if meta.get("finished") else ""), "",
              "| length | decode spec | accuracy | top-1 agreement | KL | recall | decode density |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -388,7 +449,8 @@ def write(stem: Path, meta: dict, rows: list[dict]) -> None:
         lines.append(f"| {r['length']} | `{r['spec']}` | {acc} | {r['agreement']:.3f} | "
                      f"{r['kl']:.4f} | {r['recall']:.4f} | {_fmt(r['decode_density'])} |")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    if not quiet:
+        print("\n".join(lines))
 
 
 if __name__ == "__main__":
