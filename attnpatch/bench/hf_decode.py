@@ -21,8 +21,9 @@ and flash through `sdpa_kernel`; flash takes no mask, which a static cache alway
 the reason), `dense` through attnpatch's dispatch (→ SDPA), the Triton decode kernel over every page
 (`dense` kernel rows: `triton all pages`), and every registered decode method (`--methods all`, or a
 list; options through `--decode-options name:key=value,...`, a bare name for the defaults). A method that cannot run on a static
-cache (retrieval offloads) runs its eager rows on a DynamicCache and its compiled rows are skipped with the
-reason; its KV column adds what it moved to CPU memory. A method whose reading keeps fewer tokens than it
+cache (`DecodeMethod.static_cache_reason`) runs its eager rows on a DynamicCache and its compiled rows are
+skipped with the reason; one whose compiled step breaks its graph (`fullgraph_reason`: retrieval waits for its
+CPU search) is compiled under `--no-fullgraph` only. The KV column adds what a method moved to CPU memory. A method whose reading keeps fewer tokens than it
 read (infiniretri: `DecodeMethod.decode_cache_tokens`) decodes over a cache of that many tokens, said in the
 row's note. Speedups: over the best dense row of the same
 (L, B) over both modes, and over the best dense row of the same mode. KV cache memory is reported per
@@ -420,7 +421,7 @@ class Bench:
                shared_length: bool = True):
         """The shared static cache of this (L, B) rewound to L, or (a method with its own cache
         layers) a fresh one filled under the patch: a DynamicCache for a method that cannot run on a
-        static one (`retrieval` offloads; eager rows only, each timed run appends its few tokens).
+        static one (eager rows only, each timed run appends its few tokens).
         `shared_length=False` (a method that decodes over fewer tokens than it read): a fresh cache of
         `length` tokens that leaves the shared full-length cache in place."""
         from transformers.cache_utils import DynamicCache, StaticCache
