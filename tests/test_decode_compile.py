@@ -447,3 +447,21 @@ def test_recycled_compiled_step_on_a_dynamic_cache_says_it_needs_a_static_one():
                     torch.compile(model, backend="eager", fullgraph=True)(input_ids=tok, **{ck: cache})
             finally:
                 torch._dynamo.reset()
+
+
+def test_first_real_position_from_every_form_of_mask():
+    """Each row's first real position, which the sink-keeping cache layers need, from what a forward may get:
+    a 2-D padding mask, or the masks `generate` builds ahead with a static cache (a dict of `AttnMask`s or
+    4-D bool / additive float tensors); None where the mask says nothing of padding."""
+    from attnpatch.api import _first_real
+    from attnpatch.masking import AttnMask
+
+    pad = torch.tensor([[1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 0]])  # row 1: 2 padding, then 3 real, 1 unwritten
+    visible = pad.bool()
+    four_bool = visible.view(2, 1, 1, 6).expand(2, 1, 3, 6)
+    four_float = torch.zeros(2, 1, 3, 6).masked_fill(~four_bool, torch.finfo(torch.float32).min)
+    wrapped = AttnMask(q_len=1, kv_len=6, key_valid=visible, window=None, sdpa_kwargs={})
+    for mask in (pad, pad.float(), four_bool, four_float, {"full_attention": wrapped}, {"full_attention": four_float}):
+        assert _first_real(mask).tolist() == [0, 2]
+    assert _first_real(None) is None and _first_real({"sliding_attention": four_bool}) is None
+    assert _first_real(AttnMask(q_len=1, kv_len=6, key_valid=None, window=None, sdpa_kwargs={})) is None
