@@ -465,3 +465,31 @@ def test_first_real_position_from_every_form_of_mask():
         assert _first_real(mask).tolist() == [0, 2]
     assert _first_real(None) is None and _first_real({"sliding_attention": four_bool}) is None
     assert _first_real(AttnMask(q_len=1, kv_len=6, key_valid=None, window=None, sdpa_kwargs={})) is None
+
+
+def test_a_decode_method_that_cannot_use_a_static_cache_refuses_it_with_its_reason():
+    """The `static_cache_reason` extension point (no registered method sets it now): a patch refuses a
+    static cache with the method's reason instead of running a step the method cannot take, and leaves a
+    dynamic cache alone."""
+    from dataclasses import dataclass
+
+    from attnpatch.methods.base import DecodeMethod
+    from attnpatch.registry import _TABLES, register_decode
+
+    @register_decode("test_no_static")
+    @dataclass
+    class NoStatic(DecodeMethod):
+        """Test only: reads every key; refuses a static cache."""
+
+        static_cache_reason = "it keeps its own growing buffers (test)"
+
+    model = tiny_model("llama")
+    ids = torch.randint(3, 100, (1, 12), generator=torch.Generator().manual_seed(0))
+    kw = dict(max_new_tokens=2, do_sample=False, pad_token_id=0)
+    try:
+        with attnpatch.patch_model(model, decode="test_no_static"):
+            with pytest.raises(ValueError, match=r"'test_no_static' cannot run on a static cache .*growing buffers"):
+                model.generate(ids, cache_implementation="static", **kw)
+            assert model.generate(ids, **kw).shape == (1, 14)
+    finally:
+        _TABLES["decode"].pop("test_no_static", None)
