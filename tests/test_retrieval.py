@@ -235,8 +235,9 @@ def test_a_static_cache_without_room_for_a_generated_token_is_refused():
 
 
 @torch.no_grad()
-def test_a_reset_static_cache_decodes_a_new_prompt_like_a_fresh_one(llama):
-    """`StaticCache.reset()` after a generation: the next prompt is read and split again, as by a new cache."""
+@pytest.mark.parametrize("kind", ["static", "dynamic"])
+def test_a_reset_cache_decodes_a_new_prompt_like_a_fresh_one(llama, kind):
+    """`cache.reset()` after a generation: the next prompt is read and split again, as by a new cache."""
     from transformers.cache_utils import StaticCache
 
     def decode(cache, ids):
@@ -244,12 +245,16 @@ def test_a_reset_static_cache_decodes_a_new_prompt_like_a_fresh_one(llama):
         tok = llama(ids, **kw, use_cache=True).logits[:, -1:].argmax(-1)
         return torch.stack([llama(input_ids=tok, **kw, use_cache=True).logits[:, -1] for _ in range(2)])
 
+    def new_cache():
+        return StaticCache(config=llama.config, max_cache_len=48) if kind == "static" else \
+            DynamicCache(config=llama.config)
+
     first, second = (torch.randint(3, 200, (1, 40), generator=torch.Generator().manual_seed(s)) for s in (5, 6))
     with attnpatch.patch_model(llama, decode="retrieval", n_sink=2, window=4, top_k=8):
-        reused = StaticCache(config=llama.config, max_cache_len=48)
+        reused = new_cache()
         decode(reused, first)
         reused.reset()
         again = decode(reused, second)
-        fresh = decode(StaticCache(config=llama.config, max_cache_len=48), second)
+        fresh = decode(new_cache(), second)
     assert reused.layers[0].offloaded.keys.shape[2] == 40 - 6
     torch.testing.assert_close(again, fresh, rtol=0, atol=0)

@@ -126,7 +126,11 @@ class RetrievalLayer(DynamicLayer):
         return -1
 
     def reset(self) -> None:
+        """Empty for a new prompt: the GPU part dropped (transformers 5.17's `DynamicLayer.reset` zeroes the
+        stored keys and keeps them, which a split cache would then prepend to the next prompt)."""
         super().reset()
+        self.keys = self.values = None
+        self.is_initialized = False
         self.cumulative_length = 0
         self.positions = self.returned_positions = self.offloaded = None
         self._train = []
@@ -344,11 +348,8 @@ class StaticRetrievalLayer(RetrievalLayer):
         return self.max_cache_len
 
     def reset(self) -> None:
-        self.keys = self.values = self.generated = None
-        self.is_initialized = False
-        self.cumulative_length, self.first_slot = 0, 0
-        self.positions = self.returned_positions = self.offloaded = None
-        self._train = []
+        super().reset()
+        self.generated, self.first_slot = None, 0
 
 
 def _index_to_host(index: ExactIndex | IvfIndex) -> ExactIndex | IvfIndex:
