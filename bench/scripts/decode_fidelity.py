@@ -345,18 +345,20 @@ def spec_rows(specs: list[PatchSpec], per_spec: dict[str, list], length: int) ->
     rows = []
     for spec, name in zip(specs, per_spec, strict=True):
         runs = per_spec[name]
-
-        def mean(key, runs=runs):  # None where a method reports no reads (retrieval computes its own steps)
-            values = [r[key] for r in runs]
-            return None if not values or any(v is None for v in values) else sum(values) / len(values)
-
-        rows.append({
-            "spec": name, "decode": spec.decode, "decode_options": dict(spec.decode_options), "length": length,
-            "samples": len(runs), "accuracy": accuracy(runs), "agreement": mean("agreement"),
-            "kl": mean("kl"), "recall": mean("recall"), "decode_density": mean("decode_density"),
-            "seconds_per_sample": mean("seconds"), "runs": runs,
-        })
+        rows.append({"spec": name, "decode": spec.decode, "decode_options": dict(spec.decode_options),
+                     "length": length, **run_means(runs), "runs": runs})
     return rows
+
+
+def run_means(runs: list[dict]) -> dict:
+    """A row's figures over its runs: samples, accuracy, and the means of the per-run figures (None where a
+    run lacks one, e.g. a method that reports no reads, or seconds in a run rebuilt from its log)."""
+    def mean(key):
+        values = [r.get(key) for r in runs]
+        return None if not values or any(v is None for v in values) else sum(values) / len(values)
+
+    return {"samples": len(runs), "accuracy": accuracy(runs), "agreement": mean("agreement"), "kl": mean("kl"),
+            "recall": mean("recall"), "decode_density": mean("decode_density"), "seconds_per_sample": mean("seconds")}
 
 
 def _fmt(x: float | None) -> str:
@@ -365,7 +367,7 @@ def _fmt(x: float | None) -> str:
 
 def accuracy(runs: list[dict]) -> float | None:
     """Share of correct answers; None while any answer is unscored."""
-    if any(r["correct"] is None for r in runs):
+    if not runs or any(r["correct"] is None for r in runs):
         return None
     return sum(r["correct"] for r in runs) / len(runs)
 
@@ -393,9 +395,7 @@ def runs_from_log(log: Path, args, prompts_path: Path | None) -> Path:
         done = sorted(set.intersection(*(set(runs) for runs in by_spec.values())))
         for spec, runs in by_spec.items():
             kept = [dict(runs[i], target=targets[i] if targets else None) for i in done]
-            rows.append({"spec": spec, "length": length, "samples": len(kept), "accuracy": None, "runs": kept,
-                         **{k: sum(r[k] for r in kept) / len(kept) if kept and all(r[k] is not None for r in kept)
-                            else None for k in ("agreement", "kl", "recall", "decode_density")}})
+            rows.append({"spec": spec, "length": length, **run_means(kept), "runs": kept})
     meta = {"model": args.model, "task": args.task, "seed": args.seed, "limit": min(r["samples"] for r in rows),
             "answer_tokens": args.answer_tokens, "forced_tokens": args.forced_tokens, "device": "see the log",
             "dtype": "see the log", "torch": "see the log",
