@@ -52,9 +52,12 @@ def _interpreter_takes_tensor_loop_bounds(triton, tl) -> bool:
     return float(y[0]) == 3.0
 
 
-def load_interpreted(filename: str, directory: Path = KERNELS_DIR) -> tuple[ModuleType | None, str | None]:
+def load_interpreted(filename: str, directory: Path = KERNELS_DIR, uses: tuple[str, ...] = ()
+                     ) -> tuple[ModuleType | None, str | None]:
     """`(module, None)`, or `(None, why the kernel tests cannot run here)`: `directory / filename` (a
-    kernel module of attnpatch/backends/triton by default).
+    kernel module of attnpatch/backends/triton by default). `uses`: the kernel modules of that folder
+    whose @jit helpers the module imports (e.g. "decode.py"); interpreted copies of them stand in for the
+    package's modules while it loads, so its kernels call interpreted helpers.
 
     Not on a machine with a CUDA GPU: running interpreted kernels patches `triton.language` for the
     rest of the process, and compiled kernels (tests/gpu) then fail to build. There the kernels are
@@ -71,10 +74,30 @@ def load_interpreted(filename: str, directory: Path = KERNELS_DIR) -> tuple[Modu
         if not _interpreter_takes_tensor_loop_bounds(triton, tl):
             return None, (f"the Triton {triton.__version__} interpreter cannot use loaded scalars as loop bounds "
                           "with this NumPy (use NumPy < 2.4 or a newer Triton to run these CPU tests)")
-        name = f"_attnpatch_{Path(filename).stem}_interpreted"
-        spec = importlib.util.spec_from_file_location(name, directory / filename)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
+        stand_ins = {}
+        for used in uses:
+            helper, why = load_interpreted(used, directory)
+            if helper is None:
+                return None, why
+            stand_ins[_package_name(directory / used)] = helper
+        saved = {name: sys.modules.get(name) for name in stand_ins}
+        sys.modules.update(stand_ins)
+        try:
+            name = f"_attnpatch_{Path(filename).stem}_interpreted"
+            spec = importlib.util.spec_from_file_location(name, directory / filename)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+        finally:
+            for name, previous in saved.items():
+                if previous is None:
+                    sys.modules.pop(name, None)
+                else:
+                    sys.modules[name] = previous
     assert module._KERNEL_INTERPRETED
     return module, None
+
+
+def _package_name(path: Path) -> str:
+    """The import name of a module file of the attnpatch package."""
+    return ".".join(path.resolve().relative_to(PACKAGE_DIR.parent).with_suffix("").parts)

@@ -98,7 +98,7 @@ if triton_available():
     def _select_ascending(s, valid, offs, k, out_row, count_ptr, BLOCK_K: tl.constexpr, SEARCH: tl.constexpr,
                           FUSED_COUNTS: tl.constexpr):
         """Write the ascending indices of the k largest `s` among `valid` to `out_row`, their number to
-        `count_ptr` (zeros in the slots past it)."""
+        `count_ptr` (zeros in the slots past it); return that number."""
         ok = valid.to(tl.int32)
         raw = s.to(tl.int32, bitcast=True)
         # order-preserving signed int32: negative floats have their magnitude bits flipped
@@ -137,6 +137,7 @@ if triton_available():
         rest = tl.arange(0, BLOCK_K)
         tl.store(out_row + rest, tl.full([BLOCK_K], 0, tl.int32), mask=(rest >= kept) & (rest < k))
         tl.store(count_ptr, kept)
+        return kept
 
     @triton.jit
     def _topk_ascending_kernel(S, OUT, COUNTS, n, k, stride_s, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
