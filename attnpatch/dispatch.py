@@ -23,7 +23,7 @@ from attnpatch.methods.base import (
     PrefillMethod,
 )
 from attnpatch.probe import AttentionCall, Observer
-from attnpatch.sparsity import PageSelection
+from attnpatch.sparsity import BoundPages, PageSelection
 from attnpatch.stats import LayerStats
 
 
@@ -139,7 +139,12 @@ def _compiled_decode(state: PatchState, plan: LayerPlan, module, query, key, val
                                                 bounds=bounds, declined=[])
         return got if got is not None else (attend(pages), None)
 
+    def bound(pages: BoundPages) -> torch.Tensor | None:
+        out, _ = state.backends.decode_bound(query, key, value, pages, scale=scale, bounds=bounds, declined=[])
+        return out
+
     attend.with_page_lse = with_page_lse
+    attend.bound = bound
     if method.is_dense:
         out = attend(None)
     else:

@@ -234,6 +234,53 @@ def test_decode_kernel_custom_op_under_the_interpreter():
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
 
 
+_BOUND_SCRIPT = textwrap.dedent("""
+    import sys
+    import torch
+    import attnpatch
+    import attnpatch.backends.triton.bound_decode_op as op_module
+    from attnpatch.cache import key_page_bounds
+    from attnpatch.testing import tiny_model
+    from test_decode_compile import _eager_and_compiled_steps
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(s, generator=g) for s in ((2, 4, 1, 16), (2, 2, 96, 16), (2, 2, 96, 16)))
+    lo, hi = key_page_bounds(k, 16)
+    valid = torch.arange(96)[None, :] < torch.tensor([[70], [96]])
+    args = (q, k, v, lo, hi, torch.tensor([0, 1]), torch.tensor([5, 6]), 6, 3, 0, "softmax_sum", 16, 0.25, None, valid)
+    torch.library.opcheck(op_module.bound_decode_op, args)
+
+    calls = []
+    real = op_module.bound_decode_attention
+    op_module.bound_decode_attention = lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    model = tiny_model(sys.argv[1], sliding_window=8 if sys.argv[1] == "gemma3" else None)
+    with attnpatch.patch_model(model, decode="quest", budget=48, page_size=16, dense_layers=0) as patch:
+        eager, compiled = _eager_and_compiled_steps(model, 60)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
+    full_layers = sum(t != "sliding_attention" for t in getattr(model.config, "layer_types", None) or ["full"] * 2)
+    launches = 3 * full_layers if sys.argv[2] == "on" else 0  # one per full layer and compiled step
+    assert len(calls) == launches, (len(calls), launches)
+    print("OK")
+""")
+
+
+@pytest.mark.parametrize("switch", ["on", "off"])
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_a_compiled_quest_step_bounds_selects_and_attends_in_one_launch(family, switch):
+    """Under the interpreter, a compiled `quest` step on a static cache hands its selection to the Triton
+    backend (`BoundPages`), which runs `attnpatch::bound_decode` (opcheck'd) once per full-attention layer:
+    eager's logits (the separate bounds, top-k and decode kernels), on a left-padded batch. Off (the default
+    until the kernel is measured on a GPU), the backend declines and the step runs the separate kernels."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(sys.path))
+    env.pop("ATTNPATCH_BOUND_DECODE_CONFIG", None)
+    if switch == "on":
+        env["ATTNPATCH_BOUND_DECODE_CONFIG"] = "on"
+    res = subprocess.run([sys.executable, "-c", _BOUND_SCRIPT, family, switch], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
+
+
 # Options under which a decode method reads fewer keys than the tiny caches below hold (64 tokens, pages of
 # 16); a new method is tested with `small_options` alone.
 SPARSE_DECODE = {"quest": {"budget": 48, "dense_layers": 0}, "streaming": {"n_sink": 2, "window": 6},

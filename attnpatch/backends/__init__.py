@@ -26,7 +26,7 @@ from attnpatch.backends.flash import FlashBackend
 from attnpatch.backends.flex import FlexBackend
 from attnpatch.backends.reference.backend import ReferenceBackend
 from attnpatch.backends.triton.backend import TritonBackend
-from attnpatch.sparsity import KeyBounds, PageSelection
+from attnpatch.sparsity import BoundPages, KeyBounds, PageSelection
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (ReferenceBackend(), TritonBackend(), FlexBackend(), FlashBackend())}
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
@@ -147,6 +147,19 @@ class BackendPlan:
             if why is None:
                 return b.decode_page_lse(query, key, value, selection, scale=scale, bounds=bounds), name
             declined.append(f"decode with page log-sum-exp: {name}: {why}")
+        return None, None
+
+
+    def decode_bound(self, query, key, value, pages: BoundPages, *, scale: float, bounds: KeyBounds,
+                     declined: list[str]):
+        """`(out, backend name)` from the first decode backend that makes the selection `pages` describes in
+        the launch that attends (`Backend.decode_bound`), or `(None, None)`: the caller selects separately."""
+        for name in self.decode_order:
+            b = BACKENDS[name]
+            why = self._why_not(name, query.device) or b.decode_bound_reason(query, key, value, pages, bounds)
+            if why is None:
+                return b.decode_bound(query, key, value, pages, scale=scale, bounds=bounds), name
+            declined.append(f"decode with the selection in the launch: {name}: {why}")
         return None, None
 
 

@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import torch
 
-from attnpatch.sparsity import BlockSelection, KeyBounds, PageSelection, TokenSelection
+from attnpatch.sparsity import BlockSelection, BoundPages, KeyBounds, PageSelection, TokenSelection
 
 PrefillSelection = BlockSelection | TokenSelection
 
@@ -74,6 +74,16 @@ class Backend:
                         *, scale: float, bounds: KeyBounds) -> tuple[torch.Tensor, torch.Tensor]:
         """`decode` without skipping, and `[B, Hq, ceil(L / page_size)]` float32: each listed page's
         natural-log log-sum-exp of its visible keys' scaled scores per query head, -inf on pages not listed."""
+        raise NotImplementedError
+
+    def decode_bound_reason(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, pages: BoundPages,
+                            bounds: KeyBounds) -> str | None:
+        """Why `decode_bound` cannot take the call (None when it can)."""
+        return "does not select pages in the launch that attends"
+
+    def decode_bound(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, pages: BoundPages,
+                     *, scale: float, bounds: KeyBounds) -> torch.Tensor:
+        """`[B, Hq, 1, Dv]`: `decode` over the selection `pages` describes, made in the same launch."""
         raise NotImplementedError
 
     def __repr__(self) -> str:

@@ -17,7 +17,7 @@ from typing import Any, ClassVar, NamedTuple, Protocol
 import torch
 
 from attnpatch.options import Knob
-from attnpatch.sparsity import BlockSelection, KeyBounds, PageSelection, TokenSelection
+from attnpatch.sparsity import BlockSelection, BoundPages, KeyBounds, PageSelection, TokenSelection
 
 
 class DenseFallback(NamedTuple):
@@ -103,6 +103,10 @@ class Attend(Protocol):
         """`(out, page_lse)`: `page_lse` `[B, Hq, ceil(L / page_size)]` float32 holds each listed page's
         natural-log log-sum-exp of its visible keys' scaled scores per query head (-inf on the others),
         written in the same pass over K; None where the decode backend cannot (the caller ranks itself)."""
+
+    def bound(self, pages: BoundPages) -> torch.Tensor | None:
+        """`[B, Hq, 1, Dv]`: attention over the selection `pages` describes, made in the launch that attends;
+        None where no decode backend can (the caller selects and calls `attend` itself)."""
 
 
 @dataclass

@@ -4,6 +4,7 @@ the regions and selectors prefill methods share, and the one full/partial split 
 from attnpatch.sparsity.bounds import KeyBounds
 from attnpatch.sparsity.selection import (
     BlockSelection,
+    BoundPages,
     PageSelection,
     SkipRule,
     TokenSelection,
@@ -11,5 +12,5 @@ from attnpatch.sparsity.selection import (
     num_blocks,
 )
 
-__all__ = ["BlockSelection", "KeyBounds", "PageSelection", "SkipRule", "TokenSelection", "causal_block_limit",
+__all__ = ["BlockSelection", "BoundPages", "KeyBounds", "PageSelection", "SkipRule", "TokenSelection", "causal_block_limit",
            "num_blocks"]

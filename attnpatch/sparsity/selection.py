@@ -193,3 +193,27 @@ class PageSelection:
         keep = listed & (self.indices < limit.view(-1, 1, 1))  # ascending lists: a prefix of each
         counts = keep.sum(-1, dtype=torch.int32)
         return PageSelection(self.indices, counts, self.page_size, self.kv_len, self.skip)
+
+
+@dataclass
+class BoundPages:
+    """Decode: the `k` pages per (batch, KV head) with the largest page bounds of this step's query (Quest's
+    selection), described rather than made, so that a decode backend can make it in the launch that attends
+    (`Backend.decode_bound`). The selection: the bound of page `p` for query head `h` is
+    `scale · Σ_d max(q_d·min_{p,d}, q_d·max_{p,d})`; a KV head's query heads combine them by `combine`
+    ("softmax_sum": each head's bounds softmaxed over the valid pages, summed; "max"); valid pages are
+    `first[b] <= p < end[b]`; `first[b]` and the `keep_last + 1` last valid pages are always kept; the
+    lists are ascending (what `group_topk_ascending_triton` makes from `page_upper_bounds_triton`)."""
+
+    query: torch.Tensor  # [B, Hq, 1, D]
+    page_min: torch.Tensor  # [B, Hkv, >= n_pages, D], the keys' dtype
+    page_max: torch.Tensor
+    n_pages: int
+    k: int  # pages per list
+    first: torch.Tensor  # [B] each row's first page (its first real key's)
+    end: torch.Tensor  # 0-dim or [B]: the pages written
+    keep_last: int
+    combine: str
+    page_size: int
+    kv_len: int
+    scale: float  # of the bounds: the attention's softmax scale

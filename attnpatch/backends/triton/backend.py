@@ -19,6 +19,19 @@ def _bounds_reason(bounds, key_valid_ok: bool = False) -> str | None:
     return None
 
 
+def _decode_call_reason(query, key, value, bounds) -> str | None:
+    """What every decode launch declines: gradients, masks the kernels do not take, a bad validity tensor."""
+    if needs_grad(query, key, value):
+        return "inputs require grad (forward-only kernels)"
+    reason = _bounds_reason(bounds, key_valid_ok=True)
+    if reason is not None:
+        return reason
+    valid = bounds.key_valid
+    if valid is not None and (valid.dtype != torch.bool or tuple(valid.shape) != (key.shape[0], key.shape[2])):
+        return f"per-key validity {valid.dtype} {tuple(valid.shape)} is not bool [B, Lk] of the keys"
+    return None
+
+
 def _add_tiles(tile_counts: torch.Tensor | None, result):
     if tile_counts is None:
         return result
@@ -69,14 +82,9 @@ class TritonBackend(Backend):
             count_tiles=tile_counts is not None))
 
     def decode_reason(self, query, key, value, selection, bounds):
-        if needs_grad(query, key, value):
-            return "inputs require grad (forward-only kernels)"
-        reason = _bounds_reason(bounds, key_valid_ok=True)
+        reason = _decode_call_reason(query, key, value, bounds)
         if reason is not None:
             return reason
-        valid = bounds.key_valid
-        if valid is not None and (valid.dtype != torch.bool or tuple(valid.shape) != (key.shape[0], key.shape[2])):
-            return f"per-key validity {valid.dtype} {tuple(valid.shape)} is not bool [B, Lk] of the keys"
         from attnpatch.backends.triton.decode import unsupported_reason
 
         return unsupported_reason(query, key, value, selection)
@@ -93,6 +101,28 @@ class TritonBackend(Backend):
         return _add_tiles(tile_counts, sparse_decode_attention(
             query, key, value, selection, scale=scale, skip_bound=skip, key_start=bounds.key_start,
             key_valid=bounds.key_valid, count_tiles=tile_counts is not None))
+
+    def decode_bound_reason(self, query, key, value, pages, bounds):
+        reason = _decode_call_reason(query, key, value, bounds)
+        if reason is not None:
+            return reason
+        from attnpatch.backends.triton.bound_decode import turned_off, unsupported_reason
+
+        if turned_off():
+            return "the one-launch kernel is off until measured on a GPU (ATTNPATCH_BOUND_DECODE_CONFIG=on turns it on)"
+        return unsupported_reason(query, key, value, pages.page_min, pages.k, pages.page_size, pages.n_pages)
+
+    def decode_bound(self, query, key, value, pages, *, scale, bounds):
+        if torch.compiler.is_compiling():
+            from attnpatch.backends.triton.bound_decode_op import bound_decode
+
+            return bound_decode(query, key, value, pages, key_start=bounds.key_start, key_valid=bounds.key_valid)
+        from attnpatch.backends.triton.bound_decode import bound_decode_attention
+
+        return bound_decode_attention(query, key, value, pages.page_min, pages.page_max, pages.n_pages, pages.k,
+                                      pages.first, pages.end, page_size=pages.page_size, scale=pages.scale,
+                                      keep_last=pages.keep_last, combine=pages.combine, key_start=bounds.key_start,
+                                      key_valid=bounds.key_valid)
 
     def decode_page_lse_reason(self, query, key, value, selection, bounds):
         return page_lse_skip_reason(selection)

@@ -9,11 +9,11 @@ import torch
 
 from attnpatch.cache import PageBoundsLayer, key_page_bounds
 from attnpatch.estimators.page_bounds import page_upper_bounds
-from attnpatch.methods.base import DecodeContext, DecodeMethod
+from attnpatch.methods.base import Attend, DecodeContext, DecodeMethod
 from attnpatch.methods.decode.pages import check_budget, group_top_pages, top_pages, topk_option
 from attnpatch.options import option
 from attnpatch.registry import register_decode
-from attnpatch.sparsity import PageSelection, num_blocks
+from attnpatch.sparsity import BoundPages, PageSelection, num_blocks
 
 
 @register_decode("quest")
@@ -63,7 +63,10 @@ class Quest(DecodeMethod):
     a 7B model, so the paper's 2 stay the default); a cache that fits the budget, or is
     shorter than `min_length`, runs dense. With a static cache, `min_length` and the
     fits-the-budget test compare with the cache capacity (host-known, no sync); pages past the
-    written length are never selected. Sliding-window layers run their window.
+    written length are never selected. Sliding-window layers run their window. A compiled step hands the
+    selection to the decode backend as a `BoundPages` description (`compiled_step`), so a backend that can
+    bounds, selects and attends in one launch (Triton: `backends/triton/bound_decode.py`, off until measured on
+    a GPU); otherwise the step is `select`'s.
     """
 
     full_density: ClassVar[dict] = {"budget": 1 << 30}
@@ -83,14 +86,42 @@ class Quest(DecodeMethod):
     def cache_layer(self, layer_idx: int, config: Any) -> PageBoundsLayer:
         return PageBoundsLayer(self.page_size)
 
+    def _reads_all(self, key: torch.Tensor, ctx: DecodeContext) -> bool:
+        """Whether the step reads every key (a window layer, a dense layer, a cache within the budget)."""
+        lk = key.shape[2]
+        return (ctx.sliding_window is not None or ctx.layer_idx < self.dense_layers
+                or num_blocks(lk, self.page_size) <= self.budget // self.page_size or lk < self.min_length)
+
+    def _tables(self, key: torch.Tensor, ctx: DecodeContext) -> tuple[torch.Tensor, torch.Tensor, Any] | None:
+        """The cache layer's `(page_min, page_max, written)`, or None (no cache, or another cache's layer)."""
+        found = getattr(ctx.cache_layer, "page_bounds", None)
+        return found() if found is not None and getattr(ctx.cache_layer, "page_size", None) == self.page_size else None
+
+    def compiled_step(self, query: torch.Tensor, key: torch.Tensor, ctx: DecodeContext, attend: Attend) -> torch.Tensor:
+        """A compiled step hands the selection to the decode backend as a `BoundPages` description, so the
+        Triton backend bounds, selects and attends in one launch (`backends/triton/bound_decode.py`); where
+        no backend can, the step is `select`'s."""
+        bound = getattr(attend, "bound", None)
+        tables = None if bound is None or self.topk != "triton" or self._reads_all(key, ctx) else self._tables(key, ctx)
+        if tables is not None:
+            page_min, page_max, written = tables
+            ps, b = self.page_size, query.shape[0]
+            end = (torch.as_tensor(written, device=query.device) + ps - 1) // ps
+            pages = BoundPages(query, page_min, page_max, num_blocks(key.shape[2], ps), self.budget // ps,
+                               ctx.bounds.first_key(b, query.device) // ps, end, self.local_pages,
+                               "max" if self.group == "max" else "softmax_sum", ps, key.shape[2], ctx.scale)
+            out = bound(pages)
+            if out is not None:
+                return out
+        return super().compiled_step(query, key, ctx, attend)
+
     def select(self, query: torch.Tensor, key: torch.Tensor, ctx: DecodeContext) -> PageSelection | None:
         b, hq, _, _ = query.shape
         lk, ps = key.shape[2], self.page_size
         n, k = num_blocks(lk, ps), self.budget // ps
-        if ctx.sliding_window is not None or ctx.layer_idx < self.dense_layers or n <= k or lk < self.min_length:
+        if self._reads_all(key, ctx):
             return None
-        found = getattr(ctx.cache_layer, "page_bounds", None)
-        found = found() if found is not None and getattr(ctx.cache_layer, "page_size", None) == ps else None
+        found = self._tables(key, ctx)
         if found is None:  # no metadata (no cache, or another cache's layer): recompute (O(L·D) per step)
             page_min, page_max, written = *key_page_bounds(key, ps), lk
         else:
