@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from attnpatch.backends.triton.bound_decode import bound_decode_attention
 from attnpatch.backends.triton.decode import sparse_decode_attention
 from attnpatch.backends.triton.decode_op import sparse_decode
 from attnpatch.bench.kernels import _bench_graph, environment
@@ -34,7 +35,7 @@ from attnpatch.methods.decode.quest import Quest
 from attnpatch.sparsity import KeyBounds, PageSelection
 
 HQ, HKV, D = 32, 8, 128
-DEVICE, DTYPE = "cuda", torch.bfloat16  # per_call_rows' (a CPU smoke test sets "cpu", float32)
+DEVICE, DTYPE = "cuda", torch.bfloat16  # per_call_rows and kernel_sweep_rows (a CPU smoke test sets "cpu", float32)
 SDPA = {"sdpa-cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa-flash": SDPBackend.FLASH_ATTENTION,
         "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION}
 
@@ -135,14 +136,17 @@ class _GivenTables:
         return self.tables
 
 
-def per_call_rows(length: int, batch: int, fraction: float, page_sizes: list[int], copies: int = 8) -> list[dict]:
+def per_call_rows(length: int, batch: int, fraction: float, page_sizes: list[int], copies: int = 8,
+                  validity: tuple[bool, ...] = (False, True)) -> list[dict]:
     """Each row timed per call inside one CUDA graph of `copies` calls on distinct inputs (own Q, K, V and
     page tables: nothing of one call is in L2 for the next, and the graph's launch is shared), as the
     layers of a compiled decode step run: SDPA cuDNN / flash and the Triton kernel over all pages (timed
     once, listed under every page size), then per page size Quest's compiled step (bounds + selection +
     kernel) without and with the static cache's per-key validity (what the HF path passes: `key_valid`
     read with each tile, the page lists clipped to `key_end` unless they stop there), the kernel alone
-    over Quest's selection without / with `key_valid` / with `key_start`, and the selection alone."""
+    over Quest's selection without / with `key_valid` / with `key_start`, the selection alone, and the one-launch
+    kernel (bounds, selection and attention: `bound_decode_attention`) without / with `key_valid`. `validity`: which
+    compiled steps to time (False: no validity, True: the static cache's)."""
     g = torch.Generator(device=DEVICE).manual_seed(length + batch)
     scale = D ** -0.5
     budget = int(length * fraction)
@@ -180,7 +184,7 @@ def per_call_rows(length: int, batch: int, fraction: float, page_sizes: list[int
                 sel = sel.clipped(end)
             return sparse_decode(q, k, v, sel, scale=scale, key_valid=bounds.key_valid)
 
-        for static in (False, True):
+        for static in validity:
             compiled = torch.compile(lambda *x, s=static, f=step: f(*x, s), fullgraph=True)
             try:
                 compiled(*inputs[0])
@@ -195,6 +199,11 @@ def per_call_rows(length: int, batch: int, fraction: float, page_sizes: list[int
             add(f"quest kernel alone{label}",
                 [lambda x=x, s=s, kw=extra: sparse_decode_attention(*x[:3], s, **kw) for x, s, _ in pairs])
         add("quest select alone", [lambda x=x, c=c, m=method: m.select(x[0], x[1], c) for x, _, c in pairs])
+        n_pages = -(-length // page_size)
+        pages = (n_pages, budget // page_size, first, torch.full((batch,), n_pages, dtype=torch.long, device=DEVICE))
+        for label, extra in (("", {}), (", key_valid", {"key_valid": valid})):
+            kw = dict(extra, page_size=page_size, scale=scale, keep_last=method.local_pages)
+            add(f"quest one launch{label}", [lambda x=x, kw=kw, p=pages: bound_decode_attention(*x, *p, **kw) for x in inputs])
         rows += [{"length": length, "batch": batch, "page_size": page_size, "row": row, "us_each": us}
                  for row, us in dense_rows + timed]
         del inputs, ctx, pairs
@@ -237,7 +246,8 @@ SWEEP_LAUNCHES = ("4,2", "4,3", "4,4", "8,2", "8,3", "2,3")
 SWEEP_SPLITS = (None, 1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128)
 SWEEP_BOUNDS = ("32,4", "64,4", "128,4", "64,8", "128,8")  # block_n,warps
 SWEEP_TOPK = ("1,4", "1,8", "1,16", "2,4", "2,8", "2,16")  # search,warps (topk_select.SEARCHES)
-SWEEP_KERNELS = ("decode", "page_bounds", "topk")
+SWEEP_BOUND = ("0,4,2", "0,4,3", "0,8,2", "8,4,2", "32,4,2")  # splits (0: the rule's),warps,stages
+SWEEP_KERNELS = ("decode", "page_bounds", "topk", "bound")
 COPIES = 8  # distinct inputs per graph for the per-call column
 
 
@@ -252,10 +262,10 @@ def kernel_sweep_rows(length: int, batch: int, fraction: float, splits_list=SWEE
     from attnpatch.estimators.page_bounds import page_upper_bounds_torch
     from attnpatch.estimators.page_bounds_triton import page_upper_bounds_triton
 
-    g = torch.Generator(device="cuda").manual_seed(length + batch)
-    q = torch.randn(batch, HQ, 1, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    k = torch.randn(batch, HKV, length, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    v = torch.randn(batch, HKV, length, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    g = torch.Generator(device=DEVICE).manual_seed(length + batch)
+    q = torch.randn(batch, HQ, 1, D, device=DEVICE, dtype=DTYPE, generator=g)
+    k = torch.randn(batch, HKV, length, D, device=DEVICE, dtype=DTYPE, generator=g)
+    v = torch.randn(batch, HKV, length, D, device=DEVICE, dtype=DTYPE, generator=g)
     tables = _Tables(k, 64)
     ctx = DecodeContext(0, D ** -0.5, KeyBounds(), None, tables)
     sel = Quest(budget=int(length * fraction), dense_layers=0).select(q, k, ctx)
@@ -267,7 +277,7 @@ def kernel_sweep_rows(length: int, batch: int, fraction: float, splits_list=SWEE
         for launch in SWEEP_LAUNCHES:
             os.environ["ATTNPATCH_DECODE_CONFIG"] = launch
             for splits in splits_list:
-                used = resolve_num_splits(sel, "cuda", splits, tile)
+                used = resolve_num_splits(sel, DEVICE, splits, tile)
                 us = _graph_us(lambda s=splits, t=tile: sparse_decode_attention(q, k, v, sel, num_splits=s, tile_size=t))
                 each = None if us is None else _graph_us_each(
                     [lambda x=x, s=splits, t=tile: sparse_decode_attention(*x, sel, num_splits=s, tile_size=t) for x in cold])
@@ -298,11 +308,11 @@ def kernel_sweep_rows(length: int, batch: int, fraction: float, splits_list=SWEE
 
         k_pages = max(int(length * fraction) // 64, 1)
         bounds = [page_upper_bounds_triton(q * (1 + i / COPIES), page_min, page_max, n, D ** -0.5) for i in range(COPIES)]
-        first = torch.zeros(batch, dtype=torch.long, device="cuda")
+        first = torch.zeros(batch, dtype=torch.long, device=DEVICE)
         # 64-token pages, and the first half of each row as the page count of 128-token pages
         for pages, kp in ((n, k_pages), (n // 2, max(k_pages // 2, 1))):
             rows_in = [x[..., :pages].contiguous() for x in bounds]
-            stop = torch.tensor(pages, device="cuda")
+            stop = torch.tensor(pages, device=DEVICE)
             for launch in SWEEP_TOPK:
                 os.environ["ATTNPATCH_TOPK_CONFIG"] = launch
                 us = _graph_us(lambda r=rows_in[0], kp=kp, e=stop: group_topk_ascending_triton(r, kp, first, e))
@@ -313,25 +323,53 @@ def kernel_sweep_rows(length: int, batch: int, fraction: float, splits_list=SWEE
                 print(f"topk L={length} B={batch} pages={pages} k={kp} search,warps={launch}: {us} "
                       f"(in a graph of {COPIES}: {each})", flush=True)
         os.environ.pop("ATTNPATCH_TOPK_CONFIG", None)
+    if "bound" in kernels:
+        rows += _bound_sweep_rows(length, batch, fraction, q, k, v)
+    return rows
+
+
+def _bound_sweep_rows(length: int, batch: int, fraction: float, q, k, v) -> list[dict]:
+    """The one-launch kernel (`bound_decode_attention`: bounds, selection, attention) by `SWEEP_BOUND`
+    launch at 64- and 128-token pages, per call in a graph of `COPIES` calls on distinct inputs."""
+    from attnpatch.backends.triton.bound_decode import choose_splits
+
+    rows = []
+    cold = [(q, k, v)] + [tuple(torch.randn_like(x) for x in (q, k, v)) for _ in range(COPIES - 1)]
+    for page in (64, 128):
+        inputs = [(*x, *key_page_bounds(x[1], page)) for x in cold]
+        n = -(-length // page)
+        pages = (n, max(int(length * fraction) // page, 1), torch.zeros(batch, dtype=torch.long, device=DEVICE),
+                 torch.full((batch,), n, dtype=torch.long, device=DEVICE))
+        for launch in SWEEP_BOUND:
+            os.environ["ATTNPATCH_BOUND_DECODE_CONFIG"] = launch
+            each = _graph_us_each([lambda x=x, p=page, s=pages: bound_decode_attention(*x, *s, page_size=p, scale=D ** -0.5)
+                                   for x in inputs])
+            splits = int(launch.split(",")[0]) or choose_splits(batch * HKV, -(-pages[1] * page // max(page, 64)), DEVICE)
+            rows.append({"kernel": "bound", "length": length, "batch": batch, "tile": f"{page}-token pages",
+                         "launch": launch, "splits": splits, "default_splits": launch.startswith("0,"), "us": None,
+                         "us_each": each})
+            print(f"bound L={length} B={batch} page={page} splits,warps,stages={launch}: {each} per call", flush=True)
+        del inputs
+    os.environ.pop("ATTNPATCH_BOUND_DECODE_CONFIG", None)
     return rows
 
 
 def best_launches(rows: list[dict]) -> dict[str, dict[str, str]]:
     """Per `LENGTHxBATCH`, the fastest launch of each kernel in the form its override variable reads:
-    decode `"warps,stages,splits,tile"`, page bounds `"block_n,warps"` and top-k
-    `"search,warps"` (by `us_each`, per call in a graph of distinct inputs)."""
+    decode `"warps,stages,splits,tile"`, page bounds `"block_n,warps"`, top-k `"search,warps"` and the
+    one-launch kernel `"splits,warps,stages"` per page size (by `us_each`, per call in a graph of distinct inputs)."""
     best: dict[str, dict[str, str]] = {}
     for kernel in SWEEP_KERNELS:
         col = "us_each"
         for r in sorted((r for r in rows if r["kernel"] == kernel and r.get(col)), key=lambda r: r[col], reverse=True):
             launch = f"{r['launch']},{r['splits']},{r['tile']}" if kernel == "decode" else r["launch"]
-            pages = f"_p{r['pages']}" if "pages" in r else ""
+            pages = f"_p{r['pages']}" if "pages" in r else f"_{r['tile'].split('-')[0]}" if kernel == "bound" else ""
             best.setdefault(f"{r['length']}x{r['batch']}", {})[kernel + pages] = launch
     return best
 
 
 def _sweep_md(rows: list[dict]) -> str:
-    out = ["# Decode, page-bound and top-k kernels by launch configuration (µs, CUDA-graph replay)", "",
+    out = ["# Decode, page-bound, top-k and one-launch (bound) kernels by launch configuration (µs, CUDA-graph replay)", "",
            f"`us`: one call per graph; `per call in a graph`: {COPIES} calls on distinct inputs in one graph.", "",
            "| L | B | kernel | tile (top-k: row) | launch | splits | µs | µs per call in a graph |", "|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["length"], r["batch"], r["kernel"], r.get("us_each") or r["us"] or 1e9)):
