@@ -90,3 +90,14 @@ def test_bad_input_is_refused_with_what_is_allowed(change, message):
         _bd.bound_decode_attention(q, k, v, lo, hi, 16, change.get("kp", 4), 0, 16,
                                    page_size=change.get("page_size", 16), scale=0.2,
                                    combine=change.get("combine", "softmax_sum"))
+
+
+def test_many_rows_on_a_gpu_keep_the_separate_kernels(monkeypatch):
+    """The backend's speed rule: on a GPU, fewer than MIN_SPLITS programs per KV head declines (with the count);
+    the interpreter (CPU) always takes the call, so the tests above run the kernel."""
+    q, k = torch.randn(8, 32, 1, 128), torch.randn(8, 8, 4096, 128)
+    assert _bd.few_programs_reason(q, k, 32, 128) is None  # CPU
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(_bd, "_sm_count", lambda device: 132)
+    assert "64 (batch × KV head) rows leave 2 program(s)" in _bd.few_programs_reason(q, k, 32, 128)
+    assert _bd.few_programs_reason(q[:1], k[:1], 32, 128) is None  # 8 rows: 16 programs per head

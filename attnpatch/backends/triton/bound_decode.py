@@ -50,9 +50,13 @@ from attnpatch.backends.triton.utils import (
     with_contiguous_last_dim,
 )
 
-__all__ = ["bound_decode_attention", "choose_splits", "launch_config", "turned_off", "unsupported_reason"]
+__all__ = ["bound_decode_attention", "choose_splits", "few_programs_reason", "launch_config", "turned_off",
+           "unsupported_reason"]
 
 COMBINES = ("softmax_sum", "max")
+# Fewer programs per KV head than this (many rows: B·Hkv above a quarter of the SMs) and the separate kernels,
+# whose split kernel runs two waves of programs, spread the reads wider: the backend keeps them (not measured yet).
+MIN_SPLITS = 4
 MAX_PAGES = 1 << 12  # the pages one program's selection holds in registers
 _LOG2E = 1.4426950408889634
 
@@ -264,6 +268,17 @@ def unsupported_reason(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
         return f"k = {k} outside 1..{n_pages}"
     if page_min.dtype != key.dtype or query.dtype != key.dtype:
         return f"dtypes query {query.dtype}, key {key.dtype}, page tables {page_min.dtype} differ"
+    return None
+
+
+def few_programs_reason(query: torch.Tensor, key: torch.Tensor, k: int, page_size: int) -> str | None:
+    """Why a patched step should keep the separate kernels for speed (None when not): on a GPU, fewer than
+    `MIN_SPLITS` programs per KV head. The kernel itself takes any row count."""
+    rows = query.shape[0] * key.shape[1]
+    splits = choose_splits(rows, -(-k * page_size // default_tile_size(page_size)), query.device)
+    if query.is_cuda and splits < MIN_SPLITS:
+        return (f"{rows} (batch × KV head) rows leave {splits} program(s) per KV head on this GPU's SMs (fewer than "
+                f"{MIN_SPLITS}: the separate kernels spread the reads wider)")
     return None
 
 
