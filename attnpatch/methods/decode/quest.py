@@ -64,9 +64,9 @@ class Quest(DecodeMethod):
     shorter than `min_length`, runs dense. With a static cache, `min_length` and the
     fits-the-budget test compare with the cache capacity (host-known, no sync); pages past the
     written length are never selected. Sliding-window layers run their window. A compiled step hands the
-    selection to the decode backend as a `BoundPages` description (`compiled_step`), so a backend that can
-    bounds, selects and attends in one launch (Triton: `backends/triton/bound_decode.py`, off until measured on
-    a GPU); otherwise the step is `select`'s.
+    selection to the decode backend as a `BoundPages` description (`compiled_step`), so that a backend able
+    to do so bounds, selects and attends in one launch (Triton: `backends/triton/bound_decode.py`, off until
+    measured on a GPU); otherwise the step is `select`'s.
     """
 
     full_density: ClassVar[dict] = {"budget": 1 << 30}
