@@ -10,7 +10,7 @@
 # this model), then that step with quest dense_layers=0 twice: the default launches (next to Triton all pages;
 # SKIP_DEFAULT=1 leaves it out) and, in a second process, the sweep's fastest (ATTNPATCH_DECODE_CONFIG /
 # _BOUNDS_CONFIG / _TOPK_CONFIG; baselines TUNED_BASE, more quest settings TUNED_EXTRA).
-# Part "bound" (~6 min): the one-launch Quest kernel (attnpatch/backends/triton/bound_decode.py, off by default until
+# Part "bound" (~9 min): the one-launch Quest kernel (attnpatch/backends/triton/bound_decode.py, off by default until
 # measured): its GPU test, the per-layer rows at 128K batch 1 / 4 (decode_layer.py --per-call: "quest one launch" next
 # to the separate path's "quest compiled"), its launch sweep at 128K batch 1 / 8, then the compiled HF step at 128K
 # batch 1 (quest, 128-token pages, no dense layers) with the separate kernels and, in a second process, one launch.
@@ -36,7 +36,7 @@ case " $PARTS " in *" d64b8 "*) run d64b8 65536 8 ${T64:-200} quest:budget=4096 
 case " $PARTS " in *" bound "*)
   timeout 90 python -m pytest -q tests/gpu/test_bound_decode_cuda.py 2>&1 | tail -3 > $OUT/bound_tests.log
   cat $OUT/bound_tests.log
-  timeout 150 python bench/scripts/decode_layer.py --per-call --cases 131072x1,131072x4 --page-sizes 128,64 \
+  timeout 300 python bench/scripts/decode_layer.py --per-call --cases 131072x1,131072x4 --page-sizes 128,64 \
     --out $OUT/bound_per_call 2>&1 | grep "quest\|cudnn"
   timeout 60 python bench/scripts/decode_layer.py --kernel-sweep --cases 131072x1,131072x8 --kernels bound \
     --out $OUT/bound_sweep 2>&1 | tail -1
