@@ -40,7 +40,8 @@ def _compile(page: int, key_valid: bool, warps: int = 4):
     source = ASTSource(fn, signature, constexprs={(names.index(n),): v for n, v in const.items()})
     try:
         return triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": warps, "num_stages": 2, "launch_cooperative_grid": True})
+                              options={"num_warps": warps, "num_stages": 2, "launch_cooperative_grid": True,
+                                       "enable_fp_fusion": True})  # as the launches compile it
     except FileNotFoundError as e:  # pragma: no cover  (no bundled ptxas)
         pytest.skip(f"no ptxas to assemble sm_90 code: {e}")
 
