@@ -80,6 +80,7 @@ def test_counters_are_left_at_zero_for_the_next_call():
     ({"page_size": 8}, "page size 8; allowed"),
     ({"combine": "mean"}, "combine must be one of"),
     ({"lo_dtype": torch.float16}, "dtypes"),
+    ({"n_pages": 20}, "page tables of shape"),
 ])
 def test_bad_input_is_refused_with_what_is_allowed(change, message):
     q, k, v = torch.randn(1, 4, 1, 32), torch.randn(1, 2, 256, 32), torch.randn(1, 2, 256, 32)
@@ -87,7 +88,7 @@ def test_bad_input_is_refused_with_what_is_allowed(change, message):
     if "lo_dtype" in change:
         lo, hi = lo.to(change["lo_dtype"]), hi.to(change["lo_dtype"])
     with pytest.raises(ValueError, match=message):
-        _bd.bound_decode_attention(q, k, v, lo, hi, 16, change.get("kp", 4), 0, 16,
+        _bd.bound_decode_attention(q, k, v, lo, hi, change.get("n_pages", 16), change.get("kp", 4), 0, 16,
                                    page_size=change.get("page_size", 16), scale=0.2,
                                    combine=change.get("combine", "softmax_sum"))
 

@@ -271,6 +271,9 @@ def unsupported_reason(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
         return f"k = {k} outside 1..{n_pages}"
     if page_min.dtype != key.dtype or query.dtype != key.dtype:
         return f"dtypes query {query.dtype}, key {key.dtype}, page tables {page_min.dtype} differ"
+    if page_min.dim() != 4 or page_min.shape[:2] != key.shape[:2] or page_min.shape[2] < n_pages \
+            or page_min.shape[3] != key.shape[3]:
+        return f"page tables of shape {tuple(page_min.shape)} (need [B, Hkv, >= {n_pages}, D] of the keys)"
     return None
 
 
@@ -327,6 +330,8 @@ def bound_decode_attention(
     if combine not in COMBINES:
         raise ValueError(f"bound_decode_attention: combine must be one of {COMBINES}, got {combine!r}")
     reason = unsupported_reason(query, key, value, page_min, k, page_size, n_pages)
+    if reason is None and page_max.shape != page_min.shape:
+        reason = f"page max table {tuple(page_max.shape)} and min table {tuple(page_min.shape)} differ"
     if reason is not None:
         raise ValueError(f"bound_decode_attention: {reason}")
     b, hq, _, d = query.shape
