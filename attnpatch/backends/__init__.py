@@ -81,13 +81,21 @@ class BackendPlan:
             self._unavailable[key] = BACKENDS[name].unavailable(device)
         return self._unavailable[key]
 
-    def _run(self, order, phase, reason_of, run, device, declined):
+    def _first(self, order, phase, reason_of, run, device, declined):
+        """`(run(backend), name)` of the first backend of `order` that takes the call, or `(None, None)`; the
+        others' reasons go to `declined` under `phase`."""
         for name in order:
             why = self._why_not(name, device) or reason_of(BACKENDS[name])
             if why is None:
                 return run(BACKENDS[name]), name
             declined.append(f"{phase}: {name}: {why}")
-        raise RuntimeError(f"no backend accepted this {phase} call: {declined}")
+        return None, None
+
+    def _run(self, order, phase, reason_of, run, device, declined):
+        out, name = self._first(order, phase, reason_of, run, device, declined)
+        if name is None:
+            raise RuntimeError(f"no backend accepted this {phase} call: {declined}")
+        return out, name
 
     def prefill(self, query, key, value, selection, *, scale: float, bounds: KeyBounds, tile_counts=None,
                 declined: list[str]):
@@ -120,13 +128,9 @@ class BackendPlan:
             return None, None
         pages = PageSelection.all_pages(query.shape[0], key.shape[1], key.shape[2], page_size, query.device,
                                         key_end=bounds.key_end)
-        for name in fast:
-            b = BACKENDS[name]
-            why = self._why_not(name, query.device) or b.decode_reason(query, key, value, pages, bounds)
-            if why is None:
-                return b.decode(query, key, value, pages, scale=scale, bounds=bounds), name
-            declined.append(f"dense decode: {name}: {why}")
-        return None, None
+        return self._first(fast, "dense decode", lambda b: b.decode_reason(query, key, value, pages, bounds),
+                           lambda b: b.decode(query, key, value, pages, scale=scale, bounds=bounds),
+                           query.device, declined)
 
     def decode(self, query, key, value, selection: PageSelection, *, scale: float, bounds: KeyBounds,
                tile_counts=None, declined: list[str]):
@@ -140,27 +144,21 @@ class BackendPlan:
                         declined: list[str]):
         """`((out, page_lse), backend name)` from the first decode backend that also writes each listed page's
         log-sum-exp (`Backend.decode_page_lse`), or `(None, None)`: the caller ranks pages with its own pass."""
-        for name in self.decode_order:
-            b = BACKENDS[name]
-            why = (self._why_not(name, query.device) or b.decode_reason(query, key, value, selection, bounds)
-                   or b.decode_page_lse_reason(query, key, value, selection, bounds))
-            if why is None:
-                return b.decode_page_lse(query, key, value, selection, scale=scale, bounds=bounds), name
-            declined.append(f"decode with page log-sum-exp: {name}: {why}")
-        return None, None
-
+        return self._first(
+            self.decode_order, "decode with page log-sum-exp",
+            lambda b: (b.decode_reason(query, key, value, selection, bounds)
+                       or b.decode_page_lse_reason(query, key, value, selection, bounds)),
+            lambda b: b.decode_page_lse(query, key, value, selection, scale=scale, bounds=bounds),
+            query.device, declined)
 
     def decode_bound(self, query, key, value, pages: BoundPages, *, scale: float, bounds: KeyBounds,
                      declined: list[str]):
         """`(out, backend name)` from the first decode backend that makes the selection `pages` describes in
         the launch that attends (`Backend.decode_bound`), or `(None, None)`: the caller selects separately."""
-        for name in self.decode_order:
-            b = BACKENDS[name]
-            why = self._why_not(name, query.device) or b.decode_bound_reason(query, key, value, pages, bounds)
-            if why is None:
-                return b.decode_bound(query, key, value, pages, scale=scale, bounds=bounds), name
-            declined.append(f"decode with the selection in the launch: {name}: {why}")
-        return None, None
+        return self._first(self.decode_order, "decode with the selection in the launch",
+                           lambda b: b.decode_bound_reason(query, key, value, pages, bounds),
+                           lambda b: b.decode_bound(query, key, value, pages, scale=scale, bounds=bounds),
+                           query.device, declined)
 
 
 def _check_name(name, phase: str) -> str:

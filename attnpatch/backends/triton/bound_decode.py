@@ -44,10 +44,12 @@ import os
 import torch
 
 from attnpatch.backends.decode_plan import ALLOWED_HEAD_DIMS, ALLOWED_PAGE_SIZES, _sm_count, default_tile_size
+from attnpatch.backends.triton.topk_select import COMBINES
 from attnpatch.backends.triton.utils import (
     fp32_tiles_reason,
     is_interpreted,
     on_input_device,
+    per_row_bound,
     tensor_device_ok,
     triton_available,
     with_contiguous_last_dim,
@@ -56,7 +58,6 @@ from attnpatch.backends.triton.utils import (
 __all__ = ["bound_decode_attention", "choose_splits", "few_programs_reason", "launch_config", "turned_off",
            "unsupported_reason"]
 
-COMBINES = ("softmax_sum", "max")
 # Fewer programs per KV head than this (many rows: B·Hkv above a quarter of the SMs) and the separate kernels,
 # whose split kernel runs two waves of programs, spread the reads wider: the backend keeps them (not measured yet).
 MIN_SPLITS = 4
@@ -288,15 +289,6 @@ def few_programs_reason(query: torch.Tensor, key: torch.Tensor, k: int, page_siz
     return None
 
 
-def _per_row(t: torch.Tensor | int, batch: int, device: torch.device) -> tuple[torch.Tensor, int]:
-    t = torch.as_tensor(t, device=device)
-    if t.dim() == 0 or t.numel() == 1:
-        return t.reshape(1), 0
-    if t.shape != (batch,):
-        raise ValueError(f"bound_decode_attention: a per-row bound must have shape ({batch},), got {tuple(t.shape)}")
-    return t, t.stride(0)
-
-
 @on_input_device
 def bound_decode_attention(
     query: torch.Tensor,
@@ -340,8 +332,8 @@ def bound_decode_attention(
     device = query.device
     query, key, value = (with_contiguous_last_dim(t) for t in (query, key, value))
     page_min, page_max = with_contiguous_last_dim(page_min), with_contiguous_last_dim(page_max)
-    first_t, stride_first = _per_row(first, b, device)
-    end_t, stride_end = _per_row(end, b, device)
+    first_t, stride_first = per_row_bound(first, b, device, "bound_decode_attention")
+    end_t, stride_end = per_row_bound(end, b, device, "bound_decode_attention")
     if key_start is not None:
         key_start = key_start.to(device=device, dtype=torch.int64).contiguous()
     valid_stride = 0

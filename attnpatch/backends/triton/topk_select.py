@@ -44,6 +44,7 @@ import torch
 from attnpatch.backends.triton.utils import (
     is_interpreted,
     on_input_device,
+    per_row_bound,
     tensor_device_ok,
     triton_available,
 )
@@ -243,16 +244,6 @@ def topk_ascending_triton(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, t
     return out.view(*lead, k), counts.view(lead)
 
 
-def _per_row(t: torch.Tensor | int, batch: int, device) -> tuple[torch.Tensor, int]:
-    """A `[B]` / 0-dim / int bound as a device tensor and its stride over the batch (0: shared)."""
-    t = torch.as_tensor(t, device=device)
-    if t.dim() == 0 or t.numel() == 1:
-        return t.reshape(1), 0
-    if t.shape != (batch,):
-        raise ValueError(f"group_topk_ascending_triton: a per-row bound must have shape ({batch},), got {tuple(t.shape)}")
-    return t, t.stride(0)
-
-
 @on_input_device
 def group_topk_ascending_triton(scores: torch.Tensor, k: int, first: torch.Tensor | int, end: torch.Tensor | int,
                                 combine: str = "softmax_sum", keep_last: int = 0,
@@ -272,8 +263,8 @@ def group_topk_ascending_triton(scores: torch.Tensor, k: int, first: torch.Tenso
     if scores.stride(-1) != 1:
         scores = scores.contiguous()
     b, h, g, n = scores.shape
-    first_t, stride_first = _per_row(first, b, scores.device)
-    end_t, stride_end = _per_row(end, b, scores.device)
+    first_t, stride_first = per_row_bound(first, b, scores.device, "group_topk_ascending_triton")
+    end_t, stride_end = per_row_bound(end, b, scores.device, "group_topk_ascending_triton")
     out, counts = _outputs(b * h, k, scores.device)
     if b * h:
         block_n, block_k = _block_sizes(n, k)

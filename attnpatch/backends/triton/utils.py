@@ -76,6 +76,17 @@ def with_contiguous_last_dim(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
+def per_row_bound(t: torch.Tensor | int, batch: int, device, caller: str) -> tuple[torch.Tensor, int]:
+    """A `[B]` / 0-dim / int bound as a device tensor and its stride over the batch (0: shared); ValueError
+    (naming `caller`) for any other shape."""
+    t = torch.as_tensor(t, device=device)
+    if t.dim() == 0 or t.numel() == 1:
+        return t.reshape(1), 0
+    if t.shape != (batch,):
+        raise ValueError(f"{caller}: a per-row bound must have shape ({batch},), got {tuple(t.shape)}")
+    return t, t.stride(0)
+
+
 F = TypeVar("F", bound=Callable)
 
 
