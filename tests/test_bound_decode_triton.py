@@ -102,3 +102,22 @@ def test_many_rows_on_a_gpu_keep_the_separate_kernels(monkeypatch):
     monkeypatch.setattr(_bd, "_sm_count", lambda device: 132)
     assert "64 (batch × KV head) rows leave 2 program(s)" in _bd.few_programs_reason(q, k, 32, 128)
     assert _bd.few_programs_reason(q[:1], k[:1], 32, 128) is None  # 8 rows: 16 programs per head
+    assert _bd.choose_splits(8, 64, "cuda", requested=32) == 16  # a cooperative launch must fit one per SM
+    assert _bd.choose_splits(8, 64, "cpu", requested=32) == 32  # the interpreter runs programs in turn
+
+
+@pytest.mark.parametrize("setting,expect", [(None, "auto"), ("off", "off"), ("on", "on"), ("0,4,3", "on")])
+def test_the_switch_and_the_default_row_rule(monkeypatch, setting, expect):
+    """Unset, the backend takes the kernel up to MAX_ROWS batch × KV head rows (where it measured faster) and
+    names the rows above; "off" never; "on" or a launch whenever it can run. A malformed launch is refused."""
+    if setting is None:
+        monkeypatch.delenv("ATTNPATCH_BOUND_DECODE_CONFIG", raising=False)
+    else:
+        monkeypatch.setenv("ATTNPATCH_BOUND_DECODE_CONFIG", setting)
+    assert _bd.mode() == expect
+    q, k = torch.randn(4, 32, 1, 128), torch.randn(4, 8, 256, 128)
+    assert _bd.too_many_rows_reason(q[:1], k[:1]) is None
+    assert "32 (batch × KV head) rows: above 8" in _bd.too_many_rows_reason(q, k)
+    monkeypatch.setenv("ATTNPATCH_BOUND_DECODE_CONFIG", "16,4")
+    with pytest.raises(ValueError, match="'on', 'off' or 'splits,warps,stages'"):
+        _bd.launch_config()

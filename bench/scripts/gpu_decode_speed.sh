@@ -10,8 +10,8 @@
 # this model), then that step with quest dense_layers=0 twice: the default launches (next to Triton all pages;
 # SKIP_DEFAULT=1 leaves it out) and, in a second process, the sweep's fastest (ATTNPATCH_DECODE_CONFIG /
 # _BOUNDS_CONFIG / _TOPK_CONFIG; baselines TUNED_BASE, more quest settings TUNED_EXTRA).
-# Part "bound" (~9 min): the one-launch Quest kernel (attnpatch/backends/triton/bound_decode.py, off by default until
-# measured): its GPU test, the per-layer rows at 128K batch 1 / 4 (decode_layer.py --per-call: "quest one launch" next
+# Part "bound" (~9 min): the one-launch Quest kernel (attnpatch/backends/triton/bound_decode.py, taken by default up
+# to 8 batch × KV head rows): its GPU test, the per-layer rows at 128K batch 1 / 4 (decode_layer.py --per-call: "quest one launch" next
 # to the separate path's "quest compiled"), its launch sweep at 128K batch 1 / 8, then the compiled HF step at 128K
 # batch 1 (quest, 128-token pages, no dense layers) with the separate kernels and, in a second process, one launch.
 # The unpatched compiled model (193 ms a step at 128K, batch 4: bench/results/hf_decode_h200/inductor_2026-12-04)
@@ -41,8 +41,8 @@ case " $PARTS " in *" bound "*)
   timeout 60 python bench/scripts/decode_layer.py --kernel-sweep --cases 131072x1,131072x8 --kernels bound \
     --out $OUT/bound_sweep 2>&1 | tail -1
   Q=quest:budget=8192,page_size=128,dense_layers=0
-  run d128b1_separate 131072 1 ${TB1:-100} $Q
-  BASE=none ATTNPATCH_BOUND_DECODE_CONFIG=on run d128b1_one_launch 131072 1 ${TB1:-100} $Q;;
+  ATTNPATCH_BOUND_DECODE_CONFIG=off run d128b1_separate 131072 1 ${TB1:-100} $Q
+  BASE=none run d128b1_one_launch 131072 1 ${TB1:-100} $Q;;
 esac
 case " $PARTS " in *" tune "*)
   L=${TL:-131072} B=${TB:-4}; Q=quest:budget=$((L / 16)),dense_layers=0

@@ -106,12 +106,14 @@ class TritonBackend(Backend):
         reason = _decode_call_reason(query, key, value, bounds)
         if reason is not None:
             return reason
-        from attnpatch.backends.triton.bound_decode import few_programs_reason, turned_off, unsupported_reason
+        from attnpatch.backends.triton import bound_decode as bd
 
-        if turned_off():
-            return "the one-launch kernel is off until measured on a GPU (ATTNPATCH_BOUND_DECODE_CONFIG=on turns it on)"
-        return (unsupported_reason(query, key, value, pages.page_min, pages.k, pages.page_size, pages.n_pages)
-                or few_programs_reason(query, key, pages.k, pages.page_size))
+        switch = bd.mode()
+        if switch == "off":
+            return "the one-launch kernel is turned off (ATTNPATCH_BOUND_DECODE_CONFIG=off)"
+        return (bd.unsupported_reason(query, key, value, pages.page_min, pages.k, pages.page_size, pages.n_pages)
+                or (bd.too_many_rows_reason(query, key) if switch == "auto" else None)
+                or bd.few_programs_reason(query, key, pages.k, pages.page_size))
 
     def decode_bound(self, query, key, value, pages, *, scale, bounds):
         if torch.compiler.is_compiling():

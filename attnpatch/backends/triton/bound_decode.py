@@ -25,16 +25,17 @@ different streams at the same time would share them, so the kernel is for one st
 Under Triton's CPU interpreter programs run one after another, so the barrier cannot work there: the same
 kernel runs in two launches (bounds, then the rest), and the tests compare that with the separate path.
 
-Status: built and tested under the interpreter (lists and output equal to the separate kernels, also through a
-compiled patched model); it has not yet run on a GPU (in the session that wrote it no machine could be
-started), so the Triton backend takes it only when `ATTNPATCH_BOUND_DECODE_CONFIG` is set (`turned_off`).
-The aim: Quest's step at 128K, batch 1 takes 33.7 µs on an H100 as bounds (≈ 5 µs) + top-k (≈ 8) + the
-decode kernel and its merge (20.3), 5.4× cuDNN's 181.7; issue 12 asks 8× (≤ 22.7 µs). To measure it:
-`pytest tests/gpu/test_bound_decode_cuda.py`, then `bench/scripts/decode_layer.py --per-call` (its "quest one
-launch" rows, next to the separate path's "quest compiled") and `--kernel-sweep --kernels bound`. Compiled ahead of
-time for sm_90 on a CPU machine (Triton 3.9, its ptxas; tests/test_bound_decode_sm90_compile.py) at that shape,
-4 warps, 128-token pages: 36.9 KB of shared memory, 255 registers and 232 B of stack (the split kernel alone:
-41.0 KB, 255 registers, 192 B), so one program per SM fits.
+Measured (H200, 128K, Llama-3.1-8B shape: 32 q / 8 KV heads, d 128, budget 1/16, per call with a cold L2;
+bench/results/decode_layer/one_launch_h200_2026-12-06/): at batch 1 (8 rows of `B·Hkv`) the step takes
+27.0 µs at 128-token pages and 32.3 at 64 with 3 stages, against 30.0 / 34.0 for the separate kernels and
+125.7 for cuDNN (4.7× / 3.9×); at batch 4 (32 rows) it is slower: 65.8 / 121.4 against 57.2 / 66.2 µs (2
+stages; each program selects over all of its head's pages, and 4 programs per head read the tiles). So the
+Triton backend takes it by default where `B·Hkv <= MAX_ROWS` (`mode`). Issue 12's 8× at batch 1 (<= 15.7 µs
+on that card) stays out of reach: the decode kernel alone over the selected pages takes 17.0 µs there.
+Compiled ahead of time for sm_90 on a CPU machine (Triton 3.9, its ptxas;
+tests/test_bound_decode_sm90_compile.py) at that shape, 4 warps, 128-token pages: 36.9 KB of shared memory,
+255 registers and 232 B of stack (the split kernel alone: 41.0 KB, 255 registers, 192 B), so one program
+per SM fits.
 """
 
 from __future__ import annotations
@@ -55,12 +56,16 @@ from attnpatch.backends.triton.utils import (
     with_contiguous_last_dim,
 )
 
-__all__ = ["bound_decode_attention", "choose_splits", "few_programs_reason", "launch_config", "turned_off",
-           "unsupported_reason"]
+__all__ = ["bound_decode_attention", "choose_splits", "few_programs_reason", "launch_config", "mode",
+           "too_many_rows_reason", "unsupported_reason"]
 
 # Fewer programs per KV head than this (many rows: B·Hkv above a quarter of the SMs) and the separate kernels,
-# whose split kernel runs two waves of programs, spread the reads wider: the backend keeps them (not measured yet).
+# whose split kernel runs two waves of programs, spread the reads wider: the backend keeps them (reasoned; the
+# measured rule is MAX_ROWS).
 MIN_SPLITS = 4
+# The most `B·Hkv` rows the backend gives this kernel by default: at 8 rows it measured faster than the separate
+# kernels, at 32 slower (the module docstring's figures); rows in between are not measured.
+MAX_ROWS = 8
 MAX_PAGES = 1 << 12  # the pages one program's selection holds in registers
 _LOG2E = 1.4426950408889634
 
@@ -221,29 +226,44 @@ def _semaphores(device: torch.device, n: int) -> torch.Tensor:
 
 def launch_config() -> tuple[int | None, int, int]:
     """`(splits or None, num_warps, num_stages)`; `ATTNPATCH_BOUND_DECODE_CONFIG="splits,warps,stages"`
-    (splits 0: the default rule) overrides the default `(None, 4, 2)` for benchmark sweeps ("on" / "off":
-    see `turned_off`)."""
+    (splits 0: the default rule) overrides the default `(None, 4, 3)` for benchmark sweeps ("on" / "off":
+    see `mode`). 3 stages measured fastest at batch 1 (27.0 against 28.7 µs for 2, 128-token pages, H200)."""
     value = os.environ.get("ATTNPATCH_BOUND_DECODE_CONFIG")
     if not value or value in ("on", "off"):
-        return None, 4, 2
+        return None, 4, 3
     try:
         splits, warps, stages = (int(x) for x in value.split(","))
     except ValueError as e:
-        raise ValueError("ATTNPATCH_BOUND_DECODE_CONFIG must read 'splits,warps,stages' (e.g. '16,4,2'), got "
-                         f"{value!r}") from e
+        raise ValueError("ATTNPATCH_BOUND_DECODE_CONFIG must read 'on', 'off' or 'splits,warps,stages' (e.g. "
+                         f"'16,4,3'), got {value!r}") from e
     return splits or None, warps, stages
 
 
-def turned_off() -> bool:
-    """Whether a patched decode step keeps the separate kernels: unless `ATTNPATCH_BOUND_DECODE_CONFIG` is
-    set ("on", or a launch), since the kernel is not yet measured on a GPU; "off" keeps them too."""
-    return os.environ.get("ATTNPATCH_BOUND_DECODE_CONFIG", "off") == "off"
+def mode() -> str:
+    """How the backend takes this kernel, from `ATTNPATCH_BOUND_DECODE_CONFIG`: "off" never; "on" (or a launch
+    `splits,warps,stages`) whenever it can run; unset: "auto", where it measured faster (`too_many_rows_reason`)."""
+    value = os.environ.get("ATTNPATCH_BOUND_DECODE_CONFIG")
+    return "auto" if not value else "off" if value == "off" else "on"
 
 
-def choose_splits(heads: int, tiles: int, device: torch.device | str) -> int:
+def too_many_rows_reason(query: torch.Tensor, key: torch.Tensor) -> str | None:
+    """Why the default rule keeps the separate kernels (None when not): more than `MAX_ROWS` `B·Hkv` rows."""
+    rows = query.shape[0] * key.shape[1]
+    if rows > MAX_ROWS:
+        return (f"{rows} (batch × KV head) rows: above {MAX_ROWS} the separate kernels measured faster "
+                "(ATTNPATCH_BOUND_DECODE_CONFIG=on takes it anyway)")
+    return None
+
+
+def choose_splits(heads: int, tiles: int, device: torch.device | str, requested: int | None = None) -> int:
     """Programs per KV head: as many as fit one per SM over the `heads` (`B·Hkv`) rows, at most one per
-    tile of the list, at least 1."""
-    return max(1, min(_sm_count(torch.device(device)) // max(heads, 1), tiles))
+    tile of the list, at least 1. On a GPU a `requested` count is capped at one program per SM, since CUDA
+    refuses a cooperative launch of more programs than are resident at once ("too many blocks")."""
+    device = torch.device(device)
+    fit = _sm_count(device) // max(heads, 1)
+    if requested is not None:
+        return max(1, min(requested, fit) if device.type == "cuda" else requested)
+    return max(1, min(fit, tiles))
 
 
 def unsupported_reason(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, page_min: torch.Tensor, k: int,
@@ -345,7 +365,7 @@ def bound_decode_attention(
     tile = default_tile_size(page_size)
     tiles = -(-k * page_size // tile)
     splits_override, warps, stages = launch_config()
-    splits = num_splits or splits_override or choose_splits(b * hkv, tiles, device)
+    splits = choose_splits(b * hkv, tiles, device, num_splits or splits_override)
     block_p = max(16, triton.next_power_of_2(-(-n_pages // splits)))  # pages bounded per program
     heads = b * hkv
     bounds = torch.empty(heads * group * n_pages, dtype=torch.float32, device=device)
