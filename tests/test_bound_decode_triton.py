@@ -8,6 +8,7 @@ import torch
 from triton_interpreted import PACKAGE_DIR, interpret_env, load_interpreted
 
 from attnpatch.cache import key_page_bounds
+from attnpatch.cache.pages import barrier_counters
 from attnpatch.sparsity import PageSelection
 
 _bd, _SKIP_REASON = load_interpreted("bound_decode.py", uses=("decode.py", "topk_select.py"))
@@ -67,12 +68,18 @@ def test_one_launch_equals_the_separate_kernels(b, hkv, g, d, length, ps, kp, sp
 
 
 def test_counters_are_left_at_zero_for_the_next_call():
+    """The per-device buffer and a caller's counters (a cache layer's `barrier_counters`) alike are back at
+    zero after a call, and both give the same output."""
     q, k, v = torch.randn(1, 4, 1, 32), torch.randn(1, 2, 256, 32), torch.randn(1, 2, 256, 32)
     lo, hi = key_page_bounds(k, 16)
     first = _bd.bound_decode_attention(q, k, v, lo, hi, 16, 4, 0, 16, page_size=16, scale=0.2, num_splits=3)
     assert _bd._semaphores(q.device, 4).eq(0).all()
-    again = _bd.bound_decode_attention(q, k, v, lo, hi, 16, 4, 0, 16, page_size=16, scale=0.2, num_splits=3)
-    assert torch.equal(first, again)
+    counters = barrier_counters(1, 2, "cpu")
+    again = _bd.bound_decode_attention(q, k, v, lo, hi, 16, 4, 0, 16, page_size=16, scale=0.2, num_splits=3,
+                                       counters=counters)
+    assert torch.equal(first, again) and counters.eq(0).all()
+    with pytest.raises(ValueError, match="counters must be contiguous int32 on cpu with at least 4 elements"):
+        _bd.bound_decode_attention(q, k, v, lo, hi, 16, 4, 0, 16, page_size=16, scale=0.2, counters=counters[:3])
 
 
 @pytest.mark.parametrize(("change", "message"), [

@@ -247,7 +247,9 @@ _BOUND_SCRIPT = textwrap.dedent("""
     q, k, v = (torch.randn(s, generator=g) for s in ((2, 4, 1, 16), (2, 2, 96, 16), (2, 2, 96, 16)))
     lo, hi = key_page_bounds(k, 16)
     valid = torch.arange(96)[None, :] < torch.tensor([[70], [96]])
-    args = (q, k, v, lo, hi, torch.tensor([0, 1]), torch.tensor([5, 6]), 6, 3, 0, "softmax_sum", 16, 0.25, None, valid)
+    counters = torch.zeros(8, dtype=torch.int32)  # declared unmutated: opcheck checks they come back as they were
+    args = (q, k, v, lo, hi, torch.tensor([0, 1]), torch.tensor([5, 6]), 6, 3, 0, "softmax_sum", 16, 0.25, None, valid,
+            counters)
     torch.library.opcheck(op_module.bound_decode_op, args)
 
     calls = []

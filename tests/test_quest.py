@@ -43,6 +43,25 @@ def test_page_bounds_equal_a_recomputation_after_prefill_and_decode_steps(kind):
         lo, hi = key_page_bounds(layer.keys, PS, written)
         pages = lo.shape[2]
         assert torch.equal(page_min[:, :, :pages], lo) and torch.equal(page_max[:, :, :pages], hi)
+    # the one-launch kernel's barrier counters: made with the layer (outside any CUDA-graph pool), zero
+    assert layer.counters.dtype == torch.int32 and layer.counters.shape == (2 * 2 * 2,) and not layer.counters.any()
+
+
+def test_the_one_launch_path_needs_the_cache_layers_counters(monkeypatch):
+    """Without barrier counters from the cache layer (a buffer first made inside a compiled step would sit in
+    its CUDA-graph pool, which inductor refuses: measured on an H100) the Triton backend declines the
+    one-launch step, naming why; turned off, it says so first."""
+    from attnpatch.backends.triton.backend import TritonBackend
+    from attnpatch.sparsity import BoundPages
+
+    q, k = torch.randn(1, 4, 1, 8), torch.randn(1, 2, 64, 8)
+    lo, hi = key_page_bounds(k, PS)
+    pages = BoundPages(q, lo, hi, 4, 2, torch.zeros(1, dtype=torch.long), torch.tensor(4), 0, "softmax_sum", PS, 64,
+                       0.3)
+    monkeypatch.delenv("ATTNPATCH_BOUND_DECODE_CONFIG", raising=False)
+    assert "no barrier counters from the cache layer" in TritonBackend().decode_bound_reason(q, k, k, pages, KeyBounds())
+    monkeypatch.setenv("ATTNPATCH_BOUND_DECODE_CONFIG", "off")
+    assert "turned off" in TritonBackend().decode_bound_reason(q, k, k, pages, KeyBounds())
 
 
 def test_static_page_bounds_restart_after_reset_and_crop():

@@ -73,6 +73,13 @@ def _fold_token(page_min: torch.Tensor, page_max: torch.Tensor, key: torch.Tenso
     page_max.index_copy_(2, index, torch.where(fresh, src, torch.maximum(page_max.index_select(2, index), src)))
 
 
+def barrier_counters(batch: int, kv_heads: int, device: torch.device | str) -> torch.Tensor:
+    """Zeroed int32 scratch (two per batch row and KV head) for a decode kernel that synchronises a KV head's
+    programs (`BoundPages.counters`); the kernel leaves it at zero. A cache layer makes it once, outside any
+    CUDA-graph pool."""
+    return torch.zeros(2 * batch * kv_heads, dtype=torch.int32, device=device)
+
+
 class PageBoundsLayer(DynamicLayer):
     """A DynamicLayer that also keeps each page's key min / max (Quest), updated incrementally: a
     prefill fills its pages, a decode token folds into the last page only (two in-place ops: eager decode
@@ -83,12 +90,14 @@ class PageBoundsLayer(DynamicLayer):
         self.page_size = page_size
         self.page_min: torch.Tensor | None = None
         self.page_max: torch.Tensor | None = None
+        self.counters: torch.Tensor | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
         b, h, _, d = key_states.shape
         self.page_min = key_states.new_zeros(b, h, 0, d)
         self.page_max = key_states.new_zeros(b, h, 0, d)
+        self.counters = barrier_counters(b, h, key_states.device)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         old = self.get_seq_length()
@@ -154,15 +163,17 @@ class StaticPageBoundsLayer(StaticLayer):
         self.page_size = page_size
         self.page_min: torch.Tensor | None = None
         self.page_max: torch.Tensor | None = None
+        self.counters: torch.Tensor | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
         shape = (self.batch_size, self.num_heads, num_blocks(self.max_cache_len, self.page_size), self.k_head_dim)
         self.page_min = torch.zeros(shape, dtype=key_states.dtype, device=self.device)
         self.page_max = torch.zeros(shape, dtype=key_states.dtype, device=self.device)
+        self.counters = barrier_counters(self.batch_size, self.num_heads, self.device)
         if not torch.compiler.is_compiling():
-            torch._dynamo.mark_static_address(self.page_min)
-            torch._dynamo.mark_static_address(self.page_max)
+            for t in (self.page_min, self.page_max, self.counters):
+                torch._dynamo.mark_static_address(t)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:

@@ -217,3 +217,6 @@ class BoundPages:
     page_size: int
     kv_len: int
     scale: float  # of the bounds: the attention's softmax scale
+    # int32 zeros, >= 2·B·Hkv, that a one-launch backend may use as barrier counters and leaves at zero; held by
+    # the cache layer so that they outlive a CUDA-graph pool (a buffer first made inside one is refused there)
+    counters: torch.Tensor | None = None

@@ -103,14 +103,17 @@ class TritonBackend(Backend):
             key_valid=bounds.key_valid, count_tiles=tile_counts is not None))
 
     def decode_bound_reason(self, query, key, value, pages, bounds):
-        reason = _decode_call_reason(query, key, value, bounds)
-        if reason is not None:
-            return reason
         from attnpatch.backends.triton import bound_decode as bd
 
         switch = bd.mode()
         if switch == "off":
             return "the one-launch kernel is turned off (ATTNPATCH_BOUND_DECODE_CONFIG=off)"
+        if pages.counters is None:
+            return ("no barrier counters from the cache layer (a buffer first made in a compiled step would live in "
+                    "its CUDA-graph pool, which inductor refuses)")
+        reason = _decode_call_reason(query, key, value, bounds)
+        if reason is not None:
+            return reason
         return (bd.unsupported_reason(query, key, value, pages.page_min, pages.k, pages.page_size, pages.n_pages)
                 or (bd.too_many_rows_reason(query, key) if switch == "auto" else None)
                 or bd.few_programs_reason(query, key, pages.k, pages.page_size))
@@ -125,7 +128,7 @@ class TritonBackend(Backend):
         return bound_decode_attention(query, key, value, pages.page_min, pages.page_max, pages.n_pages, pages.k,
                                       pages.first, pages.end, page_size=pages.page_size, scale=pages.scale,
                                       keep_last=pages.keep_last, combine=pages.combine, key_start=bounds.key_start,
-                                      key_valid=bounds.key_valid)
+                                      key_valid=bounds.key_valid, counters=pages.counters)
 
     def decode_page_lse_reason(self, query, key, value, selection, bounds):
         return page_lse_skip_reason(selection)

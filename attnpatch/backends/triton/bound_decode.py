@@ -329,6 +329,7 @@ def bound_decode_attention(
     key_valid: torch.Tensor | None = None,
     num_splits: int | None = None,
     return_selection: bool = False,
+    counters: torch.Tensor | None = None,
 ):
     """One decode step over the `k` pages of each KV head with the largest page bounds, in one launch.
 
@@ -337,7 +338,9 @@ def bound_decode_attention(
     the bounds `page_upper_bounds_triton(query, page_min, page_max, n_pages, scale)` (`first`, `end`,
     `keep_last`, `combine` as there); the attention is `sparse_decode_attention`'s over that selection
     (`key_start`, `key_valid` as there). Returns `out` `[B, Hq, 1, Dv]`, and with `return_selection` also
-    `(indices [B, Hkv, k], counts [B, Hkv])` int32 (the list program 0 of each head used).
+    `(indices [B, Hkv, k], counts [B, Hkv])` int32 (the list program 0 of each head used). `counters`: int32
+    zeros of at least `2·B·Hkv` for the head barrier, left at zero (a cache layer's `barrier_counters`); without
+    them a per-device buffer made on the first call is used, which must not be made inside a CUDA-graph pool.
     """
     if combine not in COMBINES:
         raise ValueError(f"bound_decode_attention: combine must be one of {COMBINES}, got {combine!r}")
@@ -393,7 +396,15 @@ def bound_decode_attention(
         FUSED_COUNTS=not _KERNEL_INTERPRETED, DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         HAS_KEY_START=key_start is not None, HAS_KEY_VALID=key_valid is not None, num_warps=warps, num_stages=stages,
     )  # fmt: skip
-    sem = _semaphores(device, 2 * heads)
+    if counters is None:
+        sem = _semaphores(device, 2 * heads)
+    elif counters.dtype != torch.int32 or counters.device != device or counters.numel() < 2 * heads \
+            or not counters.is_contiguous():
+        raise ValueError(f"bound_decode_attention: counters must be contiguous int32 on {device} with at least "
+                         f"{2 * heads} elements (2 · batch · KV heads), got {counters.dtype} {tuple(counters.shape)} "
+                         f"on {counters.device}")
+    else:
+        sem = counters
     args = args[:11] + (sem,) + args[12:]
     if _KERNEL_INTERPRETED:  # programs run in turn: the bounds first, then the rest
         _bound_decode_kernel[(heads, splits)](*args, PHASE=1, **meta)

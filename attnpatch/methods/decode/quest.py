@@ -108,9 +108,13 @@ class Quest(DecodeMethod):
             page_min, page_max, written = tables
             ps, b = self.page_size, query.shape[0]
             end = (torch.as_tensor(written, device=query.device) + ps - 1) // ps
+            counters = getattr(ctx.cache_layer, "counters", None)
+            if counters is not None and counters.numel() < 2 * b * key.shape[1]:  # the batch grew since
+                counters = None
             pages = BoundPages(query, page_min, page_max, num_blocks(key.shape[2], ps), self.budget // ps,
                                ctx.bounds.first_key(b, query.device) // ps, end, self.local_pages,
-                               "max" if self.group == "max" else "softmax_sum", ps, key.shape[2], ctx.scale)
+                               "max" if self.group == "max" else "softmax_sum", ps, key.shape[2], ctx.scale,
+                               counters)
             out = bound(pages)
             if out is not None:
                 return out
