@@ -113,10 +113,11 @@ def test_many_rows_on_a_gpu_keep_the_separate_kernels(monkeypatch):
     assert _bd.choose_splits(8, 64, "cpu", requested=32) == 32  # the interpreter runs programs in turn
 
 
-@pytest.mark.parametrize("setting,expect", [(None, "auto"), ("off", "off"), ("on", "on"), ("0,4,3", "on")])
-def test_the_switch_and_the_default_row_rule(monkeypatch, setting, expect):
-    """Unset, the backend takes the kernel up to MAX_ROWS batch × KV head rows (where it measured faster) and
-    names the rows above; "off" never; "on" or a launch whenever it can run. A malformed launch is refused."""
+@pytest.mark.parametrize("setting,expect", [(None, _bd.DEFAULT_MODE if _bd else None), ("auto", "auto"),
+                                            ("off", "off"), ("on", "on"), ("0,4,3", "on")])
+def test_the_switch_and_the_row_rule(monkeypatch, setting, expect):
+    """"auto" takes the kernel up to MAX_ROWS batch × KV head rows (where it measured faster) and names the rows
+    above; "off" never; "on" or a launch whenever it can run; unset, DEFAULT_MODE. A malformed launch is refused."""
     if setting is None:
         monkeypatch.delenv("ATTNPATCH_BOUND_DECODE_CONFIG", raising=False)
     else:
@@ -126,5 +127,5 @@ def test_the_switch_and_the_default_row_rule(monkeypatch, setting, expect):
     assert _bd.too_many_rows_reason(q[:1], k[:1]) is None
     assert "32 (batch × KV head) rows: above 8" in _bd.too_many_rows_reason(q, k)
     monkeypatch.setenv("ATTNPATCH_BOUND_DECODE_CONFIG", "16,4")
-    with pytest.raises(ValueError, match="'on', 'off' or 'splits,warps,stages'"):
+    with pytest.raises(ValueError, match="'on', 'auto', 'off' or 'splits,warps,stages'"):
         _bd.launch_config()

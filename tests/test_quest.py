@@ -50,7 +50,7 @@ def test_page_bounds_equal_a_recomputation_after_prefill_and_decode_steps(kind):
 def test_the_one_launch_path_needs_the_cache_layers_counters(monkeypatch):
     """Without barrier counters from the cache layer (a buffer first made inside a compiled step would sit in
     its CUDA-graph pool, which inductor refuses: measured on an H100) the Triton backend declines the
-    one-launch step, naming why; turned off, it says so first."""
+    one-launch step, naming why; turned off (the default), it says so first."""
     from attnpatch.backends.triton.backend import TritonBackend
     from attnpatch.sparsity import BoundPages
 
@@ -58,10 +58,10 @@ def test_the_one_launch_path_needs_the_cache_layers_counters(monkeypatch):
     lo, hi = key_page_bounds(k, PS)
     pages = BoundPages(q, lo, hi, 4, 2, torch.zeros(1, dtype=torch.long), torch.tensor(4), 0, "softmax_sum", PS, 64,
                        0.3)
-    monkeypatch.delenv("ATTNPATCH_BOUND_DECODE_CONFIG", raising=False)
+    monkeypatch.setenv("ATTNPATCH_BOUND_DECODE_CONFIG", "auto")
     assert "no barrier counters from the cache layer" in TritonBackend().decode_bound_reason(q, k, k, pages, KeyBounds())
     monkeypatch.setenv("ATTNPATCH_BOUND_DECODE_CONFIG", "off")
-    assert "turned off" in TritonBackend().decode_bound_reason(q, k, k, pages, KeyBounds())
+    assert "the one-launch kernel is off" in TritonBackend().decode_bound_reason(q, k, k, pages, KeyBounds())
 
 
 def test_static_page_bounds_restart_after_reset_and_crop():

@@ -10,9 +10,11 @@
 # this model), then that step with quest dense_layers=0 twice: the default launches (next to Triton all pages;
 # SKIP_DEFAULT=1 leaves it out) and, in a second process, the sweep's fastest (ATTNPATCH_DECODE_CONFIG /
 # _BOUNDS_CONFIG / _TOPK_CONFIG; baselines TUNED_BASE, more quest settings TUNED_EXTRA).
-# Part "bound" (~9 min): the one-launch Quest kernel (attnpatch/backends/triton/bound_decode.py, taken by default up
-# to 8 batch × KV head rows): its GPU test, the per-layer rows at 128K batch 1 / 4 (decode_layer.py --per-call: "quest one launch" next
-# to the separate path's "quest compiled"), its launch sweep at 128K batch 1 / 8, then the compiled HF step at 128K
+# Part "bound" (~9 min): the one-launch Quest kernel (attnpatch/backends/triton/bound_decode.py, off by default until
+# its compiled step passes here; ATTNPATCH_BOUND_DECODE_CONFIG=auto takes it up to 8 batch × KV head rows): its GPU
+# tests (also the compiled reduce-overhead quest step, which would have caught the counters in the graph pool), the
+# per-layer rows at 128K batch 1 / 4 (decode_layer.py --per-call: "quest one launch" next to the separate path's
+# "quest compiled"), its launch sweep at 128K batch 1 / 8, then the compiled HF step at 128K
 # batch 1 (quest, 128-token pages, no dense layers) with the separate kernels and, in a second process, one launch.
 # The unpatched compiled model (193 ms a step at 128K, batch 4: bench/results/hf_decode_h200/inductor_2026-12-04)
 # is left out to save device time; add UNPATCHED=1 for it.
@@ -34,7 +36,8 @@ case " $PARTS " in *" d128b4 "*) run d128b4 131072 4 ${T128:-400} quest:budget=8
 case " $PARTS " in *" d128b1 "*) run d128b1 131072 1 ${T128B1:-200} quest:budget=8192 quest:budget=8192,topk=triton;; esac
 case " $PARTS " in *" d64b8 "*) run d64b8 65536 8 ${T64:-200} quest:budget=4096 quest:budget=4096,topk=triton;; esac
 case " $PARTS " in *" bound "*)
-  timeout 90 python -m pytest -q tests/gpu/test_bound_decode_cuda.py 2>&1 | tail -3 > $OUT/bound_tests.log
+  ATTNPATCH_BOUND_DECODE_CONFIG=auto timeout 150 python -m pytest -q tests/gpu/test_bound_decode_cuda.py \
+    tests/gpu/test_decode_compile_cuda.py -k "bound or quest" 2>&1 | tail -3 > $OUT/bound_tests.log
   cat $OUT/bound_tests.log
   timeout 300 python bench/scripts/decode_layer.py --per-call --cases 131072x1,131072x4 --page-sizes 128,64 \
     --out $OUT/bound_per_call 2>&1 | grep "quest\|cudnn"
@@ -42,7 +45,7 @@ case " $PARTS " in *" bound "*)
     --out $OUT/bound_sweep 2>&1 | tail -1
   Q=quest:budget=8192,page_size=128,dense_layers=0
   ATTNPATCH_BOUND_DECODE_CONFIG=off run d128b1_separate 131072 1 ${TB1:-100} $Q
-  BASE=none run d128b1_one_launch 131072 1 ${TB1:-100} $Q;;
+  BASE=none ATTNPATCH_BOUND_DECODE_CONFIG=auto run d128b1_one_launch 131072 1 ${TB1:-100} $Q;;
 esac
 case " $PARTS " in *" tune "*)
   L=${TL:-131072} B=${TB:-4}; Q=quest:budget=$((L / 16)),dense_layers=0

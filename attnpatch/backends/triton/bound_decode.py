@@ -20,8 +20,12 @@ The separate path is three kernels and a merge: `page_upper_bounds_triton` (boun
 5. **Merge**: the last program of the head to finish (a second counter) merges the S partials by
    log-sum-exp and writes the output; it resets both counters for the next call.
 
-The counters live in a per-device buffer kept across calls (zeroed once): two launches of this kernel on
-different streams at the same time would share them, so the kernel is for one stream (a model's forward).
+The counters (int32, two per KV head row) are the caller's: a Quest cache layer makes them with its page tables
+(`attnpatch.cache.pages.barrier_counters`) and each call leaves them at zero. A buffer made on the first call
+inside a compiled step would come from inductor's CUDA-graph pool, which refuses it ("tensor(s) in the
+cudagraph pool not tracked as outputs", measured on an H100); direct callers without counters share a per-device
+buffer made on their first call. Two launches sharing counters on different streams at once would race, so the
+kernel is for one stream (a model's forward).
 Under Triton's CPU interpreter programs run one after another, so the barrier cannot work there: the same
 kernel runs in two launches (bounds, then the rest), and the tests compare that with the separate path.
 
@@ -30,7 +34,7 @@ bench/results/decode_layer/one_launch_h200_2026-12-06/): at batch 1 (8 rows of `
 27.0 µs at 128-token pages and 32.3 at 64 with 3 stages, against 30.0 / 34.0 for the separate kernels and
 125.7 for cuDNN (4.7× / 3.9×); at batch 4 (32 rows) it is slower: 65.8 / 121.4 against 57.2 / 66.2 µs (2
 stages; each program selects over all of its head's pages, and 4 programs per head read the tiles). So the
-Triton backend takes it by default where `B·Hkv <= MAX_ROWS` (`mode`). Issue 12's 8× at batch 1 (<= 15.7 µs
+rule "auto" takes it where `B·Hkv <= MAX_ROWS` (`mode`); it is not yet the default (`DEFAULT_MODE`). Issue 12's 8× at batch 1 (<= 15.7 µs
 on that card) stays out of reach: the decode kernel alone over the selected pages takes 17.0 µs there.
 Compiled ahead of time for sm_90 on a CPU machine (Triton 3.9, its ptxas;
 tests/test_bound_decode_sm90_compile.py) at that shape, 4 warps, 128-token pages: 36.9 KB of shared memory,
@@ -66,6 +70,10 @@ MIN_SPLITS = 4
 # The most `B·Hkv` rows the backend gives this kernel by default: at 8 rows it measured faster than the separate
 # kernels, at 32 slower (the module docstring's figures); rows in between are not measured.
 MAX_ROWS = 8
+# "off" until a compiled HF step with the cache layer's counters has passed the GPU test: the first such step, with
+# a per-device buffer, was refused by inductor's CUDA-graph trees (H100), and the fix has only run on the CPU.
+# The gain it gives up is small: ~3 µs a layer at batch 1, about 1 % of a 32-layer 128K step (8.07 ms, H100).
+DEFAULT_MODE = "off"
 MAX_PAGES = 1 << 12  # the pages one program's selection holds in registers
 _LOG2E = 1.4426950408889634
 
@@ -226,24 +234,25 @@ def _semaphores(device: torch.device, n: int) -> torch.Tensor:
 
 def launch_config() -> tuple[int | None, int, int]:
     """`(splits or None, num_warps, num_stages)`; `ATTNPATCH_BOUND_DECODE_CONFIG="splits,warps,stages"`
-    (splits 0: the default rule) overrides the default `(None, 4, 3)` for benchmark sweeps ("on" / "off":
-    see `mode`). 3 stages measured fastest at batch 1 (27.0 against 28.7 µs for 2, 128-token pages, H200)."""
+    (splits 0: the default rule) overrides the default `(None, 4, 3)` for benchmark sweeps ("on" / "auto" /
+    "off": see `mode`). 3 stages measured fastest at batch 1 (27.0 against 28.7 µs for 2, 128-token pages, H200)."""
     value = os.environ.get("ATTNPATCH_BOUND_DECODE_CONFIG")
-    if not value or value in ("on", "off"):
+    if not value or value in ("on", "auto", "off"):
         return None, 4, 3
     try:
         splits, warps, stages = (int(x) for x in value.split(","))
     except ValueError as e:
-        raise ValueError("ATTNPATCH_BOUND_DECODE_CONFIG must read 'on', 'off' or 'splits,warps,stages' (e.g. "
+        raise ValueError("ATTNPATCH_BOUND_DECODE_CONFIG must read 'on', 'auto', 'off' or 'splits,warps,stages' (e.g. "
                          f"'16,4,3'), got {value!r}") from e
     return splits or None, warps, stages
 
 
 def mode() -> str:
-    """How the backend takes this kernel, from `ATTNPATCH_BOUND_DECODE_CONFIG`: "off" never; "on" (or a launch
-    `splits,warps,stages`) whenever it can run; unset: "auto", where it measured faster (`too_many_rows_reason`)."""
-    value = os.environ.get("ATTNPATCH_BOUND_DECODE_CONFIG")
-    return "auto" if not value else "off" if value == "off" else "on"
+    """How the backend takes this kernel, from `ATTNPATCH_BOUND_DECODE_CONFIG`: "off" never; "auto" where it
+    measured faster (`too_many_rows_reason`); "on" (or a launch `splits,warps,stages`) whenever it can run.
+    Unset: `DEFAULT_MODE`."""
+    value = os.environ.get("ATTNPATCH_BOUND_DECODE_CONFIG") or DEFAULT_MODE
+    return value if value in ("off", "auto") else "on"
 
 
 def too_many_rows_reason(query: torch.Tensor, key: torch.Tensor) -> str | None:
