@@ -46,7 +46,7 @@ def small_options(info) -> dict:
     out = {}
     for o in info.options:
         if o.name in ("block_size", "page_size") and o.choices:
-            out[o.name] = min(o.choices)
+            out[o.name] = min(c for c in o.choices if c)  # 0 is "chosen from the budget"
         if o.name == "min_length":
             out[o.name] = 0
     return out

@@ -22,6 +22,13 @@ def check_budget(method: str, budget: int, page_size: int, local_pages: int = 0)
                          f"page{local} and one chosen page), e.g. {low}, {low + page_size}, ...; got {budget}")
 
 
+def pages_for_budget(budget: int, page_size: int = 64, min_pages: int = 8) -> int:
+    """`page_size`, or half of it where the budget holds fewer than `min_pages` such pages and is a multiple
+    of the half (a budget that fits neither keeps `page_size`, so `check_budget` names what is allowed)."""
+    half = page_size // 2
+    return half if budget // page_size < min_pages and budget % half == 0 else page_size
+
+
 TOPK_KERNELS = ("torch", "triton")
 
 

@@ -11,7 +11,13 @@ import torch
 from attnpatch.cache import RecycledLayer, RecycledState, StaticRecycledLayer
 from attnpatch.estimators.page_lse import page_lse
 from attnpatch.methods.base import DecodeContext, DecodeMethod
-from attnpatch.methods.decode.pages import check_budget, group_top_pages, top_pages, topk_option
+from attnpatch.methods.decode.pages import (
+    check_budget,
+    group_top_pages,
+    pages_for_budget,
+    top_pages,
+    topk_option,
+)
 from attnpatch.options import option
 from attnpatch.registry import register_decode
 from attnpatch.sparsity import PageSelection, num_blocks
@@ -41,8 +47,15 @@ class Recycled(DecodeMethod):
     8K context (budget 512) scored niah_single_1 0.92 over lm-eval's first 25 prompts against dense's
     1.00 — both misses dropped the needle's last digit, its page not kept (as Quest at 16-token pages);
     at 64-token pages 1.00, KL 0.008 against 0.021; passkey (20 prompts, 8K) 0.75 like dense at both, KL
-    0.052 at 64 against 0.043 (bench/results/decode_smollm2/decode_fidelity_*_recycled_*). The compiled
-    speeds in the README were measured at 16-token pages.
+    0.052 at 64 against 0.043 (bench/results/decode_smollm2/decode_fidelity_*_recycled_*). A budget of fewer than
+    8 pages of 64 takes 32-token pages by default (`page_size=0`): at 1/16 of SmolLM2's 4K (budget 256) four
+    64-token pages leave two free beside the forced sink and current pages, and niah_single_1 over lm-eval's
+    first 100 prompts scored 0.96 at 64-token pages against 1.00 at 32 (eight pages; dense 0.99; CPU float32,
+    bench/results/eval_decode_smollm2_recycled_n100/ and eval_decode_smollm2_page32_n100/). Quest went the
+    other way there (0.94 at 64 over 50 prompts, 0.89 at 32 over 100; its misses at 16-token pages were needle numbers
+    cut at a page boundary), so it keeps 64. Budgets of 8 pages of 64 or more
+    (1/16 of 8K and longer, so every compiled speed row) are unchanged. The compiled speeds in the README
+    were measured at 16-token pages.
 
     Stride, measured (the paper leaves it open, 5–50): at 1/16 of SmolLM2's 8K over 64 teacher-forced steps
     on lm-eval's first 25 niah_single_1 prompts, stride 16 / 32 / 64 all answer like dense (1.00), top-1
@@ -79,11 +92,14 @@ class Recycled(DecodeMethod):
     budget: int = option(1024, "keys recycled per KV head at a refresh (a multiple of page_size, >= 3 pages)",
                          min=48, max=1 << 30)
     stride: int = option(16, "decode steps from one full-attention refresh to the next (1: every step)", min=1)
-    page_size: int = option(64, "tokens per recycled page", choices=(16, 32, 64, 128))
+    page_size: int = option(0, "tokens per recycled page (0: 64, or 32 where the budget holds fewer than 8 pages "
+                                "of 64)", choices=(0, 16, 32, 64, 128))
     topk: str = topk_option("triton")
     min_length: int = option(0, "caches shorter than this run dense", min=0)
 
     def __post_init__(self) -> None:
+        if self.page_size == 0:
+            self.page_size = pages_for_budget(self.budget)
         check_budget("recycled", self.budget, self.page_size)
 
     def cache_layer(self, layer_idx: int, config: Any) -> RecycledLayer:
