@@ -84,7 +84,7 @@ if triton_available():
     from attnpatch.backends.triton.combine import MAX_COMBINE as _MAX
     from attnpatch.backends.triton.combine import SUM_COMBINE as _SUM
     from attnpatch.backends.triton.decode import _accumulate, _load_query_rows, _tile_scores
-    from attnpatch.backends.triton.topk_select import _select_ascending
+    from attnpatch.backends.triton.topk_select import _group_page_scores, _select_ascending
     from attnpatch.backends.triton.topk_select import launch_config as _topk_launch
 
     @triton.jit
@@ -144,15 +144,7 @@ if triton_available():
             inside = (offs_gc < group)[:, None] & valid[None, :]
             x = tl.load(head_bounds + offs_gc.to(tl.int64)[:, None] * n_pages + offs[None, :], mask=inside,
                         other=float("-inf"), cache_modifier=".cg")
-            if SOFTMAX_SUM:
-                top = tl.reduce(x, 1, _MAX)
-                e = tl.where(inside, tl.exp(x - tl.where(top > float("-inf"), top, 0.0)[:, None]), 0.0)
-                total = tl.reduce(e, 1, _SUM)
-                score = tl.reduce(e / tl.where(total > 0, total, 1.0)[:, None], 0, _SUM)
-            else:
-                score = tl.reduce(x, 0, _MAX)
-            forced = valid & ((offs == first) | ((offs < end) & (offs >= end - 1 - keep_last)))
-            s = tl.where(forced, 3.4028234663852886e38, score)
+            s = _group_page_scores(x, inside, valid, offs, first, end, keep_last, SOFTMAX_SUM)
             list_row = (pid_bh * num_splits + split).to(tl.int64)
             idx_row = LISTS + list_row * k
             n_sel = _select_ascending(s, valid, offs, k, idx_row, COUNTS + list_row, BLOCK_K, SEARCH, FUSED_COUNTS)

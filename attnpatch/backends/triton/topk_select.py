@@ -141,6 +141,21 @@ if triton_available():
         return kept
 
     @triton.jit
+    def _group_page_scores(x, inside, valid, offs, first, end, keep_last, SOFTMAX_SUM: tl.constexpr):
+        """The `[G, N]` bounds `x` (-inf outside `inside`) of a KV group combined into one score per page
+        ("softmax_sum": each row softmaxed over its pages, summed; else the max), the forced pages (`first`
+        and the `keep_last + 1` last valid ones) raised to the float32 maximum."""
+        if SOFTMAX_SUM:  # the G rows at once: one max, one sum, one sum over the group
+            top = tl.reduce(x, 1, _MAX)
+            e = tl.where(inside, tl.exp(x - tl.where(top > float("-inf"), top, 0.0)[:, None]), 0.0)
+            total = tl.reduce(e, 1, _SUM)
+            score = tl.reduce(e / tl.where(total > 0, total, 1.0)[:, None], 0, _SUM)
+        else:
+            score = tl.reduce(x, 0, _MAX)
+        forced = valid & ((offs == first) | ((offs < end) & (offs >= end - 1 - keep_last)))
+        return tl.where(forced, 3.4028234663852886e38, score)
+
+    @triton.jit
     def _topk_ascending_kernel(S, OUT, COUNTS, n, k, stride_s, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                                SEARCH: tl.constexpr, FUSED_COUNTS: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
@@ -171,15 +186,7 @@ if triton_available():
             inside = (offs_g < group)[:, None] & valid[None, :]
             x = tl.load(S + b * stride_sb + (row % heads) * stride_sh + offs_g[:, None] * stride_sg + offs[None, :],
                         mask=inside, other=float("-inf")).to(tl.float32)
-            if SOFTMAX_SUM:  # the G rows at once: one max, one sum, one sum over the group
-                top = tl.reduce(x, 1, _MAX)
-                e = tl.where(inside, tl.exp(x - tl.where(top > float("-inf"), top, 0.0)[:, None]), 0.0)
-                total = tl.reduce(e, 1, _SUM)
-                score = tl.reduce(e / tl.where(total > 0, total, 1.0)[:, None], 0, _SUM)
-            else:
-                score = tl.reduce(x, 0, _MAX)
-            forced = valid & ((offs == first) | ((offs < end) & (offs >= end - 1 - keep_last)))
-            s = tl.where(forced, 3.4028234663852886e38, score)
+            s = _group_page_scores(x, inside, valid, offs, first, end, keep_last, SOFTMAX_SUM)
             _select_ascending(s, valid, offs, k, OUT + row * k, COUNTS + row, BLOCK_K, SEARCH,
                               FUSED_COUNTS)
 
