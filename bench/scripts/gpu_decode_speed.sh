@@ -10,10 +10,11 @@
 # this model), then that step with quest dense_layers=0 twice: the default launches (next to Triton all pages;
 # SKIP_DEFAULT=1 leaves it out) and, in a second process, the sweep's fastest (ATTNPATCH_DECODE_CONFIG /
 # _BOUNDS_CONFIG / _TOPK_CONFIG; baselines TUNED_BASE, more quest settings TUNED_EXTRA).
-# Part "bound" (~9 min): the one-launch Quest kernel (attnpatch/backends/triton/bound_decode.py, off by default until
+# Part "others" (~5 min, H200: 128K batch 4 does not fit an H100): `recycled` (defaults; stride 32) and `infiniretri`.
+# Part "bound" (~5 min; ~9 with BOUND_LAYER=1): the one-launch Quest kernel (attnpatch/backends/triton/bound_decode.py, off by default until
 # its compiled step passes here; ATTNPATCH_BOUND_DECODE_CONFIG=auto takes it up to 8 batch × KV head rows): its GPU
-# tests (also the compiled reduce-overhead quest step, which would have caught the counters in the graph pool), the
-# per-layer rows at 128K batch 1 / 4 (decode_layer.py --per-call: "quest one launch" next to the separate path's
+# tests (also the compiled reduce-overhead quest steps, one of which checks that the kernel is traced), with
+# BOUND_LAYER=1 the per-layer rows at 128K batch 1 / 4 (decode_layer.py --per-call: "quest one launch" next to the separate path's
 # "quest compiled"), its launch sweep at 128K batch 1 / 8, then the compiled HF step at 128K
 # batch 1 (quest, 128-token pages, no dense layers) with the separate kernels and, in a second process, one launch.
 # The unpatched compiled model (193 ms a step at 128K, batch 4: bench/results/hf_decode_h200/inductor_2026-12-04)
@@ -39,13 +40,19 @@ case " $PARTS " in *" bound "*)
   ATTNPATCH_BOUND_DECODE_CONFIG=auto timeout 150 python -m pytest -q tests/gpu/test_bound_decode_cuda.py \
     tests/gpu/test_decode_compile_cuda.py -k "bound or quest" 2>&1 | tail -3 > $OUT/bound_tests.log
   cat $OUT/bound_tests.log
-  timeout 300 python bench/scripts/decode_layer.py --per-call --cases 131072x1,131072x4 --page-sizes 128,64 \
-    --out $OUT/bound_per_call 2>&1 | grep "quest\|cudnn"
-  timeout 60 python bench/scripts/decode_layer.py --kernel-sweep --cases 131072x1,131072x8 --kernels bound \
-    --out $OUT/bound_sweep 2>&1 | tail -1
+  [ -n "${BOUND_LAYER:-}" ] && timeout 300 python bench/scripts/decode_layer.py --per-call --cases 131072x1,131072x4 \
+    --page-sizes 128,64 --out $OUT/bound_per_call 2>&1 | grep "quest\|cudnn"
+  [ -n "${BOUND_LAYER:-}" ] && timeout 60 python bench/scripts/decode_layer.py --kernel-sweep \
+    --cases 131072x1,131072x8 --kernels bound --out $OUT/bound_sweep 2>&1 | tail -1
   Q=quest:budget=8192,page_size=128,dense_layers=0
   ATTNPATCH_BOUND_DECODE_CONFIG=off run d128b1_separate 131072 1 ${TB1:-100} $Q
   BASE=none ATTNPATCH_BOUND_DECODE_CONFIG=auto run d128b1_one_launch 131072 1 ${TB1:-100} $Q;;
+esac
+case " $PARTS " in *" others "*)  # recycled (defaults, and stride 32) and infiniretri at 128K batch 4 (H200 only)
+  timeout ${TO:-330} python -m attnpatch.bench.hf_decode --out $OUT/d128b4_others --layers 32 --lengths 131072 \
+    --batches 4 --methods recycled,infiniretri --decode-options recycled:budget=8192 recycled:budget=8192,stride=32 \
+    --modes compiled --baselines triton --steps 16 --repeats 3 --profile --budget-s $((${TO:-330} - 40)) 2>&1 \
+    | grep "^L=\|Error\|error";;
 esac
 case " $PARTS " in *" tune "*)
   L=${TL:-131072} B=${TB:-4}; Q=quest:budget=$((L / 16)),dense_layers=0

@@ -78,3 +78,41 @@ def test_reduce_overhead_decode_equals_eager(decode, dtype, options):
     torch.testing.assert_close(steps[1], steps[0], rtol=0, atol=5e-2)
     patch.unpatch()
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_reduce_overhead_quest_takes_the_one_launch_kernel(monkeypatch, batch):
+    """With the one-launch kernel on, a compiled reduce-overhead Quest step traces `attnpatch::bound_decode`
+    (its barrier counters made by the cache layer, outside the CUDA-graph pool) and gives the eager logits."""
+    from transformers.cache_utils import StaticCache
+
+    import attnpatch.backends.triton.bound_decode_op as op
+
+    monkeypatch.setenv("ATTNPATCH_BOUND_DECODE_CONFIG", "on")
+    traced = []
+    real = op.bound_decode
+    monkeypatch.setattr(op, "bound_decode", lambda *a, **kw: traced.append(1) or real(*a, **kw))
+    model = tiny_model("llama", hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                       max_position_embeddings=8192, intermediate_size=512).to("cuda", torch.float32)
+    ck = "cache" if "cache" in inspect.signature(model.model.forward).parameters else "past_key_values"
+    ids = torch.randint(3, 256, (batch, 3000), generator=torch.Generator().manual_seed(1)).cuda()
+    patch = attnpatch.patch_model(model, decode="quest", budget=1024, page_size=64, dense_layers=0)
+    cache = StaticCache(config=model.config, max_cache_len=4096)
+    kw = {ck: cache}
+    steps = []
+    with torch.no_grad():
+        tok = model(ids, **kw).logits[:, -1:].argmax(-1)
+        for mode in ("eager", "compiled"):
+            _rewind(cache, 3000)
+            fn = model if mode == "eager" else torch.compile(model, mode="reduce-overhead", fullgraph=True)
+            t, out = tok, []
+            for _ in range(6):
+                torch.compiler.cudagraph_mark_step_begin()
+                logits = fn(input_ids=t, **kw).logits[:, -1].float().clone()
+                out.append(logits)
+                t = logits.argmax(-1, keepdim=True)
+            steps.append(torch.stack(out))
+    assert traced, "the compiled step did not take the one-launch kernel"
+    torch.testing.assert_close(steps[1], steps[0], rtol=0, atol=5e-2)
+    patch.unpatch()
+    torch._dynamo.reset()
