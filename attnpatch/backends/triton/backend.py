@@ -107,8 +107,8 @@ class TritonBackend(Backend):
 
         switch = bd.mode()
         if switch == "off":
-            return ("the one-launch kernel is off (the default until its compiled step passes on a GPU; "
-                    "ATTNPATCH_BOUND_DECODE_CONFIG=auto takes it up to 8 batch × KV head rows, =on always)")
+            return ("the one-launch kernel is off (ATTNPATCH_BOUND_DECODE_CONFIG=off; unset or auto takes it up to 8 "
+                    "batch × KV head rows, on always)")
         if pages.counters is None:
             return ("no barrier counters from the cache layer (a buffer first made in a compiled step would live in "
                     "its CUDA-graph pool, which inductor refuses)")

@@ -34,7 +34,7 @@ bench/results/decode_layer/one_launch_h200_2026-12-06/): at batch 1 (8 rows of `
 27.0 µs at 128-token pages and 32.3 at 64 with 3 stages, against 30.0 / 34.0 for the separate kernels and
 125.7 for cuDNN (4.7× / 3.9×); at batch 4 (32 rows) it is slower: 65.8 / 121.4 against 57.2 / 66.2 µs (2
 stages; each program selects over all of its head's pages, and 4 programs per head read the tiles). So the
-rule "auto" takes it where `B·Hkv <= MAX_ROWS` (`mode`); it is not yet the default (`DEFAULT_MODE`). Issue 12's 8× at batch 1 (<= 15.7 µs
+rule "auto" (the default, `DEFAULT_MODE`) takes it where `B·Hkv <= MAX_ROWS` (`mode`). Issue 12's 8× at batch 1 (<= 15.7 µs
 on that card) stays out of reach: the decode kernel alone over the selected pages takes 17.0 µs there.
 Compiled ahead of time for sm_90 on a CPU machine (Triton 3.9, its ptxas;
 tests/test_bound_decode_sm90_compile.py) at that shape, 4 warps, 128-token pages: 36.9 KB of shared memory,
@@ -70,10 +70,11 @@ MIN_SPLITS = 4
 # The most `B·Hkv` rows the backend gives this kernel by default: at 8 rows it measured faster than the separate
 # kernels, at 32 slower (the module docstring's figures); rows in between are not measured.
 MAX_ROWS = 8
-# "off" until a compiled HF step with the cache layer's counters has passed the GPU test: the first such step, with
-# a per-device buffer, was refused by inductor's CUDA-graph trees (H100), and the fix has only run on the CPU.
-# The gain it gives up is small: ~3 µs a layer at batch 1, about 1 % of a 32-layer 128K step (8.07 ms, H100).
-DEFAULT_MODE = "off"
+# "auto" since the compiled HF step with the cache layer's counters passed on a GPU (twenty-sixth session, H100:
+# tests/gpu/test_decode_compile_cuda.py, where a reduce-overhead Quest step traces `attnpatch::bound_decode` and gives
+# the eager logits at batch 1 and 2). End to end the gain is within noise where the step is weight-bound: 8.062 ms
+# a token at 128K, batch 1 (32-layer 8B shape, H100) against 8.070 ms with the separate kernels the session before.
+DEFAULT_MODE = "auto"
 MAX_PAGES = 1 << 12  # the pages one program's selection holds in registers
 _LOG2E = 1.4426950408889634
 

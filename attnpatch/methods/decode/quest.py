@@ -66,8 +66,8 @@ class Quest(DecodeMethod):
     written length are never selected. Sliding-window layers run their window. A compiled step hands the
     selection to the decode backend as a `BoundPages` description (`compiled_step`), so that a backend able
     to do so bounds, selects and attends in one launch (Triton: `backends/triton/bound_decode.py`, 27.0 against
-    30.0 µs a layer at 128K, batch 1, H200; off by default, `ATTNPATCH_BOUND_DECODE_CONFIG=auto` takes it up to
-    8 batch × KV head rows); otherwise the step is `select`'s. The cache layer holds the kernel's barrier
+    30.0 µs a layer at 128K, batch 1, H200; by default up to 8 batch × KV head rows,
+    `ATTNPATCH_BOUND_DECODE_CONFIG=off` / `on` never / always); otherwise the step is `select`'s. The cache layer holds the kernel's barrier
     counters (`counters`), made with the page tables, outside any CUDA-graph pool.
     """
 
