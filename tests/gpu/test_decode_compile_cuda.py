@@ -32,6 +32,24 @@ def _rewind(cache, n):
         layer.cumulative_length.fill_(n)
 
 
+@torch.no_grad()
+def _eager_and_reduce_overhead_steps(model, cache, kw, tok, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Six greedy steps' logits from `length` cached tokens, eager then compiled with reduce-overhead
+    (warm-up, recording, replays)."""
+    steps = []
+    for mode in ("eager", "compiled"):
+        _rewind(cache, length)
+        fn = model if mode == "eager" else torch.compile(model, mode="reduce-overhead", fullgraph=True)
+        t, out = tok, []
+        for _ in range(6):
+            torch.compiler.cudagraph_mark_step_begin()
+            logits = fn(input_ids=t, **kw).logits[:, -1].float().clone()
+            out.append(logits)
+            t = logits.argmax(-1, keepdim=True)
+        steps.append(torch.stack(out))
+    return steps[0], steps[1]
+
+
 @pytest.mark.parametrize("decode,options", [
     ("blasst", {"page_size": 64}), ("blasst", {"page_size": 64, "a": 16.0}),
     ("quest", {"budget": 128, "page_size": 16, "dense_layers": 0}),
@@ -63,19 +81,8 @@ def test_static_decode_step_has_no_host_sync(decode, options):
     ("recycled", torch.float32, {"budget": 128, "page_size": 16, "stride": 3, "topk": "triton"})])
 def test_reduce_overhead_decode_equals_eager(decode, dtype, options):
     model, patch, cache, kw, tok = _setup(decode, dtype, **options)
-    steps = []
-    with torch.no_grad():
-        for mode in ("eager", "compiled"):
-            _rewind(cache, 700)
-            fn = model if mode == "eager" else torch.compile(model, mode="reduce-overhead", fullgraph=True)
-            t, out = tok, []
-            for _ in range(6):  # warm-up, recording, replays
-                torch.compiler.cudagraph_mark_step_begin()
-                logits = fn(input_ids=t, **kw).logits[:, -1].float().clone()
-                out.append(logits)
-                t = logits.argmax(-1, keepdim=True)
-            steps.append(torch.stack(out))
-    torch.testing.assert_close(steps[1], steps[0], rtol=0, atol=5e-2)
+    eager, compiled = _eager_and_reduce_overhead_steps(model, cache, kw, tok, 700)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=5e-2)
     patch.unpatch()
     torch._dynamo.reset()
 
@@ -99,20 +106,10 @@ def test_reduce_overhead_quest_takes_the_one_launch_kernel(monkeypatch, batch):
     patch = attnpatch.patch_model(model, decode="quest", budget=1024, page_size=64, dense_layers=0)
     cache = StaticCache(config=model.config, max_cache_len=4096)
     kw = {ck: cache}
-    steps = []
     with torch.no_grad():
         tok = model(ids, **kw).logits[:, -1:].argmax(-1)
-        for mode in ("eager", "compiled"):
-            _rewind(cache, 3000)
-            fn = model if mode == "eager" else torch.compile(model, mode="reduce-overhead", fullgraph=True)
-            t, out = tok, []
-            for _ in range(6):
-                torch.compiler.cudagraph_mark_step_begin()
-                logits = fn(input_ids=t, **kw).logits[:, -1].float().clone()
-                out.append(logits)
-                t = logits.argmax(-1, keepdim=True)
-            steps.append(torch.stack(out))
+    eager, compiled = _eager_and_reduce_overhead_steps(model, cache, kw, tok, 3000)
     assert traced, "the compiled step did not take the one-launch kernel"
-    torch.testing.assert_close(steps[1], steps[0], rtol=0, atol=5e-2)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=5e-2)
     patch.unpatch()
     torch._dynamo.reset()
