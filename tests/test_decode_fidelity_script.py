@@ -122,3 +122,11 @@ def test_a_stopped_run_is_rebuilt_from_its_lines(harness, tmp_path):
     assert [r["target"] for r in rows["dense"]["runs"]] == [["123"], ["77"]]
     assert rows["quest:budget=1024"]["kl"] == pytest.approx(0.00145) and rows["dense"]["accuracy"] is None
     assert "unscored" in path.with_suffix(".md").read_text()
+
+
+@pytest.mark.parametrize("flag", ["--forced-tokens", "--answer-tokens"])
+def test_zero_steps_are_refused_with_the_reason(harness, monkeypatch, capsys, flag):
+    monkeypatch.setattr(sys, "argv", ["decode_fidelity.py", flag, "0"])
+    with pytest.raises(SystemExit):
+        harness.main()
+    assert "must be >= 1" in capsys.readouterr().err

@@ -258,6 +258,9 @@ def main() -> None:
     if args.rescore:
         rescore(Path(args.rescore), Path(args.prompts) if args.prompts else None)
         return
+    if args.answer_tokens < 1 or args.forced_tokens < 1:
+        ap.error(f"--answer-tokens and --forced-tokens must be >= 1 (got {args.answer_tokens}, {args.forced_tokens}): "
+                 "the agreement, KL and recall come from the teacher-forced steps")
     if (args.export_prompts or args.prompts) and (args.task == "passkey" or len(args.lengths) != 1):
         ap.error("--export-prompts / --prompts take a RULER task and one length")
     if args.export_prompts:
