@@ -50,7 +50,7 @@ def test_page_bounds_equal_a_recomputation_after_prefill_and_decode_steps(kind):
 def test_the_one_launch_path_needs_the_cache_layers_counters(monkeypatch):
     """Without barrier counters from the cache layer (a buffer first made inside a compiled step would sit in
     its CUDA-graph pool, which inductor refuses: measured on an H100) the Triton backend declines the
-    one-launch step, naming why; turned off (the default), it says so first."""
+    one-launch step, naming why; turned off (`ATTNPATCH_BOUND_DECODE_CONFIG=off`), it says so first."""
     from attnpatch.backends.triton.backend import TritonBackend
     from attnpatch.sparsity import BoundPages
 

@@ -11,11 +11,11 @@
 # SKIP_DEFAULT=1 leaves it out) and, in a second process, the sweep's fastest (ATTNPATCH_DECODE_CONFIG /
 # _BOUNDS_CONFIG / _TOPK_CONFIG; baselines TUNED_BASE, more quest settings TUNED_EXTRA).
 # Part "others" (~5 min, H200: 128K batch 4 does not fit an H100): `recycled` (defaults; stride 32) and `infiniretri`.
-# Part "bound" (~5 min; ~9 with BOUND_LAYER=1): the one-launch Quest kernel (attnpatch/backends/triton/bound_decode.py; by default, =auto,
-# up to 8 batch × KV head rows): its GPU
-# tests (also the compiled reduce-overhead quest steps, one of which checks that the kernel is traced), with
-# BOUND_LAYER=1 the per-layer rows at 128K batch 1 / 4 (decode_layer.py --per-call: "quest one launch" next to the separate path's
-# "quest compiled"), its launch sweep at 128K batch 1 / 8, then the compiled HF step at 128K
+# Part "bound" (~5 min; ~9 with BOUND_LAYER=1): the one-launch Quest kernel (attnpatch/backends/triton/bound_decode.py;
+# by default, =auto, up to 8 batch × KV head rows): its GPU tests (also the compiled reduce-overhead quest steps, one
+# of which checks that the kernel is traced), with BOUND_LAYER=1 the per-layer rows at 128K batch 1 / 4
+# (decode_layer.py --per-call: "quest one launch" next to the separate path's "quest compiled") and its launch sweep
+# at 128K batch 1 / 8, then the compiled HF step at 128K
 # batch 1 (quest, 128-token pages, no dense layers) with the separate kernels and, in a second process, one launch.
 # The unpatched compiled model (193 ms a step at 128K, batch 4: bench/results/hf_decode_h200/inductor_2026-12-04)
 # is left out to save device time; add UNPATCHED=1 for it.

@@ -109,9 +109,10 @@ class TritonBackend(Backend):
         if switch == "off":
             return ("the one-launch kernel is off (ATTNPATCH_BOUND_DECODE_CONFIG=off; unset or auto takes it up to 8 "
                     "batch × KV head rows, on always)")
-        if pages.counters is None:
-            return ("no barrier counters from the cache layer (a buffer first made in a compiled step would live in "
-                    "its CUDA-graph pool, which inductor refuses)")
+        rows = query.shape[0] * key.shape[1]
+        if pages.counters is None or pages.counters.numel() < 2 * rows:
+            return ("no barrier counters from the cache layer for these rows (a buffer first made in a compiled step "
+                    f"would live in its CUDA-graph pool, which inductor refuses; need {2 * rows} int32 zeros)")
         reason = _decode_call_reason(query, key, value, bounds)
         if reason is not None:
             return reason

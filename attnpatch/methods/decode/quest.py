@@ -67,8 +67,9 @@ class Quest(DecodeMethod):
     selection to the decode backend as a `BoundPages` description (`compiled_step`), so that a backend able
     to do so bounds, selects and attends in one launch (Triton: `backends/triton/bound_decode.py`, 27.0 against
     30.0 µs a layer at 128K, batch 1, H200; by default up to 8 batch × KV head rows,
-    `ATTNPATCH_BOUND_DECODE_CONFIG=off` / `on` never / always); otherwise the step is `select`'s. The cache layer holds the kernel's barrier
-    counters (`counters`), made with the page tables, outside any CUDA-graph pool.
+    `ATTNPATCH_BOUND_DECODE_CONFIG=off` / `on` never / always); otherwise the step is `select`'s. The cache
+    layer holds the kernel's barrier counters (`counters`), made with the page tables, outside any CUDA-graph
+    pool.
     """
 
     full_density: ClassVar[dict] = {"budget": 1 << 30}
@@ -109,13 +110,10 @@ class Quest(DecodeMethod):
             page_min, page_max, written = tables
             ps, b = self.page_size, query.shape[0]
             end = (torch.as_tensor(written, device=query.device) + ps - 1) // ps
-            counters = getattr(ctx.cache_layer, "counters", None)
-            if counters is not None and counters.numel() < 2 * b * key.shape[1]:  # the batch grew since
-                counters = None
             pages = BoundPages(query, page_min, page_max, num_blocks(key.shape[2], ps), self.budget // ps,
                                ctx.bounds.first_key(b, query.device) // ps, end, self.local_pages,
                                "max" if self.group == "max" else "softmax_sum", ps, key.shape[2], ctx.scale,
-                               counters)
+                               getattr(ctx.cache_layer, "counters", None))
             out = bound(pages)
             if out is not None:
                 return out
