@@ -57,11 +57,18 @@ class Recycled(DecodeMethod):
     (1/16 of 8K and longer, so every compiled speed row) are unchanged. The compiled speeds in the README
     were measured at 16-token pages.
 
-    Stride, measured (the paper leaves it open, 5–50): at 1/16 of SmolLM2's 8K over 64 teacher-forced steps
-    on lm-eval's first 25 niah_single_1 prompts, stride 16 / 32 / 64 all answer like dense (1.00), top-1
-    agreement 0.993 / 0.988 / 0.987, KL 0.021 / 0.023 / 0.031
-    (bench/results/decode_smollm2/decode_fidelity_niah_single_1_recycled_stride_8k_cpu_n25.md). 16 stays the
-    default; 32 halves the refreshes (3.29× the all-pages kernel against 2.64× at 128K, batch 4, H200).
+    Stride, measured (the paper leaves it open, 5–50): 32 by default (16 until the twenty-seventh session). At 1/16
+    of SmolLM2's 8K over 64 teacher-forced steps on lm-eval's first 25 niah_single_1 prompts, stride 16 / 32 / 64
+    all answer like dense (1.00), top-1 agreement 0.993 / 0.988 / 0.987, KL 0.021 / 0.023 / 0.031
+    (bench/results/decode_smollm2/decode_fidelity_niah_single_1_recycled_stride_8k_cpu_n25.md); on the next 50
+    prompts (held out) 16 and 32 give the same answers (0.96 each, dense 0.94), agreement 0.986 / 0.985, KL 0.025 /
+    0.020 (decode_fidelity_niah_single_1_8k_prompts25to74_forced64_cpu_n50.md); at 1/16 of 4K on 50 held-out prompts
+    both answer like dense (1.00), but over 64 forced steps 32 has the higher mean KL, 0.037 against 0.016 (one
+    prompt at 0.315; median 0.0097 both), agreement 0.972 / 0.981 (..._4k_prompts100to149_forced64_cpu_n50.md).
+    Answers of up to `stride` tokens are the same at any stride (one refresh, at the first step). 32 halves the
+    refreshes: 3.29× the all-pages kernel against 2.61× at 16 (128K, batch 4, 128-token pages, H200:
+    bench/results/hf_decode_h200/recycled_128k_b4_2026-12-06/); 2.23× against 2.05× at 64K, batch 4, 64-token pages
+    (H100: bench/results/hf_decode_h100/session27_2026-12-07/).
 
     Ranking: each query head's per-page log-sum-exp of the step's scores (`attnpatch.estimators.page_lse`,
     a fused Triton kernel on the GPU: one pass over the keys, no `[B, Hq, L]` probabilities), softmaxed
@@ -91,7 +98,7 @@ class Recycled(DecodeMethod):
 
     budget: int = option(1024, "keys recycled per KV head at a refresh (a multiple of page_size, >= 3 pages)",
                          min=48, max=1 << 30)
-    stride: int = option(16, "decode steps from one full-attention refresh to the next (1: every step)", min=1)
+    stride: int = option(32, "decode steps from one full-attention refresh to the next (1: every step)", min=1)
     page_size: int = option(0, "tokens per recycled page (0: 64, or 32 where the budget holds fewer than 8 pages "
                                 "of 64)", choices=(0, 16, 32, 64, 128))
     topk: str = topk_option("triton")
