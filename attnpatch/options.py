@@ -195,6 +195,20 @@ def option_specs(cls: type) -> tuple[OptionSpec, ...]:
     return tuple(specs)
 
 
+def resolved_options(method: Any) -> dict[str, Any]:
+    """Every option of a built method as it runs, defaults and derived values included (e.g. a page size chosen
+    from the budget), JSON-ready: a benchmark row records what ran, which its spec string stops saying once a
+    default changes."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value.tolist()
+        if isinstance(value, tuple | list):
+            return [plain(v) for v in value]
+        return value
+
+    return {spec.name: plain(getattr(method, spec.name)) for spec in option_specs(type(method))}
+
+
 def per_head(value: float | Sequence[float], heads: int, device=None) -> torch.Tensor:
     """A per-head option as a `[heads]` float32 tensor (a float is broadcast)."""
     if isinstance(value, numbers.Real):

@@ -204,6 +204,7 @@ def test_hf_decode_tiny_on_cpu(tmp_path):
     cache; a compiled row it cannot take: its reason), dense baselines, eager and compiled ("eager" dynamo
     backend on CPU), KV memory; a spent budget skips."""
     from attnpatch.bench import hf_decode
+    from attnpatch.options import option_specs
     from attnpatch.registry import method_infos
 
     assert hf_decode.main(["--device", "cpu", "--tiny", "--layers", "2", "--lengths", "64", "--batches", "2",
@@ -226,8 +227,12 @@ def test_hf_decode_tiny_on_cpu(tmp_path):
             else:
                 assert row["ms_per_token"] > 0 and row["kv_cache_gib"] > 0, row["note"]
                 assert sum(row["backends"].values()) == 2  # the eager stats step: 2 layers
+                # every option as it ran (defaults included), so the row stays readable after a default changes
+                built = m.cls(**({"page_size": 16, "a": 4} if m.name == "blasst" else {}))
+                assert row["options"] == {o.name: getattr(built, o.name) for o in option_specs(m.cls)}
         for base in ("dense (attnpatch dispatch → SDPA)", "triton all pages"):
             assert rows[(mode, base)]["ms_per_token"] > 0 and rows[(mode, base)]["speedup_vs_best_dense"] > 0
+        assert rows[(mode, "triton all pages")]["options"] == {"page_size": 16}
     assert rows[("compiled", "triton all pages")]["compile_s"] > 0
     assert "| 64 | 2 | compiled | triton all pages |" in (tmp_path / "hf_decode.md").read_text()
     assert hf_decode.main(["--device", "cpu", "--tiny", "--layers", "2", "--lengths", "64", "--batches", "1",

@@ -130,3 +130,20 @@ def test_zero_steps_are_refused_with_the_reason(harness, monkeypatch, capsys, fl
     with pytest.raises(SystemExit):
         harness.main()
     assert "must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["dense", "recycled:budget=256", "quest:budget=256,dense_layers=0"])
+def test_rows_record_every_option_as_it_ran(harness, name):
+    """A row keeps each option as the method ran it — defaults and values derived from others (recycled's page
+    size from its budget) included — so a result stays readable after a default changes."""
+    from attnpatch.options import option_specs
+    from attnpatch.registry import get_method
+
+    spec = PatchSpec.build("dense", name)
+    run = {"agreement": 1.0, "kl": 0.0, "recall": 1.0, "decode_density": 1.0, "correct": True, "seconds": 1.0}
+    row = harness.spec_rows([spec], {name: [run]}, 4096)[0]
+    method = get_method(spec.decode, "decode").build(dict(spec.decode_options))
+    assert row["resolved_options"] == {o.name: getattr(method, o.name) for o in option_specs(type(method))}
+    assert {k: row["resolved_options"][k] for k in spec.decode_options} == dict(spec.decode_options)
+    if spec.decode == "recycled":  # 256 tokens hold fewer than 8 pages of 64: 32-token pages
+        assert row["resolved_options"]["page_size"] == 32

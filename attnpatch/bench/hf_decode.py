@@ -50,6 +50,7 @@ from attnpatch.adapters.cache_arg import cache_kwarg
 from attnpatch.bench.hf_prefill import LLAMA31_8B, TINY, build_model
 from attnpatch.cache.retrieval_layer import retrieval_report
 from attnpatch.methods.base import DecodeContext, DecodeMethod
+from attnpatch.options import resolved_options
 from attnpatch.sparsity import PageSelection
 
 MODES = ("eager", "compiled")
@@ -107,6 +108,7 @@ class Row:
     kernels_per_step: float | None = None  # --profile: kernel launches per step
     host_functions: list[dict[str, Any]] = field(default_factory=list)  # --host-profile: Python time per step
     host_ms_per_step: float | None = None  # --host-profile: the profiled steps' wall time, per step
+    options: dict[str, Any] = field(default_factory=dict)  # the decode method's options as it ran, defaults too
     note: str = ""
 
 
@@ -339,6 +341,7 @@ class Bench:
                 if cfg.all_pages:
                     for plan in patch.state.plans:
                         plan.decode = AllPages(self.page_size)
+                row.options = resolved_options(patch.state.plans[0].decode) if patch.state.plans else {}
             held = _tokens_held(patch, length)
             if held != length:
                 row.note = f"reads {length} tokens; its decode steps' cache holds {held}"

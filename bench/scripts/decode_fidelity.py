@@ -60,6 +60,7 @@ from attnpatch.api import patch_model
 from attnpatch.cache import install_layers
 from attnpatch.eval.passkey import suite_passkey_sample
 from attnpatch.models import load, resolve
+from attnpatch.options import resolved_options
 from attnpatch.registry import get_method
 from attnpatch.spec import PatchSpec
 
@@ -348,8 +349,10 @@ def spec_rows(specs: list[PatchSpec], per_spec: dict[str, list], length: int) ->
     rows = []
     for spec, name in zip(specs, per_spec, strict=True):
         runs = per_spec[name]
+        method = get_method(spec.decode, "decode").build(dict(spec.decode_options))
         rows.append({"spec": name, "decode": spec.decode, "decode_options": dict(spec.decode_options),
-                     "length": length, **run_means(runs), "runs": runs})
+                     "resolved_options": resolved_options(method), "length": length, **run_means(runs),
+                     "runs": runs})
     return rows
 
 
