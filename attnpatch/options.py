@@ -196,9 +196,9 @@ def option_specs(cls: type) -> tuple[OptionSpec, ...]:
 
 
 def resolved_options(method: Any) -> dict[str, Any]:
-    """Every option of a built method as it runs, defaults and derived values included (e.g. a page size chosen
-    from the budget), JSON-ready: a benchmark row records what ran, which its spec string stops saying once a
-    default changes."""
+    """Every option of a built method as it runs, JSON-ready: defaults and derived values (e.g. a page size chosen
+    from the budget) included. Benchmark rows keep it, since a spec string such as "recycled:budget=512" stops
+    saying what ran once a default changes."""
     def plain(value: Any) -> Any:
         if isinstance(value, torch.Tensor):
             return value.tolist()
