@@ -341,7 +341,7 @@ class Bench:
                 if cfg.all_pages:
                     for plan in patch.state.plans:
                         plan.decode = AllPages(self.page_size)
-                row.options = resolved_options(patch.state.plans[0].decode) if patch.state.plans else {}
+                row.options = resolved_options(patch.state.plans[0].decode)
             held = _tokens_held(patch, length)
             if held != length:
                 row.note = f"reads {length} tokens; its decode steps' cache holds {held}"

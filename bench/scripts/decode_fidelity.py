@@ -165,6 +165,11 @@ def prefill(model, ids: torch.Tensor, kv_file: Path | None) -> tuple[list, list,
     return keys, values, first.reshape(1)
 
 
+def decode_method(spec: PatchSpec):
+    """The spec's decode method, built with its options (defaults and derived values filled in)."""
+    return get_method(spec.decode, "decode").build(dict(spec.decode_options))
+
+
 def prefilled_cache(model, spec: PatchSpec, keys: list, values: list, tokens: int,
                     ids: torch.Tensor | None = None) -> DynamicCache:
     """A cache of the spec's decode layers holding the given prefill K/V (per layer) of a `tokens`-long
@@ -172,7 +177,7 @@ def prefilled_cache(model, spec: PatchSpec, keys: list, values: list, tokens: in
     that reads the prefill's queries (`observes_prefill`, e.g. retrieval's query-IVF index) gets the prompt
     `ids` run through the patched model instead (call it inside the spec's patch): the same dense prefill,
     observed."""
-    method = get_method(spec.decode, "decode").build(dict(spec.decode_options))
+    method = decode_method(spec)
     cache = DynamicCache(config=model.config)
     install_layers(cache, lambda i: method.cache_layer(i, model.config), len(keys))
     cache._attnpatch_installed = True
@@ -349,9 +354,8 @@ def spec_rows(specs: list[PatchSpec], per_spec: dict[str, list], length: int) ->
     rows = []
     for spec, name in zip(specs, per_spec, strict=True):
         runs = per_spec[name]
-        method = get_method(spec.decode, "decode").build(dict(spec.decode_options))
         rows.append({"spec": name, "decode": spec.decode, "decode_options": dict(spec.decode_options),
-                     "resolved_options": resolved_options(method), "length": length, **run_means(runs),
+                     "resolved_options": resolved_options(decode_method(spec)), "length": length, **run_means(runs),
                      "runs": runs})
     return rows
 
