@@ -282,6 +282,28 @@ def test_hf_decode_rows_of_methods_that_offload_or_read_in_chunks(tmp_path):
     assert "(+" in (tmp_path / "hf_decode.md").read_text()  # the CPU part of the KV column
 
 
+def test_hf_decode_times_whole_periods_of_a_periodic_method(tmp_path):
+    """A `recycled` step refreshes every `stride` steps: runs shorter than a stride would hold a refresh or not,
+    and their median would miss it. Its runs are `--steps` rounded up to whole strides (said in the row);
+    a method whose steps cost alike keeps `--steps`."""
+    from attnpatch.bench import hf_decode
+    from attnpatch.registry import method_infos
+
+    for m in method_infos("decode"):
+        assert m.cls().period >= 1
+    assert hf_decode.decode_period("recycled:stride=5") == 5 and hf_decode.decode_period("quest") == 1
+    assert hf_decode.decode_period(None) == 1
+    assert hf_decode.main(["--device", "cpu", "--tiny", "--layers", "2", "--lengths", "64", "--batches", "1",
+                           "--modes", "eager", "--baselines", "dense", "--methods", "recycled,quest",
+                           "--decode-options", "recycled:budget=48,page_size=16,stride=3",
+                           "quest:budget=48,page_size=16", "--steps", "2", "--repeats", "2", "--warmup", "0",
+                           "--out", str(tmp_path)]) == 0
+    rows = {r["name"].split(":")[0]: r for r in json.loads((tmp_path / "hf_decode.json").read_text())["rows"]}
+    assert rows["recycled"]["steps_per_run"] == 3 and "runs of 3 steps" in rows["recycled"]["note"]
+    assert rows["quest"]["steps_per_run"] == 2 and rows["quest"]["note"] == ""
+    assert rows["dense (attnpatch dispatch → SDPA)"]["steps_per_run"] == 2
+
+
 def test_hf_decode_options_give_a_row_per_setting():
     from attnpatch.bench import hf_decode
 

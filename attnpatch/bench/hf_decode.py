@@ -109,6 +109,7 @@ class Row:
     host_functions: list[dict[str, Any]] = field(default_factory=list)  # --host-profile: Python time per step
     host_ms_per_step: float | None = None  # --host-profile: the profiled steps' wall time, per step
     options: dict[str, Any] = field(default_factory=dict)  # the decode method's options as it ran, defaults too
+    steps_per_run: int | None = None  # --steps rounded up to whole periods of the method (`DecodeMethod.period`)
     note: str = ""
 
 
@@ -146,6 +147,17 @@ def parse_decode_options(items: list[str] | None) -> dict[str, list[str]]:
             raise ValueError(f"--decode-options entries look like name or name:key=value[,key=value], got {item!r}")
         out.setdefault(get_method(name.strip(), "decode").name, []).append(rest.strip())
     return out
+
+
+def decode_period(spec: str | None) -> int:
+    """Decode steps after which a row's per-step work repeats (`DecodeMethod.period`; 1 unpatched)."""
+    if spec is None:
+        return 1
+    from attnpatch.registry import get_method
+    from attnpatch.spec import PatchSpec
+
+    built = PatchSpec.build("dense", spec)
+    return get_method(built.decode, "decode").build(dict(built.decode_options)).period
 
 
 def _method_class(spec: str | None) -> type[DecodeMethod] | None:
@@ -301,6 +313,7 @@ class Bench:
     page_size: int
     profile: bool = False
     host_profile: bool = False
+    max_period: int = 1  # the longest `DecodeMethod.period` among the rows: the cache's headroom holds its runs
     started: float = field(default_factory=time.perf_counter)
     compile_estimate_s: float = 0.0
     log: Any = print
@@ -308,9 +321,15 @@ class Bench:
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
 
+    def run_steps(self, period: int) -> int:
+        """Steps per timed run: `--steps` rounded up to whole periods, so that every run holds as many of a
+        periodic method's costly steps (a `recycled` refresh) as the average step does."""
+        return -(-self.steps // period) * period
+
     def headroom(self) -> int:
         """Cache slots past L: warm-up, the timed runs, `--profile`'s run of the steps, and a margin."""
-        return (self.warmup + 4) + (self.repeats + int(self.profile) + int(self.host_profile)) * self.steps + 8
+        runs = self.repeats + int(self.profile) + int(self.host_profile)
+        return (self.warmup + 4) + runs * self.run_steps(self.max_period) + 8
 
     def run(self, cfg: Config, mode: str, length: int, batch: int, shared: dict) -> Row:
         """One row; never raises (a failure is a row with a note)."""
@@ -342,6 +361,7 @@ class Bench:
                     for plan in patch.state.plans:
                         plan.decode = AllPages(self.page_size)
                 row.options = resolved_options(patch.state.plans[0].decode)
+                row.steps_per_run = self.run_steps(patch.state.plans[0].decode.period)
             held = _tokens_held(patch, length)
             if held != length:
                 row.note = f"reads {length} tokens; its decode steps' cache holds {held}"
@@ -388,7 +408,10 @@ class Bench:
             if mode == "compiled":
                 row.compile_s = time.perf_counter() - t0
                 self.compile_estimate_s = max(self.compile_estimate_s, row.compile_s)
-            row.times_ms = _time_steps(step, tok, self.steps, self.repeats, device)
+            steps = row.steps_per_run = row.steps_per_run or self.steps
+            if steps != self.steps:
+                row.note = "; ".join(filter(None, [row.note, f"runs of {steps} steps: whole periods of the method"]))
+            row.times_ms = _time_steps(step, tok, steps, self.repeats, device)
             row.ms_per_token = statistics.median(row.times_ms)
             row.kv_cache_gib = cache_gib(cache)  # after the steps: a method that offloads holds less now
             offloaded = retrieval_report(cache)
@@ -399,9 +422,9 @@ class Bench:
                 row.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
             if self.profile:
                 row.top_kernels, row.kernel_ms_per_step, row.kernels_per_step = profile_steps(
-                    step, tok, self.steps, device)
+                    step, tok, steps, device)
             if self.host_profile and mode == "eager":
-                row.host_functions, row.host_ms_per_step = host_profile_steps(step, tok, self.steps, device)
+                row.host_functions, row.host_ms_per_step = host_profile_steps(step, tok, steps, device)
             self.log(f"L={length} B={batch} {mode} {cfg.name}: {row.ms_per_token:.3f} ms/token "
                      f"{row.backends or ''}")
         except Exception as e:  # noqa: BLE001  (a failing configuration is a result, not a crash)
@@ -510,7 +533,8 @@ def markdown(data: dict) -> str:
              f"Static cache filled to L with random K/V (no prefill run; methods that cannot use a static cache: a "
              f"DynamicCache, eager only); greedy decode steps with the LM head; "
              f"median over {env['repeats']} runs of {env['steps']} steps of ms per step (= per generated token "
-             f"of each row of the batch), CUDA events. Compiled: `torch.compile(model, backend="
+             f"of each row of the batch; a method whose steps' cost repeats over a period, `recycled`'s stride, runs "
+             f"whole periods: the row's note says how many steps), CUDA events. Compiled: `torch.compile(model, backend="
              f"{env['compile_backend']!r}, mode={env['compile_mode']!r}, fullgraph={env['fullgraph']})`, "
              "compile + CUDA-graph recording in `compile s`. Speedups over the fastest dense row of the same "
              "(L, B), over both modes and within the mode. Backends: one eager step of the patched model.", "",
@@ -633,7 +657,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m attnpatch.bench.hf_decode " + " ".join(sys.argv[1:] if argv is None else argv)
     model = build_model(args.tiny, device, dtype, layers=args.layers)
     bench = Bench(model, device, args.steps, args.repeats, args.warmup, args.compile_mode, args.compile_backend,
-                  not args.no_fullgraph, args.budget_s, args.page_size, args.profile, args.host_profile)
+                  not args.no_fullgraph, args.budget_s, args.page_size, args.profile, args.host_profile,
+                  max_period=max(decode_period(c.decode) for c in configs))
     data: dict[str, Any] = {"environment": environment(command, device, dtype, args.tiny, args.layers, bench),
                             "rows": []}
     rows: list[Row] = []

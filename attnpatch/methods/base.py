@@ -159,6 +159,14 @@ class DecodeMethod:
         """Whether the method overrides `observe_prefill` (so the dispatch must call it)."""
         return type(self).observe_prefill is not DecodeMethod.observe_prefill
 
+    @property
+    def period(self) -> int:
+        """Decode steps after which the method's per-step work repeats: 1 when every step costs alike;
+        `recycled`: its stride (one full refresh per period). A timing of fewer steps than a period, or of a
+        number of steps that is not a multiple of it, misstates the cost per token (`attnpatch.bench.hf_decode`
+        times whole periods)."""
+        return 1
+
     def decode_cache_tokens(self, context: int) -> int:
         """How many tokens the decode steps' cache holds once the method has read a context of `context`
         tokens (what a decode benchmark fills its cache to): all of them, unless the method's reading

@@ -10,7 +10,8 @@
 # this model), then that step with quest dense_layers=0 twice: the default launches (next to Triton all pages;
 # SKIP_DEFAULT=1 leaves it out) and, in a second process, the sweep's fastest (ATTNPATCH_DECODE_CONFIG /
 # _BOUNDS_CONFIG / _TOPK_CONFIG; baselines TUNED_BASE, more quest settings TUNED_EXTRA).
-# Part "others" (~8 min, H200: 128K batch 4 does not fit an H100): `recycled` (defaults: stride 32; and stride 16) and `infiniretri`.
+# Part "others" (~8 min, H200: 128K batch 4 does not fit an H100): `recycled` (defaults: stride 32; stride 16; 128-token
+# pages) and `infiniretri`; `recycled`'s stride-32 rows time runs of 32 steps (whole strides: `DecodeMethod.period`).
 # Part "bound" (~5 min; ~9 with BOUND_LAYER=1): the one-launch Quest kernel (attnpatch/backends/triton/bound_decode.py;
 # by default, =auto, up to 8 batch × KV head rows): its GPU tests (also the compiled reduce-overhead quest steps, one
 # of which checks that the kernel is traced), with BOUND_LAYER=1 the per-layer rows at 128K batch 1 / 4
@@ -51,6 +52,7 @@ esac
 case " $PARTS " in *" others "*)  # recycled (defaults: stride 32; and stride 16) and infiniretri at 128K batch 4 (H200 only)
   timeout ${TO:-480} python -m attnpatch.bench.hf_decode --out $OUT/d128b4_others --layers 32 --lengths 131072 \
     --batches 4 --methods recycled,infiniretri --decode-options recycled:budget=8192 recycled:budget=8192,stride=16 \
+    recycled:budget=8192,page_size=128 \
     --modes compiled --baselines triton,cudnn --steps 16 --repeats 3 --profile --budget-s $((${TO:-480} - 40)) 2>&1 \
     | grep "^L=\|Error\|error";;
 esac

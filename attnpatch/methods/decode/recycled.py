@@ -66,9 +66,10 @@ class Recycled(DecodeMethod):
     both answer like dense (1.00), but over 64 forced steps 32 has the higher mean KL, 0.037 against 0.016 (one
     prompt at 0.315; median 0.0097 both), agreement 0.972 / 0.981 (..._4k_prompts100to149_forced64_cpu_n50.md).
     Answers of up to `stride` tokens are the same at any stride (one refresh, at the first step). 32 halves the
-    refreshes: 3.29× the all-pages kernel against 2.61× at 16 (128K, batch 4, 128-token pages, H200:
-    bench/results/hf_decode_h200/recycled_128k_b4_2026-12-06/); 2.23× against 2.05× at 64K, batch 4, 64-token pages
-    (H100: bench/results/hf_decode_h100/session27_2026-12-07/).
+    refreshes: 2.92× the all-pages kernel against 2.61× at 16 (128K, batch 4, 128-token pages, H200:
+    bench/results/hf_decode_h200/recycled_128k_b4_2026-12-06/); 2.14× against 2.05× at 64K, batch 4, 64-token pages
+    (H100: bench/results/hf_decode_h100/session27_2026-12-07/). Both figures average a whole stride; the 3.29× and
+    2.23× first reported were medians of 16-step runs, which missed the refresh (`period`).
 
     Ranking: each query head's per-page log-sum-exp of the step's scores (`attnpatch.estimators.page_lse`,
     a fused Triton kernel on the GPU: one pass over the keys, no `[B, Hq, L]` probabilities), softmaxed
@@ -108,6 +109,11 @@ class Recycled(DecodeMethod):
         if self.page_size == 0:
             self.page_size = pages_for_budget(self.budget)
         check_budget("recycled", self.budget, self.page_size)
+
+    @property
+    def period(self) -> int:
+        """One refresh every `stride` steps: a timing covers whole strides."""
+        return self.stride
 
     def cache_layer(self, layer_idx: int, config: Any) -> RecycledLayer:
         return RecycledLayer(self.page_size, self.budget // self.page_size)
