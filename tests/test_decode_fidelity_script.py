@@ -91,7 +91,33 @@ def test_a_method_without_read_counts_is_tabled_with_a_dash(harness, tmp_path):
     meta = {"task": "passkey", "limit": 1, "model": "smollm2", "device": "cpu", "dtype": "float32", "command": "c",
             "answer_tokens": 4, "forced_tokens": 4}
     harness.write(tmp_path / "run", meta, [row])
-    assert "| 64 | `retrieval` | 1.00 | 1.000 | 0.0000 | 1.0000 | – |" in (tmp_path / "run.md").read_text()
+    assert "| 64 | `retrieval` | 1.00 | – | 1.000 | 0.0000 | 1.0000 | – |" in (tmp_path / "run.md").read_text()
+
+
+def test_each_row_is_paired_with_dense_on_the_same_prompts(harness, tmp_path):
+    """A scored row lists the prompts it loses / wins against dense (by sample) with McNemar's exact p, in its
+    JSON and its table; dense itself and unscored rows get none."""
+    import json
+
+    def row(spec, correct):
+        runs = [{"sample": i, "agreement": 1.0, "kl": 0.0, "recall": 1.0, "decode_density": 0.1, "correct": c}
+                for i, c in enumerate(correct)]
+        scored = None if None in correct else sum(correct) / len(correct)
+        return {"spec": spec, "length": 64, "accuracy": scored, "agreement": 1.0, "kl": 0.0, "recall": 1.0,
+                "decode_density": 0.1, "runs": runs}
+
+    meta = {"task": "niah_single_1", "limit": 6, "model": "smollm2", "device": "cpu", "dtype": "float32",
+            "command": "c", "answer_tokens": 4, "forced_tokens": 4}
+    rows = [row("dense", [True, True, True, True, True, False]), row("quest", [False, False, False, False, True, False]),
+            row("recycled", [True, True, True, True, True, True]), row("other", [None] * 6)]
+    harness.write(tmp_path / "run", meta, rows)
+    by_spec = {r["spec"]: r for r in json.loads((tmp_path / "run.json").read_text())["results"]}
+    assert by_spec["quest"]["against_dense"] == {"lost": [0, 1, 2, 3], "won": [], "p": 0.125}
+    assert by_spec["recycled"]["against_dense"] == {"lost": [], "won": [5], "p": 1.0}
+    assert "against_dense" not in by_spec["dense"] and "against_dense" not in by_spec["other"]
+    table = (tmp_path / "run.md").read_text()
+    assert "| 64 | `quest` | 0.17 | lost 4 / won 0 (p 0.12) |" in table
+    assert "| 64 | `dense` | 0.83 | – |" in table
 
 
 def test_a_stopped_run_is_rebuilt_from_its_lines(harness, tmp_path):

@@ -58,6 +58,7 @@ from transformers.cache_utils import DynamicSlidingWindowLayer
 from attnpatch.adapters.cache_arg import cache_kwarg
 from attnpatch.api import patch_model
 from attnpatch.cache import install_layers
+from attnpatch.eval.paired import Paired, paired
 from attnpatch.eval.passkey import suite_passkey_sample
 from attnpatch.models import load, resolve
 from attnpatch.options import resolved_options
@@ -436,9 +437,28 @@ def rescore(run_path: Path, prompts_path: Path | None) -> None:
 MODEL_TITLES = {"smollm2": "SmolLM2-135M-Instruct", "gemma3-270m": "Gemma-3-270m"}
 
 
+def against_dense(rows: list[dict]) -> list[dict]:
+    """Each scored row with `against_dense`: the prompts it loses / wins against the dense row of its length (by
+    sample) and McNemar's exact p (`attnpatch.eval.paired`); rows without a scored dense row are left as they are."""
+    dense = {r["length"]: r for r in rows if r["spec"] == "dense" and r["accuracy"] is not None}
+    out = []
+    for r in rows:
+        ref = dense.get(r["length"])
+        if ref is None or r["accuracy"] is None or r is ref:
+            out.append({k: v for k, v in r.items() if k != "against_dense"})
+            continue
+        by_sample = {run["sample"]: run["correct"] for run in ref["runs"]}
+        shared = [run["sample"] for run in r["runs"] if run["sample"] in by_sample]
+        mine = {run["sample"]: run["correct"] for run in r["runs"]}
+        found = paired([by_sample[i] for i in shared], [mine[i] for i in shared], shared)
+        out.append({**r, "against_dense": {"lost": list(found.lost), "won": list(found.won), "p": found.p_value}})
+    return out
+
+
 def write(stem: Path, meta: dict, rows: list[dict], quiet: bool = False) -> None:
     """`stem.json` (meta + rows) and `stem.md` (the table, also printed unless `quiet`)."""
     stem.parent.mkdir(parents=True, exist_ok=True)
+    rows = against_dense(rows)
     stem.with_suffix(".json").write_text(json.dumps({**meta, "results": rows}, indent=1))
     task, limit = meta["task"], meta["limit"]
     title = MODEL_TITLES.get(meta["model"], meta["model"])
@@ -451,12 +471,16 @@ def write(stem: Path, meta: dict, rows: list[dict], quiet: bool = False) -> None
              f"{meta['forced_tokens']} teacher-forced steps on dense decoding's tokens; recall: mean share of each "
              "decode call's softmax mass on the keys read (SDPA calls count 1); decode density: keys read / keys "
              "in the context (all layers, steps, KV heads; – where a method computes its steps itself)."
-             + (f" Written after {meta['finished']}." if meta.get("finished") else ""), "",
-             "| length | decode spec | accuracy | top-1 agreement | KL | recall | decode density |",
-             "|---|---|---|---|---|---|---|"]
+             + (f" Written after {meta['finished']}." if meta.get("finished") else "")
+             + " Against dense: the prompts a spec misses where dense answers (lost) and answers where dense misses"
+             " (won), and McNemar's exact p for a split at least that uneven (`attnpatch.eval.paired`).", "",
+             "| length | decode spec | accuracy | against dense | top-1 agreement | KL | recall | decode density |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         acc = "unscored" if r["accuracy"] is None else f"{r['accuracy']:.2f}"
-        lines.append(f"| {r['length']} | `{r['spec']}` | {acc} | {r['agreement']:.3f} | "
+        pair = r.get("against_dense")
+        vs = "–" if pair is None else Paired(tuple(pair["lost"]), tuple(pair["won"])).summary()
+        lines.append(f"| {r['length']} | `{r['spec']}` | {acc} | {vs} | {r['agreement']:.3f} | "
                      f"{r['kl']:.4f} | {r['recall']:.4f} | {_fmt(r['decode_density'])} |")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     if not quiet:
