@@ -58,7 +58,9 @@ class Quest(DecodeMethod):
     the Triton kernel by default (`topk="triton"`: one launch combines the group's bounds, masks the
     pages and selects and orders them: 9.1 ms for that step at page 64, against 10.3 with torch.topk;
     bench/results/hf_decode_h200/fused_select_2026-12-04/; the torch path where it declines, e.g. on
-    CPU). As Quest's code, the first `dense_layers` layers run dense (without them: 8.1 ms for that step,
+    CPU). As Quest's code, the first `dense_layers` layers run dense, counted by layer index: on Gemma 3 the first
+    five layers are sliding-window layers, which read their window anyway, so every full-attention layer is sparse
+    there (without dense layers: 8.1 ms for that step,
     and the same passkey / niah_single_1 scores on SmolLM2 4K at budgets 256 and 1024 — not measured on
     a 7B model, so the paper's 2 stay the default; on held-out niah_single_1 prompts at 1/16, over 64 forced
     steps, `dense_layers=0` answers as the defaults do: 0.96 at 8K, also at 128-token pages, dense 0.94; 0.98 at
