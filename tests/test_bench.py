@@ -304,6 +304,48 @@ def test_hf_decode_times_whole_periods_of_a_periodic_method(tmp_path):
     assert rows["dense (attnpatch dispatch → SDPA)"]["steps_per_run"] == 2
 
 
+def test_hf_decode_generate_mode_times_the_users_path(tmp_path):
+    """Mode `generate` decodes with `model.generate` from the filled static cache: the same greedy tokens as the
+    step loop (dense; quest reads its pages alike), a time per token from every pair of calls, `recycled` over
+    whole strides; a method whose cache offloads at its first step (retrieval) is skipped with the reason."""
+    import statistics
+
+    from transformers.cache_utils import StaticCache
+
+    import attnpatch
+    from attnpatch.bench import hf_decode
+
+    model = hf_decode.build_model(True, torch.device("cpu"), torch.float32, layers=2)
+    for spec in (None, "quest:budget=48,page_size=16"):
+        patch = attnpatch.patch_model(model, decode=spec) if spec else None
+        try:
+            cache = StaticCache(config=model.config, max_cache_len=80)
+            token = hf_decode.fill_cache(model, cache, 64, 2, seed=1)
+            _, generated = hf_decode._generator(model, cache, token, 64, None)(5)
+            hf_decode.rewind(cache, 64)
+            tok, steps = token, []
+            with torch.no_grad():
+                for _ in range(5):
+                    tok = model(input_ids=tok, use_cache=True, **{hf_decode.cache_kwarg(model): cache}).logits[:, -1:].argmax(-1)
+                    steps.append(tok)
+            assert torch.equal(generated, torch.cat(steps, 1)), spec
+        finally:
+            if patch is not None:
+                patch.unpatch()
+    assert hf_decode.main(["--device", "cpu", "--tiny", "--layers", "2", "--lengths", "64", "--batches", "2",
+                           "--modes", "generate", "--baselines", "dense", "--methods", "recycled,retrieval",
+                           "--decode-options", "recycled:budget=48,page_size=16,stride=3",
+                           "retrieval:n_sink=4,window=8,top_k=16", "--steps", "4", "--repeats", "2", "--warmup", "0",
+                           "--out", str(tmp_path)]) == 0
+    rows = {r["name"].split(":")[0]: r for r in json.loads((tmp_path / "hf_decode.json").read_text())["rows"]}
+    for name in ("dense (attnpatch dispatch → SDPA)", "recycled"):
+        row = rows[name]
+        assert row["mode"] == "generate" and len(row["times_ms"]) == 2, row["note"]
+        assert row["ms_per_token"] == statistics.median(row["times_ms"]) and row["compile_s"] is not None
+    assert rows["recycled"]["steps_per_run"] == 6
+    assert rows["retrieval"]["note"].startswith("skipped: its cache moved the prompt's K/V to CPU memory")
+
+
 def test_hf_decode_options_give_a_row_per_setting():
     from attnpatch.bench import hf_decode
 

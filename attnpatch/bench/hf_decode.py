@@ -7,7 +7,13 @@ decoding from a static cache of L tokens, eager and under `torch.compile` (CUDA-
 Per (L, B): a `StaticCache` of `L + headroom` slots is filled to L tokens, then `--steps` greedy decode
 steps (`model(next_token, cache=...)`, LM head included) are timed with CUDA events, `--repeats` times
 after `--warmup` steps (compiled rows: the compilation and CUDA-graph recording happen in the warm-up,
-its time is reported as `compile_s`); the row's value is the median ms per token.
+its time is reported as `compile_s`); the row's value is the median ms per token. Mode `generate` times the
+user's path instead: `model.generate(ids, max_new_tokens=n)` from the same filled static cache (`ids`: the
+cached tokens' placeholders and the next token), which on CUDA compiles the decode steps itself (transformers'
+`compile_config`: inductor, CUDA graphs) and adds its own per-step work (logits processing, stopping checks,
+a host sync per step); per token = (time of `1 + steps` tokens − time of 1 token) / steps, so generate's setup
+and its uncompiled first forward drop out. A method whose steps' cost repeats over a period (`recycled`'s
+stride: `DecodeMethod.period`) runs whole periods in every mode.
 
 **The prefill is not run**: the cache is filled with Gaussian K/V through each cache layer's own
 `update()` (so a decode method's cache layer also builds its metadata, e.g. page summaries), after a
@@ -40,6 +46,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -53,7 +60,7 @@ from attnpatch.methods.base import DecodeContext, DecodeMethod
 from attnpatch.options import resolved_options
 from attnpatch.sparsity import PageSelection
 
-MODES = ("eager", "compiled")
+MODES = ("eager", "compiled", "generate")
 SDPA_FORCED = ("efficient", "cudnn", "flash")
 FILL_CHUNK = 8192  # tokens per cache update while filling
 BASELINE_KEYS = ("unpatched", *SDPA_FORCED, "dense", "triton")
@@ -248,6 +255,47 @@ def _time_steps(step, token: torch.Tensor, steps: int, repeats: int, device: tor
     return out
 
 
+def _generator(model, cache, token: torch.Tensor, held: int, sdpa: str | None
+               ) -> Callable[[int], tuple[float, torch.Tensor]]:
+    """`generate(n)`: `model.generate` of `n` greedy tokens from the static `cache` rewound to `held` tokens
+    (the prompt's ids are zeros but the last, `token`: the cache already holds their K/V, so generate's first
+    forward is that one token). Returns the call's milliseconds (CUDA events, else wall clock) and the new
+    tokens `[B, n]`. On CUDA,
+    transformers compiles the decode steps of a static cache itself (its `compile_config`)."""
+    batch, device = token.shape[0], token.device
+    ids = torch.zeros(batch, held + 1, dtype=torch.long, device=device)
+    ids[:, -1:] = token
+    mask = torch.ones_like(ids)
+
+    def generate(n: int) -> tuple[float, torch.Tensor]:
+        rewind(cache, held)
+        with torch.no_grad(), _sdpa_context(sdpa):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+            t0 = time.perf_counter()
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                 pad_token_id=0, **{cache_kwarg(model): cache})
+            if device.type == "cuda":
+                end.record()
+                end.synchronize()
+                elapsed = float(start.elapsed_time(end))
+            else:
+                elapsed = (time.perf_counter() - t0) * 1e3
+        if out.shape[1] != held + 1 + n:
+            raise RuntimeError(f"generate returned {out.shape[1] - held - 1} new tokens, asked for {n}")
+        return elapsed, out[:, held + 1:]
+
+    return generate
+
+
+def _time_generate(generate: Callable[[int], tuple[float, torch.Tensor]], steps: int, repeats: int) -> list[float]:
+    """ms per token of `repeats` pairs of `generate` calls: `1 + steps` tokens less 1 token, over `steps` (the
+    first token comes from generate's uncompiled first forward and its setup, which the difference removes)."""
+    return [(generate(1 + steps)[0] - generate(1)[0]) / steps for _ in range(repeats)]
+
+
 def profile_steps(step, token: torch.Tensor, steps: int, device: torch.device, top: int = 20
                   ) -> tuple[list[dict], float, float]:
     """`(top kernels, kernel ms per step, kernels per step)`: the kernels that took the most GPU time over
@@ -349,6 +397,8 @@ class Bench:
             reason = cls.compiled_step_reason
             if reason is None and cls.fullgraph_reason is not None and self.fullgraph:
                 reason = f"{cls.fullgraph_reason} (--no-fullgraph times it)"
+        if mode == "generate" and dynamic:
+            reason = f"{cls.static_cache_reason} (the generate rows decode from the static cache)"
         if reason is not None:  # said plainly, not as dynamo's wrapper of the error the compiled step raises
             row.note = f"skipped: {reason}"
             return row
@@ -397,21 +447,35 @@ class Bench:
                 layers = [d for d in stats.layers if d.get("decode_skipped_fraction") is not None]
                 if layers:
                     row.decode_skipped_fraction = statistics.fmean(d["decode_skipped_fraction"] for d in layers)
+            if mode == "generate" and retrieval_report(cache)["layers"]:
+                row.note = ("skipped: its cache moved the prompt's K/V to CPU memory at the first decode step, so "
+                            "generate cannot start again from the filled cache (its eager and compiled rows time "
+                            "the steps)")
+                return row
             rewind(cache, held)
-            t0 = time.perf_counter()
-            tok = token
-            for _ in range(self.warmup + (3 if mode == "compiled" else 0)):
-                tok = step(tok)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-                torch.cuda.reset_peak_memory_stats(device)
-            if mode == "compiled":
-                row.compile_s = time.perf_counter() - t0
-                self.compile_estimate_s = max(self.compile_estimate_s, row.compile_s)
             steps = row.steps_per_run = row.steps_per_run or self.steps
             if steps != self.steps:
                 row.note = "; ".join(filter(None, [row.note, f"runs of {steps} steps: whole periods of the method"]))
-            row.times_ms = _time_steps(step, tok, steps, self.repeats, device)
+            t0 = time.perf_counter()
+            if mode == "generate":
+                generate = _generator(model, cache, token, held, cfg.sdpa)
+                generate(1 + self.warmup + 3)  # transformers compiles the decode steps (CUDA) and records graphs
+                row.compile_s = time.perf_counter() - t0
+                row.times_ms = _time_generate(generate, steps, self.repeats)
+                tok = token
+            else:
+                tok = token
+                for _ in range(self.warmup + (3 if mode == "compiled" else 0)):
+                    tok = step(tok)
+                if mode == "compiled":
+                    row.compile_s = time.perf_counter() - t0
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            if mode != "eager":
+                self.compile_estimate_s = max(self.compile_estimate_s, row.compile_s)
+            if mode != "generate":
+                row.times_ms = _time_steps(step, tok, steps, self.repeats, device)
             row.ms_per_token = statistics.median(row.times_ms)
             row.kv_cache_gib = cache_gib(cache)  # after the steps: a method that offloads holds less now
             offloaded = retrieval_report(cache)
@@ -420,7 +484,7 @@ class Bench:
             row.tokens_per_s = 1e3 * batch / row.ms_per_token
             if device.type == "cuda":
                 row.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
-            if self.profile:
+            if self.profile and mode != "generate":
                 row.top_kernels, row.kernel_ms_per_step, row.kernels_per_step = profile_steps(
                     step, tok, steps, device)
             if self.host_profile and mode == "eager":
@@ -435,7 +499,7 @@ class Bench:
                 patch.unpatch()
             if patch is not None and patch._own_cache:
                 shared.pop("own", None)
-            if mode == "compiled":
+            if mode != "eager":
                 torch._dynamo.reset()
             if device.type == "cuda":
                 with contextlib.suppress(Exception):
@@ -536,7 +600,9 @@ def markdown(data: dict) -> str:
              f"of each row of the batch; a method whose steps' cost repeats over a period, `recycled`'s stride, runs "
              f"whole periods: the row's note says how many steps), CUDA events. Compiled: `torch.compile(model, backend="
              f"{env['compile_backend']!r}, mode={env['compile_mode']!r}, fullgraph={env['fullgraph']})`, "
-             "compile + CUDA-graph recording in `compile s`. Speedups over the fastest dense row of the same "
+             "compile + CUDA-graph recording in `compile s`. Generate: `model.generate` from the filled cache "
+             "(transformers compiles a static cache's decode steps on CUDA), ms per token = (1 + steps tokens − 1 "
+             "token) / steps. Speedups over the fastest dense row of the same "
              "(L, B), over both modes and within the mode. Backends: one eager step of the patched model.", "",
              "| L | B | mode | row | ms/token | tokens/s | vs best dense | vs best dense (mode) | KV GiB | peak GiB "
              "| compile s | skipped | backends that ran | declined | note |",
