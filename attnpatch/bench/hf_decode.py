@@ -296,18 +296,17 @@ def _time_generate(generate: Callable[[int], tuple[float, torch.Tensor]], steps:
     return [(generate(1 + steps)[0] - generate(1)[0]) / steps for _ in range(repeats)]
 
 
-def profile_steps(step, token: torch.Tensor, steps: int, device: torch.device, top: int = 20
+def profile_steps(run: Callable[[], object], steps: int, device: torch.device, top: int = 20
                   ) -> tuple[list[dict], float, float]:
     """`(top kernels, kernel ms per step, kernels per step)`: the kernels that took the most GPU time over
-    `steps` steps (torch.profiler), per step — where a step's time goes (attention, weights' GEMMs, cache
+    `run()`, which decodes `steps` steps (torch.profiler), per step — where a step's time goes (attention, weights' GEMMs, cache
     writes, mask building) — and the sum and count of all of them (the rest of a step's wall time is
     launch gaps)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
     with profile(activities=activities) as prof:
-        for _ in range(steps):
-            token = step(token)
+        run()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     attr = "device_time_total" if device.type == "cuda" else "self_cpu_time_total"
@@ -319,9 +318,10 @@ def profile_steps(step, token: torch.Tensor, steps: int, device: torch.device, t
     return kernels, total / 1e3 / steps, sum(e.count for e in events) / steps
 
 
-def host_profile_steps(step, token: torch.Tensor, steps: int, device: torch.device, top: int = 25
+def host_profile_steps(run: Callable[[], object], steps: int, device: torch.device, top: int = 25
                        ) -> tuple[list[dict], float]:
-    """`(top functions, ms per step)`: where an eager step's host time goes — cProfile over `steps` steps,
+    """`(top functions, ms per step)`: where a step's host time goes — cProfile over `run()`, which decodes
+    `steps` steps,
     the `top` functions by their own time per step (calls per step, own and cumulative ms; cProfile's own
     overhead inflates every figure, the ranking is what it is for) and the profiled wall time per step."""
     import cProfile
@@ -330,8 +330,7 @@ def host_profile_steps(step, token: torch.Tensor, steps: int, device: torch.devi
     prof = cProfile.Profile()
     t0 = time.perf_counter()
     prof.enable()
-    for _ in range(steps):
-        token = step(token)
+    run()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     prof.disable()
@@ -485,11 +484,18 @@ class Bench:
             row.tokens_per_s = 1e3 * batch / row.ms_per_token
             if device.type == "cuda":
                 row.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
-            if self.profile and mode != "generate":
-                row.top_kernels, row.kernel_ms_per_step, row.kernels_per_step = profile_steps(
-                    step, tok, steps, device)
-            if self.host_profile and mode == "eager":
-                row.host_functions, row.host_ms_per_step = host_profile_steps(step, tok, steps, device)
+            if mode == "generate":  # what the profiles run: one call of a whole run (its first token included)
+                def run_steps() -> object:
+                    return generate(1 + steps)
+            else:
+                def run_steps(tok: torch.Tensor = tok) -> object:
+                    for _ in range(steps):
+                        tok = step(tok)
+                    return tok
+            if self.profile:
+                row.top_kernels, row.kernel_ms_per_step, row.kernels_per_step = profile_steps(run_steps, steps, device)
+            if self.host_profile and mode != "compiled":
+                row.host_functions, row.host_ms_per_step = host_profile_steps(run_steps, steps, device)
             self.log(f"L={length} B={batch} {mode} {cfg.name}: {row.ms_per_token:.3f} ms/token "
                      f"{row.backends or ''}")
         except Exception as e:  # noqa: BLE001  (a failing configuration is a result, not a crash)
@@ -630,13 +636,14 @@ def markdown(data: dict) -> str:
                              f"{k['ms_per_step']:.3f} | {k['calls_per_step']:.1f} | {k['share']:.2f} |")
     hosted = [r for r in data["rows"] if r.get("host_functions")]
     if hosted:
-        lines += ["", "Host time per eager step by Python function (`--host-profile`: cProfile over one run of the "
-                  "steps; its own overhead inflates the figures):", "",
-                  "| L | B | row | profiled ms/step | function | calls/step | own ms/step | cumulative ms/step |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += ["", "Host time per eager or generate step by Python function (`--host-profile`: cProfile over one "
+                  "run of the steps; its own overhead inflates the figures):", "",
+                  "| L | B | mode | row | profiled ms/step | function | calls/step | own ms/step | cumulative ms/step |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in hosted:
             for f in r["host_functions"][:12]:
-                lines.append(f"| {r['length']} | {r['batch']} | {r['name']} | {_fmt(r.get('host_ms_per_step'), '.1f')} | "
+                lines.append(f"| {r['length']} | {r['batch']} | {r['mode']} | {r['name']} | "
+                             f"{_fmt(r.get('host_ms_per_step'), '.1f')} | "
                              f"`{f['function'][:80]}` | {f['calls_per_step']:.0f} | {f['own_ms_per_step']:.3f} | "
                              f"{f['cum_ms_per_step']:.3f} |")
     return "\n".join(lines) + "\n"
@@ -683,8 +690,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", action="store_true",
                    help="after timing, profile each row's steps: its top GPU kernels go into the JSON and a table")
     p.add_argument("--host-profile", action="store_true",
-                   help="after timing, cProfile each eager row's steps: the Python functions taking the most host "
-                        "time per step go into the JSON and a table")
+                   help="after timing, cProfile each eager or generate row's steps (a generate row: one call, where "
+                        "the host waits for every step): the Python functions taking the most host time per step go "
+                        "into the JSON and a table")
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"),
                    help="default: bfloat16 on CUDA, float32 on CPU")
