@@ -14,7 +14,8 @@
 # pages) and `infiniretri`; `recycled`'s stride-32 rows time runs of 32 steps (whole strides: `DecodeMethod.period`).
 # Part "generate" (~7 min, H200): the same 128K batch-4 rows through `model.generate` (transformers compiles the static
 # cache's decode steps itself; hf_decode's mode `generate`): Triton all pages, cuDNN, quest (defaults; 128-token pages
-# without dense layers), recycled (defaults).
+# without dense layers), recycled (defaults), each with its top GPU kernels and host functions (GL, GB: another
+# length, batch, e.g. 65536 / 4 on an H100).
 # Part "bound" (~5 min; ~9 with BOUND_LAYER=1): the one-launch Quest kernel (attnpatch/backends/triton/bound_decode.py;
 # by default, =auto, up to 8 batch × KV head rows): its GPU tests (also the compiled reduce-overhead quest steps, one
 # of which checks that the kernel is traced), with BOUND_LAYER=1 the per-layer rows at 128K batch 1 / 4
@@ -60,10 +61,12 @@ case " $PARTS " in *" others "*)  # recycled (defaults: stride 32; and stride 16
     | grep "^L=\|Error\|error";;
 esac
 case " $PARTS " in *" generate "*)  # the user's path: model.generate from the filled static cache (H200: 128K batch 4)
-  timeout ${TG:-480} python -m attnpatch.bench.hf_decode --out $OUT/d128b4_generate --layers 32 --lengths 131072 \
-    --batches 4 --methods quest,recycled --decode-options quest:budget=8192 quest:budget=8192,page_size=128,dense_layers=0 \
-    recycled:budget=8192 --modes generate --baselines triton,cudnn --steps 16 --repeats 3 \
-    --budget-s $((${TG:-480} - 40)) 2>&1 | grep "^L=\|Error\|error";;
+  L=${GL:-131072} B=${GB:-4}
+  timeout ${TG:-480} python -m attnpatch.bench.hf_decode --out $OUT/d${L}b${B}_generate --layers 32 --lengths $L \
+    --batches $B --methods quest,recycled --decode-options quest:budget=$((L / 16)) \
+    quest:budget=$((L / 16)),page_size=128,dense_layers=0 recycled:budget=$((L / 16)) --modes generate \
+    --baselines triton,cudnn --steps 16 --repeats 3 --profile --host-profile --budget-s $((${TG:-480} - 40)) 2>&1 \
+    | grep "^L=\|Error\|error";;
 esac
 case " $PARTS " in *" tune "*)
   L=${TL:-131072} B=${TB:-4}; Q=quest:budget=$((L / 16)),dense_layers=0
