@@ -260,8 +260,8 @@ def _generator(model, cache, token: torch.Tensor, held: int, sdpa: str | None
     """`generate(n)`: `model.generate` of `n` greedy tokens from the static `cache` rewound to `held` tokens
     (the prompt's ids are zeros but the last, `token`: the cache already holds their K/V, so generate's first
     forward is that one token). Returns the call's milliseconds (CUDA events, else wall clock) and the new
-    tokens `[B, n]`. On CUDA,
-    transformers compiles the decode steps of a static cache itself (its `compile_config`)."""
+    tokens `[B, n]`. On CUDA, transformers compiles the decode steps of a static cache itself (its
+    `compile_config`)."""
     batch, device = token.shape[0], token.device
     ids = torch.zeros(batch, held + 1, dtype=torch.long, device=device)
     ids[:, -1:] = token
@@ -299,9 +299,9 @@ def _time_generate(generate: Callable[[int], tuple[float, torch.Tensor]], steps:
 def profile_steps(run: Callable[[], object], steps: int, device: torch.device, top: int = 20
                   ) -> tuple[list[dict], float, float]:
     """`(top kernels, kernel ms per step, kernels per step)`: the kernels that took the most GPU time over
-    `run()`, which decodes `steps` steps (torch.profiler), per step — where a step's time goes (attention, weights' GEMMs, cache
-    writes, mask building) — and the sum and count of all of them (the rest of a step's wall time is
-    launch gaps)."""
+    `run()`, which decodes `steps` steps (torch.profiler), per step — where a step's time goes (attention,
+    weights' GEMMs, cache writes, mask building) — and the sum and count of all of them (the rest of a step's
+    wall time is launch gaps)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
@@ -321,9 +321,9 @@ def profile_steps(run: Callable[[], object], steps: int, device: torch.device, t
 def host_profile_steps(run: Callable[[], object], steps: int, device: torch.device, top: int = 25
                        ) -> tuple[list[dict], float]:
     """`(top functions, ms per step)`: where a step's host time goes — cProfile over `run()`, which decodes
-    `steps` steps,
-    the `top` functions by their own time per step (calls per step, own and cumulative ms; cProfile's own
-    overhead inflates every figure, the ranking is what it is for) and the profiled wall time per step."""
+    `steps` steps, the `top` functions by their own time per step (calls per step, own and cumulative ms;
+    cProfile's own overhead inflates every figure, the ranking is what it is for) and the profiled wall time
+    per step."""
     import cProfile
     import pstats
 
