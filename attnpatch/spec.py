@@ -211,6 +211,11 @@ class PatchSpec:
                 else dict(self.backend)
         return replace(self, backend=backend)
 
+    def build_decode(self):
+        """The spec's decode method, built with its options (defaults and derived values filled in): what a
+        patch of this spec runs in each full-attention layer (no per-layer profile override)."""
+        return get_method(self.decode, "decode").build(dict(self.decode_options))
+
     @property
     def is_dense(self) -> bool:
         return self.method == "dense" and self.decode == "dense" and self.profile is None

@@ -160,11 +160,9 @@ def decode_period(spec: str | None) -> int:
     """Decode steps after which a row's per-step work repeats (`DecodeMethod.period`; 1 unpatched)."""
     if spec is None:
         return 1
-    from attnpatch.registry import get_method
     from attnpatch.spec import PatchSpec
 
-    built = PatchSpec.build("dense", spec)
-    return get_method(built.decode, "decode").build(dict(built.decode_options)).period
+    return PatchSpec.build("dense", spec).build_decode().period
 
 
 def _method_class(spec: str | None) -> type[DecodeMethod] | None:
@@ -456,15 +454,14 @@ class Bench:
             if steps != self.steps:
                 row.note = "; ".join(filter(None, [row.note, f"runs of {steps} steps: whole periods of the method"]))
             t0 = time.perf_counter()
+            tok = token
             if mode == "generate":
                 generate = _generator(model, cache, token, held, cfg.sdpa)
                 generate(1 + max(self.warmup + 3, steps))  # transformers compiles the steps (CUDA), records graphs
                 generate(1)
                 row.compile_s = time.perf_counter() - t0
                 row.times_ms = _time_generate(generate, steps, self.repeats)
-                tok = token
             else:
-                tok = token
                 for _ in range(self.warmup + (3 if mode == "compiled" else 0)):
                     tok = step(tok)
                 if mode == "compiled":

@@ -62,7 +62,6 @@ from attnpatch.eval.paired import Paired, paired
 from attnpatch.eval.passkey import suite_passkey_sample
 from attnpatch.models import load, resolve
 from attnpatch.options import resolved_options
-from attnpatch.registry import get_method
 from attnpatch.spec import PatchSpec
 
 DEFAULT_SPECS = [
@@ -166,11 +165,6 @@ def prefill(model, ids: torch.Tensor, kv_file: Path | None) -> tuple[list, list,
     return keys, values, first.reshape(1)
 
 
-def decode_method(spec: PatchSpec):
-    """The spec's decode method, built with its options (defaults and derived values filled in)."""
-    return get_method(spec.decode, "decode").build(dict(spec.decode_options))
-
-
 def prefilled_cache(model, spec: PatchSpec, keys: list, values: list, tokens: int,
                     ids: torch.Tensor | None = None) -> DynamicCache:
     """A cache of the spec's decode layers holding the given prefill K/V (per layer) of a `tokens`-long
@@ -178,7 +172,7 @@ def prefilled_cache(model, spec: PatchSpec, keys: list, values: list, tokens: in
     that reads the prefill's queries (`observes_prefill`, e.g. retrieval's query-IVF index) gets the prompt
     `ids` run through the patched model instead (call it inside the spec's patch): the same dense prefill,
     observed."""
-    method = decode_method(spec)
+    method = spec.build_decode()
     cache = DynamicCache(config=model.config)
     install_layers(cache, lambda i: method.cache_layer(i, model.config), len(keys))
     cache._attnpatch_installed = True
@@ -356,7 +350,7 @@ def spec_rows(specs: list[PatchSpec], per_spec: dict[str, list], length: int) ->
     for spec, name in zip(specs, per_spec, strict=True):
         runs = per_spec[name]
         rows.append({"spec": name, "decode": spec.decode, "decode_options": dict(spec.decode_options),
-                     "resolved_options": resolved_options(decode_method(spec)), "length": length, **run_means(runs),
+                     "resolved_options": resolved_options(spec.build_decode()), "length": length, **run_means(runs),
                      "runs": runs})
     return rows
 
