@@ -344,6 +344,8 @@ def test_hf_decode_generate_mode_times_the_users_path(tmp_path):
         row = rows[name]
         assert row["mode"] == "generate" and len(row["times_ms"]) == 2, row["note"]
         assert row["ms_per_token"] == statistics.median(row["times_ms"]) and row["compile_s"] is not None
+        steps = row["steps_per_run"]  # each pair's two calls, in ms, give its time per token
+        assert [(long - short) / steps for long, short in row["generate_calls_ms"]] == row["times_ms"]
     assert rows["recycled"]["steps_per_run"] == 6
     assert rows["retrieval"]["note"].startswith("skipped: its cache moved the prompt's K/V to CPU memory")
 

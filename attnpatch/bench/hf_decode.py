@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import statistics
 import sys
@@ -116,6 +117,7 @@ class Row:
     host_functions: list[dict[str, Any]] = field(default_factory=list)  # --host-profile: Python time per step
     host_ms_per_step: float | None = None  # --host-profile: the profiled steps' wall time, per step
     options: dict[str, Any] = field(default_factory=dict)  # the decode method's options as it ran, defaults too
+    generate_calls_ms: list[list[float]] = field(default_factory=list)  # generate rows: [1 + steps, 1] tokens
     steps_per_run: int | None = None  # --steps rounded up to whole periods of the method (`DecodeMethod.period`)
     note: str = ""
 
@@ -267,7 +269,7 @@ def _generator(model, cache, token: torch.Tensor, held: int, sdpa: str | None
 
     def generate(n: int) -> tuple[float, torch.Tensor]:
         rewind(cache, held)
-        with torch.no_grad(), _sdpa_context(sdpa):
+        with torch.no_grad(), _sdpa_context(sdpa), _no_gc():
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -288,10 +290,27 @@ def _generator(model, cache, token: torch.Tensor, held: int, sdpa: str | None
     return generate
 
 
-def _time_generate(generate: Callable[[int], tuple[float, torch.Tensor]], steps: int, repeats: int) -> list[float]:
+@contextlib.contextmanager
+def _no_gc():
+    """Python's garbage collector collected before and paused during a timed call: a collection of the
+    compiler's many objects inside one `generate` call costs tens of ms, which is noise, not the method."""
+    was = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def _time_generate(generate: Callable[[int], tuple[float, torch.Tensor]], steps: int, repeats: int
+                   ) -> tuple[list[float], list[list[float]]]:
     """ms per token of `repeats` pairs of `generate` calls: `1 + steps` tokens less 1 token, over `steps` (the
-    first token comes from generate's uncompiled first forward and its setup, which the difference removes)."""
-    return [(generate(1 + steps)[0] - generate(1)[0]) / steps for _ in range(repeats)]
+    first token comes from generate's uncompiled first forward and its setup, which the difference removes),
+    and each pair's two call times in ms."""
+    calls = [[generate(1 + steps)[0], generate(1)[0]] for _ in range(repeats)]
+    return [(long - short) / steps for long, short in calls], calls
 
 
 def profile_steps(run: Callable[[], object], steps: int, device: torch.device, top: int = 20
@@ -462,7 +481,7 @@ class Bench:
                 generate(1 + max(self.warmup + 3, steps))  # transformers compiles the steps (CUDA), records graphs
                 generate(1)
                 row.compile_s = time.perf_counter() - t0
-                row.times_ms = _time_generate(generate, steps, self.repeats)
+                row.times_ms, row.generate_calls_ms = _time_generate(generate, steps, self.repeats)
             else:
                 for _ in range(self.warmup + (3 if mode == "compiled" else 0)):
                     tok = step(tok)

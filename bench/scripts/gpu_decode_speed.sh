@@ -65,7 +65,7 @@ case " $PARTS " in *" generate "*)  # the user's path: model.generate from the f
   timeout ${TG:-480} python -m attnpatch.bench.hf_decode --out $OUT/d${L}b${B}_generate --layers 32 --lengths $L \
     --batches $B --methods quest,recycled --decode-options quest:budget=$((L / 16)) \
     quest:budget=$((L / 16)),page_size=128,dense_layers=0 recycled:budget=$((L / 16)) --modes generate \
-    --baselines triton,cudnn --steps 16 --repeats 3 --profile --host-profile --budget-s $((${TG:-480} - 40)) 2>&1 \
+    --baselines triton,cudnn --steps 16 --repeats ${GR:-5} --profile --host-profile --budget-s $((${TG:-480} - 40)) 2>&1 \
     | grep "^L=\|Error\|error";;
 esac
 case " $PARTS " in *" tune "*)
