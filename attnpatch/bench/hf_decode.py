@@ -235,24 +235,30 @@ def _sdpa_context(name: str | None):
 
 
 def _time_steps(step, token: torch.Tensor, steps: int, repeats: int, device: torch.device) -> list[float]:
-    """ms per token of `repeats` runs of `steps` chained greedy steps (CUDA events around each run)."""
+    """ms per token of `repeats` runs of `steps` chained greedy steps (CUDA events around each run; the garbage
+    collector paused during each run)."""
     out = []
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(steps):
-                token = step(token)
-            end.record()
-            end.synchronize()
-            out.append(float(start.elapsed_time(end)) / steps)
-        else:
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                token = step(token)
-            out.append((time.perf_counter() - t0) * 1e3 / steps)
+        with _no_gc():
+            out.append(_run_steps_ms(step, token, steps, device))
     return out
+
+
+def _run_steps_ms(step, token: torch.Tensor, steps: int, device: torch.device) -> float:
+    """ms per token of one run of `steps` chained greedy steps."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            token = step(token)
+        end.record()
+        end.synchronize()
+        return float(start.elapsed_time(end)) / steps
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        token = step(token)
+    return (time.perf_counter() - t0) * 1e3 / steps
 
 
 def _generator(model, cache, token: torch.Tensor, held: int, sdpa: str | None
@@ -623,7 +629,8 @@ def markdown(data: dict) -> str:
              f"DynamicCache, eager only); greedy decode steps with the LM head; "
              f"median over {env['repeats']} runs of {env['steps']} steps of ms per step (= per generated token "
              f"of each row of the batch; a method whose steps' cost repeats over a period, `recycled`'s stride, runs "
-             f"whole periods: the row's note says how many steps), CUDA events. Compiled: `torch.compile(model, backend="
+             f"whole periods: the row's note says how many steps), CUDA events, the garbage collector paused "
+             f"during each timed run. Compiled: `torch.compile(model, backend="
              f"{env['compile_backend']!r}, mode={env['compile_mode']!r}, fullgraph={env['fullgraph']})`, "
              "compile + CUDA-graph recording in `compile s`. Generate: `model.generate` from the filled cache "
              "(transformers compiles a static cache's decode steps on CUDA), ms per token = (1 + steps tokens − 1 "
