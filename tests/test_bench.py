@@ -377,3 +377,19 @@ def test_long_read_tiny_on_cpu(tmp_path):
     assert rows["infiniretri"]["speedup_vs_best_dense"] > 0
     with pytest.raises(SystemExit):
         long_read.main(["--device", "cpu", "--tiny", "--options", "budget", "--out", str(tmp_path)])
+
+
+def test_hf_decode_timed_runs_pause_the_garbage_collector():
+    """A timed run collects first and pauses Python's garbage collector, then restores it (also on error)."""
+    import gc
+
+    from attnpatch.bench import hf_decode
+
+    seen = []
+    assert gc.isenabled()
+    steps = hf_decode._time_steps(lambda tok: seen.append(gc.isenabled()) or tok, torch.zeros(1), 3, 2,
+                                  torch.device("cpu"))
+    assert len(steps) == 2 and seen == [False] * 6 and gc.isenabled()
+    with pytest.raises(RuntimeError), hf_decode._no_gc():
+        raise RuntimeError("a failing row")
+    assert gc.isenabled()

@@ -234,6 +234,20 @@ def _sdpa_context(name: str | None):
                         "flash": SDPBackend.FLASH_ATTENTION, "math": SDPBackend.MATH}[name])
 
 
+@contextlib.contextmanager
+def _no_gc():
+    """Python's garbage collector collected before and paused during a timed call: a collection of the
+    compiler's many objects inside one `generate` call costs tens of ms, which is noise, not the method."""
+    was = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def _time_steps(step, token: torch.Tensor, steps: int, repeats: int, device: torch.device) -> list[float]:
     """ms per token of `repeats` runs of `steps` chained greedy steps (CUDA events around each run; the garbage
     collector paused during each run)."""
@@ -294,20 +308,6 @@ def _generator(model, cache, token: torch.Tensor, held: int, sdpa: str | None
         return elapsed, out[:, held + 1:]
 
     return generate
-
-
-@contextlib.contextmanager
-def _no_gc():
-    """Python's garbage collector collected before and paused during a timed call: a collection of the
-    compiler's many objects inside one `generate` call costs tens of ms, which is noise, not the method."""
-    was = gc.isenabled()
-    gc.collect()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
 
 
 def _time_generate(generate: Callable[[int], tuple[float, torch.Tensor]], steps: int, repeats: int
