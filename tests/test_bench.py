@@ -393,3 +393,56 @@ def test_hf_decode_timed_runs_pause_the_garbage_collector():
     with pytest.raises(RuntimeError), hf_decode._no_gc():
         raise RuntimeError("a failing row")
     assert gc.isenabled()
+
+
+def test_hf_decode_deferred_stop_check_gives_the_synchronous_tokens(monkeypatch, tmp_path):
+    """Mode generate-deferred runs `generate` under transformers' own DeferredStopCheck (the stop flag read a step
+    late): the same greedy tokens as the synchronous check, the check really used, transformers' class restored
+    after. CPU ops run in order, so a no-op event stands in for the device event the check records; without it
+    the mode's CPU rows are skipped with the reason."""
+    import transformers.generation.utils as generation
+    from transformers.cache_utils import StaticCache
+
+    import attnpatch
+    from attnpatch.bench import hf_decode
+
+    assert hf_decode.main(["--device", "cpu", "--tiny", "--layers", "2", "--lengths", "64", "--batches", "2",
+                           "--modes", "generate-deferred", "--baselines", "dense", "--methods", "quest",
+                           "--steps", "2", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "hf_decode.json").read_text())["rows"]
+    assert rows and all("records device events" in r["note"] for r in rows)
+
+    class InOrderEvent:
+        def __init__(self, device=None, blocking=False):
+            pass
+
+        def record(self, stream=None):
+            pass
+
+        def synchronize(self):
+            pass
+
+    monkeypatch.setattr(torch, "Event", InOrderEvent)
+    base = generation.DeferredStopCheck
+    reads = []
+    real_call = base.__call__
+    monkeypatch.setattr(base, "__call__", lambda self, *a: reads.append(type(self).__name__) or real_call(self, *a))
+    model = hf_decode.build_model(True, torch.device("cpu"), torch.float32, layers=2)
+    with attnpatch.patch_model(model, decode="quest:budget=48,page_size=16"):
+        cache = StaticCache(config=model.config, max_cache_len=80)
+        token = hf_decode.fill_cache(model, cache, 64, 2, seed=1)
+        sync = hf_decode._generator(model, cache, token, 64, None)(6)[1]
+        assert not reads
+        deferred = hf_decode._generator(model, cache, token, 64, None, deferred=True)(6)[1]
+    assert torch.equal(deferred, sync) and reads and set(reads) == {"OnAnyDevice"}
+    assert generation.DeferredStopCheck is base
+    # the rows, with such events: timed deferred, the synchronous check timed on the same graphs, tokens compared
+    assert hf_decode.main(["--device", "cpu", "--tiny", "--layers", "2", "--lengths", "64", "--batches", "2",
+                           "--modes", "generate-deferred", "--baselines", "dense", "--methods", "quest",
+                           "--decode-options", "quest:budget=48,page_size=16", "--steps", "2", "--repeats", "2",
+                           "--warmup", "0", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "hf_decode.json").read_text())["rows"]
+    assert len(rows) == 2
+    for row in rows:
+        assert row["mode"] == "generate-deferred" and len(row["times_ms"]) == len(row["sync_times_ms"]) == 2
+        assert row["matches_sync_tokens"] is True and "tokens equal its tokens" in row["note"], row["note"]

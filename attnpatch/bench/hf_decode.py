@@ -12,8 +12,12 @@ user's path instead: `model.generate(ids, max_new_tokens=n)` from the same fille
 cached tokens' placeholders and the next token), which on CUDA compiles the decode steps itself (transformers'
 `compile_config`: inductor, CUDA graphs) and adds its own per-step work (logits processing, stopping checks,
 a host sync per step); per token = (time of `1 + steps` tokens − time of 1 token) / steps, so generate's setup
-and its uncompiled first forward drop out. A method whose steps' cost repeats over a period (`recycled`'s
-stride: `DecodeMethod.period`) runs whole periods in every mode.
+and its uncompiled first forward drop out. Mode `generate-deferred` is the same with transformers' own
+`DeferredStopCheck`, which reads the stop flag one step late so that the host prepares the next step while the GPU
+runs this one (transformers enables it on `mps` only); CUDA only (it records device events). Its rows also time
+the synchronous `generate` on the same compiled graphs (`sync_times_ms`, in the note) and check that the tokens
+are equal. A method whose steps' cost repeats over a period
+(`recycled`'s stride: `DecodeMethod.period`) runs whole periods in every mode.
 
 **The prefill is not run**: the cache is filled with Gaussian K/V through each cache layer's own
 `update()` (so a decode method's cache layer also builds its metadata, e.g. page summaries), after a
@@ -61,7 +65,8 @@ from attnpatch.methods.base import DecodeContext, DecodeMethod
 from attnpatch.options import resolved_options
 from attnpatch.sparsity import PageSelection
 
-MODES = ("eager", "compiled", "generate")
+MODES = ("eager", "compiled", "generate", "generate-deferred")
+GENERATE_MODES = ("generate", "generate-deferred")
 SDPA_FORCED = ("efficient", "cudnn", "flash")
 FILL_CHUNK = 8192  # tokens per cache update while filling
 BASELINE_KEYS = ("unpatched", *SDPA_FORCED, "dense", "triton")
@@ -118,6 +123,8 @@ class Row:
     host_ms_per_step: float | None = None  # --host-profile: the profiled steps' wall time, per step
     options: dict[str, Any] = field(default_factory=dict)  # the decode method's options as it ran, defaults too
     generate_calls_ms: list[list[float]] = field(default_factory=list)  # generate rows: [1 + steps, 1] tokens
+    matches_sync_tokens: bool | None = None  # generate-deferred rows: its tokens equal the synchronous generate's
+    sync_times_ms: list[float] = field(default_factory=list)  # generate-deferred rows: the synchronous generate's
     steps_per_run: int | None = None  # --steps rounded up to whole periods of the method (`DecodeMethod.period`)
     note: str = ""
 
@@ -275,13 +282,13 @@ def _run_steps_ms(step, token: torch.Tensor, steps: int, device: torch.device) -
     return (time.perf_counter() - t0) * 1e3 / steps
 
 
-def _generator(model, cache, token: torch.Tensor, held: int, sdpa: str | None
+def _generator(model, cache, token: torch.Tensor, held: int, sdpa: str | None, deferred: bool = False
                ) -> Callable[[int], tuple[float, torch.Tensor]]:
     """`generate(n)`: `model.generate` of `n` greedy tokens from the static `cache` rewound to `held` tokens
     (the prompt's ids are zeros but the last, `token`: the cache already holds their K/V, so generate's first
     forward is that one token). Returns the call's milliseconds (CUDA events, else wall clock) and the new
     tokens `[B, n]`. On CUDA, transformers compiles the decode steps of a static cache itself (its
-    `compile_config`)."""
+    `compile_config`). `deferred`: under transformers' deferred stop check (`_deferred_stop_check`)."""
     batch, device = token.shape[0], token.device
     ids = torch.zeros(batch, held + 1, dtype=torch.long, device=device)
     ids[:, -1:] = token
@@ -289,7 +296,8 @@ def _generator(model, cache, token: torch.Tensor, held: int, sdpa: str | None
 
     def generate(n: int) -> tuple[float, torch.Tensor]:
         rewind(cache, held)
-        with torch.no_grad(), _sdpa_context(sdpa), _no_gc():
+        with torch.no_grad(), _sdpa_context(sdpa), _no_gc(), \
+                (_deferred_stop_check() if deferred else contextlib.nullcontext()):
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -308,6 +316,45 @@ def _generator(model, cache, token: torch.Tensor, held: int, sdpa: str | None
         return elapsed, out[:, held + 1:]
 
     return generate
+
+
+def _has_events(device: torch.device) -> bool:
+    """Whether `device` can record the events transformers' deferred stop check waits on (the CPU cannot)."""
+    try:
+        torch.Event(device=device, blocking=True).record()
+    except RuntimeError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _deferred_stop_check():
+    """transformers' `DeferredStopCheck` on any device for the `generate` calls inside: the stop flag is copied
+    without blocking and read one step late, so the host prepares the next step while the GPU runs this one.
+    transformers uses it on `mps` only, and for a cache the caller passed in only where the cache can be
+    cropped (its extra step after an end-of-sequence token is then undone). The benchmark's calls stop at their
+    length, which is checked without deferral, and rewind the cache themselves, so the cache is not handed to it."""
+    import transformers
+    import transformers.generation.utils as generation
+
+    base = getattr(generation, "DeferredStopCheck", None)
+    if base is None:
+        raise RuntimeError(f"transformers {transformers.__version__} has no DeferredStopCheck "
+                           "(mode generate-deferred)")
+
+    class OnAnyDevice(base):
+        @staticmethod
+        def is_supported(device, cache, cache_is_returned, is_assistant) -> bool:
+            return not is_assistant
+
+        def __init__(self, input_ids, max_length, cache, cache_is_returned, streamer=None):
+            super().__init__(input_ids, max_length, cache, False, streamer)
+
+    generation.DeferredStopCheck = OnAnyDevice
+    try:
+        yield
+    finally:
+        generation.DeferredStopCheck = base
 
 
 def _time_generate(generate: Callable[[int], tuple[float, torch.Tensor]], steps: int, repeats: int
@@ -421,8 +468,10 @@ class Bench:
             reason = cls.compiled_step_reason
             if reason is None and cls.fullgraph_reason is not None and self.fullgraph:
                 reason = f"{cls.fullgraph_reason} (--no-fullgraph times it)"
-        if mode == "generate" and dynamic:
+        if mode in GENERATE_MODES and dynamic:
             reason = f"{cls.static_cache_reason} (the generate rows decode from the static cache)"
+        if mode == "generate-deferred" and not _has_events(self.device):
+            reason = f"transformers' deferred stop check records device events, which {self.device.type} lacks"
         if reason is not None:  # said plainly, not as dynamo's wrapper of the error the compiled step raises
             row.note = f"skipped: {reason}"
             return row
@@ -471,7 +520,7 @@ class Bench:
                 layers = [d for d in stats.layers if d.get("decode_skipped_fraction") is not None]
                 if layers:
                     row.decode_skipped_fraction = statistics.fmean(d["decode_skipped_fraction"] for d in layers)
-            if mode == "generate" and retrieval_report(cache)["layers"]:
+            if mode in GENERATE_MODES and retrieval_report(cache)["layers"]:
                 row.note = ("skipped: its cache moved the prompt's K/V to CPU memory at the first decode step, so "
                             "generate cannot start again from the filled cache (its eager and compiled rows time "
                             "the steps)")
@@ -482,8 +531,8 @@ class Bench:
                 row.note = "; ".join(filter(None, [row.note, f"runs of {steps} steps: whole periods of the method"]))
             t0 = time.perf_counter()
             tok = token
-            if mode == "generate":
-                generate = _generator(model, cache, token, held, cfg.sdpa)
+            if mode in GENERATE_MODES:
+                generate = _generator(model, cache, token, held, cfg.sdpa, deferred=mode == "generate-deferred")
                 generate(1 + max(self.warmup + 3, steps))  # transformers compiles the steps (CUDA), records graphs
                 generate(1)
                 row.compile_s = time.perf_counter() - t0
@@ -498,7 +547,7 @@ class Bench:
                 torch.cuda.reset_peak_memory_stats(device)
             if mode != "eager":
                 self.compile_estimate_s = max(self.compile_estimate_s, row.compile_s)
-            if mode != "generate":
+            if mode not in GENERATE_MODES:
                 row.times_ms = _time_steps(step, tok, steps, self.repeats, device)
             row.ms_per_token = statistics.median(row.times_ms)
             row.kv_cache_gib = cache_gib(cache)  # after the steps: a method that offloads holds less now
@@ -508,7 +557,15 @@ class Bench:
             row.tokens_per_s = 1e3 * batch / row.ms_per_token
             if device.type == "cuda":
                 row.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
-            if mode == "generate":  # what the profiles run: one call of a whole run (its first token included)
+            if mode == "generate-deferred":  # the synchronous generate on the same graphs: its time and tokens
+                sync = _generator(model, cache, token, held, cfg.sdpa)
+                row.sync_times_ms, _ = _time_generate(sync, steps, self.repeats)
+                row.matches_sync_tokens = torch.equal(generate(1 + steps)[1], sync(1 + steps)[1])
+                said = "tokens equal" if row.matches_sync_tokens else "TOKENS DIFFER from"
+                row.note = "; ".join(filter(None, [row.note, f"synchronous stop check on the same graphs: "
+                                                   f"{statistics.median(row.sync_times_ms):.3f} ms a token, "
+                                                   f"{said} its tokens"]))
+            if mode in GENERATE_MODES:  # what the profiles run: one call of a whole run (its first token included)
                 def run_steps() -> object:
                     return generate(1 + steps)
             else:
@@ -634,7 +691,8 @@ def markdown(data: dict) -> str:
              f"{env['compile_backend']!r}, mode={env['compile_mode']!r}, fullgraph={env['fullgraph']})`, "
              "compile + CUDA-graph recording in `compile s`. Generate: `model.generate` from the filled cache "
              "(transformers compiles a static cache's decode steps on CUDA), ms per token = (1 + steps tokens − 1 "
-             "token) / steps. Speedups over the fastest dense row of the same "
+             "token) / steps; generate-deferred: the same under transformers' deferred stop check (the host runs a "
+             "step ahead). Speedups over the fastest dense row of the same "
              "(L, B), over both modes and within the mode. Backends: one eager step of the patched model.", "",
              "| L | B | mode | row | ms/token | tokens/s | vs best dense | vs best dense (mode) | KV GiB | peak GiB "
              "| compile s | skipped | backends that ran | declined | note |",

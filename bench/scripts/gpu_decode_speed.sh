@@ -15,7 +15,9 @@
 # Part "generate" (~7 min, H200): the same 128K batch-4 rows through `model.generate` (transformers compiles the static
 # cache's decode steps itself; hf_decode's mode `generate`): Triton all pages, cuDNN, quest (defaults; 128-token pages
 # without dense layers), recycled (defaults), each with its top GPU kernels and host functions (GL, GB: another
-# length, batch, e.g. 65536 / 4 on an H100; GMETHODS, GSPECS, GBASE: other methods, settings, baselines).
+# length, batch, e.g. 65536 / 4 on an H100; GMETHODS, GSPECS, GBASE: other methods, settings, baselines). By default
+# in mode generate-deferred: each row times generate under transformers' deferred stop check and, on the same
+# compiled graphs, with its default synchronous check (GMODES=generate: the synchronous check alone).
 # Part "bound" (~5 min; ~9 with BOUND_LAYER=1): the one-launch Quest kernel (attnpatch/backends/triton/bound_decode.py;
 # by default, =auto, up to 8 batch × KV head rows): its GPU tests (also the compiled reduce-overhead quest steps, one
 # of which checks that the kernel is traced), with BOUND_LAYER=1 the per-layer rows at 128K batch 1 / 4
@@ -64,7 +66,7 @@ case " $PARTS " in *" generate "*)  # the user's path: model.generate from the f
   L=${GL:-131072} B=${GB:-4}
   timeout ${TG:-480} python -m attnpatch.bench.hf_decode --out $OUT/d${L}b${B}_generate --layers 32 --lengths $L \
     --batches $B --methods ${GMETHODS:-quest,recycled} --decode-options ${GSPECS:-quest:budget=$((L / 16)) \
-    quest:budget=$((L / 16)),page_size=128,dense_layers=0 recycled:budget=$((L / 16))} --modes generate \
+    quest:budget=$((L / 16)),page_size=128,dense_layers=0 recycled:budget=$((L / 16))} --modes ${GMODES:-generate-deferred} \
     --baselines ${GBASE:-triton,cudnn} --steps 16 --repeats ${GR:-5} --profile --host-profile --budget-s $((${TG:-480} - 40)) 2>&1 \
     | grep "^L=\|Error\|error";;
 esac
