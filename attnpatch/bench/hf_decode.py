@@ -14,10 +14,10 @@ cached tokens' placeholders and the next token), which on CUDA compiles the deco
 a host sync per step); per token = (time of `1 + steps` tokens − time of 1 token) / steps, so generate's setup
 and its uncompiled first forward drop out. Mode `generate-deferred` is the same with transformers' own
 `DeferredStopCheck`, which reads the stop flag one step late so that the host prepares the next step while the GPU
-runs this one (transformers enables it on `mps` only); CUDA only (it records device events). Its rows also time
-the synchronous `generate` on the same compiled graphs (`sync_times_ms`, in the note) and check that the tokens
-are equal. A method whose steps' cost repeats over a period
-(`recycled`'s stride: `DecodeMethod.period`) runs whole periods in every mode.
+runs this one (transformers enables it on `mps` only); it needs a device that records events (CUDA, not the CPU).
+Its rows also time the synchronous `generate` on the same compiled graphs (`sync_times_ms`, in the note) and check
+that the tokens are equal. A method whose steps' cost repeats over a period (`recycled`'s stride:
+`DecodeMethod.period`) runs whole periods in every mode.
 
 **The prefill is not run**: the cache is filled with Gaussian K/V through each cache layer's own
 `update()` (so a decode method's cache layer also builds its metadata, e.g. page summaries), after a
@@ -561,10 +561,10 @@ class Bench:
                 sync = _generator(model, cache, token, held, cfg.sdpa)
                 row.sync_times_ms, _ = _time_generate(sync, steps, self.repeats)
                 row.matches_sync_tokens = torch.equal(generate(1 + steps)[1], sync(1 + steps)[1])
-                said = "tokens equal" if row.matches_sync_tokens else "TOKENS DIFFER from"
+                said = "the same tokens" if row.matches_sync_tokens else "OTHER TOKENS"
                 row.note = "; ".join(filter(None, [row.note, f"synchronous stop check on the same graphs: "
                                                    f"{statistics.median(row.sync_times_ms):.3f} ms a token, "
-                                                   f"{said} its tokens"]))
+                                                   f"{said}"]))
             if mode in GENERATE_MODES:  # what the profiles run: one call of a whole run (its first token included)
                 def run_steps() -> object:
                     return generate(1 + steps)
