@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import json
 import statistics
@@ -327,13 +328,9 @@ def _has_events(device: torch.device) -> bool:
     return True
 
 
-@contextlib.contextmanager
-def _deferred_stop_check():
-    """transformers' `DeferredStopCheck` on any device for the `generate` calls inside: the stop flag is copied
-    without blocking and read one step late, so the host prepares the next step while the GPU runs this one.
-    transformers uses it on `mps` only, and for a cache the caller passed in only where the cache can be
-    cropped (its extra step after an end-of-sequence token is then undone). The benchmark's calls stop at their
-    length, which is checked without deferral, and rewind the cache themselves, so the cache is not handed to it."""
+@functools.cache
+def _stop_check_on_any_device() -> tuple[type, type]:
+    """`(transformers' DeferredStopCheck, a subclass allowed on any device)`, made once."""
     import transformers
     import transformers.generation.utils as generation
 
@@ -350,7 +347,20 @@ def _deferred_stop_check():
         def __init__(self, input_ids, max_length, cache, cache_is_returned, streamer=None):
             super().__init__(input_ids, max_length, cache, False, streamer)
 
-    generation.DeferredStopCheck = OnAnyDevice
+    return base, OnAnyDevice
+
+
+@contextlib.contextmanager
+def _deferred_stop_check():
+    """transformers' `DeferredStopCheck` on any device for the `generate` calls inside: the stop flag is copied
+    without blocking and read one step late, so the host prepares the next step while the GPU runs this one.
+    transformers uses it on `mps` only, and for a cache the caller passed in only where the cache can be
+    cropped (its extra step after an end-of-sequence token is then undone). The benchmark's calls stop at their
+    length, which is checked without deferral, and rewind the cache themselves, so the cache is not handed to it."""
+    import transformers.generation.utils as generation
+
+    base, on_any_device = _stop_check_on_any_device()
+    generation.DeferredStopCheck = on_any_device
     try:
         yield
     finally:
