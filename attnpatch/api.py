@@ -226,7 +226,8 @@ class Patch:
     def _check_static(self, cache) -> None:
         """ValueError when the cache is static (preallocated, e.g. `cache_implementation="static"`) and a
         layer's decode method cannot run on one (`DecodeMethod.static_cache_reason`)."""
-        static = [type(layer).__name__ for layer in getattr(cache, "layers", []) if getattr(layer, "is_compileable", False)]
+        static = [type(layer).__name__ for layer in getattr(cache, "layers", [])
+                  if getattr(layer, "is_compileable", False)]
         if static:
             method, reason = self._no_static
             raise ValueError(f"decode method {method!r} cannot run on a static cache ({static[0]} layers, "
@@ -280,7 +281,8 @@ class Patch:
         self.unpatch()
 
     def __repr__(self) -> str:
-        state = "active" if self.active else ("suspended" if self in getattr(self.model, _STACK_ATTR, []) else "removed")
+        state = "active" if self.active else (
+            "suspended" if self in getattr(self.model, _STACK_ATTR, []) else "removed")
         return f"Patch({self.spec}, {state})"
 
 

@@ -483,8 +483,10 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--model", default="smollm2", help="'smollm2' (embedded), a local HF directory or a hub id")
     ca.add_argument("--method", required=True, help="a prefill method with a per-head knob")
     _add_target_args(ca)
-    ca.add_argument("--data", default="text", help="'text', 'passkey', 'mixed' (the two alternated) or a JSONL file ({\"text\": ...} or "
-                    "{\"prompt\": ..., \"answer\": ...} per line; with --hess the loss counts the answer where there is one)")
+    ca.add_argument("--data", default="text",
+                    help="'text', 'passkey', 'mixed' (the two alternated) or a JSONL file ({\"text\": ...} or "
+                    "{\"prompt\": ..., \"answer\": ...} per line; with --hess the loss counts the answer "
+                    "where there is one)")
     ca.add_argument("--samples", type=int, default=4, help="prompts per length")
     ca.add_argument("--lengths", nargs="+", default="4096", metavar="N", help="prompt lengths in tokens")
     ca.add_argument("--steps", type=int, default=8, help="bisection steps per layer")

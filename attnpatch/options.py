@@ -115,7 +115,8 @@ class OptionSpec:
             values = value.tolist() if isinstance(value, torch.Tensor) else list(value)
             if heads is not None and len(values) != heads:
                 raise ValueError(
-                    f"option {self.name!r} of {where} has {len(values)} per-head values; the layer has {heads} query heads"
+                    f"option {self.name!r} of {where} has {len(values)} per-head values; "
+                    f"the layer has {heads} query heads"
                 )
             return tuple(self._check_scalar(where, v) for v in values)
         return self._check_scalar(where, value)

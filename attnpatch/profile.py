@@ -83,7 +83,8 @@ def model_fingerprint(model: torch.nn.Module) -> dict[str, Any]:
 
 def _describe_arch(arch: dict[str, Any]) -> str:
     return (f"{arch.get('model_type')} ({arch.get('num_hidden_layers')} layers, {arch.get('num_attention_heads')}/"
-            f"{arch.get('num_key_value_heads')} heads, hidden {arch.get('hidden_size')}, head dim {arch.get('head_dim')})")
+            f"{arch.get('num_key_value_heads')} heads, hidden {arch.get('hidden_size')}, "
+            f"head dim {arch.get('head_dim')})")
 
 
 def _normalise_layers(layers: Any, name: str) -> dict[int, dict[str, Any]]:

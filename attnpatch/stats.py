@@ -30,7 +30,8 @@ class LayerStats:
     notes: list[str] = field(default_factory=list)
     max_decode_keys: int = 0
     prefill_tiles: torch.Tensor = field(default_factory=lambda: torch.zeros(2, dtype=torch.int64))  # visited, skipped
-    decode_tiles: torch.Tensor = field(default_factory=lambda: torch.zeros(2, dtype=torch.int64))  # skip-rule calls only
+    # skip-rule calls only
+    decode_tiles: torch.Tensor = field(default_factory=lambda: torch.zeros(2, dtype=torch.int64))
     # Decode reads, summed over rows × KV heads × steps: (keys read, keys in the context) over every
     # decode call (dense ones read all), and (pages read, pages in the cache) over page-selecting calls.
     decode_keys: torch.Tensor = field(default_factory=lambda: torch.zeros(2, dtype=torch.int64))

@@ -1,4 +1,5 @@
-"""Kernel benchmark (GPU): `python bench/kernels.py [--out bench/results] [--shapes ...] [--lengths ...] [--backends ...]`.
+"""Kernel benchmark (GPU):
+`python bench/kernels.py [--out bench/results] [--shapes ...] [--lengths ...] [--backends ...]`.
 
 Same as `attnpatch bench kernels`; see attnpatch/bench/kernels.py for the options.
 """

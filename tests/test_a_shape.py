@@ -34,7 +34,8 @@ def a_shape_token_mask(lq, lk, key_start, bs=BS, sink=SINK, local=LOCAL):
 def test_selection_matches_definition_with_offset_and_padding():
     q, k = torch.randn(2, 4, 37, 8), torch.randn(2, 2, 101, 8)
     starts = torch.tensor([0, 21])
-    sel = AShape(block_size=BS, sink_blocks=SINK, local_blocks=LOCAL).select(q, k, PrefillContext(0, 1.0, KeyBounds(key_start=starts), None))
+    sel = AShape(block_size=BS, sink_blocks=SINK, local_blocks=LOCAL).select(
+        q, k, PrefillContext(0, 1.0, KeyBounds(key_start=starts), None))
     sel.validate()
     from test_reference_executor import token_mask_of
 
@@ -45,7 +46,8 @@ def test_selection_matches_definition_with_offset_and_padding():
 
 def test_declines_when_input_fits_in_sink_plus_local():
     q = torch.randn(1, 2, 40, 8)
-    got = AShape(block_size=16, sink_blocks=1, local_blocks=2).select(q, q[:, :1], PrefillContext(0, 1.0, KeyBounds(), None))
+    got = AShape(block_size=16, sink_blocks=1, local_blocks=2).select(
+        q, q[:, :1], PrefillContext(0, 1.0, KeyBounds(), None))
     assert isinstance(got, DenseFallback) and "fits" in got.reason
 
 

@@ -139,7 +139,8 @@ def test_method_benchmark_smoke_on_cpu(tmp_path):
     from attnpatch.bench.methods import main
 
     assert main(["--out", str(tmp_path), "--shapes", "tiny", "--lengths", "256", "--device", "cpu",
-                 "--dtype", "float32", "--methods", "a_shape:block_size=16,local_blocks=2", "blasst:block_size=16"]) == 0
+                 "--dtype", "float32", "--methods", "a_shape:block_size=16,local_blocks=2",
+                 "blasst:block_size=16"]) == 0
     rows = json.loads((tmp_path / "methods.json").read_text())["rows"]
     got = {r["spec"] or r["name"]: r for r in rows}
     assert got["a_shape:block_size=16,local_blocks=2"]["density"] < 1 and got["blasst:block_size=16"]["select_ms"] >= 0
@@ -273,7 +274,8 @@ def test_hf_decode_rows_of_methods_that_offload_or_read_in_chunks(tmp_path):
                            "--methods", "retrieval,infiniretri", "--steps", "2", "--repeats", "1", "--warmup", "0",
                            "--decode-options", "retrieval:n_sink=4,window=8,top_k=16",
                            "infiniretri:budget=16,chunk_size=16", "--out", str(tmp_path)]) == 0
-    rows = {(r["mode"], r["name"].split(":")[0]): r for r in json.loads((tmp_path / "hf_decode.json").read_text())["rows"]}
+    rows = {(r["mode"], r["name"].split(":")[0]): r
+            for r in json.loads((tmp_path / "hf_decode.json").read_text())["rows"]}
     offload = rows[("eager", "retrieval")]
     assert 0 < offload["kv_cache_gib"] < offload["kv_cpu_gib"]  # 12 of ~100 tokens stay in the cache
     for mode in ("eager", "compiled"):
@@ -326,7 +328,8 @@ def test_hf_decode_generate_mode_times_the_users_path(tmp_path):
             tok, steps = token, []
             with torch.no_grad():
                 for _ in range(5):
-                    tok = model(input_ids=tok, use_cache=True, **{hf_decode.cache_kwarg(model): cache}).logits[:, -1:].argmax(-1)
+                    tok = model(input_ids=tok, use_cache=True,
+                                **{hf_decode.cache_kwarg(model): cache}).logits[:, -1:].argmax(-1)
                     steps.append(tok)
             assert torch.equal(generated, torch.cat(steps, 1)), spec
         finally:

@@ -59,7 +59,8 @@ _SCRIPT = textwrap.dedent("""
 @pytest.mark.parametrize(("page", "key_valid"), [(128, False), (64, True)])
 def test_the_one_launch_kernel_compiles_for_sm90(page, key_valid):
     pytest.importorskip("triton")
-    env = {name: val for name, val in os.environ.items() if name not in ("TRITON_INTERPRET", "ATTNPATCH_BOUND_DECODE_CONFIG")}
+    env = {name: val for name, val in os.environ.items()
+           if name not in ("TRITON_INTERPRET", "ATTNPATCH_BOUND_DECODE_CONFIG")}
     env["PYTHONPATH"] = os.pathsep.join(sys.path)
     res = subprocess.run([sys.executable, "-c", _SCRIPT, str(page), str(int(key_valid))], capture_output=True,
                          text=True, env=env, timeout=300)

@@ -251,7 +251,8 @@ def test_block_partials_stay_on_the_inputs_device(bounds):
 
 
 @pytest.mark.parametrize("method", [m for m in calibratable_methods()
-                                    if get_method(m, "prefill").cls.knob.option in get_method(m, "prefill").cls.full_density])
+                                    if get_method(m, "prefill").cls.knob.option
+                                    in get_method(m, "prefill").cls.full_density])
 def test_heads_out_of_range_take_the_full_density_value(recorded, method):
     """Searched over the sparsest tenth of its range only, with a tolerance (1e-5) that range misses,
     every head ends at the method's full-density options (the knob's, e.g. s2o's τ = 0, and its other

@@ -61,7 +61,8 @@ def test_density_search_lands_near_the_target_per_head():
         assert torch.allclose(den, torch.tensor(fit.density, dtype=torch.float64))  # reported = real
         coord = info.cls.knob.coord(torch.tensor(fit.values, dtype=torch.float64))
         at_end = (coord <= 2 ** -6 + 1e-6) | (coord >= 1 - 2 ** -6 - 1e-6)  # the target is out of the head's reach
-        assert all(abs(d - goal) < 0.1 or bool(e) for d, e in zip(fit.density, at_end, strict=True)), (goal, fit.density)
+        assert all(abs(d - goal) < 0.1 or bool(e)
+                   for d, e in zip(fit.density, at_end, strict=True)), (goal, fit.density)
     assert any(abs(d - 0.8) < 0.1 for d in fit.density)
     with pytest.raises(ValueError, match="exactly one"):
         search_layer(info, info.cls.knob, XATT, layer, 0.1, density=0.5)
@@ -87,7 +88,8 @@ def test_accuracy_floor_searches_the_tolerance():
     profile = calibrate(model, tok, "xattention", target="accuracy=0.9", data="text", samples=1, lengths=(128,),
                         options=XATT, steps=2, progress=False, accuracy_prompts=1, accuracy_steps=2)
     acc = profile.meta["accuracy"]
-    assert acc["task"] == "passkey" and len(acc["tried"]) >= 2 and acc["met"] == (acc["score"] >= 0.9 * acc["dense_score"])
+    assert (acc["task"] == "passkey" and len(acc["tried"]) >= 2
+            and acc["met"] == (acc["score"] >= 0.9 * acc["dense_score"]))
     assert 0.005 <= acc["tolerance"] <= 0.3 and set(profile.layers) == {0, 1}
 
 
@@ -186,5 +188,6 @@ def test_blasst_every_fit_is_recorded_in_the_profile(data):
     bound = calibrate(model, _Tok(), "blasst", lambda_fit="every", **kw)
     assert typical.meta["lambda_fit"] == "geomean" and bound.meta["lambda_fit"] == "every"
     for phase in ("prefill", "decode"):
-        assert bound.meta["fit"][phase]["a"] == pytest.approx(min(lam * n for n, lam in bound.meta["fit"][phase]["points"]))
+        assert bound.meta["fit"][phase]["a"] == pytest.approx(
+            min(lam * n for n, lam in bound.meta["fit"][phase]["points"]))
         assert bound.meta["fit"][phase]["a"] <= typical.meta["fit"][phase]["a"] + 1e-9

@@ -335,7 +335,8 @@ def test_a_method_with_graph_breaks_compiles_once_on_a_static_cache(info):
             logits = []
             for i in range(steps):
                 pos = torch.tensor([[prompt + i], [prompt - 5 + i]])
-                logits.append(step_fn(input_ids=tok, attention_mask=wide, position_ids=pos, **{ck: cache}).logits[:, -1])
+                logits.append(step_fn(input_ids=tok, attention_mask=wide, position_ids=pos,
+                                      **{ck: cache}).logits[:, -1])
                 tok = logits[-1].argmax(-1, keepdim=True)
                 if i == 1 and after is not None:
                     after()
@@ -382,7 +383,8 @@ def test_a_compiled_step_refuses_a_method_that_cannot_compile(info):
             model(input_ids=tok, **{ck: cache})  # eager decode runs
             torch._dynamo.reset()
             try:
-                with pytest.raises(Exception, match=f"decode method '{info.name}' cannot run in a compiled decode step"):
+                with pytest.raises(Exception,
+                                   match=f"decode method '{info.name}' cannot run in a compiled decode step"):
                     torch.compile(model, backend="eager", fullgraph=True)(input_ids=tok, **{ck: cache})
             finally:
                 torch._dynamo.reset()

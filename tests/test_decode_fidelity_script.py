@@ -49,7 +49,8 @@ def test_a_restored_prefill_decodes_like_a_real_one(harness, family, decode):
     spec = PatchSpec.build("dense", decode)
     keys, values, first = harness.prefill(model, ids, None)
     with patch_model(model, spec):
-        restored = harness.decode_run(model, spec, harness.prefilled_cache(model, spec, keys, values, 90), first, 6, None)
+        restored = harness.decode_run(model, spec, harness.prefilled_cache(model, spec, keys, values, 90),
+                                      first, 6, None)
         _assert_decodes_like_a_real_prefill(harness, model, spec, ids, first, restored)
 
 
@@ -108,7 +109,8 @@ def test_each_row_is_paired_with_dense_on_the_same_prompts(harness, tmp_path):
 
     meta = {"task": "niah_single_1", "limit": 6, "model": "smollm2", "device": "cpu", "dtype": "float32",
             "command": "c", "answer_tokens": 4, "forced_tokens": 4}
-    rows = [row("dense", [True, True, True, True, True, False]), row("quest", [False, False, False, False, True, False]),
+    rows = [row("dense", [True, True, True, True, True, False]),
+            row("quest", [False, False, False, False, True, False]),
             row("recycled", [True, True, True, True, True, True]), row("other", [None] * 6)]
     harness.write(tmp_path / "run", meta, rows)
     by_spec = {r["spec"]: r for r in json.loads((tmp_path / "run.json").read_text())["results"]}
@@ -128,7 +130,8 @@ def test_a_stopped_run_is_rebuilt_from_its_lines(harness, tmp_path):
 
     lines = [
         "L=16384 sample 0 dense: ': 123.\\nThe' correct=None agree=1.000 kl=0.0000 recall=1.0000 density=0.194",
-        "L=16384 sample 0 quest:budget=1024: \": it's 124\" correct=None agree=0.938 kl=0.0019 recall=0.9623 density=0.038",
+        "L=16384 sample 0 quest:budget=1024: \": it's 124\" correct=None agree=0.938 kl=0.0019 "
+        "recall=0.9623 density=0.038",
         "L=16384 sample 1 dense: ': 77' correct=None agree=1.000 kl=0.0000 recall=1.0000 density=0.200",
         "some other output",
         "L=16384 sample 1 quest:budget=1024: ': 77' correct=None agree=1.000 kl=0.0010 recall=0.9000 density=0.040",

@@ -202,7 +202,8 @@ def test_scorers_take_transposed_layouts_and_half_precision():
     bounds = BOUNDS["left-padded"]
     torch.testing.assert_close(antidiagonal_block_scores(qt, kt, 0.3, bounds, 8, 4),
                                antidiagonal_block_scores(q, k, 0.3, bounds, 8, 4))
-    torch.testing.assert_close(pooled_block_attention(qt, kt, 0.3, bounds, 8), pooled_block_attention(q, k, 0.3, bounds, 8))
+    torch.testing.assert_close(pooled_block_attention(qt, kt, 0.3, bounds, 8),
+                               pooled_block_attention(q, k, 0.3, bounds, 8))
     torch.testing.assert_close(last_query_attention(qt, kt, 0.3, bounds, 8), last_query_attention(q, k, 0.3, bounds, 8))
     half = antidiagonal_block_scores(q.bfloat16(), k.bfloat16(), 0.3, bounds, 8, 4)
     assert half.dtype == torch.float32

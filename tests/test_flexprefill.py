@@ -124,7 +124,8 @@ def test_short_inputs_cap_the_least_budget_or_run_dense():
     got = FlexPrefill(block_size=16, max_share=1.0).select(q, k, ctx)  # as the original: 512 > 300 keys
     assert isinstance(got, DenseFallback) and "min_budget" in got.reason
     capped = FlexPrefill(block_size=16).select(q, k, ctx)  # least budget: 150 tokens
-    assert torch.equal(capped.to_block_mask(), FlexPrefill(block_size=16, min_budget=150).select(q, k, ctx).to_block_mask())
+    assert torch.equal(capped.to_block_mask(),
+                       FlexPrefill(block_size=16, min_budget=150).select(q, k, ctx).to_block_mask())
     assert isinstance(FlexPrefill(block_size=128, min_budget=0).select(q[:, :, :256], k[:, :, :256], ctx),
                       DenseFallback)  # two blocks
 

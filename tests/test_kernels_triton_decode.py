@@ -309,7 +309,8 @@ def test_choose_num_splits():
     assert decode_plan.choose_num_splits(8, 3, 132) == 1  # at least MIN_TILES_PER_SPLIT tiles per split
     assert decode_plan.choose_num_splits(8, 1, 132) == 1
     sel = _selection(1, 2, 640, 16, counts=[40, 40])
-    assert decode_plan.resolve_num_splits(sel, "cpu") == decode_plan.choose_num_splits(2, 10, decode_plan.CPU_NOMINAL_SMS)
+    assert decode_plan.resolve_num_splits(sel, "cpu") == decode_plan.choose_num_splits(
+        2, 10, decode_plan.CPU_NOMINAL_SMS)
     assert decode_plan.resolve_num_splits(sel, "cpu", num_splits=7) == 7
 
 
@@ -323,7 +324,8 @@ def test_launch_override_sets_splits_tile_and_launch(monkeypatch):
     assert decode_plan.default_tile_size(64) == 64  # a tile that does not hold whole pages is not taken
     monkeypatch.setenv("ATTNPATCH_DECODE_CONFIG", "4,3,0,0")  # 0: the default rule
     assert decode_plan.launch_override() == (4, 3, None, None)
-    assert decode_plan.resolve_num_splits(sel, "cpu") == decode_plan.choose_num_splits(2, 10, decode_plan.CPU_NOMINAL_SMS)
+    assert decode_plan.resolve_num_splits(sel, "cpu") == decode_plan.choose_num_splits(
+        2, 10, decode_plan.CPU_NOMINAL_SMS)
     for bad in ("4", "4,3,2", "a,b"):
         monkeypatch.setenv("ATTNPATCH_DECODE_CONFIG", bad)
         with pytest.raises(ValueError, match="ATTNPATCH_DECODE_CONFIG must read"):

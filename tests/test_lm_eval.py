@@ -107,7 +107,8 @@ def test_model_args_split_into_the_patch_and_hflm_arguments(tmp_path):
     assert both.prefill_options == {"a": 64.0} and both.decode_options == {"a": 2.0}
     with pytest.raises(ValueError, match="declared by both"):
         split_model_args({"method": "blasst", "decode": "blasst", "a": 64})
-    with pytest.raises(ValueError, match="'window' is an option of .*decode method 'streaming'.*, not of method='a_shape'"):
+    with pytest.raises(ValueError,
+                       match="'window' is an option of .*decode method 'streaming'.*, not of method='a_shape'"):
         split_model_args({"method": "a_shape", "window": 256})
     with pytest.raises(ValueError, match="available decode methods"):
         split_model_args({"decode": "bogus"})

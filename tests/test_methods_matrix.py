@@ -91,7 +91,8 @@ def test_every_backend_writes_page_lse_or_says_why_not(backend):
     from attnpatch.sparsity import KeyBounds, PageSelection
 
     g = torch.Generator().manual_seed(4)
-    q, k, v = torch.randn(2, 4, 1, 16, generator=g), torch.randn(2, 2, 70, 16, generator=g), torch.randn(2, 2, 70, 16, generator=g)
+    q, k, v = (torch.randn(2, 4, 1, 16, generator=g), torch.randn(2, 2, 70, 16, generator=g),
+               torch.randn(2, 2, 70, 16, generator=g))
     sel = PageSelection(torch.tensor([0, 2, 4], dtype=torch.int32).expand(2, 2, 3).contiguous(),
                         torch.tensor([[3, 1], [2, 3]], dtype=torch.int32), 16, 70)
     bounds = KeyBounds(key_start=torch.tensor([0, 5]))

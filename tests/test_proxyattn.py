@@ -33,8 +33,8 @@ def _reference(q, k, bounds, scale, bs, sample):
     vis = bounds.dense_mask(b, lq, lk)[:, 0]  # [B, Lq, Lk]
     logits = q.view(b, hkv, g, lq, d).mean(2) @ k.transpose(-1, -2) * scale
     probs = torch.softmax(logits.masked_fill(~vis[:, None], -math.inf), -1).nan_to_num(0.0)
-    head = torch.softmax((q @ k.repeat_interleave(g, 1).transpose(-1, -2) * scale).masked_fill(~vis[:, None], -math.inf),
-                         -1).nan_to_num(0.0)
+    head = torch.softmax((q @ k.repeat_interleave(g, 1).transpose(-1, -2) * scale)
+                         .masked_fill(~vis[:, None], -math.inf), -1).nan_to_num(0.0)
     proxy, mass = torch.zeros(b, hkv, rr, cc), torch.zeros(b, hq, rr, cc)
     for r in range(rr):
         end = min((r + 1) * bs, lq)
@@ -132,7 +132,8 @@ def test_budget_rule():
     mass = torch.tensor([[[[0.5, 0.3, 0.1, 0.1, 0.0]]]]).expand(1, 4, 1, 5)
     got = coverage_budget(mass, torch.tensor([0.5, 0.8, 0.81, 1.0]), torch.zeros(4), torch.full((4,), 9.0))
     assert got.flatten().tolist() == [1, 2, 3, 4]  # the zero-mass block is never needed
-    got = coverage_budget(mass, torch.full((4,), 0.5), torch.tensor([0.0, 2.0, 3.5, 4.0]), torch.tensor([0.0, 1.0, 9.0, 9.0]))
+    got = coverage_budget(mass, torch.full((4,), 0.5), torch.tensor([0.0, 2.0, 3.5, 4.0]),
+                          torch.tensor([0.0, 1.0, 9.0, 9.0]))
     assert got.flatten().tolist() == [0, 2, 4, 4]  # clamped; min_blocks wins; fractions round up
 
 

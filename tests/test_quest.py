@@ -59,7 +59,8 @@ def test_the_one_launch_path_needs_the_cache_layers_counters(monkeypatch):
     pages = BoundPages(q, lo, hi, 4, 2, torch.zeros(1, dtype=torch.long), torch.tensor(4), 0, "softmax_sum", PS, 64,
                        0.3)
     monkeypatch.setenv("ATTNPATCH_BOUND_DECODE_CONFIG", "auto")
-    assert "no barrier counters from the cache layer" in TritonBackend().decode_bound_reason(q, k, k, pages, KeyBounds())
+    assert "no barrier counters from the cache layer" in TritonBackend().decode_bound_reason(
+        q, k, k, pages, KeyBounds())
     monkeypatch.setenv("ATTNPATCH_BOUND_DECODE_CONFIG", "off")
     assert "the one-launch kernel is off" in TritonBackend().decode_bound_reason(q, k, k, pages, KeyBounds())
 
@@ -124,11 +125,14 @@ def test_budget_covering_the_cache_or_dense_layers_run_dense():
     layer = _layer("dynamic")
     _fill(layer, [60])
     q, bounds = torch.randn(2, 4, 1, 8), KeyBounds()
-    assert Quest(budget=64, page_size=PS, dense_layers=0).select(q, layer.keys, DecodeContext(0, 1.0, bounds, None, layer)) is None
-    assert Quest(budget=48, page_size=PS, dense_layers=2).select(q, layer.keys, DecodeContext(1, 1.0, bounds, None, layer)) is None
+    assert Quest(budget=64, page_size=PS, dense_layers=0).select(
+        q, layer.keys, DecodeContext(0, 1.0, bounds, None, layer)) is None
+    assert Quest(budget=48, page_size=PS, dense_layers=2).select(
+        q, layer.keys, DecodeContext(1, 1.0, bounds, None, layer)) is None
     assert Quest(budget=48, page_size=PS, dense_layers=0, min_length=61).select(
         q, layer.keys, DecodeContext(2, 1.0, bounds, None, layer)) is None
-    assert Quest(budget=48, page_size=PS, dense_layers=0).select(q, layer.keys, DecodeContext(2, 1.0, bounds, None, layer)) is not None
+    assert Quest(budget=48, page_size=PS, dense_layers=0).select(
+        q, layer.keys, DecodeContext(2, 1.0, bounds, None, layer)) is not None
 
 
 def _scores(model, ids, mask, cache=None, **kw):

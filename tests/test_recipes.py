@@ -38,7 +38,8 @@ BASE = {"model": "tiny:llama", "patch": {"method": "a_shape"}, "eval": {"tasks":
     ({"eval": {"tasks": ["passkey"], "lengths": [128], "limits": 2}},
      f"eval: unknown key(s) ['limits']; allowed: {', '.join(EVAL_KEYS)}"),
     ({"patch": {"method": "a_shape", "decod": "streaming"}}, "patch: unknown key(s) ['decod']; allowed: method"),
-    ({"patch": {"method": "a_shape", "decode": {"name": "streaming", "opts": {}}}}, "needs 'name' and may have 'options'"),
+    ({"patch": {"method": "a_shape", "decode": {"name": "streaming", "opts": {}}}},
+     "needs 'name' and may have 'options'"),
     ({"patch": {"method": "a_shape", "options": {"windw": 3}}}, "unknown option 'windw'"),
     ({"patch": {"method": "a_shape", "profile_shift": 0.1}}, "give profile= too"),
     ({"eval": {"tasks": ["passkey", "mmlu"], "lengths": [128]}}, "unknown task(s) ['mmlu']; allowed: passkey"),
@@ -58,7 +59,8 @@ def test_profile_paths_are_relative_to_the_recipe(tmp_path):
 
     (tmp_path / "profiles").mkdir()
     Profile("p", None, {0: {"local_blocks": 2}}).save(tmp_path / "profiles" / "p.json")
-    (tmp_path / "r.yaml").write_text(yaml.safe_dump({**BASE, "patch": {"method": "a_shape", "profile": "profiles/p.json"}}))
+    (tmp_path / "r.yaml").write_text(
+        yaml.safe_dump({**BASE, "patch": {"method": "a_shape", "profile": "profiles/p.json"}}))
     assert load_recipe(tmp_path / "r.yaml").spec.profile.layers == {0: {"local_blocks": 2}}
     (tmp_path / "bad.yaml").write_text("model: [unclosed\n")
     with pytest.raises(ValueError, match="not valid YAML"):

@@ -18,7 +18,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:
 def _generate(model, ids, mask, cache, new, **options):
     with attnpatch.patch_model(model, decode="recycled", page_size=PS, **options) as patch:
         out = model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                             pad_token_id=0, output_scores=True, return_dict_in_generate=True, **cache_arg(model, cache))
+                             pad_token_id=0, output_scores=True, return_dict_in_generate=True,
+                             **cache_arg(model, cache))
         return out, patch.stats()
 
 
@@ -42,8 +43,8 @@ def test_equals_dense_when_the_recycled_pages_cover_the_cache(llama):
     """Refreshes at cache lengths ≤ budget keep every page; the steps between read those pages and
     the new tokens' pages through the sparse path (not SDPA), and equal dense attention."""
     ids, mask = left_padded(2, 40, [0, 9], seed=2)
-    kw = dict(attention_mask=mask, max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0, output_scores=True,
-              return_dict_in_generate=True)
+    kw = dict(attention_mask=mask, max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0,
+              output_scores=True, return_dict_in_generate=True)
     dense = llama.generate(ids, **kw)
     out, stats = _generate(llama, ids, mask, None, 20, budget=64, stride=8)
     assert stats.backends["decode: reference"] > 0
@@ -110,7 +111,8 @@ def test_bad_options_are_rejected_with_the_allowed_range(llama):
         attnpatch.patch_model(llama, decode="recycled", stride=0)
 
 
-@pytest.mark.parametrize(("refresh_at", "written", "stride"), [(100, 101, 16), (96, 111, 16), (100, 140, 40), (65, 66, 1)])
+@pytest.mark.parametrize(("refresh_at", "written", "stride"),
+                         [(100, 101, 16), (96, 111, 16), (100, 140, 40), (65, 66, 1)])
 def test_recycled_list_is_the_ascending_union_of_kept_and_new_pages(refresh_at, written, stride):
     """A recycled step's list, built without a sort: the pages a refresh kept (always with the refresh's
     current page) and every page written since, ascending, each once; entries past the count unread."""

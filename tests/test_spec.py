@@ -66,8 +66,9 @@ backend: {prefill: flex, decode: auto}
 
 
 def test_model_args_split_into_spec_and_harness_arguments():
-    spec, rest = PatchSpec.from_model_args({"pretrained": "smollm2", "method": "blasst", "a": 128, "decode": "streaming",
-                                            "window": "512", "attn_backend": "reference", "batch_size": 2})
+    spec, rest = PatchSpec.from_model_args({"pretrained": "smollm2", "method": "blasst", "a": 128,
+                                            "decode": "streaming", "window": "512", "attn_backend": "reference",
+                                            "batch_size": 2})
     assert rest == {"pretrained": "smollm2", "batch_size": 2}
     assert spec.prefill_options == {"a": 128.0} and spec.decode_options == {"window": 512}
     assert spec.backend == "reference"
@@ -101,7 +102,8 @@ def test_a_spec_is_what_patch_model_takes(llama):
 def test_profile_scaling_through_model_args_and_yaml(tmp_path):
     import yaml
 
-    Profile("p", None, {0: {"threshold": [0.9] * 4}}, {"method": "xattention", "knob": "threshold"}).save(tmp_path / "p.json")
+    Profile("p", None, {0: {"threshold": [0.9] * 4}}, {"method": "xattention", "knob": "threshold"}).save(
+        tmp_path / "p.json")
     spec, rest = PatchSpec.from_model_args({"method": "xattention", "profile": str(tmp_path / "p.json"),
                                             "profile_shift": "-0.25", "batch_size": 1})
     assert spec.profile_shift == -0.25 and rest == {"batch_size": 1}

@@ -84,7 +84,8 @@ def test_streaming_composes_with_sparse_prefill(llama):
     assert d["density"] < 1 and d["max_decode_keys"] == 37
 
 
-@pytest.mark.parametrize("family,window", [("llama", None), ("qwen2", 8), ("gemma3", 8)], ids=["llama", "qwen2", "gemma3"])
+@pytest.mark.parametrize("family,window", [("llama", None), ("qwen2", 8), ("gemma3", 8)],
+                         ids=["llama", "qwen2", "gemma3"])
 @torch.no_grad()
 def test_a_static_cache_reads_what_the_evicting_cache_keeps(family, window):
     """On a static cache (which cannot evict) each decode step reads the sinks + window it would have
@@ -112,7 +113,8 @@ def test_sink_window_gather_hides_what_the_bounds_hide():
     from attnpatch.sparsity import KeyBounds
 
     g = torch.Generator().manual_seed(0)
-    q, k, v = torch.randn(2, 4, 1, 8, generator=g), torch.randn(2, 2, 40, 8, generator=g), torch.randn(2, 2, 40, 8, generator=g)
+    q, k, v = (torch.randn(2, 4, 1, 8, generator=g), torch.randn(2, 2, 40, 8, generator=g),
+               torch.randn(2, 2, 40, 8, generator=g))
     end = torch.tensor([30, 9])
     start = torch.tensor([0, 3])
     valid = (torch.arange(40) < end[:, None]) & (torch.arange(40) >= start[:, None])

@@ -188,4 +188,5 @@ def resolve_backend(backend: str | Mapping[str, str] = "auto") -> BackendPlan:
     return BackendPlan(order(pre, "prefill"), order(dec, "decode"), dense, prefill_auto=pre == "auto")
 
 
-__all__ = ["AUTO_ORDER", "BACKENDS", "BACKEND_NAMES", "GATED_DEVICES", "UNGATED_AUTO", "Backend", "BackendPlan", "backend_table", "resolve_backend"]
+__all__ = ["AUTO_ORDER", "BACKENDS", "BACKEND_NAMES", "GATED_DEVICES", "UNGATED_AUTO", "Backend", "BackendPlan",
+           "backend_table", "resolve_backend"]

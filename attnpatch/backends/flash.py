@@ -201,7 +201,8 @@ def _block_reason(arch: int, head_dim: int, block_q: int, block_k: int, q_len: i
     if block_k % 128:
         return f"SM100 fa4 needs block_k a multiple of 128 (its key tile), got {block_k}"
     if block_q % (128 * q_stage):
-        return f"SM100 fa4 needs block_q a multiple of {128 * q_stage} ({q_stage} Q tiles of 128 per CTA), got {block_q}"
+        return (f"SM100 fa4 needs block_q a multiple of {128 * q_stage} ({q_stage} Q tiles of 128 per CTA), "
+                f"got {block_q}")
     return None
 
 

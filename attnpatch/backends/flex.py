@@ -52,7 +52,8 @@ unless the FLASH backend, which is natural-log already, ran; the eager path divi
 LSE by ln 2 first so that conversion is uniform). The LSE is requested through
 `return_aux=AuxRequest(lse=True)` where available (`return_lse` is deprecated), else `return_lse`.
 The tests check it against the reference numerically (eager); on the torch 2.11 GPU build a
-numerical check against the reference is still needed. Rows that see no key get output 0 and LSE `-inf` from flex itself (eager:
+numerical check against the reference is still needed. Rows that see no key get output 0 and LSE
+`-inf` from flex itself (eager:
 safe softmax; Triton: `l_i` of masked rows set to 1 over an all-zero accumulator), as in the reference.
 
 Eager (`compile=False`) flex evaluates `mask_mod` densely over all Lq×Lk positions and ignores the

@@ -34,8 +34,9 @@ def variants(out: Path, shapes: tuple[str, ...] = ("llama3-8b", "smollm2"), leng
             for variant, settings in configs.items():
                 for warps, stages in settings:
                     try:
-                        ms = _bench(lambda q=q, k=k, v=v, sel=sel, var=variant, w=warps, st=stages: block_sparse_attention_triton(
-                            q, k, v, sel, variant=var, num_warps=w, num_stages=st))
+                        ms = _bench(lambda q=q, k=k, v=v, sel=sel, var=variant, w=warps, st=stages:
+                                    block_sparse_attention_triton(q, k, v, sel, variant=var, num_warps=w,
+                                                                  num_stages=st))
                     except Exception as e:  # noqa: BLE001
                         ms = float("nan")
                         print(f"variant {variant}: {type(e).__name__}: {str(e)[:200]}", flush=True)
@@ -161,7 +162,8 @@ def main() -> int:
     p.add_argument("--decode-tune", action="store_true", help="only decode: warps × stages × splits, graphed step")
     p.add_argument("--host-overhead", action="store_true", help="only the mask-free prefix: host vs kernel")
     args = p.parse_args()
-    only = [f for flag, f in ((args.variants, variants), (args.decode_step, decode_step), (args.decode_tune, decode_tune), (args.host_overhead, host_overhead)) if flag]
+    only = [f for flag, f in ((args.variants, variants), (args.decode_step, decode_step),
+                              (args.decode_tune, decode_tune), (args.host_overhead, host_overhead)) if flag]
     if only:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         for part in only:
@@ -196,7 +198,8 @@ def main() -> int:
         q = torch.randn(B, hq, 1, d, device="cuda", dtype=torch.bfloat16)
         k = torch.randn(B, hkv, L, d, device="cuda", dtype=torch.bfloat16)
         v = torch.randn(B, hkv, L, d, device="cuda", dtype=torch.bfloat16)
-        dense = _bench_graph(lambda q=q, k=k, v=v: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+        dense = _bench_graph(
+            lambda q=q, k=k, v=v: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True))
         for page in (64, 128):
             sel = random_page_selection(B, hkv, L, page, 1 / 16, device="cuda")
             for tile in (page, 2 * page) if page == 64 else (page,):
@@ -207,7 +210,8 @@ def main() -> int:
                     except Exception as e:  # noqa: BLE001
                         ms = float("nan")
                         print(type(e).__name__, str(e)[:100])
-                    res["decode"].append({"B": B, "page": page, "tile": tile, "splits": splits, "ms": ms, "sdpa_ms": dense})
+                    res["decode"].append({"B": B, "page": page, "tile": tile, "splits": splits, "ms": ms,
+                                          "sdpa_ms": dense})
                     print(f"decode B={B} page={page} tile={tile} splits={splits}: {ms:.4f} ms graph "
                           f"(sdpa {dense:.4f}, {dense / ms:.2f}x)", flush=True)
     out = Path(args.out)

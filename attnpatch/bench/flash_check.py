@@ -332,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint()
     print()
     print(table(data["timings"]))
-    print(f"\nchecks {'all passed' if ok else 'FAILED'}; {data['elapsed_s']} s; written to {out_dir / 'flash_check.json'}")
+    print(f"\nchecks {'all passed' if ok else 'FAILED'}; {data['elapsed_s']} s; "
+          f"written to {out_dir / 'flash_check.json'}")
     return 0 if ok else 1
 
 

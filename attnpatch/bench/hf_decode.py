@@ -30,10 +30,12 @@ Rows per (L, B) and mode: the unpatched model (SDPA as torch picks it, then forc
 and flash through `sdpa_kernel`; flash takes no mask, which a static cache always has, so it fails with
 the reason), `dense` through attnpatch's dispatch (→ SDPA), the Triton decode kernel over every page
 (`dense` kernel rows: `triton all pages`), and every registered decode method (`--methods all`, or a
-list; options through `--decode-options name:key=value,...`, a bare name for the defaults). A method that cannot run on a static
+list; options through `--decode-options name:key=value,...`, a bare name for the defaults).
+A method that cannot run on a static
 cache (`DecodeMethod.static_cache_reason`) runs its eager rows on a DynamicCache and its compiled rows are
 skipped with the reason; one whose compiled step breaks its graph (`fullgraph_reason`: retrieval waits for its
-CPU search) is compiled under `--no-fullgraph` only. The KV column adds what a method moved to CPU memory. A method whose reading keeps fewer tokens than it
+CPU search) is compiled under `--no-fullgraph` only. The KV column adds what a method moved to CPU memory.
+A method whose reading keeps fewer tokens than it
 read (infiniretri: `DecodeMethod.decode_cache_tokens`) decodes over a cache of that many tokens, said in the
 row's note. Speedups: over the best dense row of the same
 (L, B) over both modes, and over the best dense row of the same mode. KV cache memory is reported per
@@ -717,7 +719,8 @@ def markdown(data: dict) -> str:
     profiled = [r for r in data["rows"] if r.get("top_kernels")]
     if profiled:
         lines += ["", "GPU kernel time per step (`--profile`; the rest of the step is launch gaps):", "",
-                  "| L | B | mode | row | ms/step | kernels' ms/step | kernels per step |", "|---|---|---|---|---|---|---|"]
+                  "| L | B | mode | row | ms/step | kernels' ms/step | kernels per step |",
+                  "|---|---|---|---|---|---|---|"]
         lines += [f"| {r['length']} | {r['batch']} | {r['mode']} | {r['name']} | {_fmt(r['ms_per_token'], '.3f')} | "
                   f"{_fmt(r.get('kernel_ms_per_step'), '.3f')} | {_fmt(r.get('kernels_per_step'), '.0f')} |"
                   for r in profiled]
@@ -731,7 +734,8 @@ def markdown(data: dict) -> str:
     if hosted:
         lines += ["", "Host time per eager or generate step by Python function (`--host-profile`: cProfile over one "
                   "run of the steps; its own overhead inflates the figures):", "",
-                  "| L | B | mode | row | profiled ms/step | function | calls/step | own ms/step | cumulative ms/step |",
+                  "| L | B | mode | row | profiled ms/step | function | calls/step | own ms/step "
+                  "| cumulative ms/step |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for r in hosted:
             for f in r["host_functions"][:12]:

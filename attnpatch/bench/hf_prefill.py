@@ -91,7 +91,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_calls(fn: Callable[[], object], repeats: int, warmup: int, device: torch.device) -> tuple[list[float], float | None]:
+def time_calls(fn: Callable[[], object], repeats: int, warmup: int,
+               device: torch.device) -> tuple[list[float], float | None]:
     """Milliseconds of each of `repeats` calls after `warmup` calls (CUDA events on CUDA, else wall
     clock) and the peak GPU memory over the timed calls (None off CUDA)."""
     for _ in range(warmup):
@@ -158,11 +159,13 @@ def configs(device: torch.device, tiny: bool, sparse_backends: list[str],
     yield Config("unpatched, SDPA cuDNN", "dense", sdpa="cudnn")
     yield Config("unpatched, SDPA flash", "dense", sdpa="flash")
     yield Config("dense (attnpatch dispatch → SDPA)", "dense", method="dense")
-    yield Config("dense on flash-attn-4", "dense", method="dense", backend="flash", unavailable=flash_dense_reason(device))
+    yield Config("dense on flash-attn-4", "dense", method="dense", backend="flash",
+                 unavailable=flash_dense_reason(device))
     sparse = SPARSE_TINY if tiny else SPARSE
     if methods:
         specs = [PatchSpec.parse(text) for text in methods]
-        sparse = tuple((text, spec.method, dict(spec.prefill_options)) for text, spec in zip(methods, specs, strict=True))
+        sparse = tuple((text, spec.method, dict(spec.prefill_options))
+                       for text, spec in zip(methods, specs, strict=True))
     for backend in sparse_backends:
         for name, method, options in sparse:
             yield Config(f"{name} ({backend})", "sparse", method=method, backend=backend, options=options)

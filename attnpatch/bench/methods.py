@@ -203,7 +203,8 @@ def markdown(data: dict) -> str:
     env = data["environment"]
     lines = [f"# Methods at the attention-layer level — {env.get('gpu') or 'CPU'}", "",
              f"torch {env.get('torch')}, triton {env.get('triton')}, {data['dtype']}; planted synthetic Q/K/V "
-             "(`attnpatch.bench.synthetic`) and, in rows named after a checkpoint, Q/K/V captured from it; B = 1.", "", f"Command: `{env.get('command')}`", "",
+             "(`attnpatch.bench.synthetic`) and, in rows named after a checkpoint, Q/K/V captured from it; B = 1.",
+             "", f"Command: `{env.get('command')}`", "",
              "| shape | L | row | density | select ms | exec ms (backend) | flex ms | total ms | estimate share "
              "| vs cuDNN | vs best dense | note |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
@@ -235,7 +236,8 @@ def plot(data: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4.5), squeeze=False)
     for ax, shape in zip(axes[0], shapes, strict=True):
         for spec in dict.fromkeys(r["spec"] for r in rows if r["shape"] == shape):
-            pts = sorted((r["length"], r["speedup_vs_cudnn"]) for r in rows if r["shape"] == shape and r["spec"] == spec)
+            pts = sorted((r["length"], r["speedup_vs_cudnn"]) for r in rows
+                         if r["shape"] == shape and r["spec"] == spec)
             ax.plot([p[0] // 1024 for p in pts], [p[1] for p in pts], "--" if spec.startswith("peer") else "-",
                     marker="o", label=spec[:40])
         ax.axhline(1.0, color="gray", lw=0.8)
@@ -282,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     for item in args.real:
         parts = item.split(":")
         if len(parts) != 3 or not (parts[1].isdigit() and parts[2].isdigit()):
-            p.error(f"--real takes MODEL:LENGTH:LAYER with integer length and layer (e.g. smollm2:8192:15), got {item!r}")
+            p.error("--real takes MODEL:LENGTH:LAYER with integer length and layer (e.g. smollm2:8192:15), "
+                    f"got {item!r}")
         real.append((parts[0], int(parts[1]), int(parts[2])))
     specs = args.methods or default_specs()
     peer = load_peer(args.peer_flexprefill) if args.peer_flexprefill else None

@@ -46,13 +46,15 @@ def main() -> int:
             grid = itertools.product(subtiles, _ints(args.warps), _ints(args.stages))
             for (sm, sn), warps, stages in grid:
                 try:
-                    ms = _bench(lambda q=q, k=k, v=v, sel=sel, sm=sm, sn=sn, w=warps, st=stages: block_sparse_attention_triton(
-                        q, k, v, sel, sub_m=sm, sub_n=sn, num_warps=w, num_stages=st, variant=args.variant), rep_ms=100)
+                    ms = _bench(lambda q=q, k=k, v=v, sel=sel, sm=sm, sn=sn, w=warps, st=stages:
+                                block_sparse_attention_triton(q, k, v, sel, sub_m=sm, sub_n=sn, num_warps=w,
+                                                              num_stages=st, variant=args.variant),
+                                rep_ms=100)
                 except Exception as e:  # noqa: BLE001  (out of shared memory etc.)
                     ms = float("nan")
                     print(f"  {sm}x{sn} w{warps} s{stages}: {type(e).__name__}", flush=True)
-                results.append({"shape": shape, "d": d, "variant": args.variant, "density": density, "sub_m": sm, "sub_n": sn, "warps": warps,
-                                "stages": stages, "ms": ms, "cudnn_ms": cudnn})
+                results.append({"shape": shape, "d": d, "variant": args.variant, "density": density, "sub_m": sm,
+                                "sub_n": sn, "warps": warps, "stages": stages, "ms": ms, "cudnn_ms": cudnn})
                 print(f"  {shape} dens={density} {sm}x{sn} w{warps} s{stages}: {ms:.3f} ms "
                       f"({density * cudnn / ms:.2f} of cuDNN per kept block)", flush=True)
     best = {}

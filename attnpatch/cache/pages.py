@@ -35,7 +35,8 @@ def key_page_bounds(key: torch.Tensor, page_size: int, length: int | None = None
 def _merge_into(page_min: torch.Tensor, page_max: torch.Tensor, key_states: torch.Tensor,
                 positions: torch.Tensor, page_size: int) -> None:
     """Fold new keys (a chunk; one decode token goes through `_fold_token`) at `positions` (`[n]` long,
-    consecutive, on the keys' device) into the page bounds, in place: a page whose first position is among them restarts from these keys, the page the chunk
+    consecutive, on the keys' device) into the page bounds, in place: a page whose first position is among them
+    restarts from these keys, the page the chunk
     continues (its first position is earlier) keeps its previous bounds too. Fixed shapes, no sync."""
     b, h, n, d = key_states.shape
     page = positions // page_size

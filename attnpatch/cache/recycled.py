@@ -31,7 +31,8 @@ class DeviceSchedule:
     def allocate(cls, batch: int, kv_heads: int, width: int, device) -> DeviceSchedule:
         schedule = cls(torch.zeros(batch, kv_heads, width, dtype=torch.int32, device=device),
                        torch.zeros(batch, kv_heads, dtype=torch.int32, device=device),
-                       torch.zeros((), dtype=torch.long, device=device), torch.zeros((), dtype=torch.long, device=device))
+                       torch.zeros((), dtype=torch.long, device=device),
+                       torch.zeros((), dtype=torch.long, device=device))
         if not torch.compiler.is_compiling():
             for t in (schedule.pages, schedule.counts, schedule.refresh_at, schedule.steps):
                 torch._dynamo.mark_static_address(t)

@@ -57,7 +57,8 @@ class BlockPartials:
         causal = getattr(bounds, "causal", True)
         window = bounds.window if causal and bounds.mask is None else None
 
-        def blocks_seen(r0: int, r1: int) -> tuple[int, int]:  # key blocks rows r0..r1 may see: causal end, window start
+        # key blocks rows r0..r1 may see: causal end, window start
+        def blocks_seen(r0: int, r1: int) -> tuple[int, int]:
             cend = num_blocks(min(lk, lk - lq + r1), block_k) if causal else c
             return (min(cend, max(0, lk - lq + r0 - window + 1) // block_k) if window else 0), cend
 

@@ -16,7 +16,8 @@ head at each knob value (not only at one reference budget), so the allocation us
 error curve; the budget is shared across the whole model (`scope="model"`) or per layer
 (`scope="layer"`). The loss is the answer's cross-entropy where the calibration data has answers
 (`data="passkey"`, JSONL rows with `prompt` and `answer`: the answer is appended to the prompt), so the
-gradients weigh the heads that retrieve it; the whole text's next-token loss otherwise (`text`). Densities are measured on the calibration prompts at their length: the density of a
+gradients weigh the heads that retrieve it; the whole text's next-token loss otherwise (`text`).
+Densities are measured on the calibration prompts at their length: the density of a
 threshold method moves with the context length, so calibrate at the length you run.
 """
 
@@ -82,7 +83,8 @@ class HessCalibration:
         """The mean Fisher diagonal `E[g_id²]` over every calibrated head: the scale of `damping`."""
         return float(torch.cat([c.grad_sq for c in self.curves.values()]).mean())
 
-    def _stack(self, weights: tuple[float, float], damping: float = 0.0) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    def _stack(self, weights: tuple[float, float],
+               damping: float = 0.0) -> tuple[list[int], torch.Tensor, torch.Tensor]:
         ids = list(self.curves)
         lam = damping * self.fisher_mean() if damping else 0.0
         dens = torch.cat([self.curves[i].density.T for i in ids])  # [layers · Hq, G]
@@ -253,4 +255,5 @@ def hess(model, tokenizer, method: str, density: float, *, weights: tuple[float,
     _check_density(density)
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}")
-    return hess_measure(model, tokenizer, method, **measure).redistribute(density, weights, scope, name, spread, damping)
+    return hess_measure(model, tokenizer, method, **measure).redistribute(
+        density, weights, scope, name, spread, damping)

@@ -141,7 +141,8 @@ def _prompt_terms(layer: LayerInputs, i: int, grad: torch.Tensor, kept: list[Kep
             if bk:
                 pk = (torch.nn.functional.pad(p, (0, pad)) if pad else p).view(hq, r1 - r0, cols, bk)
                 vk = torch.nn.functional.pad(vb[:, :klen], (0, 0, 0, pad)).view(hkv, 1, cols, bk, d)
-                block_out = torch.matmul(pk.view(hkv, grp, r1 - r0, cols, bk).transpose(2, 3), vk)  # [Hkv, G, cols, rows, D]
+                # [Hkv, G, cols, rows, D]
+                block_out = torch.matmul(pk.view(hkv, grp, r1 - r0, cols, bk).transpose(2, 3), vk)
                 block_out = block_out.transpose(2, 3).reshape(hq, r1 - r0, cols, d)
                 block_mass = pk.sum(-1)  # [H, rows, cols]
             for j, x in enumerate(kept):

@@ -109,7 +109,8 @@ def evaluate_many(info: MethodInfo, options: Sequence[Mapping[str, Any]], layer:
         done = {}
         if shared:
             outs = attend_in_row_chunks(q, k, v, layer.scale, bounds, [sels[j] for j in blocks])
-            done = {j: _scores_of(sels[j], out, dense[i], skipped) for j, (out, skipped) in zip(blocks, outs, strict=True)}
+            done = {j: _scores_of(sels[j], out, dense[i], skipped)
+                    for j, (out, skipped) in zip(blocks, outs, strict=True)}
         for j, sel in enumerate(sels):
             sums[j] += torch.stack(done[j] if j in done else _score(layer, i, sel, dense[i], partials))
     n = len(layer.query)
@@ -139,7 +140,8 @@ def _score(layer: LayerInputs, i: int, selection, ref: torch.Tensor, partials: d
         skipped = None
         if partials is not None and BlockPartials.fits(q, k, v, selection.block_k):
             if (i, selection.block_k) not in partials:
-                partials[(i, selection.block_k)] = BlockPartials.compute(q, k, v, layer.scale, bounds, selection.block_k)
+                partials[(i, selection.block_k)] = BlockPartials.compute(q, k, v, layer.scale, bounds,
+                                                                         selection.block_k)
             part = partials[(i, selection.block_k)]
             skipped = part.skipped(selection) if selection.skip is not None else None
             out = part.attend(selection, skipped)

@@ -77,10 +77,10 @@ if triton_available():
                     mask=g_ok[:, None] & d_ok[None, :], other=0.0)
         rows = offs_n.to(tl.int64)[:, None]
         tile_ok = n_ok[:, None] & d_ok[None, :]
-        hi = tl.load(MAX + b.to(tl.int64) * stride_ub + hk.to(tl.int64) * stride_uh + rows * stride_un + offs_d[None, :],
-                     mask=tile_ok, other=0.0)
-        lo = tl.load(MIN + b.to(tl.int64) * stride_lb + hk.to(tl.int64) * stride_lh + rows * stride_ln + offs_d[None, :],
-                     mask=tile_ok, other=0.0)
+        hi = tl.load(MAX + b.to(tl.int64) * stride_ub + hk.to(tl.int64) * stride_uh + rows * stride_un
+                     + offs_d[None, :], mask=tile_ok, other=0.0)
+        lo = tl.load(MIN + b.to(tl.int64) * stride_lb + hk.to(tl.int64) * stride_lh + rows * stride_ln
+                     + offs_d[None, :], mask=tile_ok, other=0.0)
         pos = tl.where(q > 0, q, 0.0).to(hi.dtype)
         neg = tl.where(q < 0, q, 0.0).to(lo.dtype)
         acc = tl.dot(pos, tl.trans(hi), input_precision=DOT_PRECISION)
@@ -135,7 +135,7 @@ def page_upper_bounds_triton(query: torch.Tensor, page_min: torch.Tensor, page_m
         q, page_min, page_max, out, hkv, group, n, q.stride(0), q.stride(1),
         page_min.stride(0), page_min.stride(1), page_min.stride(2),
         page_max.stride(0), page_max.stride(1), page_max.stride(2), float(scale),
-        HEAD_D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
-        DOT_PRECISION=precision, num_warps=warps,
+        HEAD_D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_G=max(16, triton.next_power_of_2(group)),
+        BLOCK_N=block_n, DOT_PRECISION=precision, num_warps=warps,
     )  # fmt: skip
     return out

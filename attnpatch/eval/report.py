@@ -52,7 +52,8 @@ def _label(run: dict) -> str:
         label += "+" + one(run["decode"], run.get("decode_options") or {})
     backend = (run.get("spec") or {}).get("backend", "auto")
     if backend != "auto":
-        label += "@" + (backend if isinstance(backend, str) else ",".join(f"{k}={v}" for k, v in sorted(backend.items())))
+        label += "@" + (backend if isinstance(backend, str)
+                        else ",".join(f"{k}={v}" for k, v in sorted(backend.items())))
     return label
 
 
@@ -109,8 +110,8 @@ def speedup_table(bench: dict) -> str:
         cudnn = next(r["ms"] for r in rows if r["shape"] == shape and r["length"] == n and r["backend"] == "sdpa-cudnn")
         cells = []
         for d in dens:
-            t = [r["ms"] for r in rows if r["shape"] == shape and r["length"] == n and r["backend"] == "attnpatch-triton"
-                 and nominal(r["density"]) == d]
+            t = [r["ms"] for r in rows if r["shape"] == shape and r["length"] == n
+                 and r["backend"] == "attnpatch-triton" and nominal(r["density"]) == d]
             cells.append(f"{cudnn / t[0]:.2f}x" if t else "-")
         lines.append(f"| {n // 1024}K | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -191,7 +192,8 @@ def write_report(results: str | Path, out: str | Path, bench: str | Path | None 
     plot(runs, bench_data, png)
     lines = [f"# attnpatch report — {runs[0]['model']}", "",
              f"{len(runs)} runs from `{results}`; device, dtype × samples per task: "
-             f"{'; '.join(sorted({_setting(r) for r in runs}))}.", "", runs_table(runs), "", f"![plots]({png.name})", ""]
+             f"{'; '.join(sorted({_setting(r) for r in runs}))}.", "", runs_table(runs), "",
+             f"![plots]({png.name})", ""]
     if bench_data is not None:
         lines += [speedup_table(bench_data), "", f"Kernel benchmark: `{bench_data['environment']['command']}` on "
                   f"{bench_data['environment']['gpu']}.", ""]

@@ -31,7 +31,8 @@ def _extract(names: tuple[str, ...], target: Path) -> None:
             deb = next(Path(tmp).glob(f"{_PACKAGE}_*.deb"))
             subprocess.run(["dpkg-deb", "-x", str(deb), tmp], check=True, capture_output=True)
         except (OSError, subprocess.CalledProcessError, StopIteration) as e:
-            raise FileNotFoundError(f"could not fetch {_PACKAGE} with apt-get download (Debian/Ubuntu only): {e}") from e
+            raise FileNotFoundError(
+                f"could not fetch {_PACKAGE} with apt-get download (Debian/Ubuntu only): {e}") from e
         data = Path(tmp) / _DATA
         rdb = (data / "Rdata.rdb").read_bytes()
         index = rdata.conversion.convert(rdata.parser.parse_data(gzip.decompress((data / "Rdata.rdx").read_bytes())))

@@ -107,7 +107,8 @@ class EstimatedPrefill(PrefillMethod):
         heads = hkv if scores.per_kv_head else hq
         expected = (b, heads, num_blocks(lq, bs), num_blocks(lk, bs))
         if tuple(values.shape) != expected:
-            raise ValueError(f"{type(self).__name__}.estimate returned scores {tuple(values.shape)}, expected {expected}")
+            raise ValueError(f"{type(self).__name__}.estimate returned scores {tuple(values.shape)}, "
+                             f"expected {expected}")
         param = self.head_parameter(self.selector.param, hq, device)
         if scores.per_kv_head:  # one parameter per group: the most demanding of its query heads
             param = param.view(hkv, hq // hkv).amax(-1)

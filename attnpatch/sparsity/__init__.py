@@ -12,5 +12,5 @@ from attnpatch.sparsity.selection import (
     num_blocks,
 )
 
-__all__ = ["BlockSelection", "BoundPages", "KeyBounds", "PageSelection", "SkipRule", "TokenSelection", "causal_block_limit",
-           "num_blocks"]
+__all__ = ["BlockSelection", "BoundPages", "KeyBounds", "PageSelection", "SkipRule", "TokenSelection",
+           "causal_block_limit", "num_blocks"]

@@ -115,7 +115,8 @@ class BlockSelection:
         if tuple(self.counts.shape) != (b, h, r):
             raise ValueError(f"counts shape {tuple(self.counts.shape)} does not match indices {(b, h, r)}")
         if r != num_blocks(self.q_len, self.block_q):
-            raise ValueError(f"{r} query blocks given, q_len={self.q_len} with block {self.block_q} needs {num_blocks(self.q_len, self.block_q)}")
+            raise ValueError(f"{r} query blocks given, q_len={self.q_len} with block {self.block_q} "
+                             f"needs {num_blocks(self.q_len, self.block_q)}")
         if bool((self.counts < 0).any()) or bool((self.counts > k).any()):
             raise ValueError(f"counts must lie in [0, {k}]")
         valid = torch.arange(k, device=self.indices.device) < self.counts.unsqueeze(-1)

@@ -229,7 +229,8 @@ def decode_run(model, spec, cache, first: torch.Tensor, steps: int, forced: list
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2", help="embedded checkpoint: smollm2 or gemma3-270m")
-    ap.add_argument("--task", default="passkey", help="'passkey' or an lm-eval RULER generation task, e.g. niah_single_1")
+    ap.add_argument("--task", default="passkey",
+                    help="'passkey' or an lm-eval RULER generation task, e.g. niah_single_1")
     ap.add_argument("--limit", type=int, default=3, help="prompts per length")
     ap.add_argument("--seed", type=int, default=0, help="RULER tasks: seed of the prompts (0: lm-eval's own)")
     ap.add_argument("--kv-dir", default=None, help="keep / reuse each prompt's prefill K/V in this folder")
@@ -276,10 +277,12 @@ def main() -> None:
     specs = [PatchSpec.build("dense", s, backend=args.backend) for s in names]  # validated before loading
     model, tok = load(args.model, device=args.device)
     device = model.device
-    command = ("python bench/scripts/decode_fidelity.py " + (f"--model {args.model} " if args.model != "smollm2" else "")
+    command = ("python bench/scripts/decode_fidelity.py "
+               + (f"--model {args.model} " if args.model != "smollm2" else "")
                + f"--task {args.task} --seed {args.seed} --limit {args.limit} --lengths "
                f"{' '.join(map(str, args.lengths))} --answer-tokens {args.answer_tokens} --forced-tokens "
-               f"{args.forced_tokens} --specs {' '.join(args.specs)}" + (f" --prompts {args.prompts}" if args.prompts else ""))
+               f"{args.forced_tokens} --specs {' '.join(args.specs)}"
+               + (f" --prompts {args.prompts}" if args.prompts else ""))
     meta = {"model": args.model, "task": args.task, "seed": args.seed, "limit": args.limit,
             "answer_tokens": args.answer_tokens, "forced_tokens": args.forced_tokens, "device": str(device),
             "dtype": str(model.dtype), "torch": torch.__version__, "command": command}
@@ -404,7 +407,8 @@ def runs_from_log(log: Path, args, prompts_path: Path | None) -> Path:
     meta = {"model": args.model, "task": args.task, "seed": args.seed, "limit": min(r["samples"] for r in rows),
             "answer_tokens": args.answer_tokens, "forced_tokens": args.forced_tokens, "device": "see the log",
             "dtype": "see the log", "torch": "see the log",
-            "command": f"python bench/scripts/decode_fidelity.py --from-log {log.name} (rebuilt from a stopped run's lines)",
+            "command": f"python bench/scripts/decode_fidelity.py --from-log {log.name} "
+                       "(rebuilt from a stopped run's lines)",
             "finished": "the prompts every spec printed (rebuilt from the log)"}
     name = "" if args.model == "smollm2" else f"{args.model}_"
     stem = Path(args.out) / f"decode_fidelity_{name}{args.task}_from_log_n{meta['limit']}"

@@ -203,7 +203,8 @@ def per_call_rows(length: int, batch: int, fraction: float, page_sizes: list[int
         pages = (n_pages, budget // page_size, first, torch.full((batch,), n_pages, dtype=torch.long, device=DEVICE))
         for label, extra in (("", {}), (", key_valid", {"key_valid": valid})):
             kw = dict(extra, page_size=page_size, scale=scale, keep_last=method.local_pages)
-            add(f"quest one launch{label}", [lambda x=x, kw=kw, p=pages: bound_decode_attention(*x, *p, **kw) for x in inputs])
+            add(f"quest one launch{label}",
+                [lambda x=x, kw=kw, p=pages: bound_decode_attention(*x, *p, **kw) for x in inputs])
         rows += [{"length": length, "batch": batch, "page_size": page_size, "row": row, "us_each": us}
                  for row, us in dense_rows + timed]
         del inputs, ctx, pairs
@@ -278,9 +279,11 @@ def kernel_sweep_rows(length: int, batch: int, fraction: float, splits_list=SWEE
             os.environ["ATTNPATCH_DECODE_CONFIG"] = launch
             for splits in splits_list:
                 used = resolve_num_splits(sel, DEVICE, splits, tile)
-                us = _graph_us(lambda s=splits, t=tile: sparse_decode_attention(q, k, v, sel, num_splits=s, tile_size=t))
+                us = _graph_us(
+                    lambda s=splits, t=tile: sparse_decode_attention(q, k, v, sel, num_splits=s, tile_size=t))
                 each = None if us is None else _graph_us_each(
-                    [lambda x=x, s=splits, t=tile: sparse_decode_attention(*x, sel, num_splits=s, tile_size=t) for x in cold])
+                    [lambda x=x, s=splits, t=tile: sparse_decode_attention(*x, sel, num_splits=s, tile_size=t)
+                     for x in cold])
                 rows.append({"kernel": "decode", "length": length, "batch": batch, "tile": tile, "launch": launch,
                              "splits": used, "default_splits": splits is None, "us": us, "us_each": each})
                 print(f"decode L={length} B={batch} tile={tile} warps,stages={launch} splits={used}: {us} "
@@ -296,9 +299,11 @@ def kernel_sweep_rows(length: int, batch: int, fraction: float, splits_list=SWEE
         os.environ["ATTNPATCH_BOUNDS_CONFIG"] = launch
         us = _graph_us(lambda: page_upper_bounds_triton(q, page_min, page_max, n, 1.0))
         each = _graph_us_each([lambda lo=lo, hi=hi: page_upper_bounds_triton(q, lo, hi, n, 1.0) for lo, hi in copies])
-        err = None if each is None else (page_upper_bounds_triton(q, page_min, page_max, n, 1.0) - reference).abs().max().item()
+        err = None if each is None else (
+            page_upper_bounds_triton(q, page_min, page_max, n, 1.0) - reference).abs().max().item()
         rows.append({"kernel": "page_bounds", "length": length, "batch": batch, "launch": launch, "us": us,
-                     "us_each": each, "max_abs_err_vs_fp32": err, "gb_per_s": None if not each else round(2 * page_min.numel() * 2 / each / 1e3, 1)})
+                     "us_each": each, "max_abs_err_vs_fp32": err,
+                     "gb_per_s": None if not each else round(2 * page_min.numel() * 2 / each / 1e3, 1)})
         print(f"bounds L={length} B={batch} launch={launch}: {us} (in a graph of {COPIES}: {each}; error {err})",
               flush=True)
     os.environ.pop("ATTNPATCH_BOUNDS_CONFIG", None)
@@ -307,7 +312,8 @@ def kernel_sweep_rows(length: int, batch: int, fraction: float, splits_list=SWEE
         from attnpatch.backends.triton.topk_select import group_topk_ascending_triton
 
         k_pages = max(int(length * fraction) // 64, 1)
-        bounds = [page_upper_bounds_triton(q * (1 + i / COPIES), page_min, page_max, n, D ** -0.5) for i in range(COPIES)]
+        bounds = [page_upper_bounds_triton(q * (1 + i / COPIES), page_min, page_max, n, D ** -0.5)
+                  for i in range(COPIES)]
         first = torch.zeros(batch, dtype=torch.long, device=DEVICE)
         # 64-token pages, and the first half of each row as the page count of 128-token pages
         for pages, kp in ((n, k_pages), (n // 2, max(k_pages // 2, 1))):
@@ -342,9 +348,11 @@ def _bound_sweep_rows(length: int, batch: int, fraction: float, q, k, v) -> list
                  torch.full((batch,), n, dtype=torch.long, device=DEVICE))
         for launch in SWEEP_BOUND:
             os.environ["ATTNPATCH_BOUND_DECODE_CONFIG"] = launch
-            each = _graph_us_each([lambda x=x, p=page, s=pages: bound_decode_attention(*x, *s, page_size=p, scale=D ** -0.5)
-                                   for x in inputs])
-            splits = int(launch.split(",")[0]) or choose_splits(batch * HKV, -(-pages[1] * page // max(page, 64)), DEVICE)
+            each = _graph_us_each(
+                [lambda x=x, p=page, s=pages: bound_decode_attention(*x, *s, page_size=p, scale=D ** -0.5)
+                 for x in inputs])
+            splits = (int(launch.split(",")[0])
+                      or choose_splits(batch * HKV, -(-pages[1] * page // max(page, 64)), DEVICE))
             rows.append({"kernel": "bound", "length": length, "batch": batch, "tile": f"{page}-token pages",
                          "launch": launch, "splits": splits, "default_splits": launch.startswith("0,"), "us": None,
                          "us_each": each})
@@ -369,15 +377,18 @@ def best_launches(rows: list[dict]) -> dict[str, dict[str, str]]:
 
 
 def _sweep_md(rows: list[dict]) -> str:
-    out = ["# Decode, page-bound, top-k and one-launch (bound) kernels by launch configuration (µs, CUDA-graph replay)", "",
+    out = ["# Decode, page-bound, top-k and one-launch (bound) kernels by launch configuration "
+           "(µs, CUDA-graph replay)", "",
            f"`us`: one call per graph; `per call in a graph`: {COPIES} calls on distinct inputs in one graph.", "",
-           "| L | B | kernel | tile (top-k: row) | launch | splits | µs | µs per call in a graph |", "|---|---|---|---|---|---|---|---|"]
+           "| L | B | kernel | tile (top-k: row) | launch | splits | µs | µs per call in a graph |",
+           "|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["length"], r["batch"], r["kernel"], r.get("us_each") or r["us"] or 1e9)):
         us = "–" if r["us"] is None else f"{r['us']:.1f}"
         each = "" if r.get("us_each") is None else f"{r['us_each']:.1f}"
         split = f"{r.get('splits', '')}{' (default)' if r.get('default_splits') else ''}"
         tile = r.get("tile", f"{r['pages']} pages, k {r['k']}" if "pages" in r else "")
-        out.append(f"| {r['length']} | {r['batch']} | {r['kernel']} | {tile} | {r['launch']} | {split} | {us} | {each} |")
+        out.append(f"| {r['length']} | {r['batch']} | {r['kernel']} | {tile} | {r['launch']} | {split} | {us} "
+                   f"| {each} |")
     return "\n".join(out) + "\n"
 
 

@@ -1,7 +1,8 @@
 """HeSS-redistributed vs uniform per-head budgets at equal average density (issue 11, methods.md §4).
 
 For each method: one HeSS measurement on calibration prompts (`--calib-data`: Austen novels the suite does
-not use, or passkey prompts with their answers, `--calib-samples` of `--length` tokens), then two profiles at the same average density `--density`:
+not use, or passkey prompts with their answers, `--calib-samples` of `--length` tokens), then two profiles
+at the same average density `--density`:
 HeSS (knob redistributed per head) and uniform (one knob value for every head, bisected to the same
 density). Both are measured on held-out prompts: fidelity (attention recall, output relative error,
 density; `attnpatch.eval.fidelity.measure`, reference backend) on `--samples` passkey prompts with seeds
@@ -174,14 +175,17 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {}
     for method in args.methods:
         weights = (float(args.weights[0]), float(args.weights[1]))
-        spreads = {_kind(v, d, weights): (None if v == "none" else int(v), d) for v in args.spreads for d in args.dampings}
-        paths = {kind: out_dir / "profiles" / f"{method}-{kind}-d{args.density:g}.json" for kind in (*spreads, "uniform")}
+        spreads = {_kind(v, d, weights): (None if v == "none" else int(v), d)
+                   for v in args.spreads for d in args.dampings}
+        paths = {kind: out_dir / "profiles" / f"{method}-{kind}-d{args.density:g}.json"
+                 for kind in (*spreads, "uniform")}
         if args.reuse and all(p.is_file() for p in paths.values()):
             profiles = {kind: Profile.load(path) for kind, path in paths.items()}
         else:
-            cal = hess_measure(model, tok, method, data=args.calib_data, samples=args.calib_samples, lengths=(args.length,),
-                               options=options[method], grid=args.grid, form=args.form)
-            profiles = {kind: cal.redistribute(args.density, weights, spread=v, damping=d) for kind, (v, d) in spreads.items()}
+            cal = hess_measure(model, tok, method, data=args.calib_data, samples=args.calib_samples,
+                               lengths=(args.length,), options=options[method], grid=args.grid, form=args.form)
+            profiles = {kind: cal.redistribute(args.density, weights, spread=v, damping=d)
+                        for kind, (v, d) in spreads.items()}
             profiles["uniform"] = cal.uniform(args.density)
             for kind, profile in profiles.items():
                 profile.meta["command"] = "python bench/scripts/hess_vs_uniform.py " + " ".join(argv or sys.argv[1:])
@@ -199,13 +203,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.match_heldout:
             for kind in [k for k in row if k != "uniform"]:
                 target = row[kind]["heldout"]["density"]
-                matched, tried = match_heldout(model, tok, method, profiles["uniform"], target, args.length, args.samples)
+                matched, tried = match_heldout(model, tok, method, profiles["uniform"], target, args.length,
+                                               args.samples)
                 spec = PatchSpec.build(method, profile=matched)
                 name = f"uniform-matched-{kind}"
                 row[name] = {"calibration": {**profiles["uniform"].meta["achieved"],
                                              "seconds": profiles["uniform"].meta["seconds"]},
                              "heldout": _heldout(model, tok, spec, args.length, args.samples, args.model),
-                             "value": float(_first_value(matched)), "shift": matched.meta.get("adjusted", {}).get("shift", 0.0),
+                             "value": float(_first_value(matched)),
+                             "shift": matched.meta.get("adjusted", {}).get("shift", 0.0),
                              "matched_to": kind, "tried": tried}
                 print(method, name, json.dumps(row[name]), flush=True)
         results[method] = row
@@ -234,9 +240,9 @@ def main(argv: list[str] | None = None) -> int:
         for kind, r in row.items():
             c, h = r["calibration"], r["heldout"]
             label = f"{kind} ({r['value']:.4g})" if kind.startswith("uniform") else kind
-            lines.append(f"| {method} | {label} | {c['density']:.3f} | {c['predicted_cost']:.3g} | {h['density']:.3f} | "
-                         f"{h['recall']:.4f} | {h['rel_error']:.4f} | {h['passkey']:.2f} | {h['perplexity']:.3f} | "
-                         f"{h['prefill_density']:.3f} |")
+            lines.append(f"| {method} | {label} | {c['density']:.3f} | {c['predicted_cost']:.3g} | "
+                         f"{h['density']:.3f} | {h['recall']:.4f} | {h['rel_error']:.4f} | {h['passkey']:.2f} | "
+                         f"{h['perplexity']:.3f} | {h['prefill_density']:.3f} |")
     (out_dir / "README.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

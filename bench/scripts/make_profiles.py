@@ -69,7 +69,8 @@ def measure_heldout(model, tok, method: str, profile: Profile, length: int) -> d
         out = {}
         for tag, a in (("profile", {"prefill": entry["prefill_options"]["a"], "decode": entry["decode_options"]["a"]}),
                        ("defaults", defaults)):
-            pre, dec = measure_at(layers, a["prefill"], "prefill", block), measure_at(layers, a["decode"], "decode", block)
+            pre, dec = (measure_at(layers, a["prefill"], "prefill", block),
+                        measure_at(layers, a["decode"], "decode", block))
             out[tag] = {"error": pre["error"], "density": 1 - pre["skipped"], "decode_error": dec["error"],
                         "decode_density": 1 - dec["skipped"], "a": a}
         return out
@@ -177,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
                    "methods": {m: e for m, e in earlier.get("methods", {}).items() if m not in methods}}
         for method in methods:
             stem = f"{short}-{method}-{target.label}"
-            flag = {"error": "--target-error", "density": "--target-density", "accuracy": "--accuracy-floor"}[target.kind]
+            flag = {"error": "--target-error", "density": "--target-density",
+                    "accuracy": "--accuracy-floor"}[target.kind]
             cmd = (f"attnpatch calibrate --model {name} --method {method} {flag} {target.value:g} --data {args.data} "
                    f"--samples {args.samples} --lengths {length} --steps {args.steps} --out calibration/{stem}.json")
             fit = args.lambda_fit if method == "blasst" else "geomean"

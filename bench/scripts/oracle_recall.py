@@ -12,9 +12,9 @@ Attention recall is the mean over all query rows of the true mass inside the sel
 over heads (and layers), as in `fidelity.layer_fidelity`. Density = selected / causal block pairs.
 
 CPU, SmolLM2 at 8K (a few minutes):
-    python bench/scripts/oracle_recall.py --model smollm2 --length 8192 --out bench/results/oracle_recall/smollm2_8k
+  python bench/scripts/oracle_recall.py --model smollm2 --length 8192 --out bench/results/oracle_recall/smollm2_8k
 Gemma-3-270m (global layers only; sliding-window layers are left out):
-    python bench/scripts/oracle_recall.py --model gemma3-270m --length 32768 --out bench/results/oracle_recall/gemma3_32k
+  python bench/scripts/oracle_recall.py --model gemma3-270m --length 32768 --out bench/results/oracle_recall/gemma3_32k
 Writes `oracle_recall.json` and `oracle_recall.md` under `--out`, with the command that made them.
 """
 
@@ -46,7 +46,8 @@ _FINE_GRID = [i / 400 for i in range(1, 401)]  # densities searched for the one 
 
 def prompts(tok, length: int) -> dict[str, torch.Tensor]:
     """`{name: [1, n]}`: a passkey prompt (needle at depth 0.5; the longest of at most `length` tokens)
-    and a Pride and Prejudice window of `length` tokens with the tokenizer's leading ids (as the eval suite builds them)."""
+    and a Pride and Prejudice window of `length` tokens with the tokenizer's leading ids
+    (as the eval suite builds them)."""
     target, passkey = length, None
     for _ in range(6):  # passkey_sample undershoots (filler tokenizes differently in context): aim again
         ids = tok(passkey_sample(tok, target_tokens=target, depth=0.5, seed=7).prompt, return_tensors="pt").input_ids
@@ -216,7 +217,8 @@ def table(result: dict, densities: list[float]) -> str:
             for alloc in ALLOCATIONS:
                 cells = [f"{res[alloc][str(d)]['recall']:.3f} ({res[alloc][str(d)]['density']:.3f})" for d in densities]
                 need = res["density_for_target"][alloc]
-                lines.append(f"| {name} | {b} | {alloc} | " + " | ".join(cells) + f" | {'>1' if need is None else f'{need:.3f}'} |")
+                lines.append(f"| {name} | {b} | {alloc} | " + " | ".join(cells)
+                             + f" | {'>1' if need is None else f'{need:.3f}'} |")
     lines += ["", "Tails (min layer-mean / 5th-percentile head / mean of worst 5 % of heads):", "",
               "| prompt | block | allocation | " + " | ".join(f"d={d:g}" for d in densities) + " |",
               "|" + "---|" * (3 + len(densities))]
@@ -226,19 +228,23 @@ def table(result: dict, densities: list[float]) -> str:
                 cells = []
                 for d in densities:
                     s = res[alloc][str(d)]
-                    cells.append(f"{s['min_layer_mean']:.3f} (L{s['min_layer']}) / {s['p5_head']:.3f} / {s['worst5pct_mean']:.3f}")
+                    cells.append(f"{s['min_layer_mean']:.3f} (L{s['min_layer']}) / {s['p5_head']:.3f} / "
+                                 f"{s['worst5pct_mean']:.3f}")
                 lines.append(f"| {name} | {b} | {alloc} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2", choices=["smollm2", "gemma3-270m"], help="checkpoint (default: %(default)s)")
+    p.add_argument("--model", default="smollm2", choices=["smollm2", "gemma3-270m"],
+                   help="checkpoint (default: %(default)s)")
     p.add_argument("--length", type=int, default=8192, help="prompt tokens (default: %(default)s)")
     p.add_argument("--blocks", default="64,128", help="comma-separated square block sizes (default: %(default)s)")
-    p.add_argument("--densities", default="0.05,0.1,0.15,0.2,0.3", help="comma-separated densities (default: %(default)s)")
+    p.add_argument("--densities", default="0.05,0.1,0.15,0.2,0.3",
+                   help="comma-separated densities (default: %(default)s)")
     p.add_argument("--prompts", default="passkey,text", help="which prompts (default: %(default)s)")
-    p.add_argument("--out", default="bench/results/oracle_recall/smollm2_8k", help="output folder (default: %(default)s)")
+    p.add_argument("--out", default="bench/results/oracle_recall/smollm2_8k",
+                   help="output folder (default: %(default)s)")
     args = p.parse_args(argv)
     blocks = sorted(int(x) for x in args.blocks.split(","))
     densities = [float(x) for x in args.densities.split(",")]

@@ -6,7 +6,8 @@
 
 Each line of a spec file is one job (one process: the model loads once, then every length runs): a
 prefill method spec, optionally followed by more `attnpatch eval` arguments for that job alone, e.g.
-`dense --decode quest:budget=256` (decode fidelity); arguments after `--` go to every `attnpatch eval`. No job starts after `--deadline-s`; running ones
+`dense --decode quest:budget=256` (decode fidelity); arguments after `--` go to every `attnpatch eval`.
+No job starts after `--deadline-s`; running ones
 are stopped at `--deadline-s` + `--grace-s` (a finished length has already written its JSON).
 Each job logs to DIR/logs/. A job that fails with a GPU out-of-memory error (its log says `OutOfMemoryError`)
 is run once more after the others, alone on the machine (`--no-retry-oom` turns that off; logs/NAME.retry.log):

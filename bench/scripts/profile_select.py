@@ -38,7 +38,8 @@ def profile(text: str, q, k, calls: int, top: int) -> dict:
     for e in prof.key_averages():
         t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
         if t > 0:
-            kernels.append({"kernel": e.key[:120], "ms_per_call": t / 1e3 / calls, "launches_per_call": e.count / calls})
+            kernels.append({"kernel": e.key[:120], "ms_per_call": t / 1e3 / calls,
+                            "launches_per_call": e.count / calls})
     kernels.sort(key=lambda r: -r["ms_per_call"])
     return {"spec": text, "select_ms": start.elapsed_time(end) / calls,
             "kernels_ms": sum(r["ms_per_call"] for r in kernels), "top": kernels[:top]}

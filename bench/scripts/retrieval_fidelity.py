@@ -50,7 +50,8 @@ def _memory_and_recall(model, tok, spec: PatchSpec, length: int) -> dict:
 
 
 def _table(rows: list[dict]) -> str:
-    lines = ["| decode | length | passkey | GPU share of KV | GPU MB | CPU MB | recall@k | keys scanned / step·head | s |",
+    lines = ["| decode | length | passkey | GPU share of KV | GPU MB | CPU MB | recall@k "
+             "| keys scanned / step·head | s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         m = r.get("memory") or {}

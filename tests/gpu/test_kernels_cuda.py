@@ -54,7 +54,8 @@ PREFILL_CASES = {
     "gemma-d256": (1, 4, 1, 3000, 3000, 256, 128, None, None),  # Gemma-3's head dim and 4:1 grouping
     "gemma-d256-b64-chunked-left-padding": (2, 4, 1, 700, 2000, 256, 64, (0, 300), None),
 }
-DENSITIES = {"plain": (1.0, 0.3), "gqa": (1.0, 0.3), "gemma-d256": (1.0, 0.3)}  # other cases: 0.3 only (flex compiles per shape)
+# other cases: 0.3 only (flex compiles per shape)
+DENSITIES = {"plain": (1.0, 0.3), "gqa": (1.0, 0.3), "gemma-d256": (1.0, 0.3)}
 
 
 def rel(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -53,14 +53,16 @@ def test_quest_update_and_select_replay_in_a_cuda_graph():
         written = int(layer.cumulative_length)
         assert written == 502 + t
         lo, hi = key_page_bounds(layer.keys, ps, written)
-        assert torch.equal(layer.page_min[:, :, :lo.shape[2]], lo) and torch.equal(layer.page_max[:, :, :hi.shape[2]], hi)
+        assert (torch.equal(layer.page_min[:, :, :lo.shape[2]], lo)
+                and torch.equal(layer.page_max[:, :, :hi.shape[2]], hi))
         eager = method.select(q_in, layer.keys, ctx)
         assert torch.equal(indices, eager.indices) and torch.equal(counts, eager.counts)
         assert counts.eq(8).all() and (indices <= (written - 1) // ps).all()
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("decode", ["quest:budget=64,page_size=16,dense_layers=0", "recycled:budget=64,page_size=16,stride=4"])
+@pytest.mark.parametrize("decode", ["quest:budget=64,page_size=16,dense_layers=0",
+                                    "recycled:budget=64,page_size=16,stride=4"])
 def test_triton_decode_agrees_with_reference(decode):
     model = tiny_model("llama", num_attention_heads=8, num_key_value_heads=2, head_dim=32,
                        hidden_size=256).to(DEVICE, torch.bfloat16)
@@ -122,7 +124,8 @@ def test_group_topk_kernel_matches_the_torch_path(combine, search, monkeypatch):
     forced = valid & ((pages == first.view(b, 1)) | (pages >= end - 2))
     masked = scores.masked_fill(~valid.view(b, 1, 1, n), float("-inf"))
     score = masked.amax(2) if combine == "max" else torch.softmax(masked, -1).sum(2)
-    score = torch.where(forced.view(b, 1, n), torch.finfo(torch.float32).max, score.masked_fill(~valid.view(b, 1, n), float("-inf")))
+    score = torch.where(forced.view(b, 1, n), torch.finfo(torch.float32).max,
+                        score.masked_fill(~valid.view(b, 1, n), float("-inf")))
     ref = score.topk(k, dim=-1).indices.sort(-1).values.int()
     assert counts.eq(k).all() and torch.equal(idx, ref)
 

@@ -35,7 +35,8 @@ def block_sparse_attention_tiled_reference(
     return_state: bool = False,
     count_tiles: bool = False,
 ):
-    """PyTorch oracle of `attnpatch.backends.triton.block_sparse.block_sparse_attention_triton` with identical semantics, in float32.
+    """PyTorch oracle of `attnpatch.backends.triton.block_sparse.block_sparse_attention_triton` with identical
+    semantics, in float32.
 
     Walks the selected key blocks in the same ascending order as the kernel (vectorised over
     batch, heads and query blocks; one step per list slot) and applies the same skip rule, so it
@@ -135,7 +136,8 @@ def sparse_decode_attention_reference(
     seed_max: bool = True,
     tile_size: int | None = None,
 ):
-    """PyTorch oracle of `attnpatch.backends.triton.decode.sparse_decode_attention`: same tiles, split boundaries, seeding and skip rule.
+    """PyTorch oracle of `attnpatch.backends.triton.decode.sparse_decode_attention`: same tiles, split boundaries,
+    seeding and skip rule.
 
     Vectorised over (B·Hkv, splits, G); loops over the tile position inside a split. fp32 math,
     memory O(selected keys). Same arguments and results as the kernel wrapper (also on CPU

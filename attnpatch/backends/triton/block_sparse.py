@@ -466,7 +466,8 @@ def block_sparse_attention_triton(
             if tuple(key_start.shape) != (b,):
                 raise ValueError(f"key_start must be [B={b}], got {tuple(key_start.shape)}")
         in_kernel = (_FULL_IN_KERNEL if full_in_kernel is None else full_in_kernel) and key_start is None
-        n_full = counts if in_kernel else mask_free_prefix(indices, counts, bq, bk, lq, lk, KeyBounds(key_start=key_start))
+        n_full = counts if in_kernel else mask_free_prefix(indices, counts, bq, bk, lq, lk,
+                                                           KeyBounds(key_start=key_start))
         if state_in is not None:
             state_in = tuple(t.to(device=device, dtype=torch.float32).contiguous() for t in state_in)
         variant = default_variant(device, d, query.dtype) if variant is None else variant

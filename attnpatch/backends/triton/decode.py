@@ -253,7 +253,7 @@ if triton_available():
         t_begin = split * per_split
         t_end = tl.minimum(t_begin + per_split, n_tiles)
 
-        if SEEDED:
+        if SEEDED:  # noqa: SIM108  (constexpr branch kept explicit)
             m_i = tl.load(Seed + pid_bh * BLOCK_G + offs_g)
         else:
             m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)

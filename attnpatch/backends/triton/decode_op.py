@@ -71,8 +71,8 @@ def sparse_decode_with_page_lse(query: torch.Tensor, key: torch.Tensor, value: t
                                 key_valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`sparse_decode_attention(..., page_lse=...)` without skipping: `(out [B, Hq, 1, Dv], page_lse [B, Hq,
     ceil(L / page_size)])`, the listed pages' log-sum-exp in a buffer of -inf (the others stay -inf)."""
-    page_lse = torch.full((query.shape[0], query.shape[1], num_blocks(key.shape[2], selection.page_size)), float("-inf"),
-                          dtype=torch.float32, device=query.device)
+    page_lse = torch.full((query.shape[0], query.shape[1], num_blocks(key.shape[2], selection.page_size)),
+                          float("-inf"), dtype=torch.float32, device=query.device)
     out = sparse_decode_attention(query, key, value, selection, scale=scale, key_start=key_start,
                                   key_valid=key_valid, page_lse=page_lse)
     return out, page_lse
@@ -81,7 +81,8 @@ def sparse_decode_with_page_lse(query: torch.Tensor, key: torch.Tensor, value: t
 @sparse_decode_page_lse_op.register_fake
 def _sparse_decode_page_lse_fake(query, key, value, indices, counts, page_size, scale, key_start, key_valid):
     b, hq = query.shape[0], query.shape[1]
-    return query.new_empty(b, hq, 1, value.shape[-1]), query.new_empty(b, hq, num_blocks(key.shape[2], page_size), dtype=torch.float32)
+    return (query.new_empty(b, hq, 1, value.shape[-1]),
+            query.new_empty(b, hq, num_blocks(key.shape[2], page_size), dtype=torch.float32))
 
 
 def sparse_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, selection: PageSelection, *,

@@ -119,7 +119,8 @@ def unsupported_reason(
         torch.int32,
         torch.int64,
     ):
-        return f"selection indices/counts must be int32 (or int64), got {selection.indices.dtype}/{selection.counts.dtype}"
+        return ("selection indices/counts must be int32 (or int64), "
+                f"got {selection.indices.dtype}/{selection.counts.dtype}")
     return None
 
 

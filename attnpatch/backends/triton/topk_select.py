@@ -216,7 +216,8 @@ def group_unsupported_reason(scores: torch.Tensor, k: int) -> str | None:
     if scores.dim() != 4:
         return f"scores of shape {tuple(scores.shape)} (need [B, H, G, n])"
     reason = unsupported_reason(scores, k)
-    if reason is None and triton.next_power_of_2(scores.shape[2]) * triton.next_power_of_2(scores.shape[3]) > MAX_GROUP_N:
+    if (reason is None
+            and triton.next_power_of_2(scores.shape[2]) * triton.next_power_of_2(scores.shape[3]) > MAX_GROUP_N):
         reason = f"G·n = {scores.shape[2]}·{scores.shape[3]} score entries per row (at most {MAX_GROUP_N}, powers of 2)"
     return reason
 

@@ -69,7 +69,8 @@ def top_pages(score: torch.Tensor, k: int, valid: torch.Tensor, forced: torch.Te
 
 
 def group_top_pages(bound: torch.Tensor, k: int, first: torch.Tensor, end: torch.Tensor, keep_last: int,
-                    combine: str, kv_len: int, page_size: int, flag: torch.Tensor | None = None) -> PageSelection | None:
+                    combine: str, kv_len: int, page_size: int,
+                    flag: torch.Tensor | None = None) -> PageSelection | None:
     """One Triton launch (`attnpatch.backends.triton.topk_select.group_topk_ascending_triton`) that
     combines the G bound rows of each KV head (`combine`: "softmax_sum" or "max"), masks the pages
     outside `first[b] <= page < end`, forces `first[b]` and the `keep_last + 1` last pages, and selects

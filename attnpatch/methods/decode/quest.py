@@ -45,7 +45,8 @@ class Quest(DecodeMethod):
     answers as dense too, with recall 0.896 and KL 0.042 against page 64's 0.913 / 0.025 (and niah_single_1
     1.00 like dense over lm-eval's first 20 prompts at 8K, budget 512), and halves the
     tables a step reads: the compiled 128K batch-4 step below takes 7.66 ms at page 128 against 7.98 at 64
-    without dense layers (H200, same run: bench/results/hf_decode_h200/pages128_2026-12-05/); budget 1024 at page 64 scores passkey 0.95,
+    without dense layers (H200, same run: bench/results/hf_decode_h200/pages128_2026-12-05/);
+    budget 1024 at page 64 scores passkey 0.95,
     niah_single_1 1.00 over 20 samples (dense 1.00 / 1.00). At 1/16 of the cache, page 64: niah_single_1
     0.94 at 4K (budget 256: two free pages beside the sink and current ones; 50 samples) and 1.00 at 8K
     (budget 512, also 1.00 at 256; lm-eval's first 25 prompts; dense 1.00 both:

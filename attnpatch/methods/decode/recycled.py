@@ -86,7 +86,8 @@ class Recycled(DecodeMethod):
     (`attend.with_page_lse`), so a refresh ranks the pages from the same pass over K (before the twenty-first
     session a second kernel read K again for them; a backend without that output still does). The top-k
     kernel runs every step with "refresh now" as a device flag and returns at once when it is clear; its
-    unwritten outputs are dropped by `torch.where`. The step is one graph that CUDA graphs replay. Host counters, which a
+    unwritten outputs are dropped by `torch.where`. The step is one graph that CUDA graphs replay.
+    Host counters, which a
     compiled step would be guarded on (it recompiled at every token, measured at 32K, batch 4, H100), are
     not read there. (The earlier design, one `torch.cond` per layer, ran each `cond` outside inductor's
     CUDA graphs: 24.2 ms a token against 10.5 ms for the Triton kernel over every page, H200, 32K, batch 4,

@@ -40,7 +40,8 @@ class Retrieval(DecodeMethod):
       has the design and its measured recall), "key_ivf" (plain k-means over keys, the baseline the
       paper shows struggles with out-of-distribution queries). IVF lists hold about `cluster_size`
       keys; a query scans `n_probe` lists. The index is built on the device that holds the prompt's KV
-      (the GPU on CUDA: k-means and the training queries' top keys), then moved to the CPU. Recall@top_k against exact search: `track_recall=True`, read with
+      (the GPU on CUDA: k-means and the training queries' top keys), then moved to the CPU.
+      Recall@top_k against exact search: `track_recall=True`, read with
       `attnpatch.cache.retrieval_report(cache)` (also bytes per part for the memory claim).
     * Defaults follow the MInference port: 128 sinks + 512 recent tokens, top_k 2000.
     * Static cache (`cache_implementation="static"`): the prompt fills the preallocated buffer; at the

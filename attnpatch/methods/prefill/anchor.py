@@ -74,7 +74,8 @@ class AnchorPrefill(PrefillMethod):
     for the anchors and ≈ L² · d / (2 · block_size) for the stripe scan, chunked (never L × L).
     """
 
-    fast_from: ClassVar[int | None] = None  # H200: 0.22× / 0.39× / 0.70× SDPA cuDNN at 32K / 64K / 128K (methods_h200_v2)
+    # H200: 0.22× / 0.39× / 0.70× SDPA cuDNN at 32K / 64K / 128K (methods_h200_v2)
+    fast_from: ClassVar[int | None] = None
     granularity: ClassVar[str] = "token"
     full_density: ClassVar[dict] = {"theta": 1e30, "max_keys": 1 << 30}
     knob: ClassVar = Knob("theta", 2.0, 24.0, denser="higher")

@@ -48,7 +48,8 @@ class BlasstPrefill(PrefillMethod):
     per (query head, query block). Every tile some query may see is visited (causal, sliding
     window and padding clipped).
 
-    `a` may be one value per query head (e.g. from a calibrated profile). Default `a = 128` (scaled): on SmolLM2-135M it skips 25 % of the prefill tiles at 4K and 30 %
+    `a` may be one value per query head (e.g. from a calibrated profile).
+    Default `a = 128` (scaled): on SmolLM2-135M it skips 25 % of the prefill tiles at 4K and 30 %
     at 8K for +0.13 % perplexity on Pride and Prejudice and unchanged passkey accuracy; a = 1024
     skips 43–45 % for +0.6 % (bench/results/blasst_smollm2.md).
     """

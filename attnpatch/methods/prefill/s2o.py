@@ -62,7 +62,8 @@ class S2OPrefill(PrefillMethod):
     (temporaries ~`_CHUNK_ELEMS` floats). τ = 0 keeps every key (full density).
     """
 
-    fast_from: ClassVar[int | None] = None  # H200: 0.28× / 0.29× / 0.37× SDPA cuDNN at 32K / 64K / 128K (methods_h200_v2)
+    # H200: 0.28× / 0.29× / 0.37× SDPA cuDNN at 32K / 64K / 128K (methods_h200_v2)
+    fast_from: ClassVar[int | None] = None
     granularity: ClassVar[str] = "token"
     full_density: ClassVar[dict] = {"tau": 0.0, "max_keys": 1 << 30}
     knob: ClassVar = Knob("tau", 1e-3, 0.5, denser="lower", log=True)

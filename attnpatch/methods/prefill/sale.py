@@ -52,7 +52,8 @@ class Sale(EstimatedPrefill):
       keys run dense (the paper: 1024 tokens). A row with no sink/local key visible keeps every key it sees.
     """
 
-    fast_from: ClassVar[int | None] = None  # H200: 0.37× / 0.44× / 0.49× SDPA cuDNN at 32K / 64K / 128K (methods_h200_v2)
+    # H200: 0.37× / 0.44× / 0.49× SDPA cuDNN at 32K / 64K / 128K (methods_h200_v2)
+    fast_from: ClassVar[int | None] = None
     full_density: ClassVar[dict] = {"tau": 0.0, "min_length": 0}
     knob: ClassVar = Knob("tau", 1e-5, 0.5, denser="lower", log=True)
     selector: ClassVar = Threshold("tau")
