@@ -72,9 +72,8 @@ class _OpCounter(TorchDispatchMode):
 
 
 def test_counting_a_page_selecting_call_costs_about_two_tensor_ops():
-    """Eager decode steps are host-bound: the stats of a call must not add a dozen small kernels (they did:
-    7.9 of 54 ms a step, 32K, batch 1, H100;
-    bench/results/hf_decode_h100/host_profile_retrieval_long_read_2026-12-06/)."""
+    """Eager decode steps are host-bound: the stats of a call must not add a dozen small kernels (they did: 7.9 of 54
+    ms a step, 32K, batch 1, H100; bench/results/hf_decode_h100/host_profile_retrieval_long_read_2026-12-06/)."""
     sel = PageSelection(torch.zeros(1, 8, 16, dtype=torch.int32), torch.full((1, 8), 16, dtype=torch.int32), 64, 4096)
     key = torch.zeros(1, 8, 4096, 2)
     for seen in (4096, torch.tensor(4096)):

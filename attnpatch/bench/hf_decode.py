@@ -26,22 +26,19 @@ would take most of a 600 s call; prefill speed is `hf_prefill`'s job. On random 
 a method that skips by score (blasst) finds little to skip, one that reads a fixed budget (quest) reads
 exactly its budget; each row reports what ran (`patch.stats()` of an eager step) and the skipped share.
 
-Rows per (L, B) and mode: the unpatched model (SDPA as torch picks it, then forced to efficient, cuDNN
-and flash through `sdpa_kernel`; flash takes no mask, which a static cache always has, so it fails with
-the reason), `dense` through attnpatch's dispatch (→ SDPA), the Triton decode kernel over every page
-(`dense` kernel rows: `triton all pages`), and every registered decode method (`--methods all`, or a
-list; options through `--decode-options name:key=value,...`, a bare name for the defaults).
-A method that cannot run on a static
-cache (`DecodeMethod.static_cache_reason`) runs its eager rows on a DynamicCache and its compiled rows are
-skipped with the reason; one whose compiled step breaks its graph (`fullgraph_reason`: retrieval waits for its
-CPU search) is compiled under `--no-fullgraph` only. The KV column adds what a method moved to CPU memory.
-A method whose reading keeps fewer tokens than it
-read (infiniretri: `DecodeMethod.decode_cache_tokens`) decodes over a cache of that many tokens, said in the
-row's note. Speedups: over the best dense row of the same
-(L, B) over both modes, and over the best dense row of the same mode. KV cache memory is reported per
-row; a (L, B) whose cache does not fit in free GPU memory is skipped with the reason. `--budget-s`:
-rows that would start after that many seconds are skipped (noted), so a subset finishes in one call.
-`--device cpu --tiny` runs a tiny config (tests).
+Rows per (L, B) and mode: the unpatched model (SDPA as torch picks it, then forced to efficient, cuDNN and flash
+through `sdpa_kernel`; flash takes no mask, which a static cache always has, so it fails with the reason), `dense`
+through attnpatch's dispatch (→ SDPA), the Triton decode kernel over every page (`dense` kernel rows: `triton all
+pages`), and every registered decode method (`--methods all`, or a list; options through `--decode-options
+name:key=value,...`, a bare name for the defaults). A method that cannot run on a static cache
+(`DecodeMethod.static_cache_reason`) runs its eager rows on a DynamicCache and its compiled rows are skipped with the
+reason; one whose compiled step breaks its graph (`fullgraph_reason`: retrieval waits for its CPU search) is compiled
+under `--no-fullgraph` only. The KV column adds what a method moved to CPU memory. A method whose reading keeps fewer
+tokens than it read (infiniretri: `DecodeMethod.decode_cache_tokens`) decodes over a cache of that many tokens, said
+in the row's note. Speedups: over the best dense row of the same (L, B) over both modes, and over the best dense row
+of the same mode. KV cache memory is reported per row; a (L, B) whose cache does not fit in free GPU memory is skipped
+with the reason. `--budget-s`: rows that would start after that many seconds are skipped (noted), so a subset finishes
+in one call. `--device cpu --tiny` runs a tiny config (tests).
 """
 
 from __future__ import annotations

@@ -34,10 +34,10 @@ def key_page_bounds(key: torch.Tensor, page_size: int, length: int | None = None
 
 def _merge_into(page_min: torch.Tensor, page_max: torch.Tensor, key_states: torch.Tensor,
                 positions: torch.Tensor, page_size: int) -> None:
-    """Fold new keys (a chunk; one decode token goes through `_fold_token`) at `positions` (`[n]` long,
-    consecutive, on the keys' device) into the page bounds, in place: a page whose first position is among them
-    restarts from these keys, the page the chunk
-    continues (its first position is earlier) keeps its previous bounds too. Fixed shapes, no sync."""
+    """Fold new keys (a chunk; one decode token goes through `_fold_token`) at `positions` (`[n]` long, consecutive,
+    on the keys' device) into the page bounds, in place: a page whose first position is among them restarts from these
+    keys, the page the chunk continues (its first position is earlier) keeps its previous bounds too. Fixed shapes, no
+    sync."""
     b, h, n, d = key_states.shape
     page = positions // page_size
     continues = (positions[:1] % page_size) != 0  # [1]: the chunk's first page already holds keys

@@ -2,14 +2,13 @@
 loss give every layer's attention output gradient `g_h = ∂Loss/∂O_h` per query head, next to the Q/K/V
 the layer received (recorded through the probe, as `record_layers` does).
 
-`O_h` is what the attention function returns for head h, i.e. head h's slice of `o_proj`'s input: a
-forward pre-hook on each attention module's `o_proj` hooks that tensor's gradient (no model forward is
-copied). The loss is the mean next-token cross-entropy over the prompt (or over its answer: `loss_from`);
-the LM head runs on chunks of tokens, so the `[L, vocab]` logits never exist at once.
-Parameters are frozen for the pass (no
-parameter gradients are kept); the graph starts at the input embeddings. With `checkpointing`, the
-model's own gradient checkpointing keeps only each decoder layer's input for the backward pass, and
-the hooks record during the first forward only (the backward's recomputation is ignored).
+`O_h` is what the attention function returns for head h, i.e. head h's slice of `o_proj`'s input: a forward pre-hook
+on each attention module's `o_proj` hooks that tensor's gradient (no model forward is copied). The loss is the mean
+next-token cross-entropy over the prompt (or over its answer: `loss_from`); the LM head runs on chunks of tokens, so
+the `[L, vocab]` logits never exist at once. Parameters are frozen for the pass (no parameter gradients are kept); the
+graph starts at the input embeddings. With `checkpointing`, the model's own gradient checkpointing keeps only each
+decoder layer's input for the backward pass, and the hooks record during the first forward only (the backward's
+recomputation is ignored).
 """
 
 from __future__ import annotations

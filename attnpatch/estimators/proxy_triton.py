@@ -26,11 +26,11 @@ tile's rows have close positions and see nearly the same key blocks. The proxy r
 query (as the torch path; computed in torch and passed in as a row). GQA: rows are per KV head, K is
 read once per tile and never repeated.
 
-Choices: tiles of 128 rows, 8 warps, 2 stages where a row of Q is at most 256 bytes (D ≤ 128 in 16 bits;
-the best of 8 configurations at 128K on the H200), else 64 rows with 4 warps (untuned); chunks of whole
-query blocks keep each output under 2^28 elements (1 GiB).
-Declined (the torch path runs): other devices or dtypes, Q and K of different dtypes, head dims
-above 256, Hq not a multiple of Hkv, a tensor mask (no closed form), blocks that are not powers of two.
+Choices: tiles of 128 rows, 8 warps, 2 stages where a row of Q is at most 256 bytes (D ≤ 128 in 16 bits; the best of 8
+configurations at 128K on the H200), else 64 rows with 4 warps (untuned); chunks of whole query blocks keep each
+output under 2^28 elements (1 GiB). Declined (the torch path runs): other devices or dtypes, Q and K of different
+dtypes, head dims above 256, Hq not a multiple of Hkv, a tensor mask (no closed form), blocks that are not powers of
+two.
 """
 
 from __future__ import annotations

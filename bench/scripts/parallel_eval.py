@@ -4,11 +4,11 @@
         --job "smollm2|4096,8192|bench/scripts/fidelity_specs.txt" --job "gemma3-270m|16384,32768|FILE" \
         -- --tasks passkey,perplexity,niah_single_1 --limit 20 --max-gen-toks 32 --backend triton
 
-Each line of a spec file is one job (one process: the model loads once, then every length runs): a
-prefill method spec, optionally followed by more `attnpatch eval` arguments for that job alone, e.g.
-`dense --decode quest:budget=256` (decode fidelity); arguments after `--` go to every `attnpatch eval`.
-No job starts after `--deadline-s`; running ones
-are stopped at `--deadline-s` + `--grace-s` (a finished length has already written its JSON).
+Each line of a spec file is one job (one process: the model loads once, then every length runs): a prefill method
+spec, optionally followed by more `attnpatch eval` arguments for that job alone, e.g. `dense --decode
+quest:budget=256` (decode fidelity); arguments after `--` go to every `attnpatch eval`. No job starts after
+`--deadline-s`; running ones are stopped at `--deadline-s` + `--grace-s` (a finished length has already written its
+JSON).
 Each job logs to DIR/logs/. A job that fails with a GPU out-of-memory error (its log says `OutOfMemoryError`)
 is run once more after the others, alone on the machine (`--no-retry-oom` turns that off; logs/NAME.retry.log):
 long contexts with many processes on one GPU ran out of memory before (Gemma-3-270m at 32K with 10 processes).

@@ -30,13 +30,12 @@ Under Triton's CPU interpreter programs run one after another, so the barrier ca
 kernel runs in two launches (bounds, then the rest), and the tests compare that with the separate path.
 
 Measured (H200, 128K, Llama-3.1-8B shape: 32 q / 8 KV heads, d 128, budget 1/16, per call with a cold L2;
-bench/results/decode_layer/one_launch_h200_2026-12-06/): at batch 1 (8 rows of `B·Hkv`) the step takes
-27.0 µs at 128-token pages and 32.3 at 64 with 3 stages, against 30.0 / 34.0 for the separate kernels and
-125.7 for cuDNN (4.7× / 3.9×); at batch 4 (32 rows) it is slower: 65.8 / 121.4 against 57.2 / 66.2 µs (2
-stages; each program selects over all of its head's pages, and 4 programs per head read the tiles). So the
-rule "auto" (the default, `DEFAULT_MODE`) takes it where `B·Hkv <= MAX_ROWS` (`mode`). Issue 12's 8× at
-batch 1 (<= 15.7 µs on that card) stays out of reach: the decode kernel alone over the selected pages
-takes 17.0 µs there.
+bench/results/decode_layer/one_launch_h200_2026-12-06/): at batch 1 (8 rows of `B·Hkv`) the step takes 27.0 µs at
+128-token pages and 32.3 at 64 with 3 stages, against 30.0 / 34.0 for the separate kernels and 125.7 for cuDNN (4.7× /
+3.9×); at batch 4 (32 rows) it is slower: 65.8 / 121.4 against 57.2 / 66.2 µs (2 stages; each program selects over all
+of its head's pages, and 4 programs per head read the tiles). So the rule "auto" (the default, `DEFAULT_MODE`) takes
+it where `B·Hkv <= MAX_ROWS` (`mode`). Issue 12's 8× at batch 1 (<= 15.7 µs on that card) stays out of reach: the
+decode kernel alone over the selected pages takes 17.0 µs there.
 Compiled ahead of time for sm_90 on a CPU machine (Triton 3.9, its ptxas;
 tests/test_bound_decode_sm90_compile.py) at that shape, 4 warps, 128-token pages: 36.9 KB of shared memory,
 255 registers and 232 B of stack (the split kernel alone: 41.0 KB, 255 registers, 192 B), so one program

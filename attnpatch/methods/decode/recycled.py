@@ -76,23 +76,21 @@ class Recycled(DecodeMethod):
     over the row's pages and summed over the KV group — each page's share of the group's attention mass;
     top-k by `topk` ("triton", the default: one launch that combines, masks, forces and selects).
 
-    Compiled steps (`torch.compile` of the model on a static cache): the same schedule decided on the
-    device, without a branch (`compiled_step`). The cache layer keeps the recycled pages, the refresh
-    length and the steps since in preallocated tensors. Every step reads one page list of fixed width:
-    every page when "refresh now" (no refresh yet, `stride` steps since, or the cache grew by more than
-    one token), else the recycled pages and a fixed number of recent pages (`ceil(stride / page_size) + 1`,
-    those past the written length dropped) — chosen by `torch.where`, so the Triton decode kernel does the
-    work of the list's count. That kernel also writes each listed page's log-sum-exp
-    (`attend.with_page_lse`), so a refresh ranks the pages from the same pass over K (before the twenty-first
-    session a second kernel read K again for them; a backend without that output still does). The top-k
-    kernel runs every step with "refresh now" as a device flag and returns at once when it is clear; its
-    unwritten outputs are dropped by `torch.where`. The step is one graph that CUDA graphs replay.
-    Host counters, which a
-    compiled step would be guarded on (it recompiled at every token, measured at 32K, batch 4, H100), are
-    not read there. (The earlier design, one `torch.cond` per layer, ran each `cond` outside inductor's
-    CUDA graphs: 24.2 ms a token against 10.5 ms for the Triton kernel over every page, H200, 32K, batch 4,
-    bench/results/hf_decode_h200/recycled_compiled_32k_b4_2026-12-06/.) With `topk="torch"` the compiled
-    step runs torch.topk and a sort at every step (no flag to skip them).
+    Compiled steps (`torch.compile` of the model on a static cache): the same schedule decided on the device, without
+    a branch (`compiled_step`). The cache layer keeps the recycled pages, the refresh length and the steps since in
+    preallocated tensors. Every step reads one page list of fixed width: every page when "refresh now" (no refresh
+    yet, `stride` steps since, or the cache grew by more than one token), else the recycled pages and a fixed number
+    of recent pages (`ceil(stride / page_size) + 1`, those past the written length dropped) — chosen by `torch.where`,
+    so the Triton decode kernel does the work of the list's count. That kernel also writes each listed page's
+    log-sum-exp (`attend.with_page_lse`), so a refresh ranks the pages from the same pass over K (before the
+    twenty-first session a second kernel read K again for them; a backend without that output still does). The top-k
+    kernel runs every step with "refresh now" as a device flag and returns at once when it is clear; its unwritten
+    outputs are dropped by `torch.where`. The step is one graph that CUDA graphs replay. Host counters, which a
+    compiled step would be guarded on (it recompiled at every token, measured at 32K, batch 4, H100), are not read
+    there. (The earlier design, one `torch.cond` per layer, ran each `cond` outside inductor's CUDA graphs: 24.2 ms a
+    token against 10.5 ms for the Triton kernel over every page, H200, 32K, batch 4,
+    bench/results/hf_decode_h200/recycled_compiled_32k_b4_2026-12-06/.) With `topk="torch"` the compiled step runs
+    torch.topk and a sort at every step (no flag to skip them).
     `min_length` compares with the static cache's capacity in a compiled step (as `quest`).
     """
 
