@@ -60,6 +60,7 @@ import torch
 
 from attnpatch.adapters.cache_arg import cache_kwarg
 from attnpatch.bench.hf_prefill import LLAMA31_8B, TINY, build_model
+from attnpatch.bench.timing import timed_ms
 from attnpatch.cache.retrieval_layer import retrieval_report
 from attnpatch.methods.base import DecodeContext, DecodeMethod
 from attnpatch.options import resolved_options
@@ -267,19 +268,12 @@ def _time_steps(step, token: torch.Tensor, steps: int, repeats: int, device: tor
 
 def _run_steps_ms(step, token: torch.Tensor, steps: int, device: torch.device) -> float:
     """ms per token of one run of `steps` chained greedy steps."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+    def run() -> None:
+        tok = token
         for _ in range(steps):
-            token = step(token)
-        end.record()
-        end.synchronize()
-        return float(start.elapsed_time(end)) / steps
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        token = step(token)
-    return (time.perf_counter() - t0) * 1e3 / steps
+            tok = step(tok)
+
+    return timed_ms(run, device)[0] / steps
 
 
 def _generator(model, cache, token: torch.Tensor, held: int, sdpa: str | None, deferred: bool = False
@@ -298,19 +292,9 @@ def _generator(model, cache, token: torch.Tensor, held: int, sdpa: str | None, d
         rewind(cache, held)
         with torch.no_grad(), _sdpa_context(sdpa), _no_gc(), \
                 (_deferred_stop_check() if deferred else contextlib.nullcontext()):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-            t0 = time.perf_counter()
-            out = model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                 pad_token_id=0, **{cache_kwarg(model): cache})
-            if device.type == "cuda":
-                end.record()
-                end.synchronize()
-                elapsed = float(start.elapsed_time(end))
-            else:
-                elapsed = (time.perf_counter() - t0) * 1e3
+            elapsed, out = timed_ms(lambda: model.generate(
+                ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
+                **{cache_kwarg(model): cache}), device)
         if out.shape[1] != held + 1 + n:
             raise RuntimeError(f"generate returned {out.shape[1] - held - 1} new tokens, asked for {n}")
         return elapsed, out[:, held + 1:]
@@ -419,10 +403,9 @@ def host_profile_steps(run: Callable[[], object], steps: int, device: torch.devi
         where = "/".join(Path(path).parts[-2:]) if path != "~" else "builtin"
         rows.append({"function": f"{where}:{line}({fn})", "calls_per_step": calls / steps,
                      "own_ms_per_step": own * 1e3 / steps, "cum_ms_per_step": cum * 1e3 / steps})
-    by_cum = sorted(rows, key=lambda r: -r["cum_ms_per_step"])[:top]
+    top_cum = {id(r) for r in sorted(rows, key=lambda r: -r["cum_ms_per_step"])[:top]}
     rows.sort(key=lambda r: -r["own_ms_per_step"])
-    kept = rows[:top] + [r for r in by_cum if r not in rows[:top]]
-    return sorted(kept, key=lambda r: -r["own_ms_per_step"]), wall
+    return [r for rank, r in enumerate(rows) if rank < top or id(r) in top_cum], wall
 
 
 @dataclass

@@ -38,6 +38,7 @@ import torch
 
 from attnpatch.backends import BACKENDS
 from attnpatch.backends.base import Backend
+from attnpatch.bench.timing import timed_ms
 
 LLAMA31_8B: dict[str, Any] = dict(
     hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128, intermediate_size=14336,
@@ -100,19 +101,7 @@ def time_calls(fn: Callable[[], object], repeats: int, warmup: int,
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(float(start.elapsed_time(end)))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+    times = [timed_ms(fn, device)[0] for _ in range(repeats)]
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return times, peak
 
